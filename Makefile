@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup demo test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -c "import torch; print('torch', torch.__version__)"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VPY) scripts/demo.py
+
+test: setup
+	$(VPY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(VPY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs multirun

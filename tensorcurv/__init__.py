@@ -1,0 +1,11 @@
+"""tensorcurv: low-rank tensor approximations of Fisher / Gauss-Newton curvature blocks.
+
+Data flows one way: model + batch → ``capture`` → ``LayerStats`` → ``structures`` → ``solve`` →
+optimizers / unlearning / studies.
+"""
+from tensorcurv import structures
+from tensorcurv.curvature import Curvature
+from tensorcurv.stats import LayerStats
+
+__all__ = ["Curvature", "LayerStats", "structures"]
+__version__ = "0.1.0"

@@ -1,0 +1,148 @@
+"""Statistics capture: forward hooks + one (batched) backward → :class:`LayerStats` per layer.
+
+For a batch, the forward hooks of the covered modules record the layer input ``a`` and the
+layer output ``z``. The output-gradient vectors ``g`` then come from ``torch.autograd.grad`` with
+respect to the recorded outputs (never the parameters, unless the caller also wants the
+gradient of the loss):
+
+* ``empirical``: ``g_s = ∂ℓ(f(x_s), y_s)/∂z_s`` — read off the same backward that yields the
+  parameter gradients (``∂L/∂z_s = c ∂ℓ_s/∂z_s``, divided by ``c``).
+* ``mc``: ``g_sk = ∂ℓ(f(x_s), ŷ_sk)/∂z_s / √k`` with ``ŷ_sk`` drawn from the model's predictive
+  distribution, ``k = mc_samples``: one backward batched over the ``k`` draws.
+* ``ggn``: ``g_sc = J_sᵀ S_s[:, c]`` for every column ``c`` of the loss-Hessian factor ``S_s``:
+  one backward batched over the columns (``is_grads_batched``, i.e. ``vmap`` over the VJP).
+
+Samples must not interact inside the model (e.g. no BatchNorm in training mode), otherwise
+``∂L/∂z_s`` is not a per-sample quantity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tensorcurv.layers import LayerAdapter
+from tensorcurv.losses import LossSpec
+from tensorcurv.stats import LayerStats
+
+KINDS = ("empirical", "mc", "ggn")
+
+
+def check_kind(kind: str, mc_samples: int = 1) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown curvature kind {kind!r}; valid kinds: {list(KINDS)}")
+    if not (isinstance(mc_samples, int) and mc_samples >= 1):
+        raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+
+
+@dataclass
+class CaptureResult:
+    loss: Tensor  # the user's loss (detached)
+    outputs: Tensor  # model outputs (detached)
+    stats: dict[str, LayerStats]
+    grads: list[Tensor] | None  # ∂L/∂θ for the requested parameters, if asked for
+    cotangents: Tensor  # (K, N, C): the output-space vectors v with g = Jᵀ v (per-sample loss scale)
+
+
+class _Recorder:
+    """Context manager: forward hooks that record ``(a, z)`` of each covered module once."""
+
+    def __init__(self, adapters: dict[str, LayerAdapter]) -> None:
+        self.adapters = adapters
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str, adapter: LayerAdapter):
+        def hook(module, args, output):
+            if name in self.outputs:
+                raise RuntimeError(
+                    f"module {name!r} was called more than once in one forward pass; "
+                    "shared/tied layers are not covered — exclude it from the curvature"
+                )
+            self.inputs[name] = adapter.inputs(args[0].detach())
+            self.outputs[name] = output
+        return hook
+
+    def __enter__(self) -> "_Recorder":
+        for name, adapter in self.adapters.items():
+            self._handles.append(adapter.module.register_forward_hook(self._hook(name, adapter)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _batched_vjp(outputs: Tensor, zs: list[Tensor], grad_outputs: Tensor) -> list[Tensor]:
+    """``Jᵀ v`` for a batch of cotangents ``grad_outputs`` (K, *outputs.shape), one backward."""
+    try:
+        res = torch.autograd.grad(outputs, zs, grad_outputs, is_grads_batched=True,
+                                  retain_graph=True, allow_unused=True)
+    except RuntimeError:  # an op without a batching rule: fall back to one backward per column
+        cols = [torch.autograd.grad(outputs, zs, v, retain_graph=True, allow_unused=True) for v in grad_outputs]
+        res = [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
+    return [torch.zeros((grad_outputs.shape[0],) + z.shape, dtype=z.dtype, device=z.device) if r is None else r
+            for r, z in zip(res, zs)]
+
+
+def capture(
+    model: nn.Module,
+    adapters: dict[str, LayerAdapter],
+    inputs: Tensor,
+    targets: Tensor,
+    loss: LossSpec,
+    kind: str = "ggn",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    grad_params: list[Tensor] | None = None,
+) -> CaptureResult:
+    """Run one forward/backward and return the statistics of every covered layer.
+
+    ``grad_params``: if given, also return ``∂L/∂θ`` for these parameters (for the empirical
+    kind this comes from the same backward pass).
+    """
+    check_kind(kind, mc_samples)
+    names = list(adapters)
+    with _Recorder(adapters) as rec, torch.enable_grad():
+        outputs = model(inputs)
+    if outputs.dim() != 2:
+        outputs_2d = outputs.flatten(1)
+    else:
+        outputs_2d = outputs
+    N = outputs.shape[0]
+    c = loss.batch_scale(N)
+    zs = [rec.outputs[n] for n in names]
+    value = loss(outputs_2d, targets)
+    wanted = list(grad_params or [])
+    grads: list[Tensor] | None = None
+
+    if kind == "empirical":
+        res = torch.autograd.grad(value, wanted + zs, allow_unused=True)
+        grads = [torch.zeros_like(p) if r is None else r for r, p in zip(res[: len(wanted)], wanted)]
+        gz = [torch.zeros_like(z) if r is None else r / c for r, z in zip(res[len(wanted):], zs)]
+        gz = [r.unsqueeze(0) for r in gz]  # K = 1
+        V = loss.output_gradient(outputs_2d, targets).unsqueeze(0)
+    else:
+        if wanted:
+            res = torch.autograd.grad(value, wanted, retain_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if r is None else r for r, p in zip(res, wanted)]
+        if kind == "mc":
+            cols = [loss.output_gradient(outputs_2d, loss.sample_targets(outputs_2d, generator))
+                    for _ in range(mc_samples)]
+            V = torch.stack(cols) / math.sqrt(mc_samples)  # (k, N, C)
+        else:
+            V = loss.hessian_factor(outputs_2d).permute(2, 0, 1)  # (K, N, C)
+        gz = _batched_vjp(outputs, zs, V.reshape((V.shape[0],) + outputs.shape).to(outputs.dtype))
+
+    stats = {}
+    for name, g in zip(names, gz):
+        stats[name] = LayerStats(a=rec.inputs[name], g=adapters[name].output_grads(g.detach()),
+                                 scale=c, name=name)
+    rec.inputs.clear()
+    rec.outputs.clear()
+    return CaptureResult(loss=value.detach(), outputs=outputs.detach(), stats=stats, grads=grads,
+                         cotangents=V.detach())

@@ -1,0 +1,290 @@
+"""Model-level curvature: one structure per covered layer, capture, and the whole-model solve.
+
+    curv = Curvature(model, structure="kfac", kind="ggn", **structure_hparams)
+    curv.update(inputs, targets, loss_fn)    # capture + fit (or running average) every block
+    curv.blocks["0"].to_dense()              # (mn, mn), column-major vec of [W, b]
+    curv.solve(grads, damping=1e-3)          # (C + λI)^{-1} g for every covered layer
+
+Scaling: ``C = c Σ_s J_sᵀ H_s J_s`` is the GGN/Fisher of exactly the loss passed in
+(``c = 1/N`` for ``reduction="mean"``, ``1`` for ``"sum"``; MSE keeps its factor 2; see
+``losses.py``). Bias folded as the last input column; conv weights as
+``weight.reshape(out_channels, -1)`` (unfold order in_channel, kernel row, kernel column).
+
+Parameters of layers without a Kronecker adapter (BatchNorm, LayerNorm, Embedding, a
+ConvTranspose2d bias, ...) get the ``fallback``: ``identity`` (the gradient passes through
+unchanged, the default) or ``diagonal`` (the exact diagonal of their block from per-sample
+gradients, ``torch.func``). ``coverage_table()`` prints which parameter is handled by what.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from tensorcurv import structures
+from tensorcurv.capture import CaptureResult, capture, check_kind
+from tensorcurv.layers import LayerAdapter, adapter_for
+from tensorcurv.losses import LossSpec, as_loss_spec
+from tensorcurv.structures.base import check_damping, check_decay
+
+FALLBACKS = ("identity", "diagonal")
+
+
+class Curvature:
+    """Block-diagonal curvature of a model, one :class:`~tensorcurv.structures.Structure` per layer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        structure: str = "kfac",
+        kind: str = "ggn",
+        *,
+        mc_samples: int = 1,
+        fallback: str = "identity",
+        exclude: Sequence[str] = (),
+        seed: int | None = None,
+        **structure_hparams: Any,
+    ) -> None:
+        check_kind(kind, mc_samples)
+        if fallback not in FALLBACKS:
+            raise ValueError(f"unknown fallback {fallback!r}; valid: {list(FALLBACKS)}")
+        cls = structures.get(structure)
+        hparams = structures.make_hparams(structure, **structure_hparams)
+        self.model, self.structure, self.kind = model, structure, kind
+        self.mc_samples, self.fallback = mc_samples, fallback
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        self.adapters: dict[str, LayerAdapter] = {}
+        self._coverage: list[dict[str, str]] = []
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            cov = adapter_for(name, module)
+            if name in exclude:
+                cov.adapter, cov.reason = None, "excluded by the user"
+            if cov.adapter is not None:
+                self.adapters[name] = cov.adapter
+                covered.update(id(p) for _, p in cov.adapter.params())
+            for pn, p in own:
+                full = f"{name}.{pn}" if name else pn
+                if id(p) in covered:
+                    row = {"param": full, "module": cov.module_type, "handled_by": f"{structure} block",
+                           "why": cov.reason}
+                else:
+                    why = cov.reason if cov.adapter is None else f"{pn} of {cov.module_type} cannot be folded"
+                    row = {"param": full, "module": cov.module_type, "handled_by": f"fallback: {fallback}",
+                           "why": why}
+                self._coverage.append(row)
+
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
+        self._uncovered = [(n, p) for n, p in self.named_params if id(p) not in covered]
+        shapes = {name: a.shape() for name, a in self.adapters.items()}
+        if cls.scope == "model":
+            self.model_structure = cls(shapes, hparams)
+            self.blocks: dict[str, structures.Structure] = self.model_structure.blocks
+        else:
+            self.model_structure = None
+            self.blocks = {name: cls(shape, hparams) for name, shape in shapes.items()}
+        self.fallback_diag: dict[str, Tensor] = {}
+        self.last_capture_time = 0.0
+        self.last_fit_time = 0.0
+        self.num_updates = 0
+
+    # ------------------------------------------------------------------ coverage
+    def coverage(self) -> list[dict[str, str]]:
+        """One row per trainable parameter: which structure or fallback handles it, and why."""
+        return [dict(r) for r in self._coverage]
+
+    def coverage_table(self) -> str:
+        rows = self.coverage()
+        w = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h)
+             for h, k in (("parameter", "param"), ("module", "module"), ("handled by", "handled_by"))]
+        lines = [f"{'parameter':<{w[0]}}  {'module':<{w[1]}}  {'handled by':<{w[2]}}  why"]
+        lines += [f"{r['param']:<{w[0]}}  {r['module']:<{w[1]}}  {r['handled_by']:<{w[2]}}  {r['why']}" for r in rows]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ statistics
+    def capture(self, inputs: Tensor, targets: Tensor, loss_fn: LossSpec | nn.Module | str,
+                accumulate_grad: bool = False) -> CaptureResult:
+        """Forward + backward; statistics of every covered layer (no fitting)."""
+        spec = as_loss_spec(loss_fn)
+        self._batch_scale = spec.batch_scale(inputs.shape[0])
+        t0 = time.perf_counter()
+        res = capture(self.model, self.adapters, inputs, targets, spec, self.kind, self.mc_samples,
+                      self.generator, grad_params=self.params if accumulate_grad else None)
+        if accumulate_grad:
+            for p, g in zip(self.params, res.grads):
+                p.grad = g if p.grad is None else p.grad + g
+        self.last_capture_time = time.perf_counter() - t0
+        return res
+
+    def update(self, inputs: Tensor, targets: Tensor, loss_fn: LossSpec | nn.Module | str,
+               decay: float | None = None, accumulate_grad: bool = False) -> Tensor:
+        """Capture one batch and fit every block (``decay=None``) or update its running average.
+
+        With ``accumulate_grad=True`` the gradient of the loss is also added to ``p.grad`` (for
+        ``kind="empirical"`` from the same backward pass). Returns the loss (detached).
+        Non-finite statistics raise ``ValueError`` before any block is changed.
+        """
+        if decay is not None:
+            check_decay(decay)
+        res = self.capture(inputs, targets, loss_fn, accumulate_grad)
+        self.fit_stats(res.stats, decay)
+        if self.fallback == "diagonal" and self._uncovered:
+            self._fit_fallback(inputs, res, decay)
+        self.num_updates += 1
+        return res.loss
+
+    def fit_stats(self, stats: Mapping[str, Any], decay: float | None = None) -> None:
+        """Fit (or average into) every block from already captured statistics."""
+        for st in stats.values():
+            st.check_finite()  # all layers checked before any block changes
+        t0 = time.perf_counter()
+        if self.model_structure is not None:
+            if decay is None:
+                self.model_structure.fit(stats)
+            else:
+                self.model_structure.update(stats, decay)
+        else:
+            for name, block in self.blocks.items():
+                tb = time.perf_counter()
+                if decay is None:
+                    block.fit(stats[name])
+                else:
+                    block.update(stats[name], decay)
+                block.fit_time = time.perf_counter() - tb
+        self.last_fit_time = time.perf_counter() - t0
+
+    def _fit_fallback(self, inputs: Tensor, res: CaptureResult, decay: float | None) -> None:
+        """Exact diagonal ``c Σ_{s,k} (J_sᵀ v_sk)²`` for uncovered parameters, via ``torch.func``."""
+        fixed = {n: p.detach() for n, p in self.model.named_parameters()}
+        fixed.update({n: b for n, b in self.model.named_buffers()})
+        free = {n: p.detach() for n, p in self._uncovered}
+        V = res.cotangents.to(inputs.dtype)  # (K, N, C)
+        c = self._batch_scale
+
+        def inner(p, x, v):
+            out = functional_call(self.model, {**fixed, **p}, (x.unsqueeze(0),)).flatten(1)[0]
+            return (out * v).sum()
+
+        per_sample = vmap(vmap(grad(inner), in_dims=(None, None, 0)), in_dims=(None, 0, 1))
+        g = per_sample(free, inputs, V)  # each (N, K, *shape)
+        for n, t in g.items():
+            D = t.pow(2).sum((0, 1)) * c
+            if decay is None or n not in self.fallback_diag:
+                self.fallback_diag[n] = D
+            else:
+                self.fallback_diag[n] = decay * self.fallback_diag[n] + (1 - decay) * D
+
+    # ------------------------------------------------------------------ operators
+    def _as_list(self, grads) -> list[Tensor]:
+        if grads is None:
+            missing = [n for n, p in self.named_params if p.grad is None]
+            if missing:
+                raise ValueError(f"no .grad for {missing}; run backward first or pass grads")
+            return [p.grad for p in self.params]
+        if isinstance(grads, Mapping):
+            return [grads[n] for n, _ in self.named_params]
+        grads = list(grads)
+        if len(grads) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} gradient tensors (one per trainable parameter), "
+                             f"got {len(grads)}")
+        for (n, p), g in zip(self.named_params, grads):
+            if g.shape != p.shape:
+                raise ValueError(f"gradient for {n} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
+        return grads
+
+    def _apply(self, grads, block_op, fallback_op, model_op):
+        as_dict = isinstance(grads, Mapping)
+        vecs = self._as_list(grads)
+        by_id = {id(p): i for i, p in enumerate(self.params)}
+        out: list[Tensor | None] = [None] * len(vecs)
+        mats = {}
+        for name, ad in self.adapters.items():
+            idx = [by_id[id(p)] for _, p in ad.params()]
+            mats[name] = (idx, ad.to_matrix([vecs[i] for i in idx]))
+        if self.model_structure is not None:
+            res = model_op({k: M for k, (_, M) in mats.items()})
+        else:
+            res = {k: block_op(self.blocks[k], M) for k, (_, M) in mats.items()}
+        for name, (idx, _) in mats.items():
+            for i, t in zip(idx, self.adapters[name].from_matrix(res[name])):
+                out[i] = t
+        for n, p in self._uncovered:
+            i = by_id[id(p)]
+            out[i] = fallback_op(n, vecs[i])
+        if as_dict:
+            return {n: t for (n, _), t in zip(self.named_params, out)}
+        return out
+
+    def solve(self, grads=None, damping: float = 1e-3):
+        """``(C + λI)^{-1} g`` for every covered layer; uncovered parameters get the fallback.
+
+        ``grads``: a sequence aligned with ``curv.params`` (as ``torch.autograd.grad`` returns),
+        a dict ``{param name: tensor}``, or ``None`` to read ``p.grad``. Same type returned.
+        """
+        check_damping(damping)
+        self._check_fitted()
+
+        def fb(n, v):
+            if self.fallback == "diagonal":
+                return v / (self.fallback_diag[n] + damping)
+            return v
+
+        return self._apply(grads, lambda b, M: b.solve(M, damping), fb,
+                           lambda mats: self.model_structure.solve(mats, damping))
+
+    def mv(self, vectors):
+        """``C v`` for every covered layer (uncovered: identity or the fallback diagonal)."""
+        self._check_fitted()
+
+        def fb(n, v):
+            return self.fallback_diag[n] * v if self.fallback == "diagonal" else v
+
+        return self._apply(vectors, lambda b, M: b.mv(M), fb, lambda mats: self.model_structure.mv(mats))
+
+    def _check_fitted(self) -> None:
+        if self.num_updates == 0 and not all(b.fitted for b in self.blocks.values()):
+            raise RuntimeError("curvature is not fitted yet: call curv.update(inputs, targets, loss_fn) first")
+
+    # ------------------------------------------------------------------ cost & state
+    @property
+    def nbytes(self) -> int:
+        if self.model_structure is not None:
+            return self.model_structure.nbytes
+        return sum(b.nbytes for b in self.blocks.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"structure": self.structure, "kind": self.kind, "num_updates": self.num_updates,
+                 "fallback_diag": {k: v.clone() for k, v in self.fallback_diag.items()},
+                 "generator": self.generator.get_state() if self.generator is not None else None}
+        if self.model_structure is not None:
+            state["model_structure"] = self.model_structure.state_dict()
+        else:
+            state["blocks"] = {k: b.state_dict() for k, b in self.blocks.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["structure"] != self.structure or state["kind"] != self.kind:
+            raise ValueError(f"state is for structure={state['structure']!r}, kind={state['kind']!r}; "
+                             f"this curvature is {self.structure!r}, {self.kind!r}")
+        self.num_updates = state["num_updates"]
+        self.fallback_diag = {k: v.clone() for k, v in state["fallback_diag"].items()}
+        if state["generator"] is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+        if self.model_structure is not None:
+            self.model_structure.load_state_dict(state["model_structure"])
+        else:
+            for k, b in self.blocks.items():
+                b.load_state_dict(state["blocks"][k])
+
+    def __repr__(self) -> str:
+        return (f"Curvature(structure={self.structure!r}, kind={self.kind!r}, "
+                f"blocks={list(self.blocks)}, uncovered={[n for n, _ in self._uncovered]})")

@@ -1,0 +1,191 @@
+"""Layer adapters: how a module's input/output-gradient become the factors ``a``, ``g``.
+
+Each adapter knows, for one module type, the weight-matrix shape ``(m, n)``, how to turn the
+module input into ``a`` of shape ``(N, T, n)`` (bias folded as a trailing 1), how to turn
+(batched) output gradients into ``g`` of shape ``(N, K, T, m)``, and how to move between the
+module's parameters and the matrix ``[W, b]``. See ``stats.py`` for the conventions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _with_ones(a: Tensor) -> Tensor:
+    return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+
+
+class LayerAdapter:
+    """Base class; subclasses implement one module type."""
+
+    module_type: type[nn.Module] = nn.Module
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    # which parameters the Kronecker block covers, in matrix-column order (weight, then bias)
+    def params(self) -> list[tuple[str, nn.Parameter]]:
+        raise NotImplementedError
+
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def inputs(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def output_grads(self, gz: Tensor) -> Tensor:
+        """``gz`` has shape ``(K, N, *output)``; returns ``(N, K, T, m)``."""
+        raise NotImplementedError
+
+    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def from_matrix(self, M: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear``; extra leading input dims (sequences) become positions ``T``."""
+
+    module_type = nn.Linear
+
+    def params(self):
+        out = [("weight", self.module.weight)]
+        if self.module.bias is not None:
+            out.append(("bias", self.module.bias))
+        return out
+
+    def shape(self):
+        m, d = self.module.weight.shape
+        return (m, d + (self.module.bias is not None))
+
+    def inputs(self, x):
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+        return _with_ones(a) if self.module.bias is not None else a
+
+    def output_grads(self, gz):
+        K, N = gz.shape[:2]
+        return gz.reshape(K, N, -1, gz.shape[-1]).transpose(0, 1)
+
+    def to_matrix(self, tensors):
+        if self.module.bias is None:
+            return tensors[0]
+        return torch.cat([tensors[0], tensors[1].unsqueeze(1)], dim=1)
+
+    def from_matrix(self, M):
+        if self.module.bias is None:
+            return [M]
+        return [M[:, :-1].contiguous(), M[:, -1].contiguous()]
+
+
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` (groups=1, zero padding): ``a`` = unfolded patches, one per output position."""
+
+    module_type = nn.Conv2d
+
+    def _conv_args(self):
+        c = self.module
+        padding = 0 if c.padding == "valid" else c.padding
+        return dict(kernel_size=c.kernel_size, dilation=c.dilation, padding=padding, stride=c.stride)
+
+    def params(self):
+        out = [("weight", self.module.weight)]
+        if self.module.bias is not None:
+            out.append(("bias", self.module.bias))
+        return out
+
+    def shape(self):
+        w = self.module.weight
+        return (w.shape[0], w[0].numel() + (self.module.bias is not None))
+
+    def inputs(self, x):
+        patches = F.unfold(x, **self._conv_args()).transpose(1, 2)  # (N, T, C_in*kh*kw)
+        return _with_ones(patches) if self.module.bias is not None else patches
+
+    def output_grads(self, gz):
+        K, N, C = gz.shape[:3]
+        return gz.reshape(K, N, C, -1).permute(1, 0, 3, 2)
+
+    def to_matrix(self, tensors):
+        W = tensors[0].reshape(tensors[0].shape[0], -1)
+        return W if self.module.bias is None else torch.cat([W, tensors[1].unsqueeze(1)], dim=1)
+
+    def from_matrix(self, M):
+        shape = self.module.weight.shape
+        if self.module.bias is None:
+            return [M.reshape(shape)]
+        return [M[:, :-1].reshape(shape), M[:, -1].contiguous()]
+
+
+class ConvTranspose2dAdapter(LayerAdapter):
+    """``nn.ConvTranspose2d`` (groups=1): ``W = weight.reshape(C_in, -1).T``, ``(C_out*kh*kw, C_in)``.
+
+    A transposed convolution is the adjoint of the convolution with the same weight, so its
+    weight gradient is ``Σ_t x_t ⊗ unfold(gz)_t`` over *input* positions ``t``: ``a`` is the input
+    pixel (``C_in`` channels) and ``g`` an unfolded patch of the output gradient. Its bias sums
+    the output gradient over output positions and cannot be folded into this product, so the
+    bias is left to the fallback (reported by ``Curvature.coverage()``).
+    """
+
+    module_type = nn.ConvTranspose2d
+
+    def params(self):
+        return [("weight", self.module.weight)]
+
+    def shape(self):
+        w = self.module.weight
+        return (w[0].numel(), w.shape[0])
+
+    def inputs(self, x):
+        return x.flatten(2).transpose(1, 2)  # (N, H*W, C_in)
+
+    def output_grads(self, gz):
+        c = self.module
+        K, N = gz.shape[:2]
+        patches = F.unfold(
+            gz.reshape(K * N, *gz.shape[2:]),
+            kernel_size=c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride,
+        )  # (K*N, C_out*kh*kw, T)
+        return patches.reshape(K, N, *patches.shape[1:]).permute(1, 0, 3, 2)
+
+    def to_matrix(self, tensors):
+        w = tensors[0]
+        return w.reshape(w.shape[0], -1).T
+
+    def from_matrix(self, M):
+        return [M.T.reshape(self.module.weight.shape)]
+
+
+ADAPTERS: tuple[type[LayerAdapter], ...] = (LinearAdapter, Conv2dAdapter, ConvTranspose2dAdapter)
+
+
+@dataclass
+class Coverage:
+    """Why a module is (not) covered by a Kronecker-factored block."""
+
+    name: str
+    module_type: str
+    adapter: LayerAdapter | None
+    reason: str
+
+
+def adapter_for(name: str, module: nn.Module) -> Coverage:
+    """Return the adapter for ``module``, or the reason it is not covered."""
+    kind = type(module).__name__
+    for cls in ADAPTERS:
+        if type(module) is cls.module_type:
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                if module.groups != 1:
+                    return Coverage(name, kind, None, f"groups={module.groups} (only groups=1 is covered)")
+                if module.padding_mode != "zeros":
+                    return Coverage(name, kind, None, f"padding_mode={module.padding_mode!r} (only 'zeros')")
+                if isinstance(module.padding, str):
+                    if module.padding != "valid":
+                        return Coverage(name, kind, None, f"padding={module.padding!r} (use integer padding)")
+            if not module.weight.requires_grad:
+                return Coverage(name, kind, None, "weight is frozen")
+            return Coverage(name, kind, cls(module), "kronecker block")
+    return Coverage(name, kind, None, "no Kronecker adapter for this layer type")

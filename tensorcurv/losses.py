@@ -1,0 +1,126 @@
+"""Losses the curvature understands: per-sample loss, Hessian factor ``S``, predictive sampling.
+
+Convention: the user's loss is ``L = c Σ_s ℓ_s`` with ``c = 1/N`` (``reduction="mean"``) or
+``c = 1`` (``reduction="sum"``), and the curvature is the GGN/Fisher of exactly ``L``:
+``C = c Σ_s J_sᵀ H_s J_s`` with ``H_s = ∇²_z ℓ_s = S_s S_sᵀ``.
+
+* cross-entropy: ``ℓ_s = -log softmax(z_s)[y_s]``, ``H = diag(p) − p pᵀ``,
+  ``S = diag(√p) − p √pᵀ``; the model's predictive distribution is ``Categorical(p)``.
+* MSE (torch's ``MSELoss``): ``ℓ_s = ρ Σ_c (z_sc − y_sc)²`` with ``ρ = 1/C`` for ``"mean"`` (torch
+  averages over all N·C elements) and ``ρ = 1`` for ``"sum"``; ``H = 2ρ I`` (the factor 2 is kept),
+  ``S = √(2ρ) I``; Fisher sampling draws ``ŷ ~ N(z, I/(2ρ))`` so that ``E[∇ℓ ∇ℓᵀ] = H``.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REDUCTIONS = ("mean", "sum")
+
+
+class LossSpec(ABC):
+    """What capture needs to know about a loss ``L = c Σ_s ℓ_s``."""
+
+    name: str = ""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"loss reduction {reduction!r} is not supported; use one of {list(REDUCTIONS)}")
+        self.reduction = reduction
+
+    def batch_scale(self, n_samples: int) -> float:
+        """``c`` in ``L = c Σ_s ℓ_s``."""
+        return 1.0 / n_samples if self.reduction == "mean" else 1.0
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The user's loss ``L`` (mean or sum of the per-sample losses)."""
+        return self.per_sample(outputs, targets).sum() * self.batch_scale(outputs.shape[0])
+
+    @abstractmethod
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``(N,)`` per-sample losses ``ℓ_s``."""
+
+    @abstractmethod
+    def hessian_factor(self, outputs: Tensor) -> Tensor:
+        """``S`` of shape ``(N, C, K)`` with ``S_s S_sᵀ = ∇²_z ℓ_s``."""
+
+    @abstractmethod
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Targets drawn from the model's predictive distribution (for the MC Fisher)."""
+
+    def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``∂ℓ_s/∂z_s`` for every sample, shape ``(N, C)``."""
+        z = outputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.per_sample(z, targets).sum(), z)
+        return grad
+
+
+class CrossEntropy(LossSpec):
+    name = "cross_entropy"
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    def hessian_factor(self, outputs: Tensor) -> Tensor:
+        p = outputs.detach().softmax(dim=-1)
+        sqrt_p = p.sqrt()
+        return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        p = outputs.detach().softmax(dim=-1)
+        return torch.multinomial(p, 1, generator=generator).squeeze(-1)
+
+    def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        p = outputs.detach().softmax(dim=-1)
+        return p - F.one_hot(targets, p.shape[-1]).to(p.dtype)
+
+
+class MeanSquaredError(LossSpec):
+    name = "mse"
+
+    def rho(self, outputs: Tensor) -> float:
+        return 1.0 / outputs[0].numel() if self.reduction == "mean" else 1.0
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.rho(outputs) * (outputs - targets).pow(2).flatten(1).sum(1)
+
+    def hessian_factor(self, outputs: Tensor) -> Tensor:
+        N, C = outputs.shape[0], outputs[0].numel()
+        eye = torch.eye(C, dtype=outputs.dtype, device=outputs.device)
+        return (math.sqrt(2.0 * self.rho(outputs)) * eye).expand(N, C, C)
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        z = outputs.detach()
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        return z + noise / math.sqrt(2.0 * self.rho(outputs))
+
+    def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return 2.0 * self.rho(outputs) * (outputs.detach() - targets).flatten(1)
+
+
+LOSSES: dict[str, type[LossSpec]] = {"cross_entropy": CrossEntropy, "mse": MeanSquaredError}
+
+
+def as_loss_spec(loss_fn: LossSpec | nn.Module | str) -> LossSpec:
+    """Map ``nn.CrossEntropyLoss`` / ``nn.MSELoss`` / a name to a :class:`LossSpec`."""
+    if isinstance(loss_fn, LossSpec):
+        return loss_fn
+    if isinstance(loss_fn, str):
+        if loss_fn not in LOSSES:
+            raise ValueError(f"unknown loss {loss_fn!r}; valid: {sorted(LOSSES)}")
+        return LOSSES[loss_fn]()
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
+            raise ValueError("CrossEntropyLoss with class weights or label smoothing is not supported")
+        return CrossEntropy(loss_fn.reduction)
+    if isinstance(loss_fn, nn.MSELoss):
+        return MeanSquaredError(loss_fn.reduction)
+    raise TypeError(
+        f"loss {type(loss_fn).__name__} is not supported; pass nn.CrossEntropyLoss, nn.MSELoss, "
+        f"or one of {sorted(LOSSES)}"
+    )

@@ -1,0 +1,112 @@
+"""Per-sample Kronecker factors of one layer: the statistics every structure is fitted from.
+
+Conventions (one place, repeated in the README):
+
+* A covered layer has a weight matrix ``W`` of shape ``(m, n)`` (outputs x inputs). A bias is
+  folded in as a trailing input column, so ``n = d_in + 1`` and the matrix is ``[W, b]``.
+  Conv2d: ``W = weight.reshape(out_channels, -1)`` (unfold order: in_channel, kernel row,
+  kernel column). ConvTranspose2d: ``W = weight.reshape(in_channels, -1).T``, shape
+  ``(out_channels*kh*kw, in_channels)``; its bias cannot be folded (see ``layers.py``).
+* ``vec`` is column-major, so the gradient of one sample is ``vec(dW_s) = sum_t a_st ⊗ g_st``.
+* ``a`` has shape ``(N, T, n)``: layer inputs, ``T`` = weight-sharing positions (conv output
+  positions, sequence positions; 1 for a plain Linear layer).
+* ``g`` has shape ``(N, K, T, m)``: output-gradient vectors, ``K`` backward columns per sample
+  (1 for ``empirical``; ``mc_samples`` for ``mc``, each scaled by ``1/sqrt(k)``; the columns of
+  the loss-Hessian factor ``S`` for ``ggn``).
+* The exact block is ``C = scale * sum_{s,k} vec(G_sk) vec(G_sk)^T`` with
+  ``G_sk = sum_t g_skt a_st^T`` (``m x n``) and ``scale = 1/N`` for a mean-reduced loss, ``1`` for
+  a sum-reduced one. So ``C`` is the GGN/Fisher of exactly the loss the user passed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+WEIGHT_SHARING = ("expand", "reduce")
+
+
+@dataclass
+class LayerStats:
+    """Per-sample factors ``a`` (N, T, n) and ``g`` (N, K, T, m) with ``C = scale Σ vec(G)vec(G)ᵀ``."""
+
+    a: Tensor
+    g: Tensor
+    scale: float
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.a.dim() != 3 or self.g.dim() != 4:
+            raise ValueError(
+                f"layer {self.name!r}: expected a of shape (N, T, n) and g of shape (N, K, T, m), "
+                f"got {tuple(self.a.shape)} and {tuple(self.g.shape)}"
+            )
+        if self.a.shape[0] != self.g.shape[0] or self.a.shape[1] != self.g.shape[2]:
+            raise ValueError(
+                f"layer {self.name!r}: a {tuple(self.a.shape)} and g {tuple(self.g.shape)} "
+                "disagree on the number of samples N or positions T"
+            )
+
+    # ---------------------------------------------------------------- shapes
+    @property
+    def N(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def K(self) -> int:
+        return self.g.shape[1]
+
+    @property
+    def n(self) -> int:
+        return self.a.shape[2]
+
+    @property
+    def m(self) -> int:
+        return self.g.shape[3]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(m, n)`` of the layer's weight matrix ``[W, b]``."""
+        return (self.m, self.n)
+
+    # ---------------------------------------------------------------- checks
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the layer if ``a`` or ``g`` holds NaN/Inf."""
+        for label, t in (("inputs a", self.a), ("output gradients g", self.g)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"layer {self.name!r}: non-finite values in the {label} statistics")
+
+    # ---------------------------------------------------------------- derived quantities
+    def per_sample_grads(self) -> Tensor:
+        """``G_sk = Σ_t g_skt a_stᵀ`` stacked as ``(N*K, m, n)``; ``C = scale Σ vec(G)vec(G)ᵀ``."""
+        G = torch.einsum("sktm,stn->skmn", self.g, self.a)
+        return G.reshape(-1, self.m, self.n)
+
+    def kron_factors(self, weight_sharing: str = "expand") -> tuple[Tensor, Tensor]:
+        """K-FAC factors ``(A (n, n), G (m, m))`` with ``C ≈ A ⊗ G``.
+
+        ``expand``: ``A = (1/(N T)) Σ_{s,t} a aᵀ``, ``G = scale Σ_{s,k,t} g gᵀ``.
+        ``reduce``: ``A = (1/N) Σ_s â âᵀ`` with ``â_s = mean_t a_st``, ``G = scale Σ_{s,k} ĝ ĝᵀ`` with
+        ``ĝ_sk = Σ_t g_skt`` (Eschenhagen et al. 2023). Both reduce to K-FAC for ``T = 1``.
+        """
+        check_weight_sharing(weight_sharing)
+        if weight_sharing == "expand" or self.T == 1:
+            a = self.a.reshape(-1, self.n)
+            g = self.g.reshape(-1, self.m)
+            A = a.T @ a / a.shape[0]
+        else:
+            a = self.a.mean(1)
+            g = self.g.sum(2).reshape(-1, self.m)
+            A = a.T @ a / self.N
+        G = (g.T @ g) * self.scale
+        return A, G
+
+
+def check_weight_sharing(value: str) -> None:
+    if value not in WEIGHT_SHARING:
+        raise ValueError(f"weight_sharing={value!r} is not one of {list(WEIGHT_SHARING)}")

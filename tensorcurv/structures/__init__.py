@@ -1,0 +1,8 @@
+"""Curvature-block structures and their registry (see ``base.py`` for the interface).
+
+Importing this package registers every built-in structure.
+"""
+from tensorcurv.structures.base import Structure, create, get, make_hparams, names, register
+from tensorcurv.structures import dense, diagonal, ekfac, kfac  # noqa: F401  (registration)
+
+__all__ = ["Structure", "create", "get", "make_hparams", "names", "register"]

@@ -1,0 +1,184 @@
+"""The structure interface and its registry.
+
+A *structure* approximates one layer's curvature block ``C`` (``mn x mn``, column-major vec of
+the ``(m, n)`` weight matrix ``[W, b]``, see ``tensorcurv/stats.py``). Every structure offers
+
+    fit(stats) / update(stats, decay) / mv(V) / solve(V, damping) / to_dense() / nbytes
+
+with ``V`` shaped like the weight matrix. ``solve`` applies ``(Ĉ + λI)^{-1}`` (exact Tikhonov
+damping) unless the structure documents another damping variant; ``last_solve`` names what ran.
+
+Adding a structure = one file that subclasses :class:`Structure`, declares a nested
+``Hparams`` dataclass (validated in ``__post_init__``) and is decorated with :func:`register`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from tensorcurv.stats import LayerStats
+
+_REGISTRY: dict[str, type["Structure"]] = {}
+
+
+@dataclasses.dataclass
+class NoHparams:
+    """This structure has no hyper-parameters."""
+
+
+class Structure(ABC):
+    """Approximation ``Ĉ`` of one layer's curvature block ``C`` of shape ``(mn, mn)``."""
+
+    name: ClassVar[str] = ""
+    #: True when :meth:`solve` is an exact inverse of ``Ĉ + λI`` (closed form, no iteration).
+    exact_solve: ClassVar[bool] = True
+    #: "layer": one instance per covered layer; "model": one instance for the whole model.
+    scope: ClassVar[str] = "layer"
+    Hparams: ClassVar[type] = NoHparams
+
+    def __init__(self, shape: tuple[int, int], hparams: Any = None) -> None:
+        m, n = shape
+        if m < 1 or n < 1:
+            raise ValueError(f"{self.name}: invalid block shape {shape}")
+        self.shape = (int(m), int(n))
+        self.hparams = hparams if hparams is not None else self.Hparams()
+        self.fitted = False
+        self.last_solve: dict[str, Any] = {}
+        self.fit_time = 0.0
+
+    # ------------------------------------------------------------------ fitting
+    @abstractmethod
+    def fit(self, stats: LayerStats) -> "Structure":
+        """Fit ``Ĉ`` to the block of one batch (replaces any previous state)."""
+
+    def update(self, stats: LayerStats, decay: float) -> "Structure":
+        """Running estimate: exponential moving average ``Ĉ ← decay·Ĉ + (1−decay)·Ĉ_batch``
+        of the structure's statistics (subclasses say what exactly is averaged)."""
+        check_decay(decay)
+        if not self.fitted:
+            return self.fit(stats)
+        return self._update(stats, decay)
+
+    def _update(self, stats: LayerStats, decay: float) -> "Structure":
+        raise NotImplementedError(f"{self.name} has no running average; call fit()")
+
+    # ------------------------------------------------------------------ operator
+    @abstractmethod
+    def mv(self, V: Tensor) -> Tensor:
+        """``Ĉ vec(V)`` reshaped like ``V`` (``(m, n)``)."""
+
+    @abstractmethod
+    def solve(self, V: Tensor, damping: float) -> Tensor:
+        """``(Ĉ + λI)^{-1} vec(V)`` reshaped like ``V``."""
+
+    @abstractmethod
+    def to_dense(self) -> Tensor:
+        """``Ĉ`` as an ``(mn, mn)`` matrix (small layers only)."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors that define ``Ĉ`` (for ``nbytes`` and ``state_dict``)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def solve_flops(self) -> int:
+        """Approximate floating-point operations of one :meth:`solve`."""
+        return 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensors": {k: v.clone() for k, v in self.tensors().items()},
+                "hparams": dataclasses.asdict(self.hparams), "fitted": self.fitted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state["tensors"].items():
+            setattr(self, k, v.clone())
+        self.fitted = state["fitted"]
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """Recompute caches (eigendecompositions, ...) after :meth:`load_state_dict`."""
+
+    # ------------------------------------------------------------------ helpers
+    def _check(self, V: Tensor, damping: float | None = None) -> None:
+        if not self.fitted:
+            raise RuntimeError(f"{self.name}: structure is not fitted yet; call fit() or update() first")
+        if tuple(V.shape) != self.shape:
+            raise ValueError(f"{self.name}: expected V of shape {self.shape}, got {tuple(V.shape)}")
+        if damping is not None:
+            check_damping(damping)
+
+    def _check_stats(self, stats: LayerStats) -> None:
+        if stats.shape != self.shape:
+            raise ValueError(f"{self.name}: statistics of shape {stats.shape} for a block of shape {self.shape}")
+        stats.check_finite()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, {self.hparams})"
+
+
+def check_damping(damping: float) -> None:
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+
+
+def check_decay(decay: float) -> None:
+    if not (0.0 <= decay < 1.0):
+        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+
+
+# ---------------------------------------------------------------------- registry
+def register(name: str, *aliases: str):
+    """Class decorator adding a structure to the registry under ``name`` (and ``aliases``)."""
+
+    def deco(cls: type[Structure]) -> type[Structure]:
+        cls.name = name
+        for key in (name, *aliases):
+            if key in _REGISTRY and _REGISTRY[key] is not cls:
+                raise ValueError(f"structure name {key!r} is already registered")
+            _REGISTRY[key] = cls
+        return cls
+
+    return deco
+
+
+def names() -> list[str]:
+    """Registered structure names (aliases included), sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Structure]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown structure {name!r}; valid structures: {', '.join(names())}") from None
+
+
+def make_hparams(name: str, **hparams: Any) -> Any:
+    """Build and validate ``get(name).Hparams`` from keyword arguments (clear errors on bad keys)."""
+    cls = get(name)
+    fields = {f.name for f in dataclasses.fields(cls.Hparams)}
+    unknown = sorted(set(hparams) - fields)
+    if unknown:
+        raise ValueError(
+            f"structure {name!r} does not take {unknown}; its hyper-parameters are {sorted(fields) or 'none'}"
+        )
+    return cls.Hparams(**hparams)
+
+
+def create(name: str, shape: tuple[int, int], **hparams: Any) -> Structure:
+    """Instantiate a registered structure for a block of weight shape ``(m, n)``."""
+    return get(name)(shape, make_hparams(name, **hparams))
+
+
+def sym_eig(M: Tensor, floor: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of a symmetric matrix with eigenvalues clamped at ``floor`` (PSD)."""
+    evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
+    return evals.clamp_min(floor), evecs
