@@ -136,11 +136,19 @@ class Curvature:
         if decay is not None:
             check_decay(decay)
         res = self.capture(inputs, targets, loss_fn, accumulate_grad)
+        self.fit_capture(inputs, res, decay)
+        return res.loss
+
+    def fit_capture(self, inputs: Tensor, res: CaptureResult, decay: float | None = None) -> None:
+        """Second half of :meth:`update`: fit every block (and the diagonal fallback) from a
+        :meth:`capture` of ``inputs`` and count one update. Lets a caller inspect the loss and
+        gradients of the capture (e.g. skip a non-finite step) before any block changes."""
+        if decay is not None:
+            check_decay(decay)
         self.fit_stats(res.stats, decay)
         if self.fallback == "diagonal" and self._uncovered:
             self._fit_fallback(inputs, res, decay)
         self.num_updates += 1
-        return res.loss
 
     def fit_stats(self, stats: Mapping[str, Any], decay: float | None = None) -> None:
         """Fit (or average into) every block from already captured statistics."""
