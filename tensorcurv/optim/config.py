@@ -1,0 +1,301 @@
+"""Hyper-parameter dataclasses of every optimizer (one per factory name), validated on construction.
+
+They double as Hydra structured configs: ``conf/optim/<name>.yaml`` holds ``name`` plus exactly
+these fields. A bad value or an unknown key raises a one-line ``ValueError`` that names the key
+and the valid choices. ``lr`` and ``damping`` may also be callables of the step counter
+(``lr=lambda t: 0.1 / (1 + t)``); a torch LR scheduler is the other way to vary ``lr``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tensorcurv.capture import KINDS
+
+Number = float | Callable[[int], float]
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False, allow_callable: bool = False) -> None:
+    if allow_callable and callable(value):
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _in_unit(name: str, value: float, closed_right: bool = False) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value and (value <= 1.0 if closed_right else value < 1.0)):
+        raise ValueError(f"{name} must be in [0, 1{']' if closed_right else ')'}, got {value!r}")
+
+
+def _optional_positive(name: str, value: Any) -> None:
+    if value is not None:
+        _positive(name, value)
+
+
+def _interval(name: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- first order
+@dataclass
+class SGDConfig:
+    """Plain SGD: ``θ ← θ − η ∇L``."""
+
+    lr: Number = 0.1
+    """Learning rate η (> 0; or a callable of the step)."""
+    weight_decay: float = 0.0
+    """L2 penalty added to the gradient (torch's coupled weight decay)."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value before the update (None: off)."""
+
+    def __post_init__(self) -> None:
+        _positive("lr", self.lr, allow_callable=True)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _optional_positive("grad_clip", self.grad_clip)
+
+
+@dataclass
+class MomentumConfig(SGDConfig):
+    """Heavy ball (torch convention): ``b ← γ b + ∇L``, ``θ ← θ − η b``. This is the course's
+    ``v ← γ v + (1−γ)∇L``, ``θ ← θ − η' v`` with ``η = η'(1−γ)``."""
+
+    momentum: float = 0.9
+    """Momentum γ in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_unit("momentum", self.momentum)
+
+
+@dataclass
+class NesterovConfig(MomentumConfig):
+    """Nesterov (Sutskever form, torch): ``b ← γ b + ∇L(θ)``, ``θ ← θ − η (∇L(θ) + γ b)``; its
+    iterates are the look-ahead points ``θ_t + γ(θ_t − θ_{t−1})`` of the course's recursion."""
+
+
+@dataclass
+class AdaGradConfig(SGDConfig):
+    """AdaGrad (Duchi et al. 2011): ``s ← s + g²``, ``θ ← θ − η g / (√s + ε)``."""
+
+    lr: Number = 0.01
+    eps: float = 1e-10
+    """ε added to √s."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("eps", self.eps)
+
+
+@dataclass
+class RMSPropConfig(SGDConfig):
+    """RMSProp (Hinton 2012): ``s ← α s + (1−α) g²``, ``θ ← θ − η g / (√s + ε)``."""
+
+    lr: Number = 0.01
+    alpha: float = 0.99
+    """Decay α of the squared-gradient average, in [0, 1)."""
+    eps: float = 1e-8
+    """ε added to √s."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_unit("alpha", self.alpha)
+        _positive("eps", self.eps)
+
+
+@dataclass
+class AdamConfig(SGDConfig):
+    """Adam (Kingma & Ba 2015), bias-corrected moments; ``weight_decay`` is coupled (L2)."""
+
+    lr: Number = 1e-3
+    beta1: float = 0.9
+    """First-moment decay β1 in [0, 1)."""
+    beta2: float = 0.999
+    """Second-moment decay β2 in [0, 1)."""
+    eps: float = 1e-8
+    """ε added to √v̂."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_unit("beta1", self.beta1)
+        _in_unit("beta2", self.beta2)
+        _positive("eps", self.eps)
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    """AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay ``θ ← θ(1 − η wd)``."""
+
+    weight_decay: float = 0.01
+
+
+@dataclass
+class LionConfig(SGDConfig):
+    """Lion (Chen et al. 2023): ``c = β1 m + (1−β1) g``, ``θ ← θ − η (sign(c) + wd θ)``,
+    ``m ← β2 m + (1−β2) g``; ``weight_decay`` is decoupled."""
+
+    lr: Number = 1e-4
+    beta1: float = 0.9
+    """Interpolation β1 in [0, 1) for the update direction."""
+    beta2: float = 0.99
+    """Momentum decay β2 in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_unit("beta1", self.beta1)
+        _in_unit("beta2", self.beta2)
+
+
+# ---------------------------------------------------------------------------- second order
+DAMPING_RULES = ("fixed", "lm")
+FALLBACKS = ("identity", "diagonal")
+
+
+@dataclass
+class SecondOrderConfig:
+    """Natural gradient / Gauss-Newton: ``θ ← θ − η ν (Ĉ + λI)^{-1} ∇L`` per covered layer.
+
+    Damping ↔ ridge: for a linear model with a single output and ``nn.MSELoss()`` (mean over the
+    ``N`` samples), ``L = (1/N)‖Xθ − y‖²``, the GGN is ``(2/N)XᵀX`` and one step from 0 with
+    ``lr = 1`` is the ridge solution ``(XᵀX + μI)^{-1}Xᵀy`` with ``μ = Nλ/2``.
+    """
+
+    lr: Number = 1.0
+    """Learning rate η (> 0; or a callable of the step)."""
+    damping: Number = 1e-3
+    """Tikhonov damping λ > 0 of ``(Ĉ + λI)`` (initial value under ``damping_rule=lm``; or a callable)."""
+    structure: str = "kfac"
+    """Curvature structure: any name in ``tensorcurv.structures.names()``."""
+    kind: str = "ggn"
+    """Curvature kind: ggn (Gauss-Newton), mc or empirical (Fisher)."""
+    mc_samples: int = 1
+    """Label samples per input for ``kind=mc``."""
+    decay: float | None = 0.95
+    """Running-average decay of the curvature statistics (None: refit from each batch)."""
+    stats_interval: int = 1
+    """Capture statistics every k steps (other steps: one plain backward)."""
+    inverse_interval: int = 1
+    """Refresh the preconditioner used by the solves every k steps (decompositions recomputed lazily)."""
+    momentum: float = 0.0
+    """Heavy-ball momentum on the preconditioned direction (torch SGD convention), in [0, 1)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay: ``θ ← θ(1 − η wd)`` before the step (not preconditioned)."""
+    grad_clip: float | None = None
+    """Clip the global norm of the raw gradient before preconditioning (None: off)."""
+    kl_clip: float | None = None
+    """KL / trust-region clip κ: scale the step by ``min(1, sqrt(κ / (η² Σ gᵀ P g)))`` (None: off)."""
+    damping_rule: str = "fixed"
+    """``fixed`` (λ, or λ(step)) or ``lm`` (Levenberg–Marquardt from the reduction ratio ρ)."""
+    lm_interval: int = 1
+    """Under ``lm``: adapt λ every k steps (one extra forward pass on the same batch)."""
+    lm_factor: float = 1.5
+    """Under ``lm``: λ ← λ·factor if ρ < rho_low, λ ← λ/factor if ρ > rho_high (factor > 1)."""
+    rho_low: float = 0.25
+    """Under ``lm``: reduction ratio below which λ grows."""
+    rho_high: float = 0.75
+    """Under ``lm``: reduction ratio above which λ shrinks."""
+    min_damping: float = 1e-8
+    """Under ``lm``: lower bound of λ (> 0)."""
+    max_damping: float = 1e4
+    """Under ``lm``: upper bound of λ."""
+    fallback: str = "identity"
+    """Parameters without a Kronecker adapter: identity (raw gradient) or diagonal (exact diagonal block)."""
+    seed: int | None = None
+    """Seed of the MC label sampler (None: ``torch.initial_seed()``); saved in ``state_dict``."""
+
+    def __post_init__(self) -> None:
+        from tensorcurv import structures
+
+        _positive("lr", self.lr, allow_callable=True)
+        _positive("damping", self.damping, allow_callable=True)
+        if self.structure not in structures.names():
+            raise ValueError(f"structure={self.structure!r} is not one of {structures.names()}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is not one of {list(KINDS)}")
+        _interval("mc_samples", self.mc_samples)
+        if self.decay is not None:
+            _in_unit("decay", self.decay)
+        _interval("stats_interval", self.stats_interval)
+        _interval("inverse_interval", self.inverse_interval)
+        _in_unit("momentum", self.momentum)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _optional_positive("grad_clip", self.grad_clip)
+        _optional_positive("kl_clip", self.kl_clip)
+        if self.damping_rule not in DAMPING_RULES:
+            raise ValueError(f"damping_rule={self.damping_rule!r} is not one of {list(DAMPING_RULES)}")
+        if self.damping_rule == "lm" and callable(self.damping):
+            raise ValueError("damping: a callable damping cannot be combined with damping_rule='lm'")
+        _interval("lm_interval", self.lm_interval)
+        if not (isinstance(self.lm_factor, (int, float)) and self.lm_factor > 1):
+            raise ValueError(f"lm_factor must be > 1, got {self.lm_factor!r}")
+        if not (isinstance(self.rho_low, (int, float)) and isinstance(self.rho_high, (int, float))
+                and self.rho_low < self.rho_high):
+            raise ValueError(f"rho_low must be < rho_high, got {self.rho_low!r} and {self.rho_high!r}")
+        _positive("min_damping", self.min_damping)
+        _positive("max_damping", self.max_damping)
+        if self.min_damping > self.max_damping:
+            raise ValueError(f"min_damping ({self.min_damping}) must be <= max_damping ({self.max_damping})")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback={self.fallback!r} is not one of {list(FALLBACKS)}")
+
+
+@dataclass
+class NaturalGradientConfig(SecondOrderConfig):
+    """Natural gradient: the Fisher (``mc`` by default, or ``empirical``) as curvature."""
+
+    kind: str = "mc"
+    """Fisher kind: mc (sampled labels, the true Fisher) or empirical (true labels); ggn is accepted."""
+
+
+@dataclass
+class GaussNewtonConfig(SecondOrderConfig):
+    """Gauss-Newton: the GGN ``c Σ_s J_sᵀ H_s J_s`` as curvature (exact Tikhonov damping)."""
+
+
+CONFIGS: dict[str, type] = {
+    "natural_gradient": NaturalGradientConfig,
+    "gauss_newton": GaussNewtonConfig,
+    "sgd": SGDConfig,
+    "momentum": MomentumConfig,
+    "nesterov": NesterovConfig,
+    "adagrad": AdaGradConfig,
+    "rmsprop": RMSPropConfig,
+    "adam": AdamConfig,
+    "adamw": AdamWConfig,
+    "lion": LionConfig,
+}
+
+
+def field_names(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_class(name))]
+
+
+def config_class(name: str) -> type:
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(CONFIGS)}") from None
+
+
+def make_config(name: str, **kwargs: Any) -> Any:
+    """Validated config of optimizer ``name``; unknown keys raise a ``ValueError`` naming the valid ones."""
+    cls = config_class(name)
+    valid = field_names(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"optimizer {name!r} does not take {unknown}; valid keys: {valid}")
+    return cls(**kwargs)
+
+
+def split_structure_hparams(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Second-order optimizers: split kwargs into (optimizer fields, structure hyper-parameters)."""
+    valid = set(field_names(name))
+    return ({k: v for k, v in kwargs.items() if k in valid}, {k: v for k, v in kwargs.items() if k not in valid})
+
+
+__all__ = [n for n in dir() if n.endswith("Config")] + ["CONFIGS", "make_config", "config_class", "field_names",
+                                                       "split_structure_hparams"]

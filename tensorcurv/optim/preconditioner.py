@@ -1,0 +1,185 @@
+"""A curvature preconditioner that composes with any ``torch.optim`` optimizer.
+
+    pre = Preconditioner(model, nn.MSELoss(), structure="kfac", kind="ggn", damping=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)    # or SGD, ...
+    loss = pre.backward(x, y)   # forward + backward; statistics captured when due; p.grad = ∇L
+    pre.precondition(lr)        # p.grad ← ν (Ĉ + λI)^{-1} ∇L for covered layers (uncovered: fallback)
+    opt.step()
+
+``Ĉ`` is the block-diagonal :class:`tensorcurv.Curvature` (any registered structure, any kind);
+the solve is the structure's own ``solve`` (exact Tikhonov ``(Ĉ + λI)^{-1}`` unless the structure
+documents otherwise). Schedule of the work:
+
+* ``stats_interval = k_s``: statistics are captured (and folded into the running average with
+  ``decay``, i.e. the structure's ``fit``/``update`` runs) on steps ``t ≡ 0 mod k_s``; other steps
+  do one plain backward.
+* ``inverse_interval = k_i``: the solves use a copy of the curvature refreshed on steps
+  ``t ≡ 0 mod k_i``; cached decompositions (K-FAC eigenbases, ...) are recomputed lazily at the
+  first solve after a refresh. With ``k_i = 1`` the live curvature is used directly (no copy).
+* KL clipping (Ba et al. 2017; Martens & Grosse 2015): ``ν = min(1, sqrt(κ / (η² Σ gᵀ P g)))``.
+
+Robustness: a non-finite loss, gradient or statistic skips the step *before* any curvature
+block, counter or RNG state changes (all ``p.grad`` are set to ``None``, so a following
+``opt.step()`` is a no-op) and warns naming the parameter or layer. A non-finite solve (only
+possible for an indefinite structure) also skips the step and warns; the statistics of that
+step are kept.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from tensorcurv.curvature import Curvature
+from tensorcurv.losses import as_loss_spec
+from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt
+
+
+class NonFiniteStepWarning(RuntimeWarning):
+    """A step was skipped because of a non-finite loss, gradient, statistic or solve."""
+
+
+def first_nonfinite(named: Sequence[tuple[str, Tensor | None]]) -> list[str]:
+    return [n for n, t in named if t is not None and not bool(torch.isfinite(t).all())]
+
+
+class Preconditioner:
+    """Damped curvature solve on ``.grad`` for any torch optimizer (see module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        structure: str = "kfac",
+        kind: str = "ggn",
+        damping: float | Callable[[int], float] | FixedDamping | LevenbergMarquardt = 1e-3,
+        *,
+        decay: float | None = 0.95,
+        stats_interval: int = 1,
+        inverse_interval: int = 1,
+        kl_clip: float | None = None,
+        mc_samples: int = 1,
+        seed: int | None = None,
+        fallback: str = "identity",
+        exclude: Sequence[str] = (),
+        **structure_hparams: Any,
+    ) -> None:
+        for key, v in (("stats_interval", stats_interval), ("inverse_interval", inverse_interval)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        self.model, self.loss = model, as_loss_spec(loss_fn)
+        seed = torch.initial_seed() % (2**63) if seed is None else seed
+        kw = dict(mc_samples=mc_samples, fallback=fallback, exclude=exclude, seed=seed, **structure_hparams)
+        self.curvature = Curvature(model, structure, kind, **kw)
+        self.solver = self.curvature if inverse_interval == 1 else Curvature(model, structure, kind, **kw)
+        self.damping = damping if isinstance(damping, (FixedDamping, LevenbergMarquardt)) else FixedDamping(damping)
+        self.decay, self.kl_clip = decay, kl_clip
+        self.stats_interval, self.inverse_interval = stats_interval, inverse_interval
+        self.steps = 0  # completed (preconditioned) steps
+        self.skipped = 0
+        self.last_skipped = False
+        self.info: dict[str, Any] = {}
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.curvature.params
+
+    @property
+    def named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return self.curvature.named_params
+
+    def _zero_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    def _skip(self, what: str) -> None:
+        warnings.warn(f"tensorcurv.optim: {what}; step {self.steps} skipped", NonFiniteStepWarning, stacklevel=3)
+        self._zero_grad()
+        self.damping.on_skip()
+        self.skipped += 1
+        self.last_skipped = True
+        self.info = {"skipped": True, "reason": what, "damping": self.damping.value(self.steps)}
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Forward + backward on one batch: ``p.grad = ∇L`` (replacing any old ``.grad``);
+        statistics captured and fitted when due. Returns the detached loss."""
+        self._zero_grad()
+        self.last_skipped = False
+        t = self.steps
+        stats_due = t % self.stats_interval == 0 or self.curvature.num_updates == 0
+        gen = self.curvature.generator
+        gen_state = gen.get_state() if gen is not None else None
+        t0 = time.perf_counter()
+        res = None
+        if stats_due:
+            res = self.curvature.capture(inputs, targets, self.loss, accumulate_grad=True)
+            loss = res.loss
+        else:
+            out = self.model(inputs)
+            value = self.loss(out.flatten(1) if out.dim() != 2 else out, targets)
+            value.backward()
+            loss = value.detach()
+        bad = []
+        if not bool(torch.isfinite(loss)):
+            bad.append("loss")
+        bad += first_nonfinite([(n, p.grad) for n, p in self.named_params])
+        if res is not None and not bad:
+            bad += [f"statistics of layer {name!r}" for name, st in res.stats.items()
+                    if not (bool(torch.isfinite(st.a).all()) and bool(torch.isfinite(st.g).all()))]
+        if bad:
+            if gen is not None:
+                gen.set_state(gen_state)
+            self._skip(f"non-finite values in {bad} (loss={float(loss):.4g})")
+            return loss
+        if res is not None:
+            self.curvature.fit_capture(inputs, res, self.decay)
+        if self.solver is not self.curvature and t % self.inverse_interval == 0:
+            self.solver.load_state_dict(self.curvature.state_dict())
+        self.info = {"skipped": False, "loss": float(loss), "stats": stats_due,
+                     "capture_time": self.curvature.last_capture_time if stats_due else 0.0,
+                     "curvature_fit_time": self.curvature.last_fit_time if stats_due else 0.0,
+                     "backward_time": time.perf_counter() - t0}
+        return loss
+
+    # ------------------------------------------------------------------ solve
+    def precondition(self, lr: float = 1.0) -> bool:
+        """``p.grad ← ν (Ĉ + λI)^{-1} p.grad`` for every trainable parameter (uncovered ones get the
+        curvature's fallback). Returns False (step skipped, grads cleared) if the solve is non-finite."""
+        if self.last_skipped:
+            return False
+        lam = self.damping.value(self.steps)
+        t0 = time.perf_counter()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        pg = self.solver.solve(grads, damping=lam)
+        bad = first_nonfinite([(n, g) for (n, _), g in zip(self.named_params, pg)])
+        if bad:
+            self._skip(f"non-finite preconditioned gradient for {bad} (damping={lam:.3g})")
+            return False
+        nu = 1.0
+        if self.kl_clip is not None:
+            vg = lr * lr * sum(float((a * b).sum()) for a, b in zip(pg, grads))
+            nu = min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
+        for p, d in zip(self.params, pg):
+            p.grad = d if nu == 1.0 else d * nu
+        self.info.update(damping=lam, kl_scale=nu, solve_time=time.perf_counter() - t0)
+        self.steps += 1
+        return True
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"curvature": self.curvature.state_dict(),
+                "solver": None if self.solver is self.curvature else self.solver.state_dict(),
+                "damping": self.damping.state_dict(), "steps": self.steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curvature.load_state_dict(state["curvature"])
+        if state["solver"] is not None and self.solver is not self.curvature:
+            self.solver.load_state_dict(state["solver"])
+        self.damping.load_state_dict(state["damping"])
+        self.steps, self.skipped = state["steps"], state["skipped"]
