@@ -1,0 +1,80 @@
+"""Small Krylov / subspace helpers shared by the tensor structures.
+
+* :func:`pcg` — preconditioned conjugate gradients on matrices (inner product ``⟨X, Y⟩ = Σ X∘Y``),
+  with a *relative* residual stopping rule and an iteration/residual report.
+* :func:`orthonormalize` — orthonormal basis of the columns of a tall matrix (QR, rank-revealing
+  enough for subspace iteration).
+* :func:`metric_orthonormalize` — coefficients ``C`` with ``Cᵀ M C = I`` for a PSD Gram ``M``
+  (orthonormalization of implicit vectors ``U c`` when only ``M = UᵀU`` is known).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def pcg(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    precond: Callable[[Tensor], Tensor] | None = None,
+    tol: float = 1e-8,
+    max_iter: int = 200,
+    x0: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Solve ``M x = b`` for symmetric positive definite ``M`` (given by ``matvec``) by PCG.
+
+    Stops when ``‖b − M x‖_F ≤ tol · ‖b‖_F``. Returns ``x`` and ``{"iterations", "residual"
+    (relative), "converged", "negative_curvature"}``; ``negative_curvature`` is set (and the
+    iteration stops) if ``pᵀ M p ≤ 0`` — ``M`` is then not positive definite.
+    """
+    bnorm = float(torch.linalg.norm(b))
+    info: dict[str, Any] = {"iterations": 0, "residual": 0.0, "converged": True, "negative_curvature": False}
+    if bnorm == 0.0:
+        return torch.zeros_like(b), info
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    z = precond(r) if precond is not None else r
+    p = z.clone()
+    rz = float((r * z).sum())
+    res = float(torch.linalg.norm(r)) / bnorm
+    it = 0
+    while res > tol and it < max_iter:
+        Mp = matvec(p)
+        pMp = float((p * Mp).sum())
+        if pMp <= 0.0:
+            info["negative_curvature"] = True
+            break
+        alpha = rz / pMp
+        x = x + alpha * p
+        r = r - alpha * Mp
+        it += 1
+        res = float(torch.linalg.norm(r)) / bnorm
+        if res <= tol:
+            break
+        z = precond(r) if precond is not None else r
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    info.update(iterations=it, residual=res, converged=res <= tol)
+    return x, info
+
+
+def orthonormalize(X: Tensor) -> Tensor:
+    """Orthonormal basis (columns) of the span of ``X`` (``d x p``), via reduced QR."""
+    Q, _ = torch.linalg.qr(X, mode="reduced")
+    return Q
+
+
+def metric_orthonormalize(C: Tensor, M: Tensor, rtol: float = 1e-12) -> Tensor:
+    """Return ``C'`` spanning (numerically) the same implicit vectors ``U C`` with ``C'ᵀ M C' = I``.
+
+    ``M = UᵀU`` is the Gram matrix of the implicit basis ``U``. Directions whose norm falls below
+    ``rtol`` times the largest are dropped (so ``C'`` may have fewer columns).
+    """
+    S = C.T @ M @ C
+    evals, evecs = torch.linalg.eigh(0.5 * (S + S.T))
+    keep = evals > rtol * evals.max().clamp_min(torch.finfo(C.dtype).tiny)
+    return C @ (evecs[:, keep] / evals[keep].sqrt())

@@ -1,0 +1,318 @@
+"""Van Loan rearrangement ``R(C)`` of a layer block, applied implicitly from the per-sample factors.
+
+Index convention (column-major ``vec`` of ``W`` (m x n), so ``C[j*m + i, j'*m + i']``):
+
+    R(C)[(j, j'), (i, i')] = C[j*m + i, j'*m + i']      (an n² x m² matrix)
+
+rows flattened row-major over ``(j, j')``, columns over ``(i, i')``. Then ``R(A ⊗ G) =
+vec(A) vec(G)ᵀ`` (``torch.kron(A, G)`` ordering, ``vec = X.reshape(-1)``), and ``C ≈ Σ_k σ_k A_k ⊗ G_k``
+is the truncated SVD of ``R(C)`` (Eckart–Young; Van Loan & Pitsianis 1993).
+
+With ``C = scale Σ_{s,k} vec(G_sk) vec(G_sk)ᵀ``, ``G_sk = g[s,k]ᵀ a[s]`` (``a[s]``: T x n, ``g[s,k]``:
+T x m), the two products never form ``C`` or ``R(C)``:
+
+    R(C)  vec(X) = scale Σ_{s,k} a[s]ᵀ (g[s,k] X g[s,k]ᵀ) a[s]        (X: m x m -> n x n)
+    R(C)ᵀ vec(Y) = scale Σ_{s,k} g[s,k]ᵀ (a[s] Y a[s]ᵀ) g[s,k]        (Y: n x n -> m x m)
+
+For ``T = 1`` this is the sample-space form ``R(C) vec(X) = Σ_s w_s vec(a_s a_sᵀ)`` with
+``w_s = scale Σ_k g_skᵀ X g_sk``: one weighted covariance, i.e. the cost of one K-FAC factor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tensorcurv.krylov import metric_orthonormalize, orthonormalize
+from tensorcurv.stats import LayerStats
+
+METHODS = ("auto", "power", "gram")
+
+
+def rearrange(C: Tensor, shape: tuple[int, int]) -> Tensor:
+    """``R(C)`` (``n² x m²``) of a dense block ``C`` (``mn x mn``) of a weight of shape ``(m, n)``."""
+    m, n = shape
+    return C.reshape(n, m, n, m).permute(0, 2, 1, 3).reshape(n * n, m * m)
+
+
+def dense_rearranged(stats: LayerStats) -> Tensor:
+    """``R(C)`` formed densely from per-sample gradients (small layers / tests only)."""
+    G = stats.per_sample_grads()  # (q, m, n)
+    R = torch.einsum("qij,qkl->jlik", G, G) * stats.scale
+    return R.reshape(stats.n ** 2, stats.m ** 2)
+
+
+class RearrangedOperator:
+    """Implicit ``R(C)`` of one layer block: :meth:`matvec` and :meth:`rmatvec` (batched over a
+    leading dimension), each one pass over the per-sample factors. ``products`` counts how many
+    single-matrix applications have been made.
+
+    ``T = 1``: sample-space form (weights, then one weighted covariance). ``T > 1``: per-sample
+    position Gram (``T x T``) path or explicit per-sample gradients, whichever costs fewer flops,
+    in chunks of samples so that intermediates stay below ``max_elems`` entries.
+    """
+
+    def __init__(self, stats: LayerStats, max_elems: int = 2 ** 24) -> None:
+        self.stats = stats
+        self.a, self.g, self.scale = stats.a, stats.g, stats.scale
+        self.N, self.T, self.K, self.n, self.m = stats.N, stats.T, stats.K, stats.n, stats.m
+        self.shape = (self.n * self.n, self.m * self.m)
+        self.max_elems = max_elems
+        self.products = 0
+        N, T, K, n, m = self.N, self.T, self.K, self.n, self.m
+        cost_pos = K * T * m * m + K * T * T * m + T * T * n + T * n * n
+        cost_grad = K * (m * m * n + m * n * n)
+        self.path = "samples" if T == 1 else ("positions" if cost_pos <= cost_grad else "grads")
+
+    # ------------------------------------------------------------------ helpers
+    def _chunks(self, per_sample: int):
+        step = max(1, min(self.N, self.max_elems // max(1, per_sample)))
+        for i in range(0, self.N, step):
+            yield slice(i, i + step)
+
+    @staticmethod
+    def _batch(X: Tensor, size: int) -> tuple[Tensor, bool]:
+        if X.dim() == 2:
+            X = X.unsqueeze(0)
+        if X.shape[-2:] != (size, size):
+            raise ValueError(f"expected ({size}, {size}) matrices, got {tuple(X.shape[-2:])}")
+        return X, True
+
+    # ------------------------------------------------------------------ products
+    def matvec(self, X: Tensor) -> Tensor:
+        """``R(C) vec(X)`` as ``(n, n)`` for ``X`` of shape ``(m, m)`` or ``(p, m, m)``."""
+        single = X.dim() == 2
+        X, _ = self._batch(X, self.m)
+        p = X.shape[0]
+        self.products += p
+        if self.path == "samples":
+            g = self.g[:, :, 0].reshape(-1, self.m)  # (NK, m)
+            w = ((g @ X) * g).sum(-1).reshape(p, self.N, self.K).sum(-1) * self.scale  # (p, N)
+            a = self.a[:, 0]
+            Y = (a.T.unsqueeze(0) * w.unsqueeze(1)) @ a
+        elif self.path == "positions":
+            Y = X.new_zeros(p, self.n, self.n)
+            per = p * self.K * self.T * max(self.m, self.T)
+            for sl in self._chunks(per):
+                a, g = self.a[sl], self.g[sl]
+                gX = torch.einsum("sktm,cml->csktl", g, X)
+                M = torch.einsum("csktl,skul->cstu", gX, g)
+                Y += torch.einsum("stn,cstu,sul->cnl", a, M, a)
+            Y *= self.scale
+        else:
+            Y = X.new_zeros(p, self.n, self.n)
+            per = self.K * self.m * self.n * (p + 1)
+            for sl in self._chunks(per):
+                G = torch.einsum("sktm,stn->skmn", self.g[sl], self.a[sl]).reshape(-1, self.m, self.n)
+                Y += torch.einsum("qmn,cml,qlo->cno", G, X, G)
+            Y *= self.scale
+        return Y[0] if single else Y
+
+    def rmatvec(self, Y: Tensor) -> Tensor:
+        """``R(C)ᵀ vec(Y)`` as ``(m, m)`` for ``Y`` of shape ``(n, n)`` or ``(p, n, n)``."""
+        single = Y.dim() == 2
+        Y, _ = self._batch(Y, self.n)
+        p = Y.shape[0]
+        self.products += p
+        if self.path == "samples":
+            a = self.a[:, 0]
+            v = ((a @ Y) * a).sum(-1) * self.scale  # (p, N)
+            g = self.g[:, :, 0]  # (N, K, m)
+            vk = v.unsqueeze(-1).expand(p, self.N, self.K).reshape(p, -1)
+            gf = g.reshape(-1, self.m)
+            Z = (gf.T.unsqueeze(0) * vk.unsqueeze(1)) @ gf
+        elif self.path == "positions":
+            Z = Y.new_zeros(p, self.m, self.m)
+            per = p * self.T * max(self.n, self.T) * self.K
+            for sl in self._chunks(per):
+                a, g = self.a[sl], self.g[sl]
+                M = torch.einsum("stn,cnl,sul->cstu", a, Y, a)
+                Z += torch.einsum("sktm,cstu,skul->cml", g, M, g)
+            Z *= self.scale
+        else:
+            Z = Y.new_zeros(p, self.m, self.m)
+            per = self.K * self.m * self.n * (p + 1)
+            for sl in self._chunks(per):
+                G = torch.einsum("sktm,stn->skmn", self.g[sl], self.a[sl]).reshape(-1, self.m, self.n)
+                Z += torch.einsum("qmn,cno,qlo->cml", G, Y, G)
+            Z *= self.scale
+        return Z[0] if single else Z
+
+    def frobenius_sq(self) -> float:
+        """``‖C‖_F² = ‖R(C)‖_F²`` from the sample Gram (``T = 1``) or per-sample gradients."""
+        if self.path == "samples":
+            Gu, Gw = sample_grams(self.stats)
+            return float((Gu * Gw).sum()) * self.scale ** 2
+        G = self.stats.per_sample_grads().reshape(-1, self.m * self.n)
+        return float((G @ G.T).pow(2).sum()) * self.scale ** 2
+
+
+def sample_grams(stats: LayerStats) -> tuple[Tensor, Tensor]:
+    """For ``T = 1``: ``Gu[s,t] = (a_sᵀa_t)²`` and ``Gw[s,t] = Σ_{k,k'} (g_skᵀ g_tk')²`` (N x N), so
+    that ``R(C) = scale U Wᵀ`` with ``U = [vec(a_s a_sᵀ)]``, ``W = [vec(Σ_k g_sk g_skᵀ)]`` and
+    ``UᵀU = Gu``, ``WᵀW = Gw``."""
+    if stats.T != 1:
+        raise ValueError("sample-space Gram matrices need T = 1 (no weight sharing)")
+    a = stats.a[:, 0]
+    g = stats.g[:, :, 0].reshape(-1, stats.m)
+    Gu = (a @ a.T).pow(2)
+    Gw = (g @ g.T).pow(2).reshape(stats.N, stats.K, stats.N, stats.K).sum((1, 3))
+    return Gu, Gw
+
+
+def _sym_random(p: int, d: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    X = torch.randn(p, d, d, generator=generator, dtype=like.dtype, device="cpu").to(like.device)
+    return 0.5 * (X + X.transpose(-1, -2))
+
+
+def _finish(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetrize, normalize to unit Frobenius norm, fix signs so that ``tr A_k ≥ 0``."""
+    A = 0.5 * (A + A.transpose(-1, -2))
+    G = 0.5 * (G + G.transpose(-1, -2))
+    na = torch.linalg.norm(A.flatten(1), dim=1).clamp_min(torch.finfo(A.dtype).tiny)
+    ng = torch.linalg.norm(G.flatten(1), dim=1).clamp_min(torch.finfo(G.dtype).tiny)
+    sigma = sigma * na * ng
+    A, G = A / na[:, None, None], G / ng[:, None, None]
+    sign = torch.where(torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) < 0, -1.0, 1.0).to(A.dtype)
+    return sigma, A * sign[:, None, None], G * sign[:, None, None]
+
+
+def kronecker_svd(
+    stats: LayerStats,
+    rank: int,
+    *,
+    method: str = "auto",
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    oversample: int | None = None,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    info: dict[str, Any] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Leading ``rank`` singular triplets of ``R(C)``: ``C ≈ Σ_k sigma_k A_k ⊗ G_k``.
+
+    Returns ``sigma (r,)`` (descending), ``A (r, n, n)`` and ``G (r, m, m)`` (symmetric, unit
+    Frobenius norm, ``tr A_k ≥ 0``). Methods:
+
+    * ``power``: block subspace iteration on the implicit operator (any ``T``, ``K``), block size
+      ``rank + oversample``, started from ``init`` (previous ``G`` factors: warm start) or from the
+      K-FAC output factor plus random symmetric matrices. Each iteration is ``p`` products with
+      ``R(C)`` and ``p`` with ``R(C)ᵀ`` (each ≈ one K-FAC factor pass) followed by Rayleigh–Ritz.
+      For ``rank = 1`` this is alternating least squares on ``A ⊗ G``.
+    * ``gram`` (``T = 1``): the same subspace iteration in sample space, ``R(C) = scale U Wᵀ``
+      with the ``N x N`` Grams ``UᵀU = (a_sᵀa_t)²`` and ``WᵀW``; after forming the Grams the
+      iterations cost ``O(N² p)`` (negligible), then the ``r`` factor pairs are formed once.
+    * ``auto``: the cheaper of the two by a flop estimate (``power`` for rank 1 or large ``K``).
+
+    Stopping rule (relative): the captured energy ``Σ_{k≤r} σ_k²`` changes by at most ``tol``
+    relative between the two half-steps of an iteration. ``info`` (if a dict) receives
+    ``method, iterations, products, converged, energy_change``.
+    """
+    n, m = stats.n, stats.m
+    if not (isinstance(rank, int) and 1 <= rank <= min(n * n, m * m)):
+        raise ValueError(f"rank must be an integer in [1, {min(n * n, m * m)}] for a block of shape {stats.shape}, "
+                         f"got {rank!r}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
+    if method == "gram" and stats.T != 1:
+        raise ValueError("method='gram' needs T = 1 (no weight sharing); use 'power' or 'auto'")
+    p = min(rank + (oversample if oversample is not None else (0 if rank == 1 else 2)), n * n, m * m)
+    if method == "auto":
+        N, K = stats.N, stats.K
+        unit = 2 * N * (n * n + K * m * m)  # one product with R and one with Rᵀ, per column
+        power_cost = (0.5 * N * K * m * m if init is None else 0) + p * unit  # one iteration
+        gram_cost = math.inf if stats.T != 1 else N * N * (n + K * K * m) + rank * unit / 2
+        method = "gram" if gram_cost < power_cost else "power"
+    out: dict[str, Any] = {"method": method}
+    if method == "gram":
+        sigma, A, G = _gram_svd(stats, rank, p, tol, max(max_iter, 50), generator, out)
+    else:
+        sigma, A, G = _power_svd(stats, rank, p, tol, max_iter, init, generator, out)
+    if info is not None:
+        info.update(out)
+    return _finish(sigma, A, G)
+
+
+def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
+    op = RearrangedOperator(stats)
+    n, m = stats.n, stats.m
+    cols = []
+    if init is not None:
+        cols.append(init.reshape(-1, m, m)[:p].to(stats.a.dtype))
+    else:
+        _, G0 = stats.kron_factors("expand")
+        cols.append(G0.unsqueeze(0))
+    have = sum(c.shape[0] for c in cols)
+    if have < p:
+        cols.append(_sym_random(p - have, m, stats.a, generator))
+    X = orthonormalize(torch.cat(cols).reshape(p, -1).T)  # (m², p')
+    energy_prev, it, change = None, 0, math.inf
+    while True:
+        it += 1
+        Y = op.matvec(X.T.reshape(-1, m, m)).reshape(X.shape[1], -1).T  # (n², p)
+        Q, Rf = torch.linalg.qr(Y, mode="reduced")
+        sy = torch.linalg.svdvals(Rf)
+        Z = op.rmatvec(Q.T.reshape(-1, n, n)).reshape(Q.shape[1], -1).T  # (m², p)
+        evals, V = torch.linalg.eigh(Z.T @ Z)
+        evals, V = evals.flip(0).clamp_min(0), V.flip(1)
+        sz = evals.sqrt()
+        k = min(rank, sz.numel())
+        energy = float(sz[:k].pow(2).sum())
+        ref = float(sy[:k].pow(2).sum()) if energy_prev is None else energy_prev
+        change = abs(energy - ref) / max(energy, torch.finfo(Z.dtype).tiny)
+        energy_prev = energy
+        keep = sz > sz[0] * torch.finfo(Z.dtype).eps
+        X = (Z @ V[:, keep]) / sz[keep]
+        if change <= tol or it >= max_iter:
+            break
+    r = min(rank, int(keep.sum()))
+    A = (Q @ V[:, :r]).T.reshape(r, n, n)
+    G = X[:, :r].T.reshape(r, m, m)
+    out.update(iterations=it, products=op.products, converged=change <= tol, energy_change=change)
+    return _pad(sz[:r], A, G, rank)
+
+
+def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
+    N, n, m, c = stats.N, stats.n, stats.m, stats.scale
+    Gu, Gw = sample_grams(stats)
+    alpha = torch.randn(N, p, generator=generator, dtype=stats.a.dtype, device="cpu").to(stats.a.device)
+    alpha[:, 0] = 1.0  # K-FAC's A = U·1/N as the first direction
+    energy_prev, it, change = None, 0, math.inf
+    while True:
+        it += 1
+        alpha = metric_orthonormalize(alpha, Gu)  # U alpha orthonormal
+        beta = c * (Gu @ alpha)  # Rᵀ (U alpha) = W beta
+        evals, V = torch.linalg.eigh(beta.T @ Gw @ beta)
+        evals, V = evals.flip(0).clamp_min(0), V.flip(1)
+        sz = evals.sqrt()
+        k = min(rank, sz.numel())
+        energy = float(sz[:k].pow(2).sum())
+        if energy_prev is not None:
+            change = abs(energy - energy_prev) / max(energy, torch.finfo(Gu.dtype).tiny)
+        energy_prev = energy
+        if change <= tol or it >= max_iter:
+            break
+        alpha = c * (Gw @ (beta @ V))  # R (W beta V)
+    r = min(rank, int((sz > sz[0] * torch.finfo(Gu.dtype).eps).sum()))
+    ca = alpha @ V[:, :r]  # A_k = Σ_s ca[s,k] a_s a_sᵀ  (orthonormal)
+    cg = (beta @ V[:, :r]) / sz[:r]  # G_k = Σ_{s,k'} cg[s,k] g_sk' g_sk'ᵀ
+    a = stats.a[:, 0]
+    g = stats.g[:, :, 0]
+    A = (a.T.unsqueeze(0) * ca.T.unsqueeze(1)) @ a
+    cgk = cg.T.unsqueeze(-1).expand(r, N, stats.K).reshape(r, -1)
+    gf = g.reshape(-1, m)
+    G = (gf.T.unsqueeze(0) * cgk.unsqueeze(1)) @ gf
+    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change)
+    return _pad(sz[:r], A, G, rank)
+
+
+def _pad(sigma, A, G, rank):
+    """Pad with zero terms when ``R(C)`` has rank below the requested ``rank``."""
+    r = sigma.numel()
+    if r == rank:
+        return sigma, A, G
+    z = rank - r
+    return (torch.cat([sigma, sigma.new_zeros(z)]),
+            torch.cat([A, A.new_zeros(z, *A.shape[1:])]), torch.cat([G, G.new_zeros(z, *G.shape[1:])]))

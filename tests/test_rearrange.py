@@ -1,0 +1,119 @@
+"""Facts about the implicit Van Loan rearrangement R(C) and its truncated SVD (float64, tiny layers)."""
+import pytest
+import torch
+from torch import nn
+
+import tensorcurv
+from tensorcurv.rearrange import RearrangedOperator, dense_rearranged, kronecker_svd, rearrange, sample_grams
+
+KINDS = ["empirical", "mc", "ggn"]
+
+
+def tiny_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "linear":
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    if name == "conv":
+        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2),
+                             nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
+    raise ValueError(name)
+
+
+def tiny_batch(name: str, n: int = 10, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    shape = {"linear": (n, 6), "conv": (n, 2, 4, 4)}[name]
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g) % 3
+
+
+def curvature(model_name: str, kind: str, structure: str = "dense", n: int = 10, **hp):
+    """A fitted ``Curvature`` on a tiny model; returns ``(curv, stats)`` of the same batch."""
+    model = tiny_model(model_name)
+    x, y = tiny_batch(model_name, n)
+    curv = tensorcurv.Curvature(model, structure, kind, seed=0, **hp)
+    stats = curv.capture(x, y, nn.CrossEntropyLoss()).stats
+    curv.fit_stats(stats)
+    return curv, stats
+
+
+def dense_block(model_name: str, kind: str, layer: str, n: int = 10) -> torch.Tensor:
+    """The exact block from the ``dense`` structure (tested against torch.func by the core suite)."""
+    curv, _ = curvature(model_name, kind, "dense", n)
+    return curv.blocks[layer].to_dense()
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_rearranged_kronecker_product_is_the_outer_product_of_the_vectorized_factors():
+    A, G = torch.randn(4, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    R = rearrange(torch.kron(A, G), (3, 4))
+    assert torch.allclose(R, torch.outer(A.reshape(-1), G.reshape(-1)), atol=1e-14)
+
+
+@pytest.mark.parametrize("model_name,layer", [("linear", "0"), ("linear", "2"), ("conv", "0"), ("conv", "2")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_rearranged_equals_the_rearranged_dense_block(model_name, layer, kind):
+    curv, stats = curvature(model_name, kind)
+    C = curv.blocks[layer].to_dense()
+    assert rel(dense_rearranged(stats[layer]), rearrange(C, stats[layer].shape)) < 1e-12
+
+
+@pytest.mark.parametrize("path", ["samples", "positions", "grads"])
+@pytest.mark.parametrize("kind", ["empirical", "ggn"])
+def test_matvec_and_rmatvec_equal_products_with_the_dense_rearranged_block(path, kind):
+    model_name = "linear" if path == "samples" else "conv"
+    curv, stats = curvature(model_name, kind)
+    st = stats["0"]
+    op = RearrangedOperator(st, max_elems=64)  # tiny chunks: exercises the chunk loop
+    op.path = path
+    R = rearrange(curv.blocks["0"].to_dense(), st.shape)
+    X = torch.randn(2, st.m, st.m, dtype=torch.float64)
+    Y = torch.randn(2, st.n, st.n, dtype=torch.float64)
+    assert rel(op.matvec(X).reshape(2, -1), X.reshape(2, -1) @ R.T) < 1e-12
+    assert rel(op.rmatvec(Y).reshape(2, -1), Y.reshape(2, -1) @ R) < 1e-12
+    assert op.products == 4
+
+
+def test_sample_grams_give_the_frobenius_norm_of_the_block():
+    curv, stats = curvature("linear", "ggn")
+    Gu, Gw = sample_grams(stats["0"])
+    C = curv.blocks["0"].to_dense()
+    assert abs(float((Gu * Gw).sum()) * stats["0"].scale ** 2 / float(C.pow(2).sum()) - 1) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["power", "gram"])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_kronecker_svd_singular_values_equal_the_dense_svd(method, rank):
+    curv, stats = curvature("linear", "ggn")
+    st = stats["0"]
+    s_ref = torch.linalg.svdvals(rearrange(curv.blocks["0"].to_dense(), st.shape))
+    info = {}
+    sigma, A, G = kronecker_svd(st, rank, method=method, tol=1e-15, max_iter=2000, oversample=3, info=info)
+    assert info["method"] == method and info["converged"]
+    assert torch.allclose(sigma, s_ref[:rank], rtol=1e-9, atol=0)
+    C_hat = sum(s * torch.kron(a, g) for s, a, g in zip(sigma, A, G))
+    err = float((curv.blocks["0"].to_dense() - C_hat).norm())
+    assert abs(err / float(s_ref[rank:].pow(2).sum().sqrt()) - 1) < 1e-8
+
+
+def test_kronecker_svd_factors_are_symmetric_with_unit_norm():
+    _, stats = curvature("conv", "empirical")
+    sigma, A, G = kronecker_svd(stats["0"], 2, tol=1e-12, max_iter=500)
+    assert torch.allclose(A, A.transpose(-1, -2)) and torch.allclose(G, G.transpose(-1, -2))
+    assert torch.allclose(A.flatten(1).norm(dim=1), torch.ones(2, dtype=A.dtype))
+    assert (torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) >= 0).all()
+
+
+def test_warm_started_power_iteration_from_converged_factors_stops_after_one_iteration():
+    _, stats = curvature("linear", "empirical")
+    _, _, G = kronecker_svd(stats["0"], 1, method="power", tol=1e-14, max_iter=1000)
+    info = {}
+    kronecker_svd(stats["0"], 1, method="power", tol=1e-10, init=G, info=info)
+    assert info["iterations"] == 1 and info["products"] == 2
+
+
+def test_kronecker_svd_rejects_a_rank_above_the_rearranged_dimensions():
+    _, stats = curvature("linear", "empirical")
+    with pytest.raises(ValueError, match="rank must be an integer in"):
+        kronecker_svd(stats["2"], 26)
