@@ -1,0 +1,365 @@
+"""Datasets as in-memory tensors with an explicit train / validation / test split.
+
+    splits = tensorcurv.data.load("digits", val_fraction=0.1, test_fraction=0.2, normalize="standard")
+    X, y = splits.train          # X: (N, *input_shape), y: (N,) int64 labels (or X-like targets)
+
+Datasets (``names()``):
+
+* ``digits``: scikit-learn ``load_digits`` (1,797 images ``(1, 8, 8)``, 10 classes; embedded, no file).
+* ``mnist1d``: MNIST-1D (Greydanus 2020), generated locally by the ``mnist1d`` package's
+  ``make_dataset`` with its default arguments (4,000 train / 1,000 test signals of length 40;
+  nothing is downloaded). Optional extra: ``pip install tensorcurv[mnist1d]``.
+* ``mnist`` / ``fashion_mnist``: IDX files (``.gz`` or uncompressed) in ``<data_dir>/<name>/``:
+  ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+  ``t10k-labels-idx1-ubyte``; images ``(1, 28, 28)``.
+* ``cifar10``: the binary version, ``<data_dir>/cifar10/cifar-10-batches-bin/`` with
+  ``data_batch_1.bin`` … ``data_batch_5.bin`` and ``test_batch.bin`` (records of 1 label byte +
+  3,072 pixel bytes, channel-major); images ``(3, 32, 32)``.
+* ``curves`` / ``faces``: the deep-autoencoder benchmarks of Hinton & Salakhutdinov (2006) as
+  used by Martens (2010) and Martens & Grosse (2015), from the ``.mat`` files of Martens' HF code:
+  ``<data_dir>/curves/digs3pts_1.mat`` with keys ``bdata`` (20,000 × 784 train) and ``bdatatest``
+  (10,000 × 784 test), images ``(1, 28, 28)`` in [0, 1]; ``<data_dir>/faces/newfaces_rot_single.mat``
+  with key ``newfaces_single`` (625 × 165,600, one 25 × 25 face per *column*; the first 3/4 are the
+  training set, the last 1/4 the test set), images ``(1, 25, 25)``. Targets are the inputs
+  (``num_classes=None``), flattened to ``(N, d)`` like the
+  autoencoders' outputs.
+
+Missing MNIST / Fashion-MNIST / CIFAR-10 files are downloaded from the standard mirrors when
+``download=True`` and the network is reachable; every download is checked against the published
+MD5 of the standard file. Without network the error names the files and the directory to put them in.
+
+Splits: datasets with an official test set (mnist, fashion_mnist, cifar10, mnist1d, curves, faces)
+keep it as ``test`` and ignore ``test_fraction``; ``digits`` holds out ``test_fraction`` of all
+samples. ``val_fraction`` is the fraction of the remaining training pool held out for validation.
+Both splits are a seeded permutation (``seed``). ``limit`` keeps only the first ``limit`` samples of
+each split (after shuffling), for quick runs.
+
+Normalization uses training-set statistics only: ``standard`` — per feature (every element of
+``input_shape``) ``(x − mean) / std`` (std floored at 1e-8, constant features become 0);
+``unit`` — ``(x − min) / (max − min)`` with the training set's global min/max, so values are in
+[0, 1] (the choice for sigmoid autoencoders); ``none`` — raw values as float. Autoencoding
+targets (curves, faces) are normalized like the inputs.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NORMALIZATIONS = ("standard", "unit", "none")
+
+
+@dataclass
+class DataSplits:
+    """Train / validation / test tensors of one dataset."""
+
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    num_classes: int | None
+    input_shape: tuple[int, ...]
+    name: str
+
+    def sizes(self) -> dict[str, int]:
+        return {k: int(getattr(self, k)[0].shape[0]) for k in ("train", "val", "test")}
+
+
+@dataclass
+class _Raw:
+    """Unnormalized arrays; ``x_test is None`` when the dataset has no official test split."""
+
+    x: np.ndarray
+    y: np.ndarray | None  # None: autoencoding (targets = inputs)
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    num_classes: int | None
+
+
+# ---------------------------------------------------------------------- downloads
+#: Standard files, their MD5 and mirrors (tried in order). Tests point the mirrors at file:// URLs.
+MIRRORS: dict[str, list[str]] = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+    "fashion_mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
+}
+MD5: dict[str, dict[str, str]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    "cifar10": {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"},
+}
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(dataset: str, filename: str, dest_dir: Path, timeout: float = 30.0) -> Path:
+    """Fetch ``filename`` of ``dataset`` from its mirrors into ``dest_dir`` and verify its MD5.
+
+    Raises ``ConnectionError`` when no mirror answers and ``ValueError`` on a checksum mismatch
+    (the bad file is removed).
+    """
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target, expected = dest_dir / filename, MD5[dataset][filename]
+    errors = []
+    for base in MIRRORS[dataset]:
+        tmp = target.with_suffix(target.suffix + ".part")
+        try:
+            with urllib.request.urlopen(base + filename, timeout=timeout) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+        except (urllib.error.URLError, OSError) as e:
+            errors.append(f"{base}: {e}")
+            tmp.unlink(missing_ok=True)
+            continue
+        got = md5sum(tmp)
+        if got != expected:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"checksum mismatch for {filename} from {base}: md5 {got}, expected {expected}")
+        tmp.replace(target)
+        return target
+    raise ConnectionError(f"could not download {filename}: " + "; ".join(errors))
+
+
+def _missing_error(name: str, folder: Path, files: list[str], why: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"dataset {name!r}: missing {', '.join(files)} in {folder.resolve()} ({why}). "
+        f"Put the standard files there (e.g. from {MIRRORS.get(name, ['the dataset page'])[0]}), "
+        f"or allow download=True with network access."
+    )
+
+
+# ---------------------------------------------------------------------- file formats
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (``.gz`` or not): magic ``0 0 <dtype> <ndim>``, big-endian int32 dims, data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {tuple(dims)}, file holds {data.size} values")
+    return data.reshape(tuple(dims))
+
+
+def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 binary batch: records of ``<1 x label><3072 x pixel>`` -> ``(N, 3, 32, 32)``, ``(N,)``."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 3073:
+        raise ValueError(f"{path}: size {raw.size} is not a multiple of the 3073-byte CIFAR-10 record")
+    rec = raw.reshape(-1, 3073)
+    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+
+
+# ---------------------------------------------------------------------- loaders
+def _digits(data_dir: Path, download: bool) -> _Raw:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _Raw(d.images.reshape(-1, 1, 8, 8), d.target.astype(np.int64), None, None, 10)
+
+
+def _mnist1d(data_dir: Path, download: bool) -> _Raw:
+    try:
+        from mnist1d.data import make_dataset
+    except ImportError:
+        raise ImportError("dataset 'mnist1d' needs the mnist1d package: pip install 'tensorcurv[mnist1d]'") from None
+    state = np.random.get_state()  # make_dataset reseeds numpy's global generator
+    try:
+        d = make_dataset()
+    finally:
+        np.random.set_state(state)
+    return _Raw(d["x"], d["y"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64), 10)
+
+
+def _idx_dataset(name: str) -> Callable[[Path, bool], _Raw]:
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+    def load(data_dir: Path, download_ok: bool) -> _Raw:
+        folder = data_dir / name
+        paths = {}
+        for stem in stems:
+            for cand in (folder / f"{stem}.gz", folder / stem):
+                if cand.exists():
+                    paths[stem] = cand
+                    break
+        missing = [f"{s}.gz" for s in stems if s not in paths]
+        if missing and not download_ok:
+            raise _missing_error(name, folder, missing, "download=False")
+        for fn in missing:
+            try:
+                paths[fn[:-3]] = download(name, fn, folder)
+            except ConnectionError as e:
+                raise _missing_error(name, folder, missing, f"no network: {e}") from None
+        x, y, xt, yt = (read_idx(paths[s]) for s in stems)
+        return _Raw(x[:, None], y.astype(np.int64), xt[:, None], yt.astype(np.int64), 10)
+
+    return load
+
+
+def _cifar10(data_dir: Path, download_ok: bool) -> _Raw:
+    folder = data_dir / "cifar10"
+    bdir = folder / "cifar-10-batches-bin"
+    files = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    missing = [f for f in files if not (bdir / f).exists()]
+    if missing:
+        archive = folder / "cifar-10-binary.tar.gz"
+        if not archive.exists():
+            if not download_ok:
+                raise _missing_error("cifar10", bdir, missing, "download=False")
+            try:
+                download("cifar10", archive.name, folder)
+            except ConnectionError as e:
+                raise _missing_error("cifar10", bdir, missing, f"no network: {e}") from None
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in files]
+            for m in members:  # extract only the expected regular files, flattened into bdir
+                bdir.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as src, open(bdir / Path(m.name).name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    xs, ys = zip(*(read_cifar_batch(bdir / f) for f in files[:5]))
+    xt, yt = read_cifar_batch(bdir / files[5])
+    return _Raw(np.concatenate(xs), np.concatenate(ys), xt, yt, 10)
+
+
+def _loadmat(path: Path, name: str) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset {name!r}: missing {path.name} in {path.parent.resolve()}. It is the .mat file of "
+            f"Martens' Hessian-free code (Hinton & Salakhutdinov's data); no public mirror is downloaded."
+        )
+    from scipy.io import loadmat
+
+    return loadmat(path)
+
+
+def _curves(data_dir: Path, download_ok: bool) -> _Raw:
+    m = _loadmat(data_dir / "curves" / "digs3pts_1.mat", "curves")
+    x, xt = np.asarray(m["bdata"], dtype=np.float64), np.asarray(m["bdatatest"], dtype=np.float64)
+    side = int(round(np.sqrt(x.shape[1])))
+    return _Raw(x.reshape(-1, 1, side, side), None, xt.reshape(-1, 1, side, side), None, None)
+
+
+def _faces(data_dir: Path, download_ok: bool) -> _Raw:
+    m = _loadmat(data_dir / "faces" / "newfaces_rot_single.mat", "faces")
+    a = np.asarray(m["newfaces_single"], dtype=np.float64).T  # (samples, 625)
+    ntrain = (a.shape[0] // 4) * 3
+    side = int(round(np.sqrt(a.shape[1])))
+    a = a.reshape(-1, 1, side, side)
+    return _Raw(a[:ntrain], None, a[ntrain:], None, None)
+
+
+_LOADERS: dict[str, Callable[[Path, bool], _Raw]] = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+    "mnist": _idx_dataset("mnist"),
+    "fashion_mnist": _idx_dataset("fashion_mnist"),
+    "cifar10": _cifar10,
+    "curves": _curves,
+    "faces": _faces,
+}
+
+
+def names() -> list[str]:
+    """Dataset names accepted by :func:`load`."""
+    return list(_LOADERS)
+
+
+# ---------------------------------------------------------------------- split & normalize
+def _fraction(key: str, value: float) -> None:
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{key}={value!r} must be in [0, 1)")
+
+
+def load(
+    name: str = "digits",
+    *,
+    data_dir: str | os.PathLike = "data",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    normalize: str = "standard",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    download: bool = True,
+    limit: int | None = None,
+) -> DataSplits:
+    """Load ``name`` and return its seeded, normalized train / val / test splits (see module doc)."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(names())}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r} is not one of {list(NORMALIZATIONS)}")
+    _fraction("val_fraction", val_fraction)
+    _fraction("test_fraction", test_fraction)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit!r} must be >= 1 (or None for all samples)")
+    raw = _LOADERS[name](Path(data_dir), download)
+    rng = np.random.default_rng(seed)
+
+    x, y = raw.x, raw.y
+    perm = rng.permutation(len(x))
+    x, y = x[perm], (y[perm] if y is not None else None)
+    if raw.x_test is None:
+        n_test = int(round(test_fraction * len(x)))
+        xt, yt = x[:n_test], (y[:n_test] if y is not None else None)
+        x, y = x[n_test:], (y[n_test:] if y is not None else None)
+    else:
+        tperm = rng.permutation(len(raw.x_test))
+        xt, yt = raw.x_test[tperm], (raw.y_test[tperm] if raw.y_test is not None else None)
+    n_val = int(round(val_fraction * len(x)))
+    parts = {"train": (x[n_val:], None if y is None else y[n_val:]),
+             "val": (x[:n_val], None if y is None else y[:n_val]),
+             "test": (xt, yt)}
+    if limit is not None:
+        parts = {k: (a[:limit], None if b is None else b[:limit]) for k, (a, b) in parts.items()}
+
+    xtr = parts["train"][0].astype(np.float64)
+    if len(xtr) == 0:
+        raise ValueError(f"dataset {name!r}: the training split is empty (val_fraction={val_fraction})")
+    if normalize == "standard":
+        mu, sd = xtr.mean(0), xtr.std(0)
+        sd = np.where(sd > 1e-8, sd, np.inf)  # constant features map to 0
+        norm = lambda a: (a - mu) / sd  # noqa: E731
+    elif normalize == "unit":
+        lo, hi = xtr.min(), xtr.max()
+        scale = (hi - lo) if hi > lo else 1.0
+        norm = lambda a: (a - lo) / scale  # noqa: E731
+    else:
+        norm = lambda a: a  # noqa: E731
+
+    out = {}
+    for k, (a, b) in parts.items():
+        X = torch.as_tensor(norm(a.astype(np.float64)), dtype=dtype)
+        Y = X.flatten(1).clone() if b is None else torch.as_tensor(np.asarray(b), dtype=torch.int64)
+        out[k] = (X, Y)
+    return DataSplits(out["train"], out["val"], out["test"], raw.num_classes, tuple(raw.x.shape[1:]), name)

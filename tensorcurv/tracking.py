@@ -1,0 +1,257 @@
+"""Experiment loggers: ``build(cfg, run_dir, config) -> Logger`` with kinds ``csv``, ``wandb``, ``none``.
+
+Every logger offers ``log(metrics, step)``, ``log_figure(name, fig_or_png)``, ``log_table(name,
+rows)``, ``summary(dict)``, ``finish()``, and ``state_dict()`` / ``load_state_dict()`` so a resumed
+run continues the same record.
+
+* ``csv`` (:class:`CsvLogger`): the run directory's own record, no account and no network:
+  ``metrics.csv`` (one row per ``log`` call, columns = union of keys), ``metrics.jsonl`` (the same
+  rows as JSON lines), ``figures/<name>.png``, ``tables/<name>.csv``, ``summary.json``.
+* ``wandb`` (:class:`WandbLogger`): the real ``wandb`` package. ``mode="offline"`` (default) writes a
+  run directory under ``<run_dir>/wandb/offline-run-*`` that ``wandb sync <that dir>`` uploads later;
+  ``mode="online"`` needs ``wandb login``; ``mode="disabled"`` makes every call a no-op. W&B records
+  the config, the metric history, system information (hardware, Python, git) and the final figures
+  and tables. A resumed run re-uses its W&B run id (``resume="allow"``).
+* ``none`` (:class:`NullLogger`): nothing.
+
+``tensorcurv.experiment.run_training`` always keeps a :class:`CsvLogger` and adds the configured
+logger when it is not ``csv``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+KINDS = ("wandb", "csv", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _plain(v: Any) -> Any:
+    """Python scalars for JSON/CSV (tensors and numpy scalars become floats/ints)."""
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            return v.item()
+        except (ValueError, RuntimeError):
+            pass
+    return v
+
+
+def _json_safe(v: Any) -> Any:
+    v = _plain(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, Mapping):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+class Logger:
+    """Base logger: does nothing (the ``none`` kind)."""
+
+    kind = "none"
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def log_figure(self, name: str, fig_or_png: Any) -> None:
+        pass
+
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        pass
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+NullLogger = Logger
+
+
+class CsvLogger(Logger):
+    """Metrics, figures, tables and the summary as plain files in ``run_dir``."""
+
+    kind = "csv"
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self._summary: dict[str, Any] = {}
+
+    def log(self, metrics, step):
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_json_safe(row)) + "\n")
+
+    def flush(self) -> None:
+        """Rewrite ``metrics.csv`` from all rows (columns = union of keys, in first-seen order)."""
+        cols: dict[str, None] = {}
+        for r in self.rows:
+            cols.update(dict.fromkeys(r))
+        with open(self.dir / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(cols))
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def log_figure(self, name, fig_or_png):
+        out = self.dir / "figures" / f"{name}.png"
+        out.parent.mkdir(exist_ok=True)
+        if isinstance(fig_or_png, (str, os.PathLike)):
+            if Path(fig_or_png).resolve() != out.resolve():
+                out.write_bytes(Path(fig_or_png).read_bytes())
+        else:
+            fig_or_png.savefig(out, dpi=120, bbox_inches="tight")
+
+    def log_table(self, name, rows):
+        out = self.dir / "tables" / f"{name}.csv"
+        out.parent.mkdir(exist_ok=True)
+        cols: dict[str, None] = {}
+        for r in rows:
+            cols.update(dict.fromkeys(r))
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(cols))
+            w.writeheader()
+            w.writerows([{k: _plain(v) for k, v in r.items()} for r in rows])
+
+    def summary(self, values):
+        self._summary.update({k: _plain(v) for k, v in values.items()})
+        (self.dir / "summary.json").write_text(json.dumps(_json_safe(self._summary), indent=2) + "\n")
+
+    def finish(self):
+        self.flush()
+
+    def state_dict(self):
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state):
+        """Restore the rows of a checkpoint; rows logged after it (by a killed run) are dropped."""
+        self.rows = [dict(r) for r in state.get("rows", [])]
+        with open(self.dir / "metrics.jsonl", "w") as f:
+            for r in self.rows:
+                f.write(json.dumps(_json_safe(r)) + "\n")
+        self.flush()
+
+
+class WandbLogger(Logger):
+    """The ``wandb`` package; offline by default (see the module docstring)."""
+
+    kind = "wandb"
+
+    def __init__(self, run_dir: str | os.PathLike, config: Mapping[str, Any] | None = None, *,
+                 mode: str = "offline", project: str = "tensorcurv", entity: str | None = None,
+                 name: str | None = None, group: str | None = None, tags: list[str] | None = None,
+                 run_id: str | None = None) -> None:
+        if mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode={mode!r} is not one of {list(WANDB_MODES)}")
+        import wandb
+
+        self._wandb = wandb
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.mode = mode
+        self.run = wandb.init(
+            project=project, entity=entity, name=name, group=group, tags=list(tags or []),
+            config=_json_safe(dict(config or {})), dir=str(self.dir), mode=mode,
+            id=run_id, resume="allow" if run_id else None, reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        self.run_id = self.run.id if mode != "disabled" else None
+
+    def log(self, metrics, step):
+        self.run.log({k: _plain(v) for k, v in metrics.items()}, step=int(step))
+
+    def log_figure(self, name, fig_or_png):
+        path = str(fig_or_png) if isinstance(fig_or_png, (str, os.PathLike)) else None
+        self.run.log({name: self._wandb.Image(path if path is not None else fig_or_png)}, commit=False)
+
+    def log_table(self, name, rows):
+        cols: dict[str, None] = {}
+        for r in rows:
+            cols.update(dict.fromkeys(r))
+        data = [[_plain(r.get(c)) for c in cols] for r in rows]
+        self.run.log({name: self._wandb.Table(columns=list(cols), data=data)}, commit=False)
+
+    def summary(self, values):
+        self.run.summary.update({k: _plain(v) for k, v in values.items()})
+
+    def finish(self):
+        self.run.finish()
+
+    @property
+    def offline_dir(self) -> Path | None:
+        """The offline run directory (``wandb sync`` it), or None when not offline."""
+        if self.mode != "offline":
+            return None
+        return Path(self.run.dir).parent
+
+    def state_dict(self):
+        return {"run_id": self.run_id}
+
+
+class MultiLogger(Logger):
+    """Forwards every call to several loggers."""
+
+    def __init__(self, *loggers: Logger) -> None:
+        self.loggers = list(loggers)
+        self.kind = "+".join(lg.kind for lg in self.loggers)
+
+    def log(self, metrics, step):
+        for lg in self.loggers:
+            lg.log(metrics, step)
+
+    def log_figure(self, name, fig_or_png):
+        for lg in self.loggers:
+            lg.log_figure(name, fig_or_png)
+
+    def log_table(self, name, rows):
+        for lg in self.loggers:
+            lg.log_table(name, rows)
+
+    def summary(self, values):
+        for lg in self.loggers:
+            lg.summary(values)
+
+    def finish(self):
+        for lg in self.loggers:
+            lg.finish()
+
+    def state_dict(self):
+        return {str(i): lg.state_dict() for i, lg in enumerate(self.loggers)}
+
+    def load_state_dict(self, state):
+        for i, lg in enumerate(self.loggers):
+            lg.load_state_dict(state.get(str(i), {}))
+
+
+def build(cfg: Mapping[str, Any] | None, run_dir: str | os.PathLike, config: Mapping[str, Any] | None = None,
+          state: Mapping[str, Any] | None = None) -> Logger:
+    """Logger from a config node ``{kind: wandb|csv|none, ...}`` (``conf/logger/*.yaml``).
+
+    ``state``: a previous :meth:`Logger.state_dict` (resume: the W&B run id is re-used).
+    """
+    cfg = dict(cfg or {"kind": "csv"})
+    kind = cfg.pop("kind", "csv")
+    if kind not in KINDS:
+        raise ValueError(f"logger.kind={kind!r} is not one of {list(KINDS)}")
+    if kind == "csv":
+        return CsvLogger(run_dir)
+    if kind == "none":
+        return NullLogger()
+    run_id = (state or {}).get("run_id")
+    return WandbLogger(run_dir, config, run_id=run_id, **cfg)
