@@ -18,6 +18,27 @@ def _with_ones(a: Tensor) -> Tensor:
     return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
 
 
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def extract_patches(x: Tensor, kernel_size, dilation=1, padding=0, stride=1) -> Tensor:
+    """Convolution patches of ``x`` (N, C, H, W) as ``(N, T, C*kh*kw)``, same order as ``F.unfold``.
+
+    Built from strided views (one copy) instead of ``F.unfold``, whose CPU kernel loops over the
+    batch and was ~10x slower than the convolution itself in ``scripts/bench_capture.py``.
+    """
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(_pair, (kernel_size, dilation, padding, stride))
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    p = x.unfold(2, span_h, sh).unfold(3, span_w, sw)  # (N, C, Ho, Wo, span_h, span_w)
+    if dh > 1 or dw > 1:
+        p = p[..., ::dh, ::dw]
+    N, C, Ho, Wo = p.shape[:4]
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(N, Ho * Wo, C * kh * kw)
+
+
 class LayerAdapter:
     """Base class; subclasses implement one module type."""
 
@@ -102,7 +123,7 @@ class Conv2dAdapter(LayerAdapter):
         return (w.shape[0], w[0].numel() + (self.module.bias is not None))
 
     def inputs(self, x):
-        patches = F.unfold(x, **self._conv_args()).transpose(1, 2)  # (N, T, C_in*kh*kw)
+        patches = extract_patches(x, **self._conv_args())  # (N, T, C_in*kh*kw)
         return _with_ones(patches) if self.module.bias is not None else patches
 
     def output_grads(self, gz):
@@ -145,11 +166,11 @@ class ConvTranspose2dAdapter(LayerAdapter):
     def output_grads(self, gz):
         c = self.module
         K, N = gz.shape[:2]
-        patches = F.unfold(
+        patches = extract_patches(
             gz.reshape(K * N, *gz.shape[2:]),
             kernel_size=c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride,
-        )  # (K*N, C_out*kh*kw, T)
-        return patches.reshape(K, N, *patches.shape[1:]).permute(1, 0, 3, 2)
+        )  # (K*N, T, C_out*kh*kw)
+        return patches.reshape(K, N, *patches.shape[1:]).transpose(0, 1)
 
     def to_matrix(self, tensors):
         w = tensors[0]

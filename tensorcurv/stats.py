@@ -76,9 +76,12 @@ class LayerStats:
 
     # ---------------------------------------------------------------- checks
     def check_finite(self) -> None:
-        """Raise ``ValueError`` naming the layer if ``a`` or ``g`` holds NaN/Inf."""
+        """Raise ``ValueError`` naming the layer if ``a`` or ``g`` holds NaN/Inf.
+
+        One reduction per tensor: a NaN or ±Inf anywhere makes the sum non-finite.
+        """
         for label, t in (("inputs a", self.a), ("output gradients g", self.g)):
-            if not torch.isfinite(t).all():
+            if not torch.isfinite(t.sum()):
                 raise ValueError(f"layer {self.name!r}: non-finite values in the {label} statistics")
 
     # ---------------------------------------------------------------- derived quantities
