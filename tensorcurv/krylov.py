@@ -78,3 +78,29 @@ def metric_orthonormalize(C: Tensor, M: Tensor, rtol: float = 1e-12) -> Tensor:
     evals, evecs = torch.linalg.eigh(0.5 * (S + S.T))
     keep = evals > rtol * evals.max().clamp_min(torch.finfo(C.dtype).tiny)
     return C @ (evecs[:, keep] / evals[keep].sqrt())
+
+
+# ---------------------------------------------------------------------- Kronecker products of several factors
+def mode_apply(mats: list[Tensor], X: Tensor) -> Tensor:
+    """``(F_1 ⊗ … ⊗ F_D) vec(X)`` as a tensor, for ``X`` of shape ``(d_1, …, d_D)`` (row-major
+    ``vec``, first mode slowest: the ``torch.kron(F_1, F_2, …)`` ordering). ``None`` = identity."""
+    for k, F in enumerate(mats):
+        if F is not None:
+            X = torch.movedim(torch.tensordot(F, X, dims=([1], [k])), 0, k)
+    return X
+
+
+def kron_eig_solve(evals: list[Tensor], evecs: list[Tensor], X: Tensor, damping: float,
+                   floor: float | None = 0.0) -> Tensor:
+    """``(⊗_k Q_k Λ_k Q_kᵀ + λI)^{-1} vec(X)`` from per-factor eigendecompositions (exact).
+
+    The eigenvalues of the product are ``Π_k λ_k``; with ``floor`` not None they are clamped at
+    ``floor`` first (a PSD preconditioner), otherwise used as they are.
+    """
+    Y = mode_apply([Q.T for Q in evecs], X)
+    lam = evals[0]
+    for e in evals[1:]:
+        lam = lam.unsqueeze(-1) * e
+    if floor is not None:
+        lam = lam.clamp_min(floor)
+    return mode_apply(evecs, Y / (lam + damping))

@@ -162,15 +162,30 @@ def sample_grams(stats: LayerStats) -> tuple[Tensor, Tensor]:
     return Gu, Gw
 
 
-def _sym_random(p: int, d: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+def _sym_random(p: int, d: int, like: Tensor, generator: torch.Generator | None, symmetric: bool = True) -> Tensor:
     X = torch.randn(p, d, d, generator=generator, dtype=like.dtype, device="cpu").to(like.device)
-    return 0.5 * (X + X.transpose(-1, -2))
+    return 0.5 * (X + X.transpose(-1, -2)) if symmetric else X
+
+
+def antisymmetric(A: Tensor) -> Tensor:
+    """Boolean per factor of a stack ``(r, d, d)``: True where the antisymmetric part dominates."""
+    sym = torch.linalg.norm((A + A.transpose(-1, -2)).flatten(1), dim=1)
+    skew = torch.linalg.norm((A - A.transpose(-1, -2)).flatten(1), dim=1)
+    return skew > sym
 
 
 def _finish(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Symmetrize, normalize to unit Frobenius norm, fix signs so that ``tr A_k ≥ 0``."""
-    A = 0.5 * (A + A.transpose(-1, -2))
-    G = 0.5 * (G + G.transpose(-1, -2))
+    """Project each pair onto its symmetric (or, if dominant, antisymmetric) part, normalize to
+    unit Frobenius norm, fix signs so that ``tr A_k ≥ 0``.
+
+    ``R(C)`` maps symmetric matrices to symmetric and antisymmetric to antisymmetric ones, so its
+    singular vectors are one or the other. For ``T = 1`` the antisymmetric part of ``R(C)`` is 0;
+    with weight sharing (``T > 1``) an antisymmetric pair ``A ⊗ G`` (a symmetric, trace-free
+    matrix) can belong to the optimum and is kept.
+    """
+    skew = antisymmetric(A)[:, None, None]
+    A = 0.5 * (A + torch.where(skew, -1.0, 1.0).to(A.dtype) * A.transpose(-1, -2))
+    G = 0.5 * (G + torch.where(skew, -1.0, 1.0).to(G.dtype) * G.transpose(-1, -2))
     na = torch.linalg.norm(A.flatten(1), dim=1).clamp_min(torch.finfo(A.dtype).tiny)
     ng = torch.linalg.norm(G.flatten(1), dim=1).clamp_min(torch.finfo(G.dtype).tiny)
     sigma = sigma * na * ng
@@ -193,8 +208,9 @@ def kronecker_svd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Leading ``rank`` singular triplets of ``R(C)``: ``C ≈ Σ_k sigma_k A_k ⊗ G_k``.
 
-    Returns ``sigma (r,)`` (descending), ``A (r, n, n)`` and ``G (r, m, m)`` (symmetric, unit
-    Frobenius norm, ``tr A_k ≥ 0``). Methods:
+    Returns ``sigma (r,)`` (descending), ``A (r, n, n)`` and ``G (r, m, m)`` (unit Frobenius norm,
+    ``tr A_k ≥ 0``; both symmetric, or for ``T > 1`` possibly both antisymmetric, see
+    :func:`_finish`). Methods:
 
     * ``power``: block subspace iteration on the implicit operator (any ``T``, ``K``), block size
       ``rank + oversample``, started from ``init`` (previous ``G`` factors: warm start) or from the
@@ -245,8 +261,8 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
         _, G0 = stats.kron_factors("expand")
         cols.append(G0.unsqueeze(0))
     have = sum(c.shape[0] for c in cols)
-    if have < p:
-        cols.append(_sym_random(p - have, m, stats.a, generator))
+    if have < p:  # T > 1: antisymmetric singular vectors exist too, so start from general matrices
+        cols.append(_sym_random(p - have, m, stats.a, generator, symmetric=stats.T == 1))
     X = orthonormalize(torch.cat(cols).reshape(p, -1).T)  # (m², p')
     energy_prev, it, change = None, 0, math.inf
     while True:

@@ -97,11 +97,15 @@ def test_kronecker_svd_singular_values_equal_the_dense_svd(method, rank):
     assert abs(err / float(s_ref[rank:].pow(2).sum().sqrt()) - 1) < 1e-8
 
 
-def test_kronecker_svd_factors_are_symmetric_with_unit_norm():
-    _, stats = curvature("conv", "empirical")
-    sigma, A, G = kronecker_svd(stats["0"], 2, tol=1e-12, max_iter=500)
-    assert torch.allclose(A, A.transpose(-1, -2)) and torch.allclose(G, G.transpose(-1, -2))
-    assert torch.allclose(A.flatten(1).norm(dim=1), torch.ones(2, dtype=A.dtype))
+@pytest.mark.parametrize("model_name", ["linear", "conv"])
+def test_kronecker_svd_factor_pairs_are_symmetric_or_antisymmetric_with_unit_norm(model_name):
+    _, stats = curvature(model_name, "empirical")
+    sigma, A, G = kronecker_svd(stats["0"], 3, tol=1e-12, max_iter=500)
+    for a, g in zip(A, G):
+        s = 1.0 if torch.allclose(a, a.T) else -1.0  # T = 1: always symmetric
+        assert torch.allclose(a, s * a.T, atol=1e-13) and torch.allclose(g, s * g.T, atol=1e-13)
+        assert s == 1.0 or model_name == "conv"
+    assert torch.allclose(A.flatten(1).norm(dim=1), torch.ones(3, dtype=A.dtype))
     assert (torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) >= 0).all()
 
 

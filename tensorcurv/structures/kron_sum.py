@@ -1,0 +1,331 @@
+"""``kron_sum`` (alias ``kpsvd``): ``Ĉ = Σ_{k=1..r} A_k ⊗ G_k``, the truncated SVD of ``R(C)``.
+
+``A_k`` (n x n) and ``G_k`` (m x m) symmetric; column-major vec, so ``Ĉ vec(V) = vec(Σ_k G_k V A_k)``.
+Rank 1 is the Frobenius-nearest Kronecker product (KPSVD, Koroko et al.; Van Loan & Pitsianis),
+never worse than K-FAC; rank r reaches the Eckart–Young optimum ``sqrt(Σ_{i>r} σ_i²)``.
+
+**Fit** (:func:`tensorcurv.rearrange.kronecker_svd`): block subspace iteration on the implicit
+``R(C)`` (warm-started from the previous ``G_k``) or its sample-space Gram form, with a relative
+stopping rule on the captured energy; ``last_fit`` reports method, iterations and products.
+
+**PSD** (``psd``): a rank ≥ 2 truncated SVD is in general indefinite (DESIGN §7), which breaks
+``(Ĉ + λI)^{-1}`` for small ``λ``. ``shrink`` (default) keeps the Kronecker-sum form and makes
+``Ĉ`` provably PSD: ``A_1, G_1`` are clipped to PSD and regularized to PD (``+ε·mean eig``), and
+the other terms are scaled by the largest ``t ∈ [0, 1]`` with ``A_1 ⊗ G_1 + t Σ_{k≥2} A_k ⊗ G_k ⪰ 0``.
+In the congruence basis of ``A_1 ⊗ G_1`` that block is ``I + t Σ Ã_k ⊗ G̃_k``: for rank 2 the
+exact ``t = min(1, 1/max(−λ_i(Ã_2) λ_j(G̃_2)))``; for rank ≥ 3 the sufficient
+``t = min(1, 1/Σ_k ρ(Ã_k) ρ(G̃_k))``. ``t = 1`` (nothing changes) when the fit is already PSD.
+``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
+
+**Solve** (``damping_kind``):
+
+* ``tikhonov`` (default) ``(Ĉ + λI)^{-1}``: rank 1 exact by eigendecompositions; rank ≥ 2 by PCG
+  with the structure's matvec (relative tolerance ``pcg_tol``), preconditioned for rank 2 by the
+  exact factored-damped solve below, for rank ≥ 3 by the damped dominant term ``A_1 ⊗ G_1 + λI``.
+* ``factored``: ``(A_1 + π√λ I) ⊗ (G_1 + √λ/π I) + Σ_{k≥2} A_k ⊗ G_k`` (K-FAC's π-damping on the
+  dominant term). Rank 1: exact; rank 2: exact by simultaneous diagonalization (generalized
+  symmetric eigenproblems of ``(A_1 + π√λ I, A_2)`` and ``(G_1 + √λ/π I, G_2)``); rank ≥ 3: PCG.
+
+``exact_solve`` (instance attribute) is True for rank 1, and for rank 2 with ``factored``.
+
+**update** (running average): refit the batch warm-started from the current factors, then
+re-truncate ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` (a 2r-term Kronecker sum) to rank r through the
+``2r x 2r`` Gram matrices of the factors (exact truncated SVD of that sum), then apply ``psd``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tensorcurv.krylov import pcg
+from tensorcurv.rearrange import METHODS, antisymmetric, kronecker_svd
+from tensorcurv.stats import LayerStats
+from tensorcurv.structures.base import Structure, register
+
+PSD_MODES = ("shrink", "none")
+DAMPING_KINDS = ("tikhonov", "factored")
+
+
+@dataclass
+class KronSumHparams:
+    rank: int = 1
+    """Number of Kronecker terms r (1 = KPSVD)."""
+    psd: str = "shrink"
+    """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``none``: pure truncated SVD."""
+    damping_kind: str = "tikhonov"
+    """``tikhonov``: (Ĉ + λI)^{-1}; ``factored``: π-damping on the dominant term (exact for r ≤ 2)."""
+    method: str = "auto"
+    """Fit: ``power`` (implicit block subspace iteration), ``gram`` (sample space, T = 1) or ``auto``."""
+    tol: float = 1e-4
+    """Relative stopping tolerance on the captured energy Σ_{k≤r} σ_k² between half-steps."""
+    max_iter: int = 50
+    """Maximum subspace iterations per fit."""
+    oversample: int | None = None
+    """Extra block columns (None: 0 for rank 1, 2 otherwise)."""
+    warm_start: bool = True
+    """Start each fit from the previous G factors."""
+    pcg_tol: float = 1e-8
+    """Relative residual tolerance of the PCG solves."""
+    pcg_max_iter: int = 200
+    """Maximum PCG iterations."""
+    seed: int = 0
+    """Seed of the random start columns."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ValueError(f"kron_sum.rank must be an integer >= 1, got {self.rank!r}")
+        if self.psd not in PSD_MODES:
+            raise ValueError(f"kron_sum.psd={self.psd!r} is not one of {list(PSD_MODES)}")
+        if self.damping_kind not in DAMPING_KINDS:
+            raise ValueError(f"kron_sum.damping_kind={self.damping_kind!r} is not one of {list(DAMPING_KINDS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"kron_sum.method={self.method!r} is not one of {list(METHODS)}")
+        if not self.tol > 0 or not self.pcg_tol > 0:
+            raise ValueError(f"kron_sum.tol and kron_sum.pcg_tol must be > 0, got {self.tol}, {self.pcg_tol}")
+        if self.max_iter < 1 or self.pcg_max_iter < 1:
+            raise ValueError("kron_sum.max_iter and kron_sum.pcg_max_iter must be >= 1")
+        if self.oversample is not None and self.oversample < 0:
+            raise ValueError(f"kron_sum.oversample must be >= 0 or None, got {self.oversample}")
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return max(1e-10, 100 * torch.finfo(dtype).eps)
+
+
+def _psd_clip(M: Tensor) -> Tensor:
+    evals, Q = torch.linalg.eigh(0.5 * (M + M.T))
+    return (Q * evals.clamp_min(0)) @ Q.T
+
+
+def _regularize(M: Tensor) -> Tensor:
+    d = M.shape[0]
+    mean = float(torch.trace(M)) / d
+    return M + _eps(M.dtype) * max(mean, torch.finfo(M.dtype).tiny) * torch.eye(d, dtype=M.dtype, device=M.device)
+
+
+def _whiten(B: Tensor, M: Tensor) -> Tensor:
+    """``L^{-1} M L^{-T}`` for ``B = L Lᵀ`` (Cholesky), ``M`` symmetric."""
+    L = torch.linalg.cholesky(B)
+    X = torch.linalg.solve_triangular(L, M, upper=False)
+    X = torch.linalg.solve_triangular(L, X.T, upper=False)
+    return 0.5 * (X + X.T)
+
+
+def gen_eig(B: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
+    """Generalized symmetric eigenproblem ``M x = d B x`` (``B`` PD): ``(d, X)`` with ``XᵀBX = I``,
+    ``XᵀMX = diag(d)``."""
+    L = torch.linalg.cholesky(B)
+    W = _whiten(B, M)
+    d, Q = torch.linalg.eigh(W)
+    X = torch.linalg.solve_triangular(L.T, Q, upper=True)
+    return d, X
+
+
+@register("kron_sum", "kpsvd")
+class KronSum(Structure):
+    """Sum of r Kronecker products fitted as the truncated SVD of the rearranged block."""
+
+    Hparams = KronSumHparams
+    exact_solve = False  # overridden per instance (depends on rank and damping_kind)
+
+    def __init__(self, shape, hparams=None):
+        super().__init__(shape, hparams)
+        m, n = self.shape
+        r = self.hparams.rank
+        if r > min(n * n, m * m):
+            raise ValueError(f"kron_sum.rank={r} exceeds min(n², m²) = {min(n * n, m * m)} "
+                             f"for a block of weight shape {self.shape}")
+        self.exact_solve = r == 1 or (r == 2 and self.hparams.damping_kind == "factored")
+        self.generator = torch.Generator().manual_seed(self.hparams.seed)
+        self.last_fit: dict[str, Any] = {}
+        self._cache: dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------ fitting
+    def _svd(self, stats: LayerStats, warm: bool) -> tuple[Tensor, Tensor]:
+        hp = self.hparams
+        info: dict[str, Any] = {}
+        init = self.G if (warm and hp.warm_start and self.fitted) else None
+        t0 = time.perf_counter()
+        sigma, A, G = kronecker_svd(stats, hp.rank, method=hp.method, tol=hp.tol, max_iter=hp.max_iter,
+                                    oversample=hp.oversample, init=init, generator=self.generator, info=info)
+        info["svd_time"] = time.perf_counter() - t0
+        info["warm_start"] = init is not None
+        self.last_fit = info
+        return A * sigma[:, None, None], G
+
+    def fit(self, stats: LayerStats) -> "KronSum":
+        self._check_stats(stats)
+        A, G = self._svd(stats, warm=True)
+        self._set(A, G)
+        return self
+
+    def _update(self, stats, decay):
+        self._check_stats(stats)
+        A_b, G_b = self._svd(stats, warm=True)
+        A, G = recompress(torch.cat([decay * self.A, (1 - decay) * A_b]), torch.cat([self.G, G_b]),
+                          self.hparams.rank)
+        self._set(A, G)
+        self.last_fit["recompressed"] = True
+        return self
+
+    def _set(self, A: Tensor, G: Tensor) -> None:
+        t0 = time.perf_counter()
+        t = 1.0
+        if self.hparams.psd == "shrink":
+            A, G, t = make_psd(A, G)
+        self.A, self.G = A, G
+        self.fitted, self._cache = True, {}
+        skew = bool(A.shape[0] > 1 and antisymmetric(A[1:2]).any())
+        self.exact_solve = self.hparams.rank == 1 or (self.hparams.rank == 2 and self.hparams.damping_kind == "factored"
+                                                       and not skew)
+        self.last_fit.update(psd=self.hparams.psd, psd_scale=t, psd_time=time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ operator
+    def mv(self, V: Tensor) -> Tensor:
+        self._check(V)
+        return torch.einsum("kij,jl,knl->in", self.G, V, self.A)
+
+    def _factored_terms(self, damping: float) -> tuple[Tensor, Tensor]:
+        """``(A_1 + π√λ I, G_1 + √λ/π I)``; for ``λ = 0`` the ε-regularized ``A_1, G_1``."""
+        A1, G1 = self.A[0], self.G[0]
+        m, n = self.shape
+        if damping == 0:
+            return _regularize(_psd_clip(A1)), _regularize(_psd_clip(G1))
+        trA, trG = float(torch.trace(A1)) / n, float(torch.trace(G1)) / m
+        pi = math.sqrt(trA / trG) if trA > 0 and trG > 0 else 1.0
+        sq = math.sqrt(damping)
+        return (A1 + pi * sq * torch.eye(n, dtype=A1.dtype, device=A1.device),
+                G1 + sq / pi * torch.eye(m, dtype=G1.dtype, device=G1.device))
+
+    def _rank1_solver(self, damping: float, kind: str):
+        key = ("r1", damping, kind)
+        if key not in self._cache:
+            if kind == "factored":
+                Ba, Bg = self._factored_terms(damping)
+                la, Qa = torch.linalg.eigh(Ba)
+                lg, Qg = torch.linalg.eigh(Bg)
+                shift = 0.0
+            else:
+                la, Qa = torch.linalg.eigh(self.A[0])
+                lg, Qg = torch.linalg.eigh(self.G[0])
+                if self.hparams.psd != "none":
+                    la, lg = la.clamp_min(0), lg.clamp_min(0)
+                shift = damping
+            den = lg[:, None] * la[None, :] + shift
+            self._cache[key] = lambda V: Qg @ ((Qg.T @ V @ Qa) / den) @ Qa.T
+        return self._cache[key]
+
+    def _rank2_solver(self, damping: float):
+        """Exact ``[(A_1+π√λ)⊗(G_1+√λ/π) + A_2⊗G_2]^{-1}`` by simultaneous diagonalization."""
+        key = ("r2", damping)
+        if key not in self._cache:
+            Ba, Bg = self._factored_terms(damping)
+            da, Xa = gen_eig(Ba, self.A[1])
+            dg, Xg = gen_eig(Bg, self.G[1])
+            den = 1.0 + dg[:, None] * da[None, :]
+            self._cache[key] = (lambda V: Xg @ ((Xg.T @ V @ Xa) / den) @ Xa.T, float(den.min()))
+        return self._cache[key]
+
+    def _damped_mv(self, damping: float, kind: str):
+        if kind == "tikhonov":
+            return lambda V: self.mv(V) + damping * V
+        Ba, Bg = self._factored_terms(damping)
+        return lambda V: Bg @ V @ Ba + torch.einsum("kij,jl,knl->in", self.G[1:], V, self.A[1:])
+
+    def solve(self, V: Tensor, damping: float) -> Tensor:
+        self._check(V, damping)
+        r, kind = self.hparams.rank, self.hparams.damping_kind
+        if r == 1:
+            self.last_solve = {"method": "kron-eigh", "damping": kind, "exact": True}
+            return self._rank1_solver(damping, kind)(V)
+        if r == 2 and kind == "factored" and self.exact_solve:
+            f, dmin = self._rank2_solver(damping)
+            self.last_solve = {"method": "simultaneous-diagonalization", "damping": kind, "exact": True,
+                               "min_eigen_denominator": dmin}
+            return f(V)
+        if r == 2 and self.exact_solve is False and not antisymmetric(self.A[1:2]).any():
+            precond, pname = self._rank2_solver(damping)[0], "rank-2 factored (simultaneous diagonalization)"
+        else:
+            precond, pname = self._rank1_solver(damping, "tikhonov"), "dominant term A_1⊗G_1 + λI"
+        X, info = pcg(self._damped_mv(damping, kind), V, precond, self.hparams.pcg_tol, self.hparams.pcg_max_iter)
+        self.last_solve = {"method": "pcg", "damping": kind, "exact": False, "preconditioner": pname, **info}
+        return X
+
+    def to_dense(self) -> Tensor:
+        return sum(torch.kron(a, g) for a, g in zip(self.A, self.G))
+
+    def tensors(self):
+        return {"A": self.A, "G": self.G} if self.fitted else {}
+
+    def solve_flops(self) -> int:
+        m, n = self.shape
+        r = self.hparams.rank
+        base = 4 * (m * m * n + m * n * n)
+        if self.exact_solve:
+            return base
+        iters = self.last_solve.get("iterations", 20) if self.last_solve.get("method") == "pcg" else 20
+        return iters * (2 * r * (m * m * n + m * n * n) + base)
+
+    def _after_load(self):
+        self._cache = {}
+
+
+def make_psd(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Clip ``A_1, G_1`` to PSD (+ε regularization for r ≥ 2) and scale terms k ≥ 2 by the
+    largest ``t`` that keeps ``Σ A_k ⊗ G_k`` PSD (exact for r = 2, sufficient for r ≥ 3)."""
+    A, G = A.clone(), G.clone()
+    A[0], G[0] = _psd_clip(A[0]), _psd_clip(G[0])
+    if A.shape[0] == 1:
+        return A, G, 1.0
+    A[0], G[0] = _regularize(A[0]), _regularize(G[0])
+    skew = antisymmetric(A[1:]).tolist()
+    ea = [_spectrum(A[0], Ak, s) for Ak, s in zip(A[1:], skew)]
+    eg = [_spectrum(G[0], Gk, s) for Gk, s in zip(G[1:], skew)]
+    if len(ea) == 1 and not skew[0]:
+        a, g = ea[0], eg[0]
+        prods = torch.stack([a.min() * g.max(), a.max() * g.min(), a.min() * g.min(), a.max() * g.max()])
+        worst = float(-prods.min())
+    else:
+        worst = sum(float(a.abs().max() * g.abs().max()) for a, g in zip(ea, eg))
+    t = 1.0 if worst <= 1.0 else 1.0 / worst
+    if t < 1.0:
+        A[1:] = A[1:] * t
+    return A, G, t
+
+
+def _spectrum(B: Tensor, M: Tensor, skew: bool) -> Tensor:
+    """Eigenvalues of the whitened ``L^{-1} M L^{-T}``; for antisymmetric ``M`` its singular values
+    (the eigenvalues are ``±i σ``, so the pair's spectrum is ``±σ_i(Ã) σ_j(G̃)``)."""
+    if not skew:
+        return torch.linalg.eigvalsh(_whiten(B, M))
+    L = torch.linalg.cholesky(B)
+    X = torch.linalg.solve_triangular(L, M, upper=False)
+    return torch.linalg.svdvals(torch.linalg.solve_triangular(L, X.T, upper=False))
+
+
+def recompress(A: Tensor, G: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` Kronecker sum of ``Σ_i A_i ⊗ G_i`` (exact truncated SVD via factor Grams)."""
+    Ga = torch.einsum("inm,jnm->ij", A, A)
+    Gg = torch.einsum("inm,jnm->ij", G, G)
+    la, Va = torch.linalg.eigh(Ga)
+    lg, Vg = torch.linalg.eigh(Gg)
+    ka = la > la.max() * 1e-14
+    kg = lg > lg.max() * 1e-14
+    Ca = Va[:, ka] / la[ka].sqrt()  # orthonormal basis: Σ_i Ca[i,p] A_i
+    Cg = Vg[:, kg] / lg[kg].sqrt()
+    core = (la[ka].sqrt()[:, None] * (Va[:, ka].T @ Vg[:, kg])) * lg[kg].sqrt()[None, :]
+    P, S, Qh = torch.linalg.svd(core)
+    r = min(rank, S.numel())
+    A_new = torch.einsum("ik,inm->knm", Ca @ P[:, :r] * S[:r], A)
+    G_new = torch.einsum("ik,inm->knm", Cg @ Qh[:r].T, G)
+    sign = torch.where(torch.diagonal(A_new, dim1=-2, dim2=-1).sum(-1) < 0, -1.0, 1.0).to(A.dtype)
+    A_new, G_new = A_new * sign[:, None, None], G_new * sign[:, None, None]
+    if r < rank:
+        A_new = torch.cat([A_new, A_new.new_zeros(rank - r, *A_new.shape[1:])])
+        G_new = torch.cat([G_new, G_new.new_zeros(rank - r, *G_new.shape[1:])])
+    return A_new, G_new

@@ -1,0 +1,176 @@
+"""Facts about ``kron_sum`` / ``kpsvd`` (float64, tiny layers, dense reference from the ``dense`` structure)."""
+import pytest
+import torch
+from torch import nn
+
+import tensorcurv
+from tensorcurv import structures
+from tensorcurv.linalg import unvec, vec
+from tensorcurv.rearrange import rearrange
+from test_rearrange import KINDS, rel, tiny_batch, tiny_model
+
+TIGHT = dict(psd="none", tol=1e-15, max_iter=3000, oversample=4)
+
+
+def fit(model_name, kind, structure, n=10, **hp):
+    model = tiny_model(model_name)
+    x, y = tiny_batch(model_name, n)
+    curv = tensorcurv.Curvature(model, structure=structure, kind=kind, seed=0, **hp)
+    curv.update(x, y, nn.CrossEntropyLoss())
+    return curv
+
+
+def optimum(C, shape, r):
+    s = torch.linalg.svdvals(rearrange(C, shape))
+    return float(s[r:].pow(2).sum().sqrt() / C.norm())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model_name", ["linear", "conv"])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_frobenius_error_equals_the_eckart_young_optimum(rank, model_name, kind):
+    dense = fit(model_name, kind, "dense")
+    ks = fit(model_name, kind, "kron_sum", rank=rank, **TIGHT)
+    for name, block in ks.blocks.items():
+        C = dense.blocks[name].to_dense()
+        err, opt = rel(block.to_dense(), C), optimum(C, block.shape, rank)
+        if opt < 1e-12:  # R(C) has rank <= r: the fit must be exact up to roundoff
+            assert err < 1e-12, name
+        else:
+            assert abs(err / opt - 1) < 1e-6, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model_name", ["linear", "conv"])
+def test_rank_one_is_never_worse_than_kfac(model_name, kind):
+    dense, kfac = fit(model_name, kind, "dense"), fit(model_name, kind, "kfac")
+    kp = fit(model_name, kind, "kpsvd", **TIGHT)
+    for name, block in kp.blocks.items():
+        C = dense.blocks[name].to_dense()
+        assert rel(block.to_dense(), C) <= rel(kfac.blocks[name].to_dense(), C) * (1 + 1e-12)
+
+
+def test_errors_are_non_increasing_in_the_rank():
+    C = fit("conv", "empirical", "dense").blocks["0"].to_dense()
+    errs = [rel(fit("conv", "empirical", "kron_sum", rank=r, **TIGHT).blocks["0"].to_dense(), C) for r in range(1, 5)]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:])), errs
+
+
+def test_full_rank_reproduces_the_dense_block():
+    C = fit("linear", "ggn", "dense").blocks["2"].to_dense()  # m = 4: R(C) has rank <= 16
+    block = fit("linear", "ggn", "kron_sum", rank=16, **TIGHT).blocks["2"]
+    assert rel(block.to_dense(), C) < 1e-10
+
+
+def test_kpsvd_is_the_rank_one_kron_sum():
+    a = fit("linear", "mc", "kpsvd", **TIGHT).blocks["0"].to_dense()
+    b = fit("linear", "mc", "kron_sum", rank=1, **TIGHT).blocks["0"].to_dense()
+    assert rel(a, b) < 1e-12
+
+
+def test_weight_sharing_blocks_can_have_an_antisymmetric_second_pair_that_mv_applies_correctly():
+    block = fit("conv", "empirical", "kron_sum", rank=2, damping_kind="factored").blocks["0"]
+    A1 = block.A[1]
+    assert torch.allclose(A1, -A1.T) and torch.allclose(block.G[1], -block.G[1].T)
+    assert not block.exact_solve  # simultaneous diagonalization needs symmetric pairs: PCG instead
+    V = torch.randn(block.shape, dtype=torch.float64)
+    assert rel(block.mv(V), unvec(block.to_dense() @ vec(V), *block.shape)) < 1e-12
+
+
+def test_mv_matches_to_dense():
+    block = fit("conv", "ggn", "kron_sum", rank=3).blocks["0"]
+    V = torch.randn(block.shape, dtype=torch.float64)
+    assert rel(block.mv(V), unvec(block.to_dense() @ vec(V), *block.shape)) < 1e-12
+
+
+@pytest.mark.parametrize("rank,psd", [(1, "shrink"), (1, "none")])
+def test_rank_one_solve_is_exact(rank, psd):
+    block = fit("conv", "empirical", "kron_sum", rank=rank, psd=psd).blocks["0"]
+    assert block.exact_solve
+    V, lam = torch.randn(block.shape, dtype=torch.float64), 1e-3
+    X = block.solve(V, lam)
+    M = block.to_dense() + lam * torch.eye(V.numel(), dtype=V.dtype)
+    assert rel(vec(X), torch.linalg.solve(M, vec(V))) < 1e-10
+
+
+def test_rank_two_factored_solve_is_exact_simultaneous_diagonalization():
+    block = fit("linear", "ggn", "kron_sum", rank=2, damping_kind="factored").blocks["0"]
+    assert block.exact_solve
+    V, lam = torch.randn(block.shape, dtype=torch.float64), 1e-3
+    X = block.solve(V, lam)
+    Ba, Bg = block._factored_terms(lam)
+    M = torch.kron(Ba, Bg) + torch.kron(block.A[1], block.G[1])
+    assert block.last_solve["method"] == "simultaneous-diagonalization"
+    assert rel(vec(X), torch.linalg.solve(M, vec(V))) < 1e-10
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_tikhonov_solve_by_pcg_reaches_the_requested_tolerance(rank):
+    block = fit("conv", "ggn", "kron_sum", rank=rank, pcg_tol=1e-9).blocks["0"]
+    assert not block.exact_solve
+    V, lam = torch.randn(block.shape, dtype=torch.float64), 1e-3
+    X = block.solve(V, lam)
+    M = block.to_dense() + lam * torch.eye(V.numel(), dtype=V.dtype)
+    assert block.last_solve["method"] == "pcg" and block.last_solve["converged"]
+    assert float((M @ vec(X) - vec(V)).norm() / V.norm()) <= 1e-9
+    assert block.last_solve["iterations"] < 60
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_shrink_makes_an_indefinite_fit_positive_semidefinite(rank):
+    raw = fit("conv", "empirical", "kron_sum", rank=rank, psd="none").blocks["0"].to_dense()
+    block = fit("conv", "empirical", "kron_sum", rank=rank, psd="shrink").blocks["0"]
+    assert float(torch.linalg.eigvalsh(raw)[0]) < -1e-6 * float(raw.norm())  # the raw fit is indefinite
+    assert block.last_fit["psd_scale"] < 1
+    assert float(torch.linalg.eigvalsh(block.to_dense())[0]) >= -1e-12 * float(raw.norm())
+
+
+def test_shrink_for_rank_two_is_the_largest_psd_scaling():
+    block = fit("conv", "empirical", "kron_sum", rank=2, psd="shrink").blocks["0"]
+    t = block.last_fit["psd_scale"]
+    A, G = block.A.clone(), block.G.clone()
+    A[1] = A[1] / t * (t * 1.01)  # a 1% larger scale of the second term
+    worse = torch.kron(A[0], G[0]) + torch.kron(A[1], G[1])
+    assert float(torch.linalg.eigvalsh(worse)[0]) < 0
+
+
+def test_update_is_the_truncated_svd_of_the_averaged_approximations():
+    model = tiny_model("linear")
+    (x1, y1), (x2, y2) = tiny_batch("linear", 10, seed=1), tiny_batch("linear", 10, seed=2)
+    curv = tensorcurv.Curvature(model, "kron_sum", "empirical", rank=2, **TIGHT)
+    curv.update(x1, y1, nn.CrossEntropyLoss())
+    old = curv.blocks["0"].to_dense()
+    batch = tensorcurv.Curvature(model, "kron_sum", "empirical", rank=2, **TIGHT)
+    batch.update(x2, y2, nn.CrossEntropyLoss())
+    curv.update(x2, y2, nn.CrossEntropyLoss(), decay=0.7)
+    target = 0.7 * old + 0.3 * batch.blocks["0"].to_dense()
+    U, S, Vh = torch.linalg.svd(rearrange(target, curv.blocks["0"].shape))
+    best = (U[:, :2] * S[:2]) @ Vh[:2]
+    assert rel(rearrange(curv.blocks["0"].to_dense(), curv.blocks["0"].shape), best) < 1e-8
+
+
+def test_warm_started_refit_reports_fewer_products_than_the_cold_fit():
+    model = tiny_model("linear")
+    x, y = tiny_batch("linear", 10)
+    curv = tensorcurv.Curvature(model, "kpsvd", "ggn", method="power", tol=1e-10, max_iter=500)
+    curv.update(x, y, nn.CrossEntropyLoss())
+    cold = curv.blocks["0"].last_fit
+    curv.update(x, y, nn.CrossEntropyLoss())
+    warm = curv.blocks["0"].last_fit
+    assert not cold["warm_start"] and warm["warm_start"]
+    assert warm["products"] < cold["products"] and warm["iterations"] == 1
+
+
+def test_invalid_rank_and_options_raise_clear_errors():
+    with pytest.raises(ValueError, match="kron_sum.rank=30 exceeds"):
+        structures.create("kron_sum", (5, 7), rank=30)
+    with pytest.raises(ValueError, match="kron_sum.rank must be an integer"):
+        structures.create("kron_sum", (5, 7), rank=0)
+    with pytest.raises(ValueError, match="kron_sum.psd='clip' is not one of"):
+        structures.create("kron_sum", (5, 7), psd="clip")
+
+
+def test_nbytes_counts_the_two_factor_stacks():
+    block = fit("linear", "ggn", "kron_sum", rank=3).blocks["0"]
+    m, n = block.shape
+    assert block.nbytes == 3 * (m * m + n * n) * 8
