@@ -1,0 +1,261 @@
+"""``tt``: the split rearranged block (see ``tucker.py``) in tensor-train / MPO form.
+
+    Ĉ[(r_1..r_D), (c_1..c_D)] = Σ_b Π_l core_l[b_{l-1}, r_l, c_l, b_l],   core_l: (ρ_{l-1}, x_l, x_l, ρ_l)
+
+with modes ``(n_1..n_d, m_1..m_e)`` (the ``torch.kron`` ordering of the column-major vec). Fitted by
+one-site ALS sweeps (Holtz, Rohwedder & Schneider 2012) whose contractions of ``𝒯`` with all other
+cores are computed implicitly from the per-sample factors (``SplitTensor``), stopping on the relative
+change of ``‖Ĉ‖_F²``. Two cores (no split) with TT-rank r is the block subspace iteration of
+``kron_sum(r)`` with ``psd="none"``; all TT-ranks 1 give ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D`` (a Kronecker product
+of the split factors), whose Tikhonov solve is exact through the factors' eigendecompositions
+(``exact_solve`` is then True). Otherwise ``solve`` is PCG on ``Ĉ + λI`` preconditioned by the
+Kronecker product of the partial traces. ``update`` refits warm-started from the current cores and
+averages ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` by one more ALS sweep on that sum (exact TT algebra).
+The approximation is not projected to PSD; PCG reports negative curvature if it meets any.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import opt_einsum as oe
+import torch
+
+from tensorcurv.krylov import kron_eig_solve, pcg
+from tensorcurv.stats import LayerStats
+from tensorcurv.structures.base import Structure, register
+from tensorcurv.structures.tucker import (SplitHparams, SplitTensor, as_tensor, from_tensor,
+                                          mode_factors_precond, resolve_splits)
+
+
+@dataclass
+class TTHparams(SplitHparams):
+    ranks: Any = 2
+    """TT-ranks: an int (capped per bond at its maximum) or a list with one rank per bond (D − 1)."""
+
+    def __post_init__(self) -> None:
+        self._check_common("tt")
+        rs = self.ranks if isinstance(self.ranks, (list, tuple)) else [self.ranks]
+        if not all(isinstance(r, int) and r >= 1 for r in rs):
+            raise ValueError(f"tt.ranks must be a positive int or a list of positive ints, got {self.ranks!r}")
+
+
+@register("tt")
+class TensorTrain(Structure):
+    """Tensor-train (MPO) approximation of the split rearranged block; ALS fit."""
+
+    Hparams = TTHparams
+    exact_solve = False
+
+    def __init__(self, shape, hparams=None):
+        super().__init__(shape, hparams)
+        m, n = self.shape
+        hp = self.hparams
+        self.sin = resolve_splits("tt", "splits_in", hp.splits_in, n, hp.num_factors)
+        self.sout = resolve_splits("tt", "splits_out", hp.splits_out, m, hp.num_factors)
+        sq = [x * x for x in self.sin + self.sout]
+        D = len(sq)
+        caps = [min(math.prod(sq[:l + 1]), math.prod(sq[l + 1:])) for l in range(D - 1)]
+        if isinstance(hp.ranks, (list, tuple)):
+            if len(hp.ranks) != D - 1:
+                raise ValueError(f"tt.ranks has {len(hp.ranks)} entries for {D - 1} bonds of modes {self.sin + self.sout}")
+            if any(r > c for r, c in zip(hp.ranks, caps)):
+                raise ValueError(f"tt.ranks {list(hp.ranks)} exceed the maximal TT-ranks {caps}")
+            self.ranks = list(hp.ranks)
+        else:
+            self.ranks = [min(hp.ranks, c) for c in caps]
+        self.exact_solve = all(r == 1 for r in self.ranks)
+        self.generator = torch.Generator().manual_seed(hp.seed)
+        self.last_fit: dict[str, Any] = {}
+        self._pre = None
+
+    # ------------------------------------------------------------------ fitting
+    def _bonds(self):
+        return [1] + self.ranks + [1]
+
+    def _als(self, target, init):
+        """ALS on ``target(operands, out)``: an implicit contraction of the tensor to fit."""
+        hp = self.hparams
+        sizes = self.sin + self.sout
+        D, rho = len(sizes), self._bonds()
+        if init is None:
+            cores = [torch.randn(rho[l], x, x, rho[l + 1], generator=self.generator, dtype=torch.float64)
+                     for l, x in enumerate(sizes)]
+        else:
+            cores = [c.clone() for c in init]
+        dt, dev = target.dtype, target.device
+        cores = [c.to(dt).to(dev) for c in cores]
+        for l in range(D - 1, 0, -1):  # right-orthonormalize cores 1..D-1
+            cores[l], cores[l - 1] = _orth_right(cores[l], cores[l - 1])
+        energy_prev, it, change = None, 0, math.inf
+        while True:
+            it += 1
+            for l in range(D - 1):  # left-to-right: update, then move the norm right
+                cores[l], cores[l + 1] = _orth_left(target.core_update(cores, l), cores[l + 1])
+            core = target.core_update(cores, D - 1)
+            energy = float(core.pow(2).sum())  # ‖Ĉ‖_F² (all other cores orthonormal)
+            cores[D - 1], cores[D - 2] = _orth_right(core, cores[D - 2])
+            for l in range(D - 2, 0, -1):  # right-to-left
+                cores[l], cores[l - 1] = _orth_right(target.core_update(cores, l), cores[l - 1])
+            if energy_prev is not None:
+                change = abs(energy - energy_prev) / max(energy, 1e-300)
+            energy_prev = energy
+            if change <= hp.tol or it >= hp.max_iter:
+                break
+        return cores, {"iterations": it, "converged": change <= hp.tol, "energy_change": change}
+
+    def fit(self, stats: LayerStats):
+        self._check_stats(stats)
+        target = _StatsTarget(SplitTensor(stats, self.sin, self.sout, self.hparams.chunk), stats.a)
+        self.cores, info = self._als(target, self.cores if self.fitted else None)
+        self.last_fit = {**info, "splits_in": self.sin, "splits_out": self.sout, "ranks": self.ranks}
+        self.fitted, self._pre = True, None
+        return self
+
+    def _update(self, stats, decay):
+        self._check_stats(stats)
+        old = [c.clone() for c in self.cores]
+        self.fit(stats)
+        batch = self.cores
+        target = _SumTarget([(decay, old), (1 - decay, batch)])
+        self.cores, info = self._als(target, batch)
+        self.last_fit["update_sweeps"] = info["iterations"]
+        return self
+
+    # ------------------------------------------------------------------ operator
+    def _letters(self):
+        D = len(self.cores)
+        r = [oe.get_symbol(l) for l in range(D)]
+        c = [oe.get_symbol(D + l) for l in range(D)]
+        b = [oe.get_symbol(2 * D + l) for l in range(D + 1)]
+        return r, c, b
+
+    def mv(self, V):
+        self._check(V)
+        r, c, b = self._letters()
+        D = len(self.cores)
+        expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "," + "".join(c) + "->" + "".join(r)
+        X = oe.contract(expr, *self.cores, as_tensor(V, self.sin, self.sout))
+        return from_tensor(X, *self.shape)
+
+    def to_dense(self):
+        r, c, b = self._letters()
+        D = len(self.cores)
+        expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "->" + "".join(r) + "".join(c)
+        dim = self.shape[0] * self.shape[1]
+        return oe.contract(expr, *self.cores).reshape(dim, dim)
+
+    def kron_factors(self) -> list[torch.Tensor]:
+        """For TT-ranks all 1: the factors ``F_l`` with ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D``."""
+        if not self.exact_solve:
+            raise ValueError("tt: Kronecker factors exist only for TT-ranks all 1")
+        return [c[0, :, :, 0] for c in self.cores]
+
+    def partial_traces(self):
+        tr = [torch.diagonal(c, dim1=1, dim2=2).sum(-1) for c in self.cores]  # (ρ, ρ')
+        P = []
+        for l in range(len(self.cores)):
+            left = torch.ones(1, 1, dtype=tr[0].dtype, device=tr[0].device)
+            for k in range(l):
+                left = left @ tr[k]
+            right = torch.ones(1, 1, dtype=tr[0].dtype, device=tr[0].device)
+            for k in range(len(self.cores) - 1, l, -1):
+                right = tr[k] @ right
+            P.append(torch.einsum("a,axyb,b->xy", left[0], self.cores[l], right[:, 0]))
+        return P, torch.trace(P[0])
+
+    def solve(self, V, damping):
+        self._check(V, damping)
+        if self.exact_solve:
+            if self._pre is None:
+                eig = [torch.linalg.eigh(0.5 * (F + F.T)) for F in self.kron_factors()]
+                self._pre = ([e for e, _ in eig], [q for _, q in eig])
+            X = kron_eig_solve(*self._pre, as_tensor(V, self.sin, self.sout), damping, floor=None)
+            self.last_solve = {"method": "kron-eigh", "damping": "tikhonov", "exact": True}
+            return from_tensor(X, *self.shape)
+        if self._pre is None:
+            self._pre = mode_factors_precond(*self.partial_traces())
+        evals, evecs = self._pre
+
+        def precond(R):
+            return from_tensor(kron_eig_solve(evals, evecs, as_tensor(R, self.sin, self.sout), damping), *self.shape)
+
+        X, info = pcg(lambda Z: self.mv(Z) + damping * Z, V, precond, self.hparams.pcg_tol, self.hparams.pcg_max_iter)
+        self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
+                           "preconditioner": "Kronecker product of partial traces", **info}
+        return X
+
+    def tensors(self):
+        return {f"core{l}": c for l, c in enumerate(self.cores)} if self.fitted else {}
+
+    def load_state_dict(self, state):
+        t = state["tensors"]
+        self.cores = [t[f"core{l}"].clone() for l in range(len(t))]
+        self.fitted, self._pre = state["fitted"], None
+
+    def solve_flops(self):
+        m, n = self.shape
+        if self.exact_solve:
+            return 4 * m * n * (m + n)
+        mv = 2 * sum(c.numel() for c in self.cores) * m * n if self.fitted else 0
+        return self.last_solve.get("iterations", 20) * (mv + 4 * m * n * (m + n))
+
+
+# ---------------------------------------------------------------------- ALS helpers
+def _orth_left(core, nxt):
+    """QR of ``core`` as ``(ρ x x, ρ')``; the R factor is pushed into ``nxt``."""
+    a, x, y, b = core.shape
+    Q, R = torch.linalg.qr(core.reshape(a * x * y, b))
+    k = Q.shape[1]
+    return Q.reshape(a, x, y, k), torch.einsum("kb,bxyc->kxyc", R, nxt)
+
+
+def _orth_right(core, prev):
+    """LQ of ``core`` as ``(ρ, x x ρ')``; the L factor is pushed into ``prev``."""
+    a, x, y, b = core.shape
+    Q, R = torch.linalg.qr(core.reshape(a, x * y * b).T)
+    k = Q.shape[1]
+    return Q.T.reshape(k, x, y, b), torch.einsum("axyb,kb->axyk", prev, R)
+
+
+class _StatsTarget:
+    """Contraction of the implicit data tensor ``𝒯`` with all cores but one."""
+
+    def __init__(self, T: SplitTensor, like):
+        self.T, self.dtype, self.device = T, like.dtype, like.device
+
+    def core_update(self, cores, l):
+        T = self.T
+        D = T.D
+        b = [T.symbol() for _ in range(D + 1)]
+        ops = [(c, b[k] + T.rows[k] + T.cols[k] + b[k + 1]) for k, c in enumerate(cores) if k != l]
+        ops += [(torch.ones(1, dtype=self.dtype, device=self.device), b[0]),
+                (torch.ones(1, dtype=self.dtype, device=self.device), b[D])]
+        out = T.contract(ops, b[l] + T.rows[l] + T.cols[l] + b[l + 1])
+        T._next -= D + 1
+        return out
+
+
+class _SumTarget:
+    """Contraction of ``Σ_i w_i TT_i`` (explicit TTs) with all cores but one."""
+
+    def __init__(self, terms):
+        self.terms = terms
+        self.dtype, self.device = terms[0][1][0].dtype, terms[0][1][0].device
+
+    def core_update(self, cores, l):
+        D = len(cores)
+        out = 0
+        for w, tt in self.terms:
+            r = [oe.get_symbol(k) for k in range(D)]
+            c = [oe.get_symbol(D + k) for k in range(D)]
+            b = [oe.get_symbol(2 * D + k) for k in range(D + 1)]
+            e = [oe.get_symbol(3 * D + 1 + k) for k in range(D + 1)]
+            ops = [(t, b[k] + r[k] + c[k] + b[k + 1]) for k, t in enumerate(tt)]
+            ops += [(cc, e[k] + r[k] + c[k] + e[k + 1]) for k, cc in enumerate(cores) if k != l]
+            one = torch.ones(1, dtype=self.dtype, device=self.device)
+            ops += [(one, b[0]), (one, b[D]), (one, e[0]), (one, e[D])]
+            expr = ",".join(s for _, s in ops) + "->" + e[l] + r[l] + c[l] + e[l + 1]
+            out = out + w * oe.contract(expr, *[t for t, _ in ops], optimize="greedy")
+        return out

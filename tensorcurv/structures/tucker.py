@@ -1,0 +1,313 @@
+"""``tucker``: the rearranged block as a higher-order tensor in Tucker form.
+
+Split the indices ``n = n_1⋯n_d`` (``splits_in``), ``m = m_1⋯m_e`` (``splits_out``), row-major, so that
+``C = ⊗``-ordered over the modes ``(n_1, …, n_d, m_1, …, m_e)`` (the ``torch.kron(A_1, …, G_1, …)``
+ordering of the column-major vec). The block becomes a tensor ``𝒯`` with one mode of size ``x_l²``
+per index factor (the pair ``(row, column)`` of that factor), and
+
+    𝒯 ≈ 𝒢 ×_1 U_1 ⋯ ×_D U_D,    U_l: (x_l², p_l) orthonormal,  𝒢: (p_1, …, p_D)
+
+fitted by HOOI whose contractions ``𝒯 ×_{k≠l} U_kᵀ`` are computed implicitly from the per-sample
+factors (``𝒯 = scale Σ_q Γ_q ⊗ Γ_q`` with ``Γ_q = a_s ⊗ g_sk`` for ``T = 1`` or the per-sample
+gradient for ``T > 1``), never forming ``C``; opt_einsum picks the contraction order. Full
+multilinear ranks reproduce ``C``. ``mv`` contracts the format with ``V`` directly; ``solve`` is PCG
+on ``Ĉ + λI`` preconditioned by the Kronecker product of the partial traces of ``Ĉ`` (exact
+Tikhonov damping, not exact: ``exact_solve = False``). ``update``: EMA of the batch tensors
+projected on the refitted factors is not defined cheaply, so ``update`` refits on the batch
+warm-started from the previous factors and averages the *dense-free* core after projecting the old
+approximation onto the new factors (``𝒢 ← decay·𝒢_old ×_l (U_lᵀU_l^old) + (1−decay)·𝒢_batch``).
+The approximation is not projected to PSD; PCG reports negative curvature if it meets any.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import opt_einsum as oe
+import torch
+from torch import Tensor
+
+from tensorcurv.krylov import kron_eig_solve, mode_apply, pcg
+from tensorcurv.stats import LayerStats
+from tensorcurv.structures.base import Structure, register
+
+
+# ---------------------------------------------------------------------- splits
+def auto_split(size: int, parts: int) -> list[int]:
+    """Split ``size`` into at most ``parts`` factors, as balanced as its prime factors allow."""
+    primes, x, p = [], size, 2
+    while p * p <= x:
+        while x % p == 0:
+            primes.append(p)
+            x //= p
+        p += 1
+    if x > 1:
+        primes.append(x)
+    out = [1] * parts
+    for q in sorted(primes, reverse=True):
+        out[out.index(min(out))] *= q
+    return sorted([f for f in out if f > 1] or [1], reverse=True)
+
+
+def resolve_splits(name: str, key: str, split: list[int] | None, size: int, parts: int) -> list[int]:
+    if split is None:
+        return auto_split(size, parts)
+    split = [int(s) for s in split]
+    if any(s < 1 for s in split) or math.prod(split) != size:
+        raise ValueError(f"{name}.{key}={split} does not multiply to the layer size {size}")
+    return split
+
+
+@dataclass
+class SplitHparams:
+    splits_in: list[int] | None = None
+    """Factors of n (input side, bias column included); None: automatic (``num_factors`` balanced)."""
+    splits_out: list[int] | None = None
+    """Factors of m (output side); None: automatic."""
+    num_factors: int = 2
+    """Number of factors per side for the automatic split."""
+    tol: float = 1e-4
+    """Relative change of the captured energy ‖𝒢‖² that stops the alternating fit."""
+    max_iter: int = 30
+    """Maximum alternating sweeps."""
+    pcg_tol: float = 1e-8
+    pcg_max_iter: int = 300
+    seed: int = 0
+    chunk: int = 256
+    """Samples per chunk in the implicit contractions."""
+
+    def _check_common(self, name: str) -> None:
+        if self.num_factors < 1 or self.max_iter < 1 or self.pcg_max_iter < 1 or self.chunk < 1:
+            raise ValueError(f"{name}: num_factors, max_iter, pcg_max_iter and chunk must be >= 1")
+        if not (self.tol > 0 and self.pcg_tol > 0):
+            raise ValueError(f"{name}: tol and pcg_tol must be > 0")
+
+
+class SplitTensor:
+    """Implicit contractions of ``𝒯`` (modes ``n_1..n_d, m_1..m_e``; each a row/column pair)."""
+
+    def __init__(self, stats: LayerStats, sin: list[int], sout: list[int], chunk: int) -> None:
+        self.stats, self.sin, self.sout, self.chunk = stats, sin, sout, chunk
+        self.sizes = sin + sout
+        self.D = len(self.sizes)
+        self.rows = [oe.get_symbol(2 * l) for l in range(self.D)]
+        self.cols = [oe.get_symbol(2 * l + 1) for l in range(self.D)]
+        self._next = 2 * self.D
+
+    def symbol(self) -> str:
+        s = oe.get_symbol(self._next)
+        self._next += 1
+        return s
+
+    def contract(self, operands: list[tuple[Tensor, str]], out: str) -> Tensor:
+        """``scale Σ_q (Γ_q ⊗ Γ_q) · operands`` summed over everything not in ``out``."""
+        st, d = self.stats, len(self.sin)
+        ra, ca, rg, cg = self.rows[:d], self.cols[:d], self.rows[d:], self.cols[d:]
+        s, k = self.symbol(), self.symbol()
+        res = None
+        for i in range(0, st.N, self.chunk):
+            if st.T == 1:
+                a = st.a[i:i + self.chunk, 0].reshape(-1, *self.sin)
+                g = st.g[i:i + self.chunk, :, 0].reshape(a.shape[0], st.K, *self.sout)
+                data = [(a, s + "".join(ra)), (a, s + "".join(ca)), (g, s + k + "".join(rg)), (g, s + k + "".join(cg))]
+            else:
+                sub = LayerStats(st.a[i:i + self.chunk], st.g[i:i + self.chunk], st.scale)
+                G = sub.per_sample_grads()  # (q, m, n)
+                G = G.reshape(-1, *self.sout, *self.sin)
+                data = [(G, s + "".join(rg) + "".join(ra)), (G, s + "".join(cg) + "".join(ca))]
+            ops = data + operands
+            expr = ",".join(sub_ for _, sub_ in ops) + "->" + out
+            part = oe.contract(expr, *[t for t, _ in ops], optimize="greedy")
+            res = part if res is None else res + part
+        self._next -= 2
+        return res * st.scale
+
+
+def mode_factors_precond(P: list[Tensor], total: Tensor):
+    """Eigen data of the Kronecker preconditioner ``⊗_l P_l / tr(Ĉ)^{D-1}`` (symmetrized)."""
+    evals, evecs = [], []
+    for l, F in enumerate(P):
+        e, Q = torch.linalg.eigh(0.5 * (F + F.T))
+        if l == 0:
+            e = e / total ** (len(P) - 1) if float(total) != 0 else e
+        evals.append(e)
+        evecs.append(Q)
+    return evals, evecs
+
+
+def as_tensor(V: Tensor, sin: list[int], sout: list[int]) -> Tensor:
+    """``V`` (m, n) as the tensor ``(n_1..n_d, m_1..m_e)`` of its column-major vec."""
+    return V.T.reshape(*sin, *sout)
+
+
+def from_tensor(X: Tensor, m: int, n: int) -> Tensor:
+    return X.reshape(n, m).T
+
+
+@dataclass
+class TuckerHparams(SplitHparams):
+    ranks: Any = 4
+    """Multilinear ranks: an int (capped at x_l² per mode) or a list with one rank per mode."""
+
+    def __post_init__(self) -> None:
+        self._check_common("tucker")
+        rs = self.ranks if isinstance(self.ranks, (list, tuple)) else [self.ranks]
+        if not all(isinstance(r, int) and r >= 1 for r in rs):
+            raise ValueError(f"tucker.ranks must be a positive int or a list of positive ints, got {self.ranks!r}")
+
+
+@register("tucker")
+class Tucker(Structure):
+    """Tucker decomposition of the split rearranged block; PCG solve."""
+
+    Hparams = TuckerHparams
+    exact_solve = False
+
+    def __init__(self, shape, hparams=None):
+        super().__init__(shape, hparams)
+        m, n = self.shape
+        hp = self.hparams
+        self.sin = resolve_splits("tucker", "splits_in", hp.splits_in, n, hp.num_factors)
+        self.sout = resolve_splits("tucker", "splits_out", hp.splits_out, m, hp.num_factors)
+        sizes = self.sin + self.sout
+        if isinstance(hp.ranks, (list, tuple)):
+            if len(hp.ranks) != len(sizes):
+                raise ValueError(f"tucker.ranks has {len(hp.ranks)} entries for {len(sizes)} modes {sizes}")
+            bad = [(r, x * x) for r, x in zip(hp.ranks, sizes) if r > x * x]
+            if bad:
+                raise ValueError(f"tucker.ranks {list(hp.ranks)} exceed the mode sizes {[x * x for x in sizes]}")
+            self.ranks = list(hp.ranks)
+        else:
+            self.ranks = [min(hp.ranks, x * x) for x in sizes]
+        self.generator = torch.Generator().manual_seed(hp.seed)
+        self.last_fit: dict[str, Any] = {}
+        self._pre = None
+
+    def _hooi(self, stats: LayerStats, init: list[Tensor] | None):
+        hp = self.hparams
+        T = SplitTensor(stats, self.sin, self.sout, hp.chunk)
+        D, sizes = T.D, T.sizes
+        dt = stats.a.dtype
+        if init is None:
+            U = [torch.linalg.qr(torch.randn(x * x, p, generator=self.generator, dtype=torch.float64).to(dt))[0]
+                 for x, p in zip(sizes, self.ranks)]
+        else:
+            U = [u.clone() for u in init]
+        ps = [T.symbol() for _ in range(D)]
+        energy_prev, it, change = None, 0, math.inf
+        while True:
+            it += 1
+            for l in range(D):
+                if self.ranks[l] == sizes[l] ** 2 and it > 1:
+                    continue
+                ops = [(U[k].reshape(sizes[k], sizes[k], -1), T.rows[k] + T.cols[k] + ps[k]) for k in range(D) if k != l]
+                Y = T.contract(ops, T.rows[l] + T.cols[l] + "".join(ps[k] for k in range(D) if k != l))
+                Y = Y.reshape(sizes[l] ** 2, -1)
+                if self.ranks[l] == sizes[l] ** 2:
+                    U[l] = torch.eye(sizes[l] ** 2, dtype=dt, device=Y.device)
+                else:
+                    U[l] = torch.linalg.svd(Y, full_matrices=False)[0][:, :self.ranks[l]]
+            ops = [(U[k].reshape(sizes[k], sizes[k], -1), T.rows[k] + T.cols[k] + ps[k]) for k in range(D)]
+            core = T.contract(ops, "".join(ps))
+            energy = float(core.pow(2).sum())
+            if energy_prev is not None:
+                change = abs(energy - energy_prev) / max(energy, 1e-300)
+            energy_prev = energy
+            if change <= hp.tol or it >= hp.max_iter:
+                break
+        self.last_fit = {"iterations": it, "converged": change <= hp.tol, "energy_change": change,
+                         "splits_in": self.sin, "splits_out": self.sout, "ranks": self.ranks}
+        return U, core
+
+    def fit(self, stats):
+        self._check_stats(stats)
+        self.U, self.core = self._hooi(stats, self.U if self.fitted else None)
+        self.fitted, self._pre = True, None
+        return self
+
+    def _update(self, stats, decay):
+        self._check_stats(stats)
+        U_old, core_old = self.U, self.core
+        U, core = self._hooi(stats, U_old)
+        proj = oe.contract(self._core_expr(), core_old, *[u.T @ uo for u, uo in zip(U, U_old)])
+        self.U, self.core = U, decay * proj + (1 - decay) * core
+        self._pre = None
+        return self
+
+    def _core_expr(self) -> str:
+        D = len(self.U)
+        old = [oe.get_symbol(i) for i in range(D)]
+        new = [oe.get_symbol(D + i) for i in range(D)]
+        return "".join(old) + "," + ",".join(n + o for n, o in zip(new, old)) + "->" + "".join(new)
+
+    def _mats(self):
+        sizes = self.sin + self.sout
+        return [u.reshape(x, x, -1) for u, x in zip(self.U, sizes)]
+
+    def mv(self, V):
+        self._check(V)
+        m, n = self.shape
+        D = len(self.U)
+        r = [oe.get_symbol(3 * l) for l in range(D)]
+        c = [oe.get_symbol(3 * l + 1) for l in range(D)]
+        p = [oe.get_symbol(3 * l + 2) for l in range(D)]
+        expr = "".join(p) + "," + ",".join(r[l] + c[l] + p[l] for l in range(D)) + "," + "".join(c) + "->" + "".join(r)
+        X = oe.contract(expr, self.core, *self._mats(), as_tensor(V, self.sin, self.sout))
+        return from_tensor(X, m, n)
+
+    def to_dense(self):
+        D = len(self.U)
+        r = [oe.get_symbol(3 * l) for l in range(D)]
+        c = [oe.get_symbol(3 * l + 1) for l in range(D)]
+        p = [oe.get_symbol(3 * l + 2) for l in range(D)]
+        expr = "".join(p) + "," + ",".join(r[l] + c[l] + p[l] for l in range(D)) + "->" + "".join(r) + "".join(c)
+        dim = self.shape[0] * self.shape[1]
+        return oe.contract(expr, self.core, *self._mats()).reshape(dim, dim)
+
+    def partial_traces(self) -> tuple[list[Tensor], Tensor]:
+        """``P_l = Tr_{k≠l} Ĉ`` (x_l × x_l) and ``tr Ĉ``."""
+        mats = self._mats()
+        tr = [torch.diagonal(M, dim1=0, dim2=1).sum(-1) for M in mats]  # (p_l,)
+        D = len(mats)
+        P = []
+        for l in range(D):
+            w = self.core
+            for k in reversed(range(D)):
+                if k != l:
+                    w = torch.tensordot(w, tr[k], dims=([k], [0])) if k > l else torch.tensordot(w, tr[k], dims=([k], [0]))
+            P.append(torch.tensordot(mats[l], w, dims=([2], [0])))
+        total = torch.trace(P[0])
+        return P, total
+
+    def _precond(self, damping):
+        if self._pre is None:
+            self._pre = mode_factors_precond(*self.partial_traces())
+        evals, evecs = self._pre
+        return lambda R: from_tensor(kron_eig_solve(evals, evecs, as_tensor(R, self.sin, self.sout), damping),
+                                     *self.shape)
+
+    def solve(self, V, damping):
+        self._check(V, damping)
+        X, info = pcg(lambda Z: self.mv(Z) + damping * Z, V, self._precond(damping), self.hparams.pcg_tol,
+                      self.hparams.pcg_max_iter)
+        self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
+                           "preconditioner": "Kronecker product of partial traces", **info}
+        return X
+
+    def tensors(self):
+        if not self.fitted:
+            return {}
+        return {"core": self.core, **{f"U{l}": u for l, u in enumerate(self.U)}}
+
+    def load_state_dict(self, state):
+        t = state["tensors"]
+        self.core = t["core"].clone()
+        self.U = [t[f"U{l}"].clone() for l in range(len(t) - 1)]
+        self.fitted, self._pre = state["fitted"], None
+
+    def solve_flops(self):
+        m, n = self.shape
+        mv = 2 * self.core.numel() * m * n if self.fitted else 0
+        return self.last_solve.get("iterations", 20) * (mv + 4 * m * n * (m + n))

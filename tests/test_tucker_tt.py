@@ -1,0 +1,126 @@
+"""Facts about the split-index structures ``tucker`` and ``tt`` (float64, tiny layers, dense reference)."""
+import pytest
+import torch
+from torch import nn
+
+import tensorcurv
+from tensorcurv import structures
+from tensorcurv.linalg import unvec, vec
+from tensorcurv.structures.tucker import auto_split
+from test_rearrange import rel
+
+TIGHT = dict(tol=1e-14, max_iter=400)
+
+
+def model(conv: bool = False):
+    torch.manual_seed(0)
+    if conv:  # one layer (explicit splits apply to every layer): n = 1*2*2 = 4, m = 4, T = 9 positions
+        return nn.Sequential(nn.Conv2d(1, 4, 2, bias=False), nn.Flatten()).double()
+    return nn.Sequential(nn.Linear(5, 4)).double()  # n = 6 = 2*3, m = 4 = 2*2
+
+
+def fit(structure, kind="ggn", conv=False, **hp):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((8, 1, 4, 4) if conv else (8, 5), generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,), generator=g)
+    curv = tensorcurv.Curvature(model(conv), structure, kind, seed=0, **hp)
+    curv.update(x, y, nn.CrossEntropyLoss())
+    return curv.blocks["0"]
+
+
+SPLIT = dict(splits_in=[2, 3], splits_out=[2, 2])
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_tucker_with_full_multilinear_ranks_reproduces_the_dense_block(conv):
+    C = fit("dense", conv=conv).to_dense()
+    split = dict(splits_in=[2, 2], splits_out=[2, 2]) if conv else SPLIT
+    block = fit("tucker", conv=conv, ranks=81, **split)
+    assert rel(block.to_dense(), C) < 1e-10
+
+
+def test_tucker_core_is_the_projection_of_the_dense_tensor_onto_its_factors():
+    C = fit("dense").to_dense()
+    block = fit("tucker", ranks=[2, 3, 2, 3], **SPLIT, max_iter=3)
+    # dense tensor with modes (row, col) per index factor: C as (2,3,2,2, 2,3,2,2) -> pairs
+    Tn = C.reshape(2, 3, 2, 2, 2, 3, 2, 2)
+    mats = block._mats()
+    core = torch.einsum("abcdefgh,aeP,bfQ,cgR,dhS->PQRS", Tn, *mats)
+    assert rel(block.core, core) < 1e-12
+
+
+def test_tt_with_two_cores_and_rank_r_equals_kron_sum_r():
+    for r in (1, 2, 3):
+        tt = fit("tt", ranks=r, splits_in=[6], splits_out=[4], **TIGHT)
+        ks = fit("kron_sum", rank=r, psd="none", tol=1e-15, max_iter=3000, oversample=4)
+        assert len(tt.cores) == 2
+        assert rel(tt.to_dense(), ks.to_dense()) < 1e-6, r
+
+
+def test_tt_ranks_all_one_give_a_kronecker_product_of_the_split_factors():
+    block = fit("tt", ranks=1, **SPLIT, **TIGHT)
+    F = block.kron_factors()
+    assert [f.shape[0] for f in F] == [2, 3, 2, 2]
+    K = F[0]
+    for f in F[1:]:
+        K = torch.kron(K, f)
+    assert rel(block.to_dense(), K) < 1e-13
+
+
+def test_tt_ranks_all_one_solve_is_exact():
+    block = fit("tt", ranks=1, **SPLIT, **TIGHT)
+    assert block.exact_solve
+    V, lam = torch.randn(block.shape, dtype=torch.float64), 1e-2
+    M = block.to_dense() + lam * torch.eye(V.numel(), dtype=V.dtype)
+    assert rel(vec(block.solve(V, lam)), torch.linalg.solve(M, vec(V))) < 1e-10
+
+
+def test_tt_with_full_ranks_reproduces_the_dense_block():
+    C = fit("dense").to_dense()
+    block = fit("tt", ranks=10 ** 4, **SPLIT, max_iter=2)
+    assert block.ranks == [4, 16, 4]
+    assert rel(block.to_dense(), C) < 1e-10
+
+
+def test_tt_errors_decrease_from_rank_one_to_full_rank():
+    C = fit("dense").to_dense()
+    errs = [rel(fit("tt", ranks=r, **SPLIT, **TIGHT).to_dense(), C) for r in (1, 4, 16)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-10
+
+
+@pytest.mark.parametrize("structure,hp", [("tucker", dict(ranks=2)), ("tt", dict(ranks=2))])
+def test_mv_contracts_the_format_like_to_dense(structure, hp):
+    block = fit(structure, **SPLIT, **hp)
+    V = torch.randn(block.shape, dtype=torch.float64)
+    assert rel(block.mv(V), unvec(block.to_dense() @ vec(V), *block.shape)) < 1e-12
+
+
+@pytest.mark.parametrize("structure,hp", [("tucker", dict(ranks=[4, 9, 4, 4])), ("tt", dict(ranks=[4, 8, 4]))])
+def test_pcg_solve_reaches_the_requested_tolerance(structure, hp):
+    block = fit(structure, **SPLIT, **hp, pcg_tol=1e-9)
+    V, lam = torch.randn(block.shape, dtype=torch.float64), 1e-2 * float(torch.trace(block.to_dense())) / 24
+    X = block.solve(V, lam)
+    M = block.to_dense() + lam * torch.eye(V.numel(), dtype=V.dtype)
+    assert block.last_solve["method"] == "pcg" and block.last_solve["converged"]
+    assert float((M @ vec(X) - vec(V)).norm() / V.norm()) <= 1e-9
+
+
+def test_automatic_split_is_balanced_and_multiplies_to_the_size():
+    assert auto_split(1025, 2) == [41, 25] and auto_split(1024, 2) == [32, 32]
+    assert auto_split(7, 2) == [7] and auto_split(12, 3) == [3, 2, 2]
+
+
+def test_invalid_splits_and_ranks_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"tucker.splits_in=\[2, 2\] does not multiply to the layer size 6"):
+        structures.create("tucker", (4, 6), splits_in=[2, 2])
+    with pytest.raises(ValueError, match=r"tt.splits_out=\[3\] does not multiply"):
+        structures.create("tt", (4, 6), splits_out=[3])
+    with pytest.raises(ValueError, match="tt.ranks .* exceed the maximal TT-ranks"):
+        structures.create("tt", (4, 6), ranks=[5, 1, 1], **SPLIT)
+    with pytest.raises(ValueError, match="tucker.ranks must be a positive int"):
+        structures.create("tucker", (4, 6), ranks=0)
+
+
+def test_nbytes_counts_core_and_factors():
+    block = fit("tucker", ranks=[2, 3, 2, 3], **SPLIT)
+    assert block.nbytes == 8 * (2 * 3 * 2 * 3 + 4 * 2 + 9 * 3 + 4 * 2 + 4 * 3)
