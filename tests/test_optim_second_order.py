@@ -48,7 +48,7 @@ def cls_batch(seed=0, N=16, d_in=4, C=3):
 
 
 # ---------------------------------------------------------------- least squares = damped Newton
-@pytest.mark.parametrize("structure", ["dense", "kfac", "ekfac"])
+@pytest.mark.parametrize("structure", ["dense", "kfac", "ekfac", "kron_sum"])
 @pytest.mark.parametrize("data", ["course", "random"])
 def test_one_gauss_newton_step_from_zero_is_the_ridge_solution(structure, data):
     X, y = (COURSE_X, COURSE_Y) if data == "course" else random_ls()

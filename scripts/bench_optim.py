@@ -1,0 +1,225 @@
+"""Benchmark of tensorcurv.optim on digits: step cost relative to SGD, and time/steps to a target loss.
+
+    .venv/bin/python scripts/bench_optim.py --out reports/bench_optim.md           # a few minutes
+    .venv/bin/python scripts/bench_optim.py --quick                                # smoke run
+
+Problems: the digits MLP classifier (64-64-10, tanh, cross-entropy) and the digits autoencoder
+(64-128-32-128-64, sigmoid hidden layers, linear code and output, MSE), mini-batches from the
+training split, float32, CPU.
+
+(a) time per step / time per SGD step, for every structure (dense only where every block has
+    mn ≤ --dense-max), at statistics+inverse interval 1 and 10; NaturalGradient (kind mc, one
+    backward column) and GaussNewton (kind ggn, one column per output) for kfac. Configurations
+    are run in interleaved rounds and the median per-step time of each is taken, so the ratios
+    come from the same (shared, noisy) machine state.
+(b) wall-clock (training steps only, evaluation excluded) and steps until the full training loss
+    reaches a target (NG/GN with KL clipping --kl-clip; runs give up after --max-wall seconds), for NaturalGradient / GaussNewton (kfac, kron_sum, tt when registered) and
+    SGD-momentum / Adam with a small learning-rate sweep; the best configuration of each method
+    (lowest mean time over the seeds, all seeds must reach) is reported, averaged over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tensorcurv.optim as O  # noqa: E402
+from tensorcurv import data, models, structures  # noqa: E402
+
+
+def problem(name: str, seed: int):
+    splits = data.load("digits", seed=0, dtype=torch.float32)
+    X, y = splits.train
+    X = X.reshape(X.shape[0], -1)
+    torch.manual_seed(seed)
+    if name == "mlp":
+        return models.mlp((64,), 10, hidden_sizes=(64,), activation="tanh"), nn.CrossEntropyLoss(), X, y
+    return models.autoencoder((64,), hidden_sizes=[128, 32], activation="sigmoid"), nn.MSELoss(), X, X.clone()
+
+
+def batches(X, Y, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(X.shape[0], generator=g)
+        for i in range(0, X.shape[0] - batch + 1, batch):
+            idx = perm[i:i + batch]
+            yield X[idx], Y[idx]
+
+
+def dense_ok(model, limit: int) -> bool:
+    return all(m.weight.shape[0] * (m.weight.shape[1] + 1) <= limit for m in model.modules()
+               if isinstance(m, nn.Linear))
+
+
+def extra_structures() -> list[str]:
+    return [s for s in ("kron_sum", "tt", "tucker") if s in structures.names()]
+
+
+# ------------------------------------------------------------------ (a) step cost
+def step_cost(args) -> list[dict]:
+    rows = []
+    for prob in ("mlp", "autoencoder"):
+        model0, loss_fn, X, Y = problem(prob, 0)
+        configs = [("sgd", "sgd", {"lr": 0.01}, 1)]
+        structs = ["diagonal", "kfac", "ekfac"] + extra_structures()
+        if dense_ok(model0, args.dense_max):
+            structs = ["dense"] + structs
+        for k in (1, 10):
+            for s in structs:
+                hp = {"rank": 2} if s == "kron_sum" else {}
+                configs.append((f"NG-mc {s}", "natural_gradient",
+                                dict(structure=s, lr=0.1, damping=1e-2, stats_interval=k, inverse_interval=k, **hp), k))
+            configs.append(("GN-ggn kfac", "gauss_newton",
+                            dict(structure="kfac", lr=0.1, damping=1e-2, stats_interval=k, inverse_interval=k), k))
+        opts, data_it = [], []
+        for label, name, kw, k in configs:
+            model = models.mlp((64,), 10, hidden_sizes=(64,)) if prob == "mlp" else \
+                models.autoencoder((64,), hidden_sizes=[128, 32])
+            model.load_state_dict(model0.state_dict())
+            opts.append(O.build(name, model, loss_fn, **kw))
+            data_it.append(batches(X, Y, args.batch, 0))
+        times = [[] for _ in configs]
+        for r in range(args.rounds):
+            for i, opt in enumerate(opts):
+                it = data_it[i]
+                b = [next(it) for _ in range(args.steps_per_round)]
+                t0 = time.perf_counter()
+                for xb, yb in b:
+                    opt.step(xb, yb)
+                if r > 0:  # round 0 is warm-up
+                    times[i].append((time.perf_counter() - t0) / args.steps_per_round)
+        sgd = statistics.median(times[0])
+        for (label, name, kw, k), ts in zip(configs, times):
+            if name == "sgd":
+                continue
+            med = statistics.median(ts)
+            rows.append({"problem": prob, "optimizer": label, "interval": k, "ms_per_step": 1e3 * med,
+                         "vs_sgd": med / sgd, "sgd_ms": 1e3 * sgd})
+    return rows
+
+
+# ------------------------------------------------------------------ (b) time to target
+def time_to_target(args) -> list[dict]:
+    targets = {"mlp": args.target_mlp, "autoencoder": args.target_ae}
+    k = args.interval
+    methods: dict[str, list[tuple[str, str, dict]]] = {
+        "SGD-momentum": [("momentum", f"lr={lr}", {"lr": lr, "momentum": 0.9}) for lr in args.sgd_lrs],
+        "Adam": [("adam", f"lr={lr}", {"lr": lr}) for lr in args.adam_lrs],
+    }
+    so_common = dict(stats_interval=k, inverse_interval=k, damping=args.damping, kl_clip=args.kl_clip)
+    for s in ["kfac"] + extra_structures():
+        if s == "tucker":
+            continue
+        hp = {"rank": 2} if s == "kron_sum" else {}
+        lrs = args.so_lrs if s == "kfac" else args.so_lrs[-1:]  # slow structures: one lr
+        methods[f"NG-mc {s}"] = [("natural_gradient", f"lr={lr}", dict(structure=s, lr=lr, **so_common, **hp))
+                                 for lr in lrs]
+    methods["GN-ggn kfac"] = [("gauss_newton", f"lr={lr}", dict(structure="kfac", lr=lr, **so_common))
+                              for lr in args.so_lrs]
+    rows = []
+    for prob in ("mlp", "autoencoder"):
+        for method, cands in methods.items():
+            best = None
+            for name, label, kw in cands:
+                res = []
+                for seed in range(args.seeds):
+                    model, loss_fn, X, Y = problem(prob, seed)
+                    opt = O.build(name, model, loss_fn, **kw)
+                    it = batches(X, Y, args.batch, seed)
+                    wall, reached = 0.0, None
+                    for step in range(1, args.max_steps + 1):
+                        if wall > args.max_wall:
+                            break
+                        xb, yb = next(it)
+                        t0 = time.perf_counter()
+                        opt.step(xb, yb)
+                        wall += time.perf_counter() - t0
+                        if step % args.eval_every == 0:
+                            with torch.no_grad():
+                                out = model(X)
+                                full = float(O.baselines.as_loss_spec(loss_fn)(out, Y))
+                            if full <= targets[prob]:
+                                reached = (step, wall)
+                                break
+                            if not torch.isfinite(torch.tensor(full)):
+                                break
+                    res.append(reached)
+                if all(r is not None for r in res):
+                    cand = (statistics.mean(r[1] for r in res), statistics.mean(r[0] for r in res), label)
+                    if best is None or cand[0] < best[0]:
+                        best = cand
+            rows.append({"problem": prob, "method": method, "target": targets[prob],
+                         "best": best[2] if best else "none reached",
+                         "wall_s": best[0] if best else float("nan"),
+                         "steps": best[1] if best else float("nan")})
+            print(f"  {prob:12s} {method:16s} {rows[-1]['best']:14s} wall={rows[-1]['wall_s']:.3f}s "
+                  f"steps={rows[-1]['steps']}", flush=True)
+    return rows
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(h for h, _, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(format(r[k], f) for _, k, f in cols) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (few steps, one seed)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=4, help="(a) interleaved timing rounds (first is warm-up)")
+    p.add_argument("--steps-per-round", type=int, default=10, help="(a) steps per round")
+    p.add_argument("--dense-max", type=int, default=2500, help="(a) dense only if every block has mn <= this")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--interval", type=int, default=10, help="(b) stats and inverse interval of NG/GN")
+    p.add_argument("--damping", type=float, default=1e-2, help="(b) NG/GN damping")
+    p.add_argument("--kl-clip", type=float, default=1e-2, help="(b) NG/GN KL clip")
+    p.add_argument("--max-wall", type=float, default=10.0, help="(b) give up a run after this many seconds")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noisy on a shared machine)")
+    p.add_argument("--target-mlp", type=float, default=0.05, help="(b) full training cross-entropy to reach")
+    p.add_argument("--target-ae", type=float, default=0.15, help="(b) full training MSE to reach")
+    p.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3])
+    p.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--so-lrs", type=float, nargs="+", default=[0.1, 0.3])
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.steps_per_round, args.seeds, args.max_steps, args.max_wall = 2, 2, 1, 40, 3.0
+        args.sgd_lrs, args.adam_lrs, args.so_lrs = args.sgd_lrs[-1:], args.adam_lrs[-1:], args.so_lrs[:1]
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    print("(a) time per step relative to SGD", flush=True)
+    cost = step_cost(args)
+    ta = table(cost, [("problem", "problem", "s"), ("optimizer", "optimizer", "s"),
+                      ("stats+inverse interval", "interval", "d"), ("ms/step", "ms_per_step", ".2f"),
+                      ("× SGD", "vs_sgd", ".2f"), ("SGD ms/step", "sgd_ms", ".2f")])
+    print(ta, flush=True)
+    print("(b) wall-clock and steps to the target training loss", flush=True)
+    ttt = time_to_target(args)
+    tb = table(ttt, [("problem", "problem", "s"), ("method", "method", "s"), ("target", "target", "g"),
+                     ("best config", "best", "s"), ("wall s (mean)", "wall_s", ".3f"), ("steps (mean)", "steps", ".1f")])
+    print(tb, flush=True)
+    cmd = "scripts/bench_optim.py " + " ".join(sys.argv[1:])
+    report = (f"# tensorcurv.optim benchmark\n\nCommand: `{cmd}` (total {time.time() - t0:.0f} s, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}).\n\n"
+              f"## (a) time per step relative to SGD\n\n{ta}\n\n"
+              f"## (b) time to target (seeds={args.seeds}, max {args.max_steps} steps, NG/GN interval "
+              f"{args.interval}, damping {args.damping})\n\n{tb}\n")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
