@@ -309,6 +309,22 @@ def test_ema_update_with_fixed_coarse_space_is_the_average_of_restricted_curvatu
     assert rel(flat_solve(curv, v, lam), ref) < RTOL
 
 
+def test_spectral_running_average_of_a_repeated_batch_equals_its_fit():
+    """Same batch again: the averaged base blocks and hence the coarse span are unchanged, so the
+    carried ``C Z_old (Z_oldᵀ Z)`` is exact (eigenvector signs/order may differ between calls)."""
+    model = net()
+    x, y = data("mse")
+    hp = dict(structure="two_level", kind="ggn", coarse_space="spectral", coarse_vectors_per_layer=2,
+              variant="balanced")
+    once, twice = tensorcurv.Curvature(model, **hp), tensorcurv.Curvature(model, **hp)
+    once.update(x, y, "mse")
+    twice.update(x, y, "mse")
+    twice.update(x, y, "mse", decay=0.6)
+    g = [torch.randn_like(p) for p in model.parameters()]
+    a, b = once.solve(g, 0.05), twice.solve(g, 0.05)
+    assert rel(torch.cat([t.flatten() for t in b]), torch.cat([t.flatten() for t in a])) < 1e-10
+
+
 def test_state_dict_round_trip_reproduces_the_solve():
     model = net()
     x, y = data("mse")
