@@ -1,0 +1,288 @@
+"""Training runs from a composed config: ``run_training(cfg) -> summary``.
+
+One run = data (``tensorcurv.data.load``) + model (``tensorcurv.models.build``) + optimizer
+(``tensorcurv.optim.build``; second-order ones take the structure, kind, damping and structure
+hyper-parameters of the ``curvature`` group) + LR schedule, trained for ``epochs`` passes of
+mini-batches (seeded permutation per epoch, last incomplete batch dropped). Loss: cross-entropy
+for classification, ``nn.MSELoss`` (mean over all outputs) against the flattened input for
+autoencoding.
+
+The run directory receives
+
+* ``config.yaml``: the composed, resolved config;
+* ``metrics.csv`` / ``metrics.jsonl``: one row per step (``loss``, ``step_time``, ``lr``, and for
+  second-order optimizers ``damping``, ``curvature_fit_time``, ``solve_time``) and one row per
+  evaluation (``train_loss``, ``train_acc``, ``val_*``, ``test_*``);
+* ``checkpoints/last.pt`` every ``checkpoint_every`` steps and at the end: model, optimizer (its
+  state includes the curvature), LR scheduler, torch/numpy/python RNG states, step, elapsed time
+  and the logger's rows. With ``resume=true`` a restarted run loads it, recomputes the epoch's batch
+  permutation (a function of ``seed`` and the epoch only) and continues; the final metrics equal
+  those of an uninterrupted run;
+* ``figures/loss_curve.png`` and ``summary.json`` (final metrics, wall-clock, time per step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tensorcurv import data as data_mod
+from tensorcurv import models, optim, tracking
+from tensorcurv.config import SECOND_ORDER, Validated, check_blocks, validate_train
+
+Callback = Callable[[int, dict[str, Any]], None]
+
+
+def _hydra_run_dir() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return HydraConfig.get().runtime.output_dir
+    except Exception:  # pragma: no cover - hydra missing or not running
+        pass
+    return None
+
+
+def resolve_task(v: Validated, num_classes: int | None) -> str:
+    task = v.train.task
+    if task == "auto":
+        task = "autoencode" if (v.model["name"] in models.AUTOENCODERS or num_classes is None) else "classify"
+    if task == "classify" and num_classes is None:
+        raise ValueError(f"task=classify needs labels, but dataset {v.data.name!r} has none; use task=autoencode")
+    if task == "classify" and v.model["name"] in models.AUTOENCODERS:
+        raise ValueError(f"model {v.model['name']!r} is an autoencoder; use task=autoencode")
+    return task
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: Tensor, Y: Tensor, task: str, chunk: int = 2048) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) of ``model`` on ``(X, Y)``."""
+    if len(X) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for i in range(0, len(X), chunk):
+        out = model(X[i:i + chunk])
+        y = Y[i:i + chunk]
+        if task == "classify":
+            total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        else:
+            total += float(nn.functional.mse_loss(out, y, reduction="sum")) / y[0].numel()
+    model.train(was_training)
+    res = {"loss": total / len(X)}
+    if task == "classify":
+        res["acc"] = correct / len(X)
+    return res
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def loss_figure(rows: Sequence[dict[str, Any]], title: str = ""):
+    """Training loss per step and evaluation losses per epoch (matplotlib Figure, Agg-safe)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step_time" in r]
+    if tr:
+        ax.plot(*zip(*tr), lw=0.8, alpha=0.6, label="train (mini-batch)")
+    for key in ("train_loss", "val_loss", "test_loss"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str | os.PathLike | None = None
+                 ) -> dict[str, Any]:
+    """Train as configured by ``cfg`` (a composed ``conf/train.yaml``, DictConfig or dict).
+
+    ``callbacks``: called as ``cb(step, metrics)`` after every step (tests use one to interrupt a
+    run). Returns the summary that is also written to ``summary.json``.
+    """
+    v = validate_train(cfg)  # one-line ConfigError before any work
+    t = v.train
+    rdir = Path(run_dir or t.run_dir or _hydra_run_dir() or Path("outputs") / t.name)
+    rdir.mkdir(parents=True, exist_ok=True)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[t.dtype]
+
+    d = v.data
+    splits = data_mod.load(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                           normalize=d.normalize, seed=t.seed, dtype=dtype, download=d.download, limit=d.limit)
+    task = resolve_task(v, splits.num_classes)
+
+    def targets(split):
+        X, y = split
+        return X, (y if task == "classify" else X.flatten(1))
+
+    Xtr, Ytr = targets(splits.train)
+    evals = {k: targets(getattr(splits, k)) for k in ("train", "val", "test")}
+
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    random.seed(t.seed)
+    mkw = {k: val for k, val in v.model.items() if k != "name"}
+    model = models.build(v.model["name"], splits.input_shape,
+                         splits.num_classes if task == "classify" else None, **mkw).to(dtype)
+    if v.optim["name"] in SECOND_ORDER:
+        check_blocks(model, v.curvature)
+    loss_fn = nn.CrossEntropyLoss() if task == "classify" else nn.MSELoss()
+    opt = optim.build(v.optim["name"], model, loss_fn, **v.optimizer_kwargs())
+
+    n, bs = len(Xtr), min(t.batch_size, len(Xtr))
+    spe = n // bs
+    total = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
+    sched = optim.schedules.build(opt.optimizer, v.schedule.name, total, **v.schedule.kwargs)
+
+    (rdir / "config.yaml").write_text(_to_yaml(v.raw))
+    record = tracking.CsvLogger(rdir)
+    ckpt = rdir / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=False) if (t.resume and ckpt.exists()) else None
+    ext = None
+    if v.logger.kind != "csv":
+        lcfg = {k: val for k, val in vars(v.logger).items()}
+        ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"))
+    logger = tracking.MultiLogger(record, ext) if ext is not None else record
+
+    step, elapsed, last_eval = 0, 0.0, -1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        record.load_state_dict(state["logger"])
+        step, elapsed, last_eval = state["step"], state["elapsed"], state["last_eval"]
+
+    def do_eval() -> dict[str, float]:
+        m = {}
+        for k, (X, Y) in evals.items():
+            m.update({f"{k}_{key}": val for key, val in evaluate(model, X, Y, task).items()})
+        m["epoch"] = step / spe
+        logger.log(m, step)
+        return m
+
+    def checkpoint() -> None:
+        _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "rng": _rng_state(), "step": step, "elapsed": elapsed, "last_eval": last_eval,
+                     "logger": record.state_dict(), "logger_ext": ext.state_dict() if ext is not None else None})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not t.progress, desc=t.name, dynamic_ncols=True)
+    perm, perm_epoch, bad_steps = None, -1, 0
+    model.train()
+    t_start = time.perf_counter()
+    try:
+        while step < total:
+            epoch, b = divmod(step, spe)
+            if perm_epoch != epoch:
+                perm, perm_epoch = _epoch_permutation(t.seed, epoch, n), epoch
+            idx = perm[b * bs:(b + 1) * bs]
+            t0 = time.perf_counter()
+            loss = float(opt.step(Xtr[idx], Ytr[idx]))
+            sched.step()
+            dt = time.perf_counter() - t0
+            step += 1
+            info = opt.info
+            m = {"loss": loss, "step_time": dt, "lr": float(opt.optimizer.param_groups[0]["lr"])}
+            for key in ("damping", "curvature_fit_time", "solve_time", "skipped", "kl_scale"):
+                if key in info:
+                    m[key] = float(info[key]) if not isinstance(info[key], bool) else int(info[key])
+            logger.log(m, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", step_ms=f"{1e3 * dt:.1f}")
+            if step % spe == 0 and (step // spe) % t.eval_every == 0:
+                do_eval()
+                last_eval = step
+            for cb in callbacks:
+                cb(step, m)
+            bad_steps = 0 if math.isfinite(loss) else bad_steps + 1
+            if bad_steps >= 10 or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise FloatingPointError(f"training diverged at step {step} (loss={loss}); "
+                                         f"lower the learning rate or raise the damping")
+            if step % t.checkpoint_every == 0 and step < total:
+                elapsed_now = elapsed + time.perf_counter() - t_start
+                elapsed, t_start = elapsed_now, time.perf_counter()
+                checkpoint()
+    finally:
+        bar.close()
+    elapsed += time.perf_counter() - t_start
+    if last_eval != step:
+        do_eval()
+        last_eval = step
+    checkpoint()
+
+    rows = record.rows
+    step_times = [r["step_time"] for r in rows if "step_time" in r]
+    final = next(r for r in reversed(rows) if "train_loss" in r)
+    summary = {
+        "name": t.name, "dataset": d.name, "model": v.model["name"], "optimizer": v.optim["name"],
+        "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None, "task": task,
+        "seed": t.seed, "dtype": t.dtype, "steps": step, "epochs": step / spe, "batch_size": bs,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        **{k: val for k, val in final.items() if k not in ("step", "epoch")},
+        "wall_time": elapsed, "time_per_step": float(np.mean(step_times)) if step_times else None,
+        "run_dir": str(rdir),
+    }
+    fig = loss_figure(rows, f"{t.name}: {v.model['name']} on {d.name}, {v.optim['name']}")
+    record.log_figure("loss_curve", fig)
+    if ext is not None:
+        ext.log_figure("loss_curve", record.dir / "figures" / "loss_curve.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    logger.summary(summary)
+    logger.finish()
+    return summary
+
+
+def _to_yaml(raw: dict[str, Any]) -> str:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(OmegaConf.create(raw))
+    except ImportError:  # pragma: no cover
+        return json.dumps(raw, indent=2)

@@ -1,0 +1,108 @@
+"""The training entry point: tiny real runs (compose API and subprocess), multirun, resume equality."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tensorcurv.experiment import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TINY = ["data.limit=120", "batch_size=40", "epochs=2", "progress=false", "threads=1"]
+
+
+def cfg_for(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[*TINY, *overrides])
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_run_writes_config_metrics_checkpoint_figure_and_summary(tmp_path):
+    s = run_training(cfg_for("curvature.damping=0.03", "optim.lr=0.2"), run_dir=tmp_path)
+    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "summary.json", "checkpoints/last.pt",
+                 "figures/loss_curve.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = read_csv(tmp_path / "metrics.csv")
+    steps = [r for r in rows if r["step_time"]]
+    assert len(steps) == s["steps"] == 6  # 120 samples / 40 per batch * 2 epochs
+    assert all(float(r["damping"]) == 0.03 and float(r["curvature_fit_time"]) >= 0 for r in steps)
+    assert json.loads((tmp_path / "summary.json").read_text())["test_acc"] == s["test_acc"]
+    assert s["train_loss"] < 2.0 and 0 <= s["test_acc"] <= 1
+
+
+def test_adam_run_logs_no_curvature_columns(tmp_path):
+    s = run_training(cfg_for("optim=adam"), run_dir=tmp_path)
+    assert s["optimizer"] == "adam" and s["structure"] is None
+    assert "damping" not in read_csv(tmp_path / "metrics.csv")[0]
+
+
+def test_autoencoder_run_uses_mse_to_the_input(tmp_path):
+    s = run_training(cfg_for("experiment=digits_autoencoder_kfac", *TINY), run_dir=tmp_path)
+    assert s["task"] == "autoencode" and "test_acc" not in s and s["test_loss"] < 1.0
+
+
+def test_interrupted_run_resumes_to_the_same_final_metrics(tmp_path):
+    """Killed after step 7 (last checkpoint at step 5), restarted with the same config: same end."""
+    over = ["dtype=float64", "epochs=4", "checkpoint_every=5", "curvature.kind=mc", "optim.lr=0.2",
+            "curvature.damping=0.03", "optim.momentum=0.5"]
+    ref = run_training(cfg_for(*over), run_dir=tmp_path / "ref")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(step, metrics):
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(cfg_for(*over), run_dir=tmp_path / "run", callbacks=[kill_at_7])
+    assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)["step"] == 5
+    resumed = run_training(cfg_for(*over), run_dir=tmp_path / "run")
+
+    for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "steps"):
+        assert resumed[k] == ref[k], k
+    a, b = read_csv(tmp_path / "ref/metrics.csv"), read_csv(tmp_path / "run/metrics.csv")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # identical per-step history, no duplicates
+
+
+def test_resume_false_starts_afresh(tmp_path):
+    run_training(cfg_for("optim=adam"), run_dir=tmp_path)
+    s = run_training(cfg_for("optim=adam", "resume=false", "epochs=1"), run_dir=tmp_path)
+    assert s["steps"] == 3
+
+
+def _script(args, cwd, timeout=240):
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_script_bad_value_fails_with_one_line(tmp_path):
+    r = _script(["curvature.damping=-1", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert err == ["error: curvature.damping=-1: damping must be a finite number >= 0"]
+
+
+def test_two_job_multirun(tmp_path):
+    r = _script(["-m", "curvature=kfac,diagonal", *TINY, "epochs=1", f"hydra.sweep.dir={tmp_path}/sweep"],
+                cwd=tmp_path, timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json"))
+    assert len(jobs) == 2 and any("curvature=kfac" in j for j in jobs) and any("curvature=diagonal" in j for j in jobs)
+    assert all((tmp_path / "sweep" / j / ".hydra" / "config.yaml").exists() for j in jobs)
+    assert r.stdout.count("test_acc=") == 2
+    structures = {json.loads((tmp_path / "sweep" / j / "summary.json").read_text())["structure"] for j in jobs}
+    assert structures == {"kfac", "diagonal"}
