@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 import warnings
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -36,6 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from tensorcurv.curvature import Curvature
+from tensorcurv.distributed import DistributedCurvature
+from tensorcurv.distributed import resolve as resolve_distributed
+from tensorcurv.distributed.reduce import sync_step
 from tensorcurv.losses import as_loss_spec
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt
 
@@ -67,16 +71,21 @@ class Preconditioner:
         seed: int | None = None,
         fallback: str = "identity",
         exclude: Sequence[str] = (),
+        comm: Any = None,
         **structure_hparams: Any,
     ) -> None:
         for key, v in (("stats_interval", stats_interval), ("inverse_interval", inverse_interval)):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        # data parallel (tensorcurv.distributed): a DDP model is unwrapped; statistics, gradients and
+        # loss are reduced across the process group so every rank takes the global-batch step
+        model, self.comm = resolve_distributed(model, comm)
         self.model, self.loss = model, as_loss_spec(loss_fn)
         seed = torch.initial_seed() % (2**63) if seed is None else seed
         kw = dict(mc_samples=mc_samples, fallback=fallback, exclude=exclude, seed=seed, **structure_hparams)
-        self.curvature = Curvature(model, structure, kind, **kw)
-        self.solver = self.curvature if inverse_interval == 1 else Curvature(model, structure, kind, **kw)
+        make = Curvature if self.comm is None else partial(DistributedCurvature, comm=self.comm)
+        self.curvature = make(model, structure, kind, **kw)
+        self.solver = self.curvature if inverse_interval == 1 else make(model, structure, kind, **kw)
         self.damping = damping if isinstance(damping, (FixedDamping, LevenbergMarquardt)) else FixedDamping(damping)
         self.decay, self.kl_clip = decay, kl_clip
         self.stats_interval, self.inverse_interval = stats_interval, inverse_interval
@@ -125,6 +134,9 @@ class Preconditioner:
             value = self.loss(out.flatten(1) if out.dim() != 2 else out, targets)
             value.backward()
             loss = value.detach()
+        any_rank_bad = False
+        if self.comm is not None:
+            loss, any_rank_bad = sync_step(self.comm, self.named_params, loss, inputs.shape[0], self.loss.reduction, res)
         bad = []
         if not bool(torch.isfinite(loss)):
             bad.append("loss")
@@ -132,6 +144,8 @@ class Preconditioner:
         if res is not None and not bad:
             bad += [f"statistics of layer {name!r}" for name, st in res.stats.items()
                     if not (bool(torch.isfinite(st.a).all()) and bool(torch.isfinite(st.g).all()))]
+        if any_rank_bad and not bad:
+            bad.append("statistics on another rank")
         if bad:
             if gen is not None:
                 gen.set_state(gen_state)

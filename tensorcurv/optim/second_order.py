@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from tensorcurv import structures
+from tensorcurv.distributed.reduce import reduce_loss
 from tensorcurv.optim import config as cfgs
 from tensorcurv.optim.damping import build as build_damping
 from tensorcurv.optim.damping import reduction_ratio
@@ -39,6 +40,7 @@ class SecondOrderOptimizer:
     name = "second_order"
 
     def __init__(self, model: nn.Module, loss_fn: Any, **kwargs: Any) -> None:
+        comm = kwargs.pop("comm", None)  # tensorcurv.distributed.Comm (or a DDP-wrapped model)
         opt_kw, struct_kw = cfgs.split_structure_hparams(self.name, kwargs)
         exclude = struct_kw.pop("exclude", ())
         try:
@@ -57,7 +59,8 @@ class SecondOrderOptimizer:
         self.preconditioner = Preconditioner(
             model, loss_fn, c.structure, c.kind, damping, decay=c.decay, stats_interval=c.stats_interval,
             inverse_interval=c.inverse_interval, kl_clip=c.kl_clip, mc_samples=c.mc_samples, seed=c.seed,
-            fallback=c.fallback, exclude=exclude, **struct_kw)
+            fallback=c.fallback, exclude=exclude, comm=comm, **struct_kw)
+        self.model = self.preconditioner.model  # unwrapped if DDP
         self.curvature = self.preconditioner.curvature
         self.loss = self.preconditioner.loss
         self.params = self.preconditioner.params
@@ -119,6 +122,8 @@ class SecondOrderOptimizer:
         model_decrease = sum(float((gi * d).sum()) + 0.5 * float((d * cd).sum()) for gi, d, cd in zip(g, delta, Cd))
         out = self.model(inputs)
         loss_after = float(self.loss(out.flatten(1) if out.dim() != 2 else out, targets))
+        if self.preconditioner.comm is not None:  # data parallel: the global-batch loss on every rank
+            loss_after = reduce_loss(self.preconditioner.comm, loss_after, inputs.shape[0], self.loss.reduction)
         rho = reduction_ratio(loss_before, loss_after, model_decrease)
         self.preconditioner.damping.observe(rho)
         return {"rho": rho, "loss_after": loss_after, "model_decrease": model_decrease,

@@ -1,0 +1,191 @@
+"""Make every rank's fitted structure equal the single-process fit on the *global* batch.
+
+Rank ``r`` holds ``N_r`` samples of a global batch of ``N = Σ_r N_r``; its :class:`LayerStats`
+carry the local loss scale ``c_r`` (``1/N_r`` for a mean-reduced loss, ``1`` for a sum). The global
+block is ``C = c Σ_{all s} vec(G_s)vec(G_s)ᵀ`` with ``c = 1/N`` (mean) or ``1`` (sum). Each rank
+therefore re-scales its statistics to ``c`` (:func:`with_scale`), after which every quantity below
+is a plain sum over ranks.
+
+Plans, chosen per structure by communication volume (numbers per layer per fit; weight ``(m, n)``,
+``T`` positions, ``K`` backward columns, ``W`` ranks):
+
+* ``moments`` (``kfac``, ``dense``, ``diagonal``): all-reduce the batch tensors of the fit —
+  ``A`` weighted by ``N_r/N`` (it is a per-sample mean in every reduction) and ``G`` — i.e.
+  ``n² + m²`` numbers (dense ``(mn)²``, diagonal ``mn``); the volume does not grow with the batch.
+* ``ekfac``: all-reduce ``A, G`` (``n² + m²``); the layer's owner eigendecomposes them and
+  broadcasts ``Q_A, Q_G`` (``n² + m²``); every rank projects its samples on that basis and the
+  core ``S`` is all-reduced (``mn``). Broadcasting the basis (rather than letting every rank run
+  ``eigh``) makes the basis identical on all ranks by construction, so the partial cores add up.
+* ``gather`` (every other structure: ``kron_sum``/``kpsvd``, ``tucker``, ``tt``, model-scope
+  ``two_level``): the per-sample factors are gathered on the layer's owner (``N·T·(n + K·m)``
+  numbers), the owner runs the structure's own ``fit``/``update`` on the global statistics (so any
+  fit — power iteration, Gram form, ALS, warm starts — is the single-process computation), and
+  broadcasts ``Structure.tensors()`` (``r(n² + m²)`` for ``kron_sum``). The alternative — making
+  every implicit product ``R(C)x`` an all-reduce of ``n²`` (or ``m²``) numbers — costs
+  ``2·iters·p·(n² + m²)`` numbers and ``2·iters`` latency-bound collectives per layer, and needs
+  every rank to run the same iteration; gathering wins unless ``N·T·(n + K m)`` exceeds that (large
+  conv layers at large batch), see ``scripts/bench_distributed.py`` for the measured volumes.
+
+``update(decay)`` (running averages) is reproduced exactly: ``moments`` apply the structure's EMA
+``decay·old + (1−decay)·batch`` to the reduced tensors; ``ekfac`` re-projects the old core into
+the new basis as ``EKFAC._update`` does; ``gather`` calls the structure's own ``update``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tensorcurv.distributed.comm import Comm
+from tensorcurv.stats import LayerStats
+from tensorcurv.structures.base import Structure, sym_eig
+from tensorcurv.structures.ekfac import projected_core
+
+MOMENT_STRUCTURES = ("kfac", "dense", "diagonal")
+EIGENBASIS_STRUCTURES = ("ekfac",)
+
+
+def plan_for(structure: str) -> str:
+    """``moments``, ``eigenbasis`` or ``gather`` (see the module docstring)."""
+    if structure in MOMENT_STRUCTURES:
+        return "moments"
+    if structure in EIGENBASIS_STRUCTURES:
+        return "eigenbasis"
+    return "gather"
+
+
+def infer_reduction(stats: LayerStats) -> str:
+    """``mean`` if ``scale = 1/N``, ``sum`` if ``scale = 1`` (ambiguous for ``N = 1``: ``mean``)."""
+    if math.isclose(stats.scale * stats.N, 1.0, rel_tol=1e-12):
+        return "mean"
+    if stats.scale == 1.0:
+        return "sum"
+    raise ValueError(f"layer {stats.name!r}: scale {stats.scale} is neither 1/N nor 1; pass the loss "
+                     "reduction explicitly")
+
+
+def global_scale(reduction: str, n_global: int) -> float:
+    return 1.0 / n_global if reduction == "mean" else 1.0
+
+
+def with_scale(stats: LayerStats, scale: float) -> LayerStats:
+    """The same samples with another loss scale (the global one)."""
+    return LayerStats(a=stats.a, g=stats.g, scale=scale, name=stats.name)
+
+
+def install(block: Structure, batch: Mapping[str, Tensor], decay: float | None) -> None:
+    """Set a moment structure from its reduced batch tensors: fit (``decay=None`` or first call) or
+    the EMA ``decay·old + (1−decay)·batch`` that ``kfac``/``dense``/``diagonal`` use in ``update``."""
+    if decay is not None and block.fitted:
+        old = block.tensors()
+        batch = {k: decay * old[k] + (1 - decay) * v for k, v in batch.items()}
+    block.load_state_dict({"tensors": dict(batch), "fitted": True})
+
+
+def moment_partials(block: Structure, st: LayerStats, n_local: int, n_global: int) -> dict[str, Tensor]:
+    """This rank's share of the batch tensors of a moment structure (``st`` at the global scale)."""
+    scratch = type(block)(block.shape, block.hparams).fit(st)
+    out = dict(scratch.tensors())
+    if block.name == "kfac":
+        out["A"] = out["A"] * (n_local / n_global)
+    return out
+
+
+def kron_partials(block: Structure, st: LayerStats, n_local: int, n_global: int) -> dict[str, Tensor]:
+    """``A`` (weighted ``N_r/N``) and ``G`` of the K-FAC factors that define ekfac's eigenbasis."""
+    A, G = st.kron_factors(block.hparams.weight_sharing)
+    return {"A": A * (n_local / n_global), "G": G}
+
+
+def ekfac_factors(block: Structure, A_b: Tensor, G_b: Tensor, decay: float | None) -> tuple[Tensor, Tensor]:
+    """Factors after this step (batch, or EMA with the old ones as ``EKFAC._update``)."""
+    if decay is None or not block.fitted:
+        return A_b, G_b
+    return decay * block.A + (1 - decay) * A_b, decay * block.G + (1 - decay) * G_b
+
+
+def eigenbases(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    """``Q_A, Q_G`` exactly as ekfac computes them (``sym_eig``)."""
+    return sym_eig(A)[1], sym_eig(G)[1]
+
+
+def ekfac_install(block: Structure, A: Tensor, G: Tensor, QA: Tensor, QG: Tensor, S_b: Tensor,
+                  decay: float | None) -> None:
+    """Set ekfac from reduced factors, broadcast basis and reduced batch core ``S_b``; for an update
+    the old core is re-projected on the new basis: ``S = decay·P_Gᵀ S_old P_A + (1−decay)·S_b``."""
+    if decay is not None and block.fitted:
+        PA, PG = (block.QA.T @ QA).pow(2), (block.QG.T @ QG).pow(2)
+        S = decay * (PG.T @ block.S @ PA) + (1 - decay) * S_b
+    else:
+        S = S_b
+    block.load_state_dict({"tensors": {"A": A, "G": G, "QA": QA, "QG": QG, "S": S}, "fitted": True})
+
+
+def ekfac_core_partial(block: Structure, st: LayerStats, QA: Tensor, QG: Tensor) -> Tensor:
+    return projected_core(st, QA, QG, block.hparams.chunk)
+
+
+def pack_stats(st: LayerStats) -> Tensor:
+    """``(N, T·n + K·T·m)`` rows: one sample's ``a`` and ``g`` side by side (for one gather)."""
+    return torch.cat([st.a.reshape(st.N, -1), st.g.reshape(st.N, -1)], dim=1)
+
+
+def unpack_stats(rows: Tensor, like: LayerStats, scale: float) -> LayerStats:
+    T, n, K, m = like.T, like.n, like.K, like.m
+    a = rows[:, : T * n].reshape(-1, T, n)
+    g = rows[:, T * n:].reshape(-1, K, T, m)
+    return LayerStats(a=a.contiguous(), g=g.contiguous(), scale=scale, name=like.name)
+
+
+def gather_stats(comm: Comm, st: LayerStats, owner: int, sizes: Sequence[int]) -> LayerStats | None:
+    """The global-batch statistics of one layer on its owner (rank order = global sample order)."""
+    rows = comm.gather_rows(pack_stats(st), owner, sizes)
+    return None if rows is None else unpack_stats(rows, st, st.scale)
+
+
+# ---------------------------------------------------------------------- gradients
+def reduce_gradients(comm: Comm, grads: Sequence[Tensor | None], loss: Tensor, n_local: int,
+                     reduction: str, flag: bool = False) -> tuple[list[Tensor | None], Tensor, bool]:
+    """Global-batch gradient and loss from per-rank ones, in one all-reduce.
+
+    Mean loss: ``∇L = Σ_r (N_r/N) ∇L_r`` (the plain average when shards are equal); sum: ``Σ_r ∇L_r``.
+    ``flag`` (e.g. "my statistics are non-finite") is OR-ed over ranks so that all ranks skip together.
+    """
+    w = float(n_local) if reduction == "mean" else 1.0
+    present = [g for g in grads if g is not None]
+    like = loss.detach().reshape(1)
+    extra = torch.stack([loss.detach().to(like.dtype) * w, like.new_tensor(float(n_local)),
+                         like.new_tensor(1.0 if flag else 0.0)])
+    parts = [g.to(extra.dtype) * w for g in present] + [extra]
+    red = comm.all_reduce(parts)
+    n_global = float(red[-1][1])
+    div = n_global if reduction == "mean" else 1.0
+    it = iter(red[:-1])
+    out = [None if g is None else (next(it) / div).to(g.dtype) for g in grads]
+    return out, red[-1][0] / div, bool(red[-1][2] > 0)
+
+
+def sync_step(comm: Comm, named_params: Sequence[tuple[str, Any]], loss: Tensor, n_local: int,
+              reduction: str, res: Any = None) -> tuple[Tensor, bool]:
+    """One training step's agreement across ranks: ``p.grad`` ← global-batch gradient, the global
+    loss, and whether *any* rank captured non-finite statistics (so all ranks skip together)."""
+    bad_stats = False
+    if res is not None:
+        bad_stats = any(not (bool(torch.isfinite(st.a.sum())) and bool(torch.isfinite(st.g.sum())))
+                        for st in res.stats.values())
+    params = [p for _, p in named_params]
+    grads, loss, any_bad = reduce_gradients(comm, [p.grad for p in params], loss, n_local, reduction, bad_stats)
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g
+    return loss, any_bad
+
+
+def reduce_loss(comm: Comm, value: float, n_local: int, reduction: str) -> float:
+    """Global-batch loss from per-rank losses (``Σ_r N_r L_r / N`` for mean, ``Σ_r L_r`` for sum)."""
+    w = float(n_local) if reduction == "mean" else 1.0
+    t = comm.all_reduce([torch.tensor([value * w, float(n_local)], dtype=torch.float64)])[0]
+    return float(t[0] / t[1]) if reduction == "mean" else float(t[0])
