@@ -12,7 +12,8 @@ The run directory receives
 * ``config.yaml``: the composed, resolved config;
 * ``metrics.csv`` / ``metrics.jsonl``: one row per step (``loss``, ``step_time``, ``lr``, and for
   second-order optimizers ``damping``, ``curvature_fit_time``, ``solve_time``) and one row per
-  evaluation (``train_loss``, ``train_acc``, ``val_*``, ``test_*``);
+  evaluation (``train_loss``, ``train_acc``, ``val_*``, ``test_*``, ``epoch``, ``wall_time``: training
+  seconds so far, evaluation excluded);
 * ``checkpoints/last.pt`` every ``checkpoint_every`` steps and at the end: model, optimizer (its
   state includes the curvature), LR scheduler, torch/numpy/python RNG states, step, elapsed time
   and the logger's rows. With ``resume=true`` a restarted run loads it, recomputes the epoch's batch
@@ -187,7 +188,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"))
     logger = tracking.MultiLogger(record, ext) if ext is not None else record
 
-    step, elapsed, last_eval = 0, 0.0, -1
+    step, elapsed, last_eval, t_start = 0, 0.0, -1, None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -197,11 +198,15 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         step, elapsed, last_eval = state["step"], state["elapsed"], state["last_eval"]
 
     def do_eval() -> dict[str, float]:
-        m = {}
+        nonlocal t_start
+        t0, m = time.perf_counter(), {}
         for k, (X, Y) in evals.items():
             m.update({f"{k}_{key}": val for key, val in evaluate(model, X, Y, task).items()})
         m["epoch"] = step / spe
+        m["wall_time"] = elapsed + (t0 - t_start if t_start is not None else 0.0)
         logger.log(m, step)
+        if t_start is not None:  # evaluation time does not count as training time
+            t_start += time.perf_counter() - t0
         return m
 
     def checkpoint() -> None:
@@ -214,6 +219,9 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     bar = tqdm(total=total, initial=step, disable=not t.progress, desc=t.name, dynamic_ncols=True)
     perm, perm_epoch, bad_steps = None, -1, 0
     model.train()
+    if state is None:
+        do_eval()  # the untrained model, step 0
+        last_eval = 0
     t_start = time.perf_counter()
     try:
         while step < total:
@@ -244,12 +252,13 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
                 raise FloatingPointError(f"training diverged at step {step} (loss={loss}); "
                                          f"lower the learning rate or raise the damping")
             if step % t.checkpoint_every == 0 and step < total:
-                elapsed_now = elapsed + time.perf_counter() - t_start
-                elapsed, t_start = elapsed_now, time.perf_counter()
-                checkpoint()
+                elapsed += time.perf_counter() - t_start
+                checkpoint()  # not counted as training time
+                t_start = time.perf_counter()
     finally:
         bar.close()
     elapsed += time.perf_counter() - t_start
+    t_start = None
     if last_eval != step:
         do_eval()
         last_eval = step
@@ -263,7 +272,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None, "task": task,
         "seed": t.seed, "dtype": t.dtype, "steps": step, "epochs": step / spe, "batch_size": bs,
         "num_params": sum(p.numel() for p in model.parameters()),
-        **{k: val for k, val in final.items() if k not in ("step", "epoch")},
+        **{k: val for k, val in final.items() if k not in ("step", "epoch", "wall_time")},
         "wall_time": elapsed, "time_per_step": float(np.mean(step_times)) if step_times else None,
         "run_dir": str(rdir),
     }
