@@ -308,3 +308,22 @@ def test_callable_lr_and_damping_are_evaluated_at_each_step():
     for t in range(3):
         opt.step(X, y)
         assert opt.info["lr"] == pytest.approx(0.1 * (t + 1)) and opt.info["damping"] == 10.0 ** -t
+
+
+def test_preconditioner_skip_clears_grads_so_a_torch_optimizer_step_is_a_no_op():
+    torch.manual_seed(0)
+    model = mlp()
+    X, y = cls_batch()
+    pre = O.Preconditioner(model, nn.CrossEntropyLoss(), "kfac", "ggn", damping=1e-2)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pre.backward(X, y)
+    pre.precondition()
+    adam.step()
+    before = full_state(adam, model)
+    X[0, 0] = float("inf")
+    with pytest.warns(O.NonFiniteStepWarning):
+        pre.backward(X, y)
+    assert pre.precondition() is False
+    adam.step()
+    assert all(p.grad is None for p in model.parameters())
+    assert full_state(adam, model) == before and pre.steps == 1 and pre.skipped == 1
