@@ -231,7 +231,7 @@ def validate_train(cfg: Any) -> Validated:
 
     raw = _plain(cfg)
     raw.pop("hydra", None)
-    groups = ("data", "model", "curvature", "optim", "logger", "schedule")
+    groups = ("data", "model", "curvature", "optim", "logger", "schedule", "distributed")
     top = {k: v for k, v in raw.items() if k not in groups and k != "experiment"}
     _check_fields("train", TrainConfig, top)
     train = TrainConfig(**top)
@@ -273,6 +273,12 @@ def validate_train(cfg: Any) -> Validated:
     schedule = ScheduleConfig(**sc)
     _choice("schedule.name", schedule.name, list(schedules.NAMES), "a schedule")
 
+    from tensorcurv.distributed.launch import make_config as distributed_config
+
+    try:
+        distributed_config(raw.get("distributed"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if opt["name"] in SECOND_ORDER and opt.get("structure", curvature["name"]) != curvature["name"]:
         raise ConfigError(f"optim.structure={opt['structure']!r} differs from curvature.name={curvature['name']!r}; "
                           f"choose the structure with curvature=<name> (valid: {', '.join(_structure_names())})")

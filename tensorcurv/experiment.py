@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from tensorcurv import data as data_mod
 from tensorcurv import models, optim, tracking
+from tensorcurv.distributed import launch
 from tensorcurv.config import SECOND_ORDER, Validated, check_blocks, validate_train
 
 Callback = Callable[[int, dict[str, Any]], None]
@@ -144,6 +145,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     """
     v = validate_train(cfg)  # one-line ConfigError before any work
     t = v.train
+    session = launch.setup(v.raw.get("distributed"))  # data parallel (torchrun): rank 0 logs/checkpoints
     rdir = Path(run_dir or t.run_dir or _hydra_run_dir() or Path("outputs") / t.name)
     rdir.mkdir(parents=True, exist_ok=True)
     if t.threads:
@@ -171,19 +173,22 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     if v.optim["name"] in SECOND_ORDER:
         check_blocks(model, v.curvature)
     loss_fn = nn.CrossEntropyLoss() if task == "classify" else nn.MSELoss()
-    opt = optim.build(v.optim["name"], model, loss_fn, **v.optimizer_kwargs())
+    session.check_batch(min(t.batch_size, len(Xtr)))
+    opt_model, dist_kw = session.for_optimizer(model, v.optim["name"])
+    opt = optim.build(v.optim["name"], opt_model, loss_fn, **v.optimizer_kwargs(), **dist_kw)
 
     n, bs = len(Xtr), min(t.batch_size, len(Xtr))
     spe = n // bs
     total = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
     sched = optim.schedules.build(opt.optimizer, v.schedule.name, total, **v.schedule.kwargs)
 
-    (rdir / "config.yaml").write_text(_to_yaml(v.raw))
-    record = tracking.CsvLogger(rdir)
+    if session.is_main:
+        (rdir / "config.yaml").write_text(_to_yaml(v.raw))
+    record = tracking.CsvLogger(rdir if session.is_main else rdir / f".rank{session.rank}")
     ckpt = rdir / "checkpoints" / "last.pt"
     state = torch.load(ckpt, weights_only=False) if (t.resume and ckpt.exists()) else None
     ext = None
-    if v.logger.kind != "csv":
+    if v.logger.kind != "csv" and session.is_main:
         lcfg = {k: val for k, val in vars(v.logger).items()}
         ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"))
     logger = tracking.MultiLogger(record, ext) if ext is not None else record
@@ -210,6 +215,8 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         return m
 
     def checkpoint() -> None:
+        if not session.is_main:
+            return
         _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "rng": _rng_state(), "step": step, "elapsed": elapsed, "last_eval": last_eval,
                      "logger": record.state_dict(), "logger_ext": ext.state_dict() if ext is not None else None})
@@ -230,7 +237,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
                 perm, perm_epoch = _epoch_permutation(t.seed, epoch, n), epoch
             idx = perm[b * bs:(b + 1) * bs]
             t0 = time.perf_counter()
-            loss = float(opt.step(Xtr[idx], Ytr[idx]))
+            loss = float(opt.step(session.shard(Xtr[idx]), session.shard(Ytr[idx])))
             sched.step()
             dt = time.perf_counter() - t0
             step += 1
