@@ -288,3 +288,17 @@ def test_cost_assignment_balances_better_than_round_robin():
 def test_unknown_assignment_strategy_is_rejected():
     with pytest.raises(ValueError, match="round_robin"):
         tdist.assign({"a": 1.0}, 2, "random")
+
+
+# ---------------------------------------------------------------------- tests: config (no processes)
+def test_unknown_distributed_config_key_names_the_valid_keys():
+    from tensorcurv.distributed.launch import make_config
+    with pytest.raises(ValueError, match="valid keys"):
+        make_config({"enabled": True, "bakend": "gloo"})
+
+
+def test_disabled_distributed_session_is_a_single_process_no_op():
+    from tensorcurv.distributed.launch import setup
+    s = setup({"enabled": False})
+    x = torch.arange(6)
+    assert s.is_main and s.world_size == 1 and torch.equal(s.shard(x), x)
