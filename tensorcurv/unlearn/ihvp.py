@@ -208,7 +208,7 @@ class LiSSASolver(IHVPSolver):
 
     def __init__(self, curvature: str = "hessian", d: float = 0.0, scale: float | None = None,
                  depth: int = 1000, repetitions: int = 1, batch_size: int | None = 128,
-                 scale_factor: float = 1.2, power_iters: int = 20, power_batches: int = 3,
+                 scale_factor: float = 1.5, power_iters: int = 20, power_batches: int = 5,
                  tol: float | None = None, seed: int = 0) -> None:
         super().__init__(0.0)
         check_curvature(curvature)
