@@ -58,8 +58,11 @@ def dense_ok(model, limit: int) -> bool:
                if isinstance(m, nn.Linear))
 
 
+ONLY: list[str] | None = None  # --structures
+
+
 def extra_structures() -> list[str]:
-    return [s for s in ("kron_sum", "tt", "tucker") if s in structures.names()]
+    return [s for s in ("kron_sum", "tt", "tucker") if s in structures.names() and (ONLY is None or s in ONLY)]
 
 
 # ------------------------------------------------------------------ (a) step cost
@@ -68,8 +71,8 @@ def step_cost(args) -> list[dict]:
     for prob in ("mlp", "autoencoder"):
         model0, loss_fn, X, Y = problem(prob, 0)
         configs = [("sgd", "sgd", {"lr": 0.01}, 1)]
-        structs = ["diagonal", "kfac", "ekfac"] + extra_structures()
-        if dense_ok(model0, args.dense_max):
+        structs = [s for s in ("diagonal", "kfac", "ekfac") if ONLY is None or s in ONLY] + extra_structures()
+        if dense_ok(model0, args.dense_max) and (ONLY is None or "dense" in ONLY):
             structs = ["dense"] + structs
         for k in (1, 10):
             for s in structs:
@@ -95,6 +98,7 @@ def step_cost(args) -> list[dict]:
                     opt.step(xb, yb)
                 if r > 0:  # round 0 is warm-up
                     times[i].append((time.perf_counter() - t0) / args.steps_per_round)
+        print(f"  {prob}: timed {len(configs)} configurations", flush=True)
         sgd = statistics.median(times[0])
         for (label, name, kw, k), ts in zip(configs, times):
             if name == "sgd":
@@ -176,8 +180,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (few steps, one seed)")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=4, help="(a) interleaved timing rounds (first is warm-up)")
-    p.add_argument("--steps-per-round", type=int, default=10, help="(a) steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="(a) interleaved timing rounds (first is warm-up)")
+    p.add_argument("--steps-per-round", type=int, default=5, help="(a) steps per round")
     p.add_argument("--dense-max", type=int, default=2500, help="(a) dense only if every block has mn <= this")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=500)
@@ -185,27 +189,31 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=10, help="(b) stats and inverse interval of NG/GN")
     p.add_argument("--damping", type=float, default=1e-2, help="(b) NG/GN damping")
     p.add_argument("--kl-clip", type=float, default=1e-2, help="(b) NG/GN KL clip")
-    p.add_argument("--max-wall", type=float, default=10.0, help="(b) give up a run after this many seconds")
+    p.add_argument("--max-wall", type=float, default=8.0, help="(b) give up a run after this many seconds")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noisy on a shared machine)")
-    p.add_argument("--target-mlp", type=float, default=0.05, help="(b) full training cross-entropy to reach")
+    p.add_argument("--target-mlp", type=float, default=0.01, help="(b) full training cross-entropy to reach")
     p.add_argument("--target-ae", type=float, default=0.15, help="(b) full training MSE to reach")
     p.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3])
     p.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--so-lrs", type=float, nargs="+", default=[0.1, 0.3])
+    p.add_argument("--structures", nargs="+", default=None, help="restrict the structures (default: all known)")
+    p.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b"], help="which benchmarks to run")
     args = p.parse_args()
+    global ONLY
+    ONLY = args.structures
     if args.quick:
         args.rounds, args.steps_per_round, args.seeds, args.max_steps, args.max_wall = 2, 2, 1, 40, 3.0
         args.sgd_lrs, args.adam_lrs, args.so_lrs = args.sgd_lrs[-1:], args.adam_lrs[-1:], args.so_lrs[:1]
     torch.set_num_threads(args.threads)
     t0 = time.time()
     print("(a) time per step relative to SGD", flush=True)
-    cost = step_cost(args)
+    cost = step_cost(args) if "a" in args.parts else []
     ta = table(cost, [("problem", "problem", "s"), ("optimizer", "optimizer", "s"),
                       ("stats+inverse interval", "interval", "d"), ("ms/step", "ms_per_step", ".2f"),
                       ("× SGD", "vs_sgd", ".2f"), ("SGD ms/step", "sgd_ms", ".2f")])
     print(ta, flush=True)
     print("(b) wall-clock and steps to the target training loss", flush=True)
-    ttt = time_to_target(args)
+    ttt = time_to_target(args) if "b" in args.parts else []
     tb = table(ttt, [("problem", "problem", "s"), ("method", "method", "s"), ("target", "target", "g"),
                      ("best config", "best", "s"), ("wall s (mean)", "wall_s", ".3f"), ("steps (mean)", "steps", ".1f")])
     print(tb, flush=True)
