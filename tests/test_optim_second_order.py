@@ -327,3 +327,15 @@ def test_preconditioner_skip_clears_grads_so_a_torch_optimizer_step_is_a_no_op()
     adam.step()
     assert all(p.grad is None for p in model.parameters())
     assert full_state(adam, model) == before and pre.steps == 1 and pre.skipped == 1
+
+
+@pytest.mark.parametrize("structure", __import__("tensorcurv").structures.names())
+def test_every_registered_structure_gives_a_finite_descent_direction(structure):
+    model = mlp()
+    X, y = cls_batch()
+    pre = O.Preconditioner(model, nn.CrossEntropyLoss(), structure, "ggn", damping=1e-2, inverse_interval=2)
+    pre.backward(X, y)
+    raw = [p.grad.clone() for p in pre.params]
+    assert pre.precondition()
+    gPg = sum(float((g * p.grad).sum()) for g, p in zip(raw, pre.params))
+    assert all(torch.isfinite(p.grad).all() for p in pre.params) and gPg > 0
