@@ -22,16 +22,23 @@ through every layer of one capture), so off-diagonal blocks are part of ``C`` th
 """
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from tensorcurv import structures
+from tensorcurv.capture import check_kind
+from tensorcurv.curvature import Curvature
 from tensorcurv.linalg import unvec, vec
+from tensorcurv.losses import as_loss_spec
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure
 
@@ -102,6 +109,12 @@ class ExactBlock:
                                     for s0 in range(0, N, self.chunk)], dim=0)
         return self._gram
 
+    def gram_eigh(self) -> tuple[Tensor, Tensor]:
+        """Cached ``eigh`` of the Gram matrix (ascending)."""
+        if getattr(self, "_gram_eigh", None) is None:
+            self._gram_eigh = torch.linalg.eigh(self.gram())
+        return self._gram_eigh
+
     def frobenius_sq(self) -> float:
         """``‖C‖_F² = scale² Σ_{j,j'} ⟨G_j, G_j'⟩²`` (row chunks of the Gram matrix; exact)."""
         if self._gram is not None:
@@ -125,7 +138,7 @@ class ExactBlock:
 
     def eigenvalues(self) -> Tensor:
         """Nonzero spectrum of ``C`` (descending) as the eigenvalues of ``scale·Gram`` (``J x J``)."""
-        return torch.linalg.eigvalsh(self.scale * self.gram()).flip(0).clamp_min(0)
+        return (self.scale * self.gram_eigh()[0]).flip(0).clamp_min(0)
 
     def to_dense(self) -> Tensor:
         """``C`` as an ``(mn, mn)`` matrix (tests and small layers only)."""
@@ -291,18 +304,49 @@ def spectral_norm(op: Callable[[Tensor], Tensor], dim: int, **kw) -> float:
     return float(lanczos(op, dim, **kw).abs().max())
 
 
-def spectral_error(structure: Structure, block: ExactBlock, **kw) -> dict[str, float]:
-    """``‖C − Ĉ‖_2`` and ``‖C − Ĉ‖_2 / ‖C‖_2`` via Lanczos on ``v ↦ C v − Ĉ v`` (never formed)."""
+def asymmetry(structure: Structure, probes: int = 3, seed: int = 0) -> float:
+    """``max |uᵀĈv − vᵀĈu| / ‖Ĉ‖_F`` over random unit ``u, v`` (0 for a symmetric ``Ĉ``, up to rounding)."""
+    m, n = structure.shape
+    dtype = next(iter(structure.tensors().values())).dtype
+    gen = torch.Generator().manual_seed(seed)
+    norm = math.sqrt(max(frobenius_sq(structure), 0.0))
+    worst = 0.0
+    for _ in range(probes):
+        U, V = (torch.randn(m, n, generator=gen, dtype=dtype) for _ in range(2))
+        U, V = U / U.norm(), V / V.norm()
+        worst = max(worst, abs(float((U * structure.mv(V)).sum() - (V * structure.mv(U)).sum())))
+    return worst / norm if norm > 0 else 0.0
+
+
+def spectral_error(structure: Structure, block: ExactBlock, *, asym_tol: float = 1e-10,
+                   dense_max_dim: int = DENSE_MAX_DIM, **kw) -> dict[str, float]:
+    """``‖C − Ĉ‖_2`` (largest singular value) and ``‖C − Ĉ‖_2 / ‖C‖_2``.
+
+    Symmetric ``Ĉ``: Lanczos on ``v ↦ C v − Ĉ v`` (never formed), ``max |λ|``. A non-symmetric ``Ĉ``
+    (``asymmetry > asym_tol``) needs ``Ĉᵀ`` products: Lanczos on ``(C − Ĉ)ᵀ(C − Ĉ)`` with ``Ĉᵀ`` from
+    ``to_dense()`` up to ``dense_max_dim``, else NaN. ``asym`` is reported either way."""
     m, n = block.m, block.n
+    asym = asymmetry(structure)
 
     def diff(v):
         V = unvec(v, m, n)
         return vec(block.mv(V) - structure.mv(V))
 
-    err = spectral_norm(diff, block.dim, **kw)
+    if asym <= asym_tol:
+        err = spectral_norm(diff, block.dim, **kw)
+    elif block.dim <= dense_max_dim:
+        DT = structure.to_dense().T
+
+        def normal(v):
+            w = diff(v)
+            return vec(block.mv(unvec(w, m, n))) - DT @ w
+
+        err = math.sqrt(max(float(lanczos(normal, block.dim, **kw).max()), 0.0))
+    else:
+        err = float("nan")
     c2 = float(block.eigenvalues()[0]) if block.J <= 4096 else spectral_norm(lambda v: vec(block.mv(unvec(v, m, n))),
                                                                              block.dim, **kw)
-    return {"spec_abs": err, "spec_rel": err / c2 if c2 > 0 else float("nan"), "c_spec": c2}
+    return {"spec_abs": err, "spec_rel": err / c2 if c2 > 0 else float("nan"), "c_spec": c2, "asym": asym}
 
 
 # =============================================================================== damped inverse
@@ -328,15 +372,38 @@ def cg(op: Callable[[Tensor], Tensor], b: Tensor, *, tol: float = 1e-10, max_ite
     return x, {"iters": it, "rel_residual": math.sqrt(rr) / bnorm if bnorm > 0 else 0.0}
 
 
+def woodbury_solve(gram: Tensor, scale: float, coefficients: Callable[[Tensor], Tensor],
+                   combine: Callable[[Tensor], Tensor], V, damping: float, eig=None):
+    """``(scale PᵀP + λI)⁻¹ v = (v − Pᵀ (λ/scale I + P Pᵀ)⁻¹ P v) / λ`` with ``P`` the stacked per-sample
+    gradients (never formed): ``P Pᵀ`` is the ``(J, J)`` Gram matrix, ``P v`` = ``coefficients(V)``,
+    ``Pᵀ w`` = ``combine(w) / scale``. Exact; ``eig``: a cached ``eigh(gram)``."""
+    e, U = eig if eig is not None else torch.linalg.eigh(gram)
+    w = coefficients(V)
+    shape = w.shape
+    z = U @ ((U.T @ w.reshape(-1)) / (damping / scale + e.clamp_min(0)))
+    back = combine(z.reshape(shape))
+    if isinstance(V, Mapping):
+        return {k: (V[k] - back[k] / scale) / damping for k in V}
+    return (V - back / scale) / damping
+
+
 def exact_solve(block: ExactBlock, V: Tensor, damping: float, *, method: str = "auto",
                 tol: float = 1e-10) -> tuple[Tensor, dict[str, Any]]:
-    """``(C + λI)⁻¹ vec(V)`` reshaped to ``(m, n)``: ``dense`` (Cholesky of the formed block, small
-    layers) or ``cg`` (conjugate gradients on implicit products); ``auto`` picks dense up to
-    :data:`DENSE_MAX_DIM`."""
+    """``(C + λI)⁻¹ vec(V)`` reshaped to ``(m, n)``, exact by one of
+
+    * ``woodbury``: the ``J x J`` Gram system of the per-sample gradients (:func:`woodbury_solve`);
+    * ``dense``: Cholesky of the formed block (small layers);
+    * ``cg``: conjugate gradients on implicit products ``C v`` (any size, iterative).
+
+    ``auto``: woodbury when ``J ≤ 4096``, else dense up to :data:`DENSE_MAX_DIM`, else cg."""
     if damping <= 0:
         raise ValueError(f"damping must be > 0 for the exact solve, got {damping}")
     if method == "auto":
-        method = "dense" if block.dim <= DENSE_MAX_DIM else "cg"
+        method = "woodbury" if block.J <= 4096 else ("dense" if block.dim <= DENSE_MAX_DIM else "cg")
+    if method == "woodbury":
+        x = woodbury_solve(block.gram(), block.scale, block.coefficients, block.combine, V, damping,
+                           eig=block.gram_eigh())
+        return x, {"method": "woodbury", "iters": 0, "rel_residual": 0.0}
     if method == "dense":
         M = block.to_dense() + damping * torch.eye(block.dim, dtype=V.dtype)
         x = torch.cholesky_solve(vec(V)[:, None], torch.linalg.cholesky(M))[:, 0]
@@ -344,7 +411,7 @@ def exact_solve(block: ExactBlock, V: Tensor, damping: float, *, method: str = "
     if method == "cg":
         x, info = cg(lambda P: block.mv(P) + damping * P, V, tol=tol)
         return x, {"method": "cg", **info}
-    raise ValueError(f"unknown exact-solve method {method!r}; valid: auto, dense, cg")
+    raise ValueError(f"unknown exact-solve method {method!r}; valid: auto, woodbury, dense, cg")
 
 
 def direction_quality(exact: Tensor, approx: Tensor) -> dict[str, float]:
@@ -354,15 +421,25 @@ def direction_quality(exact: Tensor, approx: Tensor) -> dict[str, float]:
     return {"cos": cos, "rel_err": float((approx - exact).norm()) / en if en > 0 else float("nan")}
 
 
-def inverse_quality(structure: Structure, block: ExactBlock, grad: Tensor, damping_rel: Sequence[float],
-                    *, method: str = "auto", repeats: int = 3) -> list[dict[str, float]]:
-    """For each ``ρ`` in ``damping_rel``: ``λ = ρ tr(C)/(mn)``, compare ``x̂ = (Ĉ + λI)⁻¹g`` to the exact
-    ``x = (C + λI)⁻¹g`` (cosine, relative error), with the median solve time of ``Ĉ``."""
+def exact_directions(block: ExactBlock, grad: Tensor, damping_rel: Sequence[float], *, method: str = "auto",
+                     ) -> dict[float, tuple[float, Tensor, dict[str, Any]]]:
+    """``{ρ: (λ, (C + λI)⁻¹g, info)}`` with ``λ = ρ tr(C)/(mn)`` (shared by every structure compared)."""
     base = block.trace() / block.dim
+    return {float(rho): (float(rho) * base, *exact_solve(block, grad, float(rho) * base, method=method))
+            for rho in damping_rel}
+
+
+def inverse_quality(structure: Structure, block: ExactBlock, grad: Tensor, damping_rel: Sequence[float],
+                    *, method: str = "auto", repeats: int = 3,
+                    exact: Mapping[float, tuple[float, Tensor, dict[str, Any]]] | None = None,
+                    ) -> list[dict[str, float]]:
+    """For each ``ρ`` in ``damping_rel``: ``λ = ρ tr(C)/(mn)``, compare ``x̂ = (Ĉ + λI)⁻¹g`` to the exact
+    ``x = (C + λI)⁻¹g`` (cosine, relative error), with the median solve time of ``Ĉ``.
+    ``exact``: precomputed :func:`exact_directions` (else computed here with ``method``)."""
+    exact = exact if exact is not None else exact_directions(block, grad, damping_rel, method=method)
     rows = []
     for rho in damping_rel:
-        lam = float(rho) * base
-        x, info = exact_solve(block, grad, lam, method=method)
+        lam, x, info = exact[float(rho)]
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -405,18 +482,39 @@ class ExactModel:
         self.dim = sum(b.dim for b in self.blocks.values())
 
     def mv(self, V: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        w = sum(b.coefficients(V[k]) for k, b in self.blocks.items())
-        return {k: b.combine(w) for k, b in self.blocks.items()}
+        return self.combine(self.coefficients(V))
 
     def frobenius_sq(self) -> float:
         """``scale² ‖Σ_l Gram_l‖_F²`` (the Gram matrices of the layers add up)."""
-        return self.scale ** 2 * float(sum(b.gram() for b in self.blocks.values()).pow(2).sum())
+        return self.scale ** 2 * float(self.gram().pow(2).sum())
 
     def trace(self) -> float:
         return sum(b.trace() for b in self.blocks.values())
 
-    def solve(self, V: Mapping[str, Tensor], damping: float, tol: float = 1e-10):
-        """``(C + λI)⁻¹ V`` by CG over the dict of layer matrices."""
+    def gram(self) -> Tensor:
+        """``⟨G_j, G_j'⟩`` summed over layers (``J x J``); cached ``eigh`` in :meth:`gram_eigh`."""
+        return sum(b.gram() for b in self.blocks.values())
+
+    def gram_eigh(self) -> tuple[Tensor, Tensor]:
+        if getattr(self, "_eigh", None) is None:
+            self._eigh = torch.linalg.eigh(self.gram())
+        return self._eigh
+
+    def coefficients(self, V: Mapping[str, Tensor]) -> Tensor:
+        return sum(b.coefficients(V[k]) for k, b in self.blocks.items())
+
+    def combine(self, w: Tensor) -> dict[str, Tensor]:
+        return {k: b.combine(w) for k, b in self.blocks.items()}
+
+    def solve(self, V: Mapping[str, Tensor], damping: float, *, method: str = "woodbury", tol: float = 1e-10):
+        """``(C + λI)⁻¹ V`` over the dict of layer matrices: ``woodbury`` (exact, ``J x J`` Gram
+        system) or ``cg`` (conjugate gradients on implicit products)."""
+        if method == "woodbury":
+            x = woodbury_solve(self.gram(), self.scale, self.coefficients, self.combine, V, damping,
+                               eig=self.gram_eigh())
+            return x, {"method": "woodbury", "iters": 0}
+        if method != "cg":
+            raise ValueError(f"unknown method {method!r}; valid: woodbury, cg")
         keys = list(self.blocks)
         shapes = [(self.blocks[k].m, self.blocks[k].n) for k in keys]
 
@@ -437,3 +535,258 @@ class ExactModel:
 def model_direction_quality(exact: Mapping[str, Tensor], approx: Mapping[str, Tensor]) -> dict[str, float]:
     keys = list(exact)
     return direction_quality(torch.cat([vec(exact[k]) for k in keys]), torch.cat([vec(approx[k]) for k in keys]))
+
+
+# =============================================================================== studies
+@dataclass
+class Variant:
+    """One structure configuration compared in a study: registry name, hyper-parameters, label."""
+
+    structure: str
+    hparams: dict[str, Any]
+    label: str
+    swept: dict[str, Any] = field(default_factory=dict)
+
+
+def make_variants(names: str | Sequence[str] = "all", hparams: Mapping[str, Mapping] | None = None,
+                  sweeps: Mapping[str, Mapping[str, Sequence]] | None = None) -> list[Variant]:
+    """Variants for ``names`` (``"all"``: every registered structure once, aliases dropped), each with
+    fixed ``hparams[name]`` and the cartesian product of ``sweeps[name]`` (``{key: [values]}``).
+    Every combination is validated by the structure's ``Hparams`` (clear error on a bad key);
+    sweeps of unregistered structures are ignored, so a config can name structures still to come."""
+    hparams, sweeps = dict(hparams or {}), dict(sweeps or {})
+    if names == "all":
+        canon: dict[type, str] = {}
+        for n in structures.names():
+            canon.setdefault(structures.get(n), structures.get(n).name or n)
+        names = sorted(set(canon.values()))
+    out = []
+    for name in names:
+        structures.get(name)  # unknown name -> ValueError listing the valid ones
+        base = dict(hparams.get(name) or {})
+        grid = dict(sweeps.get(name) or {})
+        keys = sorted(grid)
+        for combo in itertools.product(*(list(grid[k]) for k in keys)) if keys else [()]:
+            swept = dict(zip(keys, combo))
+            hp = {**base, **swept}
+            structures.make_hparams(name, **hp)
+            label = name if not swept else f"{name}(" + ",".join(f"{k}={_fmt(v)}" for k, v in swept.items()) + ")"
+            out.append(Variant(name, hp, label, swept))
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "x".join(str(x) for x in v)
+    return str(v)
+
+
+def _fit_variant(variant: Variant, stats: Mapping[str, LayerStats]):
+    """Fit one variant on every layer; returns ``(per-layer structures, model solve fn, fit time)``."""
+    cls = structures.get(variant.structure)
+    hp = structures.make_hparams(variant.structure, **variant.hparams)
+    t0 = time.perf_counter()
+    if cls.scope == "model":
+        ms = cls({k: st.shape for k, st in stats.items()}, hp).fit(dict(stats))
+        fit_time = time.perf_counter() - t0
+        return dict(ms.blocks), (lambda mats, lam: ms.solve(mats, lam)), ms.nbytes, {k: float("nan") for k in stats}, fit_time
+    blocks, times = {}, {}
+    for k, st in stats.items():
+        tb = time.perf_counter()
+        blocks[k] = cls(st.shape, hp).fit(st)
+        times[k] = time.perf_counter() - tb
+    fit_time = time.perf_counter() - t0
+    nbytes = sum(b.nbytes for b in blocks.values())
+    return blocks, (lambda mats, lam: {k: blocks[k].solve(v, lam) for k, v in mats.items()}), nbytes, times, fit_time
+
+
+def _floors(block: ExactBlock, ranks: Sequence[int], cc: float) -> dict[int, float]:
+    try:
+        return kronecker_floor(block, ranks, cc)
+    except ImportError:  # tensorcurv.rearrange not available
+        return {}
+
+
+def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], variants: Sequence[Variant], *,
+             damping_rel: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), floor_ranks: Sequence[int] = (1, 2, 3, 4),
+             spectral: bool = True, spectral_max_iter: int = 60, spectral_tol: float = 1e-6,
+             spectrum_layer: str | None = None, spectrum_k: int = 60, chunk: int = 128,
+             log: Callable[[str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """All metrics of every variant on one capture (one checkpoint, one curvature kind).
+
+    Returns ``{"metrics": rows, "floor": rows, "spectra": rows}``. ``metrics`` has one row per
+    (variant, layer) plus one ``layer="(model)"`` row: the model-level Frobenius error against the
+    full covered-parameter curvature (cross-layer blocks included:
+    ``‖C − Ĉ‖² = Σ_l ‖C_ll − Ĉ_l‖² + ‖C_offdiag‖²``) and the inverse quality of the whole-model solve.
+    """
+    log = log or (lambda msg: None)
+    blocks = {k: ExactBlock(st, chunk=chunk) for k, st in stats.items()}
+    model = ExactModel(blocks)
+    cc = {k: b.frobenius_sq() for k, b in blocks.items()}
+    cc_model = model.frobenius_sq()
+    offdiag_sq = max(cc_model - sum(cc.values()), 0.0)
+    exact = {k: exact_directions(b, grads[k], damping_rel) for k, b in blocks.items()}
+    base_model = model.trace() / model.dim
+    exact_model = {float(r): (float(r) * base_model, *model.solve(grads, float(r) * base_model)) for r in damping_rel}
+
+    floor_rows = []
+    for k, b in blocks.items():
+        for r, f in _floors(b, floor_ranks, cc[k]).items():
+            floor_rows.append({"layer": k, "m": b.m, "n": b.n, "rank": r, "floor": f})
+
+    spectrum_layer = spectrum_layer if spectrum_layer in blocks else next(iter(blocks))
+    sb = blocks[spectrum_layer]
+    spectra = [{"layer": spectrum_layer, "structure": "exact", "index": i, "eigenvalue": float(v)}
+               for i, v in enumerate(sb.eigenvalues()[:spectrum_k])]
+
+    rows = []
+    for var in variants:
+        try:
+            fitted, model_solve, nbytes_total, fit_times, fit_total = _fit_variant(var, stats)
+        except (ValueError, RuntimeError, NotImplementedError) as err:
+            log(f"  {var.label}: skipped ({err})")
+            rows.append({"layer": "(model)", "structure": var.structure, "variant": var.label,
+                         "hparams": json.dumps(var.hparams, sort_keys=True), **_swept(var), "skipped": str(err)})
+            continue
+        err_sq_total = offdiag_sq
+        for k, b in blocks.items():
+            S = fitted[k]
+            row = {"layer": k, "m": b.m, "n": b.n, "T": b.stats.T, "structure": var.structure, "variant": var.label,
+                   "hparams": json.dumps(var.hparams, sort_keys=True), **_swept(var), "nbytes": S.nbytes,
+                   "fit_time": fit_times[k], "c_frob": math.sqrt(cc[k])}
+            fe = frobenius_error(S, b, cc[k])
+            err_sq_total += fe["fro_abs"] ** 2
+            row.update(fro_rel=fe["fro_rel"], fro_abs=fe["fro_abs"])
+            if spectral:
+                se = spectral_error(S, b, max_iter=spectral_max_iter, tol=spectral_tol)
+                row.update(spec_rel=se["spec_rel"], spec_abs=se["spec_abs"], asym=se["asym"])
+            iq = inverse_quality(S, b, grads[k], damping_rel, exact=exact[k])
+            row.update(_inverse_columns(iq))
+            rows.append(row)
+            if k == spectrum_layer:
+                ev = _structure_spectrum(S, spectrum_k)
+                spectra += [{"layer": k, "structure": var.label, "index": i, "eigenvalue": float(v)}
+                            for i, v in enumerate(ev)]
+        mrow = {"layer": "(model)", "m": "", "n": "", "T": "", "structure": var.structure, "variant": var.label,
+                "hparams": json.dumps(var.hparams, sort_keys=True), **_swept(var), "nbytes": nbytes_total,
+                "fit_time": fit_total, "c_frob": math.sqrt(cc_model),
+                "fro_rel": math.sqrt(err_sq_total / cc_model), "fro_abs": math.sqrt(err_sq_total)}
+        iq = []
+        for rho in damping_rel:
+            lam, x, _ = exact_model[float(rho)]
+            t0 = time.perf_counter()
+            xh = model_solve(dict(grads), lam)
+            iq.append({"damping_rel": float(rho), **model_direction_quality(x, xh),
+                       "solve_time": time.perf_counter() - t0})
+        mrow.update(_inverse_columns(iq))
+        rows.append(mrow)
+        log(f"  {var.label:<28s} model fro_rel={mrow['fro_rel']:.4f} nbytes={nbytes_total}")
+    return {"metrics": rows, "floor": floor_rows, "spectra": spectra}
+
+
+def _swept(var: Variant) -> dict[str, Any]:
+    rank = var.hparams.get("rank", var.hparams.get("ranks", ""))
+    return {"rank": _fmt(rank) if rank != "" else "", "swept": json.dumps(var.swept, sort_keys=True) if var.swept else ""}
+
+
+def _inverse_columns(iq: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in iq:
+        tag = f"{r['damping_rel']:g}"
+        out[f"cos@{tag}"] = r["cos"]
+        out[f"relerr@{tag}"] = r["rel_err"]
+    out["solve_time"] = statistics.median(r["solve_time"] for r in iq)
+    return out
+
+
+def _structure_spectrum(S: Structure, k: int) -> Tensor:
+    m, n = S.shape
+    if m * n <= DENSE_MAX_DIM:
+        ev = torch.linalg.eigvalsh(S.to_dense())
+    else:
+        ev = lanczos(lambda v: vec(S.mv(unvec(v, m, n))), m * n, max_iter=2 * k, tol=1e-8)
+    return ev.flip(0)[:k]
+
+
+# ------------------------------------------------------------------------------- over training
+KINDS = ("empirical", "mc", "ggn")
+
+
+def checkpoint_steps(total: int, fractions: Sequence[float]) -> list[int]:
+    """Training steps at which the metrics are taken, e.g. ``(0, 0.1, 0.5, 1)`` of ``total``."""
+    return sorted({int(round(float(f) * total)) for f in fractions})
+
+
+def _build_model_and_data(cfg: Mapping[str, Any], dtype: torch.dtype):
+    from tensorcurv import data as tc_data
+    from tensorcurv import models as tc_models
+
+    dcfg = dict(cfg.get("data") or {})
+    splits = tc_data.load(dcfg.pop("name", "digits"), dtype=dtype, seed=int(cfg.get("seed", 0)), **dcfg)
+    mcfg = dict(cfg.get("model") or {})
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    model = tc_models.build(mcfg.pop("name", "mlp"), splits.input_shape, splits.num_classes, **mcfg).to(dtype)
+    return splits, model
+
+
+def _val_accuracy(model, X, y) -> float:
+    with torch.no_grad():
+        return float((model(X).argmax(1) == y).double().mean())
+
+
+def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dict[str, list[dict[str, Any]]]:
+    """Train a model (Adam on the mean cross-entropy) and evaluate :func:`evaluate` at checkpoints,
+    for every curvature kind. ``cfg``: ``seed, dtype, data{name,..}, model{name,..}, loss,
+    train{steps, batch_size, lr}, study{kinds, mc_samples, batch_size, checkpoints, structures,
+    hparams, sweeps, damping_rel, floor_ranks, spectral, spectral_max_iter, spectral_tol,
+    spectrum_layer, spectrum_k, chunk}``. Returns the raw tables (``metrics``, ``floor``,
+    ``spectra``, ``training``); every row carries ``step`` and ``kind``."""
+    dtype = getattr(torch, str(cfg.get("dtype", "float64")))
+    scfg, tcfg = dict(cfg.get("study") or {}), dict(cfg.get("train") or {})
+    splits, model = _build_model_and_data(cfg, dtype)
+    loss_name = str(cfg.get("loss", "cross_entropy"))
+    loss = as_loss_spec(loss_name)
+    variants = make_variants(scfg.get("structures", "all"), scfg.get("hparams"), scfg.get("sweeps"))
+    kinds = list(scfg.get("kinds", KINDS))
+    for kd in kinds:
+        check_kind(kd, int(scfg.get("mc_samples", 1)))
+    Xtr, ytr = splits.train
+    nb = min(int(scfg.get("batch_size", 128)), Xtr.shape[0])
+    Xs, ys = Xtr[:nb], ytr[:nb]
+    steps = int(tcfg.get("steps", 200))
+    checkpoints = checkpoint_steps(steps, scfg.get("checkpoints", (0, 0.1, 0.5, 1.0)))
+    opt = torch.optim.Adam(model.parameters(), lr=float(tcfg.get("lr", 1e-3)))
+    gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    bs = int(tcfg.get("batch_size", 64))
+    ev_kw = {k: scfg[k] for k in ("damping_rel", "floor_ranks", "spectral", "spectral_max_iter", "spectral_tol",
+                                  "spectrum_layer", "spectrum_k", "chunk") if k in scfg and scfg[k] is not None}
+    out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": [], "training": []}
+    log(f"study: {len(variants)} variants x {len(kinds)} kinds at steps {checkpoints}; "
+        f"structures {sorted({v.structure for v in variants})}")
+    train_loss = float("nan")
+    for step in range(steps + 1):
+        if step in checkpoints:
+            model.eval()
+            acc = _val_accuracy(model, *splits.val) if splits.val[0].shape[0] else float("nan")
+            out["training"].append({"step": step, "train_loss": train_loss, "val_accuracy": acc})
+            log(f"step {step}: train loss {train_loss:.4f}, val accuracy {acc:.3f}")
+            grads_curv = Curvature(model, "diagonal", "empirical")
+            grads = {k: ExactBlock(st).gradient_sum() for k, st in grads_curv.capture(Xs, ys, loss).stats.items()}
+            for kd in kinds:
+                log(f" kind {kd}")
+                curv = Curvature(model, "diagonal", kd, mc_samples=int(scfg.get("mc_samples", 1)),
+                                 seed=int(cfg.get("seed", 0)) + step)
+                stats = curv.capture(Xs, ys, loss).stats
+                res = evaluate(stats, grads, variants, log=log, **ev_kw)
+                for table, rows in res.items():
+                    out[table] += [{"step": step, "kind": kd, **r} for r in rows]
+            model.train()
+        if step == steps:
+            break
+        idx = torch.randint(0, Xtr.shape[0], (bs,), generator=gen)
+        opt.zero_grad()
+        value = loss(model(Xtr[idx]), ytr[idx])
+        value.backward()
+        opt.step()
+        train_loss = float(value.detach())
+    return out

@@ -7,7 +7,7 @@ from torch import nn
 
 from tensorcurv import Curvature, structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.study import (ExactBlock, ExactModel, exact_solve, frobenius_error, frobenius_sq,
+from tensorcurv.study import (ExactBlock, asymmetry, ExactModel, exact_solve, frobenius_error, frobenius_sq,
                               inner_with_exact, inverse_quality, lanczos, spectral_error)
 
 torch.set_default_dtype(torch.float64)
@@ -124,9 +124,17 @@ def test_spectral_error_equals_dense(name, layer):
     st = STATS[LAYERS[layer]]
     S = _fit(name, st)
     C = _dense_C(st)
-    ref = float(torch.linalg.eigvalsh(C - S.to_dense()).abs().max())
+    ref = float(torch.linalg.matrix_norm(C - S.to_dense(), 2))  # largest singular value
     got = spectral_error(S, ExactBlock(st), max_iter=400, tol=1e-12)
     assert got["spec_abs"] == pytest.approx(ref, rel=1e-8, abs=1e-10 * float(torch.linalg.matrix_norm(C, 2)))
+
+
+def test_asymmetry_is_zero_for_symmetric_and_positive_for_non_symmetric_operators():
+    st = STATS["3"]
+    S = _fit("dense", st)
+    assert asymmetry(S) < 1e-12
+    S.C = S.C + 1e-3 * torch.triu(torch.ones_like(S.C)) * S.C.abs().max()
+    assert asymmetry(S) > 1e-6
 
 
 def test_lanczos_run_to_full_dimension_gives_all_eigenvalues():
@@ -138,17 +146,19 @@ def test_lanczos_run_to_full_dimension_gives_all_eigenvalues():
 
 @pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("rho", [1e-3, 1.0])
-def test_cg_exact_solve_equals_dense_solve(layer, rho):
+def test_cg_and_woodbury_exact_solves_equal_dense_solve(layer, rho):
     st = STATS[LAYERS[layer]]
     block = ExactBlock(st)
     V = torch.randn(st.shape)
     lam = rho * block.trace() / block.dim
     x_cg, info = exact_solve(block, V, lam, method="cg", tol=1e-12)
     x_dense, _ = exact_solve(block, V, lam, method="dense")
+    x_wood, _ = exact_solve(block, V, lam, method="woodbury")
     ref = torch.linalg.solve(_dense_C(st) + lam * torch.eye(block.dim), vec(V))
     assert info["rel_residual"] <= 1e-12
     assert torch.allclose(vec(x_dense), ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
     assert torch.allclose(x_cg, x_dense, rtol=1e-8, atol=1e-9 * float(x_dense.abs().max()))
+    assert torch.allclose(x_wood, x_dense, rtol=1e-8, atol=1e-9 * float(x_dense.abs().max()))
 
 
 def test_inverse_quality_of_dense_structure_is_perfect():
@@ -170,3 +180,18 @@ def test_model_operator_includes_off_diagonal_blocks():
     out = model.mv(V)
     ref = C @ torch.cat([vec(V[k]) for k in keys])
     assert torch.allclose(torch.cat([vec(out[k]) for k in keys]), ref, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("rho", [1e-3, 1.0])
+def test_model_exact_solve_woodbury_and_cg_equal_dense(rho):
+    model = ExactModel({k: ExactBlock(v) for k, v in STATS.items()})
+    keys = list(STATS)
+    P = torch.cat([vec(STATS[k].per_sample_grads()) for k in keys], dim=1)
+    C = STATS[keys[0]].scale * P.T @ P
+    lam = rho * float(C.trace()) / C.shape[0]
+    V = {k: torch.randn(STATS[k].shape) for k in keys}
+    ref = torch.linalg.solve(C + lam * torch.eye(C.shape[0]), torch.cat([vec(V[k]) for k in keys]))
+    for method in ("woodbury", "cg"):
+        x, _ = model.solve(V, lam, method=method, tol=1e-12)
+        got = torch.cat([vec(x[k]) for k in keys])
+        assert torch.allclose(got, ref, rtol=1e-8, atol=1e-9 * float(ref.abs().max())), method
