@@ -10,7 +10,8 @@ stopping rule on the captured energy; ``last_fit`` reports method, iterations an
 
 **PSD** (``psd``): a rank ≥ 2 truncated SVD is in general indefinite (DESIGN §7), which breaks
 ``(Ĉ + λI)^{-1}`` for small ``λ``. ``shrink`` (default) keeps the Kronecker-sum form and makes
-``Ĉ`` provably PSD: ``A_1, G_1`` are clipped to PSD and regularized to PD (``+ε·mean eig``), and
+``Ĉ`` provably PSD: ``A_1, G_1`` are clipped to PSD (for r ≥ 2 with eigenvalues lifted to
+``ε λ_max``, ``ε = max(1e-10, 1000·eps)``, so that they are PD), and
 the other terms are scaled by the largest ``t ∈ [0, 1]`` with ``A_1 ⊗ G_1 + t Σ_{k≥2} A_k ⊗ G_k ⪰ 0``.
 In the congruence basis of ``A_1 ⊗ G_1`` that block is ``I + t Σ Ã_k ⊗ G̃_k``: for rank 2 the
 exact ``t = min(1, 1/max(−λ_i(Ã_2) λ_j(G̃_2)))``; for rank ≥ 3 the sufficient
@@ -103,27 +104,33 @@ def _psd_clip(M: Tensor) -> Tensor:
 
 
 def _regularize(M: Tensor) -> Tensor:
-    d = M.shape[0]
-    mean = float(torch.trace(M)) / d
-    return M + _eps(M.dtype) * max(mean, torch.finfo(M.dtype).tiny) * torch.eye(d, dtype=M.dtype, device=M.device)
+    """PSD-clip ``M`` and lift its eigenvalues to at least ``ε λ_max`` (``ε = max(1e-10, 1000·eps)``)."""
+    evals, Q = torch.linalg.eigh(0.5 * (M + M.T))
+    floor = max(1e-10, 1000 * torch.finfo(M.dtype).eps) * max(float(evals.max()), torch.finfo(M.dtype).tiny)
+    return (Q * evals.clamp_min(floor)) @ Q.T
+
+
+def _inv_sqrt_factor(B: Tensor) -> Tensor:
+    """``W`` with ``Wᵀ B W = I`` (``W = Q Λ^{-1/2}`` from ``eigh``; robust where Cholesky is not)."""
+    evals, Q = torch.linalg.eigh(0.5 * (B + B.T))
+    floor = max(1e-10, 1000 * torch.finfo(B.dtype).eps) * max(float(evals.max()), torch.finfo(B.dtype).tiny)
+    return Q / evals.clamp_min(floor).sqrt()
 
 
 def _whiten(B: Tensor, M: Tensor) -> Tensor:
-    """``L^{-1} M L^{-T}`` for ``B = L Lᵀ`` (Cholesky), ``M`` symmetric."""
-    L = torch.linalg.cholesky(B)
-    X = torch.linalg.solve_triangular(L, M, upper=False)
-    X = torch.linalg.solve_triangular(L, X.T, upper=False)
+    """``Wᵀ M W`` for ``Wᵀ B W = I`` (same spectrum as ``L^{-1} M L^{-T}``, ``B = L Lᵀ``)."""
+    W = _inv_sqrt_factor(B)
+    X = W.T @ M @ W
     return 0.5 * (X + X.T)
 
 
 def gen_eig(B: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
     """Generalized symmetric eigenproblem ``M x = d B x`` (``B`` PD): ``(d, X)`` with ``XᵀBX = I``,
     ``XᵀMX = diag(d)``."""
-    L = torch.linalg.cholesky(B)
-    W = _whiten(B, M)
-    d, Q = torch.linalg.eigh(W)
-    X = torch.linalg.solve_triangular(L.T, Q, upper=True)
-    return d, X
+    W = _inv_sqrt_factor(B)
+    X = W.T @ M @ W
+    d, Q = torch.linalg.eigh(0.5 * (X + X.T))
+    return d, W @ Q
 
 
 @register("kron_sum", "kpsvd")
@@ -195,7 +202,7 @@ class KronSum(Structure):
         A1, G1 = self.A[0], self.G[0]
         m, n = self.shape
         if damping == 0:
-            return _regularize(_psd_clip(A1)), _regularize(_psd_clip(G1))
+            return _regularize(A1), _regularize(G1)
         trA, trG = float(torch.trace(A1)) / n, float(torch.trace(G1)) / m
         pi = math.sqrt(trA / trG) if trA > 0 and trG > 0 else 1.0
         sq = math.sqrt(damping)
@@ -279,8 +286,8 @@ def make_psd(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, float]:
     """Clip ``A_1, G_1`` to PSD (+ε regularization for r ≥ 2) and scale terms k ≥ 2 by the
     largest ``t`` that keeps ``Σ A_k ⊗ G_k`` PSD (exact for r = 2, sufficient for r ≥ 3)."""
     A, G = A.clone(), G.clone()
-    A[0], G[0] = _psd_clip(A[0]), _psd_clip(G[0])
     if A.shape[0] == 1:
+        A[0], G[0] = _psd_clip(A[0]), _psd_clip(G[0])
         return A, G, 1.0
     A[0], G[0] = _regularize(A[0]), _regularize(G[0])
     skew = antisymmetric(A[1:]).tolist()
@@ -299,13 +306,12 @@ def make_psd(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, float]:
 
 
 def _spectrum(B: Tensor, M: Tensor, skew: bool) -> Tensor:
-    """Eigenvalues of the whitened ``L^{-1} M L^{-T}``; for antisymmetric ``M`` its singular values
+    """Eigenvalues of the whitened ``Wᵀ M W``; for antisymmetric ``M`` its singular values
     (the eigenvalues are ``±i σ``, so the pair's spectrum is ``±σ_i(Ã) σ_j(G̃)``)."""
     if not skew:
         return torch.linalg.eigvalsh(_whiten(B, M))
-    L = torch.linalg.cholesky(B)
-    X = torch.linalg.solve_triangular(L, M, upper=False)
-    return torch.linalg.svdvals(torch.linalg.solve_triangular(L, X.T, upper=False))
+    W = _inv_sqrt_factor(B)
+    return torch.linalg.svdvals(W.T @ M @ W)
 
 
 def recompress(A: Tensor, G: Tensor, rank: int) -> tuple[Tensor, Tensor]:
