@@ -39,7 +39,10 @@ from torch import Tensor, nn
 from tensorcurv import data as data_mod
 from tensorcurv import models, optim, tracking
 from tensorcurv.distributed import launch
-from tensorcurv.config import SECOND_ORDER, Validated, check_blocks, validate_train
+from tensorcurv.config import SECOND_ORDER, ConfigError, Validated, check_blocks, validate_train
+
+#: keys that may change between a run and its resumption
+_RESUME_FREE = ("resume", "progress", "logger", "threads", "run_dir")
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -187,6 +190,10 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     record = tracking.CsvLogger(rdir if session.is_main else rdir / f".rank{session.rank}")
     ckpt = rdir / "checkpoints" / "last.pt"
     state = torch.load(ckpt, weights_only=False) if (t.resume and ckpt.exists()) else None
+    fingerprint = _fingerprint(v.raw)
+    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:
+        raise ConfigError(f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
+                          f"or choose another run directory")
     ext = None
     if v.logger.kind != "csv" and session.is_main:
         lcfg = {k: val for k, val in vars(v.logger).items()}
@@ -218,7 +225,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         if not session.is_main:
             return
         _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "rng": _rng_state(), "step": step, "elapsed": elapsed, "last_eval": last_eval,
+                     "rng": _rng_state(), "fingerprint": fingerprint, "step": step, "elapsed": elapsed, "last_eval": last_eval,
                      "logger": record.state_dict(), "logger_ext": ext.state_dict() if ext is not None else None})
 
     from tqdm.auto import tqdm
@@ -293,6 +300,13 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     logger.summary(summary)
     logger.finish()
     return summary
+
+
+def _fingerprint(raw: dict[str, Any]) -> str:
+    import hashlib
+
+    kept = {k: val for k, val in raw.items() if k not in _RESUME_FREE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _to_yaml(raw: dict[str, Any]) -> str:

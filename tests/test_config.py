@@ -181,3 +181,18 @@ def test_slurm_launcher_config_composes():
         cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher.timeout_min == 120
     assert "submitit" in cfg.hydra.launcher._target_.lower()
+
+
+@pytest.mark.skipif("tucker" not in structures.names(), reason="tucker structure not registered")
+def test_tucker_split_that_does_not_multiply_to_the_layer_size_fails_before_training(tmp_path):
+    from tensorcurv.experiment import run_training
+
+    cfg = train_cfg("curvature=tucker", "curvature.splits_in=[4,16]", f"run_dir={tmp_path}", "progress=false")
+    with pytest.raises(ConfigError, match=r"^curvature \(tucker\): .*splits_in=\[4, 16\].*65"):
+        run_training(cfg)  # the MLP's layers have n = 64 + 1 (bias) = 65
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.skipif("tt" not in structures.names(), reason="tt structure not registered")
+def test_tt_rank_below_one_is_rejected_at_validation():
+    assert _error(train_cfg("curvature=tt", "curvature.ranks=0")).startswith("curvature (tt)")

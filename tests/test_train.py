@@ -106,3 +106,11 @@ def test_two_job_multirun(tmp_path):
     assert r.stdout.count("test_acc=") == 2
     structures = {json.loads((tmp_path / "sweep" / j / "summary.json").read_text())["structure"] for j in jobs}
     assert structures == {"kfac", "diagonal"}
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+    from tensorcurv.config import ConfigError
+
+    run_training(cfg_for("optim=adam"), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="different config"):
+        run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
