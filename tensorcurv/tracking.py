@@ -4,7 +4,8 @@ Every logger offers ``log(metrics, step)``, ``log_figure(name, fig_or_png)``, ``
 rows)``, ``summary(dict)``, ``finish()``, and ``state_dict()`` / ``load_state_dict()`` so a resumed
 run continues the same record.
 
-* ``csv`` (:class:`CsvLogger`): the run directory's own record, no account and no network:
+* ``csv`` (:class:`CsvLogger`): the run directory's own record, no account and no network (a new
+  logger starts the record afresh; a resumed one restores its rows with ``load_state_dict``):
   ``metrics.csv`` (one row per ``log`` call, columns = union of keys), ``metrics.jsonl`` (the same
   rows as JSON lines), ``figures/<name>.png``, ``tables/<name>.csv``, ``summary.json``.
 * ``wandb`` (:class:`WandbLogger`): the real ``wandb`` package. ``mode="offline"`` (default) writes a
@@ -92,6 +93,7 @@ class CsvLogger(Logger):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self._summary: dict[str, Any] = {}
+        (self.dir / "metrics.jsonl").write_text("")  # a new logger starts a new record (resume: load_state_dict)
 
     def log(self, metrics, step):
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}

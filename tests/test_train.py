@@ -81,6 +81,8 @@ def test_resume_false_starts_afresh(tmp_path):
     run_training(cfg_for("optim=adam"), run_dir=tmp_path)
     s = run_training(cfg_for("optim=adam", "resume=false", "epochs=1"), run_dir=tmp_path)
     assert s["steps"] == 3
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 3]  # eval at 0, three steps, final eval: nothing left from the first run
 
 
 def _script(args, cwd, timeout=240):
