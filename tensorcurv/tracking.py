@@ -171,7 +171,7 @@ class WandbLogger(Logger):
             project=project, entity=entity, name=name, group=group, tags=list(tags or []),
             config=_json_safe(dict(config or {})), dir=str(self.dir), mode=mode,
             id=run_id, resume="allow" if run_id else None, reinit="create_new",
-            settings=wandb.Settings(silent=True, console="off"),
+            settings=wandb.Settings(silent=True, console="off", init_timeout=300),  # slow start on loaded CPUs
         )
         self.run_id = self.run.id if mode != "disabled" else None
 
@@ -180,14 +180,14 @@ class WandbLogger(Logger):
 
     def log_figure(self, name, fig_or_png):
         path = str(fig_or_png) if isinstance(fig_or_png, (str, os.PathLike)) else None
-        self.run.log({name: self._wandb.Image(path if path is not None else fig_or_png)}, commit=False)
+        self.run.log({name: self._wandb.Image(path if path is not None else fig_or_png)})
 
     def log_table(self, name, rows):
         cols: dict[str, None] = {}
         for r in rows:
             cols.update(dict.fromkeys(r))
         data = [[_plain(r.get(c)) for c in cols] for r in rows]
-        self.run.log({name: self._wandb.Table(columns=list(cols), data=data)}, commit=False)
+        self.run.log({name: self._wandb.Table(columns=list(cols), data=data)})
 
     def summary(self, values):
         self.run.summary.update({k: _plain(v) for k, v in values.items()})
