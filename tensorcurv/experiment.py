@@ -197,6 +197,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     ext = None
     if v.logger.kind != "csv" and session.is_main:
         lcfg = {k: val for k, val in vars(v.logger).items()}
+        lcfg["name"] = lcfg.get("name") or t.name
         ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"))
     logger = tracking.MultiLogger(record, ext) if ext is not None else record
 
