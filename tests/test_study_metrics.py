@@ -7,7 +7,7 @@ from torch import nn
 
 from tensorcurv import Curvature, structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.study import (ExactBlock, asymmetry, ExactModel, exact_solve, frobenius_error, frobenius_sq,
+from tensorcurv.study import (ExactBlock, asymmetry, kronecker_floor, ExactModel, exact_solve, frobenius_error, frobenius_sq,
                               inner_with_exact, inverse_quality, lanczos, spectral_error)
 
 torch.set_default_dtype(torch.float64)
@@ -195,3 +195,25 @@ def test_model_exact_solve_woodbury_and_cg_equal_dense(rho):
         x, _ = model.solve(V, lam, method=method, tol=1e-12)
         got = torch.cat([vec(x[k]) for k in keys])
         assert torch.allclose(got, ref, rtol=1e-8, atol=1e-9 * float(ref.abs().max())), method
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_floor_equals_dense_svd_tail_of_rearranged_block(layer):
+    st = STATS[LAYERS[layer]]
+    m, n = st.shape
+    C = _dense_C(st)
+    # independent rearrangement: C[(j m + i), (j' m + i')] -> R[(j, j'), (i, i')], R(A⊗G) = vec(A) vec(G)ᵀ
+    R = C.reshape(n, m, n, m).permute(0, 2, 1, 3).reshape(n * n, m * m)
+    sig = torch.linalg.svdvals(R)
+    cc = float(C.pow(2).sum())
+    ranks = [1, 2, 3]
+    got = kronecker_floor(ExactBlock(st), ranks)
+    for r in ranks:
+        ref = math.sqrt(max(float(sig[r:].pow(2).sum()), 0.0) / cc)
+        assert got[r] == pytest.approx(ref, rel=1e-8, abs=1e-10)
+
+
+def test_kfac_never_beats_the_rank_one_floor():
+    for st in STATS.values():
+        block = ExactBlock(st)
+        assert frobenius_error(_fit("kfac", st), block)["fro_rel"] >= kronecker_floor(block, [1])[1] - 1e-9
