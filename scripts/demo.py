@@ -30,13 +30,14 @@ EXPERIMENTS = {"NaturalGradient + K-FAC": "digits_mlp_kfac", "Adam": "digits_mlp
 OUT = ROOT / "reports" / "demo"
 
 
-def main(extra: list[str]) -> None:
+def main(extra: list[str], out: Path = OUT, runs_dir: Path = ROOT / "outputs" / "demo") -> dict:
+    """Run both experiments (``extra``: Hydra overrides), write ``out``/{loss_curves.png, demo.md}."""
     results = {}
     t_all = time.perf_counter()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for label, exp in EXPERIMENTS.items():
             cfg = compose("train", overrides=[f"experiment={exp}", "resume=false", "logger=csv",
-                                              f"run_dir={ROOT / 'outputs' / 'demo' / exp}", *extra])
+                                              f"run_dir={Path(runs_dir) / exp}", *extra])
             print(f"\n== {label}: experiment={exp} ==", flush=True)
             results[label] = (run_training(cfg), cfg)
 
@@ -51,7 +52,8 @@ def main(extra: list[str]) -> None:
     for r in rows:
         print(line(r))
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (label, (s, _)), color in zip(results.items(), ("C0", "C1")):
         import csv
@@ -73,7 +75,8 @@ def main(extra: list[str]) -> None:
     n_train = next(iter(results.values()))[0]
     fig.suptitle(f"digits (sklearn), MLP 64-64-64-10 tanh, batch 128 — {n_train['steps']} steps each")
     fig.tight_layout()
-    fig.savefig(OUT / "loss_curves.png", dpi=110)
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
 
     cpu = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     md = ["# Demo: natural gradient with K-FAC vs Adam on digits", "",
@@ -84,8 +87,9 @@ def main(extra: list[str]) -> None:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += ["", f"Measured on {cpu}; total demo time {time.perf_counter() - t_all:.0f} s. Wall-clock is training "
            "time only (evaluation excluded); timings on a shared 2-core machine vary by about 2x between runs.", "", "![loss curves](loss_curves.png)", ""]
-    (OUT / "demo.md").write_text("\n".join(md))
-    print(f"\nwrote {OUT / 'loss_curves.png'} and {OUT / 'demo.md'} ({time.perf_counter() - t_all:.0f} s)")
+    (out / "demo.md").write_text("\n".join(md))
+    print(f"\nwrote {out / 'loss_curves.png'} and {out / 'demo.md'} ({time.perf_counter() - t_all:.0f} s)")
+    return {label: s for label, (s, _) in results.items()}
 
 
 if __name__ == "__main__":

@@ -116,3 +116,19 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     run_training(cfg_for("optim=adam"), run_dir=tmp_path)
     with pytest.raises(ConfigError, match="different config"):
         run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
+
+
+def test_demo_prints_table_and_writes_png_and_markdown(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    res = demo.main(["data.limit=100", "batch_size=50", "epochs=1", "progress=false"], out=tmp_path / "report",
+                    runs_dir=tmp_path / "runs")
+    assert set(res) == {"NaturalGradient + K-FAC", "Adam"}
+    table = capsys.readouterr().out
+    assert "optimizer" in table and "time/step [ms]" in table and "Adam" in table
+    assert (tmp_path / "report" / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report" / "demo.md").read_text()
+    assert md.count("| NaturalGradient + K-FAC |") == 1 and md.count("| Adam |") == 1
