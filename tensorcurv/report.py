@@ -25,7 +25,8 @@ FIGURES = {
     "error_vs_memory": "Block-diagonal relative Frobenius error vs memory, Pareto front (final checkpoint)",
     "error_over_training": "Block-diagonal relative Frobenius error at the checkpoints of the run",
     "spectrum": "Eigenvalues of the exact block vs each structure (chosen layer, final checkpoint)",
-    "inverse_vs_damping": "Cosine between (Ĉ+λI)⁻¹g and (C+λI)⁻¹g (whole model) vs damping λ/(tr C/dim)",
+    "inverse_vs_damping": "Cosine between (Ĉ+λI)⁻¹g and (C+λI)⁻¹g vs damping λ/(tr C/dim): whole model (top), "
+                          "the spectrum layer (bottom)",
 }
 
 
@@ -78,11 +79,11 @@ def _colors(labels):
 
 
 def _rank_value(r) -> float:
-    """The number on the rank axis: the ``rank`` hyper-parameter, or the product of ``ranks``."""
+    """The number on the rank axis: the ``rank`` hyper-parameter, or the largest of ``ranks``."""
     rank = r.get("rank", "")
     if rank in ("", None):
         return math.nan
-    return float(math.prod(int(x) for x in str(rank).split("x")))
+    return float(max(int(x) for x in str(rank).split("x")))
 
 
 def _fmt_bytes(b: float) -> str:
@@ -99,7 +100,7 @@ def _num(v: Any, digits: int = 4) -> str:
     x = _f(v)
     if not math.isfinite(x):
         return "–"
-    return f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.2e}"
+    return f"{x:.{digits}f}" if (10 ** -digits <= abs(x) < 1e4) or x == 0 else f"{x:.2e}"
 
 
 # ----------------------------------------------------------------------------- figures
@@ -137,18 +138,17 @@ def fig_error_vs_rank(metrics, floor, path: Path) -> None:
             ax.set_title(f"{kind} · layer {layer} ({r0.get('m', '')}×{r0.get('n', '')})", fontsize=9)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-            if i == len(kinds) - 1:
-                ax.set_xlabel("rank (kron_sum/kpsvd rank; Tucker/TT: product of ranks)", fontsize=8)
             if j == 0:
                 ax.set_ylabel("‖C−Ĉ‖_F / ‖C‖_F")
     handles, labels = {}, {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8,
-               bbox_to_anchor=(0.5, -0.01))
-    fig.suptitle(f"Frobenius error vs rank at step {step}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(7, len(handles)), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"Frobenius error vs rank at step {step}  (x: kron_sum rank; Tucker/TT: their ranks)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -167,10 +167,16 @@ def fig_error_vs_memory(metrics, path: Path) -> None:
     colors = _colors(dict.fromkeys(r["structure"] for r in rows))
     for ax, kind in zip(axes[0], kinds):
         sel, front = pareto_rows(rows, kind, step)
+        seen = set()
         for r in sel:
-            ax.scatter(_f(r["nbytes"]), _f(r["fro_rel"]), color=colors[r["structure"]], s=28, zorder=3)
-            ax.annotate(r["variant"], (_f(r["nbytes"]), _f(r["fro_rel"])), fontsize=6.5, xytext=(3, 3),
-                        textcoords="offset points")
+            s = r["structure"]
+            ax.scatter(_f(r["nbytes"]), _f(r["fro_rel"]), color=colors[s], s=28, zorder=3,
+                       label=s if s not in seen else None)
+            seen.add(s)
+        for i in front:  # label the front only (the rest is in the table)
+            r = sel[i]
+            ax.annotate(r["variant"], (_f(r["nbytes"]), _f(r["fro_rel"])), fontsize=6.5, xytext=(4, 2),
+                        textcoords="offset points", rotation=20)
         if front:
             ax.step([_f(sel[i]["nbytes"]) for i in front], [_f(sel[i]["fro_rel"]) for i in front], where="post",
                     color="k", lw=1.2, label="Pareto front")
@@ -179,7 +185,7 @@ def fig_error_vs_memory(metrics, path: Path) -> None:
         ax.set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
         ax.set_title(f"{kind}, step {step}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -202,7 +208,7 @@ def fig_error_over_training(metrics, path: Path) -> None:
     axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
     h, lab = axes[0][0].get_legend_handles_labels()
     fig.legend(h, lab, loc="center right", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -230,7 +236,7 @@ def fig_spectrum(spectra, path: Path) -> None:
     axes[0][0].set_ylabel("eigenvalue (positive part)")
     h, lab = axes[0][0].get_legend_handles_labels()
     fig.legend(h, lab, loc="center right", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -240,29 +246,36 @@ def _damping_columns(rows) -> list[tuple[float, str]]:
     return sorted((float(k[4:]), k[4:]) for k in cols)
 
 
-def fig_inverse_vs_damping(metrics, path: Path) -> None:
-    rows = [r for r in _ok(metrics) if r["layer"] == MODEL]
-    step = _final(rows)
-    rows = [r for r in rows if r["step"] == step]
-    kinds = _kinds(rows)
-    variants = _variants(rows)
+def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None) -> None:
+    """Top row: whole model vs the full ``(C+λI)⁻¹g``; bottom row: one layer vs its exact block."""
+    ok = _ok(metrics)
+    step = _final(ok)
+    ok = [r for r in ok if r["step"] == step]
+    layers = [l for l in dict.fromkeys(r["layer"] for r in ok) if l != MODEL]
+    layer = layer if layer in layers else (layers[0] if layers else None)
+    kinds = _kinds(ok)
+    variants = _variants(ok)
     colors = _colors(variants)
-    damp = _damping_columns(rows)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 4.0), squeeze=False, sharey=True)
-    for ax, kind in zip(axes[0], kinds):
-        for v in variants:
-            r = next((r for r in rows if r["kind"] == kind and r["variant"] == v), None)
-            if r is None:
-                continue
-            ax.semilogx([d for d, _ in damp], [_f(r.get(f"cos@{t}")) for _, t in damp], "o-", ms=3,
-                        color=colors[v], label=v)
-        ax.set_title(f"{kind}, step {step}", fontsize=10)
-        ax.set_xlabel("λ / (tr C / dim)")
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
+    damp = _damping_columns(ok)
+    panels = [(MODEL, "whole model, cross-layer blocks in C")] + ([(layer, f"layer {layer}")] if layer else [])
+    fig, axes = plt.subplots(len(panels), len(kinds), figsize=(4.6 * len(kinds), 3.6 * len(panels)), squeeze=False,
+                             sharey=True, sharex=True)
+    for i, (lay, what) in enumerate(panels):
+        for ax, kind in zip(axes[i], kinds):
+            for v in variants:
+                r = next((r for r in ok if r["kind"] == kind and r["variant"] == v and r["layer"] == lay), None)
+                if r is None:
+                    continue
+                ax.semilogx([d for d, _ in damp], [_f(r.get(f"cos@{t}")) for _, t in damp], "o-", ms=3,
+                            color=colors[v], label=v)
+            ax.set_title(f"{kind} · {what} · step {step}", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            if i == len(panels) - 1:
+                ax.set_xlabel("λ / (tr C / dim)")
+        axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
     h, lab = axes[0][0].get_legend_handles_labels()
     fig.legend(h, lab, loc="center right", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -343,7 +356,8 @@ def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, comma
     fig_error_vs_memory(metrics, out / "error_vs_memory.png")
     fig_error_over_training(metrics, out / "error_over_training.png")
     fig_spectrum(result.get("spectra", []), out / "spectrum.png")
-    fig_inverse_vs_damping(metrics, out / "inverse_vs_damping.png")
+    spectra_layers = [r["layer"] for r in result.get("spectra", [])]
+    fig_inverse_vs_damping(metrics, out / "inverse_vs_damping.png", spectra_layers[0] if spectra_layers else None)
 
     ok = _ok(metrics)
     step = _final(ok)

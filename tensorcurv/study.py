@@ -611,7 +611,7 @@ def _floors(block: ExactBlock, ranks: Sequence[int], cc: float) -> dict[int, flo
 def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], variants: Sequence[Variant], *,
              damping_rel: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), floor_ranks: Sequence[int] = (1, 2, 3, 4),
              spectral: bool = True, spectral_max_iter: int = 60, spectral_tol: float = 1e-6,
-             spectrum_layer: str | None = None, spectrum_k: int = 60, chunk: int = 128,
+             spectrum_layer: str | None = None, spectrum_k: int = 60, chunk: int = 128, solve_repeats: int = 1,
              log: Callable[[str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
     """All metrics of every variant on one capture (one checkpoint, one curvature kind).
 
@@ -663,14 +663,14 @@ def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], varia
             if spectral:
                 se = spectral_error(S, b, max_iter=spectral_max_iter, tol=spectral_tol)
                 row.update(spec_rel=se["spec_rel"], spec_abs=se["spec_abs"], asym=se["asym"])
-            iq = inverse_quality(S, b, grads[k], damping_rel, exact=exact[k])
+            iq = inverse_quality(S, b, grads[k], damping_rel, exact=exact[k], repeats=solve_repeats)
             row.update(_inverse_columns(iq))
             rows.append(row)
             if k == spectrum_layer:
                 ev = _structure_spectrum(S, spectrum_k)
                 spectra += [{"layer": k, "structure": var.label, "index": i, "eigenvalue": float(v)}
                             for i, v in enumerate(ev)]
-        mrow = {"layer": "(model)", "m": "", "n": "", "T": "", "structure": var.structure, "variant": var.label,
+        mrow = {"layer": "(model)", "m": None, "n": None, "T": None, "structure": var.structure, "variant": var.label,
                 "hparams": json.dumps(var.hparams, sort_keys=True), **_swept(var), "nbytes": nbytes_total,
                 "fit_time": fit_total, "c_frob": math.sqrt(sum(cc.values())),
                 "fro_rel": math.sqrt((err_sq_total - offdiag_sq) / sum(cc.values())),
@@ -744,8 +744,17 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
     for every curvature kind. ``cfg``: ``seed, dtype, data{name,..}, model{name,..}, loss,
     train{steps, batch_size, lr}, study{kinds, mc_samples, batch_size, checkpoints, structures,
     hparams, sweeps, damping_rel, floor_ranks, spectral, spectral_max_iter, spectral_tol,
-    spectrum_layer, spectrum_k, chunk}``. Returns the raw tables (``metrics``, ``floor``,
+    spectrum_layer, spectrum_k, chunk, solve_repeats}``. Returns the raw tables (``metrics``, ``floor``,
     ``spectra``, ``training``); every row carries ``step`` and ``kind``."""
+    strategy = torch.backends.opt_einsum.strategy
+    torch.backends.opt_einsum.strategy = "greedy"  # path search of "auto" costs more than the small contractions
+    try:
+        return _run_study(cfg, log)
+    finally:
+        torch.backends.opt_einsum.strategy = strategy
+
+
+def _run_study(cfg: Mapping[str, Any], log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
     dtype = getattr(torch, str(cfg.get("dtype", "float64")))
     scfg, tcfg = dict(cfg.get("study") or {}), dict(cfg.get("train") or {})
     splits, model = _build_model_and_data(cfg, dtype)
@@ -764,7 +773,7 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
     gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     bs = int(tcfg.get("batch_size", 64))
     ev_kw = {k: scfg[k] for k in ("damping_rel", "floor_ranks", "spectral", "spectral_max_iter", "spectral_tol",
-                                  "spectrum_layer", "spectrum_k", "chunk") if k in scfg and scfg[k] is not None}
+                                  "spectrum_layer", "spectrum_k", "chunk", "solve_repeats") if k in scfg and scfg[k] is not None}
     out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": [], "training": []}
     log(f"study: {len(variants)} variants x {len(kinds)} kinds at steps {checkpoints}; "
         f"structures {sorted({v.structure for v in variants})}")
