@@ -460,7 +460,7 @@ def kronecker_floor(block: ExactBlock, ranks: Sequence[int], c_frob_sq: float | 
 
     ranks = sorted({int(r) for r in ranks})
     rmax = min(ranks[-1], block.n * block.n, block.m * block.m)
-    svd_kw = {"tol": 1e-10, "max_iter": 500, **svd_kw}
+    svd_kw = {"tol": 1e-10, "max_iter": 500, "generator": torch.Generator().manual_seed(0), **svd_kw}
     sigma = kronecker_svd(block.stats, rmax, **svd_kw)[0]
     cc = block.frobenius_sq() if c_frob_sq is None else c_frob_sq
     csum = torch.cumsum(sigma.double().pow(2), 0)
