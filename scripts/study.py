@@ -3,6 +3,7 @@
     python scripts/study.py                                   # conf/study.yaml: digits MLP
     python scripts/study.py experiment=study_digits_cnn
     python scripts/study.py study.kinds=[ggn] train.steps=50 report_dir=reports/quick
+    python scripts/study.py experiment=study_digits_mlp render_only=true   # re-draw from the CSVs
 
 Trains the model with Adam, evaluates every structure on every covered layer and curvature kind at
 the checkpoints, and writes report.md, PNG figures and the raw CSVs into report_dir (default
@@ -23,7 +24,8 @@ CONF = str(ROOT / "conf")
 
 
 def command_line() -> str:
-    return "python scripts/study.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("hydra."))
+    return "python scripts/study.py " + " ".join(a for a in sys.argv[1:]
+                                                 if not a.startswith(("hydra.", "render_only")))
 
 
 @hydra.main(config_path=CONF, config_name="study", version_base="1.3")
@@ -39,10 +41,21 @@ def main(cfg: DictConfig) -> None:
     if not out.is_absolute():
         out = ROOT / out
     t0 = time.perf_counter()
-    result = study.run_study(plain)
+    if cfg.render_only:  # re-draw figures and tables from the CSVs already in report_dir
+        result = report.read_result(out)
+    else:
+        result = study.run_study(plain)
     elapsed = time.perf_counter() - t0
     logger = tracking.build(plain.get("logger"), out / "logs", plain)
     title = cfg.title or f"Curvature approximation study: {cfg.data.name}, {cfg.model.name}"
+    old_md = out / "report.md"
+    if cfg.render_only and old_md.exists():  # keep the generating command and the original description
+        text = old_md.read_text().split("```bash\n", 1)[1]
+        command, rest = text.split("\n```", 1)
+        desc = rest.strip().split("\n\n", 1)[0]
+        path = report.write_report(result, out, command=command, title=title, description=desc)
+        print(f"report re-rendered: {path}")
+        return
     desc = (f"Model `{cfg.model.name}` ({', '.join(f'{k}={v}' for k, v in plain['model'].items() if k != 'name')}) "
             f"on `{cfg.data.name}`, trained with Adam (lr {cfg.train.lr}, batch {cfg.train.batch_size}) for "
             f"{cfg.train.steps} steps; metrics on a fixed batch of {cfg.study.batch_size} training samples at steps "

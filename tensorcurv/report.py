@@ -49,6 +49,33 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
+_TEXT = {"kind", "layer", "structure", "variant", "hparams", "rank", "swept", "skipped"}
+_INT = {"step", "m", "n", "T", "index", "nbytes"}
+
+
+def read_result(out_dir: str | Path) -> dict[str, list[dict]]:
+    """Read the raw CSVs of a report back into :func:`write_report`'s input (to re-render figures
+    without recomputing). Text columns stay strings (layer names like ``"1"``), the rest are numbers."""
+    out = {}
+    for table in ("metrics", "floor", "spectra", "training"):
+        path = Path(out_dir) / f"{table}.csv"
+        rows = []
+        if path.exists():
+            with open(path) as f:
+                for r in csv.DictReader(f):
+                    row = {}
+                    for k, v in r.items():
+                        if v == "" or (k in _TEXT and not (table == "floor" and k == "rank")):
+                            row[k] = v if v != "" or k in _TEXT else None
+                        elif k in _INT or (table == "floor" and k == "rank"):
+                            row[k] = int(float(v))
+                        else:
+                            row[k] = _f(v)
+                    rows.append(row)
+        out[table] = rows
+    return out
+
+
 # ----------------------------------------------------------------------------- helpers
 def _f(v: Any) -> float:
     try:
@@ -185,7 +212,7 @@ def fig_error_vs_memory(metrics, path: Path) -> None:
         ax.set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
         ax.set_title(f"{kind}, step {step}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -78,3 +78,15 @@ def test_sweeps_expand_to_a_cartesian_product_and_validate_keys():
     assert [v.label for v in vs] == ["kfac(weight_sharing=expand)", "kfac(weight_sharing=reduce)"]
     with pytest.raises(ValueError, match="does not take"):
         make_variants(["kfac"], sweeps={"kfac": {"rnk": [1]}})
+
+
+def test_report_can_be_re_rendered_from_its_csvs(tiny_report, tmp_path):
+    from tensorcurv.report import read_result
+
+    out, _, result = tiny_report
+    back = read_result(out)
+    assert len(back["metrics"]) == len(result["metrics"])
+    assert all(isinstance(r["layer"], str) and isinstance(r["step"], int) for r in back["metrics"])
+    assert back["metrics"][0]["fro_rel"] == pytest.approx(result["metrics"][0]["fro_rel"], rel=1e-5)
+    path = write_report(back, tmp_path, command="again")
+    assert (tmp_path / "error_vs_memory.png").stat().st_size > 0 and "again" in path.read_text()
