@@ -11,13 +11,21 @@ from torch import nn
 import tensorcurv.optim as O
 from tensorcurv.optim.lion import Lion
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """These tests build tensors with the default dtype: float64, restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 # f(θ) = θ1² + ½ θ2² (the course's Nesterov example) as mean-MSE of a bias-free linear model:
 # ½[(√2 θ1)² + θ2²]; ∇f = (2θ1, θ2).
-QX = torch.tensor([[math.sqrt(2.0), 0.0], [0.0, 1.0]])
-QY = torch.zeros(2, 1)
-THETA0 = torch.tensor([1.0, 2.0])
+QX = torch.tensor([[math.sqrt(2.0), 0.0], [0.0, 1.0]], dtype=torch.float64)
+QY = torch.zeros(2, 1, dtype=torch.float64)
+THETA0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
 
 
 def grad_f(th):

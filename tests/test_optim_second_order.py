@@ -13,10 +13,18 @@ from torch.func import functional_call, grad, vmap
 import tensorcurv.optim as O
 from tensorcurv.optim.damping import LevenbergMarquardt
 
-torch.set_default_dtype(torch.float64)
 
-COURSE_X = torch.tensor([[1.0, 1.0], [0.0, -1.0], [2.0, 0.5]])
-COURSE_Y = torch.tensor([-1.0, 3.0, 2.0])
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """These tests build tensors with the default dtype: float64, restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+COURSE_X = torch.tensor([[1.0, 1.0], [0.0, -1.0], [2.0, 0.5]], dtype=torch.float64)
+COURSE_Y = torch.tensor([-1.0, 3.0, 2.0], dtype=torch.float64)
 
 
 def ridge(X, y, mu):
