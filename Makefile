@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q -e ".[test,mnist1d]"
 	$(VPY) -c "import torch; print('torch', torch.__version__)"
 	touch $@
 
@@ -24,6 +24,14 @@ test: setup
 
 test-all: setup
 	$(VPY) -m pytest -q
+
+# Benchmarks: each prints a table and writes it under reports/ (minutes each on 2 CPU cores).
+bench: setup
+	$(VPY) scripts/bench_capture.py --out reports/bench_capture.md
+	$(VPY) scripts/bench_structures.py --out reports/bench_structures.md
+	$(VPY) scripts/bench_optim.py --out reports/bench_optim.md
+	$(VPY) scripts/bench_unlearn.py --out reports/unlearning
+	$(VPY) scripts/bench_distributed.py --out reports/bench_distributed.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs multirun

@@ -81,6 +81,7 @@ def main():
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--structures", nargs="+", default=["kfac", "ekfac", "kron_sum"])
+    ap.add_argument("--out", default=None, help="also write the table as Markdown to this file")
     args = ap.parse_args()
     out = tempfile.mkdtemp()
     results = {}
@@ -92,19 +93,23 @@ def main():
         per_rank = [torch.load(Path(out) / f"w{world}_r{r}.pt") for r in range(world)]
         results[world] = {s: {k: max(r[s][k] for r in per_rank) for k in ("step", "comm", "bytes")}
                           for s in args.structures}
-    print(f"MLP 64-{args.width}-{args.width}-10, Gauss-Newton (GGN, K=10), global batch {args.batch}, "
-          f"{args.steps} steps, 1 thread per rank, gloo, CPUs: {os.cpu_count()}")
-    print("| structure | processes | time/step (ms) | speed-up | comm share | sent/rank/step (KiB) |")
-    print("|---|---|---|---|---|---|")
+    lines = [f"MLP 64-{args.width}-{args.width}-10, Gauss-Newton (GGN, K=10), global batch {args.batch}, "
+             f"{args.steps} steps, 1 thread per rank, gloo, CPUs: {os.cpu_count()}", "",
+             "| structure | processes | time/step (ms) | speed-up | comm share | sent/rank/step (KiB) |",
+             "|---|---|---|---|---|---|"]
     for s in args.structures:
         base = results[1][s]["step"]
         for world, rs in results.items():
             r = rs[s]
-            print(f"| {s} | {world} | {1e3 * r['step']:.1f} | {base / r['step']:.2f} | "
-                  f"{100 * r['comm'] / r['step']:.0f}% | {r['bytes'] / 1024:.1f} |")
-    print("\nper-layer numbers per fit: gather N·(n+Km) | implicit products 2·5·4·(n²+m²) | K-FAC moments n²+m²")
+            lines.append(f"| {s} | {world} | {1e3 * r['step']:.1f} | {base / r['step']:.2f} | "
+                         f"{100 * r['comm'] / r['step']:.0f}% | {r['bytes'] / 1024:.1f} |")
+    lines += ["", "per-layer numbers per fit: gather N·(n+Km) | implicit products 2·5·4·(n²+m²) | K-FAC moments n²+m²", ""]
     for name, shape, g, p, k in volumes(args.width, args.batch):
-        print(f"layer {name} {shape}: {g} | {p} | {k}")
+        lines.append(f"- layer {name} {shape}: {g} | {p} | {k}")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text("# Distributed benchmark\n\n`python scripts/bench_distributed.py`\n\n" + text + "\n")
 
 
 if __name__ == "__main__":
