@@ -278,8 +278,22 @@ class KronSum(Structure):
         iters = self.last_solve.get("iterations", 20) if self.last_solve.get("method") == "pcg" else 20
         return iters * (2 * r * (m * m * n + m * n * n) + base)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Factors ``A, G`` (the next fit's warm start) plus the start-column generator's state,
+        so that a resumed run refits bitwise like the uninterrupted one."""
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
     def _after_load(self):
         self._cache = {}
+        if self.fitted:
+            skew = bool(self.A.shape[0] > 1 and antisymmetric(self.A[1:2]).any())
+            self.exact_solve = self.hparams.rank == 1 or (self.hparams.rank == 2
+                                                           and self.hparams.damping_kind == "factored" and not skew)
 
 
 def make_psd(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, float]:

@@ -306,6 +306,12 @@ class Tucker(Structure):
         self.core = t["core"].clone()
         self.U = [t[f"U{l}"].clone() for l in range(len(t) - 1)]
         self.fitted, self._pre = state["fitted"], None
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def state_dict(self):
+        """Core tensors plus the random-start generator's state (exact resume)."""
+        return {**super().state_dict(), "generator": self.generator.get_state()}
 
     def solve_flops(self):
         m, n = self.shape
