@@ -395,9 +395,9 @@ def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, comma
     md = [f"# {title}", "", "Regenerate with:", "", "```bash", command, "```", ""]
     if description:
         md += [description, ""]
-    md += ["Every number is exact up to rounding unless marked otherwise: Frobenius errors from Gram-matrix "
-           "identities over the per-sample factors (no `C` formed), spectral errors by Lanczos on implicit "
-           "products, exact damped inverses `(C+λI)⁻¹g` from the Woodbury identity on the per-sample Gram "
+    md += ["How the numbers are computed: Frobenius errors exactly (up to rounding) from Gram-matrix "
+           "identities over the per-sample factors (no `C` formed); spectral errors by Lanczos on implicit "
+           "products (stopped at a relative Ritz residual of `study.spectral_tol`); exact damped inverses `(C+λI)⁻¹g` from the Woodbury identity on the per-sample Gram "
            "matrix, floors from the truncated SVD of the rearranged block `R(C)`. Model-level Frobenius errors "
            "are block-diagonal, `sqrt(Σ_l ‖C_ll−Ĉ_l‖² / Σ_l ‖C_ll‖²)`; `metrics.csv` also has `fro_rel_full` "
            "against the curvature of all covered layers together (cross-layer blocks included, "

@@ -250,6 +250,25 @@ def _register_builtin() -> None:
 
     register_frobenius(Dense)(lambda s: float(s.C.pow(2).sum()))
 
+    try:
+        from tensorcurv.structures.kron_sum import KronSum
+    except ImportError:  # pragma: no cover  (older checkouts)
+        return
+
+    @register_inner(KronSum)  # Ĉ = Σ_r A_r ⊗ G_r; T = 1: scale Σ_r Σ_sk (a_sᵀ A_r a_s)(g_skᵀ G_r g_sk)
+    def _kron_sum_inner(s, block):
+        if block.stats.T != 1:
+            return block.scale * sum(float((G * batched_mv(s, G)).sum()) for G in block.grad_chunks())
+        a, g = block.a[:, 0], block.g[:, :, 0]
+        qa = torch.einsum("sn,rnl,sl->rs", a, s.A, a)
+        qg = torch.einsum("skm,rmi,ski->rsk", g, s.G, g)
+        return block.scale * float((qa[:, :, None] * qg).sum())
+
+    @register_frobenius(KronSum)  # Σ_{r,q} ⟨A_r, A_q⟩ ⟨G_r, G_q⟩
+    def _kron_sum_frob(s):
+        A, G = s.A.flatten(1), s.G.flatten(1)
+        return float(((A @ A.T) * (G @ G.T)).sum())
+
 
 _register_builtin()
 
