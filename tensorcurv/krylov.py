@@ -2,6 +2,8 @@
 
 * :func:`pcg` — preconditioned conjugate gradients on matrices (inner product ``⟨X, Y⟩ = Σ X∘Y``),
   with a *relative* residual stopping rule and an iteration/residual report.
+* :func:`pcg_or_fallback` — :func:`pcg` that never returns a non-finite or negative-curvature
+  answer: it falls back to the (damped, PSD) preconditioner solve and says why (``fallback``).
 * :func:`orthonormalize` — orthonormal basis of the columns of a tall matrix (QR, rank-revealing
   enough for subspace iteration).
 * :func:`metric_orthonormalize` — coefficients ``C`` with ``Cᵀ M C = I`` for a PSD Gram ``M``
@@ -9,6 +11,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +30,13 @@ def pcg(
     """Solve ``M x = b`` for symmetric positive definite ``M`` (given by ``matvec``) by PCG.
 
     Stops when ``‖b − M x‖_F ≤ tol · ‖b‖_F``. Returns ``x`` and ``{"iterations", "residual"
-    (relative), "converged", "negative_curvature"}``; ``negative_curvature`` is set (and the
-    iteration stops) if ``pᵀ M p ≤ 0`` — ``M`` is then not positive definite.
+    (relative), "converged", "negative_curvature", "non_finite"}``; ``negative_curvature`` is set
+    (and the iteration stops) if ``pᵀ M p ≤ 0`` — ``M`` is then not positive definite;
+    ``non_finite`` if ``pᵀ M p`` or ``rᵀ z`` is not finite (the last finite iterate is returned).
     """
     bnorm = float(torch.linalg.norm(b))
-    info: dict[str, Any] = {"iterations": 0, "residual": 0.0, "converged": True, "negative_curvature": False}
+    info: dict[str, Any] = {"iterations": 0, "residual": 0.0, "converged": True, "negative_curvature": False,
+                            "non_finite": False}
     if bnorm == 0.0:
         return torch.zeros_like(b), info
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -44,6 +49,9 @@ def pcg(
     while res > tol and it < max_iter:
         Mp = matvec(p)
         pMp = float((p * Mp).sum())
+        if not (math.isfinite(pMp) and math.isfinite(rz)):
+            info["non_finite"] = True
+            break
         if pMp <= 0.0:
             info["negative_curvature"] = True
             break
@@ -52,6 +60,10 @@ def pcg(
         r = r - alpha * Mp
         it += 1
         res = float(torch.linalg.norm(r)) / bnorm
+        if not math.isfinite(res):
+            info["non_finite"] = True
+            x = x - alpha * p
+            break
         if res <= tol:
             break
         z = precond(r) if precond is not None else r
@@ -60,6 +72,46 @@ def pcg(
         rz = rz_new
     info.update(iterations=it, residual=res, converged=res <= tol)
     return x, info
+
+
+def pcg_or_fallback(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    precond: Callable[[Tensor], Tensor],
+    tol: float,
+    max_iter: int,
+    damping: float,
+) -> tuple[Tensor, dict[str, Any]]:
+    """:func:`pcg` on an operator that may be indefinite (a fitted format that is not PSD).
+
+    ``precond`` must be a damped PSD solve ``(P + λI)^{-1}`` (always finite for ``λ > 0``).
+    Falls back to ``x = precond(b)`` — a descent direction for a gradient ``b`` — when PCG meets
+    negative curvature (``Ĉ + λI`` not PD: its solution would not be one), produces non-finite
+    numbers, or stops unconverged with a larger residual than the fallback's. If even
+    ``precond(b)`` is not finite the answer is ``b / λ`` (gradient step). ``info["fallback"]`` is
+    ``None`` or the reason; ``info["residual"]`` is the relative residual of the returned ``x``.
+    """
+    x, info = pcg(matvec, b, precond, tol, max_iter)
+    reason = None
+    if info["non_finite"] or not bool(torch.isfinite(x).all()):
+        reason = "non-finite"
+    elif info["negative_curvature"]:
+        reason = "negative curvature"
+    elif not info["converged"]:
+        reason = "not converged"
+    info["fallback"] = None
+    if reason is None:
+        return x, info
+    y = precond(b)
+    if not bool(torch.isfinite(y).all()):
+        y, reason = b / damping, reason + "; preconditioner non-finite: gradient step b/λ"
+    bnorm = float(torch.linalg.norm(b))
+    res_y = float(torch.linalg.norm(b - matvec(y))) / bnorm if bnorm > 0 else 0.0
+    if reason == "not converged" and not res_y < info["residual"]:
+        return x, info  # the unconverged PCG iterate is the better answer: keep it (reported unconverged)
+    info.update(fallback=reason, pcg_residual=info["residual"], residual=res_y if math.isfinite(res_y) else math.inf,
+                converged=False)
+    return y, info
 
 
 def orthonormalize(X: Tensor) -> Tensor:

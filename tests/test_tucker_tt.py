@@ -124,3 +124,33 @@ def test_invalid_splits_and_ranks_raise_clear_errors():
 def test_nbytes_counts_core_and_factors():
     block = fit("tucker", ranks=[2, 3, 2, 3], **SPLIT)
     assert block.nbytes == 8 * (2 * 3 * 2 * 3 + 4 * 2 + 9 * 3 + 4 * 2 + 4 * 3)
+
+
+@pytest.mark.parametrize("structure, negate", [("tucker", "core"), ("tt", "cores")])
+def test_indefinite_fit_solves_finitely_by_the_psd_preconditioner_and_reports_the_fallback(structure, negate):
+    block = fit(structure, ranks=2, **SPLIT)
+    if negate == "core":
+        block.core = -block.core
+    else:
+        block.cores = [-block.cores[0]] + block.cores[1:]
+    block._pre = None
+    damping = 1e-3 * float(torch.linalg.eigvalsh(block.to_dense()).abs().max())
+    assert float(torch.linalg.eigvalsh(block.to_dense()).min()) < -10 * damping  # Ĉ + λI is indefinite
+    V = torch.randn(block.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    X = block.solve(V, damping)
+    assert torch.isfinite(X).all()
+    assert block.last_solve["fallback"] == "negative curvature"
+    assert torch.equal(X, block._precond(damping)(V)) if structure == "tucker" else float((X * V).sum()) > 0
+
+
+def test_pcg_or_fallback_replaces_a_non_finite_answer_by_the_preconditioner_solve():
+    from tensorcurv.krylov import pcg_or_fallback
+    b = torch.ones(3, 2, dtype=torch.float64)
+    X, info = pcg_or_fallback(lambda Z: Z * float("nan"), b, lambda R: R / 2.0, 1e-10, 50, 1.0)
+    assert info["fallback"] == "non-finite" and torch.equal(X, b / 2.0)
+
+
+def test_pcg_on_a_positive_definite_fit_uses_no_fallback():
+    block = fit("tucker", ranks=81, **SPLIT)
+    block.solve(torch.ones(block.shape, dtype=torch.float64), 1e-2)
+    assert block.last_solve["fallback"] is None and block.last_solve["converged"]

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.krylov import pcg
+from tensorcurv.krylov import pcg_or_fallback
 from tensorcurv.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
@@ -259,7 +259,8 @@ class KronSum(Structure):
             precond, pname = self._rank2_solver(damping)[0], "rank-2 factored (simultaneous diagonalization)"
         else:
             precond, pname = self._rank1_solver(damping, "tikhonov"), "dominant term A_1⊗G_1 + λI"
-        X, info = pcg(self._damped_mv(damping, kind), V, precond, self.hparams.pcg_tol, self.hparams.pcg_max_iter)
+        X, info = pcg_or_fallback(self._damped_mv(damping, kind), V, precond, self.hparams.pcg_tol,
+                                  self.hparams.pcg_max_iter, damping)
         self.last_solve = {"method": "pcg", "damping": kind, "exact": False, "preconditioner": pname, **info}
         return X
 

@@ -11,7 +11,9 @@ of the split factors), whose Tikhonov solve is exact through the factors' eigend
 (``exact_solve`` is then True). Otherwise ``solve`` is PCG on ``Ĉ + λI`` preconditioned by the
 Kronecker product of the partial traces. ``update`` refits warm-started from the current cores and
 averages ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` by one more ALS sweep on that sum (exact TT algebra).
-The approximation is not projected to PSD; PCG reports negative curvature if it meets any.
+The approximation is not projected to PSD: where PCG meets negative curvature, non-finite numbers
+or stalls, ``solve`` returns the damped PSD preconditioner solve instead and says so in
+``last_solve["fallback"]`` (:func:`tensorcurv.krylov.pcg_or_fallback`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
-from tensorcurv.krylov import kron_eig_solve, pcg
+from tensorcurv.krylov import kron_eig_solve, pcg_or_fallback
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 from tensorcurv.structures.tucker import (SplitHparams, SplitTensor, as_tensor, from_tensor,
@@ -181,7 +183,8 @@ class TensorTrain(Structure):
         def precond(R):
             return from_tensor(kron_eig_solve(evals, evecs, as_tensor(R, self.sin, self.sout), damping), *self.shape)
 
-        X, info = pcg(lambda Z: self.mv(Z) + damping * Z, V, precond, self.hparams.pcg_tol, self.hparams.pcg_max_iter)
+        X, info = pcg_or_fallback(lambda Z: self.mv(Z) + damping * Z, V, precond, self.hparams.pcg_tol,
+                                  self.hparams.pcg_max_iter, damping)
         self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
                            "preconditioner": "Kronecker product of partial traces", **info}
         return X

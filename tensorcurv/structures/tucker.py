@@ -16,7 +16,9 @@ Tikhonov damping, not exact: ``exact_solve = False``). ``update``: EMA of the ba
 projected on the refitted factors is not defined cheaply, so ``update`` refits on the batch
 warm-started from the previous factors and averages the *dense-free* core after projecting the old
 approximation onto the new factors (``𝒢 ← decay·𝒢_old ×_l (U_lᵀU_l^old) + (1−decay)·𝒢_batch``).
-The approximation is not projected to PSD; PCG reports negative curvature if it meets any.
+The approximation is not projected to PSD: where PCG meets negative curvature, non-finite numbers
+or stalls, ``solve`` returns the damped PSD preconditioner solve instead and says so in
+``last_solve["fallback"]`` (:func:`tensorcurv.krylov.pcg_or_fallback`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import opt_einsum as oe
 import torch
 from torch import Tensor
 
-from tensorcurv.krylov import kron_eig_solve, mode_apply, pcg
+from tensorcurv.krylov import kron_eig_solve, mode_apply, pcg_or_fallback
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
@@ -290,8 +292,8 @@ class Tucker(Structure):
 
     def solve(self, V, damping):
         self._check(V, damping)
-        X, info = pcg(lambda Z: self.mv(Z) + damping * Z, V, self._precond(damping), self.hparams.pcg_tol,
-                      self.hparams.pcg_max_iter)
+        X, info = pcg_or_fallback(lambda Z: self.mv(Z) + damping * Z, V, self._precond(damping),
+                                  self.hparams.pcg_tol, self.hparams.pcg_max_iter, damping)
         self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
                            "preconditioner": "Kronecker product of partial traces", **info}
         return X
