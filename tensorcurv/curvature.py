@@ -209,24 +209,30 @@ class Curvature:
                 raise ValueError(f"gradient for {n} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
         return grads
 
+    def _layout(self) -> tuple[list[tuple[str, LayerAdapter, list[int]]], list[tuple[str, int]]]:
+        """Index maps into ``self.params`` (built once): ``(layer, adapter, param indices)`` per
+        covered layer and ``(name, index)`` per uncovered parameter."""
+        if getattr(self, "_layout_cache", None) is None:
+            by_id = {id(p): i for i, p in enumerate(self.params)}
+            layers = [(name, ad, [by_id[id(p)] for _, p in ad.params()]) for name, ad in self.adapters.items()]
+            self._layout_cache = (layers, [(n, by_id[id(p)]) for n, p in self._uncovered])
+        return self._layout_cache
+
     def _apply(self, grads, block_op, fallback_op, model_op):
         as_dict = isinstance(grads, Mapping)
         vecs = self._as_list(grads)
-        by_id = {id(p): i for i, p in enumerate(self.params)}
+        layers, uncovered = self._layout()
         out: list[Tensor | None] = [None] * len(vecs)
-        mats = {}
-        for name, ad in self.adapters.items():
-            idx = [by_id[id(p)] for _, p in ad.params()]
-            mats[name] = (idx, ad.to_matrix([vecs[i] for i in idx]))
+        mats = {name: ad.to_matrix([vecs[i] for i in idx]) for name, ad, idx in layers}
         if self.model_structure is not None:
-            res = model_op({k: M for k, (_, M) in mats.items()})
+            res = model_op(mats)
         else:
-            res = {k: block_op(self.blocks[k], M) for k, (_, M) in mats.items()}
-        for name, (idx, _) in mats.items():
-            for i, t in zip(idx, self.adapters[name].from_matrix(res[name])):
+            blocks = self.blocks
+            res = {k: block_op(blocks[k], M) for k, M in mats.items()}
+        for name, ad, idx in layers:
+            for i, t in zip(idx, ad.from_matrix(res[name])):
                 out[i] = t
-        for n, p in self._uncovered:
-            i = by_id[id(p)]
+        for n, i in uncovered:
             out[i] = fallback_op(n, vecs[i])
         if as_dict:
             return {n: t for (n, _), t in zip(self.named_params, out)}

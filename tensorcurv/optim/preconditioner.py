@@ -127,7 +127,7 @@ class Preconditioner:
         self.last_skipped = False
         t = self.steps
         stats_due = t % self.stats_interval == 0 or self.curvature.num_updates == 0
-        gen = self.curvature.generator
+        gen = self.curvature.generator if stats_due else None  # only a capture draws MC samples
         gen_state = gen.get_state() if gen is not None else None
         t0 = time.perf_counter()
         res = None

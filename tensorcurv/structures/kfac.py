@@ -50,6 +50,7 @@ class KFAC(Structure):
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
         self._eigs = None
+        self._denom = None  # (eigs, damping_kind, λ, denominator, last_solve) of the last solve
 
     def fit(self, stats: LayerStats):
         self._check_stats(stats)
@@ -77,11 +78,27 @@ class KFAC(Structure):
 
     def solve(self, V, damping):
         self._check(V, damping)
-        if self.hparams.damping_kind == "pi":
-            return self._solve_pi(V, damping)
         lA, QA, lG, QG = self.eigs()
-        self.last_solve = {"method": "kron-eigh", "damping": "tikhonov"}
-        return QG @ ((QG.T @ V @ QA) / (lG[:, None] * lA[None, :] + damping)) @ QA.T
+        D, self.last_solve = self._denominator(damping)
+        return QG @ (QG.T @ V @ QA).div_(D) @ QA.T
+
+    def _denominator(self, damping: float) -> tuple[Tensor, dict]:
+        """Eigenbasis scaling of the solve, cached per (eigendecomposition, λ): ``λ_G λ_Aᵀ + λ``
+        (tikhonov) or ``(λ_G + √λ/π)(λ_A + π√λ)ᵀ`` (pi). A fixed λ builds it once per refresh."""
+        eigs, kind = self.eigs(), self.hparams.damping_kind
+        c = self._denom
+        if c is not None and c[0] is eigs and c[1] == kind and c[2] == damping:
+            return c[3], dict(c[4])
+        lA, _, lG, _ = eigs
+        if kind == "pi":
+            pi, sq = self.pi(), math.sqrt(damping)
+            D = (lG[:, None] + sq / pi) * (lA[None, :] + pi * sq)
+            info = {"method": "kron-eigh", "damping": "pi", "pi": pi}
+        else:
+            D = lG[:, None] * lA[None, :] + damping
+            info = {"method": "kron-eigh", "damping": "tikhonov"}
+        self._denom = (eigs, kind, damping, D, info)
+        return D, dict(info)
 
     def pi(self) -> float:
         m, n = self.shape
@@ -89,13 +106,6 @@ class KFAC(Structure):
         if trA <= 0 or trG <= 0:
             return 1.0
         return math.sqrt(trA / trG)
-
-    def _solve_pi(self, V, damping):
-        pi, sq = self.pi(), math.sqrt(damping)
-        lA, QA, lG, QG = self.eigs()
-        self.last_solve = {"method": "kron-eigh", "damping": "pi", "pi": pi}
-        inner = (QG.T @ V @ QA) / ((lG[:, None] + sq / pi) * (lA[None, :] + pi * sq))
-        return QG @ inner @ QA.T
 
     def to_dense(self):
         return torch.kron(self.A, self.G)
