@@ -108,7 +108,9 @@ class Preconditioner:
         return self.curvature.named_params
 
     def _zero_grad(self) -> None:
-        for p in self.model.parameters():
+        if getattr(self, "_all_params", None) is None:  # listed once (walking the modules costs per step)
+            self._all_params = list(self.model.parameters())
+        for p in self._all_params:
             p.grad = None
 
     def _skip(self, what: str) -> None:
