@@ -27,8 +27,8 @@ import torch
 from tensorcurv.krylov import kron_eig_solve, pcg_or_fallback
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
-from tensorcurv.structures.tucker import (SplitHparams, SplitTensor, as_tensor, from_tensor,
-                                          mode_factors_precond, resolve_splits)
+from tensorcurv.structures.tucker import (SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
+                                          mode_factors_precond, resolve_splits, small_threads)
 
 
 @dataclass
@@ -108,6 +108,10 @@ class TensorTrain(Structure):
         return cores, {"iterations": it, "converged": change <= hp.tol, "energy_change": change}
 
     def fit(self, stats: LayerStats):
+        with small_threads(self.shape):
+            return self._fit(stats)
+
+    def _fit(self, stats: LayerStats):
         self._check_stats(stats)
         target = _StatsTarget(SplitTensor(stats, self.sin, self.sout, self.hparams.chunk), stats.a)
         self.cores, info = self._als(target, self.cores if self.fitted else None)
@@ -116,9 +120,13 @@ class TensorTrain(Structure):
         return self
 
     def _update(self, stats, decay):
+        with small_threads(self.shape):
+            return self._update_inner(stats, decay)
+
+    def _update_inner(self, stats, decay):
         self._check_stats(stats)
         old = [c.clone() for c in self.cores]
-        self.fit(stats)
+        self._fit(stats)
         batch = self.cores
         target = _SumTarget([(decay, old), (1 - decay, batch)])
         self.cores, info = self._als(target, batch)
@@ -168,6 +176,10 @@ class TensorTrain(Structure):
         return P, torch.trace(P[0])
 
     def solve(self, V, damping):
+        with small_threads(self.shape):
+            return self._solve(V, damping)
+
+    def _solve(self, V, damping):
         self._check(V, damping)
         if self.exact_solve:
             if self._pre is None:
@@ -266,5 +278,5 @@ class _SumTarget:
             one = torch.ones(1, dtype=self.dtype, device=self.device)
             ops += [(one, b[0]), (one, b[D]), (one, e[0]), (one, e[D])]
             expr = ",".join(s for _, s in ops) + "->" + e[l] + r[l] + c[l] + e[l + 1]
-            out = out + w * oe.contract(expr, *[t for t, _ in ops], optimize="greedy")
+            out = out + w * contract(expr, *[t for t, _ in ops])
         return out
