@@ -11,7 +11,8 @@ training split, float32, CPU.
     mn ≤ --dense-max), at statistics+inverse interval 1 and 10; NaturalGradient (kind mc, one
     backward column) and GaussNewton (kind ggn, one column per output) for kfac. Configurations
     are run in interleaved rounds and the median per-step time of each is taken, so the ratios
-    come from the same (shared, noisy) machine state.
+    come from the same (shared, noisy) machine state; "× SGD" is the ratio of the medians, the
+    spread column gives the min–max of the per-round ratios (config / SGD in the same round).
 (b) wall-clock (training steps only, evaluation excluded) and steps until the full training loss
     reaches a target (NG/GN with KL clipping --kl-clip; runs give up after --max-wall seconds), for NaturalGradient / GaussNewton (kfac, kron_sum, tt when registered) and
     SGD-momentum / Adam with a small learning-rate sweep; the best configuration of each method
@@ -104,8 +105,10 @@ def step_cost(args) -> list[dict]:
             if name == "sgd":
                 continue
             med = statistics.median(ts)
+            paired = sorted(t / s for t, s in zip(ts, times[0]))  # same round: same machine state
             rows.append({"problem": prob, "optimizer": label, "interval": k, "ms_per_step": 1e3 * med,
-                         "vs_sgd": med / sgd, "sgd_ms": 1e3 * sgd})
+                         "vs_sgd": med / sgd, "sgd_ms": 1e3 * sgd,
+                         "spread": f"{paired[0]:.2f}–{paired[-1]:.2f}"})
     return rows
 
 
@@ -210,7 +213,8 @@ def main() -> None:
     cost = step_cost(args) if "a" in args.parts else []
     ta = table(cost, [("problem", "problem", "s"), ("optimizer", "optimizer", "s"),
                       ("stats+inverse interval", "interval", "d"), ("ms/step", "ms_per_step", ".2f"),
-                      ("× SGD", "vs_sgd", ".2f"), ("SGD ms/step", "sgd_ms", ".2f")])
+                      ("× SGD", "vs_sgd", ".2f"), ("per-round × SGD (min–max)", "spread", "s"),
+                      ("SGD ms/step", "sgd_ms", ".2f")])
     print(ta, flush=True)
     print("(b) wall-clock and steps to the target training loss", flush=True)
     ttt = time_to_target(args) if "b" in args.parts else []
