@@ -285,10 +285,12 @@ def frobenius_error(structure: Structure, block: ExactBlock, c_frob_sq: float | 
 
 # =============================================================================== Lanczos
 def lanczos(op: Callable[[Tensor], Tensor], dim: int, *, max_iter: int = 200, tol: float = 1e-10,
-            dtype=torch.float64, seed: int = 0) -> Tensor:
+            dtype=torch.float64, seed: int = 0, return_residuals: bool = False):
     """Ritz values of a symmetric operator ``op`` on ``R^dim`` (ascending), Lanczos with full
     re-orthogonalization. Stops when the residual ``β_k |y_k|`` of both extreme Ritz pairs is below
-    ``tol·max|θ|``, at an invariant subspace, or after ``min(max_iter, dim)`` steps (exact then)."""
+    ``tol·max|θ|``, at an invariant subspace, or after ``min(max_iter, dim)`` steps (exact then).
+    Only the extreme Ritz values are converged at an early stop; ``return_residuals=True`` also
+    returns every Ritz pair's residual ``β_k |y_k|`` to tell which interior ones are."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(dim, generator=gen, dtype=dtype)
     Q = [q / q.norm()]
@@ -308,11 +310,12 @@ def lanczos(op: Callable[[Tensor], Tensor], dim: int, *, max_iter: int = 200, to
             Tk = Tk + torch.diag(off, 1) + torch.diag(off, -1)
         theta, Y = torch.linalg.eigh(Tk)
         scale = float(theta.abs().max()) if theta.numel() else 0.0
-        if beta <= 1e-14 * max(scale, 1e-300) or k == steps - 1:
-            return theta
-        resid = beta * Y[-1, [0, -1]].abs()
-        if k >= 2 and float(resid.max()) <= tol * scale:
-            return theta
+        done = beta <= 1e-14 * max(scale, 1e-300) or k == steps - 1
+        if not done:
+            resid = beta * Y[-1, [0, -1]].abs()
+            done = k >= 2 and float(resid.max()) <= tol * scale
+        if done:
+            return (theta, beta * Y[-1].abs()) if return_residuals else theta
         betas.append(beta)
         Q.append(w / beta)
     return theta  # pragma: no cover  (loop always returns)
@@ -630,7 +633,7 @@ def _floors(block: ExactBlock, ranks: Sequence[int], cc: float) -> dict[int, flo
 def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], variants: Sequence[Variant], *,
              damping_rel: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), floor_ranks: Sequence[int] = (1, 2, 3, 4),
              spectral: bool = True, spectral_max_iter: int = 60, spectral_tol: float = 1e-6,
-             spectrum_layer: str | None = None, spectrum_k: int = 60, chunk: int = 128, solve_repeats: int = 1,
+             spectrum: bool = True, spectrum_layer: str | None = None, spectrum_k: int = 60, chunk: int = 128, solve_repeats: int = 1,
              log: Callable[[str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
     """All metrics of every variant on one capture (one checkpoint, one curvature kind).
 
@@ -659,7 +662,7 @@ def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], varia
     spectrum_layer = spectrum_layer if spectrum_layer in blocks else next(iter(blocks))
     sb = blocks[spectrum_layer]
     spectra = [{"layer": spectrum_layer, "structure": "exact", "index": i, "eigenvalue": float(v)}
-               for i, v in enumerate(sb.eigenvalues()[:spectrum_k])]
+               for i, v in enumerate(sb.eigenvalues()[:spectrum_k])] if spectrum else []
 
     rows = []
     for var in variants:
@@ -685,7 +688,7 @@ def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], varia
             iq = inverse_quality(S, b, grads[k], damping_rel, exact=exact[k], repeats=solve_repeats)
             row.update(_inverse_columns(iq))
             rows.append(row)
-            if k == spectrum_layer:
+            if spectrum and k == spectrum_layer:
                 ev = _structure_spectrum(S, spectrum_k)
                 spectra += [{"layer": k, "structure": var.label, "index": i, "eigenvalue": float(v)}
                             for i, v in enumerate(ev)]
@@ -723,13 +726,16 @@ def _inverse_columns(iq: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
-def _structure_spectrum(S: Structure, k: int) -> Tensor:
+def _structure_spectrum(S: Structure, k: int, dense_max_dim: int = 8192) -> Tensor:
+    """Leading ``k`` eigenvalues of ``Ĉ`` (descending): dense ``eigvalsh`` up to ``dense_max_dim``, else
+    Lanczos keeping only the Ritz values whose residual is below ``1e-6·max|θ|`` (converged)."""
     m, n = S.shape
-    if m * n <= DENSE_MAX_DIM:
-        ev = torch.linalg.eigvalsh(S.to_dense())
-    else:
-        ev = lanczos(lambda v: vec(S.mv(unvec(v, m, n))), m * n, max_iter=2 * k, tol=1e-8)
-    return ev.flip(0)[:k]
+    if m * n <= dense_max_dim:
+        return torch.linalg.eigvalsh(S.to_dense()).flip(0)[:k]
+    theta, resid = lanczos(lambda v: vec(S.mv(unvec(v, m, n))), m * n, max_iter=3 * k + 20, tol=0.0,
+                           return_residuals=True)
+    keep = resid <= 1e-6 * theta.abs().max()
+    return theta[keep].flip(0)[:k]
 
 
 # ------------------------------------------------------------------------------- over training
@@ -810,7 +816,7 @@ def _run_study(cfg: Mapping[str, Any], log: Callable[[str], None]) -> dict[str, 
                 curv = Curvature(model, "diagonal", kd, mc_samples=int(scfg.get("mc_samples", 1)),
                                  seed=int(cfg.get("seed", 0)) + step)
                 stats = curv.capture(Xs, ys, loss).stats
-                res = evaluate(stats, grads, variants, log=log, **ev_kw)
+                res = evaluate(stats, grads, variants, log=log, spectrum=step == checkpoints[-1], **ev_kw)
                 for table, rows in res.items():
                     out[table] += [{"step": step, "kind": kd, **r} for r in rows]
             model.train()

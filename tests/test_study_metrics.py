@@ -218,3 +218,13 @@ def test_kfac_never_beats_the_rank_one_floor():
     for st in STATS.values():
         block = ExactBlock(st)
         assert frobenius_error(_fit("kfac", st), block)["fro_rel"] >= kronecker_floor(block, [1])[1] - 1e-9
+
+
+def test_lanczos_residuals_flag_the_converged_ritz_values():
+    A = torch.diag(torch.logspace(0.0, 8.0, 40))  # well-separated top: converges first
+    theta, resid = lanczos(lambda v: A @ v, 40, max_iter=15, tol=0.0, return_residuals=True)
+    ok = resid <= 1e-6 * theta.abs().max()
+    assert ok.any() and not ok.all()
+    ev = torch.linalg.eigvalsh(A)
+    for t in theta[ok]:  # every converged Ritz value is an eigenvalue
+        assert float((ev - t).abs().min()) <= 1e-5 * float(t.abs())
