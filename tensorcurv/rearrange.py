@@ -61,6 +61,7 @@ class RearrangedOperator:
         self.shape = (self.n * self.n, self.m * self.m)
         self.max_elems = max_elems
         self.products = 0
+        self.one_signed = {"matvec": False, "rmatvec": False}
         N, T, K, n, m = self.N, self.T, self.K, self.n, self.m
         cost_pos = K * T * m * m + K * T * T * m + T * T * n + T * n * n
         cost_grad = K * (m * m * n + m * n * n)
@@ -92,6 +93,7 @@ class RearrangedOperator:
             w = ((g @ X) * g).sum(-1).reshape(p, self.N, self.K).sum(-1) * self.scale  # (p, N)
             a = self.a[:, 0]
             Y = (a.T.unsqueeze(0) * w.unsqueeze(1)) @ a
+            self.one_signed["matvec"] = _one_signed(w)
         elif self.path == "positions":
             Y = X.new_zeros(p, self.n, self.n)
             per = p * self.K * self.T * max(self.m, self.T)
@@ -123,6 +125,7 @@ class RearrangedOperator:
             vk = v.unsqueeze(-1).expand(p, self.N, self.K).reshape(p, -1)
             gf = g.reshape(-1, self.m)
             Z = (gf.T.unsqueeze(0) * vk.unsqueeze(1)) @ gf
+            self.one_signed["rmatvec"] = _one_signed(v)
         elif self.path == "positions":
             Z = Y.new_zeros(p, self.m, self.m)
             per = p * self.T * max(self.n, self.T) * self.K
@@ -147,6 +150,11 @@ class RearrangedOperator:
             return float((Gu * Gw).sum()) * self.scale ** 2
         G = self.stats.per_sample_grads().reshape(-1, self.m * self.n)
         return float((G @ G.T).pow(2).sum()) * self.scale ** 2
+
+
+def _one_signed(w: Tensor) -> bool:
+    """Every row of ``w`` (p, N) is ``≥ 0`` or ``≤ 0``: then ``Σ_s w_s a_s a_sᵀ`` is ± PSD (a certificate)."""
+    return bool(((w >= 0).all(-1) | (w <= 0).all(-1)).all())
 
 
 def sample_grams(stats: LayerStats) -> tuple[Tensor, Tensor]:
@@ -286,7 +294,11 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
     r = min(rank, int(keep.sum()))
     A = (Q @ V[:, :r]).T.reshape(r, n, n)
     G = X[:, :r].T.reshape(r, m, m)
-    out.update(iterations=it, products=op.products, converged=change <= tol, energy_change=change)
+    # p = 1 (rank 1): A and G are (±) the last two products themselves; one-signed sample weights
+    # prove both PSD (nonnegative combinations of a_s a_sᵀ and g_sk g_skᵀ) — no eigendecomposition.
+    certified = p == 1 and r == 1 and op.one_signed["matvec"] and op.one_signed["rmatvec"]
+    out.update(iterations=it, products=op.products, converged=change <= tol, energy_change=change,
+               psd_certificate=certified)
     return _pad(sz[:r], A, G, rank)
 
 
@@ -320,7 +332,9 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
     cgk = cg.T.unsqueeze(-1).expand(r, N, stats.K).reshape(r, -1)
     gf = g.reshape(-1, m)
     G = (gf.T.unsqueeze(0) * cgk.unsqueeze(1)) @ gf
-    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change)
+    certified = r == 1 and _one_signed(ca.T) and _one_signed(cg.T)  # A_1, G_1 ± nonnegative combinations
+    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change,
+               psd_certificate=certified)
     return _pad(sz[:r], A, G, rank)
 
 

@@ -191,3 +191,25 @@ def test_resume_from_state_dict_refits_bitwise_like_the_uninterrupted_run(method
         block.update(s1, decay=0.9)
     assert not torch.equal(run.generator.get_state(), before)  # the refits drew random start columns
     assert all(torch.equal(run.tensors()[k], resumed.tensors()[k]) for k in ("A", "G"))
+
+
+@pytest.mark.parametrize("model_name, how", [("linear", "certificate (one-signed sample weights)"),
+                                             ("conv", "cholesky certificate")])
+def test_rank_one_fit_is_positive_semidefinite_without_clipping(model_name, how):
+    shrink = fit(model_name, "ggn", "kron_sum", rank=1).blocks["0"]
+    raw = fit(model_name, "ggn", "kron_sum", rank=1, psd="none").blocks["0"]
+    assert shrink.last_fit["psd_method"] == how
+    assert torch.equal(shrink.A, raw.A) and torch.equal(shrink.G, raw.G)  # the Eckart–Young pair itself
+    C = shrink.to_dense()
+    assert float(torch.linalg.eigvalsh(C)[0]) >= -1e-12 * float(C.norm())
+
+
+def test_rank_one_update_keeps_the_psd_certificate():
+    model = tiny_model("linear")
+    curv = tensorcurv.Curvature(model, "kpsvd", "ggn")
+    for seed in (1, 2):
+        curv.update(*tiny_batch("linear", 10, seed=seed), nn.CrossEntropyLoss(), decay=0.8)
+    block = curv.blocks["0"]
+    assert block.last_fit["recompressed"] and block.last_fit["psd_method"].startswith("certificate")
+    C = block.to_dense()
+    assert float(torch.linalg.eigvalsh(C)[0]) >= -1e-12 * float(C.norm())

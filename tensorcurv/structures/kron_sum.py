@@ -76,6 +76,8 @@ class KronSumHparams:
     """Maximum PCG iterations."""
     seed: int = 0
     """Seed of the random start columns."""
+    psd_certificate: bool = True
+    """Rank 1: trust the fit's one-signed-weights certificate of PSD factors (else Cholesky check)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rank, int) and self.rank >= 1):
@@ -168,23 +170,27 @@ class KronSum(Structure):
     def fit(self, stats: LayerStats) -> "KronSum":
         self._check_stats(stats)
         A, G = self._svd(stats, warm=True)
-        self._set(A, G)
+        self._set(A, G, certified=bool(self.last_fit.get("psd_certificate")))
         return self
 
     def _update(self, stats, decay):
         self._check_stats(stats)
         A_b, G_b = self._svd(stats, warm=True)
+        batch_psd = bool(self.last_fit.get("psd_certificate"))
+        info: dict[str, Any] = {}
         A, G = recompress(torch.cat([decay * self.A, (1 - decay) * A_b]), torch.cat([self.G, G_b]),
-                          self.hparams.rank)
-        self._set(A, G)
+                          self.hparams.rank, info)
+        # rank 1: old (PSD after _set) and certified batch terms mixed with one-signed coefficients stay PSD
+        self._set(A, G, certified=batch_psd and info["one_signed"])
         self.last_fit["recompressed"] = True
         return self
 
-    def _set(self, A: Tensor, G: Tensor) -> None:
+    def _set(self, A: Tensor, G: Tensor, certified: bool = False) -> None:
         t0 = time.perf_counter()
         t = 1.0
         if self.hparams.psd == "shrink":
-            A, G, t = make_psd(A, G)
+            A, G, t, how = make_psd(A, G, certified and self.hparams.psd_certificate)
+            self.last_fit["psd_method"] = how
         self.A, self.G = A, G
         self.fitted, self._cache = True, {}
         skew = bool(A.shape[0] > 1 and antisymmetric(A[1:2]).any())
@@ -297,13 +303,34 @@ class KronSum(Structure):
                                                            and self.hparams.damping_kind == "factored" and not skew)
 
 
-def make_psd(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, float]:
+def _psd_by_cholesky(M: Tensor) -> bool:
+    """Cheap certificate: ``M + ε (tr M / d) I`` has a Cholesky factor (``ε = 100·eps``), so the
+    eigenvalues of ``M`` are ``≥ −ε tr M / d`` (rounding level); a fraction of one ``eigh``."""
+    d = M.shape[0]
+    shift = max(100 * torch.finfo(M.dtype).eps * float(torch.trace(M)) / d, torch.finfo(M.dtype).tiny)
+    S = 0.5 * (M + M.T)
+    S.diagonal().add_(shift)
+    return int(torch.linalg.cholesky_ex(S)[1]) == 0
+
+
+def make_psd(A: Tensor, G: Tensor, certified: bool = False) -> tuple[Tensor, Tensor, float, str]:
     """Clip ``A_1, G_1`` to PSD (+ε regularization for r ≥ 2) and scale terms k ≥ 2 by the
-    largest ``t`` that keeps ``Σ A_k ⊗ G_k`` PSD (exact for r = 2, sufficient for r ≥ 3)."""
-    A, G = A.clone(), G.clone()
+    largest ``t`` that keeps ``Σ A_k ⊗ G_k`` PSD (exact for r = 2, sufficient for r ≥ 3).
+
+    Rank 1: the leading pair of ``R(C)`` is PSD (``R(C)`` maps the PSD cone into itself:
+    Perron–Frobenius / Krein–Rutman), so ``A_1, G_1`` are kept as they are when ``certified`` (the fit
+    proved them nonnegative combinations of PSD rank-one terms) or when a Cholesky factorization
+    proves them PSD up to rounding; only otherwise are they clipped by ``eigh``. Returns
+    ``(A, G, t, how)``."""
     if A.shape[0] == 1:
+        if certified:
+            return A, G, 1.0, "certificate (one-signed sample weights)"
+        if _psd_by_cholesky(A[0]) and _psd_by_cholesky(G[0]):
+            return A, G, 1.0, "cholesky certificate"
+        A, G = A.clone(), G.clone()
         A[0], G[0] = _psd_clip(A[0]), _psd_clip(G[0])
-        return A, G, 1.0
+        return A, G, 1.0, "eigh clip"
+    A, G = A.clone(), G.clone()
     A[0], G[0] = _regularize(A[0]), _regularize(G[0])
     skew = antisymmetric(A[1:]).tolist()
     ea = [_spectrum(A[0], Ak, s) for Ak, s in zip(A[1:], skew)]
@@ -317,7 +344,7 @@ def make_psd(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, float]:
     t = 1.0 if worst <= 1.0 else 1.0 / worst
     if t < 1.0:
         A[1:] = A[1:] * t
-    return A, G, t
+    return A, G, t, "eigh (regularize, whiten)"
 
 
 def _spectrum(B: Tensor, M: Tensor, skew: bool) -> Tensor:
@@ -329,8 +356,9 @@ def _spectrum(B: Tensor, M: Tensor, skew: bool) -> Tensor:
     return torch.linalg.svdvals(W.T @ M @ W)
 
 
-def recompress(A: Tensor, G: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-``rank`` Kronecker sum of ``Σ_i A_i ⊗ G_i`` (exact truncated SVD via factor Grams)."""
+def recompress(A: Tensor, G: Tensor, rank: int, info: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` Kronecker sum of ``Σ_i A_i ⊗ G_i`` (exact truncated SVD via factor Grams).
+    ``info["one_signed"]``: rank 1 and each new factor is a one-signed combination of the inputs."""
     Ga = torch.einsum("inm,jnm->ij", A, A)
     Gg = torch.einsum("inm,jnm->ij", G, G)
     la, Va = torch.linalg.eigh(Ga)
@@ -342,8 +370,12 @@ def recompress(A: Tensor, G: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     core = (la[ka].sqrt()[:, None] * (Va[:, ka].T @ Vg[:, kg])) * lg[kg].sqrt()[None, :]
     P, S, Qh = torch.linalg.svd(core)
     r = min(rank, S.numel())
-    A_new = torch.einsum("ik,inm->knm", Ca @ P[:, :r] * S[:r], A)
-    G_new = torch.einsum("ik,inm->knm", Cg @ Qh[:r].T, G)
+    ca, cg = Ca @ P[:, :r] * S[:r], Cg @ Qh[:r].T
+    if info is not None:
+        info["one_signed"] = rank == 1 and r == 1 and bool(((ca >= 0).all() | (ca <= 0).all())
+                                                          & ((cg >= 0).all() | (cg <= 0).all()))
+    A_new = torch.einsum("ik,inm->knm", ca, A)
+    G_new = torch.einsum("ik,inm->knm", cg, G)
     sign = torch.where(torch.diagonal(A_new, dim1=-2, dim2=-1).sum(-1) < 0, -1.0, 1.0).to(A.dtype)
     A_new, G_new = A_new * sign[:, None, None], G_new * sign[:, None, None]
     if r < rank:
