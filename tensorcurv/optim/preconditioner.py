@@ -144,10 +144,7 @@ class Preconditioner:
         any_rank_bad = False
         if self.comm is not None:
             loss, any_rank_bad = sync_step(self.comm, self.named_params, loss, inputs.shape[0], self.loss.reduction, res)
-        bad = []
-        if not bool(torch.isfinite(loss)):
-            bad.append("loss")
-        bad += first_nonfinite([(n, p.grad) for n, p in self.named_params])
+        bad = first_nonfinite([("loss", loss)] + [(n, p.grad) for n, p in self.named_params])  # one reduction
         if res is not None and not bad:
             bad += [f"statistics of layer {name!r}" for name, st in res.stats.items()
                     if not (bool(torch.isfinite(st.a).all()) and bool(torch.isfinite(st.g).all()))]

@@ -50,7 +50,7 @@ class KFAC(Structure):
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
         self._eigs = None
-        self._denom = None  # (eigs, damping_kind, λ, denominator, last_solve) of the last solve
+        self._denom = None  # (eigs, damping_kind, λ, denominator, Q_Gᵀ, Q_Aᵀ, last_solve) of the last solve
 
     def fit(self, stats: LayerStats):
         self._check_stats(stats)
@@ -78,18 +78,19 @@ class KFAC(Structure):
 
     def solve(self, V, damping):
         self._check(V, damping)
-        lA, QA, lG, QG = self.eigs()
-        D, self.last_solve = self._denominator(damping)
-        return QG @ (QG.T @ V @ QA).div_(D) @ QA.T
+        D, QGt, QAt, self.last_solve = self._denominator(damping)
+        _, QA, _, QG = self._eigs
+        return QG @ (QGt @ V @ QA).div_(D) @ QAt
 
-    def _denominator(self, damping: float) -> tuple[Tensor, dict]:
+    def _denominator(self, damping: float) -> tuple[Tensor, Tensor, Tensor, dict]:
         """Eigenbasis scaling of the solve, cached per (eigendecomposition, λ): ``λ_G λ_Aᵀ + λ``
-        (tikhonov) or ``(λ_G + √λ/π)(λ_A + π√λ)ᵀ`` (pi). A fixed λ builds it once per refresh."""
+        (tikhonov) or ``(λ_G + √λ/π)(λ_A + π√λ)ᵀ`` (pi), with the views ``Q_Gᵀ``, ``Q_Aᵀ``.
+        A fixed λ builds it once per refresh."""
         eigs, kind = self.eigs(), self.hparams.damping_kind
         c = self._denom
         if c is not None and c[0] is eigs and c[1] == kind and c[2] == damping:
-            return c[3], dict(c[4])
-        lA, _, lG, _ = eigs
+            return c[3], c[4], c[5], dict(c[6])
+        lA, QA, lG, QG = eigs
         if kind == "pi":
             pi, sq = self.pi(), math.sqrt(damping)
             D = (lG[:, None] + sq / pi) * (lA[None, :] + pi * sq)
@@ -97,8 +98,8 @@ class KFAC(Structure):
         else:
             D = lG[:, None] * lA[None, :] + damping
             info = {"method": "kron-eigh", "damping": "tikhonov"}
-        self._denom = (eigs, kind, damping, D, info)
-        return D, dict(info)
+        self._denom = (eigs, kind, damping, D, QG.T, QA.T, info)
+        return D, QG.T, QA.T, dict(info)
 
     def pi(self) -> float:
         m, n = self.shape
