@@ -112,6 +112,65 @@ def step_cost(args) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ (c) where a kfac step's time goes
+def breakdown(args) -> list[dict]:
+    """Components of one NG kfac step (min over repeats of a fixed batch, ms): forward+backward,
+    the SGD step, the whole-model solve and its four eigenbasis matmuls alone, and per refresh
+    the eigendecompositions, capture+fit (extra over a plain backward) and the solver copy."""
+    def best(f, n=20, reps=9):
+        for _ in range(2):
+            f()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            ts.append((time.perf_counter() - t0) / n)
+        return 1e3 * min(ts)
+
+    rows = []
+    for prob in ("mlp", "autoencoder"):
+        model, loss_fn, X, Y = problem(prob, 0)
+        xb, yb = X[:args.batch], Y[:args.batch]
+        ng = O.build("natural_gradient", model, loss_fn, structure="kfac", lr=1e-12, damping=1e-2,
+                     stats_interval=10**9, inverse_interval=10**9)
+        sgd = O.build("sgd", model, loss_fn, lr=1e-12)
+        ng.step(xb, yb)  # step 0 captures, fits and refreshes; later steps are plain
+        pre = ng.preconditioner
+        blocks, grads = pre.solver.blocks, [p.grad.clone() for p in pre.params]
+        V = {k: torch.randn(b.shape) for k, b in blocks.items()}
+
+        def matmuls():
+            for k, b in blocks.items():
+                _, QA, _, QG = b.eigs()
+                QG @ (QG.T @ V[k] @ QA) @ QA.T
+
+        def eighs():
+            for b in blocks.values():
+                b._eigs = None
+                b.eigs()
+
+        def fwd_bwd():
+            for p in model.parameters():
+                p.grad = None
+            loss_fn(model(xb), yb).backward()
+
+        def capture_fit():
+            pre._zero_grad()
+            pre.curvature.fit_capture(xb, pre.curvature.capture(xb, yb, pre.loss, accumulate_grad=True), 0.95)
+
+        r = {"problem": prob, "sgd_step": best(lambda: sgd.step(xb, yb)), "ng_plain_step": best(lambda: ng.step(xb, yb)),
+             "fwd_bwd": best(fwd_bwd), "solve": best(lambda: pre.solver.solve(grads, damping=1e-2)),
+             "matmuls": best(matmuls), "eigh": best(eighs, 3, 5), "capture_fit": best(capture_fit, 5, 7),
+             "copy": best(lambda: pre.solver.load_state_dict(pre.curvature.state_dict()), 5)}
+        r["refresh_extra"] = r["eigh"] + r["capture_fit"] - r["fwd_bwd"] + r["copy"]
+        r["est_k10"] = (r["ng_plain_step"] + r["refresh_extra"] / 10) / r["sgd_step"]
+        r["floor_k10"] = (r["sgd_step"] + r["matmuls"] + r["refresh_extra"] / 10) / r["sgd_step"]
+        rows.append(r)
+        print(f"  {prob}: {r}", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ (b) time to target
 def time_to_target(args) -> list[dict]:
     targets = {"mlp": args.target_mlp, "autoencoder": args.target_ae}
@@ -200,7 +259,8 @@ def main() -> None:
     p.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--so-lrs", type=float, nargs="+", default=[0.1, 0.3])
     p.add_argument("--structures", nargs="+", default=None, help="restrict the structures (default: all known)")
-    p.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b"], help="which benchmarks to run")
+    p.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b", "c"],
+                   help="which benchmarks to run (c: where an NG kfac step's time goes)")
     args = p.parse_args()
     global ONLY
     ONLY = args.structures
@@ -221,12 +281,25 @@ def main() -> None:
     tb = table(ttt, [("problem", "problem", "s"), ("method", "method", "s"), ("target", "target", "g"),
                      ("best config", "best", "s"), ("wall s (mean)", "wall_s", ".3f"), ("steps (mean)", "steps", ".1f")])
     print(tb, flush=True)
+    parts = breakdown(args) if "c" in args.parts else []
+    tc = table(parts, [("problem", "problem", "s"), ("SGD step", "sgd_step", ".3f"),
+                       ("NG kfac plain step", "ng_plain_step", ".3f"), ("fwd+bwd", "fwd_bwd", ".3f"),
+                       ("solve", "solve", ".3f"), ("of which 4 matmuls", "matmuls", ".3f"),
+                       ("eigh / refresh", "eigh", ".3f"), ("capture+fit / stats step", "capture_fit", ".3f"),
+                       ("copy / refresh", "copy", ".3f"), ("est. × SGD at k=10", "est_k10", ".2f"),
+                       ("floor × SGD at k=10", "floor_k10", ".2f")])
+    if parts:
+        print(tc, flush=True)
     cmd = "scripts/bench_optim.py " + " ".join(sys.argv[1:])
     report = (f"# tensorcurv.optim benchmark\n\nCommand: `{cmd}` (total {time.time() - t0:.0f} s, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}).\n\n"
               f"## (a) time per step relative to SGD\n\n{ta}\n\n"
               f"## (b) time to target (seeds={args.seeds}, max {args.max_steps} steps, NG/GN interval "
               f"{args.interval}, damping {args.damping})\n\n{tb}\n")
+    if parts:
+        report += ("\n## (c) where an NG kfac step's time goes (ms, min over repeats, fixed batch)\n\n"
+                   "est. = (plain step + (eigh + capture+fit − fwd+bwd + copy)/10) / SGD step; floor = the same "
+                   "with the plain step replaced by SGD step + 4 matmuls (no Python overhead at all).\n\n" + tc + "\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
