@@ -5,8 +5,10 @@
 Part 1 (float32): MLP 64-W-W-10 tanh (W = 1024, batch 2048; digits upsampled by sampling with
 replacement), empirical Fisher. Per layer: fit time of each structure from the same captured
 statistics divided by the time to compute the K-FAC factors, a warm-started second fit, memory
-relative to K-FAC, and the operator products / iterations the fit used. Times are the minimum of
-``--repeats`` runs (the machine is shared; expect noise).
+relative to K-FAC, and the operator products / iterations the fit used. Each fit time is divided by
+the K-FAC factor time measured immediately before it (same process, same load); the table gives the
+median and the range over ``--repeats`` repeats (the machine is shared; expect noise). "warm refit"
+fits the next step's batch warm-started from this one (what training does every step).
 Part 2 (float64): digits MLP 64-32-16-10, GGN: relative Frobenius error vs the exact block and
 memory for every registered layer structure.
 """
@@ -50,46 +52,58 @@ def mlp(widths, dtype):
     return nn.Sequential(*layers).to(dtype)
 
 
-def timed(fn, repeats):
-    best = float("inf")
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def _med(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+
+def _cell(ratios):
+    """Median ratio and its spread over the repeats."""
+    return f"{_med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = None) -> list[str]:
     model = mlp([64, width, width, 10], torch.float32)
-    x, y = digits(batch, torch.float32)
     curv = tensorcurv.Curvature(model, "kfac", "empirical", seed=0)
-    stats = curv.capture(x, y, nn.CrossEntropyLoss()).stats
+    stats = curv.capture(*digits(batch, torch.float32), nn.CrossEntropyLoss()).stats
+    nxt = curv.capture(*digits(batch, torch.float32, seed=1), nn.CrossEntropyLoss()).stats  # the next step's batch
     rows = [f"### Fit cost vs K-FAC factors: MLP 64-{width}-{width}-10, batch {batch}, float32, empirical Fisher, "
-            f"{torch.get_num_threads()} threads\n",
-            "| layer (m x n) | structure | fit / K-FAC | of which SVD / K-FAC | warm refit / K-FAC | memory / K-FAC | iterations | products | method |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            f"{torch.get_num_threads()} threads; median (min-max) of {repeats} repeats, each ratio against the "
+            "K-FAC factor time measured right before it\n",
+            "| layer (m x n) | structure | cold fit / K-FAC | warm refit (next batch) / K-FAC | of which SVD (warm) / K-FAC "
+            "| memory / K-FAC | iterations cold / warm | products cold / warm | method | PSD |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in stats.items():
-        t_kfac, _ = timed(lambda: st.kron_factors(), repeats)
         kfac = structures.create("kfac", st.shape).fit(st)
+        kfac_times = []
         for label, sname, hp in CONFIGS:
             if only and sname not in only:
                 continue
-            t_fit = float("inf")
+            cold, warm, svd = [], [], []
             for _ in range(repeats):
                 block = structures.create(sname, st.shape, **hp)
                 t0 = time.perf_counter()
+                st.kron_factors()
+                t1 = time.perf_counter()
                 block.fit(st)
-                t_fit = min(t_fit, time.perf_counter() - t0)
-            info = dict(block.last_fit)
-            t0 = time.perf_counter()
-            block.fit(st)  # warm start from the previous fit
-            t_warm = time.perf_counter() - t0
-            winfo = block.last_fit
-            rows.append(f"| {name} ({st.m}x{st.n}) | {label} | {t_fit / t_kfac:.2f} | {info.get('svd_time', float('nan')) / t_kfac:.2f} | {t_warm / t_kfac:.2f} | "
+                t2 = time.perf_counter()
+                info = dict(block.last_fit)
+                nxt[name].kron_factors()
+                t3 = time.perf_counter()
+                block.fit(nxt[name])  # warm start from the previous step's fit
+                t4 = time.perf_counter()
+                winfo = dict(block.last_fit)
+                kfac_times += [t1 - t0, t3 - t2]
+                cold.append((t2 - t1) / (t1 - t0))
+                warm.append((t4 - t3) / (t3 - t2))
+                svd.append(winfo.get("svd_time", float("nan")) / (t3 - t2))
+            rows.append(f"| {name} ({st.m}x{st.n}) | {label} | {_cell(cold)} | {_cell(warm)} | {_cell(svd)} | "
                         f"{block.nbytes / kfac.nbytes:.2f} | {info.get('iterations')} / {winfo.get('iterations')} | "
-                        f"{info.get('products', '-')} / {winfo.get('products', '-')} | {info.get('method', 'als/hooi')} |")
-        rows.append(f"| {name} | (K-FAC factor time {t_kfac * 1e3:.1f} ms) | 1 | | | 1 | | | |")
+                        f"{info.get('products', '-')} / {winfo.get('products', '-')} | {info.get('method', 'als/hooi')} | "
+                        f"{winfo.get('psd_method', '-')} |")
+        if kfac_times:
+            rows.append(f"| {name} | (K-FAC factor time median {_med(kfac_times) * 1e3:.1f} ms, "
+                        f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}) | 1 | 1 | | 1 | | | | |")
     return rows
 
 

@@ -90,9 +90,13 @@ class RearrangedOperator:
         self.products += p
         if self.path == "samples":
             g = self.g[:, :, 0].reshape(-1, self.m)  # (NK, m)
-            w = ((g @ X) * g).sum(-1).reshape(p, self.N, self.K).sum(-1) * self.scale  # (p, N)
             a = self.a[:, 0]
-            Y = (a.T.unsqueeze(0) * w.unsqueeze(1)) @ a
+            if p == 1:  # one column: plain matrix products, one elementwise pass each
+                w = torch.linalg.vecdot(g @ X[0], g).reshape(1, self.N, self.K).sum(-1) * self.scale
+                Y = ((a * w[0, :, None]).T @ a).unsqueeze(0)
+            else:
+                w = ((g @ X) * g).sum(-1).reshape(p, self.N, self.K).sum(-1) * self.scale  # (p, N)
+                Y = (a.T.unsqueeze(0) * w.unsqueeze(1)) @ a
             self.one_signed["matvec"] = _one_signed(w)
         elif self.path == "positions":
             Y = X.new_zeros(p, self.n, self.n)
@@ -120,11 +124,16 @@ class RearrangedOperator:
         self.products += p
         if self.path == "samples":
             a = self.a[:, 0]
-            v = ((a @ Y) * a).sum(-1) * self.scale  # (p, N)
             g = self.g[:, :, 0]  # (N, K, m)
-            vk = v.unsqueeze(-1).expand(p, self.N, self.K).reshape(p, -1)
             gf = g.reshape(-1, self.m)
-            Z = (gf.T.unsqueeze(0) * vk.unsqueeze(1)) @ gf
+            if p == 1:
+                v = (torch.linalg.vecdot(a @ Y[0], a) * self.scale).unsqueeze(0)
+                vk = v[0].repeat_interleave(self.K) if self.K > 1 else v[0]
+                Z = ((gf * vk[:, None]).T @ gf).unsqueeze(0)
+            else:
+                v = ((a @ Y) * a).sum(-1) * self.scale  # (p, N)
+                vk = v.unsqueeze(-1).expand(p, self.N, self.K).reshape(p, -1)
+                Z = (gf.T.unsqueeze(0) * vk.unsqueeze(1)) @ gf
             self.one_signed["rmatvec"] = _one_signed(v)
         elif self.path == "positions":
             Z = Y.new_zeros(p, self.m, self.m)
@@ -180,6 +189,17 @@ def antisymmetric(A: Tensor) -> Tensor:
     sym = torch.linalg.norm((A + A.transpose(-1, -2)).flatten(1), dim=1)
     skew = torch.linalg.norm((A - A.transpose(-1, -2)).flatten(1), dim=1)
     return skew > sym
+
+
+def _finish_symmetric(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_finish` when every pair is symmetric (``T = 1``): ``A + Aᵀ`` normalized, in two passes."""
+    A, G = A + A.transpose(-1, -2), G + G.transpose(-1, -2)
+    tiny = torch.finfo(A.dtype).tiny
+    na = torch.linalg.vector_norm(A.flatten(1), dim=1).clamp_min(tiny)
+    ng = torch.linalg.vector_norm(G.flatten(1), dim=1).clamp_min(tiny)
+    sigma = sigma * na * ng / 4
+    sign = torch.where(torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) < 0, -1.0, 1.0).to(A.dtype)
+    return sigma, A.mul_((sign / na)[:, None, None]), G.mul_((sign / ng)[:, None, None])
 
 
 def _finish(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -256,7 +276,7 @@ def kronecker_svd(
         sigma, A, G = _power_svd(stats, rank, p, tol, max_iter, init, generator, out)
     if info is not None:
         info.update(out)
-    return _finish(sigma, A, G)
+    return _finish_symmetric(sigma, A, G) if stats.T == 1 else _finish(sigma, A, G)
 
 
 def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
@@ -271,13 +291,17 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
     have = sum(c.shape[0] for c in cols)
     if have < p:  # T > 1: antisymmetric singular vectors exist too, so start from general matrices
         cols.append(_sym_random(p - have, m, stats.a, generator, symmetric=stats.T == 1))
-    X = orthonormalize(torch.cat(cols).reshape(p, -1).T)  # (m², p')
+    X = _orth(torch.cat(cols).reshape(p, -1).T)  # (m², p')
     energy_prev, it, change = None, 0, math.inf
     while True:
         it += 1
         Y = op.matvec(X.T.reshape(-1, m, m)).reshape(X.shape[1], -1).T  # (n², p)
-        Q, Rf = torch.linalg.qr(Y, mode="reduced")
-        sy = torch.linalg.svdvals(Rf)
+        if Y.shape[1] == 1:  # rank 1: QR of one column is a normalization
+            ny = torch.linalg.vector_norm(Y)
+            Q, sy = Y / ny.clamp_min(torch.finfo(Y.dtype).tiny), ny.reshape(1)
+        else:
+            Q, Rf = torch.linalg.qr(Y, mode="reduced")
+            sy = torch.linalg.svdvals(Rf)
         Z = op.rmatvec(Q.T.reshape(-1, n, n)).reshape(Q.shape[1], -1).T  # (m², p)
         evals, V = torch.linalg.eigh(Z.T @ Z)
         evals, V = evals.flip(0).clamp_min(0), V.flip(1)
@@ -300,6 +324,12 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
     out.update(iterations=it, products=op.products, converged=change <= tol, energy_change=change,
                psd_certificate=certified)
     return _pad(sz[:r], A, G, rank)
+
+
+def _orth(X: Tensor) -> Tensor:
+    if X.shape[1] == 1:
+        return X / torch.linalg.vector_norm(X).clamp_min(torch.finfo(X.dtype).tiny)
+    return orthonormalize(X)
 
 
 def _gram_svd(stats, rank, p, tol, max_iter, generator, out):

@@ -9,7 +9,7 @@ from tensorcurv.linalg import unvec, vec
 from tensorcurv.rearrange import rearrange
 from test_rearrange import KINDS, rel, tiny_batch, tiny_model
 
-TIGHT = dict(psd="none", tol=1e-15, max_iter=3000, oversample=4)
+TIGHT = dict(psd="none", tol=1e-15, max_iter=3000, warm_max_iter=None, oversample=4)
 
 
 def fit(model_name, kind, structure, n=10, **hp):

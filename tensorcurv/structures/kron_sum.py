@@ -70,6 +70,10 @@ class KronSumHparams:
     """Extra block columns (None: 0 for rank 1, 2 otherwise)."""
     warm_start: bool = True
     """Start each fit from the previous G factors."""
+    warm_max_iter: int | None = 1
+    """Iterations of a warm-started fit (power method): a fixed budget, so that across steps the fit
+    is a power iteration spread over the batches (1: one ALS sweep, two products, per step; the
+    relative ``tol`` still stops it earlier); None: ``max_iter``."""
     pcg_tol: float = 1e-8
     """Relative residual tolerance of the PCG solves."""
     pcg_max_iter: int = 200
@@ -90,8 +94,8 @@ class KronSumHparams:
             raise ValueError(f"kron_sum.method={self.method!r} is not one of {list(METHODS)}")
         if not self.tol > 0 or not self.pcg_tol > 0:
             raise ValueError(f"kron_sum.tol and kron_sum.pcg_tol must be > 0, got {self.tol}, {self.pcg_tol}")
-        if self.max_iter < 1 or self.pcg_max_iter < 1:
-            raise ValueError("kron_sum.max_iter and kron_sum.pcg_max_iter must be >= 1")
+        if self.max_iter < 1 or self.pcg_max_iter < 1 or (self.warm_max_iter is not None and self.warm_max_iter < 1):
+            raise ValueError("kron_sum.max_iter, kron_sum.pcg_max_iter and kron_sum.warm_max_iter must be >= 1")
         if self.oversample is not None and self.oversample < 0:
             raise ValueError(f"kron_sum.oversample must be >= 0 or None, got {self.oversample}")
 
@@ -160,7 +164,8 @@ class KronSum(Structure):
         info: dict[str, Any] = {}
         init = self.G if (warm and hp.warm_start and self.fitted) else None
         t0 = time.perf_counter()
-        sigma, A, G = kronecker_svd(stats, hp.rank, method=hp.method, tol=hp.tol, max_iter=hp.max_iter,
+        max_iter = hp.max_iter if init is None or hp.warm_max_iter is None else min(hp.max_iter, hp.warm_max_iter)
+        sigma, A, G = kronecker_svd(stats, hp.rank, method=hp.method, tol=hp.tol, max_iter=max_iter,
                                     oversample=hp.oversample, init=init, generator=self.generator, info=info)
         info["svd_time"] = time.perf_counter() - t0
         info["warm_start"] = init is not None
