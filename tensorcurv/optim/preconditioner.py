@@ -145,9 +145,9 @@ class Preconditioner:
         if self.comm is not None:
             loss, any_rank_bad = sync_step(self.comm, self.named_params, loss, inputs.shape[0], self.loss.reduction, res)
         bad = first_nonfinite([("loss", loss)] + [(n, p.grad) for n, p in self.named_params])  # one reduction
-        if res is not None and not bad:
-            bad += [f"statistics of layer {name!r}" for name, st in res.stats.items()
-                    if not (bool(torch.isfinite(st.a).all()) and bool(torch.isfinite(st.g).all()))]
+        if res is not None and not bad:  # one fused reduction over every layer's a and g
+            layers = first_nonfinite([(name, t) for name, st in res.stats.items() for t in (st.a, st.g)])
+            bad += [f"statistics of layer {name!r}" for name in dict.fromkeys(layers)]
         if any_rank_bad and not bad:
             bad.append("statistics on another rank")
         if bad:
