@@ -213,3 +213,21 @@ def test_rank_one_update_keeps_the_psd_certificate():
     assert block.last_fit["recompressed"] and block.last_fit["psd_method"].startswith("certificate")
     C = block.to_dense()
     assert float(torch.linalg.eigvalsh(C)[0]) >= -1e-12 * float(C.norm())
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_certified_shrink_without_eigendecompositions_is_positive_semidefinite(rank):
+    block = fit("linear", "empirical", "kron_sum", rank=rank).blocks["0"]
+    assert block.last_fit["psd_method"] == "cholesky + certified Lanczos bounds"
+    C = block.to_dense()
+    assert float(torch.linalg.eigvalsh(C)[0]) >= -1e-12 * float(C.norm())
+
+
+def test_certified_rank_two_shrink_is_within_one_percent_of_the_largest_psd_scaling():
+    block = fit("linear", "ggn", "kron_sum", rank=2).blocks["0"]
+    t = block.last_fit["psd_scale"]
+    assert block.last_fit["psd_method"] == "cholesky + certified Lanczos bounds" and t < 1
+    A = block.A.clone()
+    A[1] = A[1] * 1.01  # a 1% larger scale of the second term
+    worse = torch.kron(A[0], block.G[0]) + torch.kron(A[1], block.G[1])
+    assert float(torch.linalg.eigvalsh(worse)[0]) < 0

@@ -336,10 +336,15 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False) -> tuple[Tensor, Ten
         A[0], G[0] = _psd_clip(A[0]), _psd_clip(G[0])
         return A, G, 1.0, "eigh clip"
     A, G = A.clone(), G.clone()
-    A[0], G[0] = _regularize(A[0]), _regularize(G[0])
     skew = antisymmetric(A[1:]).tolist()
-    ea = [_spectrum(A[0], Ak, s) for Ak, s in zip(A[1:], skew)]
-    eg = [_spectrum(G[0], Gk, s) for Gk, s in zip(G[1:], skew)]
+    fast = None if any(skew) else _certified_spectra(A, G)
+    if fast is not None:
+        ea, eg, how = fast
+    else:
+        how = "eigh (regularize, whiten)"
+        A[0], G[0] = _regularize(A[0]), _regularize(G[0])
+        ea = [_spectrum(A[0], Ak, s) for Ak, s in zip(A[1:], skew)]
+        eg = [_spectrum(G[0], Gk, s) for Gk, s in zip(G[1:], skew)]
     if len(ea) == 1 and not skew[0]:
         a, g = ea[0], eg[0]
         prods = torch.stack([a.min() * g.max(), a.max() * g.min(), a.min() * g.min(), a.max() * g.max()])
@@ -349,7 +354,93 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False) -> tuple[Tensor, Ten
     t = 1.0 if worst <= 1.0 else 1.0 / worst
     if t < 1.0:
         A[1:] = A[1:] * t
-    return A, G, t, "eigh (regularize, whiten)"
+    return A, G, t, how
+
+
+def _chol(M: Tensor) -> Tensor | None:
+    L, info = torch.linalg.cholesky_ex(0.5 * (M + M.T))
+    return L if int(info) == 0 else None
+
+
+def _pd_factor(M: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(M', L)`` with ``M' = L Lᵀ`` PD: ``M`` itself when it has a Cholesky factor, else ``M`` lifted
+    by ``ε tr(M)/d`` (``ε = max(1e-10, 1000·eps)``, as :func:`_regularize`); None if neither works."""
+    L = _chol(M)
+    if L is not None:
+        return M, L
+    d = M.shape[0]
+    lift = max(1e-10, 1000 * torch.finfo(M.dtype).eps) * float(torch.trace(M)) / d
+    if not lift > 0:
+        return None
+    M = M + lift * torch.eye(d, dtype=M.dtype, device=M.device)
+    L = _chol(M)
+    return None if L is None else (M, L)
+
+
+def _lanczos_extremes(apply, d: int, like: Tensor, steps: int = 40) -> tuple[float, float]:
+    """Smallest and largest Ritz values of a symmetric operator (Lanczos, full reorthogonalization);
+    they lie inside the spectrum, so they are estimates to be certified, not bounds."""
+    k = min(steps, d)
+    Q = like.new_zeros(d, k)
+    alpha, beta = like.new_zeros(k), like.new_zeros(k)
+    q = torch.ones(d, 1, dtype=like.dtype, device=like.device) / math.sqrt(d)
+    q = q + 1e-3 * torch.arange(d, dtype=like.dtype, device=like.device).reshape(d, 1).cos()
+    q = q / q.norm()
+    j = 0
+    for j in range(k):
+        Q[:, j] = q[:, 0]
+        w = apply(q)
+        alpha[j] = (q * w).sum()
+        w = w - Q[:, :j + 1] @ (Q[:, :j + 1].T @ w)
+        w = w - Q[:, :j + 1] @ (Q[:, :j + 1].T @ w)
+        nb = w.norm()
+        if j + 1 == k or float(nb) <= 1e-12 * float(alpha[: j + 1].abs().max().clamp_min(1e-300)):
+            break
+        beta[j] = nb
+        q = w / nb
+    T = torch.diag(alpha[: j + 1]) + torch.diag(beta[:j], 1) + torch.diag(beta[:j], -1)
+    theta = torch.linalg.eigvalsh(T.double())
+    return float(theta[0]), float(theta[-1])
+
+
+def _pencil_interval(B: Tensor, L: Tensor, M: Tensor) -> tuple[float, float] | None:
+    """Certified ``[lo, hi] ⊇`` spectrum of ``L⁻¹ M L⁻ᵀ`` (``B = L Lᵀ``): Lanczos estimates, widened
+    until ``hi B − M`` and ``M − lo B`` have Cholesky factors (a proof of the bounds), at most about
+    1% wider than the true extremes; None if that fails (caller falls back to ``eigvalsh``)."""
+    def apply(v):
+        u = torch.linalg.solve_triangular(L.T, v, upper=True)
+        return torch.linalg.solve_triangular(L, M @ u, upper=False)
+
+    lo, hi = _lanczos_extremes(apply, B.shape[0], M)
+    span = max(hi - lo, abs(hi), abs(lo), torch.finfo(M.dtype).tiny)
+    out = []
+    for theta, side in ((hi, 1.0), (lo, -1.0)):
+        for delta in (1e-4, 1e-3, 1e-2):
+            bound = theta + side * (delta * abs(theta) + 1e-6 * span)
+            if _chol(side * (bound * B - M)) is not None:
+                out.append(bound)
+                break
+        else:
+            return None
+    return out[1], out[0]
+
+
+def _certified_spectra(A: Tensor, G: Tensor):
+    """Eigenvalue intervals of the whitened terms ``Ã_k, G̃_k`` (k ≥ 2) from Cholesky factors and
+    Lanczos estimates certified by Cholesky (no eigendecomposition); sets the PD ``A_1, G_1``
+    (unchanged where already PD). Returns ``(ea, eg, how)`` with 2-vectors ``[lo, hi]``, or None."""
+    pa, pg = _pd_factor(A[0]), _pd_factor(G[0])
+    if pa is None or pg is None:
+        return None
+    ea, eg = [], []
+    for F, (B, L), out in ((A, pa, ea), (G, pg, eg)):
+        for M in F[1:]:
+            iv = _pencil_interval(B, L, M)
+            if iv is None:
+                return None
+            out.append(torch.tensor(iv, dtype=torch.float64))
+    A[0], G[0] = pa[0], pg[0]
+    return ea, eg, "cholesky + certified Lanczos bounds"
 
 
 def _spectrum(B: Tensor, M: Tensor, skew: bool) -> Tensor:
