@@ -13,13 +13,7 @@ from tensorcurv.optim.lion import Lion
 
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    """These tests build tensors with the default dtype: float64, restored afterwards."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to float64 here
 
 # f(θ) = θ1² + ½ θ2² (the course's Nesterov example) as mean-MSE of a bias-free linear model:
 # ½[(√2 θ1)² + θ2²]; ∇f = (2θ1, θ2).

@@ -15,13 +15,7 @@ from tensorcurv.optim.damping import LevenbergMarquardt
 
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    """These tests build tensors with the default dtype: float64, restored afterwards."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to float64 here
 
 COURSE_X = torch.tensor([[1.0, 1.0], [0.0, -1.0], [2.0, 0.5]], dtype=torch.float64)
 COURSE_Y = torch.tensor([-1.0, 3.0, 2.0], dtype=torch.float64)

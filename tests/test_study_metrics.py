@@ -10,14 +10,14 @@ from tensorcurv.linalg import unvec, vec
 from tensorcurv.study import (ExactBlock, asymmetry, kronecker_floor, ExactModel, exact_solve, frobenius_error, frobenius_sq,
                               inner_with_exact, inverse_quality, lanczos, spectral_error)
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to float64 here
 
 
 def _tiny_stats(kind="ggn", seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 5), nn.Tanh(),
                           nn.Linear(5, 3, bias=False)).double()
-    X, y = torch.randn(7, 1, 6, 6), torch.randint(0, 3, (7,))
+    X, y = torch.randn(7, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
     curv = Curvature(model, "diagonal", kind, mc_samples=2, seed=seed)
     return curv.capture(X, y, "cross_entropy").stats
 
