@@ -291,7 +291,7 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
     have = sum(c.shape[0] for c in cols)
     if have < p:  # T > 1: antisymmetric singular vectors exist too, so start from general matrices
         cols.append(_sym_random(p - have, m, stats.a, generator, symmetric=stats.T == 1))
-    X = _orth(torch.cat(cols).reshape(p, -1).T)  # (m², p')
+    X = _orth((cols[0] if len(cols) == 1 else torch.cat(cols)).reshape(p, -1).T)  # (m², p')
     energy_prev, it, change = None, 0, math.inf
     while True:
         it += 1
@@ -303,20 +303,26 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
             Q, Rf = torch.linalg.qr(Y, mode="reduced")
             sy = torch.linalg.svdvals(Rf)
         Z = op.rmatvec(Q.T.reshape(-1, n, n)).reshape(Q.shape[1], -1).T  # (m², p)
-        evals, V = torch.linalg.eigh(Z.T @ Z)
-        evals, V = evals.flip(0).clamp_min(0), V.flip(1)
-        sz = evals.sqrt()
+        if Z.shape[1] == 1:  # rank 1: no Rayleigh–Ritz rotation
+            sz, V = torch.linalg.vector_norm(Z).reshape(1), None
+        else:
+            evals, V = torch.linalg.eigh(Z.T @ Z)
+            evals, V = evals.flip(0).clamp_min(0), V.flip(1)
+            sz = evals.sqrt()
         k = min(rank, sz.numel())
         energy = float(sz[:k].pow(2).sum())
         ref = float(sy[:k].pow(2).sum()) if energy_prev is None else energy_prev
         change = abs(energy - ref) / max(energy, torch.finfo(Z.dtype).tiny)
         energy_prev = energy
         keep = sz > sz[0] * torch.finfo(Z.dtype).eps
-        X = (Z @ V[:, keep]) / sz[keep]
+        if V is None:
+            X = Z / sz.clamp_min(torch.finfo(Z.dtype).tiny)
+        else:
+            X = (Z @ V[:, keep]) / sz[keep]
         if change <= tol or it >= max_iter:
             break
     r = min(rank, int(keep.sum()))
-    A = (Q @ V[:, :r]).T.reshape(r, n, n)
+    A = (Q[:, :r] if V is None else Q @ V[:, :r]).T.reshape(r, n, n)
     G = X[:, :r].T.reshape(r, m, m)
     # p = 1 (rank 1): A and G are (±) the last two products themselves; one-signed sample weights
     # prove both PSD (nonnegative combinations of a_s a_sᵀ and g_sk g_skᵀ) — no eigendecomposition.

@@ -6,16 +6,32 @@ never worse than K-FAC; rank r reaches the Eckart–Young optimum ``sqrt(Σ_{i>r
 
 **Fit** (:func:`tensorcurv.rearrange.kronecker_svd`): block subspace iteration on the implicit
 ``R(C)`` (warm-started from the previous ``G_k``) or its sample-space Gram form, with a relative
-stopping rule on the captured energy; ``last_fit`` reports method, iterations and products.
+stopping rule on the captured energy; ``last_fit`` reports method, iterations and products. A
+warm-started fit runs at most ``warm_max_iter`` (default 1) iterations: across training steps this
+is a power iteration spread over the batches (rank 1: two products ≈ two K-FAC factor passes per
+step; on the 1024-wide MLP one warm sweep leaves the leading singular value 2e-4 below the
+converged one). Resume is exact: ``state_dict`` carries the factors and the generator state.
 
 **PSD** (``psd``): a rank ≥ 2 truncated SVD is in general indefinite (DESIGN §7), which breaks
 ``(Ĉ + λI)^{-1}`` for small ``λ``. ``shrink`` (default) keeps the Kronecker-sum form and makes
-``Ĉ`` provably PSD: ``A_1, G_1`` are clipped to PSD (for r ≥ 2 with eigenvalues lifted to
-``ε λ_max``, ``ε = max(1e-10, 1000·eps)``, so that they are PD), and
-the other terms are scaled by the largest ``t ∈ [0, 1]`` with ``A_1 ⊗ G_1 + t Σ_{k≥2} A_k ⊗ G_k ⪰ 0``.
-In the congruence basis of ``A_1 ⊗ G_1`` that block is ``I + t Σ Ã_k ⊗ G̃_k``: for rank 2 the
-exact ``t = min(1, 1/max(−λ_i(Ã_2) λ_j(G̃_2)))``; for rank ≥ 3 the sufficient
-``t = min(1, 1/Σ_k ρ(Ã_k) ρ(G̃_k))``. ``t = 1`` (nothing changes) when the fit is already PSD.
+``Ĉ`` provably PSD without eigendecompositions where a certificate exists (an ``eigh`` of a
+1024 x 1024 factor costs about 5 K-FAC factor computations, a Cholesky 0.15):
+
+* rank 1: the leading pair of ``R(C)`` is PSD (``R(C)`` maps the PSD cone into itself;
+  Perron–Frobenius / Krein–Rutman), and a rank-1 fit proves it for free (one-signed sample
+  weights: ``A = Σ_s w_s a_s a_sᵀ`` with ``w ≥ 0``), else a Cholesky of ``A + ε tr(A)/n I``
+  proves it up to rounding; only if both fail are ``A_1, G_1`` clipped by ``eigh``.
+* rank ≥ 2: ``A_1, G_1`` are made PD (kept if they have a Cholesky factor, else lifted by
+  ``ε tr/d``, ``ε = max(1e-10, 1000·eps)``; the fallback clips eigenvalues to ``ε λ_max``) and the
+  other terms are scaled by the largest ``t ∈ [0, 1]`` with ``A_1 ⊗ G_1 + t Σ_{k≥2} A_k ⊗ G_k ⪰ 0``.
+  In the congruence basis of ``A_1 ⊗ G_1`` that block is ``I + t Σ Ã_k ⊗ G̃_k``: for rank 2
+  ``t = min(1, 1/max(−λ_i(Ã_2) λ_j(G̃_2)))``; for rank ≥ 3 the sufficient
+  ``t = min(1, 1/Σ_k ρ(Ã_k) ρ(G̃_k))``. The extreme eigenvalues of ``Ã_k = L⁻¹ A_k L⁻ᵀ`` are
+  Lanczos estimates widened until ``hi·A_1 − A_k`` and ``A_k − lo·A_1`` have Cholesky factors
+  (a proof; ``t`` is then at most ~1% below the exact largest one); antisymmetric pairs (T > 1)
+  or failed certificates fall back to ``eigh`` whitening and ``eigvalsh`` (exact ``t``).
+  ``t = 1`` (nothing changes) when the fit is already PSD. ``last_fit["psd_method"]`` says which.
+
 ``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
 
 **Solve** (``damping_kind``):
