@@ -28,7 +28,7 @@ from tensorcurv.krylov import kron_eig_solve, pcg_or_fallback
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 from tensorcurv.structures.tucker import (SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
-                                          mode_factors_precond, resolve_splits, small_threads)
+                                          mode_factors_precond, resolve_splits, small_threads, _sweeps)
 
 
 @dataclass
@@ -103,7 +103,7 @@ class TensorTrain(Structure):
             if energy_prev is not None:
                 change = abs(energy - energy_prev) / max(energy, 1e-300)
             energy_prev = energy
-            if change <= hp.tol or it >= hp.max_iter:
+            if change <= hp.tol or it >= _sweeps(hp, init is not None):
                 break
         return cores, {"iterations": it, "converged": change <= hp.tol, "energy_change": change}
 

@@ -75,6 +75,9 @@ class SplitHparams:
     """Relative change of the captured energy ‖𝒢‖² that stops the alternating fit."""
     max_iter: int = 30
     """Maximum alternating sweeps."""
+    warm_max_iter: int | None = 2
+    """Maximum sweeps of a warm-started fit (``update`` after the first fit): the running average
+    refines the factors across steps, so a few sweeps per batch suffice; None: ``max_iter``."""
     pcg_tol: float = 1e-8
     pcg_max_iter: int = 300
     seed: int = 0
@@ -82,8 +85,9 @@ class SplitHparams:
     """Samples per chunk in the implicit contractions."""
 
     def _check_common(self, name: str) -> None:
-        if self.num_factors < 1 or self.max_iter < 1 or self.pcg_max_iter < 1 or self.chunk < 1:
-            raise ValueError(f"{name}: num_factors, max_iter, pcg_max_iter and chunk must be >= 1")
+        if (self.num_factors < 1 or self.max_iter < 1 or self.pcg_max_iter < 1 or self.chunk < 1
+                or (self.warm_max_iter is not None and self.warm_max_iter < 1)):
+            raise ValueError(f"{name}: num_factors, max_iter, warm_max_iter, pcg_max_iter and chunk must be >= 1")
         if not (self.tol > 0 and self.pcg_tol > 0):
             raise ValueError(f"{name}: tol and pcg_tol must be > 0")
 
@@ -133,6 +137,11 @@ def small_threads(shape):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _sweeps(hp: "SplitHparams", warm: bool) -> int:
+    """Sweep budget: ``max_iter`` cold, ``min(max_iter, warm_max_iter)`` warm-started."""
+    return hp.max_iter if not warm or hp.warm_max_iter is None else min(hp.max_iter, hp.warm_max_iter)
 
 
 class SplitTensor:
@@ -265,7 +274,7 @@ class Tucker(Structure):
             if energy_prev is not None:
                 change = abs(energy - energy_prev) / max(energy, 1e-300)
             energy_prev = energy
-            if change <= hp.tol or it >= hp.max_iter:
+            if change <= hp.tol or it >= _sweeps(hp, init is not None):
                 break
         self.last_fit = {"iterations": it, "converged": change <= hp.tol, "energy_change": change,
                          "splits_in": self.sin, "splits_out": self.sout, "ranks": self.ranks}
