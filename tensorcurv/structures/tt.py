@@ -146,7 +146,7 @@ class TensorTrain(Structure):
         r, c, b = self._letters()
         D = len(self.cores)
         expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "," + "".join(c) + "->" + "".join(r)
-        X = oe.contract(expr, *self.cores, as_tensor(V, self.sin, self.sout))
+        X = contract(expr, *self.cores, as_tensor(V, self.sin, self.sout))
         return from_tensor(X, *self.shape)
 
     def to_dense(self):

@@ -321,7 +321,7 @@ class Tucker(Structure):
         c = [oe.get_symbol(3 * l + 1) for l in range(D)]
         p = [oe.get_symbol(3 * l + 2) for l in range(D)]
         expr = "".join(p) + "," + ",".join(r[l] + c[l] + p[l] for l in range(D)) + "," + "".join(c) + "->" + "".join(r)
-        X = oe.contract(expr, self.core, *self._mats(), as_tensor(V, self.sin, self.sout))
+        X = contract(expr, self.core, *self._mats(), as_tensor(V, self.sin, self.sout))
         return from_tensor(X, m, n)
 
     def to_dense(self):
