@@ -154,3 +154,56 @@ def test_pcg_on_a_positive_definite_fit_uses_no_fallback():
     block = fit("tucker", ranks=81, **SPLIT)
     block.solve(torch.ones(block.shape, dtype=torch.float64), 1e-2)
     assert block.last_solve["fallback"] is None and block.last_solve["converged"]
+
+
+# ---------------------------------------------------------------------- symmetry of the represented operator
+SYM_CASES = [(s, kind, conv, r) for conv in (False, True) for kind in ("ggn", "empirical")
+             for s, r in (("tucker", 2), ("tucker", [2, 4, 2, 3]), ("tt", 1), ("tt", 2), ("tt", 4))]
+
+
+def split_for(conv):
+    return dict(splits_in=[2, 2], splits_out=[2, 2]) if conv else SPLIT
+
+
+@pytest.mark.parametrize("structure,kind,conv,ranks", SYM_CASES)
+def test_to_dense_is_symmetric_and_no_farther_from_c_than_the_raw_fit(structure, kind, conv, ranks):
+    C = fit("dense", kind=kind, conv=conv).to_dense()
+    block = fit(structure, kind=kind, conv=conv, ranks=ranks, **split_for(conv))
+    S, R = block.to_dense(), block.to_dense(raw=True)
+    assert rel(S, S.T) < 1e-12
+    assert rel(S, 0.5 * (R + R.T)) < 1e-14  # the symmetric part of the fitted format, nothing else
+    # ‖C − ½(Ĉ+Ĉᵀ)‖ ≤ ‖C − Ĉ‖ (orthogonal projection, C symmetric); rounding slack 1e-14 relative
+    assert float((C - S).norm()) <= float((C - R).norm()) * (1 + 1e-14)
+
+
+@pytest.mark.parametrize("structure,kind,conv,ranks", SYM_CASES)
+def test_mv_applies_the_symmetric_to_dense(structure, kind, conv, ranks):
+    block = fit(structure, kind=kind, conv=conv, ranks=ranks, **split_for(conv))
+    V = torch.randn(block.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert rel(block.mv(V), unvec(block.to_dense() @ vec(V), *block.shape)) < 1e-12
+
+
+def test_an_asymmetric_fit_is_represented_by_its_symmetric_part():
+    # conv, GGN, TT-rank 2: the raw ALS fit is visibly asymmetric (the defect this guards against)
+    block = fit("tt", conv=True, ranks=2, **split_for(True))
+    R = block.to_dense(raw=True)
+    assert rel(R, R.T) > 1e-4
+    assert rel(block.to_dense(), block.to_dense().T) < 1e-12
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_tt_rank_one_factors_are_symmetric_and_fit_no_worse_than_an_unsymmetric_start(conv):
+    kind = "ggn"
+    C = fit("dense", kind=kind, conv=conv).to_dense()
+    block = fit("tt", kind=kind, conv=conv, ranks=1, **split_for(conv), **TIGHT)
+    assert all(torch.equal(F, F.T) for F in block.kron_factors())
+    # the same ALS from a random unsymmetric start (exact_solve off switches off the symmetric start)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((8, 1, 4, 4) if conv else (8, 5), generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,), generator=g)
+    curv = tensorcurv.Curvature(model(conv), "tt", kind, seed=0, ranks=1, **split_for(conv), **TIGHT)
+    stats = curv.capture(x, y, nn.CrossEntropyLoss()).stats["0"]
+    free = structures.create("tt", block.shape, ranks=1, **split_for(conv), **TIGHT)
+    free.exact_solve = False
+    free.fit(stats)
+    assert rel(block.to_dense(), C) <= rel(free.to_dense(raw=True), C) + 1e-10

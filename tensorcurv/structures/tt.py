@@ -8,7 +8,13 @@ cores are computed implicitly from the per-sample factors (``SplitTensor``), sto
 change of ``‖Ĉ‖_F²``. Two cores (no split) with TT-rank r is the block subspace iteration of
 ``kron_sum(r)`` with ``psd="none"``; all TT-ranks 1 give ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D`` (a Kronecker product
 of the split factors), whose Tikhonov solve is exact through the factors' eigendecompositions
-(``exact_solve`` is then True). Otherwise ``solve`` is PCG on ``Ĉ + λI`` preconditioned by the
+(``exact_solve`` is then True). The represented operator is the symmetric part ``½(Ĉ + Ĉᵀ)`` (``Ĉᵀ``: every
+core slice ``core_l[b, :, :, b']`` transposed; ``mv`` contracts both on the same cached path), never farther from
+the symmetric ``C``: ``‖C − ½(Ĉ+Ĉᵀ)‖_F ≤ ‖C − Ĉ‖_F`` (orthogonal projection onto symmetric matrices, ``C`` in
+its range). For TT-ranks all 1 the factors themselves are kept symmetric, which is exact: ALS started from
+symmetric ``F_l`` stays symmetric (each update contracts the transposition-invariant ``𝒯`` with symmetric
+factors), so ``Ĉ = ⊗F_l = Ĉᵀ`` and the eigen solve stays exact; the final symmetrization only removes
+rounding. Otherwise ``solve`` is PCG on ``Ĉ + λI`` preconditioned by the
 Kronecker product of the partial traces. ``update`` refits warm-started from the current cores and
 averages ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` by one more ALS sweep on that sum (exact TT algebra).
 The approximation is not projected to PSD: where PCG meets negative curvature, non-finite numbers
@@ -84,6 +90,8 @@ class TensorTrain(Structure):
         if init is None:
             cores = [torch.randn(rho[l], x, x, rho[l + 1], generator=self.generator, dtype=torch.float64)
                      for l, x in enumerate(sizes)]
+            if self.exact_solve:  # ranks all 1: start from symmetric factors (kept by ALS, see module doc)
+                cores = [_sym(c) for c in cores]
         else:
             cores = [c.clone() for c in init]
         dt, dev = target.dtype, target.device
@@ -105,6 +113,8 @@ class TensorTrain(Structure):
             energy_prev = energy
             if change <= hp.tol or it >= _sweeps(hp, init is not None):
                 break
+        if self.exact_solve:  # remove the rounding-level asymmetry: Ĉ = ⊗F_l is then exactly symmetric
+            cores = [_sym(c) for c in cores]
         return cores, {"iterations": it, "converged": change <= hp.tol, "energy_change": change}
 
     def fit(self, stats: LayerStats):
@@ -146,15 +156,20 @@ class TensorTrain(Structure):
         r, c, b = self._letters()
         D = len(self.cores)
         expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "," + "".join(c) + "->" + "".join(r)
-        X = contract(expr, *self.cores, as_tensor(V, self.sin, self.sout))
+        Vt = as_tensor(V, self.sin, self.sout)
+        X = contract(expr, *self.cores, Vt)  # Ĉ V
+        if not self.exact_solve:  # ranks all 1: the factors are symmetric, Ĉ = Ĉᵀ
+            X = 0.5 * (X + contract(expr, *[c.transpose(1, 2) for c in self.cores], Vt))  # ½(Ĉ + Ĉᵀ) V
         return from_tensor(X, *self.shape)
 
-    def to_dense(self):
+    def to_dense(self, raw: bool = False):
+        """Dense ``½(Ĉ + Ĉᵀ)`` (the represented operator); ``raw=True``: the fitted format ``Ĉ`` itself."""
         r, c, b = self._letters()
         D = len(self.cores)
         expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "->" + "".join(r) + "".join(c)
         dim = self.shape[0] * self.shape[1]
-        return oe.contract(expr, *self.cores).reshape(dim, dim)
+        M = oe.contract(expr, *self.cores).reshape(dim, dim)
+        return M if raw else 0.5 * (M + M.T)
 
     def kron_factors(self) -> list[torch.Tensor]:
         """For TT-ranks all 1: the factors ``F_l`` with ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D``."""
@@ -224,6 +239,11 @@ class TensorTrain(Structure):
 
 
 # ---------------------------------------------------------------------- ALS helpers
+def _sym(core):
+    """Every ``x x x`` slice of a core ``(ρ, x, x, ρ')`` replaced by its symmetric part."""
+    return 0.5 * (core + core.transpose(1, 2))
+
+
 def _orth_left(core, nxt):
     """QR of ``core`` as ``(ρ x x, ρ')``; the R factor is pushed into ``nxt``."""
     a, x, y, b = core.shape

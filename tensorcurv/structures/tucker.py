@@ -12,7 +12,11 @@ factors (``𝒯 = scale Σ_q Γ_q ⊗ Γ_q`` with ``Γ_q = a_s ⊗ g_sk`` for ``
 gradient for ``T > 1``), never forming ``C``; opt_einsum picks the contraction order. Full
 multilinear ranks reproduce ``C``. ``mv`` contracts the format with ``V`` directly; ``solve`` is PCG
 on ``Ĉ + λI`` preconditioned by the Kronecker product of the partial traces of ``Ĉ`` (exact
-Tikhonov damping, not exact: ``exact_solve = False``). ``update``: EMA of the batch tensors
+Tikhonov damping, not exact: ``exact_solve = False``). The fitted ``Ĉ`` need not be symmetric (``C`` is), so
+the represented operator is ``½(Ĉ + Ĉᵀ)``: ``Ĉᵀ`` is the same format with every ``U_l`` slice transposed
+(``x_l x x_l``), so ``mv`` adds one contraction on the same cached path and ``to_dense`` returns the symmetric
+part. No accuracy is lost: symmetrization is the orthogonal projection onto symmetric matrices and ``C`` is
+symmetric, so ``‖C − ½(Ĉ+Ĉᵀ)‖_F = ‖½(C−Ĉ) + ½(C−Ĉ)ᵀ‖_F ≤ ‖C − Ĉ‖_F``. ``update``: EMA of the batch tensors
 projected on the refitted factors is not defined cheaply, so ``update`` refits on the batch
 warm-started from the previous factors and averages the *dense-free* core after projecting the old
 approximation onto the new factors (``𝒢 ← decay·𝒢_old ×_l (U_lᵀU_l^old) + (1−decay)·𝒢_batch``).
@@ -321,17 +325,21 @@ class Tucker(Structure):
         c = [oe.get_symbol(3 * l + 1) for l in range(D)]
         p = [oe.get_symbol(3 * l + 2) for l in range(D)]
         expr = "".join(p) + "," + ",".join(r[l] + c[l] + p[l] for l in range(D)) + "," + "".join(c) + "->" + "".join(r)
-        X = contract(expr, self.core, *self._mats(), as_tensor(V, self.sin, self.sout))
-        return from_tensor(X, m, n)
+        Vt, mats = as_tensor(V, self.sin, self.sout), self._mats()
+        X = contract(expr, self.core, *mats, Vt)  # Ĉ V
+        X = X + contract(expr, self.core, *[M.transpose(0, 1) for M in mats], Vt)  # + Ĉᵀ V (same cached path)
+        return from_tensor(0.5 * X, m, n)
 
-    def to_dense(self):
+    def to_dense(self, raw: bool = False):
+        """Dense ``½(Ĉ + Ĉᵀ)`` (the represented operator); ``raw=True``: the fitted format ``Ĉ`` itself."""
         D = len(self.U)
         r = [oe.get_symbol(3 * l) for l in range(D)]
         c = [oe.get_symbol(3 * l + 1) for l in range(D)]
         p = [oe.get_symbol(3 * l + 2) for l in range(D)]
         expr = "".join(p) + "," + ",".join(r[l] + c[l] + p[l] for l in range(D)) + "->" + "".join(r) + "".join(c)
         dim = self.shape[0] * self.shape[1]
-        return oe.contract(expr, self.core, *self._mats()).reshape(dim, dim)
+        M = oe.contract(expr, self.core, *self._mats()).reshape(dim, dim)
+        return M if raw else 0.5 * (M + M.T)
 
     def partial_traces(self) -> tuple[list[Tensor], Tensor]:
         """``P_l = Tr_{k≠l} Ĉ`` (x_l × x_l) and ``tr Ĉ``."""
