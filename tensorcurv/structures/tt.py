@@ -234,7 +234,7 @@ class TensorTrain(Structure):
         m, n = self.shape
         if self.exact_solve:
             return 4 * m * n * (m + n)
-        mv = 2 * sum(c.numel() for c in self.cores) * m * n if self.fitted else 0
+        mv = 4 * sum(c.numel() for c in self.cores) * m * n if self.fitted else 0  # Ĉ V and Ĉᵀ V
         return self.last_solve.get("iterations", 20) * (mv + 4 * m * n * (m + n))
 
 

@@ -394,5 +394,5 @@ class Tucker(Structure):
 
     def solve_flops(self):
         m, n = self.shape
-        mv = 2 * self.core.numel() * m * n if self.fitted else 0
+        mv = 4 * self.core.numel() * m * n if self.fitted else 0  # Ĉ V and Ĉᵀ V
         return self.last_solve.get("iterations", 20) * (mv + 4 * m * n * (m + n))
