@@ -29,7 +29,7 @@ from tensorcurv import structures
 from tensorcurv.capture import CaptureResult, capture, check_kind
 from tensorcurv.layers import LayerAdapter, adapter_for
 from tensorcurv.losses import LossSpec, as_loss_spec
-from tensorcurv.structures.base import check_damping, check_decay
+from tensorcurv.structures.base import check_damping, check_decay, fit_blocks
 
 FALLBACKS = ("identity", "diagonal")
 
@@ -161,13 +161,7 @@ class Curvature:
             else:
                 self.model_structure.update(stats, decay)
         else:
-            for name, block in self.blocks.items():
-                tb = time.perf_counter()
-                if decay is None:
-                    block.fit(stats[name])
-                else:
-                    block.update(stats[name], decay)
-                block.fit_time = time.perf_counter() - tb
+            fit_blocks(self.blocks, stats, decay)
         self.last_fit_time = time.perf_counter() - t0
 
     def _fit_fallback(self, inputs: Tensor, res: CaptureResult, decay: float | None) -> None:

@@ -47,9 +47,12 @@ class LayerAdapter:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    # which parameters the Kronecker block covers, in matrix-column order (weight, then bias)
     def params(self) -> list[tuple[str, nn.Parameter]]:
-        raise NotImplementedError
+        """The parameters the Kronecker block covers, in matrix-column order (weight, then bias)."""
+        out = [("weight", self.module.weight)]
+        if getattr(self.module, "bias", None) is not None:
+            out.append(("bias", self.module.bias))
+        return out
 
     def shape(self) -> tuple[int, int]:
         raise NotImplementedError
@@ -73,11 +76,6 @@ class LinearAdapter(LayerAdapter):
 
     module_type = nn.Linear
 
-    def params(self):
-        out = [("weight", self.module.weight)]
-        if self.module.bias is not None:
-            out.append(("bias", self.module.bias))
-        return out
 
     def shape(self):
         m, d = self.module.weight.shape
@@ -112,11 +110,6 @@ class Conv2dAdapter(LayerAdapter):
         padding = 0 if c.padding == "valid" else c.padding
         return dict(kernel_size=c.kernel_size, dilation=c.dilation, padding=padding, stride=c.stride)
 
-    def params(self):
-        out = [("weight", self.module.weight)]
-        if self.module.bias is not None:
-            out.append(("bias", self.module.bias))
-        return out
 
     def shape(self):
         w = self.module.weight

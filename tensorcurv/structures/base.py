@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -122,6 +123,17 @@ class Structure(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, {self.hparams})"
+
+
+def fit_blocks(blocks: dict[str, "Structure"], stats, decay: float | None) -> None:
+    """Fit (``decay=None``) or running-average every block from its layer's statistics, timing each."""
+    for name, block in blocks.items():
+        t0 = time.perf_counter()
+        if decay is None:
+            block.fit(stats[name])
+        else:
+            block.update(stats[name], decay)
+        block.fit_time = time.perf_counter() - t0
 
 
 def check_damping(damping: float) -> None:

@@ -44,9 +44,6 @@ class TTHparams(SplitHparams):
 
     def __post_init__(self) -> None:
         self._check_common("tt")
-        rs = self.ranks if isinstance(self.ranks, (list, tuple)) else [self.ranks]
-        if not all(isinstance(r, int) and r >= 1 for r in rs):
-            raise ValueError(f"tt.ranks must be a positive int or a list of positive ints, got {self.ranks!r}")
 
 
 @register("tt")

@@ -94,6 +94,10 @@ class SplitHparams:
             raise ValueError(f"{name}: num_factors, max_iter, warm_max_iter, pcg_max_iter and chunk must be >= 1")
         if not (self.tol > 0 and self.pcg_tol > 0):
             raise ValueError(f"{name}: tol and pcg_tol must be > 0")
+        ranks = getattr(self, "ranks", 1)
+        rs = ranks if isinstance(ranks, (list, tuple)) else [ranks]
+        if not all(isinstance(r, int) and r >= 1 for r in rs):
+            raise ValueError(f"{name}.ranks must be a positive int or a list of positive ints, got {ranks!r}")
 
 
 _EXPRESSIONS: dict[tuple, Any] = {}
@@ -216,9 +220,6 @@ class TuckerHparams(SplitHparams):
 
     def __post_init__(self) -> None:
         self._check_common("tucker")
-        rs = self.ranks if isinstance(self.ranks, (list, tuple)) else [self.ranks]
-        if not all(isinstance(r, int) and r >= 1 for r in rs):
-            raise ValueError(f"tucker.ranks must be a positive int or a list of positive ints, got {self.ranks!r}")
 
 
 @register("tucker")

@@ -61,7 +61,7 @@ from torch import Tensor
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures import base as _base
-from tensorcurv.structures.base import Structure, check_damping, check_decay, register, sym_eig
+from tensorcurv.structures.base import Structure, check_damping, check_decay, fit_blocks, register, sym_eig
 from tensorcurv.structures.diagonal import Diagonal
 from tensorcurv.structures.ekfac import EKFAC
 from tensorcurv.structures.kfac import KFAC
@@ -268,13 +268,7 @@ class TwoLevel(Structure):
         return C0, U
 
     def _fit_blocks(self, stats, decay):
-        for name, block in self.blocks.items():
-            tb = time.perf_counter()
-            if decay is None:
-                block.fit(stats[name])
-            else:
-                block.update(stats[name], decay)
-            block.fit_time = time.perf_counter() - tb
+        fit_blocks(self.blocks, stats, decay)
 
     def fit(self, stats: Mapping[str, LayerStats]) -> "TwoLevel":
         """Fit every base block and the coarse level to one batch (replaces any previous state)."""
