@@ -22,8 +22,9 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def extract_patches(x: Tensor, kernel_size, dilation=1, padding=0, stride=1) -> Tensor:
-    """Convolution patches of ``x`` (N, C, H, W) as ``(N, T, C*kh*kw)``, same order as ``F.unfold``.
+def extract_patches(x: Tensor, kernel_size, dilation=1, padding=0, stride=1, ones: bool = False) -> Tensor:
+    """Convolution patches of ``x`` (N, C, H, W) as ``(N, T, C*kh*kw)``, same order as ``F.unfold``
+    (``ones=True``: with a trailing column of ones for the folded bias, written in the same copy).
 
     Built from strided views (one copy) instead of ``F.unfold``, whose CPU kernel loops over the
     batch and was ~10x slower than the convolution itself in ``scripts/bench_capture.py``.
@@ -36,7 +37,14 @@ def extract_patches(x: Tensor, kernel_size, dilation=1, padding=0, stride=1) -> 
     if dh > 1 or dw > 1:
         p = p[..., ::dh, ::dw]
     N, C, Ho, Wo = p.shape[:4]
-    return p.permute(0, 2, 3, 1, 4, 5).reshape(N, Ho * Wo, C * kh * kw)
+    p = p.permute(0, 2, 3, 1, 4, 5)
+    if not ones:
+        return p.reshape(N, Ho * Wo, C * kh * kw)
+    # one copy straight into (N, T, C*kh*kw + 1) with the bias column of ones (no second cat copy)
+    out = x.new_empty(N, Ho, Wo, C * kh * kw + 1)
+    out[..., :-1].view(N, Ho, Wo, C, kh, kw).copy_(p)
+    out[..., -1] = 1
+    return out.reshape(N, Ho * Wo, -1)
 
 
 class LayerAdapter:
@@ -116,8 +124,7 @@ class Conv2dAdapter(LayerAdapter):
         return (w.shape[0], w[0].numel() + (self.module.bias is not None))
 
     def inputs(self, x):
-        patches = extract_patches(x, **self._conv_args())  # (N, T, C_in*kh*kw)
-        return _with_ones(patches) if self.module.bias is not None else patches
+        return extract_patches(x, **self._conv_args(), ones=self.module.bias is not None)  # (N, T, C_in*kh*kw [+1])
 
     def output_grads(self, gz):
         K, N, C = gz.shape[:3]
