@@ -30,11 +30,11 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
-from tensorcurv.krylov import kron_eig_solve, pcg_or_fallback
+from tensorcurv.krylov import kron_eig_solve
 from tensorcurv.stats import LayerStats
-from tensorcurv.structures.base import Structure, register
-from tensorcurv.structures.tucker import (SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
-                                          mode_factors_precond, resolve_splits, small_threads, _sweeps)
+from tensorcurv.structures.base import register
+from tensorcurv.structures.tucker import (SplitFormat, SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
+                                          small_threads, _sweeps)
 
 
 @dataclass
@@ -47,18 +47,14 @@ class TTHparams(SplitHparams):
 
 
 @register("tt")
-class TensorTrain(Structure):
+class TensorTrain(SplitFormat):
     """Tensor-train (MPO) approximation of the split rearranged block; ALS fit."""
 
     Hparams = TTHparams
-    exact_solve = False
 
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
-        m, n = self.shape
         hp = self.hparams
-        self.sin = resolve_splits("tt", "splits_in", hp.splits_in, n, hp.num_factors)
-        self.sout = resolve_splits("tt", "splits_out", hp.splits_out, m, hp.num_factors)
         sq = [x * x for x in self.sin + self.sout]
         D = len(sq)
         caps = [min(math.prod(sq[:l + 1]), math.prod(sq[l + 1:])) for l in range(D - 1)]
@@ -71,9 +67,6 @@ class TensorTrain(Structure):
         else:
             self.ranks = [min(hp.ranks, c) for c in caps]
         self.exact_solve = all(r == 1 for r in self.ranks)
-        self.generator = torch.Generator().manual_seed(hp.seed)
-        self.last_fit: dict[str, Any] = {}
-        self._pre = None
 
     # ------------------------------------------------------------------ fitting
     def _bonds(self):
@@ -187,45 +180,22 @@ class TensorTrain(Structure):
             P.append(torch.einsum("a,axyb,b->xy", left[0], self.cores[l], right[:, 0]))
         return P, torch.trace(P[0])
 
-    def solve(self, V, damping):
-        with small_threads(self.shape):
-            return self._solve(V, damping)
-
     def _solve(self, V, damping):
         self._check(V, damping)
-        if self.exact_solve:
-            if self._pre is None:
-                eig = [torch.linalg.eigh(0.5 * (F + F.T)) for F in self.kron_factors()]
-                self._pre = ([e for e, _ in eig], [q for _, q in eig])
-            X = kron_eig_solve(*self._pre, as_tensor(V, self.sin, self.sout), damping, floor=None)
-            self.last_solve = {"method": "kron-eigh", "damping": "tikhonov", "exact": True}
-            return from_tensor(X, *self.shape)
+        if not self.exact_solve:
+            return self._pcg_solve(V, damping)
         if self._pre is None:
-            self._pre = mode_factors_precond(*self.partial_traces())
-        evals, evecs = self._pre
-
-        def precond(R):
-            return from_tensor(kron_eig_solve(evals, evecs, as_tensor(R, self.sin, self.sout), damping), *self.shape)
-
-        X, info = pcg_or_fallback(lambda Z: self.mv(Z) + damping * Z, V, precond, self.hparams.pcg_tol,
-                                  self.hparams.pcg_max_iter, damping)
-        self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
-                           "preconditioner": "Kronecker product of partial traces", **info}
-        return X
+            eig = [torch.linalg.eigh(0.5 * (F + F.T)) for F in self.kron_factors()]
+            self._pre = ([e for e, _ in eig], [q for _, q in eig])
+        X = kron_eig_solve(*self._pre, as_tensor(V, self.sin, self.sout), damping, floor=None)
+        self.last_solve = {"method": "kron-eigh", "damping": "tikhonov", "exact": True}
+        return from_tensor(X, *self.shape)
 
     def tensors(self):
         return {f"core{l}": c for l, c in enumerate(self.cores)} if self.fitted else {}
 
-    def load_state_dict(self, state):
-        t = state["tensors"]
+    def _load_tensors(self, t):
         self.cores = [t[f"core{l}"].clone() for l in range(len(t))]
-        self.fitted, self._pre = state["fitted"], None
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
-
-    def state_dict(self):
-        """Core tensors plus the random-start generator's state (exact resume)."""
-        return {**super().state_dict(), "generator": self.generator.get_state()}
 
     def solve_flops(self):
         m, n = self.shape

@@ -27,16 +27,15 @@ or stalls, ``solve`` returns the damped PSD preconditioner solve instead and say
 from __future__ import annotations
 
 import math
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import opt_einsum as oe
 import torch
 from torch import Tensor
 
-from tensorcurv.krylov import kron_eig_solve, mode_apply, pcg_or_fallback
+from tensorcurv.krylov import kron_eig_solve, pcg_or_fallback
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
@@ -213,6 +212,63 @@ def from_tensor(X: Tensor, m: int, n: int) -> Tensor:
     return X.reshape(n, m).T
 
 
+class SplitFormat(Structure):
+    """What ``tucker`` and ``tt`` share: the index splits, the random start, the threaded solve,
+    the PCG preconditioned by the Kronecker product of partial traces, and generator-aware state.
+
+    Subclasses implement ``partial_traces()``, ``_load_tensors(tensors)`` and may override ``_solve``.
+    """
+
+    exact_solve = False
+
+    def __init__(self, shape, hparams=None):
+        super().__init__(shape, hparams)
+        m, n = self.shape
+        hp = self.hparams
+        self.sin = resolve_splits(self.name, "splits_in", hp.splits_in, n, hp.num_factors)
+        self.sout = resolve_splits(self.name, "splits_out", hp.splits_out, m, hp.num_factors)
+        self.generator = torch.Generator().manual_seed(hp.seed)
+        self.last_fit: dict[str, Any] = {}
+        self._pre = None
+
+    def solve(self, V, damping):
+        with small_threads(self.shape):
+            return self._solve(V, damping)
+
+    def _solve(self, V, damping):
+        self._check(V, damping)
+        return self._pcg_solve(V, damping)
+
+    def _precond(self, damping):
+        """``V ↦ (⊗_l P_l + λI)^{-1} V`` with ``P_l`` the partial traces (PSD, cached per fit)."""
+        if self._pre is None:
+            self._pre = mode_factors_precond(*self.partial_traces())
+        evals, evecs = self._pre
+        return lambda R: from_tensor(kron_eig_solve(evals, evecs, as_tensor(R, self.sin, self.sout), damping),
+                                     *self.shape)
+
+    def _pcg_solve(self, V, damping):
+        """PCG on ``Ĉ + λI`` preconditioned by :meth:`_precond`."""
+        X, info = pcg_or_fallback(lambda Z: self.mv(Z) + damping * Z, V, self._precond(damping),
+                                  self.hparams.pcg_tol, self.hparams.pcg_max_iter, damping)
+        self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
+                           "preconditioner": "Kronecker product of partial traces", **info}
+        return X
+
+    def _load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state):
+        self._load_tensors(state["tensors"])
+        self.fitted, self._pre = state["fitted"], None
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def state_dict(self):
+        """Format tensors plus the random-start generator's state (exact resume)."""
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+
 @dataclass
 class TuckerHparams(SplitHparams):
     ranks: Any = 4
@@ -223,18 +279,14 @@ class TuckerHparams(SplitHparams):
 
 
 @register("tucker")
-class Tucker(Structure):
+class Tucker(SplitFormat):
     """Tucker decomposition of the split rearranged block; PCG solve."""
 
     Hparams = TuckerHparams
-    exact_solve = False
 
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
-        m, n = self.shape
         hp = self.hparams
-        self.sin = resolve_splits("tucker", "splits_in", hp.splits_in, n, hp.num_factors)
-        self.sout = resolve_splits("tucker", "splits_out", hp.splits_out, m, hp.num_factors)
         sizes = self.sin + self.sout
         if isinstance(hp.ranks, (list, tuple)):
             if len(hp.ranks) != len(sizes):
@@ -245,9 +297,6 @@ class Tucker(Structure):
             self.ranks = list(hp.ranks)
         else:
             self.ranks = [min(hp.ranks, x * x) for x in sizes]
-        self.generator = torch.Generator().manual_seed(hp.seed)
-        self.last_fit: dict[str, Any] = {}
-        self._pre = None
 
     def _hooi(self, stats: LayerStats, init: list[Tensor] | None):
         hp = self.hparams
@@ -357,41 +406,14 @@ class Tucker(Structure):
         total = torch.trace(P[0])
         return P, total
 
-    def _precond(self, damping):
-        if self._pre is None:
-            self._pre = mode_factors_precond(*self.partial_traces())
-        evals, evecs = self._pre
-        return lambda R: from_tensor(kron_eig_solve(evals, evecs, as_tensor(R, self.sin, self.sout), damping),
-                                     *self.shape)
-
-    def solve(self, V, damping):
-        with small_threads(self.shape):
-            return self._solve(V, damping)
-
-    def _solve(self, V, damping):
-        self._check(V, damping)
-        X, info = pcg_or_fallback(lambda Z: self.mv(Z) + damping * Z, V, self._precond(damping),
-                                  self.hparams.pcg_tol, self.hparams.pcg_max_iter, damping)
-        self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
-                           "preconditioner": "Kronecker product of partial traces", **info}
-        return X
-
     def tensors(self):
         if not self.fitted:
             return {}
         return {"core": self.core, **{f"U{l}": u for l, u in enumerate(self.U)}}
 
-    def load_state_dict(self, state):
-        t = state["tensors"]
+    def _load_tensors(self, t):
         self.core = t["core"].clone()
         self.U = [t[f"U{l}"].clone() for l in range(len(t) - 1)]
-        self.fitted, self._pre = state["fitted"], None
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
-
-    def state_dict(self):
-        """Core tensors plus the random-start generator's state (exact resume)."""
-        return {**super().state_dict(), "generator": self.generator.get_state()}
 
     def solve_flops(self):
         m, n = self.shape
