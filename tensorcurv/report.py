@@ -131,6 +131,15 @@ def _num(v: Any, digits: int = 4) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
+def _save_with_side_legend(fig, axes, path: Path) -> None:
+    """One legend (from the first panel) to the right of all panels, then save and close."""
+    h, lab = axes[0][0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="center right", fontsize=7.5)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def fig_error_vs_rank(metrics, floor, path: Path) -> None:
     rows = _ok(metrics)
     step = _final(rows)
@@ -167,7 +176,7 @@ def fig_error_vs_rank(metrics, floor, path: Path) -> None:
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel("‖C−Ĉ‖_F / ‖C‖_F")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
@@ -233,11 +242,7 @@ def fig_error_over_training(metrics, path: Path) -> None:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
-    h, lab = axes[0][0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="center right", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_with_side_legend(fig, axes, path)
 
 
 def fig_spectrum(spectra, path: Path) -> None:
@@ -261,11 +266,7 @@ def fig_spectrum(spectra, path: Path) -> None:
         ax.set_xlabel("index (descending)")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("eigenvalue (positive part)")
-    h, lab = axes[0][0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="center right", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_with_side_legend(fig, axes, path)
 
 
 def _damping_columns(rows) -> list[tuple[float, str]]:
@@ -300,11 +301,7 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None) -> Non
             if i == len(panels) - 1:
                 ax.set_xlabel("λ / (tr C / dim)")
         axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
-    h, lab = axes[0][0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="center right", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_with_side_legend(fig, axes, path)
 
 
 # ----------------------------------------------------------------------------- markdown
