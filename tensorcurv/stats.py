@@ -19,7 +19,7 @@ Conventions (one place, repeated in the README):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ class LayerStats:
     g: Tensor
     scale: float
     name: str = ""
+    _finite: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.a.dim() != 3 or self.g.dim() != 4:
@@ -78,11 +79,15 @@ class LayerStats:
     def check_finite(self) -> None:
         """Raise ``ValueError`` naming the layer if ``a`` or ``g`` holds NaN/Inf.
 
-        One reduction per tensor: a NaN or ±Inf anywhere makes the sum non-finite.
+        One reduction per tensor: a NaN or ±Inf anywhere makes the sum non-finite. A passed check is
+        remembered, so ``Curvature`` (all layers first) and each structure do not scan twice.
         """
+        if self._finite:
+            return
         for label, t in (("inputs a", self.a), ("output gradients g", self.g)):
             if not torch.isfinite(t.sum()):
                 raise ValueError(f"layer {self.name!r}: non-finite values in the {label} statistics")
+        self._finite = True
 
     # ---------------------------------------------------------------- derived quantities
     def per_sample_grads(self) -> Tensor:
