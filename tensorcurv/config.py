@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,26 @@ class TrainConfig:
     """Output folder; None: Hydra's run directory (or ``outputs/<name>`` outside Hydra)."""
     threads: int | None = None
     """``torch.set_num_threads`` (None: leave torch's default)."""
+    device: str = "cpu"
+    """``cpu``, ``cuda``, ``cuda:<i>`` or ``auto`` (cuda when available): where model, data and curvature live."""
+
+
+def resolve_device(name: str) -> "torch.device":
+    """Map the ``device`` field to a :class:`torch.device`; a clear error when CUDA is asked for but absent."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(name)):
+        raise ConfigError(f"device={name!r}: expected one of cpu, cuda, cuda:<index>, auto")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but torch.cuda.is_available() is False (torch {torch.__version__}); "
+                              f"use device=cpu or device=auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def _check_fields(group: str, cls: type, values: Mapping[str, Any]) -> None:
@@ -242,6 +263,7 @@ def validate_train(cfg: Any) -> Validated:
     _int_at_least("max_steps", train.max_steps, 1, allow_none=True)
     _int_at_least("threads", train.threads, 1, allow_none=True)
     _int_at_least("seed", train.seed, 0)
+    resolve_device(train.device)
 
     d = dict(raw.get("data") or {})
     _check_fields("data", DataConfig, d)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tensorcurv import data as data_mod
 from tensorcurv import models, optim, tracking
 from tensorcurv.distributed import launch
-from tensorcurv.config import SECOND_ORDER, ConfigError, Validated, check_blocks, validate_train
+from tensorcurv.config import SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device, validate_train
 
 #: keys that may change between a run and its resumption
 _RESUME_FREE = ("resume", "progress", "logger", "threads", "run_dir")
@@ -93,11 +93,14 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, task: str, chunk: int = 204
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(s["torch"].cpu())
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
 
@@ -148,7 +151,12 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     """
     v = validate_train(cfg)  # one-line ConfigError before any work
     t = v.train
-    session = launch.setup(v.raw.get("distributed"))  # data parallel (torchrun): rank 0 logs/checkpoints
+    device = resolve_device(t.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    session = launch.setup(v.raw.get("distributed"), device)  # data parallel (torchrun): rank 0 logs/checkpoints
     rdir = Path(run_dir or t.run_dir or _hydra_run_dir() or Path("outputs") / t.name)
     rdir.mkdir(parents=True, exist_ok=True)
     if t.threads:
@@ -161,7 +169,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     task = resolve_task(v, splits.num_classes)
 
     def targets(split):
-        X, y = split
+        X, y = split[0].to(device), split[1].to(device)
         return X, (y if task == "classify" else X.flatten(1))
 
     Xtr, Ytr = targets(splits.train)
@@ -172,7 +180,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     random.seed(t.seed)
     mkw = {k: val for k, val in v.model.items() if k != "name"}
     model = models.build(v.model["name"], splits.input_shape,
-                         splits.num_classes if task == "classify" else None, **mkw).to(dtype)
+                         splits.num_classes if task == "classify" else None, **mkw).to(device=device, dtype=dtype)
     if v.optim["name"] in SECOND_ORDER:
         check_blocks(model, v.curvature)
     loss_fn = nn.CrossEntropyLoss() if task == "classify" else nn.MSELoss()
@@ -189,7 +197,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         (rdir / "config.yaml").write_text(_to_yaml(v.raw))
     record = tracking.CsvLogger(rdir if session.is_main else rdir / f".rank{session.rank}")
     ckpt = rdir / "checkpoints" / "last.pt"
-    state = torch.load(ckpt, weights_only=False) if (t.resume and ckpt.exists()) else None
+    state = torch.load(ckpt, weights_only=False, map_location=device) if (t.resume and ckpt.exists()) else None
     fingerprint = _fingerprint(v.raw)
     if state is not None and state.get("fingerprint", fingerprint) != fingerprint:
         raise ConfigError(f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
@@ -285,7 +293,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     summary = {
         "name": t.name, "dataset": d.name, "model": v.model["name"], "optimizer": v.optim["name"],
         "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None, "task": task,
-        "seed": t.seed, "dtype": t.dtype, "steps": step, "epochs": step / spe, "batch_size": bs,
+        "seed": t.seed, "dtype": t.dtype, "device": str(device), "steps": step, "epochs": step / spe, "batch_size": bs,
         "num_params": sum(p.numel() for p in model.parameters()),
         **{k: val for k, val in final.items() if k not in ("step", "epoch", "wall_time")},
         "wall_time": elapsed, "time_per_step": float(np.mean(step_times)) if step_times else None,

@@ -73,6 +73,8 @@ class CrossEntropy(LossSpec):
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
         p = outputs.detach().softmax(dim=-1)
+        if generator is not None and generator.device != p.device:  # a CPU generator keeps runs reproducible on GPU
+            return torch.multinomial(p.cpu(), 1, generator=generator).squeeze(-1).to(p.device)
         return torch.multinomial(p, 1, generator=generator).squeeze(-1)
 
     def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -96,7 +98,8 @@ class MeanSquaredError(LossSpec):
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
         z = outputs.detach()
-        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        on = generator.device if generator is not None else z.device
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=on).to(z.device)
         return z + noise / math.sqrt(2.0 * self.rho(outputs))
 
     def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:

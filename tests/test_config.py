@@ -196,3 +196,23 @@ def test_tucker_split_that_does_not_multiply_to_the_layer_size_fails_before_trai
 @pytest.mark.skipif("tt" not in structures.names(), reason="tt structure not registered")
 def test_tt_rank_below_one_is_rejected_at_validation():
     assert _error(train_cfg("curvature=tt", "curvature.ranks=0")).startswith("curvature (tt)")
+
+
+def test_unknown_device_names_the_valid_forms():
+    msg = _error(train_cfg("device=tpu"))
+    assert "device='tpu'" in msg and "cuda:<index>" in msg
+
+
+def test_cuda_device_without_cuda_is_a_config_error(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "torch.cuda.is_available() is False" in _error(train_cfg("device=cuda"))
+
+
+def test_auto_device_falls_back_to_cpu_without_cuda(monkeypatch):
+    import torch
+
+    from tensorcurv.config import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    validate_train(train_cfg("device=auto"))

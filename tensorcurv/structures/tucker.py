@@ -304,7 +304,7 @@ class Tucker(SplitFormat):
         D, sizes = T.D, T.sizes
         dt = stats.a.dtype
         if init is None:
-            U = [torch.linalg.qr(torch.randn(x * x, p, generator=self.generator, dtype=torch.float64).to(dt))[0]
+            U = [torch.linalg.qr(torch.randn(x * x, p, generator=self.generator, dtype=torch.float64).to(dt).to(stats.a.device))[0]
                  for x, p in zip(sizes, self.ranks)]
         else:
             U = [u.clone() for u in init]

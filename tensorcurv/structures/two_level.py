@@ -160,7 +160,7 @@ def leading_eigenvectors(block: Structure, k: int) -> tuple[Tensor, Tensor]:
     if isinstance(block, Diagonal):  # unit matrices at the largest diagonal entries
         top, i, j = _top_entries(block.D, k)
         V = block.D.new_zeros(k, m, n)
-        V[torch.arange(k), i, j] = 1.0
+        V[torch.arange(k, device=V.device), i, j] = 1.0
         return top, V
     if m * n <= DENSE_EIGH_MAX:
         evals, Q = torch.linalg.eigh(0.5 * (block.to_dense() + block.to_dense().T))
