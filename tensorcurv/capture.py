@@ -78,7 +78,12 @@ class _Recorder:
 
 
 def _batched_vjp(outputs: Tensor, zs: list[Tensor], grad_outputs: Tensor) -> list[Tensor]:
-    """``Jᵀ v`` for a batch of cotangents ``grad_outputs`` (K, *outputs.shape), one backward."""
+    """``Jᵀ v`` for a batch of cotangents ``grad_outputs`` (K, *outputs.shape), one backward
+    (K = 1, e.g. one MC sample: a plain backward, no vmap)."""
+    if grad_outputs.shape[0] == 1:
+        res = torch.autograd.grad(outputs, zs, grad_outputs[0], retain_graph=True, allow_unused=True)
+        return [torch.zeros((1,) + z.shape, dtype=z.dtype, device=z.device) if r is None else r.unsqueeze(0)
+                for r, z in zip(res, zs)]
     try:
         res = torch.autograd.grad(outputs, zs, grad_outputs, is_grads_batched=True,
                                   retain_graph=True, allow_unused=True)

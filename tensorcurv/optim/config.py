@@ -152,6 +152,7 @@ class LionConfig(SGDConfig):
 
 # ---------------------------------------------------------------------------- second order
 DAMPING_RULES = ("fixed", "lm")
+DECAY_SCHEDULES = ("constant", "average")
 FALLBACKS = ("identity", "diagonal")
 
 
@@ -176,6 +177,8 @@ class SecondOrderConfig:
     """Label samples per input for ``kind=mc``."""
     decay: float | None = 0.95
     """Running-average decay of the curvature statistics (None: refit from each batch)."""
+    decay_schedule: str = "constant"
+    """``constant`` (``decay`` from the 2nd update) or ``average`` (``min(1 − 1/k, decay)`` at the k-th update)."""
     stats_interval: int = 1
     """Capture statistics every k steps (other steps: one plain backward)."""
     inverse_interval: int = 1
@@ -219,6 +222,8 @@ class SecondOrderConfig:
         _interval("mc_samples", self.mc_samples)
         if self.decay is not None:
             _in_unit("decay", self.decay)
+        if self.decay_schedule not in DECAY_SCHEDULES:
+            raise ValueError(f"decay_schedule={self.decay_schedule!r} is not one of {list(DECAY_SCHEDULES)}")
         _interval("stats_interval", self.stats_interval)
         _interval("inverse_interval", self.inverse_interval)
         _in_unit("momentum", self.momentum)

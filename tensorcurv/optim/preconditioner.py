@@ -12,11 +12,16 @@ documents otherwise). Schedule of the work:
 
 * ``stats_interval = k_s``: statistics are captured (and folded into the running average with
   ``decay``, i.e. the structure's ``fit``/``update`` runs) on steps ``t ≡ 0 mod k_s``; other steps
-  do one plain backward.
+  do one plain backward (no hooks, no extra backward).
+* ``decay_schedule``: ``constant`` uses ``decay`` from the second update on (the first update fits);
+  ``average`` uses ``min(1 − 1/k, decay)`` at the k-th update (k = 1, 2, ...; Martens & Grosse 2015
+  §5), i.e. the plain mean of the first ``1/(1 − decay)`` batches, then the EMA, so the estimate is
+  not dominated by the first batch.
 * ``inverse_interval = k_i``: the solves use a copy of the curvature refreshed on steps
   ``t ≡ 0 mod k_i``; cached decompositions (K-FAC eigenbases, ...) are recomputed lazily at the
   first solve after a refresh. With ``k_i = 1`` the live curvature is used directly (no copy).
-* KL clipping (Ba et al. 2017; Martens & Grosse 2015): ``ν = min(1, sqrt(κ / (η² Σ gᵀ P g)))``.
+* KL clipping (Ba et al. 2017; Martens & Grosse 2015): ``ν = min(1, sqrt(κ / (η² Σ gᵀ P g)))``,
+  ``gᵀ P g = Σ_layers ⟨g, Δ⟩`` from the gradient and the solved direction ``Δ`` (one fused sum).
 
 Robustness: a non-finite loss, gradient or statistic skips the step *before* any curvature
 block, counter or RNG state changes (all ``p.grad`` are set to ``None``, so a following
@@ -44,6 +49,17 @@ from tensorcurv.losses import as_loss_spec
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt
 
 
+DECAY_SCHEDULES = ("constant", "average")
+
+
+def scheduled_decay(decay: float | None, schedule: str, k: int) -> float | None:
+    """Running-average decay at the k-th statistics update (k >= 1): ``decay`` (``constant``) or
+    ``min(1 − 1/k, decay)`` (``average``); ``None`` (refit from each batch) stays ``None``."""
+    if decay is None or schedule == "constant":
+        return decay
+    return min(1.0 - 1.0 / k, decay)
+
+
 class NonFiniteStepWarning(RuntimeWarning):
     """A step was skipped because of a non-finite loss, gradient, statistic or solve."""
 
@@ -69,6 +85,7 @@ class Preconditioner:
         damping: float | Callable[[int], float] | FixedDamping | LevenbergMarquardt = 1e-3,
         *,
         decay: float | None = 0.95,
+        decay_schedule: str = "constant",
         stats_interval: int = 1,
         inverse_interval: int = 1,
         kl_clip: float | None = None,
@@ -82,6 +99,8 @@ class Preconditioner:
         for key, v in (("stats_interval", stats_interval), ("inverse_interval", inverse_interval)):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        if decay_schedule not in DECAY_SCHEDULES:
+            raise ValueError(f"decay_schedule={decay_schedule!r} is not one of {list(DECAY_SCHEDULES)}")
         # data parallel (tensorcurv.distributed): a DDP model is unwrapped; statistics, gradients and
         # loss are reduced across the process group so every rank takes the global-batch step
         model, self.comm = resolve_distributed(model, comm)
@@ -92,7 +111,7 @@ class Preconditioner:
         self.curvature = make(model, structure, kind, **kw)
         self.solver = self.curvature if inverse_interval == 1 else make(model, structure, kind, **kw)
         self.damping = damping if isinstance(damping, (FixedDamping, LevenbergMarquardt)) else FixedDamping(damping)
-        self.decay, self.kl_clip = decay, kl_clip
+        self.decay, self.decay_schedule, self.kl_clip = decay, decay_schedule, kl_clip
         self.stats_interval, self.inverse_interval = stats_interval, inverse_interval
         self.steps = 0  # completed (preconditioned) steps
         self.skipped = 0
@@ -156,7 +175,8 @@ class Preconditioner:
             self._skip(f"non-finite values in {bad} (loss={float(loss):.4g})")
             return loss
         if res is not None:
-            self.curvature.fit_capture(inputs, res, self.decay)
+            decay = scheduled_decay(self.decay, self.decay_schedule, self.curvature.num_updates + 1)
+            self.curvature.fit_capture(inputs, res, decay)
         if self.solver is not self.curvature and t % self.inverse_interval == 0:
             self.solver.load_state_dict(self.curvature.state_dict())
         self.info = {"skipped": False, "loss": float(loss), "stats": stats_due,
@@ -181,7 +201,7 @@ class Preconditioner:
             return False
         nu = 1.0
         if self.kl_clip is not None:
-            vg = lr * lr * sum(float((a * b).sum()) for a, b in zip(pg, grads))
+            vg = lr * lr * float(torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(pg, grads)]).sum())
             nu = min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
         for p, d in zip(self.params, pg):
             p.grad = d if nu == 1.0 else d * nu
