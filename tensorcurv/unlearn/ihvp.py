@@ -296,13 +296,30 @@ class StructureSolver(IHVPSolver):
     which is what :meth:`Curvature.solve` computes. With the ``dense`` structure on a one-layer
     model this is the exact GGN solve. Parameters outside covered layers use the exact diagonal
     fallback. ``μI`` of the objective is thus added exactly, not approximated.
+
+    ``refine > 0``: structure-preconditioned refinement — PCG (at most ``refine`` iterations, relative
+    residual ``refine_tol``) on ``(N/B) C_B + δI`` with ``C_B`` the *exact* GGN applied from the same
+    statistics the structure was fitted from (:class:`~tensorcurv.unlearn.stats_ggn.StatsGGN`; ``coupling``
+    ``"full"``: cross-layer GGN of all parameters, ``"block"``: its block diagonal), preconditioned by the
+    structure's solve. Exact for logistic regression; fails (``converged=False``) if ``refine_tol`` is
+    not reached. Needs every trainable parameter in a covered layer.
     """
 
     name = "structure"
 
     def __init__(self, structure: str = "kfac", damping: float = 0.0, kind: str = "ggn",
-                 fit_batch_size: int | None = None, seed: int = 0, **hparams: Any) -> None:
+                 fit_batch_size: int | None = None, seed: int = 0, refine: int = 0, refine_tol: float = 1e-3,
+                 coupling: str = "full", **hparams: Any) -> None:
         super().__init__(damping)
+        from tensorcurv.unlearn.stats_ggn import check_coupling
+        if not (isinstance(refine, int) and refine >= 0):
+            raise ValueError(f"structure: refine must be an integer >= 0 (max PCG iterations), got {refine!r}")
+        if not (isinstance(refine_tol, (int, float)) and refine_tol > 0):
+            raise ValueError(f"structure: refine_tol must be > 0, got {refine_tol!r}")
+        check_coupling(coupling)
+        if refine and kind != "ggn":
+            raise ValueError(f"structure: refine needs kind='ggn' statistics (the GGN columns), got kind={kind!r}")
+        self.refine, self.refine_tol, self.coupling = refine, float(refine_tol), coupling
         from tensorcurv import structures
         structures.get(structure)  # clear error for an unknown name
         structures.make_hparams(structure, **hparams)
@@ -327,20 +344,52 @@ class StructureSolver(IHVPSolver):
         self.curv = Curvature(self.obj.model, structure=self.structure, kind=self.kind, fallback="diagonal",
                               seed=self.seed, **self.hparams)
         with self.obj.loaded(self.theta):
-            self.curv.update(X, y, spec)
+            res = self.curv.capture(X, y, spec)
+            self.curv.fit_capture(X, res)
+        self.op = None
+        if self.refine:
+            from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN
+            self.layout = ParamLayout(self.curv.named_params, self.curv.adapters)
+            self.op = StatsGGN(res.stats, self.coupling)
+
+    def _precond(self, v: Tensor) -> Tensor:
+        """``(N/B · Ĉ_B + δI)^{-1} v`` through the structure's own solve."""
+        out = self.curv.solve(self.obj.as_list(v), damping=(self.obj.mu + self.damping) * self.ratio)
+        return self.obj.flatten(out) * self.ratio
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``(N/B · C_B + δI) v`` with the exact ``C_B`` from the statistics (needs ``refine > 0``)."""
+        mats = self.op.mv_mats(self.layout.to_mats(v))
+        return self.layout.to_flat(mats) / self.ratio + (self.obj.mu + self.damping) * v
 
     def _solve(self, v: Tensor) -> IHVPResult:
-        delta = (self.obj.mu + self.damping) * self.ratio
-        out = self.curv.solve(self.obj.as_list(v), damping=delta)
-        x = self.obj.flatten(out) * self.ratio
+        x = self._precond(v)
         blocks = {k: dict(b.last_solve) for k, b in self.curv.blocks.items()}
         failed = [k for k, b in blocks.items() if b.get("converged", True) is False]
         msg = f"iterative block solve did not converge in {failed}" if failed else ""
-        return IHVPResult(x, not failed, f"structure:{self.structure}", message=msg, info={"blocks": blocks})
+        name = f"structure:{self.structure}"
+        if not self.refine:
+            return IHVPResult(x, not failed, name, message=msg, info={"blocks": blocks})
+        return refine_solve(self.matvec, self._precond, v, self.refine, self.refine_tol, f"{name}+refine",
+                            {"blocks": blocks, "coupling": self.coupling})
 
     def describe(self):
-        return {**super().describe(), "structure": self.structure, "kind": self.kind,
-                "fit_batch_size": self.fit_batch_size, **self.hparams}
+        out = {**super().describe(), "structure": self.structure, "kind": self.kind,
+               "fit_batch_size": self.fit_batch_size, **self.hparams}
+        if self.refine:
+            out.update(refine=self.refine, refine_tol=self.refine_tol, coupling=self.coupling)
+        return out
+
+
+def refine_solve(matvec, precond, v: Tensor, max_iter: int, tol: float, name: str, info: dict) -> IHVPResult:
+    """PCG on ``matvec`` preconditioned by ``precond`` (a structure solve); an IHVPResult that reports
+    iterations and the relative residual, and fails unless ``‖Ax − v‖ ≤ tol‖v‖``."""
+    from tensorcurv.krylov import pcg
+    x, it = pcg(matvec, v, precond, tol=tol, max_iter=max_iter)
+    ok = bool(it["converged"])
+    msg = "" if ok else (f"refinement: relative residual {it['residual']:.3g} > tol {tol:g} after "
+                         f"{it['iterations']} PCG iterations" + (" (negative curvature)" if it["negative_curvature"] else ""))
+    return IHVPResult(x, ok, name, it["iterations"], it["residual"], msg, info=info)
 
 
 SOLVERS = {"exact": ExactSolver, "cg": CGSolver, "lissa": LiSSASolver, "structure": StructureSolver}
