@@ -169,14 +169,56 @@ def _one_signed(w: Tensor) -> bool:
 def sample_grams(stats: LayerStats) -> tuple[Tensor, Tensor]:
     """For ``T = 1``: ``Gu[s,t] = (a_sᵀa_t)²`` and ``Gw[s,t] = Σ_{k,k'} (g_skᵀ g_tk')²`` (N x N), so
     that ``R(C) = scale U Wᵀ`` with ``U = [vec(a_s a_sᵀ)]``, ``W = [vec(Σ_k g_sk g_skᵀ)]`` and
-    ``UᵀU = Gu``, ``WᵀW = Gw``."""
+    ``UᵀU = Gu``, ``WᵀW = Gw``. Cost ``N²(n + K²m)`` flops less the symmetry saving of :func:`sym_gram`."""
     if stats.T != 1:
         raise ValueError("sample-space Gram matrices need T = 1 (no weight sharing)")
     a = stats.a[:, 0]
     g = stats.g[:, :, 0].reshape(-1, stats.m)
-    Gu = (a @ a.T).pow(2)
-    Gw = (g @ g.T).pow(2).reshape(stats.N, stats.K, stats.N, stats.K).sum((1, 3))
+    Gu = sym_gram(a).square_()
+    Gw = sym_gram(g).square_()
+    if stats.K > 1:
+        Gw = Gw.reshape(stats.N, stats.K, stats.N, stats.K).sum((1, 3))
     return Gu, Gw
+
+
+def _block_starts(d: int, blocks: int, min_block: int = 128) -> list[int]:
+    b = max(1, min(blocks, d // min_block))
+    step = -(-d // b)
+    return list(range(0, d, step)) + [d]
+
+
+def sym_gram(X: Tensor, blocks: int = 8) -> Tensor:
+    """``X Xᵀ`` (``N x N`` for ``X`` of shape ``(N, d)``) from its upper block triangle: one gemm
+    ``X_I [X_I; X_{I+1}; …]ᵀ`` per row block, the lower triangle copied by transposition. With ``b``
+    blocks that is ``(b+1)/(2b)`` of the ``2N²d`` flops of ``X @ X.T`` (blocks of at least 128 rows)."""
+    N = X.shape[0]
+    edges = _block_starts(N, blocks)
+    if len(edges) == 2:
+        return X @ X.T
+    out = X.new_empty(N, N)
+    for i0, i1 in zip(edges[:-1], edges[1:]):
+        blk = X[i0:i1] @ X[i0:].T  # rows of block I, columns I.. N
+        out[i0:i1, i0:] = blk
+        out[i1:, i0:i1] = blk[:, i1 - i0:].T
+    return out
+
+
+def weighted_covariances(X: Tensor, W: Tensor, blocks: int = 8) -> Tensor:
+    """``Σ_s W[s,k] x_s x_sᵀ`` for every column ``k`` of ``W`` (``N x r``), as ``(r, d, d)`` for ``X`` of
+    shape ``(N, d)``: the ``r`` weighted covariances of the Gram route, stacked into one gemm
+    ``Xᵀ [W_1 ⊙ X, …, W_r ⊙ X]`` per column block of the (symmetric) output, upper block triangle
+    only, so ``≈ r N d² (b+1)/b`` flops instead of ``2 r N d²``."""
+    N, d = X.shape
+    r = W.shape[1]
+    edges = _block_starts(d, blocks)
+    out = X.new_empty(r, d, d)
+    for j0, j1 in zip(edges[:-1], edges[1:]):
+        Y = (X[:, None, j0:j1] * W[:, :, None]).reshape(N, -1)  # (N, r * |J|), columns (k, j)
+        blk = (X[:, :j1].T @ Y).reshape(j1, r, j1 - j0).transpose(0, 1)  # (r, rows 0..J_end, J)
+        out[:, :j1, j0:j1] = blk
+        if j0 > 0:
+            out[:, j0:j1, :j0] = blk[:, :j0].transpose(-1, -2)
+    return out
 
 
 def _sym_random(p: int, d: int, like: Tensor, generator: torch.Generator | None, symmetric: bool = True) -> Tensor:
@@ -339,7 +381,7 @@ def _orth(X: Tensor) -> Tensor:
 
 
 def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
-    N, n, m, c = stats.N, stats.n, stats.m, stats.scale
+    N, m, c = stats.N, stats.m, stats.scale
     Gu, Gw = sample_grams(stats)
     alpha = torch.randn(N, p, generator=generator, dtype=stats.a.dtype, device="cpu").to(stats.a.device)
     alpha[:, 0] = 1.0  # K-FAC's A = U·1/N as the first direction
@@ -362,15 +404,14 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
     r = min(rank, int((sz > sz[0] * torch.finfo(Gu.dtype).eps).sum()))
     ca = alpha @ V[:, :r]  # A_k = Σ_s ca[s,k] a_s a_sᵀ  (orthonormal)
     cg = (beta @ V[:, :r]) / sz[:r]  # G_k = Σ_{s,k'} cg[s,k] g_sk' g_sk'ᵀ
-    a = stats.a[:, 0]
-    g = stats.g[:, :, 0]
-    A = (a.T.unsqueeze(0) * ca.T.unsqueeze(1)) @ a
-    cgk = cg.T.unsqueeze(-1).expand(r, N, stats.K).reshape(r, -1)
-    gf = g.reshape(-1, m)
-    G = (gf.T.unsqueeze(0) * cgk.unsqueeze(1)) @ gf
+    A = weighted_covariances(stats.a[:, 0], ca)
+    cgk = cg.repeat_interleave(stats.K, dim=0) if stats.K > 1 else cg  # rows (s, k') of g
+    G = weighted_covariances(stats.g[:, :, 0].reshape(-1, m), cgk)
     certified = r == 1 and _one_signed(ca.T) and _one_signed(cg.T)  # A_1, G_1 ± nonnegative combinations
+    # term k is exactly sigma_k (Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_{u,k'} cg[u,k] g_uk' g_uk'ᵀ) (before and after
+    # _finish_symmetric): the sample coefficients behind the sample-space PSD certificate of kron_sum
     out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change,
-               psd_certificate=certified)
+               psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg))
     return _pad(sz[:r], A, G, rank)
 
 

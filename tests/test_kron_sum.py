@@ -217,7 +217,7 @@ def test_rank_one_update_keeps_the_psd_certificate():
 
 @pytest.mark.parametrize("rank", [2, 3])
 def test_certified_shrink_without_eigendecompositions_is_positive_semidefinite(rank):
-    block = fit("linear", "empirical", "kron_sum", rank=rank).blocks["0"]
+    block = fit("linear", "empirical", "kron_sum", rank=rank, psd_proof="spectral").blocks["0"]
     assert block.last_fit["psd_method"] == "cholesky + certified Lanczos bounds"
     C = block.to_dense()
     assert float(torch.linalg.eigvalsh(C)[0]) >= -1e-12 * float(C.norm())
@@ -231,3 +231,52 @@ def test_certified_rank_two_shrink_is_within_one_percent_of_the_largest_psd_scal
     A[1] = A[1] * 1.01  # a 1% larger scale of the second term
     worse = torch.kron(A[0], block.G[0]) + torch.kron(A[1], block.G[1])
     assert float(torch.linalg.eigvalsh(worse)[0]) < 0
+
+
+@pytest.mark.parametrize("kind", ["empirical", "ggn"])
+def test_gram_fit_terms_are_sample_pair_combinations_of_rank_one_kronecker_products(kind):
+    from tensorcurv.rearrange import kronecker_svd
+    from test_rearrange import curvature
+    st = curvature("linear", kind)[1]["0"]
+    info = {}
+    sigma, A, G = kronecker_svd(st, 3, method="gram", tol=1e-12, info=info)
+    ca, cg = info["sample_coefficients"]
+    a, g = st.a[:, 0], st.g[:, :, 0]
+    Aterm = torch.einsum("si,sj->sij", a, a)
+    Gterm = torch.einsum("ski,skj->sij", g, g)  # Σ_k' g_uk' g_uk'ᵀ
+    C_pairs = torch.einsum("su,sij,ukl->ikjl", ca @ cg.T, Aterm, Gterm).reshape(st.n * st.m, -1)
+    C_hat = sum(s * torch.kron(x, y) for s, x, y in zip(sigma, A, G))
+    assert rel(C_pairs, C_hat) < 1e-12
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_sample_space_certificate_makes_rank_three_and_four_fits_positive_semidefinite(rank):
+    from tensorcurv.structures.kron_sum import SAMPLE_PROOF
+    raw = fit("linear", "empirical", "kron_sum", rank=rank, psd="none", method="gram").blocks["0"].to_dense()
+    block = fit("linear", "empirical", "kron_sum", rank=rank, method="gram").blocks["0"]
+    assert block.last_fit["psd_method"] == SAMPLE_PROOF
+    assert float(torch.linalg.eigvalsh(raw)[0]) < -1e-6 * float(raw.norm())  # the raw fit is indefinite
+    assert float(torch.linalg.eigvalsh(block.to_dense())[0]) >= -1e-12 * float(raw.norm())
+
+
+def test_sample_space_scale_is_the_largest_that_keeps_every_sample_pair_weight_nonnegative():
+    from tensorcurv.structures.kron_sum import sample_psd_scale
+    g = torch.Generator().manual_seed(0)
+    ca = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    cg = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    ca[:, 0], cg[:, 0] = ca[:, 0].abs() + 0.1, cg[:, 0].abs() + 0.1
+    t = sample_psd_scale(ca, cg, chunk=7)
+    P1, Q = torch.outer(ca[:, 0], cg[:, 0]), ca[:, 1:] @ cg[:, 1:].T
+    assert 0 < t < 1
+    assert float((P1 + t * Q).min()) >= -1e-12 and float((P1 + 1.001 * t * Q).min()) < 0
+    cg[3] = 0.0  # a sample with a zero leading weight (and no other weight): the general path, same rule
+    t0 = sample_psd_scale(ca, cg, chunk=7)
+    P1, Q = torch.outer(ca[:, 0], cg[:, 0]), ca[:, 1:] @ cg[:, 1:].T
+    assert t0 > 0 and float((P1 + t0 * Q).min()) >= -1e-12 and float((P1 + 1.001 * t0 * Q).min()) < 0
+    cg[5, 0] = -1.0  # leading weights of both signs: no certificate
+    assert sample_psd_scale(ca, cg) is None
+
+
+def test_invalid_psd_proof_raises_a_clear_error():
+    with pytest.raises(ValueError, match="kron_sum.psd_proof='exact' is not one of"):
+        structures.create("kron_sum", (5, 7), psd_proof="exact")

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv.rearrange import RearrangedOperator, dense_rearranged, kronecker_svd, rearrange, sample_grams
+from tensorcurv.rearrange import (RearrangedOperator, dense_rearranged, kronecker_svd, rearrange, sample_grams, sym_gram,
+                                  weighted_covariances)
 
 KINDS = ["empirical", "mc", "ggn"]
 
@@ -121,3 +122,15 @@ def test_kronecker_svd_rejects_a_rank_above_the_rearranged_dimensions():
     _, stats = curvature("linear", "empirical")
     with pytest.raises(ValueError, match="rank must be an integer in"):
         kronecker_svd(stats["2"], 26)
+
+
+def test_sym_gram_from_the_upper_block_triangle_equals_the_full_product():
+    X = torch.randn(390, 50, dtype=torch.float64)  # 3 row blocks of 130
+    assert torch.allclose(sym_gram(X, blocks=8), X @ X.T, rtol=0, atol=1e-12)
+
+
+def test_weighted_covariances_from_the_upper_block_triangle_equal_their_definition():
+    X = torch.randn(40, 300, dtype=torch.float64)  # 2 column blocks of 150
+    W = torch.randn(40, 3, dtype=torch.float64)
+    ref = torch.einsum("sk,si,sj->kij", W, X, X)
+    assert torch.allclose(weighted_covariances(X, W, blocks=8), ref, rtol=0, atol=1e-12)

@@ -65,6 +65,8 @@ from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
 PSD_MODES = ("shrink", "none")
+PSD_PROOFS = ("auto", "samples", "spectral")
+SAMPLE_PROOF = "sample-space certificate (nonnegative sample-pair weights)"
 DAMPING_KINDS = ("tikhonov", "factored")
 
 
@@ -98,12 +100,18 @@ class KronSumHparams:
     """Seed of the random start columns."""
     psd_certificate: bool = True
     """Rank 1: trust the fit's one-signed-weights certificate of PSD factors (else Cholesky check)."""
+    psd_proof: str = "auto"
+    """Rank ≥ 2 shrink: ``samples`` (sample-space certificate, O(N² r), needs a ``gram`` fit),
+    ``spectral`` (Cholesky + certified Lanczos bounds) or ``auto`` (samples for rank ≥ 3 when the fit
+    has sample coefficients, spectral otherwise; see the module docstring)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"kron_sum.rank must be an integer >= 1, got {self.rank!r}")
         if self.psd not in PSD_MODES:
             raise ValueError(f"kron_sum.psd={self.psd!r} is not one of {list(PSD_MODES)}")
+        if self.psd_proof not in PSD_PROOFS:
+            raise ValueError(f"kron_sum.psd_proof={self.psd_proof!r} is not one of {list(PSD_PROOFS)}")
         if self.damping_kind not in DAMPING_KINDS:
             raise ValueError(f"kron_sum.damping_kind={self.damping_kind!r} is not one of {list(DAMPING_KINDS)}")
         if self.method not in METHODS:
@@ -175,7 +183,7 @@ class KronSum(Structure):
         self._cache: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ fitting
-    def _svd(self, stats: LayerStats, warm: bool) -> tuple[Tensor, Tensor]:
+    def _svd(self, stats: LayerStats, warm: bool) -> tuple[Tensor, Tensor, Any]:
         hp = self.hparams
         info: dict[str, Any] = {}
         init = self.G if (warm and hp.warm_start and self.fitted) else None
@@ -185,18 +193,19 @@ class KronSum(Structure):
                                     oversample=hp.oversample, init=init, generator=self.generator, info=info)
         info["svd_time"] = time.perf_counter() - t0
         info["warm_start"] = init is not None
+        coefficients = info.pop("sample_coefficients", None)
         self.last_fit = info
-        return A * sigma[:, None, None], G
+        return A * sigma[:, None, None], G, coefficients
 
     def fit(self, stats: LayerStats) -> "KronSum":
         self._check_stats(stats)
-        A, G = self._svd(stats, warm=True)
-        self._set(A, G, certified=bool(self.last_fit.get("psd_certificate")))
+        A, G, coefficients = self._svd(stats, warm=True)
+        self._set(A, G, certified=bool(self.last_fit.get("psd_certificate")), coefficients=coefficients)
         return self
 
     def _update(self, stats, decay):
         self._check_stats(stats)
-        A_b, G_b = self._svd(stats, warm=True)
+        A_b, G_b, _ = self._svd(stats, warm=True)  # the mixed sum has no sample coefficients
         batch_psd = bool(self.last_fit.get("psd_certificate"))
         info: dict[str, Any] = {}
         A, G = recompress(torch.cat([decay * self.A, (1 - decay) * A_b]), torch.cat([self.G, G_b]),
@@ -206,11 +215,12 @@ class KronSum(Structure):
         self.last_fit["recompressed"] = True
         return self
 
-    def _set(self, A: Tensor, G: Tensor, certified: bool = False) -> None:
+    def _set(self, A: Tensor, G: Tensor, certified: bool = False, coefficients=None) -> None:
         t0 = time.perf_counter()
         t = 1.0
         if self.hparams.psd == "shrink":
-            A, G, t, how = make_psd(A, G, certified and self.hparams.psd_certificate)
+            A, G, t, how = make_psd(A, G, certified and self.hparams.psd_certificate, coefficients,
+                                    self.hparams.psd_proof)
             self.last_fit["psd_method"] = how
         self.A, self.G = A, G
         self.fitted, self._cache = True, {}
@@ -334,7 +344,35 @@ def _psd_by_cholesky(M: Tensor) -> bool:
     return int(torch.linalg.cholesky_ex(S)[1]) == 0
 
 
-def make_psd(A: Tensor, G: Tensor, certified: bool = False) -> tuple[Tensor, Tensor, float, str]:
+def sample_psd_scale(ca: Tensor, cg: Tensor, chunk: int = 1024) -> float | None:
+    """Largest ``t ∈ [0, 1]`` with ``P_1 + t Q ≥ 0`` entrywise, ``P_1 = ca_1 cg_1ᵀ``,
+    ``Q = Σ_{k≥2} ca_k cg_kᵀ`` (``N x N``, float64, ``chunk`` rows at a time); None if ``P_1`` itself has
+    a negative entry. For a Gram-route fit, term ``k`` is ``(Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_u cg[u,k] g_u g_uᵀ)``,
+    so ``Σ_k t_k A_k ⊗ G_k = Σ_{s,u} (P_1 + t Q)_{su} (a_s ⊗ g_u)(a_s ⊗ g_u)ᵀ`` (``t_1 = 1``, ``t_k = t``):
+    a nonnegative combination of rank-one PSD matrices, hence PSD — a proof at ``O(N² r)`` cost."""
+    ca, cg = ca.double(), cg.double()
+    a1, g1 = ca[:, 0], cg[:, 0]
+    if not (((a1 >= 0).all() & (g1 >= 0).all()) | ((a1 <= 0).all() & (g1 <= 0).all())):
+        return None
+    if ca.shape[1] == 1:
+        return 1.0
+    if bool((a1 != 0).all() & (g1 != 0).all()):
+        # P_1 > 0: 1/t = max_{s,u} (−Q/P_1)_{su} = −min (â ĝᵀ) with â = ca_{:,k≥2}/ca_1, ĝ = cg_{:,k≥2}/cg_1
+        ah, gh = ca[:, 1:] / a1[:, None], cg[:, 1:] / g1[:, None]
+        worst = max(-float((ah[i:i + chunk] @ gh.T).min()) for i in range(0, ca.shape[0], chunk))
+        return 1.0 if worst <= 1.0 else 1.0 / worst
+    t = 1.0
+    for i in range(0, ca.shape[0], chunk):  # some P_1 entries are 0: those need Q ≥ 0 there
+        P1 = torch.outer(a1[i:i + chunk], g1).abs_()
+        Q = ca[i:i + chunk, 1:] @ cg[:, 1:].T
+        neg = Q < 0
+        if bool(neg.any()):
+            t = min(t, float((P1[neg] / Q[neg].neg()).min()))
+    return max(t, 0.0)
+
+
+def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[Tensor, Tensor] | None = None,
+             proof: str = "auto") -> tuple[Tensor, Tensor, float, str]:
     """Clip ``A_1, G_1`` to PSD (+ε regularization for r ≥ 2) and scale terms k ≥ 2 by the
     largest ``t`` that keeps ``Σ A_k ⊗ G_k`` PSD (exact for r = 2, sufficient for r ≥ 3).
 
@@ -342,7 +380,22 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False) -> tuple[Tensor, Ten
     Perron–Frobenius / Krein–Rutman), so ``A_1, G_1`` are kept as they are when ``certified`` (the fit
     proved them nonnegative combinations of PSD rank-one terms) or when a Cholesky factorization
     proves them PSD up to rounding; only otherwise are they clipped by ``eigh``. Returns
-    ``(A, G, t, how)``."""
+    ``(A, G, t, how)``.
+
+    Rank ≥ 2 with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
+    :func:`sample_psd_scale`) and ``proof`` ``samples`` (or ``auto`` at rank ≥ 3): ``t`` is the largest
+    scale that keeps every sample-pair weight nonnegative, no factorization at all; if the leading
+    weights are not one-signed the spectral route below runs instead."""
+    def by_samples():
+        t = sample_psd_scale(*coefficients) if coefficients is not None else None
+        if t is None:
+            return None
+        return (torch.cat([A[:1], A[1:] * t]) if t < 1.0 else A), G, t, SAMPLE_PROOF
+
+    if A.shape[0] > 1 and (proof == "samples" or (proof == "auto" and A.shape[0] >= 3)):
+        done = by_samples()
+        if done is not None:
+            return done
     if A.shape[0] == 1:
         if certified:
             return A, G, 1.0, "certificate (one-signed sample weights)"
@@ -354,6 +407,10 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False) -> tuple[Tensor, Ten
     A, G = A.clone(), G.clone()
     skew = antisymmetric(A[1:]).tolist()
     fast = None if any(skew) else _certified_spectra(A, G)
+    if fast is None and proof != "spectral":
+        done = by_samples()  # rank 2, certificate failed: the sample-space proof before any eigh
+        if done is not None:
+            return done
     if fast is not None:
         ea, eg, how = fast
     else:
