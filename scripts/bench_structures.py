@@ -62,6 +62,20 @@ def _cell(ratios):
     return f"{_med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def floor_time(st, rank: int, weights: torch.Tensor) -> float:
+    """Seconds of the bare torch ops of the Gram route at rank ``r`` (T = 1): the two sample Grams
+    ``(a aᵀ)∘²``, ``(g gᵀ)∘²`` as plain gemms and the ``r`` weighted covariances ``Σ_s w_ks a_s a_sᵀ``,
+    ``Σ_s w_ks g_s g_sᵀ`` as one gemm per side ``Xᵀ [w_1 ⊙ X, …, w_r ⊙ X]`` — its arithmetic floor without
+    exploiting symmetry (the implementation computes only the upper block triangles)."""
+    a, g = st.a[:, 0], st.g[:, :, 0].reshape(-1, st.m)
+    w = weights[:, :rank]
+    t0 = time.perf_counter()
+    (a @ a.T).square_(), (g @ g.T).square_()
+    for X in (a, g):
+        X.T @ (X[:, None, :] * w[:, :, None]).reshape(X.shape[0], -1)
+    return time.perf_counter() - t0
+
+
 def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = None) -> list[str]:
     model = mlp([64, width, width, 10], torch.float32)
     curv = tensorcurv.Curvature(model, "kfac", "empirical", seed=0)
@@ -71,15 +85,18 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
             f"{torch.get_num_threads()} threads; median (min-max) of {repeats} repeats, each ratio against the "
             "K-FAC factor time measured right before it\n",
             "| layer (m x n) | structure | cold fit / K-FAC | warm refit (next batch) / K-FAC | of which SVD (warm) / K-FAC "
-            "| memory / K-FAC | iterations cold / warm | products cold / warm | method | PSD |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| of which PSD (warm) / K-FAC | floor (Gram + r covariances, plain gemms) / K-FAC "
+            "| memory / K-FAC | iterations cold / warm | products cold / warm | method | PSD (t) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in stats.items():
         kfac = structures.create("kfac", st.shape).fit(st)
         kfac_times = []
         for label, sname, hp in CONFIGS:
             if only and sname not in only:
                 continue
-            cold, warm, svd = [], [], []
+            cold, warm, svd, psd, floor = [], [], [], [], []
+            rank = hp.get("rank") if sname == "kron_sum" and st.T == 1 else None
+            weights = torch.randn(st.N, rank or 1, dtype=st.a.dtype)
             for _ in range(repeats):
                 block = structures.create(sname, st.shape, **hp)
                 t0 = time.perf_counter()
@@ -97,13 +114,22 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                 cold.append((t2 - t1) / (t1 - t0))
                 warm.append((t4 - t3) / (t3 - t2))
                 svd.append(winfo.get("svd_time", float("nan")) / (t3 - t2))
+                psd.append(winfo.get("psd_time", float("nan")) / (t3 - t2))
+                if rank is not None:  # the floor against its own K-FAC time, measured right before it
+                    t5 = time.perf_counter()
+                    st.kron_factors()
+                    t6 = time.perf_counter()
+                    floor.append(floor_time(st, rank, weights) / (t6 - t5))
+                    kfac_times.append(t6 - t5)
+            t = winfo.get("psd_scale")
             rows.append(f"| {name} ({st.m}x{st.n}) | {label} | {_cell(cold)} | {_cell(warm)} | {_cell(svd)} | "
+                        f"{_cell(psd) if 'psd_time' in winfo else '-'} | {_cell(floor) if floor else '-'} | "
                         f"{block.nbytes / kfac.nbytes:.2f} | {info.get('iterations')} / {winfo.get('iterations')} | "
                         f"{info.get('products', '-')} / {winfo.get('products', '-')} | {info.get('method', 'als/hooi')} | "
-                        f"{winfo.get('psd_method', '-')} |")
+                        f"{winfo.get('psd_method', '-')}{f' ({t:.3f})' if t is not None else ''} |")
         if kfac_times:
             rows.append(f"| {name} | (K-FAC factor time median {_med(kfac_times) * 1e3:.1f} ms, "
-                        f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}) | 1 | 1 | | 1 | | | | |")
+                        f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}) | 1 | 1 | | | | 1 | | | | |")
     return rows
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.krylov import metric_orthonormalize, orthonormalize
+from tensorcurv.krylov import orthonormalize
 from tensorcurv.stats import LayerStats
 
 METHODS = ("auto", "power", "gram")
@@ -381,36 +381,61 @@ def _orth(X: Tensor) -> Tensor:
 
 
 def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
+    """Block Krylov (Lanczos-type) Rayleigh–Ritz in sample space: blocks ``X, (Gw Gu) X, (Gw Gu)² X, …``
+    (Euclidean-orthonormalized), Ritz pairs of ``Rᵀ R`` in the ``Gu`` metric after each block; every
+    block costs two ``N x N`` products (``Z = Gu Y``, ``W = Gw Z``), which the Ritz step reuses."""
     N, m, c = stats.N, stats.m, stats.scale
     Gu, Gw = sample_grams(stats)
-    alpha = torch.randn(N, p, generator=generator, dtype=stats.a.dtype, device="cpu").to(stats.a.device)
-    alpha[:, 0] = 1.0  # K-FAC's A = U·1/N as the first direction
-    energy_prev, it, change = None, 0, math.inf
+    X = torch.randn(N, p, generator=generator, dtype=stats.a.dtype, device="cpu").to(stats.a.device)
+    X[:, 0] = 1.0  # K-FAC's A = U·1/N as the first direction
+    drop = 100 * torch.finfo(Gu.dtype).eps
+    Ys, Zs, Ws = [], [], []
+    energy_prev, it, change, invariant = None, 0, math.inf, False
     while True:
         it += 1
-        alpha = metric_orthonormalize(alpha, Gu)  # U alpha orthonormal
-        beta = c * (Gu @ alpha)  # Rᵀ (U alpha) = W beta
-        evals, V = torch.linalg.eigh(beta.T @ Gw @ beta)
-        evals, V = evals.flip(0).clamp_min(0), V.flip(1)
-        sz = evals.sqrt()
-        k = min(rank, sz.numel())
-        energy = float(sz[:k].pow(2).sum())
-        if energy_prev is not None:
-            change = abs(energy - energy_prev) / max(energy, torch.finfo(Gu.dtype).tiny)
-        energy_prev = energy
-        if change <= tol or it >= max_iter:
+        if Ys:  # block Gram–Schmidt against the basis (twice), then QR within the block
+            B = torch.cat(Ys, 1)
+            for _ in range(2):
+                X = X - B @ (B.T @ X)
+        Q, Rq = torch.linalg.qr(X, mode="reduced")
+        d = torch.diagonal(Rq).abs()
+        keep = d > drop * max(float(d.max()) if d.numel() else 0.0, math.sqrt(N) * float(torch.finfo(Gu.dtype).tiny))
+        if Ys and not bool(keep.any()):
+            invariant = True  # the Krylov space is invariant: the last Ritz pairs are exact
             break
-        alpha = c * (Gw @ (beta @ V))  # R (W beta V)
+        Q = Q[:, keep]
+        Z = Gu @ Q
+        Ys.append(Q), Zs.append(Z), Ws.append(Gw @ Z)
+        Y, Zc, Wc = torch.cat(Ys, 1), torch.cat(Zs, 1), torch.cat(Ws, 1)
+        S, H = (Y.T @ Zc).double(), (Zc.T @ Wc).double()
+        ev, U = torch.linalg.eigh(0.5 * (S + S.T))
+        ok = ev > drop * float(ev.max().clamp_min(torch.finfo(torch.float64).tiny))
+        Cm = U[:, ok] / ev[ok].sqrt()  # U Y Cm orthonormal
+        theta, V = torch.linalg.eigh(Cm.T @ (0.5 * (H + H.T)) @ Cm * c * c)
+        theta, V = theta.flip(0).clamp_min(0), V.flip(1)
+        k = min(rank, theta.numel())
+        energy = float(theta[:k].sum())
+        if energy_prev is not None:
+            change = abs(energy - energy_prev) / max(energy, torch.finfo(torch.float64).tiny)
+        energy_prev = energy
+        invariant = Y.shape[1] >= N
+        if change <= tol or it >= max_iter or invariant:
+            break
+        X = Ws[-1]
+    if invariant:
+        change = 0.0
+    coef = (Cm @ V).to(Gu.dtype)
+    sz = theta.sqrt().to(Gu.dtype)
     r = min(rank, int((sz > sz[0] * torch.finfo(Gu.dtype).eps).sum()))
-    ca = alpha @ V[:, :r]  # A_k = Σ_s ca[s,k] a_s a_sᵀ  (orthonormal)
-    cg = (beta @ V[:, :r]) / sz[:r]  # G_k = Σ_{s,k'} cg[s,k] g_sk' g_sk'ᵀ
+    ca = Y @ coef[:, :r]  # A_k = Σ_s ca[s,k] a_s a_sᵀ  (orthonormal)
+    cg = c * (Zc @ coef[:, :r]) / sz[:r]  # G_k = Σ_{s,k'} cg[s,k] g_sk' g_sk'ᵀ = Rᵀ A_k / σ_k
     A = weighted_covariances(stats.a[:, 0], ca)
     cgk = cg.repeat_interleave(stats.K, dim=0) if stats.K > 1 else cg  # rows (s, k') of g
     G = weighted_covariances(stats.g[:, :, 0].reshape(-1, m), cgk)
     certified = r == 1 and _one_signed(ca.T) and _one_signed(cg.T)  # A_1, G_1 ± nonnegative combinations
     # term k is exactly sigma_k (Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_{u,k'} cg[u,k] g_uk' g_uk'ᵀ) (before and after
     # _finish_symmetric): the sample coefficients behind the sample-space PSD certificate of kron_sum
-    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change,
+    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change, gram_passes=2 * len(Ys),
                psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg))
     return _pad(sz[:r], A, G, rank)
 
