@@ -128,3 +128,18 @@ def test_cache_rejects_model_scope_structures_and_bad_indices():
     cache = CurvatureCache(model, X, y, mu=MU)
     with pytest.raises(ValueError, match="out of range"):
         cache.update(AffectedSet.removal([30]))
+
+
+def test_harness_separates_per_request_time_from_the_oneoff_capture():
+    from tensorcurv.unlearn.evaluate import MethodSpec, evaluate_methods
+    X, y = data()
+    model = logreg()
+    aff = _requests(X, y)["relabel"]
+    specs = [MethodSpec("c", solver="kfac", cached=True, solver_kwargs={"refine": 50}),
+             MethodSpec("f", solver="kfac", solver_kwargs={"refine": 50})]
+    rows, ref = evaluate_methods(model, X, y, aff, X[:10], y[:10], specs, mu=MU)
+    by = {r["method"]: r for r in rows}
+    assert by["c"]["time_oneoff"] > 0 and by["f"]["time_oneoff"] == 0.0
+    assert by["c"]["speedup"] == pytest.approx(ref.retrain_time / by["c"]["time"])
+    assert by["c"]["speedup_incl_oneoff"] == pytest.approx(ref.retrain_time / (by["c"]["time"] + by["c"]["time_oneoff"]))
+    assert by["c"]["rel_dist"] == pytest.approx(by["f"]["rel_dist"], rel=1e-6)

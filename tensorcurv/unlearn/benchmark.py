@@ -3,7 +3,10 @@
 Model: ``tensorcurv.models.build("mlp", hidden_sizes=...)`` — with no hidden layer this is
 multinomial logistic regression (convex, so retraining has a unique answer); float64; objective
 ``Σ_i CE_i + (μ/2)‖θ‖²``. Methods (``default_methods``): first order (Cauchy step), second order with
-the exact GGN, CG, LiSSA, K-FAC-preconditioned CG, and every registered tensorcurv structure.
+the exact GGN, CG, LiSSA, K-FAC-preconditioned CG, every registered tensorcurv structure, and
+structure-preconditioned refinement on the exact GGN from the statistics (``+refine``, relative residual
+1e-2), fresh or served from a :class:`~tensorcurv.unlearn.cache.CurvatureCache` (``(cached)``: the
+per-request time is ``time``, the one-off capture at ``θ*`` is ``time_oneoff``).
 """
 from __future__ import annotations
 
@@ -31,6 +34,13 @@ def default_methods(quick: bool = False, lissa_depth: int | None = None) -> list
         if name in structures.names():
             ms.append(MethodSpec(name, solver=name, solver_kwargs=hp))
     ms.append(MethodSpec("kfac x3", solver="kfac", steps=3))
+    refine = {"refine": 100, "refine_tol": 1e-2}
+    ms += [
+        MethodSpec("kfac+refine", solver="kfac", solver_kwargs=refine),
+        MethodSpec("kfac (cached)", solver="kfac", cached=True, solver_kwargs={"refine": 0}),
+        MethodSpec("kfac+refine (cached)", solver="kfac", cached=True, solver_kwargs=refine),
+        MethodSpec("ekfac+refine (cached)", solver="ekfac", cached=True, solver_kwargs=refine),
+    ]
     return ms
 
 
