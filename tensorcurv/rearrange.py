@@ -20,6 +20,7 @@ For ``T = 1`` this is the sample-space form ``R(C) vec(X) = Σ_s w_s vec(a_s a_s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -181,6 +182,26 @@ def sample_grams(stats: LayerStats) -> tuple[Tensor, Tensor]:
     return Gu, Gw
 
 
+def gram_operator(X: Tensor) -> Callable[[Tensor], Tensor]:
+    """``C ↦ M C`` for the sample Gram ``M[s,t] = Σ_{k,k'} (x_skᵀ x_tk')² = ⟨S_s, S_t⟩_F``,
+    ``S_s = Σ_k x_sk x_skᵀ``, from ``X`` of shape ``(N, K, d)``.
+
+    Small ``d`` (``d(d+1)/2 ≤ N/2``): factored, ``M = Φ Φᵀ`` with ``Φ_s`` the symmetric vec of ``S_s``
+    (off-diagonal entries times √2), so ``M C = Φ (Φᵀ C)`` costs ``O(N d² p)`` and ``M`` is never formed.
+    Otherwise ``M`` is formed once (:func:`sym_gram`, entrywise square, sum over ``K``)."""
+    N, K, d = X.shape
+    if d * (d + 1) // 2 <= N // 2:
+        i, j = torch.triu_indices(d, d, device=X.device)
+        S = torch.einsum("ski,skj->sij", X, X) if K > 1 else X[:, 0, :, None] * X[:, 0, None, :]
+        w = torch.full(i.shape, math.sqrt(2.0), dtype=X.dtype, device=X.device).masked_fill_(i == j, 1.0)
+        Phi = S[:, i, j] * w
+        return lambda C: Phi @ (Phi.T @ C)
+    M = sym_gram(X.reshape(N * K, d)).square_()
+    if K > 1:
+        M = M.reshape(N, K, N, K).sum((1, 3))
+    return lambda C: M @ C
+
+
 def _block_starts(d: int, blocks: int, min_block: int = 128) -> list[int]:
     b = max(1, min(blocks, d // min_block))
     step = -(-d // b)
@@ -244,6 +265,15 @@ def _finish_symmetric(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tens
     return sigma, A.mul_((sign / na)[:, None, None]), G.mul_((sign / ng)[:, None, None])
 
 
+def _normalize(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit Frobenius norms and ``tr A_k ≥ 0`` for exactly symmetric pairs, in place (one pass each)."""
+    tiny = torch.finfo(A.dtype).tiny
+    na = torch.linalg.vector_norm(A.flatten(1), dim=1).clamp_min(tiny)
+    ng = torch.linalg.vector_norm(G.flatten(1), dim=1).clamp_min(tiny)
+    sign = torch.where(torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) < 0, -1.0, 1.0).to(A.dtype)
+    return sigma * na * ng, A.mul_((sign / na)[:, None, None]), G.mul_((sign / ng)[:, None, None])
+
+
 def _finish(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Project each pair onto its symmetric (or, if dominant, antisymmetric) part, normalize to
     unit Frobenius norm, fix signs so that ``tr A_k ≥ 0``.
@@ -287,9 +317,11 @@ def kronecker_svd(
       K-FAC output factor plus random symmetric matrices. Each iteration is ``p`` products with
       ``R(C)`` and ``p`` with ``R(C)ᵀ`` (each ≈ one K-FAC factor pass) followed by Rayleigh–Ritz.
       For ``rank = 1`` this is alternating least squares on ``A ⊗ G``.
-    * ``gram`` (``T = 1``): the same subspace iteration in sample space, ``R(C) = scale U Wᵀ``
-      with the ``N x N`` Grams ``UᵀU = (a_sᵀa_t)²`` and ``WᵀW``; after forming the Grams the
-      iterations cost ``O(N² p)`` (negligible), then the ``r`` factor pairs are formed once.
+    * ``gram`` (``T = 1``): block Krylov in sample space, ``R(C) = scale U Wᵀ`` with the ``N x N``
+      Grams ``UᵀU = (a_sᵀa_t)²`` and ``WᵀW`` (:func:`gram_operator`); block size ``rank + oversample``
+      (default ``rank + 8``), each block two ``N x N`` products, Rayleigh–Ritz after each block; then
+      the ``r`` factor pairs are formed once (:func:`weighted_covariances`). ``info["sample_coefficients"]``
+      gives the sample weights of every term (the PSD certificate of ``kron_sum``).
     * ``auto``: the cheaper of the two by a flop estimate (``power`` for rank 1 or large ``K``).
 
     Stopping rule (relative): the captured energy ``Σ_{k≤r} σ_k²`` changes by at most ``tol``
@@ -313,11 +345,16 @@ def kronecker_svd(
         method = "gram" if gram_cost < power_cost else "power"
     out: dict[str, Any] = {"method": method}
     if method == "gram":
-        sigma, A, G = _gram_svd(stats, rank, p, tol, max(max_iter, 50), generator, out)
+        # block size: a Gram product costs one read of an N x N matrix whatever the (few) columns, so
+        # wide blocks are nearly free and cut the number of blocks (rank + 8 by default)
+        pg = min(rank + (oversample if oversample is not None else 8), stats.N)
+        sigma, A, G = _gram_svd(stats, rank, pg, tol, max(max_iter, 50), generator, out)
     else:
         sigma, A, G = _power_svd(stats, rank, p, tol, max_iter, init, generator, out)
     if info is not None:
         info.update(out)
+    if method == "gram":  # exactly symmetric by construction (weighted_covariances)
+        return _normalize(sigma, A, G)
     return _finish_symmetric(sigma, A, G) if stats.T == 1 else _finish(sigma, A, G)
 
 
@@ -385,10 +422,12 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
     (Euclidean-orthonormalized), Ritz pairs of ``Rᵀ R`` in the ``Gu`` metric after each block; every
     block costs two ``N x N`` products (``Z = Gu Y``, ``W = Gw Z``), which the Ritz step reuses."""
     N, m, c = stats.N, stats.m, stats.scale
-    Gu, Gw = sample_grams(stats)
+    g = stats.g[:, :, 0]
+    Gu, Gw = gram_operator(stats.a[:, 0, None]), gram_operator(g)
     X = torch.randn(N, p, generator=generator, dtype=stats.a.dtype, device="cpu").to(stats.a.device)
     X[:, 0] = 1.0  # K-FAC's A = U·1/N as the first direction
-    drop = 100 * torch.finfo(Gu.dtype).eps
+    dtype = stats.a.dtype
+    drop = 100 * torch.finfo(dtype).eps
     Ys, Zs, Ws = [], [], []
     energy_prev, it, change, invariant = None, 0, math.inf, False
     while True:
@@ -399,13 +438,13 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
                 X = X - B @ (B.T @ X)
         Q, Rq = torch.linalg.qr(X, mode="reduced")
         d = torch.diagonal(Rq).abs()
-        keep = d > drop * max(float(d.max()) if d.numel() else 0.0, math.sqrt(N) * float(torch.finfo(Gu.dtype).tiny))
+        keep = d > drop * max(float(d.max()) if d.numel() else 0.0, math.sqrt(N) * float(torch.finfo(dtype).tiny))
         if Ys and not bool(keep.any()):
             invariant = True  # the Krylov space is invariant: the last Ritz pairs are exact
             break
         Q = Q[:, keep]
-        Z = Gu @ Q
-        Ys.append(Q), Zs.append(Z), Ws.append(Gw @ Z)
+        Z = Gu(Q)
+        Ys.append(Q), Zs.append(Z), Ws.append(Gw(Z))
         Y, Zc, Wc = torch.cat(Ys, 1), torch.cat(Zs, 1), torch.cat(Ws, 1)
         S, H = (Y.T @ Zc).double(), (Zc.T @ Wc).double()
         ev, U = torch.linalg.eigh(0.5 * (S + S.T))
@@ -424,14 +463,14 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
         X = Ws[-1]
     if invariant:
         change = 0.0
-    coef = (Cm @ V).to(Gu.dtype)
-    sz = theta.sqrt().to(Gu.dtype)
-    r = min(rank, int((sz > sz[0] * torch.finfo(Gu.dtype).eps).sum()))
+    coef = (Cm @ V).to(dtype)
+    sz = theta.sqrt().to(dtype)
+    r = min(rank, int((sz > sz[0] * torch.finfo(dtype).eps).sum()))
     ca = Y @ coef[:, :r]  # A_k = Σ_s ca[s,k] a_s a_sᵀ  (orthonormal)
     cg = c * (Zc @ coef[:, :r]) / sz[:r]  # G_k = Σ_{s,k'} cg[s,k] g_sk' g_sk'ᵀ = Rᵀ A_k / σ_k
     A = weighted_covariances(stats.a[:, 0], ca)
     cgk = cg.repeat_interleave(stats.K, dim=0) if stats.K > 1 else cg  # rows (s, k') of g
-    G = weighted_covariances(stats.g[:, :, 0].reshape(-1, m), cgk)
+    G = weighted_covariances(g.reshape(-1, m), cgk)
     certified = r == 1 and _one_signed(ca.T) and _one_signed(cg.T)  # A_1, G_1 ± nonnegative combinations
     # term k is exactly sigma_k (Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_{u,k'} cg[u,k] g_uk' g_uk'ᵀ) (before and after
     # _finish_symmetric): the sample coefficients behind the sample-space PSD certificate of kron_sum

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv.rearrange import (RearrangedOperator, dense_rearranged, kronecker_svd, rearrange, sample_grams, sym_gram,
-                                  weighted_covariances)
+from tensorcurv.rearrange import (RearrangedOperator, dense_rearranged, gram_operator, kronecker_svd, rearrange,
+                                  sample_grams, sym_gram, weighted_covariances)
 
 KINDS = ["empirical", "mc", "ggn"]
 
@@ -134,3 +134,13 @@ def test_weighted_covariances_from_the_upper_block_triangle_equal_their_definiti
     W = torch.randn(40, 3, dtype=torch.float64)
     ref = torch.einsum("sk,si,sj->kij", W, X, X)
     assert torch.allclose(weighted_covariances(X, W, blocks=8), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("d", [4, 40])  # d(d+1)/2 = 10 <= N/2: factored; 820 > N/2: formed
+def test_gram_operator_applies_the_sample_gram_of_the_summed_outer_products(K, d):
+    X = torch.randn(60, K, d, dtype=torch.float64)
+    S = torch.einsum("ski,skj->sij", X, X)
+    M = torch.einsum("sij,tij->st", S, S)
+    C = torch.randn(60, 5, dtype=torch.float64)
+    assert rel(gram_operator(X)(C), M @ C) < 1e-13

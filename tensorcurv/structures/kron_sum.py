@@ -195,7 +195,7 @@ class KronSum(Structure):
         info["warm_start"] = init is not None
         coefficients = info.pop("sample_coefficients", None)
         self.last_fit = info
-        return A * sigma[:, None, None], G, coefficients
+        return A.mul_(sigma[:, None, None]), G, coefficients  # A: a fresh tensor of kronecker_svd
 
     def fit(self, stats: LayerStats) -> "KronSum":
         self._check_stats(stats)
@@ -220,7 +220,7 @@ class KronSum(Structure):
         t = 1.0
         if self.hparams.psd == "shrink":
             A, G, t, how = make_psd(A, G, certified and self.hparams.psd_certificate, coefficients,
-                                    self.hparams.psd_proof)
+                                    self.hparams.psd_proof, inplace=True)
             self.last_fit["psd_method"] = how
         self.A, self.G = A, G
         self.fitted, self._cache = True, {}
@@ -372,7 +372,7 @@ def sample_psd_scale(ca: Tensor, cg: Tensor, chunk: int = 1024) -> float | None:
 
 
 def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[Tensor, Tensor] | None = None,
-             proof: str = "auto") -> tuple[Tensor, Tensor, float, str]:
+             proof: str = "auto", inplace: bool = False) -> tuple[Tensor, Tensor, float, str]:
     """Clip ``A_1, G_1`` to PSD (+ε regularization for r ≥ 2) and scale terms k ≥ 2 by the
     largest ``t`` that keeps ``Σ A_k ⊗ G_k`` PSD (exact for r = 2, sufficient for r ≥ 3).
 
@@ -385,12 +385,16 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     Rank ≥ 2 with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
     :func:`sample_psd_scale`) and ``proof`` ``samples`` (or ``auto`` at rank ≥ 3): ``t`` is the largest
     scale that keeps every sample-pair weight nonnegative, no factorization at all; if the leading
-    weights are not one-signed the spectral route below runs instead."""
+    weights are not one-signed the spectral route below runs instead. ``inplace``: the sample route may
+    scale ``A[1:]`` in place (the caller owns ``A``); otherwise the inputs are never modified."""
     def by_samples():
         t = sample_psd_scale(*coefficients) if coefficients is not None else None
         if t is None:
             return None
-        return (torch.cat([A[:1], A[1:] * t]) if t < 1.0 else A), G, t, SAMPLE_PROOF
+        out = A if inplace or t == 1.0 else A.clone()
+        if t < 1.0:
+            out[1:].mul_(t)
+        return out, G, t, SAMPLE_PROOF
 
     if A.shape[0] > 1 and (proof == "samples" or (proof == "auto" and A.shape[0] >= 3)):
         done = by_samples()
