@@ -14,9 +14,12 @@ training split, float32, CPU.
     come from the same (shared, noisy) machine state; "× SGD" is the ratio of the medians, the
     spread column gives the min–max of the per-round ratios (config / SGD in the same round).
 (b) wall-clock (training steps only, evaluation excluded) and steps until the full training loss
-    reaches a target (NG/GN with KL clipping --kl-clip; runs give up after --max-wall seconds), for NaturalGradient / GaussNewton (kfac, kron_sum, tt when registered) and
-    SGD-momentum / Adam with a small learning-rate sweep; the best configuration of each method
-    (lowest mean time over the seeds, all seeds must reach) is reported, averaged over seeds.
+    reaches a target (runs give up after --max-wall seconds or --max-steps), for NaturalGradient /
+    GaussNewton (kfac with both inverse paths; kron_sum, tt when registered and selected) with an
+    lr × damping sweep (fixed: momentum, KL clip, decay schedule) and SGD-momentum / Adam with an
+    lr sweep of the same size (same batches, seeds, batch size and target); the best configuration
+    of each method (lowest mean time over the seeds, all seeds must reach) is reported, averaged
+    over seeds.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ def dense_ok(model, limit: int) -> bool:
 
 
 ONLY: list[str] | None = None  # --structures
+CHOLESKY = dict(damping_kind="pi", inverse="cholesky")  # kfac's alternative inverse path
 
 
 def extra_structures() -> list[str]:
@@ -80,6 +84,10 @@ def step_cost(args) -> list[dict]:
                 hp = {"rank": 2} if s == "kron_sum" else {}
                 configs.append((f"NG-mc {s}", "natural_gradient",
                                 dict(structure=s, lr=0.1, damping=1e-2, stats_interval=k, inverse_interval=k, **hp), k))
+                if s == "kfac":  # the documented fast path: π-damped explicit inverses, 2 matmuls per solve
+                    configs.append(("NG-mc kfac pi+cholesky", "natural_gradient",
+                                    dict(structure=s, lr=0.1, damping=1e-2, stats_interval=k, inverse_interval=k,
+                                         **CHOLESKY), k))
             configs.append(("GN-ggn kfac", "gauss_newton",
                             dict(structure="kfac", lr=0.1, damping=1e-2, stats_interval=k, inverse_interval=k), k))
         opts, data_it = [], []
@@ -113,10 +121,13 @@ def step_cost(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------ (c) where a kfac step's time goes
+VARIANTS = {"tikhonov+eigh": {}, "pi+cholesky": CHOLESKY}
+
+
 def breakdown(args) -> list[dict]:
-    """Components of one NG kfac step (min over repeats of a fixed batch, ms): forward+backward,
-    the SGD step, the whole-model solve and its four eigenbasis matmuls alone, and per refresh
-    the eigendecompositions, capture+fit (extra over a plain backward) and the solver copy."""
+    """Components of one NG kfac step for each inverse path (min over repeats of a fixed batch, ms):
+    forward+backward, the whole-model solve, per refresh the decompositions (eigh, or the Cholesky
+    inverses) and the solver copy, per statistics step capture+fit."""
     def best(f, n=20, reps=9):
         for _ in range(2):
             f()
@@ -132,42 +143,42 @@ def breakdown(args) -> list[dict]:
     for prob in ("mlp", "autoencoder"):
         model, loss_fn, X, Y = problem(prob, 0)
         xb, yb = X[:args.batch], Y[:args.batch]
-        ng = O.build("natural_gradient", model, loss_fn, structure="kfac", lr=1e-12, damping=1e-2,
-                     stats_interval=10**9, inverse_interval=10**9)
         sgd = O.build("sgd", model, loss_fn, lr=1e-12)
-        ng.step(xb, yb)  # step 0 captures, fits and refreshes; later steps are plain
-        pre = ng.preconditioner
-        blocks, grads = pre.solver.blocks, [p.grad.clone() for p in pre.params]
-        V = {k: torch.randn(b.shape) for k, b in blocks.items()}
-
-        def matmuls():
-            for k, b in blocks.items():
-                _, QA, _, QG = b.eigs()
-                QG @ (QG.T @ V[k] @ QA) @ QA.T
-
-        def eighs():
-            for b in blocks.values():
-                b._eigs = None
-                b.eigs()
 
         def fwd_bwd():
             for p in model.parameters():
                 p.grad = None
             loss_fn(model(xb), yb).backward()
 
-        def capture_fit():
-            pre._zero_grad()
-            pre.curvature.fit_capture(xb, pre.curvature.capture(xb, yb, pre.loss, accumulate_grad=True), 0.95)
+        for variant, hp in VARIANTS.items():
+            ng = O.build("natural_gradient", model, loss_fn, structure="kfac", lr=1e-12, damping=1e-2,
+                         stats_interval=10**9, inverse_interval=10**9, **hp)
+            ng.step(xb, yb)  # step 0 captures, fits and refreshes; later steps are plain
+            pre = ng.preconditioner
+            blocks, grads = pre.solver.blocks, [p.grad.clone() for p in pre.params]
 
-        r = {"problem": prob, "sgd_step": best(lambda: sgd.step(xb, yb)), "ng_plain_step": best(lambda: ng.step(xb, yb)),
-             "fwd_bwd": best(fwd_bwd), "solve": best(lambda: pre.solver.solve(grads, damping=1e-2)),
-             "matmuls": best(matmuls), "eigh": best(eighs, 3, 5), "capture_fit": best(capture_fit, 5, 7),
-             "copy": best(lambda: pre.solver.load_state_dict(pre.curvature.state_dict()), 5)}
-        r["refresh_extra"] = r["eigh"] + r["capture_fit"] - r["fwd_bwd"] + r["copy"]
-        r["est_k10"] = (r["ng_plain_step"] + r["refresh_extra"] / 10) / r["sgd_step"]
-        r["floor_k10"] = (r["sgd_step"] + r["matmuls"] + r["refresh_extra"] / 10) / r["sgd_step"]
-        rows.append(r)
-        print(f"  {prob}: {r}", flush=True)
+            def solve():
+                pre.solver.solve(grads, damping=1e-2)
+
+            def refresh_and_solve():  # caches dropped as after a refresh; the next solve rebuilds them
+                for b in blocks.values():
+                    b._after_load()
+                solve()
+
+            def capture_fit():
+                pre._zero_grad()
+                pre.curvature.fit_capture(xb, pre.curvature.capture(xb, yb, pre.loss, accumulate_grad=True), 0.95)
+
+            r = {"problem": prob, "variant": variant, "sgd_step": best(lambda: sgd.step(xb, yb)),
+                 "ng_plain_step": best(lambda: ng.step(xb, yb)), "fwd_bwd": best(fwd_bwd), "solve": best(solve),
+                 "decomp": best(refresh_and_solve, 3, 7), "capture_fit": best(capture_fit, 5, 7),
+                 "copy": best(lambda: pre.solver.load_state_dict(pre.curvature.state_dict()), 5)}
+            r["decomp"] = max(r["decomp"] - r["solve"], 0.0)
+            r["refresh_extra"] = r["decomp"] + r["capture_fit"] - r["fwd_bwd"] + r["copy"]
+            r["est_k10"] = (r["ng_plain_step"] + r["refresh_extra"] / 10) / r["sgd_step"]
+            rows.append(r)
+            print(f"  {prob} {variant}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)),
+                  flush=True)
     return rows
 
 
@@ -179,16 +190,23 @@ def time_to_target(args) -> list[dict]:
         "SGD-momentum": [("momentum", f"lr={lr}", {"lr": lr, "momentum": 0.9}) for lr in args.sgd_lrs],
         "Adam": [("adam", f"lr={lr}", {"lr": lr}) for lr in args.adam_lrs],
     }
-    so_common = dict(stats_interval=k, inverse_interval=k, damping=args.damping, kl_clip=args.kl_clip)
+    so_common = dict(stats_interval=k, inverse_interval=k, kl_clip=args.kl_clip, momentum=args.so_momentum,
+                     decay_schedule=args.decay_schedule)
+    grid = [(lr, lam) for lr in args.so_lrs for lam in args.so_dampings]  # lr × damping sweep of NG/GN
+
+    def so(name, **kw):
+        return [(name, f"lr={lr} λ={lam:g}", dict(lr=lr, damping=lam, **so_common, **kw)) for lr, lam in grid]
+
     for s in ["kfac"] + extra_structures():
         if s == "tucker":
             continue
-        hp = {"rank": 2} if s == "kron_sum" else {}
-        lrs = args.so_lrs if s == "kfac" else args.so_lrs[-1:]  # slow structures: one lr
-        methods[f"NG-mc {s}"] = [("natural_gradient", f"lr={lr}", dict(structure=s, lr=lr, **so_common, **hp))
-                                 for lr in lrs]
-    methods["GN-ggn kfac"] = [("gauss_newton", f"lr={lr}", dict(structure="kfac", lr=lr, **so_common))
-                              for lr in args.so_lrs]
+        if s == "kfac":
+            methods["NG-mc kfac"] = so("natural_gradient", structure=s)
+            methods["NG-mc kfac pi+cholesky"] = so("natural_gradient", structure=s, **CHOLESKY)
+        else:  # slow structures: one configuration
+            hp = {"rank": 2} if s == "kron_sum" else {}
+            methods[f"NG-mc {s}"] = so("natural_gradient", structure=s, **hp)[-1:]
+    methods["GN-ggn kfac"] = so("gauss_newton", structure="kfac")
     rows = []
     for prob in ("mlp", "autoencoder"):
         for method, cands in methods.items():
@@ -224,7 +242,8 @@ def time_to_target(args) -> list[dict]:
             rows.append({"problem": prob, "method": method, "target": targets[prob],
                          "best": best[2] if best else "none reached",
                          "wall_s": best[0] if best else float("nan"),
-                         "steps": best[1] if best else float("nan")})
+                         "steps": best[1] if best else float("nan"),
+                         "ms_step": 1e3 * best[0] / best[1] if best else float("nan")})
             print(f"  {prob:12s} {method:16s} {rows[-1]['best']:14s} wall={rows[-1]['wall_s']:.3f}s "
                   f"steps={rows[-1]['steps']}", flush=True)
     return rows
@@ -249,15 +268,18 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--interval", type=int, default=10, help="(b) stats and inverse interval of NG/GN")
-    p.add_argument("--damping", type=float, default=1e-2, help="(b) NG/GN damping")
+    p.add_argument("--so-dampings", type=float, nargs="+", default=[1e-3, 1e-2], help="(b) NG/GN damping sweep")
     p.add_argument("--kl-clip", type=float, default=1e-2, help="(b) NG/GN KL clip")
+    p.add_argument("--so-momentum", type=float, default=0.9, help="(b) NG/GN heavy-ball momentum")
+    p.add_argument("--decay-schedule", default="average", choices=["constant", "average"],
+                   help="(b) NG/GN running-average schedule (average: min(1 - 1/k, decay))")
     p.add_argument("--max-wall", type=float, default=8.0, help="(b) give up a run after this many seconds")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noisy on a shared machine)")
     p.add_argument("--target-mlp", type=float, default=0.01, help="(b) full training cross-entropy to reach")
     p.add_argument("--target-ae", type=float, default=0.15, help="(b) full training MSE to reach")
-    p.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3])
-    p.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    p.add_argument("--so-lrs", type=float, nargs="+", default=[0.1, 0.3])
+    p.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
+    p.add_argument("--adam-lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2, 5e-2])
+    p.add_argument("--so-lrs", type=float, nargs="+", default=[0.3, 1.0])
     p.add_argument("--structures", nargs="+", default=None, help="restrict the structures (default: all known)")
     p.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b", "c"],
                    help="which benchmarks to run (c: where an NG kfac step's time goes)")
@@ -267,6 +289,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps_per_round, args.seeds, args.max_steps, args.max_wall = 2, 2, 1, 40, 3.0
         args.sgd_lrs, args.adam_lrs, args.so_lrs = args.sgd_lrs[-1:], args.adam_lrs[-1:], args.so_lrs[:1]
+        args.so_dampings = args.so_dampings[-1:]
     torch.set_num_threads(args.threads)
     t0 = time.time()
     print("(a) time per step relative to SGD", flush=True)
@@ -279,27 +302,30 @@ def main() -> None:
     print("(b) wall-clock and steps to the target training loss", flush=True)
     ttt = time_to_target(args) if "b" in args.parts else []
     tb = table(ttt, [("problem", "problem", "s"), ("method", "method", "s"), ("target", "target", "g"),
-                     ("best config", "best", "s"), ("wall s (mean)", "wall_s", ".3f"), ("steps (mean)", "steps", ".1f")])
+                     ("best config", "best", "s"), ("wall s (mean)", "wall_s", ".3f"), ("steps (mean)", "steps", ".1f"),
+                     ("ms/step", "ms_step", ".2f")])
     print(tb, flush=True)
     parts = breakdown(args) if "c" in args.parts else []
-    tc = table(parts, [("problem", "problem", "s"), ("SGD step", "sgd_step", ".3f"),
+    tc = table(parts, [("problem", "problem", "s"), ("inverse path", "variant", "s"), ("SGD step", "sgd_step", ".3f"),
                        ("NG kfac plain step", "ng_plain_step", ".3f"), ("fwd+bwd", "fwd_bwd", ".3f"),
-                       ("solve", "solve", ".3f"), ("of which 4 matmuls", "matmuls", ".3f"),
-                       ("eigh / refresh", "eigh", ".3f"), ("capture+fit / stats step", "capture_fit", ".3f"),
-                       ("copy / refresh", "copy", ".3f"), ("est. × SGD at k=10", "est_k10", ".2f"),
-                       ("floor × SGD at k=10", "floor_k10", ".2f")])
+                       ("solve", "solve", ".3f"), ("decomposition / refresh", "decomp", ".3f"),
+                       ("capture+fit / stats step", "capture_fit", ".3f"),
+                       ("copy / refresh", "copy", ".3f"), ("est. × SGD at k=10", "est_k10", ".2f")])
     if parts:
         print(tc, flush=True)
     cmd = "scripts/bench_optim.py " + " ".join(sys.argv[1:])
     report = (f"# tensorcurv.optim benchmark\n\nCommand: `{cmd}` (total {time.time() - t0:.0f} s, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}).\n\n"
               f"## (a) time per step relative to SGD\n\n{ta}\n\n"
-              f"## (b) time to target (seeds={args.seeds}, max {args.max_steps} steps, NG/GN interval "
-              f"{args.interval}, damping {args.damping})\n\n{tb}\n")
+              f"## (b) time to target (seeds={args.seeds}, max {args.max_steps} steps, batch {args.batch} for every "
+              f"method, same batches and seeds; sweeps: SGD-momentum (0.9) lr {args.sgd_lrs}, Adam lr {args.adam_lrs}, "
+              f"NG/GN lr {args.so_lrs} × damping {args.so_dampings} with interval {args.interval}, momentum "
+              f"{args.so_momentum}, KL clip {args.kl_clip}, decay 0.95 schedule {args.decay_schedule})\n\n{tb}\n")
     if parts:
         report += ("\n## (c) where an NG kfac step's time goes (ms, min over repeats, fixed batch)\n\n"
-                   "est. = (plain step + (eigh + capture+fit − fwd+bwd + copy)/10) / SGD step; floor = the same "
-                   "with the plain step replaced by SGD step + 4 matmuls (no Python overhead at all).\n\n" + tc + "\n")
+                   "est. = (plain step + (decomposition + capture+fit − fwd+bwd + copy)/10) / SGD step. "
+                   "Decomposition: eigh of both factors (tikhonov+eigh, 4 matmuls per solve) or the two "
+                   "Cholesky inverses (pi+cholesky, 2 matmuls per solve).\n\n" + tc + "\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)

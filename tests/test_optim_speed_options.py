@@ -167,3 +167,23 @@ def test_natural_gradient_takes_the_cholesky_path_through_structure_hparams():
     for s in range(3):
         opt.step(*cls_batch(seed=s))
     assert all(b.last_solve["method"] == "kron-cholesky" for b in opt.preconditioner.solver.blocks.values())
+
+
+# ---------------------------------------------------------------- KL clipping's ⟨g, Δ⟩ as finiteness check
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_non_finite_solve_is_skipped_and_named_with_or_without_kl_clipping(kl_clip):
+    model = mlp()
+    pre = O.Preconditioner(model, nn.CrossEntropyLoss(), "kfac", "ggn", damping=1e-2, kl_clip=kl_clip)
+    pre.backward(*cls_batch())
+    solve = pre.solver.solve
+
+    def poisoned(grads, damping):
+        out = solve(grads, damping=damping)
+        out[2] = out[2].clone()
+        out[2][0, 0] = float("inf")  # "2.weight"
+        return out
+
+    pre.solver.solve = poisoned
+    with pytest.warns(O.NonFiniteStepWarning, match=r"2\.weight"):
+        assert pre.precondition(0.5) is False
+    assert all(p.grad is None for p in model.parameters()) and pre.steps == 0

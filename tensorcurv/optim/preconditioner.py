@@ -195,14 +195,20 @@ class Preconditioner:
         t0 = time.perf_counter()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         pg = self.solver.solve(grads, damping=lam)
-        bad = first_nonfinite([(n, g) for (n, _), g in zip(self.named_params, pg)])
-        if bad:
-            self._skip(f"non-finite preconditioned gradient for {bad} (damping={lam:.3g})")
-            return False
-        nu = 1.0
+        gPg = None
         if self.kl_clip is not None:
-            vg = lr * lr * float(torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(pg, grads)]).sum())
-            nu = min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
+            # ⟨g, Δ⟩ doubles as the finiteness check of Δ: g is finite, so a NaN/Inf entry of Δ makes the sum
+            # non-finite (NaN, or ±Inf); only then are the parameters scanned one by one to name them
+            gPg = float(torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(pg, grads)]).sum())
+        if gPg is None or not math.isfinite(gPg):
+            bad = first_nonfinite([(n, g) for (n, _), g in zip(self.named_params, pg)])
+            if bad:
+                self._skip(f"non-finite preconditioned gradient for {bad} (damping={lam:.3g})")
+                return False
+        nu = 1.0
+        if gPg is not None:
+            vg = lr * lr * gPg
+            nu = min(1.0, math.sqrt(self.kl_clip / vg)) if 0 < vg < math.inf else 1.0
         for p, d in zip(self.params, pg):
             p.grad = d if nu == 1.0 else d * nu
         self.info.update(damping=lam, kl_scale=nu, solve_time=time.perf_counter() - t0)
