@@ -28,6 +28,7 @@ from tensorcurv import structures
 CONFIGS = [
     ("kpsvd r=1", "kron_sum", dict(rank=1)),
     ("kron_sum r=2", "kron_sum", dict(rank=2)),
+    ("kron_sum r=2 psd_proof=samples", "kron_sum", dict(rank=2, psd_proof="samples")),
     ("kron_sum r=4", "kron_sum", dict(rank=4)),
     ("tucker r=4 (3 sweeps)", "tucker", dict(ranks=4, max_iter=3)),
     ("tt r=2 (3 sweeps)", "tt", dict(ranks=2, max_iter=3)),
