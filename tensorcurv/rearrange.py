@@ -182,13 +182,14 @@ def sample_grams(stats: LayerStats) -> tuple[Tensor, Tensor]:
     return Gu, Gw
 
 
-def gram_operator(X: Tensor) -> Callable[[Tensor], Tensor]:
+def gram_operator(X: Tensor, max_elems: int = 2 ** 24) -> Callable[[Tensor], Tensor]:
     """``C ↦ M C`` for the sample Gram ``M[s,t] = Σ_{k,k'} (x_skᵀ x_tk')² = ⟨S_s, S_t⟩_F``,
     ``S_s = Σ_k x_sk x_skᵀ``, from ``X`` of shape ``(N, K, d)``.
 
     Small ``d`` (``d(d+1)/2 ≤ N/2``): factored, ``M = Φ Φᵀ`` with ``Φ_s`` the symmetric vec of ``S_s``
     (off-diagonal entries times √2), so ``M C = Φ (Φᵀ C)`` costs ``O(N d² p)`` and ``M`` is never formed.
-    Otherwise ``M`` is formed once (:func:`sym_gram`, entrywise square, sum over ``K``)."""
+    Otherwise ``M`` is formed once (:func:`sym_gram` and an entrywise square; for ``K > 1`` in chunks
+    of samples whose ``(chunk K) x (N K)`` products stay below ``max_elems`` entries)."""
     N, K, d = X.shape
     if d * (d + 1) // 2 <= N // 2:
         i, j = torch.triu_indices(d, d, device=X.device)
@@ -196,9 +197,14 @@ def gram_operator(X: Tensor) -> Callable[[Tensor], Tensor]:
         w = torch.full(i.shape, math.sqrt(2.0), dtype=X.dtype, device=X.device).masked_fill_(i == j, 1.0)
         Phi = S[:, i, j] * w
         return lambda C: Phi @ (Phi.T @ C)
-    M = sym_gram(X.reshape(N * K, d)).square_()
-    if K > 1:
-        M = M.reshape(N, K, N, K).sum((1, 3))
+    if K == 1:
+        M = sym_gram(X[:, 0]).square_()
+    else:  # row chunks of samples: the (N K)² products never exist at once
+        flat, M = X.reshape(N * K, d), X.new_empty(N, N)
+        step = max(1, max_elems // (K * K * N))
+        for i in range(0, N, step):
+            blk = (X[i:i + step].reshape(-1, d) @ flat.T).square_()
+            M[i:i + step] = blk.reshape(-1, K, N, K).sum((1, 3))
     return lambda C: M @ C
 
 
@@ -432,13 +438,13 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
     energy_prev, it, change, invariant = None, 0, math.inf, False
     while True:
         it += 1
+        scale = float(torch.linalg.vector_norm(X, dim=0).max())
         if Ys:  # block Gram–Schmidt against the basis (twice), then QR within the block
             B = torch.cat(Ys, 1)
             for _ in range(2):
                 X = X - B @ (B.T @ X)
         Q, Rq = torch.linalg.qr(X, mode="reduced")
-        d = torch.diagonal(Rq).abs()
-        keep = d > drop * max(float(d.max()) if d.numel() else 0.0, math.sqrt(N) * float(torch.finfo(dtype).tiny))
+        keep = torch.diagonal(Rq).abs() > drop * max(scale, torch.finfo(dtype).tiny)  # new directions only
         if Ys and not bool(keep.any()):
             invariant = True  # the Krylov space is invariant: the last Ritz pairs are exact
             break
