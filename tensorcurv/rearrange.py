@@ -325,7 +325,9 @@ def kronecker_svd(
       For ``rank = 1`` this is alternating least squares on ``A ⊗ G``.
     * ``gram`` (``T = 1``): block Krylov in sample space, ``R(C) = scale U Wᵀ`` with the ``N x N``
       Grams ``UᵀU = (a_sᵀa_t)²`` and ``WᵀW`` (:func:`gram_operator`); block size ``rank + oversample``
-      (default ``rank + 8``), each block two ``N x N`` products, Rayleigh–Ritz after each block; then
+      (default ``max(16, rank + 8)``: 16 columns run fastest in MKL's sgemm, and a product reads the
+      ``N x N`` matrix once whatever the few columns), each block two ``N x N`` products, Rayleigh–Ritz
+      after each block; then
       the ``r`` factor pairs are formed once (:func:`weighted_covariances`). ``info["sample_coefficients"]``
       gives the sample weights of every term (the PSD certificate of ``kron_sum``).
     * ``auto``: the cheaper of the two by a flop estimate (``power`` for rank 1 or large ``K``).
@@ -352,8 +354,8 @@ def kronecker_svd(
     out: dict[str, Any] = {"method": method}
     if method == "gram":
         # block size: a Gram product costs one read of an N x N matrix whatever the (few) columns, so
-        # wide blocks are nearly free and cut the number of blocks (rank + 8 by default)
-        pg = min(rank + (oversample if oversample is not None else 8), stats.N)
+        # wide blocks are nearly free and cut the number of blocks
+        pg = min(rank + oversample if oversample is not None else max(16, rank + 8), stats.N)
         sigma, A, G = _gram_svd(stats, rank, pg, tol, max(max_iter, 50), generator, out)
     else:
         sigma, A, G = _power_svd(stats, rank, p, tol, max_iter, init, generator, out)
@@ -449,6 +451,13 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
             invariant = True  # the Krylov space is invariant: the last Ritz pairs are exact
             break
         Q = Q[:, keep]
+        lost = p - Q.shape[1]
+        if 0 < lost and sum(y.shape[1] for y in Ys) + p <= N:  # refill: random directions keep the block width
+            Bk = torch.cat([*Ys, Q], 1)
+            Xr = torch.randn(N, lost, generator=generator, dtype=dtype, device="cpu").to(Q.device)
+            for _ in range(2):
+                Xr = Xr - Bk @ (Bk.T @ Xr)
+            Q = torch.cat([Q, torch.linalg.qr(Xr, mode="reduced")[0]], 1)
         Z = Gu(Q)
         Ys.append(Q), Zs.append(Z), Ws.append(Gw(Z))
         Y, Zc, Wc = torch.cat(Ys, 1), torch.cat(Zs, 1), torch.cat(Ws, 1)
