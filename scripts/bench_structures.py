@@ -30,6 +30,7 @@ CONFIGS = [
     ("kron_sum r=2", "kron_sum", dict(rank=2)),
     ("kron_sum r=2 psd_proof=samples", "kron_sum", dict(rank=2, psd_proof="samples")),
     ("kron_sum r=4", "kron_sum", dict(rank=4)),
+    ("kron_sum r=4 psd_proof=spectral", "kron_sum", dict(rank=4, psd_proof="spectral")),
     ("tucker r=4 (3 sweeps)", "tucker", dict(ranks=4, max_iter=3)),
     ("tt r=2 (3 sweeps)", "tt", dict(ranks=2, max_iter=3)),
 ]
