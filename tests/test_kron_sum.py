@@ -253,7 +253,7 @@ def test_gram_fit_terms_are_sample_pair_combinations_of_rank_one_kronecker_produ
 def test_sample_space_certificate_makes_rank_three_and_four_fits_positive_semidefinite(rank):
     from tensorcurv.structures.kron_sum import SAMPLE_PROOF
     raw = fit("linear", "empirical", "kron_sum", rank=rank, psd="none", method="gram").blocks["0"].to_dense()
-    block = fit("linear", "empirical", "kron_sum", rank=rank, method="gram").blocks["0"]
+    block = fit("linear", "empirical", "kron_sum", rank=rank, method="gram", psd_proof="samples").blocks["0"]
     assert block.last_fit["psd_method"] == SAMPLE_PROOF
     assert float(torch.linalg.eigvalsh(raw)[0]) < -1e-6 * float(raw.norm())  # the raw fit is indefinite
     assert float(torch.linalg.eigvalsh(block.to_dense())[0]) >= -1e-12 * float(raw.norm())
@@ -280,3 +280,10 @@ def test_sample_space_scale_is_the_largest_that_keeps_every_sample_pair_weight_n
 def test_invalid_psd_proof_raises_a_clear_error():
     with pytest.raises(ValueError, match="kron_sum.psd_proof='exact' is not one of"):
         structures.create("kron_sum", (5, 7), psd_proof="exact")
+
+
+@pytest.mark.parametrize("kind", ["empirical", "ggn"])
+def test_auto_psd_proof_on_small_factors_keeps_the_larger_of_the_sample_and_spectral_scales(kind):
+    scales = {proof: fit("linear", kind, "kron_sum", rank=3, method="gram", psd_proof=proof).blocks["0"]
+              .last_fit["psd_scale"] for proof in ("samples", "spectral", "auto")}
+    assert scales["auto"] == max(scales["samples"], scales["spectral"])

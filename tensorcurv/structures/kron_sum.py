@@ -40,9 +40,11 @@ converged one). Resume is exact: ``state_dict`` carries the factors and the gene
   matrices with the ``N x N`` weights ``P_1 + t Q`` (``P_1 = ca_1 cg_1ᵀ``, ``Q = Σ_{k≥2} ca_k cg_kᵀ``).
   The largest ``t`` with ``P_1 + t Q ≥ 0`` entrywise is a proof of PSD at ``O(N² r)`` cost (no
   factorization; sufficient, not necessary). On the 1024-wide MLP it gives ``t ≈ 0.14`` at rank 4
-  (the spectral sufficient bound: 0.08–0.11) and ``t ≈ 0.25`` at rank 2 (spectral, nearly exact: 0.35),
-  hence ``auto`` = samples for rank ≥ 3, spectral for rank 2 (samples if the spectral certificate
-  fails). It holds in exact arithmetic for the computed weights (checked in float64); the float32
+  (the spectral sufficient bound: 0.08–0.11, at 5–20× the cost) and ``t ≈ 0.25`` at rank 2
+  (spectral, nearly exact: 0.35); on small layers (≤ 256 wide) it can be far below the spectral
+  bound (0.05 vs 0.5 on a 30x13 layer at N = 600). Hence ``auto``: rank ≥ 3 samples, and also the
+  (then cheap) spectral proof when both factors are ≤ ``SPECTRAL_MAX_DIM`` = 256 wide, the larger
+  ``t`` wins; rank 2 spectral (samples if the spectral certificate fails). It holds in exact arithmetic for the computed weights (checked in float64); the float32
   weighted covariances add rounding of order ``eps·N`` relative, as for any certificate here.
   Running averages (``update``) mix batches, have no sample weights, and use the spectral route.
 
@@ -81,6 +83,8 @@ from tensorcurv.structures.base import Structure, register
 PSD_MODES = ("shrink", "none")
 PSD_PROOFS = ("auto", "samples", "spectral")
 SAMPLE_PROOF = "sample-space certificate (nonnegative sample-pair weights)"
+#: ``psd_proof="auto"``, rank ≥ 3: factors up to this size also get the spectral proof (cheap there), larger t wins
+SPECTRAL_MAX_DIM = 256
 DAMPING_KINDS = ("tikhonov", "factored")
 
 
@@ -116,8 +120,9 @@ class KronSumHparams:
     """Rank 1: trust the fit's one-signed-weights certificate of PSD factors (else Cholesky check)."""
     psd_proof: str = "auto"
     """Rank ≥ 2 shrink: ``samples`` (sample-space certificate, O(N² r), needs a ``gram`` fit),
-    ``spectral`` (Cholesky + certified Lanczos bounds) or ``auto`` (samples for rank ≥ 3 when the fit
-    has sample coefficients, spectral otherwise; see the module docstring)."""
+    ``spectral`` (Cholesky + certified Lanczos bounds) or ``auto`` (rank ≥ 3 with sample coefficients:
+    samples, plus spectral when both factors are ≤ 256 wide, the larger t wins; otherwise spectral;
+    see the module docstring)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rank, int) and self.rank >= 1):
@@ -398,23 +403,21 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
 
     Rank ≥ 2 with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
     :func:`sample_psd_scale`) and ``proof`` ``samples`` (or ``auto`` at rank ≥ 3): ``t`` is the largest
-    scale that keeps every sample-pair weight nonnegative, no factorization at all; if the leading
-    weights are not one-signed the spectral route below runs instead. ``inplace``: the sample route may
+    scale that keeps every sample-pair weight nonnegative, no factorization at all; ``auto`` also runs
+    the spectral proof when both factors are at most ``SPECTRAL_MAX_DIM`` wide and keeps the larger
+    ``t``; if the leading weights are not one-signed the spectral route runs instead. ``inplace``: the sample route may
     scale ``A[1:]`` in place (the caller owns ``A``); otherwise the inputs are never modified."""
-    def by_samples():
-        t = sample_psd_scale(*coefficients) if coefficients is not None else None
-        if t is None:
-            return None
-        out = A if inplace or t == 1.0 else A.clone()
-        if t < 1.0:
-            out[1:].mul_(t)
-        return out, G, t, SAMPLE_PROOF
-
-    if A.shape[0] > 1 and (proof == "samples" or (proof == "auto" and A.shape[0] >= 3)):
-        done = by_samples()
-        if done is not None:
-            return done
-    if A.shape[0] == 1:
+    r = A.shape[0]
+    t_s = None  # the sample-space scale, computed only where it is used
+    if r > 1 and coefficients is not None and (proof == "samples" or (proof == "auto" and r >= 3)):
+        t_s = sample_psd_scale(*coefficients)
+        if t_s is not None:
+            if proof == "auto" and t_s < 1.0 and max(A.shape[-1], G.shape[-1]) <= SPECTRAL_MAX_DIM:
+                spec = _spectral_psd(A, G)  # small factors: the spectral proof is cheap, keep the larger t
+                if spec[2] > t_s:
+                    return spec
+            return _scale_tail(A, t_s, inplace), G, t_s, SAMPLE_PROOF
+    if r == 1:
         if certified:
             return A, G, 1.0, "certificate (one-signed sample weights)"
         if _psd_by_cholesky(A[0]) and _psd_by_cholesky(G[0]):
@@ -422,11 +425,33 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
         A, G = A.clone(), G.clone()
         A[0], G[0] = _psd_clip(A[0]), _psd_clip(G[0])
         return A, G, 1.0, "eigh clip"
+    if proof != "spectral" and coefficients is not None and t_s is None:
+        def fallback():  # the certified spectra failed: the sample-space proof before any eigh
+            t = sample_psd_scale(*coefficients)
+            return None if t is None else (_scale_tail(A, t, inplace), G, t, SAMPLE_PROOF)
+    else:
+        fallback = None
+    return _spectral_psd(A, G, fallback)
+
+
+def _scale_tail(A: Tensor, t: float, inplace: bool) -> Tensor:
+    """``A`` with the terms ``k ≥ 2`` scaled by ``t`` (in place when ``inplace``)."""
+    if t >= 1.0:
+        return A
+    out = A if inplace else A.clone()
+    out[1:].mul_(t)
+    return out
+
+
+def _spectral_psd(A: Tensor, G: Tensor, fallback=None) -> tuple[Tensor, Tensor, float, str]:
+    """Rank ≥ 2 shrink by spectral bounds (module docstring): PD ``A_1, G_1`` and the largest
+    certified ``t``; ``fallback()`` (if given) replaces the ``eigh`` route when the certificate fails.
+    The inputs are never modified."""
     A, G = A.clone(), G.clone()
     skew = antisymmetric(A[1:]).tolist()
     fast = None if any(skew) else _certified_spectra(A, G)
-    if fast is None and proof != "spectral":
-        done = by_samples()  # rank 2, certificate failed: the sample-space proof before any eigh
+    if fast is None and fallback is not None:
+        done = fallback()
         if done is not None:
             return done
     if fast is not None:
