@@ -63,7 +63,7 @@ class RearrangedOperator:
         self.max_elems = max_elems
         self.products = 0
         self.one_signed = {"matvec": False, "rmatvec": False}
-        N, T, K, n, m = self.N, self.T, self.K, self.n, self.m
+        T, K, n, m = self.T, self.K, self.n, self.m
         cost_pos = K * T * m * m + K * T * T * m + T * T * n + T * n * n
         cost_grad = K * (m * m * n + m * n * n)
         self.path = "samples" if T == 1 else ("positions" if cost_pos <= cost_grad else "grads")
@@ -327,9 +327,9 @@ def kronecker_svd(
       Grams ``UᵀU = (a_sᵀa_t)²`` and ``WᵀW`` (:func:`gram_operator`); block size ``rank + oversample``
       (default ``max(16, rank + 8)``: 16 columns run fastest in MKL's sgemm, and a product reads the
       ``N x N`` matrix once whatever the few columns), each block two ``N x N`` products, Rayleigh–Ritz
-      after each block; then
-      the ``r`` factor pairs are formed once (:func:`weighted_covariances`). ``info["sample_coefficients"]``
-      gives the sample weights of every term (the PSD certificate of ``kron_sum``).
+      after each block; then the ``r`` factor pairs are formed once (:func:`weighted_covariances`).
+      ``info["sample_coefficients"]`` gives the sample weights of every term (the PSD certificate of
+      ``kron_sum``), ``info["gram_passes"]`` the number of ``N x N`` products.
     * ``auto``: the cheaper of the two by a flop estimate (``power`` for rank 1 or large ``K``).
 
     Stopping rule (relative): the captured energy ``Σ_{k≤r} σ_k²`` changes by at most ``tol``
@@ -429,12 +429,11 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
     """Block Krylov (Lanczos-type) Rayleigh–Ritz in sample space: blocks ``X, (Gw Gu) X, (Gw Gu)² X, …``
     (Euclidean-orthonormalized), Ritz pairs of ``Rᵀ R`` in the ``Gu`` metric after each block; every
     block costs two ``N x N`` products (``Z = Gu Y``, ``W = Gw Z``), which the Ritz step reuses."""
-    N, m, c = stats.N, stats.m, stats.scale
+    N, m, c, dtype = stats.N, stats.m, stats.scale, stats.a.dtype
     g = stats.g[:, :, 0]
     Gu, Gw = gram_operator(stats.a[:, 0, None]), gram_operator(g)
-    X = torch.randn(N, p, generator=generator, dtype=stats.a.dtype, device="cpu").to(stats.a.device)
+    X = torch.randn(N, p, generator=generator, dtype=dtype, device="cpu").to(stats.a.device)
     X[:, 0] = 1.0  # K-FAC's A = U·1/N as the first direction
-    dtype = stats.a.dtype
     drop = 100 * torch.finfo(dtype).eps
     Ys, Zs, Ws = [], [], []
     energy_prev, it, change, invariant = None, 0, math.inf, False
@@ -488,7 +487,7 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
     G = weighted_covariances(g.reshape(-1, m), cgk)
     certified = r == 1 and _one_signed(ca.T) and _one_signed(cg.T)  # A_1, G_1 ± nonnegative combinations
     # term k is exactly sigma_k (Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_{u,k'} cg[u,k] g_uk' g_uk'ᵀ) (before and after
-    # _finish_symmetric): the sample coefficients behind the sample-space PSD certificate of kron_sum
+    # _normalize): the sample coefficients behind the sample-space PSD certificate of kron_sum
     out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change, gram_passes=2 * len(Ys),
                psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg))
     return _pad(sz[:r], A, G, rank)
