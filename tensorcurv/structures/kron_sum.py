@@ -44,8 +44,9 @@ converged one). Resume is exact: ``state_dict`` carries the factors and the gene
   (spectral, nearly exact: 0.35); on small layers (≤ 256 wide) it can be far below the spectral
   bound (0.05 vs 0.5 on a 30x13 layer at N = 600). Hence ``auto``: rank ≥ 3 samples, and also the
   (then cheap) spectral proof when both factors are ≤ ``SPECTRAL_MAX_DIM`` = 256 wide, the larger
-  ``t`` wins; rank 2 spectral (samples if the spectral certificate fails). It holds in exact arithmetic for the computed weights (checked in float64); the float32
-  weighted covariances add rounding of order ``eps·N`` relative, as for any certificate here.
+  ``t`` wins; rank 2 spectral (samples if the spectral certificate fails). It holds in exact
+  arithmetic for the computed weights (checked in float64); the float32 weighted covariances add
+  rounding of order ``eps·N`` relative, as for any certificate here.
   Running averages (``update``) mix batches, have no sample weights, and use the spectral route.
 
 ``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
@@ -103,7 +104,8 @@ class KronSumHparams:
     max_iter: int = 50
     """Maximum subspace iterations per fit."""
     oversample: int | None = None
-    """Extra block columns (None: power route 0 for rank 1, 2 otherwise; gram route 8)."""
+    """Extra block columns (None: power route 0 for rank 1, 2 otherwise; gram route block width
+    max(16, rank + 8))."""
     warm_start: bool = True
     """Start each fit from the previous G factors."""
     warm_max_iter: int | None = 1
@@ -405,8 +407,9 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     :func:`sample_psd_scale`) and ``proof`` ``samples`` (or ``auto`` at rank ≥ 3): ``t`` is the largest
     scale that keeps every sample-pair weight nonnegative, no factorization at all; ``auto`` also runs
     the spectral proof when both factors are at most ``SPECTRAL_MAX_DIM`` wide and keeps the larger
-    ``t``; if the leading weights are not one-signed the spectral route runs instead. ``inplace``: the sample route may
-    scale ``A[1:]`` in place (the caller owns ``A``); otherwise the inputs are never modified."""
+    ``t``; if the leading weights are not one-signed the spectral route runs instead. ``inplace``: the
+    sample route may scale ``A[1:]`` in place (the caller owns ``A``); otherwise the inputs are never
+    modified."""
     r = A.shape[0]
     t_s = None  # the sample-space scale, computed only where it is used
     if r > 1 and coefficients is not None and (proof == "samples" or (proof == "auto" and r >= 3)):
