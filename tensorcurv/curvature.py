@@ -92,6 +92,8 @@ class Curvature:
         else:
             self.model_structure = None
             self.blocks = {name: cls(shape, hparams) for name, shape in shapes.items()}
+        # optional batched cache refresh of many blocks before a solve (e.g. KFAC.refresh)
+        self._refresh = getattr(cls, "refresh", None) if cls.scope != "model" else None
         self.fallback_diag: dict[str, Tensor] = {}
         self.last_capture_time = 0.0
         self.last_fit_time = 0.0
@@ -246,6 +248,8 @@ class Curvature:
                 return v / (self.fallback_diag[n] + damping)
             return v
 
+        if self._refresh is not None:  # all stale decompositions at once (batched by factor size)
+            self._refresh(self.blocks.values(), damping)
         return self._apply(grads, lambda b, M: b.solve(M, damping), fb,
                            lambda mats: self.model_structure.solve(mats, damping))
 

@@ -22,6 +22,10 @@ Inverse path (``inverse``):
   is not numerically positive definite falls back to the eigen path (eigenvalues clamped at 0).
 
 Eigenvalues are clamped at 0, so ``Ĉ`` is positive semi-definite and any ``λ > 0`` is safe.
+
+:meth:`KFAC.refresh` builds these caches for many blocks at once (``Curvature.solve`` calls it):
+factors of equal size share one batched ``cholesky_ex`` / ``cholesky_inverse`` or ``eigh`` call,
+and all π come from one host sync; the results equal the per-block ones.
 """
 from __future__ import annotations
 
@@ -80,15 +84,16 @@ class KFAC(Structure):
     def _update(self, stats, decay):
         self._check_stats(stats)
         A, G = stats.kron_factors(self.hparams.weight_sharing)
-        self.A = decay * self.A + (1 - decay) * A
-        self.G = decay * self.G + (1 - decay) * G
+        # decay·old + (1 − decay)·new as one fused op: new + decay·(old − new)
+        self.A = torch.lerp(A, self.A, decay)
+        self.G = torch.lerp(G, self.G, decay)
         self._eigs = self._inv = None
         return self
 
     def eigs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(λ_A, Q_A, λ_G, Q_G)``, cached until the factors change."""
         if self._eigs is None:
-            self._eigs = (*sym_eig(self.A), *sym_eig(self.G))
+            KFAC._refresh_eigs([self])
         return self._eigs
 
     def mv(self, V):
@@ -126,29 +131,91 @@ class KFAC(Structure):
     def _inverses(self, damping: float) -> tuple[Tensor, Tensor, dict]:
         """``(G + √λ/π I)^{-1}``, ``(A + π√λ I)^{-1}`` (Cholesky; eigen fallback), cached per (factors, λ)."""
         c = self._inv
-        if c is not None and c[0] == damping:
-            return c[1], c[2], dict(c[3])
-        pi, sq = self.pi(), math.sqrt(damping)
-        info = {"method": "kron-cholesky", "damping": "pi", "pi": pi}
-        inv = []
-        for M, shift in ((self.G, sq / pi), (self.A, pi * sq)):
-            Ms = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-            L, bad = torch.linalg.cholesky_ex(Ms)
-            if int(bad) == 0:
-                inv.append(torch.cholesky_inverse(L))
-            else:  # not numerically PD (rounding): clamp eigenvalues at 0 as the eigen path does
-                lam, Q = sym_eig(M)
-                inv.append((Q / (lam + shift)) @ Q.T)
-                info["method"] = "kron-cholesky+eigh-fallback"
-        self._inv = (damping, inv[0], inv[1], info)
-        return inv[0], inv[1], dict(info)
+        if c is None or c[0] != damping:
+            KFAC._refresh_inverses([self], damping)
+            c = self._inv
+        return c[1], c[2], dict(c[3])
 
     def pi(self) -> float:
+        return self._pi_from_traces(float(torch.trace(self.A)), float(torch.trace(self.G)))
+
+    def _pi_from_traces(self, trace_A: float, trace_G: float) -> float:
         m, n = self.shape
-        trA, trG = float(torch.trace(self.A)) / n, float(torch.trace(self.G)) / m
+        trA, trG = trace_A / n, trace_G / m
         if trA <= 0 or trG <= 0:
             return 1.0
         return math.sqrt(trA / trG)
+
+    @staticmethod
+    def refresh(blocks, damping: float) -> None:
+        """Fill the solve caches of every stale ``KFAC`` block in ``blocks`` at once: the damped
+        inverses (``inverse="cholesky"``) or the eigendecompositions (``eigh``). Factors of the same
+        size, dtype and device are stacked into one batched ``cholesky_ex`` + ``cholesky_inverse``
+        (or ``eigh``) call; the traces for π come from one host sync. Same values as the per-block
+        :meth:`_inverses` / :meth:`eigs` (a factor that is not numerically PD takes the same eigen
+        fallback). Non-KFAC, unfitted and up-to-date blocks are left alone."""
+        chol, eig = [], []
+        for b in blocks:
+            if not isinstance(b, KFAC) or not b.fitted:
+                continue
+            if b.hparams.inverse == "cholesky":
+                if b._inv is None or b._inv[0] != damping:
+                    chol.append(b)
+            elif b._eigs is None:
+                eig.append(b)
+        if chol:
+            KFAC._refresh_inverses(chol, damping)
+        if eig:
+            KFAC._refresh_eigs(eig)
+
+    @staticmethod
+    def _groups(mats: list[Tensor]) -> dict[tuple, list[int]]:
+        out: dict[tuple, list[int]] = {}
+        for i, M in enumerate(mats):
+            out.setdefault((M.shape[0], M.dtype, M.device), []).append(i)
+        return out
+
+    @staticmethod
+    def _refresh_inverses(blocks: list["KFAC"], damping: float) -> None:
+        traces = torch.stack([torch.trace(M) for b in blocks for M in (b.A, b.G)]).tolist()  # one sync
+        sq = math.sqrt(damping)
+        mats, shifts, pis = [], [], []
+        for i, b in enumerate(blocks):
+            pi = b._pi_from_traces(traces[2 * i], traces[2 * i + 1])
+            pis.append(pi)
+            mats += [b.G, b.A]
+            shifts += [sq / pi, pi * sq]
+        inv: list[Tensor | None] = [None] * len(mats)
+        failed: list[int] = []
+        for (_, dtype, device), idx in KFAC._groups(mats).items():
+            S = torch.stack([mats[i] for i in idx])
+            S.diagonal(dim1=-2, dim2=-1).add_(torch.tensor([shifts[i] for i in idx], dtype=dtype, device=device)[:, None])
+            L, bad = torch.linalg.cholesky_ex(S)
+            Si = torch.cholesky_inverse(L)
+            for j, (i, flag) in enumerate(zip(idx, bad.tolist())):
+                if flag == 0:
+                    inv[i] = Si[j]
+                else:
+                    failed.append(i)
+        for i in failed:  # not numerically PD (rounding): clamp eigenvalues at 0 as the eigen path does
+            lam, Q = sym_eig(mats[i])
+            inv[i] = (Q / (lam + shifts[i])) @ Q.T
+        for i, b in enumerate(blocks):
+            method = "kron-cholesky+eigh-fallback" if (2 * i in failed or 2 * i + 1 in failed) else "kron-cholesky"
+            b._inv = (damping, inv[2 * i], inv[2 * i + 1], {"method": method, "damping": "pi", "pi": pis[i]})
+
+    @staticmethod
+    def _refresh_eigs(blocks: list["KFAC"]) -> None:
+        mats = [M for b in blocks for M in (b.A, b.G)]
+        res: list[tuple[Tensor, Tensor] | None] = [None] * len(mats)
+        for idx in KFAC._groups(mats).values():
+            S = torch.stack([mats[i] for i in idx])
+            evals, evecs = torch.linalg.eigh(0.5 * (S + S.mT))  # as sym_eig, batched
+            evals = evals.clamp_min(0.0)
+            for j, i in enumerate(idx):
+                res[i] = (evals[j], evecs[j])
+        for i, b in enumerate(blocks):
+            b._eigs = (*res[2 * i], *res[2 * i + 1])
 
     def to_dense(self):
         return torch.kron(self.A, self.G)
