@@ -6,8 +6,6 @@
   answer: it falls back to the (damped, PSD) preconditioner solve and says why (``fallback``).
 * :func:`orthonormalize` — orthonormal basis of the columns of a tall matrix (QR, rank-revealing
   enough for subspace iteration).
-* :func:`metric_orthonormalize` — coefficients ``C`` with ``Cᵀ M C = I`` for a PSD Gram ``M``
-  (orthonormalization of implicit vectors ``U c`` when only ``M = UᵀU`` is known).
 """
 from __future__ import annotations
 
@@ -118,18 +116,6 @@ def orthonormalize(X: Tensor) -> Tensor:
     """Orthonormal basis (columns) of the span of ``X`` (``d x p``), via reduced QR."""
     Q, _ = torch.linalg.qr(X, mode="reduced")
     return Q
-
-
-def metric_orthonormalize(C: Tensor, M: Tensor, rtol: float = 1e-12) -> Tensor:
-    """Return ``C'`` spanning (numerically) the same implicit vectors ``U C`` with ``C'ᵀ M C' = I``.
-
-    ``M = UᵀU`` is the Gram matrix of the implicit basis ``U``. Directions whose norm falls below
-    ``rtol`` times the largest are dropped (so ``C'`` may have fewer columns).
-    """
-    S = C.T @ M @ C
-    evals, evecs = torch.linalg.eigh(0.5 * (S + S.T))
-    keep = evals > rtol * evals.max().clamp_min(torch.finfo(C.dtype).tiny)
-    return C @ (evecs[:, keep] / evals[keep].sqrt())
 
 
 # ---------------------------------------------------------------------- Kronecker products of several factors

@@ -50,7 +50,8 @@ class RearrangedOperator:
     leading dimension), each one pass over the per-sample factors. ``products`` counts how many
     single-matrix applications have been made.
 
-    ``T = 1``: sample-space form (weights, then one weighted covariance). ``T > 1``: per-sample
+    ``T = 1``: sample-space form (weights, then one weighted covariance; for a single matrix both from
+    upper block triangles, :func:`sym_quadratic_forms` and :func:`weighted_covariances`). ``T > 1``: per-sample
     position Gram (``T x T``) path or explicit per-sample gradients, whichever costs fewer flops,
     in chunks of samples so that intermediates stay below ``max_elems`` entries.
     """
@@ -92,9 +93,9 @@ class RearrangedOperator:
         if self.path == "samples":
             g = self.g[:, :, 0].reshape(-1, self.m)  # (NK, m)
             a = self.a[:, 0]
-            if p == 1:  # one column: plain matrix products, one elementwise pass each
-                w = torch.linalg.vecdot(g @ X[0], g).reshape(1, self.N, self.K).sum(-1) * self.scale
-                Y = ((a * w[0, :, None]).T @ a).unsqueeze(0)
+            if p == 1:  # one column: quadratic forms and covariance from upper block triangles
+                w = sym_quadratic_forms(g, _sym(X[0])).reshape(1, self.N, self.K).sum(-1) * self.scale
+                Y = weighted_covariances(a, w.T)
             else:
                 w = ((g @ X) * g).sum(-1).reshape(p, self.N, self.K).sum(-1) * self.scale  # (p, N)
                 Y = (a.T.unsqueeze(0) * w.unsqueeze(1)) @ a
@@ -128,9 +129,9 @@ class RearrangedOperator:
             g = self.g[:, :, 0]  # (N, K, m)
             gf = g.reshape(-1, self.m)
             if p == 1:
-                v = (torch.linalg.vecdot(a @ Y[0], a) * self.scale).unsqueeze(0)
+                v = (sym_quadratic_forms(a, _sym(Y[0])) * self.scale).unsqueeze(0)
                 vk = v[0].repeat_interleave(self.K) if self.K > 1 else v[0]
-                Z = ((gf * vk[:, None]).T @ gf).unsqueeze(0)
+                Z = weighted_covariances(gf, vk[:, None])
             else:
                 v = ((a @ Y) * a).sum(-1) * self.scale  # (p, N)
                 vk = v.unsqueeze(-1).expand(p, self.N, self.K).reshape(p, -1)
@@ -160,6 +161,11 @@ class RearrangedOperator:
             return float((Gu * Gw).sum()) * self.scale ** 2
         G = self.stats.per_sample_grads().reshape(-1, self.m * self.n)
         return float((G @ G.T).pow(2).sum()) * self.scale ** 2
+
+
+def _sym(X: Tensor) -> Tensor:
+    """Symmetric part ``(X + Xᵀ)/2`` (a quadratic form sees only it); ``X`` itself if exactly symmetric."""
+    return X if torch.equal(X, X.T) else 0.5 * (X + X.T)
 
 
 def _one_signed(w: Tensor) -> bool:
@@ -230,22 +236,39 @@ def sym_gram(X: Tensor, blocks: int = 8) -> Tensor:
     return out
 
 
-def weighted_covariances(X: Tensor, W: Tensor, blocks: int = 8) -> Tensor:
+def weighted_covariances(X: Tensor, W: Tensor | None, blocks: int = 8) -> Tensor:
     """``Σ_s W[s,k] x_s x_sᵀ`` for every column ``k`` of ``W`` (``N x r``), as ``(r, d, d)`` for ``X`` of
     shape ``(N, d)``: the ``r`` weighted covariances of the Gram route, stacked into one gemm
     ``Xᵀ [W_1 ⊙ X, …, W_r ⊙ X]`` per column block of the (symmetric) output, upper block triangle
-    only, so ``≈ r N d² (b+1)/b`` flops instead of ``2 r N d²``."""
+    only, so ``≈ r N d² (b+1)/b`` flops instead of ``2 r N d²``. ``W = None``: the plain ``XᵀX``
+    (``(1, d, d)``, no weighting pass). Below 256 columns one block, i.e. the plain gemm."""
     N, d = X.shape
-    r = W.shape[1]
+    r = 1 if W is None else W.shape[1]
     edges = _block_starts(d, blocks)
     out = X.new_empty(r, d, d)
     for j0, j1 in zip(edges[:-1], edges[1:]):
-        Y = (X[:, None, j0:j1] * W[:, :, None]).reshape(N, -1)  # (N, r * |J|), columns (k, j)
+        Y = X[:, j0:j1] if W is None else (X[:, None, j0:j1] * W[:, :, None]).reshape(N, -1)  # columns (k, j)
         blk = (X[:, :j1].T @ Y).reshape(j1, r, j1 - j0).transpose(0, 1)  # (r, rows 0..J_end, J)
         out[:, :j1, j0:j1] = blk
         if j0 > 0:
             out[:, j0:j1, :j0] = blk[:, :j0].transpose(-1, -2)
     return out
+
+
+def sym_quadratic_forms(X: Tensor, M: Tensor, blocks: int = 8) -> Tensor:
+    """``x_sᵀ M x_s`` for every row of ``X`` (``N x d``) and symmetric ``M`` (``d x d``; only its upper
+    block triangle is read): ``xᵀMx = Σ_J x_Jᵀ (M_JJ x_J + 2 Σ_{I<J} M_IJᵀ x_I)``, one gemm per column
+    block, ``(b+1)/(2b)`` of the flops of ``rowsum((X M) ∘ X)``. Below 256 columns the plain product."""
+    edges = _block_starts(X.shape[1], blocks)
+    if len(edges) == 2:
+        return torch.linalg.vecdot(X @ M, X)
+    w = X.new_zeros(X.shape[0])
+    for j0, j1 in zip(edges[:-1], edges[1:]):
+        Y = X[:, j0:j1] @ M[j0:j1, j0:j1]
+        if j0 > 0:
+            Y = torch.addmm(Y, X[:, :j0], M[:j0, j0:j1], alpha=2)
+        w += torch.linalg.vecdot(Y, X[:, j0:j1])
+    return w
 
 
 def _sym_random(p: int, d: int, like: Tensor, generator: torch.Generator | None, symmetric: bool = True) -> Tensor:

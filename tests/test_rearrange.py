@@ -5,7 +5,8 @@ from torch import nn
 
 import tensorcurv
 from tensorcurv.rearrange import (RearrangedOperator, dense_rearranged, gram_operator, kronecker_svd, rearrange,
-                                  sample_grams, sym_gram, weighted_covariances)
+                                  sample_grams, sym_gram, sym_quadratic_forms, weighted_covariances)
+from tensorcurv.stats import LayerStats
 
 KINDS = ["empirical", "mc", "ggn"]
 
@@ -144,3 +145,29 @@ def test_gram_operator_applies_the_sample_gram_of_the_summed_outer_products(K, d
     M = torch.einsum("sij,tij->st", S, S)
     C = torch.randn(60, 5, dtype=torch.float64)
     assert rel(gram_operator(X, max_elems=3000)(C), M @ C) < 1e-13  # K = 3: chunks of 5 samples
+
+
+def test_sym_quadratic_forms_from_the_upper_block_triangle_equal_their_definition():
+    X = torch.randn(30, 300, dtype=torch.float64)  # 2 column blocks of 150
+    M = torch.randn(300, 300, dtype=torch.float64)
+    M = M + M.T
+    assert torch.allclose(sym_quadratic_forms(X, M), torch.einsum("si,ij,sj->s", X, M, X), rtol=0, atol=1e-10)
+
+
+def test_unweighted_covariance_from_the_upper_block_triangle_is_the_plain_product():
+    X = torch.randn(40, 300, dtype=torch.float64)
+    assert torch.allclose(weighted_covariances(X, None)[0], X.T @ X, rtol=0, atol=1e-12)
+
+
+def test_single_products_of_wide_layers_use_the_triangle_path_and_equal_their_definition():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20, 1, 300, generator=g, dtype=torch.float64)  # 2 blocks each side
+    gr = torch.randn(20, 2, 1, 260, generator=g, dtype=torch.float64)  # K = 2
+    st = LayerStats(a, gr, scale=0.05)
+    op = RearrangedOperator(st)
+    X = torch.randn(260, 260, generator=g, dtype=torch.float64)  # not symmetric: only its symmetric part acts
+    Y = torch.randn(300, 300, generator=g, dtype=torch.float64)
+    w = torch.einsum("skm,ml,skl->s", gr[:, :, 0], X, gr[:, :, 0]) * 0.05
+    v = torch.einsum("sn,nl,sl->s", a[:, 0], Y, a[:, 0]) * 0.05
+    assert rel(op.matvec(X), torch.einsum("s,si,sj->ij", w, a[:, 0], a[:, 0])) < 1e-12
+    assert rel(op.rmatvec(Y), torch.einsum("s,ski,skj->ij", v, gr[:, :, 0], gr[:, :, 0])) < 1e-12
