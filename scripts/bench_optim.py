@@ -7,7 +7,7 @@ Problems: the digits MLP classifier (64-64-10, tanh, cross-entropy) and the digi
 (64-128-32-128-64, sigmoid hidden layers, linear code and output, MSE), mini-batches from the
 training split, float32, CPU.
 
-(a) time per step / time per SGD step, for every structure (dense only where every block has
+(a) time per step / time per SGD step (at each of --batches, separate rows), for every structure (dense only where every block has
     mn ≤ --dense-max), at statistics+inverse interval 1 and 10; NaturalGradient (kind mc, one
     backward column) and GaussNewton (kind ggn, one column per output) for kfac. Configurations
     are run in interleaved rounds and the median per-step time of each is taken, so the ratios
@@ -73,7 +73,7 @@ def extra_structures() -> list[str]:
 # ------------------------------------------------------------------ (a) step cost
 def step_cost(args) -> list[dict]:
     rows = []
-    for prob in ("mlp", "autoencoder"):
+    for prob, batch in [(p, b) for p in ("mlp", "autoencoder") for b in args.batches]:
         model0, loss_fn, X, Y = problem(prob, 0)
         configs = [("sgd", "sgd", {"lr": 0.01}, 1)]
         structs = [s for s in ("diagonal", "kfac", "ekfac") if ONLY is None or s in ONLY] + extra_structures()
@@ -96,7 +96,7 @@ def step_cost(args) -> list[dict]:
                 models.autoencoder((64,), hidden_sizes=[128, 32])
             model.load_state_dict(model0.state_dict())
             opts.append(O.build(name, model, loss_fn, **kw))
-            data_it.append(batches(X, Y, args.batch, 0))
+            data_it.append(batches(X, Y, batch, 0))
         times = [[] for _ in configs]
         for r in range(args.rounds):
             for i, opt in enumerate(opts):
@@ -107,14 +107,14 @@ def step_cost(args) -> list[dict]:
                     opt.step(xb, yb)
                 if r > 0:  # round 0 is warm-up
                     times[i].append((time.perf_counter() - t0) / args.steps_per_round)
-        print(f"  {prob}: timed {len(configs)} configurations", flush=True)
+        print(f"  {prob} batch {batch}: timed {len(configs)} configurations", flush=True)
         sgd = statistics.median(times[0])
         for (label, name, kw, k), ts in zip(configs, times):
             if name == "sgd":
                 continue
             med = statistics.median(ts)
             paired = sorted(t / s for t, s in zip(ts, times[0]))  # same round: same machine state
-            rows.append({"problem": prob, "optimizer": label, "interval": k, "ms_per_step": 1e3 * med,
+            rows.append({"problem": prob, "batch": batch, "optimizer": label, "interval": k, "ms_per_step": 1e3 * med,
                          "vs_sgd": med / sgd, "sgd_ms": 1e3 * sgd,
                          "spread": f"{paired[0]:.2f}–{paired[-1]:.2f}"})
     return rows
@@ -260,7 +260,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (few steps, one seed)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=256, help="batch size of (b) and (c)")
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="(a) batch sizes, one set of rows each (default: --batch)")
     p.add_argument("--rounds", type=int, default=3, help="(a) interleaved timing rounds (first is warm-up)")
     p.add_argument("--steps-per-round", type=int, default=5, help="(a) steps per round")
     p.add_argument("--dense-max", type=int, default=2500, help="(a) dense only if every block has mn <= this")
@@ -284,6 +286,7 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b", "c"],
                    help="which benchmarks to run (c: where an NG kfac step's time goes)")
     args = p.parse_args()
+    args.batches = args.batches or [args.batch]
     global ONLY
     ONLY = args.structures
     if args.quick:
@@ -294,7 +297,7 @@ def main() -> None:
     t0 = time.time()
     print("(a) time per step relative to SGD", flush=True)
     cost = step_cost(args) if "a" in args.parts else []
-    ta = table(cost, [("problem", "problem", "s"), ("optimizer", "optimizer", "s"),
+    ta = table(cost, [("problem", "problem", "s"), ("batch", "batch", "d"), ("optimizer", "optimizer", "s"),
                       ("stats+inverse interval", "interval", "d"), ("ms/step", "ms_per_step", ".2f"),
                       ("× SGD", "vs_sgd", ".2f"), ("per-round × SGD (min–max)", "spread", "s"),
                       ("SGD ms/step", "sgd_ms", ".2f")])
@@ -315,7 +318,8 @@ def main() -> None:
         print(tc, flush=True)
     cmd = "scripts/bench_optim.py " + " ".join(sys.argv[1:])
     report = (f"# tensorcurv.optim benchmark\n\nCommand: `{cmd}` (total {time.time() - t0:.0f} s, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}).\n\n"
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch {args.batch}; "
+              f"(a) at batch {', '.join(map(str, args.batches))}).\n\n"
               f"## (a) time per step relative to SGD\n\n{ta}\n\n"
               f"## (b) time to target (seeds={args.seeds}, max {args.max_steps} steps, batch {args.batch} for every "
               f"method, same batches and seeds; sweeps: SGD-momentum (0.9) lr {args.sgd_lrs}, Adam lr {args.adam_lrs}, "

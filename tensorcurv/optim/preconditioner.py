@@ -65,10 +65,11 @@ class NonFiniteStepWarning(RuntimeWarning):
 
 
 def first_nonfinite(named: Sequence[tuple[str, Tensor | None]]) -> list[str]:
-    """Names whose tensor holds NaN/Inf. Fast path: one fused norm over all tensors (a norm is
-    finite iff the tensor is, barring overflow, which only triggers the exact per-tensor check)."""
+    """Names whose tensor holds NaN/Inf. Fast path: one fused norm over all tensors, summed into one
+    host number (norms are >= 0, so the sum is finite iff every tensor is, barring overflow, which
+    only triggers the exact per-tensor check)."""
     named = [(n, t) for n, t in named if t is not None]
-    if not named or bool(torch.isfinite(torch.stack(torch._foreach_norm([t for _, t in named]))).all()):
+    if not named or math.isfinite(float(torch.stack(torch._foreach_norm([t for _, t in named])).sum())):
         return []
     return [n for n, t in named if not bool(torch.isfinite(t).all())]
 
@@ -167,6 +168,9 @@ class Preconditioner:
         if res is not None and not bad:  # one fused reduction over every layer's a and g
             layers = first_nonfinite([(name, t) for name, st in res.stats.items() for t in (st.a, st.g)])
             bad += [f"statistics of layer {name!r}" for name in dict.fromkeys(layers)]
+            if not layers:  # the fused check passed: LayerStats.check_finite (in the fit) need not rescan
+                for st in res.stats.values():
+                    st._finite = True
         if any_rank_bad and not bad:
             bad.append("statistics on another rank")
         if bad:
