@@ -187,11 +187,14 @@ class KFAC(Structure):
             shifts += [sq / pi, pi * sq]
         inv: list[Tensor | None] = [None] * len(mats)
         failed: list[int] = []
-        for (_, dtype, device), idx in KFAC._groups(mats).items():
-            S = torch.stack([mats[i] for i in idx])
-            S.diagonal(dim1=-2, dim2=-1).add_(torch.tensor([shifts[i] for i in idx], dtype=dtype, device=device)[:, None])
+        for idx in KFAC._groups(mats).values():
+            S = mats[idx[0]].clone() if len(idx) == 1 else torch.stack([mats[i] for i in idx])
+            for j, i in enumerate(idx):  # M + shift I
+                (S if len(idx) == 1 else S[j]).diagonal().add_(shifts[i])
             L, bad = torch.linalg.cholesky_ex(S)
             Si = torch.cholesky_inverse(L)
+            if len(idx) == 1:
+                Si, bad = Si[None], bad[None]
             for j, (i, flag) in enumerate(zip(idx, bad.tolist())):
                 if flag == 0:
                     inv[i] = Si[j]
@@ -209,7 +212,7 @@ class KFAC(Structure):
         mats = [M for b in blocks for M in (b.A, b.G)]
         res: list[tuple[Tensor, Tensor] | None] = [None] * len(mats)
         for idx in KFAC._groups(mats).values():
-            S = torch.stack([mats[i] for i in idx])
+            S = mats[idx[0]][None] if len(idx) == 1 else torch.stack([mats[i] for i in idx])
             evals, evecs = torch.linalg.eigh(0.5 * (S + S.mT))  # as sym_eig, batched
             evals = evals.clamp_min(0.0)
             for j, i in enumerate(idx):
