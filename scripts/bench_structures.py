@@ -24,6 +24,7 @@ from torch import nn
 
 import tensorcurv
 from tensorcurv import structures
+from tensorcurv.rearrange import weighted_covariances
 
 CONFIGS = [
     ("kpsvd r=1", "kron_sum", dict(rank=1)),
@@ -31,6 +32,7 @@ CONFIGS = [
     ("kron_sum r=2 psd_proof=samples", "kron_sum", dict(rank=2, psd_proof="samples")),
     ("kron_sum r=4", "kron_sum", dict(rank=4)),
     ("kron_sum r=4 psd_proof=spectral", "kron_sum", dict(rank=4, psd_proof="spectral")),
+    ("kron_sum r=4 warm update (decay 0.95)", "kron_sum", dict(rank=4, _update=0.95)),
     ("tucker r=4 (3 sweeps)", "tucker", dict(ranks=4, max_iter=3)),
     ("tt r=2 (3 sweeps)", "tt", dict(ranks=2, max_iter=3)),
 ]
@@ -64,6 +66,13 @@ def _cell(ratios):
     return f"{_med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def kfac_symmetric(st) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-FAC's factors ``aᵀa/N``, ``scale·gᵀg`` from the same upper-block-triangle products the Gram
+    route uses (:func:`weighted_covariances` without weights), for a like-for-like denominator."""
+    a, g = st.a.reshape(-1, st.n), st.g.reshape(-1, st.m)
+    return weighted_covariances(a, None)[0].div_(a.shape[0]), weighted_covariances(g, None)[0].mul_(st.scale)
+
+
 def floor_time(st, rank: int, weights: torch.Tensor) -> float:
     """Seconds of the bare torch ops of the Gram route at rank ``r`` (T = 1): the two sample Grams
     ``(a aᵀ)∘²``, ``(g gᵀ)∘²`` as plain gemms and the ``r`` weighted covariances ``Σ_s w_ks a_s a_sᵀ``,
@@ -78,6 +87,14 @@ def floor_time(st, rank: int, weights: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def _interval_note(info) -> str:
+    """For ``update`` rows: the scale the free interval certificate proved (used only if not too loose)."""
+    if "interval_scale" not in info:
+        return ""
+    t = info["interval_scale"]
+    return "; interval certificate: none" if t is None else f"; interval certificate t = {t:.3g}"
+
+
 def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = None) -> list[str]:
     model = mlp([64, width, width, 10], torch.float32)
     curv = tensorcurv.Curvature(model, "kfac", "empirical", seed=0)
@@ -86,17 +103,20 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
     rows = [f"### Fit cost vs K-FAC factors: MLP 64-{width}-{width}-10, batch {batch}, float32, empirical Fisher, "
             f"{torch.get_num_threads()} threads; median (min-max) of {repeats} repeats, each ratio against the "
             "K-FAC factor time measured right before it\n",
-            "| layer (m x n) | structure | cold fit / K-FAC | warm refit (next batch) / K-FAC | of which SVD (warm) / K-FAC "
+            "| layer (m x n) | structure | cold fit / K-FAC | warm refit (next batch) / K-FAC "
+            "| warm / K-FAC (same symmetric products) | of which SVD (warm) / K-FAC "
             "| of which PSD (warm) / K-FAC | floor (Gram + r covariances, plain gemms) / K-FAC "
             "| memory / K-FAC | iterations cold / warm | products cold / warm | method | PSD (t) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in stats.items():
         kfac = structures.create("kfac", st.shape).fit(st)
-        kfac_times = []
+        kfac_times, sym_times = [], []
         for label, sname, hp in CONFIGS:
             if only and sname not in only:
                 continue
-            cold, warm, svd, psd, floor = [], [], [], [], []
+            hp = dict(hp)
+            decay = hp.pop("_update", None)  # the row times update(next batch, decay) instead of a refit
+            cold, warm, warm_sym, svd, psd, floor = [], [], [], [], [], []
             rank = hp.get("rank") if sname == "kron_sum" and st.T == 1 else None
             weights = torch.randn(st.N, rank or 1, dtype=st.a.dtype)
             for _ in range(repeats):
@@ -107,14 +127,22 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                 block.fit(st)
                 t2 = time.perf_counter()
                 info = dict(block.last_fit)
+                ts = time.perf_counter()
+                kfac_symmetric(nxt[name])
+                t2 = time.perf_counter()
                 nxt[name].kron_factors()
                 t3 = time.perf_counter()
-                block.fit(nxt[name])  # warm start from the previous step's fit
+                if decay is None:
+                    block.fit(nxt[name])  # warm start from the previous step's fit
+                else:
+                    block.update(nxt[name], decay)  # warm refit + recompression of the running average
                 t4 = time.perf_counter()
                 winfo = dict(block.last_fit)
                 kfac_times += [t1 - t0, t3 - t2]
-                cold.append((t2 - t1) / (t1 - t0))
+                sym_times.append(t2 - ts)
+                cold.append((t2 - t1) / (t1 - t0) if decay is None else (ts - t1) / (t1 - t0))
                 warm.append((t4 - t3) / (t3 - t2))
+                warm_sym.append((t4 - t3) / (t2 - ts))
                 svd.append(winfo.get("svd_time", float("nan")) / (t3 - t2))
                 psd.append(winfo.get("psd_time", float("nan")) / (t3 - t2))
                 if rank is not None:  # the floor against its own K-FAC time, measured right before it
@@ -124,14 +152,18 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                     floor.append(floor_time(st, rank, weights) / (t6 - t5))
                     kfac_times.append(t6 - t5)
             t = winfo.get("psd_scale")
-            rows.append(f"| {name} ({st.m}x{st.n}) | {label} | {_cell(cold)} | {_cell(warm)} | {_cell(svd)} | "
+            rows.append(f"| {name} ({st.m}x{st.n}) | {label} | {_cell(cold)} | {_cell(warm)} | {_cell(warm_sym)} | "
+                        f"{_cell(svd)} | "
                         f"{_cell(psd) if 'psd_time' in winfo else '-'} | {_cell(floor) if floor else '-'} | "
                         f"{block.nbytes / kfac.nbytes:.2f} | {info.get('iterations')} / {winfo.get('iterations')} | "
                         f"{info.get('products', '-')} / {winfo.get('products', '-')} | {info.get('method', 'als/hooi')} | "
-                        f"{winfo.get('psd_method', '-')}{f' ({t:.3f})' if t is not None else ''} |")
+                        f"{winfo.get('psd_method', '-')}{f' ({t:.3f})' if t is not None else ''}"
+                        f"{_interval_note(winfo)} |")
         if kfac_times:
             rows.append(f"| {name} | (K-FAC factor time median {_med(kfac_times) * 1e3:.1f} ms, "
-                        f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}) | 1 | 1 | | | | 1 | | | | |")
+                        f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}; with symmetric products "
+                        f"{_med(sym_times) * 1e3:.1f} ms, {min(sym_times) * 1e3:.1f}-{max(sym_times) * 1e3:.1f}) "
+                        "| 1 | 1 | 1 | | | | 1 | | | | |")
     return rows
 
 

@@ -294,13 +294,16 @@ def _finish_symmetric(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tens
     return sigma, A.mul_((sign / na)[:, None, None]), G.mul_((sign / ng)[:, None, None])
 
 
-def _normalize(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Unit Frobenius norms and ``tr A_k ≥ 0`` for exactly symmetric pairs, in place (one pass each)."""
+def _normalize(sigma: Tensor, A: Tensor, G: Tensor, scales: bool = False):
+    """Unit Frobenius norms and ``tr A_k ≥ 0`` for exactly symmetric pairs, in place (one pass each).
+    ``scales``: also return the factors ``sign/‖A_k‖``, ``sign/‖G_k‖`` each pair was multiplied by."""
     tiny = torch.finfo(A.dtype).tiny
     na = torch.linalg.vector_norm(A.flatten(1), dim=1).clamp_min(tiny)
     ng = torch.linalg.vector_norm(G.flatten(1), dim=1).clamp_min(tiny)
     sign = torch.where(torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) < 0, -1.0, 1.0).to(A.dtype)
-    return sigma * na * ng, A.mul_((sign / na)[:, None, None]), G.mul_((sign / ng)[:, None, None])
+    fa, fg = sign / na, sign / ng
+    out = sigma * na * ng, A.mul_(fa[:, None, None]), G.mul_(fg[:, None, None])
+    return (*out, fa, fg) if scales else out
 
 
 def _finish(sigma: Tensor, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -352,7 +355,9 @@ def kronecker_svd(
       ``N x N`` matrix once whatever the few columns), each block two ``N x N`` products, Rayleigh–Ritz
       after each block; then the ``r`` factor pairs are formed once (:func:`weighted_covariances`).
       ``info["sample_coefficients"]`` gives the sample weights of every term (the PSD certificate of
-      ``kron_sum``), ``info["gram_passes"]`` the number of ``N x N`` products.
+      ``kron_sum``), ``info["factor_coefficients"] = (ca, cg)`` those of every returned factor
+      (``A_k = Σ_s ca[s,k] a_s a_sᵀ``, ``G_k = Σ_{s,k'} cg[s,k] g_sk' g_sk'ᵀ``), ``info["gram_passes"]``
+      the number of ``N x N`` products.
     * ``auto``: the cheaper of the two by a flop estimate (``power`` for rank 1 or large ``K``).
 
     Stopping rule (relative): the captured energy ``Σ_{k≤r} σ_k²`` changes by at most ``tol``
@@ -382,10 +387,17 @@ def kronecker_svd(
         sigma, A, G = _gram_svd(stats, rank, pg, tol, max(max_iter, 50), generator, out)
     else:
         sigma, A, G = _power_svd(stats, rank, p, tol, max_iter, init, generator, out)
+    raw = out.pop("raw_coefficients", None)
+    if method == "gram":  # exactly symmetric by construction (weighted_covariances)
+        sigma, A, G, fa, fg = _normalize(sigma, A, G, scales=True)
+        ca, cg = raw  # per-factor sample weights of the returned unit-norm factors (zero columns for padding)
+        ca, cg = ca * fa[:ca.shape[1]], cg * fg[:cg.shape[1]]
+        z = ca.new_zeros(ca.shape[0], rank - ca.shape[1])
+        out["factor_coefficients"] = (torch.cat([ca, z], 1), torch.cat([cg, z], 1))
     if info is not None:
         info.update(out)
-    if method == "gram":  # exactly symmetric by construction (weighted_covariances)
-        return _normalize(sigma, A, G)
+    if method == "gram":
+        return sigma, A, G
     return _finish_symmetric(sigma, A, G) if stats.T == 1 else _finish(sigma, A, G)
 
 
@@ -512,7 +524,7 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
     # term k is exactly sigma_k (Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_{u,k'} cg[u,k] g_uk' g_uk'ᵀ) (before and after
     # _normalize): the sample coefficients behind the sample-space PSD certificate of kron_sum
     out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change, gram_passes=2 * len(Ys),
-               psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg))
+               psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg), raw_coefficients=(ca, cg))
     return _pad(sz[:r], A, G, rank)
 
 

@@ -287,3 +287,121 @@ def test_auto_psd_proof_on_small_factors_keeps_the_larger_of_the_sample_and_spec
     scales = {proof: fit("linear", kind, "kron_sum", rank=3, method="gram", psd_proof=proof).blocks["0"]
               .last_fit["psd_scale"] for proof in ("samples", "spectral", "auto")}
     assert scales["auto"] == max(scales["samples"], scales["spectral"])
+
+
+def _stats_stream(kind, n=40, seeds=range(1, 5)):
+    curv = tensorcurv.Curvature(tiny_model("linear"), "dense", kind)
+    return [curv.capture(*tiny_batch("linear", n, seed=s), nn.CrossEntropyLoss()).stats["0"] for s in seeds]
+
+
+@pytest.mark.parametrize("proof", ["auto", "samples", "spectral"])
+@pytest.mark.parametrize("kind", ["empirical", "ggn"])
+def test_running_average_updates_at_rank_four_stay_positive_semidefinite(kind, proof):
+    sts = _stats_stream(kind)
+    block = structures.create("kron_sum", sts[0].shape, rank=4, method="gram", psd_proof=proof).fit(sts[0])
+    for st in sts[1:]:
+        block.update(st, 0.9)
+        C = block.to_dense()
+        assert float(torch.linalg.eigvalsh(C)[0]) >= -1e-10 * float(C.norm())
+
+
+@pytest.mark.parametrize("n", [40, 80])  # ggn: one-signed leading sample weights (the batch certificate exists)
+def test_interval_certified_update_is_the_recompressed_mix_of_psd_fits_with_its_tail_scaled_and_is_psd(n, monkeypatch):
+    from tensorcurv.structures import kron_sum as ks
+    monkeypatch.setattr(ks, "INTERVAL_ACCEPT", 0.0)  # take the interval certificate whatever its t
+    sts = _stats_stream("ggn", n=n)
+    block = structures.create("kron_sum", sts[0].shape, rank=3, method="gram", psd_proof="samples").fit(sts[0])
+    batch = structures.create("kron_sum", sts[0].shape, rank=3, method="gram", psd_proof="samples")  # PSD batch fit
+    for st in sts[1:]:
+        batch.generator.set_state(block.generator.get_state())  # the same random start columns
+        old_A, old_G = block.A.clone(), block.G.clone()
+        block.update(st, 0.9)
+        batch.fit(st)
+        assert block.last_fit["psd_method"] == ks.INTERVAL_PROOF
+        t = block.last_fit["psd_scale"]
+        A, G = ks.recompress(torch.cat([0.9 * old_A, 0.1 * batch.A]), torch.cat([old_G, batch.G]), 3)
+        A[1:] *= t
+        assert rel(block.A, A) < 1e-12 and rel(block.G, G) < 1e-12
+        C = block.to_dense()
+        assert float(torch.linalg.eigvalsh(C)[0]) >= -1e-10 * float(C.norm())
+
+
+def _psd_atoms(q, d, g):
+    X = torch.randn(q, d, 2, generator=g, dtype=torch.float64)
+    return X @ X.transpose(-1, -2)  # rank-2 PSD atoms
+
+
+def _loewner_ok(M, tol=1e-10):
+    return float(torch.linalg.eigvalsh(M)[0]) >= -tol * float(M.norm())
+
+
+def test_sample_intervals_bound_every_factor_between_multiples_of_the_leading_one():
+    from tensorcurv.structures.kron_sum import sample_intervals
+    g = torch.Generator().manual_seed(0)
+    S = _psd_atoms(12, 5, g)
+    c = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    c[:, 0] = c[:, 0].abs() + 0.1
+    F = torch.einsum("sk,sij->kij", c, S)
+    iv = sample_intervals(c)
+    for k in (1, 2):
+        lo, hi = iv[k - 1]
+        assert _loewner_ok(F[k] - lo * F[0]) and _loewner_ok(hi * F[0] - F[k])
+    c[2, 0] = -0.1
+    assert sample_intervals(c) is None  # leading weights of both signs: no interval
+
+
+def test_mixed_intervals_bound_recompressed_factors_against_a_psd_reference_below_the_leading_one():
+    from tensorcurv.structures.kron_sum import interval_part, mixed_intervals
+    g = torch.Generator().manual_seed(1)
+    iv = torch.tensor([[1.0, 1.0], [-0.4, 0.3], [-0.2, 0.5]], dtype=torch.float64)
+    inputs, refs = [], []
+    for _ in range(2):  # two groups (old state, batch): X_j and two factors inside their intervals
+        M = torch.randn(6, 6, generator=g, dtype=torch.float64)
+        X = M @ M.T
+        F = [X]
+        for lo, hi in iv[1:]:
+            Q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+            D = (Q * torch.rand(6, generator=g, dtype=torch.float64)) @ Q.T  # 0 ⪯ D ⪯ I
+            F.append(lo * X + (hi - lo) * (M @ D @ M.T))  # lo X ⪯ F ⪯ hi X
+        inputs.append(torch.stack(F)), refs.append(X)
+    c = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    c[:, 0] = torch.tensor([0.9, 0.05, -0.05, 0.1, 0.01, 0.02], dtype=torch.float64)
+    Fn = torch.einsum("ik,inm->knm", c, torch.cat(inputs))
+    out = mixed_intervals([interval_part(c[:3], iv), interval_part(c[3:], iv)])
+    L1 = [float(torch.minimum(c[o:o + 3, :1] * iv[:, :1], c[o:o + 3, :1] * iv[:, 1:]).sum()) for o in (0, 3)]
+    B = L1[0] * refs[0] + L1[1] * refs[1]
+    assert min(L1) > 0 and _loewner_ok(Fn[0] - B)
+    for k in (1, 2):
+        lo, hi = out[k - 1]
+        assert _loewner_ok(Fn[k] - lo * B) and _loewner_ok(hi * B - Fn[k])
+    c[0, 0] = -0.9  # the old group's leading weight is negative: no PSD reference, no intervals
+    assert mixed_intervals([interval_part(c[:3], iv), interval_part(c[3:], iv)]) is None
+
+
+def test_resume_keeps_the_certified_intervals_of_the_running_average():
+    sts = _stats_stream("ggn")
+    hp = dict(rank=4, method="gram", psd_proof="samples")
+    run = structures.create("kron_sum", sts[0].shape, **hp).fit(sts[0])
+    run.update(sts[1], 0.9)
+    resumed = structures.create("kron_sum", sts[0].shape, **hp)
+    resumed.load_state_dict(run.state_dict())
+    for block in (run, resumed):
+        block.update(sts[2], 0.9)
+        block.update(sts[3], 0.9)
+    assert run.last_fit["psd_method"] == resumed.last_fit["psd_method"]
+    assert all(torch.equal(run.tensors()[k], resumed.tensors()[k]) for k in ("A", "G"))
+
+
+def test_sample_part_bounds_a_recombined_group_exactly_by_its_combined_sample_weights():
+    from tensorcurv.structures.kron_sum import sample_part
+    g = torch.Generator().manual_seed(2)
+    S = _psd_atoms(15, 5, g)
+    w = torch.randn(15, 3, generator=g, dtype=torch.float64)
+    w[:, 0] = w[:, 0].abs() + 0.5
+    c = torch.tensor([[1.0, 0.1, -0.2], [0.05, 1.0, 0.3], [-0.05, 0.2, 1.0]], dtype=torch.float64)
+    F = torch.einsum("sk,sij->kij", w, S)  # the group's inputs
+    part = torch.einsum("ik,inm->knm", c, F)
+    L, H = sample_part(c, w)
+    assert L[0] == 1 and H[0] == 1
+    for k in (1, 2):
+        assert _loewner_ok(part[k] - L[k] * part[0]) and _loewner_ok(H[k] * part[0] - part[k])
