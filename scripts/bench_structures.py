@@ -10,9 +10,9 @@ the K-FAC factor time measured immediately before it (same process, same load); 
 median and the range over ``--repeats`` repeats (the machine is shared; expect noise). "warm refit"
 fits the next step's batch warm-started from this one (what training does every step); the "update"
 rows time ``update(next batch, decay=0.95)`` instead (the 1st after the fit, or the 5th after four
-untimed ones on alternating batches). A second ratio divides the same time by K-FAC's factors computed
-with the symmetric upper-block-triangle products the Gram route uses (like for like), measured in the
-same step.
+untimed ones on alternating batches). K-FAC's factors (``LayerStats.kron_factors``) use the same
+symmetric upper-block-triangle products (:func:`tensorcurv.linalg.gram`) as the Gram route, so the
+ratios are like for like.
 Part 2 (float64): digits MLP 64-32-16-10, GGN: relative Frobenius error vs the exact block and
 memory for every registered layer structure.
 """
@@ -28,7 +28,6 @@ from torch import nn
 
 import tensorcurv
 from tensorcurv import structures
-from tensorcurv.rearrange import weighted_covariances
 
 CONFIGS = [
     ("kpsvd r=1", "kron_sum", dict(rank=1)),
@@ -71,13 +70,6 @@ def _cell(ratios):
     return f"{_med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def kfac_symmetric(st) -> tuple[torch.Tensor, torch.Tensor]:
-    """K-FAC's factors ``aᵀa/N``, ``scale·gᵀg`` from the same upper-block-triangle products the Gram
-    route uses (:func:`weighted_covariances` without weights), for a like-for-like denominator."""
-    a, g = st.a.reshape(-1, st.n), st.g.reshape(-1, st.m)
-    return weighted_covariances(a, None)[0].div_(a.shape[0]), weighted_covariances(g, None)[0].mul_(st.scale)
-
-
 def floor_time(st, rank: int, weights: torch.Tensor) -> float:
     """Seconds of the bare torch ops of the Gram route at rank ``r`` (T = 1): the two sample Grams
     ``(a aᵀ)∘²``, ``(g gᵀ)∘²`` as plain gemms and the ``r`` weighted covariances ``Σ_s w_ks a_s a_sᵀ``,
@@ -109,20 +101,20 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
             f"{torch.get_num_threads()} threads; median (min-max) of {repeats} repeats, each ratio against the "
             "K-FAC factor time measured right before it\n",
             "| layer (m x n) | structure | cold fit / K-FAC | warm refit (next batch) / K-FAC "
-            "| warm / K-FAC (same symmetric products) | of which SVD (warm) / K-FAC "
+            "| of which SVD (warm) / K-FAC "
             "| of which PSD (warm) / K-FAC | floor (Gram + r covariances, plain gemms) / K-FAC "
             "| memory / K-FAC | iterations cold / warm | products cold / warm | method | PSD (t) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in stats.items():
         kfac = structures.create("kfac", st.shape).fit(st)
-        kfac_times, sym_times = [], []
+        kfac_times = []
         for label, sname, hp in CONFIGS:
             if only and sname not in only:
                 continue
             hp = dict(hp)
             decay = hp.pop("_update", None)  # the row times update(next batch, decay) instead of a refit
             warmup = hp.pop("_warmup", 0)  # untimed updates before it (batches alternating), as in training
-            cold, warm, warm_sym, svd, psd, floor = [], [], [], [], [], []
+            cold, warm, svd, psd, floor = [], [], [], [], []
             rank = hp.get("rank") if sname == "kron_sum" and st.T == 1 else None
             weights = torch.randn(st.N, rank or 1, dtype=st.a.dtype)
             for _ in range(repeats):
@@ -135,9 +127,7 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                 info = dict(block.last_fit)
                 for i in range(warmup):
                     block.update((nxt if i % 2 == 0 else stats)[name], decay)
-                ts0 = time.perf_counter()  # the next step: K-FAC both ways, then the warm refit / update
-                kfac_symmetric(nxt[name])
-                ts1 = time.perf_counter()
+                ts1 = time.perf_counter()  # the next step: K-FAC, then the warm refit / update
                 nxt[name].kron_factors()
                 t3 = time.perf_counter()
                 if decay is None:
@@ -147,10 +137,8 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                 t4 = time.perf_counter()
                 winfo = dict(block.last_fit)
                 kfac_times += [t1 - t0, t3 - ts1]
-                sym_times.append(ts1 - ts0)
                 cold.append((t2 - t1) / (t1 - t0))
                 warm.append((t4 - t3) / (t3 - ts1))
-                warm_sym.append((t4 - t3) / (ts1 - ts0))
                 svd.append(winfo.get("svd_time", float("nan")) / (t3 - ts1))
                 psd.append(winfo.get("psd_time", float("nan")) / (t3 - ts1))
                 if rank is not None:  # the floor against its own K-FAC time, measured right before it
@@ -160,7 +148,7 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                     floor.append(floor_time(st, rank, weights) / (t6 - t5))
                     kfac_times.append(t6 - t5)
             t = winfo.get("psd_scale")
-            rows.append(f"| {name} ({st.m}x{st.n}) | {label} | {_cell(cold)} | {_cell(warm)} | {_cell(warm_sym)} | "
+            rows.append(f"| {name} ({st.m}x{st.n}) | {label} | {_cell(cold)} | {_cell(warm)} | "
                         f"{_cell(svd)} | "
                         f"{_cell(psd) if 'psd_time' in winfo else '-'} | {_cell(floor) if floor else '-'} | "
                         f"{block.nbytes / kfac.nbytes:.2f} | {info.get('iterations')} / {winfo.get('iterations')} | "
@@ -169,9 +157,8 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                         f"{_interval_note(winfo)} |")
         if kfac_times:
             rows.append(f"| {name} | (K-FAC factor time median {_med(kfac_times) * 1e3:.1f} ms, "
-                        f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}; with symmetric products "
-                        f"{_med(sym_times) * 1e3:.1f} ms, {min(sym_times) * 1e3:.1f}-{max(sym_times) * 1e3:.1f}) "
-                        "| 1 | 1 | 1 | | | | 1 | | | | |")
+                        f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}) "
+                        "| 1 | 1 | | | | 1 | | | | |")
     return rows
 
 

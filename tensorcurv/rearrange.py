@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.krylov import orthonormalize
+from tensorcurv.linalg import block_edges
 from tensorcurv.stats import LayerStats
 
 METHODS = ("auto", "power", "gram")
@@ -214,18 +215,12 @@ def gram_operator(X: Tensor, max_elems: int = 2 ** 24) -> Callable[[Tensor], Ten
     return lambda C: M @ C
 
 
-def _block_starts(d: int, blocks: int, min_block: int = 128) -> list[int]:
-    b = max(1, min(blocks, d // min_block))
-    step = -(-d // b)
-    return list(range(0, d, step)) + [d]
-
-
 def sym_gram(X: Tensor, blocks: int = 8) -> Tensor:
     """``X Xᵀ`` (``N x N`` for ``X`` of shape ``(N, d)``) from its upper block triangle: one gemm
     ``X_I [X_I; X_{I+1}; …]ᵀ`` per row block, the lower triangle copied by transposition. With ``b``
     blocks that is ``(b+1)/(2b)`` of the ``2N²d`` flops of ``X @ X.T`` (blocks of at least 128 rows)."""
     N = X.shape[0]
-    edges = _block_starts(N, blocks)
+    edges = block_edges(N, blocks)
     if len(edges) == 2:
         return X @ X.T
     out = X.new_empty(N, N)
@@ -244,7 +239,7 @@ def weighted_covariances(X: Tensor, W: Tensor | None, blocks: int = 8) -> Tensor
     (``(1, d, d)``, no weighting pass). Below 256 columns one block, i.e. the plain gemm."""
     N, d = X.shape
     r = 1 if W is None else W.shape[1]
-    edges = _block_starts(d, blocks)
+    edges = block_edges(d, blocks)
     out = X.new_empty(r, d, d)
     for j0, j1 in zip(edges[:-1], edges[1:]):
         Y = X[:, j0:j1] if W is None else (X[:, None, j0:j1] * W[:, :, None]).reshape(N, -1)  # columns (k, j)
@@ -259,7 +254,7 @@ def sym_quadratic_forms(X: Tensor, M: Tensor, blocks: int = 8) -> Tensor:
     """``x_sᵀ M x_s`` for every row of ``X`` (``N x d``) and symmetric ``M`` (``d x d``; only its upper
     block triangle is read): ``xᵀMx = Σ_J x_Jᵀ (M_JJ x_J + 2 Σ_{I<J} M_IJᵀ x_I)``, one gemm per column
     block, ``(b+1)/(2b)`` of the flops of ``rowsum((X M) ∘ X)``. Below 256 columns the plain product."""
-    edges = _block_starts(X.shape[1], blocks)
+    edges = block_edges(X.shape[1], blocks)
     if len(edges) == 2:
         return torch.linalg.vecdot(X @ M, X)
     w = X.new_zeros(X.shape[0])

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tensorcurv.linalg import gram
+
 WEIGHT_SHARING = ("expand", "reduce")
 
 
@@ -106,12 +108,12 @@ class LayerStats:
         if weight_sharing == "expand" or self.T == 1:
             a = self.a.reshape(-1, self.n)
             g = self.g.reshape(-1, self.m)
-            A = a.T @ a / a.shape[0]
+            A = gram(a).div_(a.shape[0])
         else:
             a = self.a.mean(1)
             g = self.g.sum(2).reshape(-1, self.m)
-            A = a.T @ a / self.N
-        G = (g.T @ g) * self.scale
+            A = gram(a).div_(self.N)
+        G = gram(g).mul_(self.scale)
         return A, G
 
 
