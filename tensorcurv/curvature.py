@@ -214,31 +214,88 @@ class Curvature:
             self._layout_cache = (layers, [(n, by_id[id(p)]) for n, p in self._uncovered])
         return self._layout_cache
 
-    def _apply(self, grads, block_op, fallback_op, model_op):
+    def _apply(self, grads, block_op, fallback_op, model_op, split_op=None, out=None):
+        """``op`` on every parameter. Covered layers go through ``[W, b] = adapter.to_matrix``, the block
+        op and ``from_matrix``; with ``split_op(block.solve_split, W, b, out_W, out_b)`` the layers of
+        :meth:`_split_plan` are done on views of the parameter tensors instead (no concatenation or
+        split copies). ``out``: tensors (aligned like ``grads``) to write the result into."""
         as_dict = isinstance(grads, Mapping)
         vecs = self._as_list(grads)
+        outs = None
+        if out is not None:
+            outs = [out[n] for n, _ in self.named_params] if isinstance(out, Mapping) else list(out)
+        res: list[Tensor | None] = [None] * len(vecs)
         layers, uncovered = self._layout()
-        out: list[Tensor | None] = [None] * len(vecs)
-        mats = {name: ad.to_matrix([vecs[i] for i in idx]) for name, ad, idx in layers}
-        if self.model_structure is not None:
-            res = model_op(mats)
+        if split_op is not None and self.model_structure is None:
+            split, rest = self._split_plan()
+            for fn, iw, ib, shape in split:
+                W = vecs[iw]
+                oW = torch.empty_like(W, memory_format=torch.contiguous_format) if outs is None else outs[iw]
+                if shape is not None:  # conv: (C_out, C_in, kh, kw) ↔ (C_out, C_in kh kw) views
+                    if not (W.is_contiguous() and oW.is_contiguous()):
+                        rest = rest + [ly for ly in layers if ly[2][0] == iw]
+                        continue
+                    W, Wv = W.view(shape), oW.view(shape)
+                else:
+                    Wv = oW
+                res[iw] = oW
+                if ib is None:
+                    split_op(fn, W, None, Wv, None)
+                else:
+                    ob = torch.empty_like(vecs[ib]) if outs is None else outs[ib]
+                    split_op(fn, W, vecs[ib], Wv, ob)
+                    res[ib] = ob
         else:
-            blocks = self.blocks
-            res = {k: block_op(blocks[k], M) for k, M in mats.items()}
-        for name, ad, idx in layers:
-            for i, t in zip(idx, ad.from_matrix(res[name])):
-                out[i] = t
+            rest = layers
+        if rest:
+            mats = {name: ad.to_matrix([vecs[i] for i in idx]) for name, ad, idx in rest}
+            if self.model_structure is not None:
+                solved = model_op(mats)
+            else:
+                blocks = self.blocks
+                solved = {k: block_op(blocks[k], M) for k, M in mats.items()}
+            for name, ad, idx in rest:
+                for i, t in zip(idx, ad.from_matrix(solved[name])):
+                    res[i] = t
         for n, i in uncovered:
-            out[i] = fallback_op(n, vecs[i])
+            res[i] = fallback_op(n, vecs[i])
+        if outs is not None:
+            for i, (o, t) in enumerate(zip(outs, res)):
+                if o is not t:
+                    o.copy_(t)
+                    res[i] = o
         if as_dict:
-            return {n: t for (n, _), t in zip(self.named_params, out)}
-        return out
+            return {n: t for (n, _), t in zip(self.named_params, res)}
+        return res
 
-    def solve(self, grads=None, damping: float = 1e-3):
+    def _split_plan(self) -> tuple[list[tuple[Any, int, int | None, tuple[int, int] | None]], list]:
+        """Built once: ``(block.solve_split, weight index, bias index or None, 2-D view shape or None)``
+        for every layer whose block has ``solve_split`` and whose adapter has a
+        ``weight_matrix_shape``; the other layers (``_layout`` rows) take the ``[W, b]`` path."""
+        if getattr(self, "_split_cache", None) is None:
+            split, rest = [], []
+            for name, ad, idx in self._layout()[0]:
+                fn = getattr(self.blocks[name], "solve_split", None)
+                shape = ad.weight_matrix_shape()
+                if fn is None or shape is None:
+                    rest.append((name, ad, idx))
+                    continue
+                view = None if tuple(self.params[idx[0]].shape) == tuple(shape) else tuple(shape)
+                split.append((fn, idx[0], idx[1] if len(idx) > 1 else None, view))
+            self._split_cache = (split, rest)
+        return self._split_cache
+
+    #: blocks with ``solve_split`` (kfac) read ``W``/``b`` and write the result without the ``[W, b]``
+    #: copies; False forces the concatenated path (same values up to rounding)
+    split_solve = True
+
+    def solve(self, grads=None, damping: float = 1e-3, out=None):
         """``(C + λI)^{-1} g`` for every covered layer; uncovered parameters get the fallback.
 
         ``grads``: a sequence aligned with ``curv.params`` (as ``torch.autograd.grad`` returns),
         a dict ``{param name: tensor}``, or ``None`` to read ``p.grad``. Same type returned.
+        ``out``: tensors of the same layout to write the result into (returned); they may be the
+        ``grads`` themselves (an in-place solve, e.g. on ``p.grad``).
         """
         check_damping(damping)
         self._check_fitted()
@@ -250,8 +307,9 @@ class Curvature:
 
         if self._refresh is not None:  # all stale decompositions at once (batched by factor size)
             self._refresh(self.blocks.values(), damping)
+        split = (lambda fn, W, b, oW, ob: fn(W, b, damping, oW, ob, False)) if self.split_solve else None
         return self._apply(grads, lambda b, M: b.solve(M, damping), fb,
-                           lambda mats: self.model_structure.solve(mats, damping))
+                           lambda mats: self.model_structure.solve(mats, damping), split, out)
 
     def mv(self, vectors):
         """``C v`` for every covered layer (uncovered: identity or the fallback diagonal)."""

@@ -78,6 +78,12 @@ class LayerAdapter:
     def from_matrix(self, M: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
+    def weight_matrix_shape(self) -> tuple[int, int] | None:
+        """``(m, n')`` when ``to_matrix(tensors) = [weight.view(m, n'), bias]`` (bias column only if
+        present), so a solve can read and write the parameter tensors through views, without the
+        ``[W, b]`` copies; None when the block matrix is not such a column split (general path)."""
+        return None
+
 
 class LinearAdapter(LayerAdapter):
     """``nn.Linear``; extra leading input dims (sequences) become positions ``T``."""
@@ -106,6 +112,9 @@ class LinearAdapter(LayerAdapter):
         if self.module.bias is None:
             return [M]
         return [M[:, :-1].contiguous(), M[:, -1].contiguous()]
+
+    def weight_matrix_shape(self):
+        return tuple(self.module.weight.shape)
 
 
 class Conv2dAdapter(LayerAdapter):
@@ -139,6 +148,10 @@ class Conv2dAdapter(LayerAdapter):
         if self.module.bias is None:
             return [M.reshape(shape)]
         return [M[:, :-1].reshape(shape), M[:, -1].contiguous()]
+
+    def weight_matrix_shape(self):
+        w = self.module.weight
+        return (w.shape[0], w[0].numel())
 
 
 class ConvTranspose2dAdapter(LayerAdapter):

@@ -177,8 +177,8 @@ def test_non_finite_solve_is_skipped_and_named_with_or_without_kl_clipping(kl_cl
     pre.backward(*cls_batch())
     solve = pre.solver.solve
 
-    def poisoned(grads, damping):
-        out = solve(grads, damping=damping)
+    def poisoned(grads, damping, **kw):
+        out = solve(grads, damping=damping, **kw)
         out[2] = out[2].clone()
         out[2][0, 0] = float("inf")  # "2.weight"
         return out

@@ -31,6 +31,7 @@ step are kept.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from functools import partial
@@ -118,6 +119,10 @@ class Preconditioner:
         self.skipped = 0
         self.last_skipped = False
         self.info: dict[str, Any] = {}
+        self._params = self.curvature.params  # listed once (the hot path reads them every step)
+        self._names = [n for n, _ in self.curvature.named_params]
+        # solve in place on p.grad where the solver supports out= (Curvature.solve; not an override without it)
+        self._in_place = "out" in inspect.signature(self.solver.solve).parameters
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -197,15 +202,24 @@ class Preconditioner:
             return False
         lam = self.damping.value(self.steps)
         t0 = time.perf_counter()
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
-        pg = self.solver.solve(grads, damping=lam)
+        params = self._params
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
         gPg = None
+        if self.kl_clip is None and self._in_place:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
+            pg = self.solver.solve(grads, damping=lam, out=grads)
+        else:
+            pg = self.solver.solve(grads, damping=lam)
         if self.kl_clip is not None:
             # ⟨g, Δ⟩ doubles as the finiteness check of Δ: g is finite, so a NaN/Inf entry of Δ makes the sum
             # non-finite (NaN, or ±Inf); only then are the parameters scanned one by one to name them
             gPg = float(torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(pg, grads)]).sum())
         if gPg is None or not math.isfinite(gPg):
-            bad = first_nonfinite([(n, g) for (n, _), g in zip(self.named_params, pg)])
+            bad = first_nonfinite(list(zip(self._names, pg)))
             if bad:
                 self._skip(f"non-finite preconditioned gradient for {bad} (damping={lam:.3g})")
                 return False
@@ -213,9 +227,13 @@ class Preconditioner:
         if gPg is not None:
             vg = lr * lr * gPg
             nu = min(1.0, math.sqrt(self.kl_clip / vg)) if 0 < vg < math.inf else 1.0
-        for p, d in zip(self.params, pg):
-            p.grad = d if nu == 1.0 else d * nu
-        self.info.update(damping=lam, kl_scale=nu, solve_time=time.perf_counter() - t0)
+            if nu != 1.0:
+                torch._foreach_mul_(pg, nu)
+        for p, d in zip(params, pg):
+            if p.grad is not d:  # (the in-place solve already wrote into p.grad)
+                p.grad = d
+        info = self.info
+        info["damping"], info["kl_scale"], info["solve_time"] = lam, nu, time.perf_counter() - t0
         self.steps += 1
         return True
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.stats import WEIGHT_SHARING, LayerStats
-from tensorcurv.structures.base import Structure, register, sym_eig
+from tensorcurv.structures.base import Structure, check_damping, register, sym_eig
 
 DAMPING_KINDS = ("tikhonov", "pi")
 INVERSES = ("eigh", "cholesky")
@@ -72,8 +72,8 @@ class KFAC(Structure):
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
         self._eigs = None
-        self._denom = None  # (eigs, damping_kind, λ, denominator, Q_Gᵀ, Q_Aᵀ, last_solve) of the last solve
-        self._inv = None  # (λ, (G + √λ/π I)^{-1}, (A + π√λ I)^{-1}, last_solve) for inverse="cholesky"
+        self._denom = None  # (eigs, damping_kind, λ, denominator, Q_Gᵀ, Q_Aᵀ, last_solve, views) of the last solve
+        self._inv = None  # (λ, (G + √λ/π I)^{-1}, (A + π√λ I)^{-1}, last_solve, row blocks) for inverse="cholesky"
 
     def fit(self, stats: LayerStats):
         self._check_stats(stats)
@@ -109,6 +109,54 @@ class KFAC(Structure):
         _, QA, _, QG = self._eigs
         return QG @ (QGt @ V @ QA).div_(D) @ QAt
 
+    def solve_split(self, W: Tensor, b: Tensor | None, damping: float, out_W: Tensor,
+                    out_b: Tensor | None, check: bool = True) -> None:
+        """:meth:`solve` of ``V = [W, b]`` (``W`` ``(m, n-1)``, ``b`` ``(m,)``; ``b=None``: ``V = W``)
+        written into ``out_W``, ``out_b`` without forming ``V`` or splitting the result:
+        ``V M = W M[:n-1] + b M[n-1]ᵀ`` (one matmul + one rank-1 update, on cached row blocks of the
+        right factor ``M``), and the last product goes straight into ``out_W``/``out_b`` (``out=``).
+        The outputs may alias ``W``/``b`` (both are read before the first write). ``check=False``
+        skips the shape/damping checks (the caller guarantees them, as ``Curvature.solve`` does)."""
+        if check:
+            self._check_split(W, b, damping)
+        if self.hparams.inverse == "cholesky":  # (G + √λ/π I)^{-1} V (A + π√λ I)^{-1}
+            c = self._inv
+            if c is None or c[0] != damping:
+                self._inverses(damping)
+                c = self._inv
+            _, Gi, Ai, self.last_solve, Ai_top, Ai_last = c
+            if b is None:
+                torch.mm(Gi, torch.mm(W, Ai), out=out_W)
+                return
+            X = torch.mm(W, Ai_top)
+            X.addr_(b, Ai_last)
+            k = W.shape[1]
+            torch.mm(Gi, X[:, :k], out=out_W)
+            torch.mv(Gi, X[:, k], out=out_b)
+            return
+        c = self._denom  # Q_G ((Q_Gᵀ V Q_A) / D) Q_Aᵀ
+        if c is None or c[0] is not self._eigs or c[1] != self.hparams.damping_kind or c[2] != damping:
+            self._denominator(damping)
+            c = self._denom
+        _, _, _, D, QGt, QAt, self.last_solve, QG, QA, QA_top, QA_last, QAt_left = c
+        if b is None:
+            torch.mm(QG @ (QGt @ W @ QA).div_(D), QAt, out=out_W)
+            return
+        X = torch.mm(W, QA_top)
+        X.addr_(b, QA_last)
+        Z = QG @ (QGt @ X).div_(D)
+        torch.mm(Z, QAt_left, out=out_W)
+        torch.mv(Z, QA_last, out=out_b)
+
+    def _check_split(self, W: Tensor, b: Tensor | None, damping: float) -> None:
+        m, n = self.shape
+        if not self.fitted:
+            raise RuntimeError(f"{self.name}: structure is not fitted yet; call fit() or update() first")
+        if tuple(W.shape) != (m, n - (b is not None)) or (b is not None and tuple(b.shape) != (m,)):
+            raise ValueError(f"{self.name}: solve_split W {tuple(W.shape)}, b "
+                             f"{None if b is None else tuple(b.shape)} do not split a ({m}, {n}) block")
+        check_damping(damping)
+
     def _denominator(self, damping: float) -> tuple[Tensor, Tensor, Tensor, dict]:
         """Eigenbasis scaling of the solve, cached per (eigendecomposition, λ): ``λ_G λ_Aᵀ + λ``
         (tikhonov) or ``(λ_G + √λ/π)(λ_A + π√λ)ᵀ`` (pi), with the views ``Q_Gᵀ``, ``Q_Aᵀ``.
@@ -125,7 +173,8 @@ class KFAC(Structure):
         else:
             D = lG[:, None] * lA[None, :] + damping
             info = {"method": "kron-eigh", "damping": "tikhonov"}
-        self._denom = (eigs, kind, damping, D, QG.T, QA.T, info)
+        # views for solve_split: Q_G, Q_A, the row blocks Q_A[:n-1], Q_A[n-1] and Q_Aᵀ[:, :n-1]
+        self._denom = (eigs, kind, damping, D, QG.T, QA.T, info, QG, QA, QA[:-1], QA[-1], QA.T[:, :-1])
         return D, QG.T, QA.T, dict(info)
 
     def _inverses(self, damping: float) -> tuple[Tensor, Tensor, dict]:
@@ -205,7 +254,8 @@ class KFAC(Structure):
             inv[i] = (Q / (lam + shifts[i])) @ Q.T
         for i, b in enumerate(blocks):
             method = "kron-cholesky+eigh-fallback" if (2 * i in failed or 2 * i + 1 in failed) else "kron-cholesky"
-            b._inv = (damping, inv[2 * i], inv[2 * i + 1], {"method": method, "damping": "pi", "pi": pis[i]})
+            Ai = inv[2 * i + 1]  # with its row blocks (A + π√λ I)^{-1}[:n-1], [n-1] for solve_split
+            b._inv = (damping, inv[2 * i], Ai, {"method": method, "damping": "pi", "pi": pis[i]}, Ai[:-1], Ai[-1])
 
     @staticmethod
     def _refresh_eigs(blocks: list["KFAC"]) -> None:
