@@ -107,7 +107,7 @@ class SecondOrderOptimizer:
                 for p in self.params:
                     p.mul_(1.0 - lr * c.weight_decay)
         self.optimizer.step()
-        info = dict(pre.info, step=t, lr=lr, loss=float(loss))
+        info = dict(pre.info, step=t, lr=lr)  # pre.info["loss"] is already the host float (one sync per step)
         if grad_norm is not None:
             info["grad_norm"] = grad_norm
         if lm_due:
