@@ -126,9 +126,9 @@ def test_demo_prints_table_and_writes_png_and_markdown(tmp_path, capsys):
     spec.loader.exec_module(demo)
     res = demo.main(["data.limit=100", "batch_size=50", "epochs=1", "progress=false"], out=tmp_path / "report",
                     runs_dir=tmp_path / "runs")
-    assert set(res) == {"NaturalGradient + K-FAC", "Adam"}
+    assert {label for _, label in res} == {"NaturalGradient + K-FAC", "Adam"} and len(res) == 4
     table = capsys.readouterr().out
-    assert "optimizer" in table and "time/step [ms]" in table and "Adam" in table
+    assert "optimizer" in table and "time/step [ms]" in table and "autoencoder" in table
     assert (tmp_path / "report" / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "report" / "demo.md").read_text()
-    assert md.count("| NaturalGradient + K-FAC |") == 1 and md.count("| Adam |") == 1
+    assert md.count("| NaturalGradient + K-FAC |") == 2 and md.count("| Adam |") == 2
