@@ -251,7 +251,7 @@ def test_gram_fit_terms_are_sample_pair_combinations_of_rank_one_kronecker_produ
 
 @pytest.mark.parametrize("rank", [3, 4])
 def test_sample_space_certificate_makes_rank_three_and_four_fits_positive_semidefinite(rank):
-    from tensorcurv.structures.kron_sum import SAMPLE_PROOF
+    from tensorcurv.kronecker_sums import SAMPLE_PROOF
     raw = fit("linear", "empirical", "kron_sum", rank=rank, psd="none", method="gram").blocks["0"].to_dense()
     block = fit("linear", "empirical", "kron_sum", rank=rank, method="gram", psd_proof="samples").blocks["0"]
     assert block.last_fit["psd_method"] == SAMPLE_PROOF
@@ -260,7 +260,7 @@ def test_sample_space_certificate_makes_rank_three_and_four_fits_positive_semide
 
 
 def test_sample_space_scale_is_the_largest_that_keeps_every_sample_pair_weight_nonnegative():
-    from tensorcurv.structures.kron_sum import sample_psd_scale
+    from tensorcurv.kronecker_sums import sample_psd_scale
     g = torch.Generator().manual_seed(0)
     ca = torch.randn(30, 4, generator=g, dtype=torch.float64)
     cg = torch.randn(30, 4, generator=g, dtype=torch.float64)
@@ -336,7 +336,7 @@ def _loewner_ok(M, tol=1e-10):
 
 
 def test_sample_intervals_bound_every_factor_between_multiples_of_the_leading_one():
-    from tensorcurv.structures.kron_sum import sample_intervals
+    from tensorcurv.kronecker_sums import sample_intervals
     g = torch.Generator().manual_seed(0)
     S = _psd_atoms(12, 5, g)
     c = torch.randn(12, 3, generator=g, dtype=torch.float64)
@@ -351,7 +351,7 @@ def test_sample_intervals_bound_every_factor_between_multiples_of_the_leading_on
 
 
 def test_mixed_intervals_bound_recompressed_factors_against_a_psd_reference_below_the_leading_one():
-    from tensorcurv.structures.kron_sum import interval_part, mixed_intervals
+    from tensorcurv.kronecker_sums import interval_part, mixed_intervals
     g = torch.Generator().manual_seed(1)
     iv = torch.tensor([[1.0, 1.0], [-0.4, 0.3], [-0.2, 0.5]], dtype=torch.float64)
     inputs, refs = [], []
@@ -393,7 +393,7 @@ def test_resume_keeps_the_certified_intervals_of_the_running_average():
 
 
 def test_sample_part_bounds_a_recombined_group_exactly_by_its_combined_sample_weights():
-    from tensorcurv.structures.kron_sum import sample_part
+    from tensorcurv.kronecker_sums import sample_part
     g = torch.Generator().manual_seed(2)
     S = _psd_atoms(15, 5, g)
     w = torch.randn(15, 3, generator=g, dtype=torch.float64)

@@ -149,16 +149,20 @@ def test_lanczos_run_to_full_dimension_gives_all_eigenvalues():
 def test_cg_and_woodbury_exact_solves_equal_dense_solve(layer, rho):
     st = STATS[LAYERS[layer]]
     block = ExactBlock(st)
-    V = torch.randn(st.shape)
+    V = torch.randn(st.shape, generator=torch.Generator().manual_seed(0))  # independent of other tests' RNG use
     lam = rho * block.trace() / block.dim
     x_cg, info = exact_solve(block, V, lam, method="cg", tol=1e-12)
     x_dense, _ = exact_solve(block, V, lam, method="dense")
     x_wood, _ = exact_solve(block, V, lam, method="woodbury")
     ref = torch.linalg.solve(_dense_C(st) + lam * torch.eye(block.dim), vec(V))
+
+    def rel(x, y):  # normwise: backward-stable solves agree to ~cond·eps (cond ≤ 1/rho·dim here), not entrywise
+        return float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y))
+
     assert info["rel_residual"] <= 1e-12
-    assert torch.allclose(vec(x_dense), ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
-    assert torch.allclose(x_cg, x_dense, rtol=1e-8, atol=1e-9 * float(x_dense.abs().max()))
-    assert torch.allclose(x_wood, x_dense, rtol=1e-8, atol=1e-9 * float(x_dense.abs().max()))
+    assert rel(vec(x_dense), ref) <= 1e-9
+    assert rel(x_cg, x_dense) <= 1e-8
+    assert rel(x_wood, x_dense) <= 1e-8
 
 
 def test_inverse_quality_of_dense_structure_is_perfect():
