@@ -27,10 +27,12 @@ test-all: setup
 
 # Benchmarks: each prints a table and writes it under reports/ (minutes each on 2 CPU cores).
 bench: setup
-	$(VPY) scripts/bench_capture.py --out reports/bench_capture.md
+	$(VPY) scripts/bench_capture.py --repeats 7 --out reports/bench_capture.md
 	$(VPY) scripts/bench_structures.py --out reports/bench_structures.md
-	$(VPY) scripts/bench_optim.py --out reports/bench_optim.md
-	$(VPY) scripts/bench_unlearn.py --out reports/unlearning
+	$(VPY) scripts/bench_optim.py --parts b --structures kfac kron_sum tt --out reports/bench_optim.md
+	$(VPY) scripts/bench_optim.py --parts a c --structures diagonal kfac ekfac --rounds 8 --steps-per-round 20 --batches 256 1024 --out reports/bench_optim_cost.md
+	$(VPY) scripts/bench_optim.py --parts a --structures kron_sum tucker tt --rounds 3 --steps-per-round 5 --out reports/bench_optim_tensor.md
+	$(VPY) scripts/bench_unlearn.py --scenarios label_flip backdoor deletion --out reports/unlearning
 	$(VPY) scripts/bench_distributed.py --out reports/bench_distributed.md
 
 clean:
