@@ -91,6 +91,11 @@ class LayerStats:
                 raise ValueError(f"layer {self.name!r}: non-finite values in the {label} statistics")
         self._finite = True
 
+    def mark_finite(self) -> None:
+        """Record that ``a`` and ``g`` were checked elsewhere (e.g. one fused check over all layers), so
+        :meth:`check_finite` does not scan them again."""
+        self._finite = True
+
     # ---------------------------------------------------------------- derived quantities
     def per_sample_grads(self) -> Tensor:
         """``G_sk = Σ_t g_skt a_stᵀ`` stacked as ``(N*K, m, n)``; ``C = scale Σ vec(G)vec(G)ᵀ``."""

@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, vmap
 
 import tensorcurv.optim as O
 from tensorcurv.optim.damping import LevenbergMarquardt
+from optim_problems import cls_batch, losses_with_resume, mlp
 
 
 
@@ -37,16 +38,6 @@ def linear_from_zero(d):
 def random_ls(seed=0, N=12, d=4):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(N, d, generator=g), torch.randn(N, generator=g)
-
-
-def mlp(seed=0, d_in=4, h=6, d_out=3):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, h), nn.Tanh(), nn.Linear(h, d_out))
-
-
-def cls_batch(seed=0, N=16, d_in=4, C=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, d_in, generator=g), torch.randint(0, C, (N,), generator=g)
 
 
 # ---------------------------------------------------------------- least squares = damped Newton
@@ -264,25 +255,7 @@ def test_singular_factor_and_tiny_damping_never_produce_nan():
 ])
 def test_resume_from_state_dict_reproduces_an_uninterrupted_run(name, kw):
     batches = [cls_batch(seed=s) for s in range(6)]
-
-    def run(split):
-        torch.manual_seed(0)
-        model = mlp()
-        opt = O.build(name, model, nn.CrossEntropyLoss(), **kw)
-        losses = [float(opt.step(*b)) for b in batches[:split]]
-        if split < 6:
-            saved = io.BytesIO()
-            torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, saved)
-            saved.seek(0)
-            state = torch.load(saved, weights_only=False)
-            torch.manual_seed(123)  # global RNG must not matter
-            model = mlp(seed=99)
-            opt = O.build(name, model, nn.CrossEntropyLoss(), **kw)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            losses += [float(opt.step(*b)) for b in batches[split:]]
-        return losses
-
+    run = lambda split: losses_with_resume(name, kw, batches, split)  # noqa: E731
     assert run(3) == run(6)
 
 

@@ -2,7 +2,6 @@
 K-FAC Cholesky (explicit π-damped inverse) path; float64, against independent dense formulas."""
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -13,18 +12,9 @@ import tensorcurv
 import tensorcurv.optim as O
 from tensorcurv import structures
 from tensorcurv.linalg import vec
+from optim_problems import cls_batch, losses_with_resume, mlp
 
 pytestmark = pytest.mark.usefixtures("float64_default")
-
-
-def mlp(seed=0, d_in=4, h=6, d_out=3):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, h), nn.Tanh(), nn.Linear(h, d_out))
-
-
-def cls_batch(seed=0, N=16, d_in=4, C=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, d_in, generator=g), torch.randint(0, C, (N,), generator=g)
 
 
 def rel(a, b):
@@ -82,23 +72,7 @@ def test_resume_with_the_average_schedule_reproduces_an_uninterrupted_run():
     kw = dict(structure="kfac", lr=0.3, damping=1e-2, decay_schedule="average", stats_interval=2,
               inverse_interval=2, seed=1)
     batches = [cls_batch(seed=s) for s in range(6)]
-
-    def run(split):
-        model = mlp()
-        opt = O.build("natural_gradient", model, nn.CrossEntropyLoss(), **kw)
-        losses = [float(opt.step(*b)) for b in batches[:split]]
-        if split < 6:
-            buf = io.BytesIO()
-            torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, buf)
-            buf.seek(0)
-            state = torch.load(buf, weights_only=False)
-            model = mlp(seed=7)
-            opt = O.build("natural_gradient", model, nn.CrossEntropyLoss(), **kw)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            losses += [float(opt.step(*b)) for b in batches[split:]]
-        return losses
-
+    run = lambda split: losses_with_resume("natural_gradient", kw, batches, split)  # noqa: E731
     assert run(3) == run(6)
 
 

@@ -3,18 +3,14 @@ import pytest
 import torch
 
 from tensorcurv.unlearn import CGSolver, ExactSolver, LiSSASolver, Objective, StructureSolver, build_solver
-from unlearn_problems import data, logreg, mlp, trained
+from unlearn_problems import data, logreg, mlp, trained_problem
 
 MU = 0.5
 MU_LISSA = 3.0  # better conditioned, so that LiSSA needs only ~150 steps in the tests
 
 
 def _setup(model_fn=logreg, mu=MU):
-    X, y = data()
-    model = model_fn()
-    obj = trained(model, X, y, mu)
-    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    return obj, obj.theta(), X, y, v
+    return trained_problem(model_fn, mu)
 
 
 def test_exact_hessian_and_ggn_coincide_for_logistic_regression():

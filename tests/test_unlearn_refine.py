@@ -9,7 +9,7 @@ from tensorcurv.linalg import unvec
 from tensorcurv.losses import CrossEntropy, MeanSquaredError
 from tensorcurv.unlearn import ExactSolver, StructureSolver
 from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN, output_coefficients, stats_gradient
-from unlearn_problems import data, logreg, mlp, trained
+from unlearn_problems import data, logreg, mlp, trained_problem
 
 MU = 0.5
 
@@ -76,11 +76,7 @@ def test_cross_entropy_coefficients_refuse_an_underflowing_true_class_probabilit
 
 
 def _setup(model_fn):
-    X, y = data()
-    model = model_fn()
-    obj = trained(model, X, y, MU)
-    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    return obj, obj.theta(), X, y, v
+    return trained_problem(model_fn, MU)
 
 
 def test_refined_kfac_solve_equals_exact_solver_on_logistic_regression_to_its_tolerance():

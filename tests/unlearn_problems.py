@@ -31,3 +31,11 @@ def trained(model: nn.Module, X, y, mu: float, loss="cross_entropy"):
     res = train_lbfgs(obj, X, y, obj.theta(), gtol=1e-11, max_iter=300)
     obj.load(res.theta)
     return obj
+
+
+def trained_problem(model_fn=logreg, mu: float = 0.5):
+    """``(objective at θ*, θ*, X, y, v)`` for ``model_fn`` trained on :func:`data`, with a fixed random vector ``v``."""
+    X, y = data()
+    obj = trained(model_fn(), X, y, mu)
+    v = torch.randn(obj.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return obj, obj.theta(), X, y, v

@@ -175,7 +175,7 @@ class Preconditioner:
             bad += [f"statistics of layer {name!r}" for name in dict.fromkeys(layers)]
             if not layers:  # the fused check passed: LayerStats.check_finite (in the fit) need not rescan
                 for st in res.stats.values():
-                    st._finite = True
+                    st.mark_finite()
         if any_rank_bad and not bad:
             bad.append("statistics on another rank")
         if bad:

@@ -57,9 +57,9 @@ class SecondOrderOptimizer:
             max_damping=c.max_damping) if c.damping_rule == "lm" else {}))
         self.model = model
         self.preconditioner = Preconditioner(
-            model, loss_fn, c.structure, c.kind, damping, decay=c.decay, decay_schedule=c.decay_schedule, stats_interval=c.stats_interval,
-            inverse_interval=c.inverse_interval, kl_clip=c.kl_clip, mc_samples=c.mc_samples, seed=c.seed,
-            fallback=c.fallback, exclude=exclude, comm=comm, **struct_kw)
+            model, loss_fn, c.structure, c.kind, damping, decay=c.decay, decay_schedule=c.decay_schedule,
+            stats_interval=c.stats_interval, inverse_interval=c.inverse_interval, kl_clip=c.kl_clip,
+            mc_samples=c.mc_samples, seed=c.seed, fallback=c.fallback, exclude=exclude, comm=comm, **struct_kw)
         self.model = self.preconditioner.model  # unwrapped if DDP
         self.curvature = self.preconditioner.curvature
         self.loss = self.preconditioner.loss

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +41,34 @@ from tensorcurv.structures.base import Structure, check_damping, register, sym_e
 
 DAMPING_KINDS = ("tikhonov", "pi")
 INVERSES = ("eigh", "cholesky")
+
+
+class _EigenSolveCache(NamedTuple):
+    """Eigenbasis solve ``Q_G ((Q_Gᵀ V Q_A) / D) Q_Aᵀ`` for one (eigendecomposition, damping kind, λ)."""
+
+    eigs: tuple
+    kind: str
+    damping: float
+    D: Tensor  # λ_G λ_Aᵀ + λ (tikhonov) or (λ_G + √λ/π)(λ_A + π√λ)ᵀ (pi)
+    QGt: Tensor
+    QAt: Tensor
+    info: dict
+    QG: Tensor
+    QA: Tensor
+    QA_top: Tensor  # Q_A[:n-1], Q_A[n-1], Q_Aᵀ[:, :n-1]: row blocks for solve_split
+    QA_last: Tensor
+    QAt_left: Tensor
+
+
+class _InverseCache(NamedTuple):
+    """Explicit π-damped inverses for ``inverse="cholesky"`` at one λ."""
+
+    damping: float
+    Gi: Tensor  # (G + √λ/π I)^{-1}
+    Ai: Tensor  # (A + π√λ I)^{-1}
+    info: dict
+    Ai_top: Tensor  # Ai[:n-1], Ai[n-1]: row blocks for solve_split
+    Ai_last: Tensor
 
 
 @dataclass
@@ -72,8 +101,8 @@ class KFAC(Structure):
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
         self._eigs = None
-        self._denom = None  # (eigs, damping_kind, λ, denominator, Q_Gᵀ, Q_Aᵀ, last_solve, views) of the last solve
-        self._inv = None  # (λ, (G + √λ/π I)^{-1}, (A + π√λ I)^{-1}, last_solve, row blocks) for inverse="cholesky"
+        self._denom: _EigenSolveCache | None = None  # of the last eigenbasis solve
+        self._inv: _InverseCache | None = None  # inverse="cholesky"
 
     def fit(self, stats: LayerStats):
         self._check_stats(stats)
@@ -121,32 +150,32 @@ class KFAC(Structure):
             self._check_split(W, b, damping)
         if self.hparams.inverse == "cholesky":  # (G + √λ/π I)^{-1} V (A + π√λ I)^{-1}
             c = self._inv
-            if c is None or c[0] != damping:
+            if c is None or c.damping != damping:
                 self._inverses(damping)
                 c = self._inv
-            _, Gi, Ai, self.last_solve, Ai_top, Ai_last = c
+            self.last_solve = c.info
             if b is None:
-                torch.mm(Gi, torch.mm(W, Ai), out=out_W)
+                torch.mm(c.Gi, torch.mm(W, c.Ai), out=out_W)
                 return
-            X = torch.mm(W, Ai_top)
-            X.addr_(b, Ai_last)
+            X = torch.mm(W, c.Ai_top)
+            X.addr_(b, c.Ai_last)
             k = W.shape[1]
-            torch.mm(Gi, X[:, :k], out=out_W)
-            torch.mv(Gi, X[:, k], out=out_b)
+            torch.mm(c.Gi, X[:, :k], out=out_W)
+            torch.mv(c.Gi, X[:, k], out=out_b)
             return
         c = self._denom  # Q_G ((Q_Gᵀ V Q_A) / D) Q_Aᵀ
-        if c is None or c[0] is not self._eigs or c[1] != self.hparams.damping_kind or c[2] != damping:
+        if c is None or c.eigs is not self._eigs or c.kind != self.hparams.damping_kind or c.damping != damping:
             self._denominator(damping)
             c = self._denom
-        _, _, _, D, QGt, QAt, self.last_solve, QG, QA, QA_top, QA_last, QAt_left = c
+        self.last_solve = c.info
         if b is None:
-            torch.mm(QG @ (QGt @ W @ QA).div_(D), QAt, out=out_W)
+            torch.mm(c.QG @ (c.QGt @ W @ c.QA).div_(c.D), c.QAt, out=out_W)
             return
-        X = torch.mm(W, QA_top)
-        X.addr_(b, QA_last)
-        Z = QG @ (QGt @ X).div_(D)
-        torch.mm(Z, QAt_left, out=out_W)
-        torch.mv(Z, QA_last, out=out_b)
+        X = torch.mm(W, c.QA_top)
+        X.addr_(b, c.QA_last)
+        Z = c.QG @ (c.QGt @ X).div_(c.D)
+        torch.mm(Z, c.QAt_left, out=out_W)
+        torch.mv(Z, c.QA_last, out=out_b)
 
     def _check_split(self, W: Tensor, b: Tensor | None, damping: float) -> None:
         m, n = self.shape
@@ -163,8 +192,8 @@ class KFAC(Structure):
         A fixed λ builds it once per refresh."""
         eigs, kind = self.eigs(), self.hparams.damping_kind
         c = self._denom
-        if c is not None and c[0] is eigs and c[1] == kind and c[2] == damping:
-            return c[3], c[4], c[5], dict(c[6])
+        if c is not None and c.eigs is eigs and c.kind == kind and c.damping == damping:
+            return c.D, c.QGt, c.QAt, dict(c.info)
         lA, QA, lG, QG = eigs
         if kind == "pi":
             pi, sq = self.pi(), math.sqrt(damping)
@@ -173,17 +202,16 @@ class KFAC(Structure):
         else:
             D = lG[:, None] * lA[None, :] + damping
             info = {"method": "kron-eigh", "damping": "tikhonov"}
-        # views for solve_split: Q_G, Q_A, the row blocks Q_A[:n-1], Q_A[n-1] and Q_Aᵀ[:, :n-1]
-        self._denom = (eigs, kind, damping, D, QG.T, QA.T, info, QG, QA, QA[:-1], QA[-1], QA.T[:, :-1])
+        self._denom = _EigenSolveCache(eigs, kind, damping, D, QG.T, QA.T, info, QG, QA, QA[:-1], QA[-1], QA.T[:, :-1])
         return D, QG.T, QA.T, dict(info)
 
     def _inverses(self, damping: float) -> tuple[Tensor, Tensor, dict]:
         """``(G + √λ/π I)^{-1}``, ``(A + π√λ I)^{-1}`` (Cholesky; eigen fallback), cached per (factors, λ)."""
         c = self._inv
-        if c is None or c[0] != damping:
+        if c is None or c.damping != damping:
             KFAC._refresh_inverses([self], damping)
             c = self._inv
-        return c[1], c[2], dict(c[3])
+        return c.Gi, c.Ai, dict(c.info)
 
     def pi(self) -> float:
         return self._pi_from_traces(float(torch.trace(self.A)), float(torch.trace(self.G)))
@@ -208,7 +236,7 @@ class KFAC(Structure):
             if not isinstance(b, KFAC) or not b.fitted:
                 continue
             if b.hparams.inverse == "cholesky":
-                if b._inv is None or b._inv[0] != damping:
+                if b._inv is None or b._inv.damping != damping:
                     chol.append(b)
             elif b._eigs is None:
                 eig.append(b)
@@ -255,7 +283,8 @@ class KFAC(Structure):
         for i, b in enumerate(blocks):
             method = "kron-cholesky+eigh-fallback" if (2 * i in failed or 2 * i + 1 in failed) else "kron-cholesky"
             Ai = inv[2 * i + 1]  # with its row blocks (A + π√λ I)^{-1}[:n-1], [n-1] for solve_split
-            b._inv = (damping, inv[2 * i], Ai, {"method": method, "damping": "pi", "pi": pis[i]}, Ai[:-1], Ai[-1])
+            b._inv = _InverseCache(damping, inv[2 * i], Ai, {"method": method, "damping": "pi", "pi": pis[i]},
+                                   Ai[:-1], Ai[-1])
 
     @staticmethod
     def _refresh_eigs(blocks: list["KFAC"]) -> None:
