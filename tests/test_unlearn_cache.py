@@ -9,6 +9,7 @@ from tensorcurv.capture import capture
 from tensorcurv.losses import CrossEntropy
 from tensorcurv.unlearn import AffectedSet, Objective, StructureSolver, gradient_difference, second_order_update
 from tensorcurv.unlearn.cache import CurvatureCache
+from tensorcurv.unlearn.ihvp import build_solver
 from unlearn_problems import data, logreg, mlp, trained
 
 MU = 0.5
@@ -101,6 +102,29 @@ def test_cached_update_without_refinement_equals_structure_update(structure):
     got = cache.update(aff)
     ref = second_order_update(model, X, y, aff, StructureSolver(structure), mu=MU, inplace=False)
     torch.testing.assert_close(got.theta, ref.theta, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["removal", "features"])
+def test_downdated_dense_block_equals_dense_fit_on_corrected_data(kind):
+    model, X, y, cache = _cache(structure="dense", refine=0)
+    aff = _requests(X, y)[kind]
+    stats, new_rows = cache.corrected_stats(aff)
+    blocks = cache.corrected_blocks(aff, stats, new_rows)
+    Xr, yr = aff.apply(X, y)
+    fresh = capture(model, cache.curv.adapters, Xr, yr, CrossEntropy("sum"), "ggn").stats
+    for k, st in fresh.items():
+        ref = structures.create("dense", st.shape).fit(st).to_dense()
+        torch.testing.assert_close(blocks[k].to_dense(), ref, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_dense_update_of_logistic_regression_equals_exact_newton_step(kind):
+    model, X, y, cache = _cache(logreg, structure="dense", refine=0)
+    aff = _requests(X, y)[kind]
+    got = cache.update(aff)
+    ref = second_order_update(model, X, y, aff, build_solver("exact", curvature="ggn"), mu=MU, inplace=False)
+    assert got.ok and ref.ok
+    torch.testing.assert_close(got.theta, ref.theta, rtol=1e-9, atol=1e-10)
 
 
 def test_cache_reports_oneoff_and_per_request_times_and_leaves_model_alone():

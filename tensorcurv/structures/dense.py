@@ -37,9 +37,15 @@ class Dense(Structure):
             )
         self._eig = None
 
-    def _batch_block(self, stats: LayerStats) -> Tensor:
+    @staticmethod
+    def contribution(stats: LayerStats) -> Tensor:
+        """``scale Σ_{s,k} vec(G_sk) vec(G_sk)ᵀ`` over the rows of ``stats`` (``mn x mn``): the block is
+        additive in the samples, so removing rows subtracts their contribution exactly."""
         G = vec(stats.per_sample_grads())  # (N*K, mn)
         return (G.T @ G) * stats.scale
+
+    def _batch_block(self, stats: LayerStats) -> Tensor:
+        return self.contribution(stats)
 
     def fit(self, stats: LayerStats) -> "Dense":
         self._check_stats(stats)

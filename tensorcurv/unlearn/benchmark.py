@@ -6,7 +6,8 @@ multinomial logistic regression (convex, so retraining has a unique answer); flo
 the exact GGN, CG, LiSSA, K-FAC-preconditioned CG, every registered tensorcurv structure, and
 structure-preconditioned refinement on the exact GGN from the statistics (``+refine``, relative residual
 1e-2), fresh or served from a :class:`~tensorcurv.unlearn.cache.CurvatureCache` (``(cached)``: the
-per-request time is ``time``, the one-off capture at ``θ*`` is ``time_oneoff``).
+per-request time is ``time``, the one-off capture at ``θ*`` is ``time_oneoff``); ``dense (cached)`` is
+the exact block factorized once — the reference for what a cached *exact* solve costs per request.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def default_methods(quick: bool = False, lissa_depth: int | None = None) -> list
         MethodSpec("kfac (cached)", solver="kfac", cached=True, solver_kwargs={"refine": 0}),
         MethodSpec("kfac+refine (cached)", solver="kfac", cached=True, solver_kwargs=refine),
         MethodSpec("ekfac+refine (cached)", solver="ekfac", cached=True, solver_kwargs=refine),
+        MethodSpec("dense (cached)", solver="dense", cached=True, solver_kwargs={"refine": 0}),
     ]
     return ms
 

@@ -1,7 +1,8 @@
 """Curvature statistics captured once at ``θ*`` and served to many unlearning requests (amortized).
 
 A model owner captures the per-sample GGN factors of all of ``D`` at ``θ*`` once —
-``CurvatureCache(model, X, y, mu=...)``, whose cost is ``oneoff_time`` (capture + structure fit) —
+``CurvatureCache(model, X, y, mu=...)``, whose cost is ``oneoff_time`` (capture + structure fit +
+the structure's factorization for the damping ``μ + λ``) —
 and answers each request ``Z → Z̃`` with :meth:`CurvatureCache.update`, whose cost is the result's
 ``time``. The statistics of ``D̃`` at ``θ*`` follow from those of ``D`` without touching other rows:
 
@@ -10,7 +11,9 @@ and answers each request ``Z → Z̃`` with :meth:`CurvatureCache.update`, whose
 * feature change: the rows of ``Z`` are recaptured on the new features (``|Z̃|`` points).
 
 K-FAC is downdated exactly (``Σ aaᵀ ← Σ aaᵀ − Σ_Z aaᵀ + Σ_Z̃ ããᵀ``, likewise for ``g``; only these
-``|Z| + |Z̃|`` rows are read); other structures are refit on the updated rows. ``Δg`` comes from the
+``|Z| + |Z̃|`` rows are read), and so is ``dense`` (``C ← C − C_Z + C_Z̃``; its eigendecomposition is
+then recomputed); other structures are refit on the updated rows. For a relabel every structure —
+and the dense block's cached eigendecomposition — is reused as is. ``Δg`` comes from the
 same statistics in closed form (:func:`~tensorcurv.unlearn.stats_ggn.output_coefficients`), and the
 inverse-HVP is the structure-preconditioned refinement on the exact GGN of ``D̃`` (``refine`` PCG
 iterations on :class:`~tensorcurv.unlearn.stats_ggn.StatsGGN`; ``refine=0``: the structure alone).
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 from tensorcurv import structures
 from tensorcurv.capture import capture
 from tensorcurv.stats import LayerStats
+from tensorcurv.structures.dense import Dense
 from tensorcurv.unlearn.ihvp import IHVPResult, refine_solve
 from tensorcurv.unlearn.objective import Objective
 from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN, check_coupling, output_coefficients, stats_gradient
@@ -66,6 +70,10 @@ class CurvatureCache:
         self.capture_time = time.perf_counter() - t0
         t1 = time.perf_counter()
         self.curv.fit_stats(self.stats)
+        delta = self.obj.mu + self.damping
+        for name, block in self.curv.blocks.items():  # factorize now (eigh, ...): a relabel reuses it as is
+            block.solve(torch.zeros(block.shape, dtype=self.stats[name].a.dtype, device=self.stats[name].a.device),
+                        delta)
         self.fit_time = time.perf_counter() - t1
         self.oneoff_time = time.perf_counter() - t0
 
@@ -139,6 +147,11 @@ class CurvatureCache:
                     A_new, G_new = new_rows[k].kron_factors(ws)
                     SA, SG = SA + A_new * (new_rows[k].N * t_eff), SG + G_new
                 fresh.load_state_dict({"tensors": {"A": SA / (stats[k].N * t_eff), "G": SG}, "fitted": True})
+            elif self.structure == "dense":  # additive in the samples (same scale for D and D̃: sum reduction)
+                C = block.tensors()["C"] - Dense.contribution(_rows(self.stats[k], affected.indices))
+                if new_rows is not None:
+                    C = C + Dense.contribution(new_rows[k])
+                fresh.load_state_dict({"tensors": {"C": C}, "fitted": True})
             else:
                 fresh.fit(stats[k])
             out[k] = fresh
