@@ -329,7 +329,7 @@ def kronecker_svd(
     tol: float = 1e-4,
     max_iter: int = 100,
     oversample: int | None = None,
-    init: Tensor | None = None,
+    init: Tensor | tuple[Tensor | None, Tensor | None] | None = None,
     generator: torch.Generator | None = None,
     info: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -339,8 +339,11 @@ def kronecker_svd(
     ``tr A_k ≥ 0``; both symmetric, or for ``T > 1`` possibly both antisymmetric, see
     :func:`_finish`). Methods:
 
+    ``init`` (warm start): the previous fit's factors, a pair ``(A_prev (r, n, n), G_prev (r, m, m))``
+    (either may be None) or, as before, the ``G_prev`` stack alone; their batch may differ from ``stats``.
+
     * ``power``: block subspace iteration on the implicit operator (any ``T``, ``K``), block size
-      ``rank + oversample``, started from ``init`` (previous ``G`` factors: warm start) or from the
+      ``rank + oversample``, started from ``G_prev`` (warm start) or from the
       K-FAC output factor plus random symmetric matrices. Each iteration is ``p`` products with
       ``R(C)`` and ``p`` with ``R(C)ᵀ`` (each ≈ one K-FAC factor pass) followed by Rayleigh–Ritz.
       For ``rank = 1`` this is alternating least squares on ``A ⊗ G``.
@@ -352,12 +355,19 @@ def kronecker_svd(
       ``info["sample_coefficients"]`` gives the sample weights of every term (the PSD certificate of
       ``kron_sum``), ``info["factor_coefficients"] = (ca, cg)`` those of every returned factor
       (``A_k = Σ_s ca[s,k] a_s a_sᵀ``, ``G_k = Σ_{s,k'} cg[s,k] g_sk' g_sk'ᵀ``), ``info["gram_passes"]``
-      the number of ``N x N`` products.
+      the number of ``N x N`` products. Warm start: the previous factors are mapped into this batch's
+      sample space (a sample-space vector cannot be carried over), by the cheaper side of
+      :func:`gram_warm_side` (``info["warm_side"]``: ``"a"``, ``"g"`` or ``"cold"``); the first block is
+      ``[1, warm columns, random columns]``, the random ones taken as right-space starts ``W ρ`` and
+      stepped once to the left (``Gw ρ``) in the same ``Gw`` product, so that the first Ritz step is
+      already within ``tol`` and the rule can stop after two blocks. ``info["energies"]``: the captured
+      energy after each block.
     * ``auto``: the cheaper of the two by a flop estimate (``power`` for rank 1 or large ``K``).
 
     Stopping rule (relative): the captured energy ``Σ_{k≤r} σ_k²`` changes by at most ``tol``
-    relative between the two half-steps of an iteration. ``info`` (if a dict) receives
-    ``method, iterations, products, converged, energy_change``.
+    relative between the two half-steps of an iteration (``gram``: between consecutive blocks, so at
+    least two blocks). ``info`` (if a dict) receives ``method, iterations, products, converged,
+    energy_change, warm_side``.
     """
     n, m = stats.n, stats.m
     if not (isinstance(rank, int) and 1 <= rank <= min(n * n, m * m)):
@@ -367,11 +377,12 @@ def kronecker_svd(
         raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
     if method == "gram" and stats.T != 1:
         raise ValueError("method='gram' needs T = 1 (no weight sharing); use 'power' or 'auto'")
+    A_prev, G_prev = _init_factors(init, n, m)
     p = min(rank + (oversample if oversample is not None else (0 if rank == 1 else 2)), n * n, m * m)
     if method == "auto":
         N, K = stats.N, stats.K
         unit = 2 * N * (n * n + K * m * m)  # one product with R and one with Rᵀ, per column
-        power_cost = (0.5 * N * K * m * m if init is None else 0) + p * unit  # one iteration
+        power_cost = (0.5 * N * K * m * m if G_prev is None else 0) + p * unit  # one iteration
         gram_cost = math.inf if stats.T != 1 else N * N * (n + K * K * m) + rank * unit / 2
         method = "gram" if gram_cost < power_cost else "power"
     out: dict[str, Any] = {"method": method}
@@ -379,9 +390,12 @@ def kronecker_svd(
         # block size: a Gram product costs one read of an N x N matrix whatever the (few) columns, so
         # wide blocks are nearly free and cut the number of blocks
         pg = min(rank + oversample if oversample is not None else max(16, rank + 8), stats.N)
-        sigma, A, G = _gram_svd(stats, rank, pg, tol, max(max_iter, 50), generator, out)
+        side = gram_warm_side(stats.N, stats.K, n, m, rank, pg, A_prev is not None, G_prev is not None)
+        warm = None if side == "cold" else (side, A_prev if side == "a" else G_prev)
+        sigma, A, G = _gram_svd(stats, rank, pg, tol, max(max_iter, 50), generator, out, warm)
     else:
-        sigma, A, G = _power_svd(stats, rank, p, tol, max_iter, init, generator, out)
+        sigma, A, G = _power_svd(stats, rank, p, tol, max_iter, G_prev, generator, out)
+        out["warm_side"] = "cold" if G_prev is None else "g"  # started from the previous G factors themselves
     raw = out.pop("raw_coefficients", None)
     if method == "gram":  # exactly symmetric by construction (weighted_covariances)
         sigma, A, G, fa, fg = _normalize(sigma, A, G, scales=True)
@@ -394,6 +408,72 @@ def kronecker_svd(
     if method == "gram":
         return sigma, A, G
     return _finish_symmetric(sigma, A, G) if stats.T == 1 else _finish(sigma, A, G)
+
+
+def _init_factors(init, n: int, m: int) -> tuple[Tensor | None, Tensor | None]:
+    """``(A_prev (r, n, n) or None, G_prev (r, m, m) or None)`` from ``init``: a pair, a G stack alone, or None."""
+    if init is None:
+        return None, None
+    A, G = init if isinstance(init, (tuple, list)) else (None, init)
+    for F, d, what in ((A, n, "A"), (G, m, "G")):
+        if F is not None and (F.dim() not in (2, 3) or F.shape[-2:] != (d, d)):
+            raise ValueError(f"init: previous {what} factors must be ({d}, {d}) matrices, got {tuple(F.shape)}")
+    return (None if A is None else A.reshape(-1, n, n)), (None if G is None else G.reshape(-1, m, m))
+
+
+def gram_warm_side(N: int, K: int, n: int, m: int, rank: int, p: int, have_a: bool = True,
+                   have_g: bool = True) -> str:
+    """How the Gram route (block width ``p``) maps the previous factors into a new batch's sample space:
+    ``"a"``, ``"g"`` or ``"cold"``, by multiply-adds. ``R(C) = scale U Wᵀ`` (``U = [vec(a_s a_sᵀ)]``,
+    ``W = [vec(Σ_k g_sk g_skᵀ)]``); a left sample coordinate ``x`` stands for ``U x``, a right one for ``W x``.
+
+    * ``a``: ``z_k = (a_sᵀ A_k a_s)_s = Uᵀ vec(A_k)``, so ``W z_k = Rᵀ vec(A_k)/scale`` and the column
+      ``Gw z_k`` is ``R Rᵀ vec(A_k)/scale²`` (one power step): ``r N n²/2`` for the quadratic forms;
+    * ``g``: ``y_k = (Σ_k' g_sk'ᵀ G_k g_sk')_s = Wᵀ vec(G_k)``, so the column ``y_k`` itself is
+      ``R vec(G_k)/scale`` (a half step, no Gram product): ``r N K m²/2``.
+
+    Either way the random columns are taken as right coordinates and get the half step ``Gw ρ``
+    (``R W ρ/scale``) in the same ``Gw`` product, ``N min(N, m(m+1))`` per column (formed or factored,
+    as :func:`gram_operator`). The cheaper available side is used if it costs less than one Krylov block
+    ``N p (min(N, n(n+1)) + min(N, m(m+1)))`` (``Gu Q`` and ``Gw Z``: what a start good enough for the
+    stopping rule saves); otherwise (both factors wide, e.g. 1024 x 1025 at ``N = 2048``: ``r`` K-FAC
+    factor passes) the start stays cold. Ties go to ``a`` (a full power step)."""
+    gu, gw = N * min(N, n * (n + 1)), N * min(N, m * (m + 1))  # one column through Gu, Gw
+    costs = {}
+    if have_a:
+        costs["a"] = rank * N * n * n / 2 + gw * (p - 1)
+    if have_g:
+        costs["g"] = rank * N * K * m * m / 2 + gw * max(0, p - 1 - rank)
+    if not costs or p < 2:
+        return "cold"
+    side = min(costs, key=lambda k: (costs[k], k))
+    return side if costs[side] < p * (gu + gw) else "cold"
+
+
+def _warm_block(stats: LayerStats, side: str, F: Tensor, rand: Tensor, Gw: Callable[[Tensor], Tensor]) -> Tensor:
+    """Columns ``1..p-1`` of a warm first block (left sample coordinates, :func:`gram_warm_side`) from the
+    previous factors ``F`` of one side and the random columns ``rand`` (``N x (p-1)``): side ``a``
+    ``Gw [z_1..z_q, ρ…]``, side ``g`` ``[y_1..y_q, Gw ρ…]``; ``z``, ``y`` scaled to norm ``√N`` like ``ρ``,
+    every output column too (zero stays zero). Returns the block and whether a ``Gw`` product ran."""
+    q = min(F.shape[0], rand.shape[1])
+    F = F[:q].to(device=stats.a.device, dtype=stats.a.dtype)
+    if side == "a":
+        a = stats.a[:, 0]
+        rand[:, :q] = _unit(torch.stack([sym_quadratic_forms(a, _sym(Fk)) for Fk in F], 1), stats.N)  # Uᵀ vec(A_k)
+        return _unit(Gw(rand), stats.N), True
+    g = stats.g[:, :, 0].reshape(-1, stats.m)
+    y = torch.stack([sym_quadratic_forms(g, _sym(Fk)) for Fk in F], 1)  # Wᵀ vec(G_k), rows (s, k')
+    if stats.K > 1:
+        y = y.reshape(stats.N, stats.K, -1).sum(1)
+    rest = rand[:, q:]
+    ran = rest.shape[1] > 0
+    return torch.cat([_unit(y, stats.N), _unit(Gw(rest), stats.N) if ran else rest], 1), ran
+
+
+def _unit(X: Tensor, N: int) -> Tensor:
+    """Columns of ``X`` scaled to norm ``√N``; zero columns stay zero."""
+    nrm = torch.linalg.vector_norm(X, dim=0)
+    return X * torch.where(nrm > 0, math.sqrt(N) / nrm.clamp_min(torch.finfo(X.dtype).tiny), 0.0)
 
 
 def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
@@ -455,18 +535,23 @@ def _orth(X: Tensor) -> Tensor:
     return orthonormalize(X)
 
 
-def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
+def _gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
     """Block Krylov (Lanczos-type) Rayleigh–Ritz in sample space: blocks ``X, (Gw Gu) X, (Gw Gu)² X, …``
     (Euclidean-orthonormalized), Ritz pairs of ``Rᵀ R`` in the ``Gu`` metric after each block; every
-    block costs two ``N x N`` products (``Z = Gu Y``, ``W = Gw Z``), which the Ritz step reuses."""
+    block costs two ``N x N`` products (``Z = Gu Y``, ``W = Gw Z``), which the Ritz step reuses.
+    ``warm = (side, F)``: columns ``1..p-1`` of the first block from the previous factors (:func:`_warm_block`)."""
     N, m, c, dtype = stats.N, stats.m, stats.scale, stats.a.dtype
     g = stats.g[:, :, 0]
     Gu, Gw = gram_operator(stats.a[:, 0, None]), gram_operator(g)
     X = torch.randn(N, p, generator=generator, dtype=dtype, device="cpu").to(stats.a.device)
     X[:, 0] = 1.0  # K-FAC's A = U·1/N as the first direction
+    side = "cold" if warm is None or p < 2 else warm[0]
+    stepped = False
+    if side != "cold":  # the previous factors mapped into this batch's sample space, the random columns stepped
+        X[:, 1:], stepped = _warm_block(stats, side, warm[1], X[:, 1:], Gw)
     drop = 100 * torch.finfo(dtype).eps
     Ys, Zs, Ws = [], [], []
-    energy_prev, it, change, invariant = None, 0, math.inf, False
+    energy_prev, it, change, invariant, energies = None, 0, math.inf, False, []
     while True:
         it += 1
         scale = float(torch.linalg.vector_norm(X, dim=0).max())
@@ -501,6 +586,7 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
         if energy_prev is not None:
             change = abs(energy - energy_prev) / max(energy, torch.finfo(torch.float64).tiny)
         energy_prev = energy
+        energies.append(energy)
         invariant = Y.shape[1] >= N
         if change <= tol or it >= max_iter or invariant:
             break
@@ -518,7 +604,8 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out):
     certified = r == 1 and _one_signed(ca.T) and _one_signed(cg.T)  # A_1, G_1 ± nonnegative combinations
     # term k is exactly sigma_k (Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_{u,k'} cg[u,k] g_uk' g_uk'ᵀ) (before and after
     # _normalize): the sample coefficients behind the sample-space PSD certificate of kron_sum
-    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change, gram_passes=2 * len(Ys),
+    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change, gram_passes=2 * len(Ys) + stepped,
+               warm_side=side, energies=energies,
                psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg), raw_coefficients=(ca, cg))
     return _pad(sz[:r], A, G, rank)
 

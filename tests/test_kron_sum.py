@@ -313,7 +313,7 @@ def test_interval_certified_update_is_the_recompressed_mix_of_psd_fits_with_its_
     block = structures.create("kron_sum", sts[0].shape, rank=3, method="gram", psd_proof="samples").fit(sts[0])
     batch = structures.create("kron_sum", sts[0].shape, rank=3, method="gram", psd_proof="samples")  # PSD batch fit
     for st in sts[1:]:
-        batch.generator.set_state(block.generator.get_state())  # the same random start columns
+        batch.load_state_dict(block.state_dict())  # the update's batch fit: same warm start and random columns
         old_A, old_G = block.A.clone(), block.G.clone()
         block.update(st, 0.9)
         batch.fit(st)

@@ -146,7 +146,9 @@ class KronSumHparams:
     """Extra block columns (None: power route 0 for rank 1, 2 otherwise; gram route block width
     max(16, rank + 8))."""
     warm_start: bool = True
-    """Start each fit from the previous G factors."""
+    """Start each fit from the previous factors: the power route from the ``G_k`` themselves, the gram
+    route from ``A_k`` or ``G_k`` mapped into the new batch's sample space, whichever side is cheap
+    (:func:`tensorcurv.rearrange.gram_warm_side`; cold when both factors are wide)."""
     warm_max_iter: int | None = 1
     """Iterations of a warm-started fit (power method): a fixed budget, so that across steps the fit
     is a power iteration spread over the batches (1: one ALS sweep, two products, per step; the
@@ -209,7 +211,7 @@ class KronSum(Structure):
     def _svd(self, stats: LayerStats, warm: bool) -> tuple[Tensor, Tensor, Any]:
         hp = self.hparams
         info: dict[str, Any] = {}
-        init = self.G if (warm and hp.warm_start and self.fitted) else None
+        init = (self.A, self.G) if (warm and hp.warm_start and self.fitted) else None  # both routes' warm start
         t0 = time.perf_counter()
         max_iter = hp.max_iter if init is None or hp.warm_max_iter is None else min(hp.max_iter, hp.warm_max_iter)
         sigma, A, G = kronecker_svd(stats, hp.rank, method=hp.method, tol=hp.tol, max_iter=max_iter,
