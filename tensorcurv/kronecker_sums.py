@@ -6,7 +6,8 @@
   the sample-space certificate (:func:`sample_psd_scale`: every Gram-route term is a sample-pair combination
   ``Σ_{s,u} ca_sk cg_uk (a_s⊗g_u)(a_s⊗g_u)ᵀ``, so entrywise nonnegative pair weights prove PSD), certified Lanczos
   bounds in the congruence basis of ``A_1 ⊗ G_1`` (:func:`spectral_psd`), and Loewner intervals of recompressed
-  factors (:func:`sample_intervals`, :func:`mixed_intervals`, :func:`interval_scale`).
+  factors (:func:`sample_intervals`, :func:`mixed_intervals`, :func:`interval_scale`); for small blocks the
+  exact largest ``t`` from one dense eigenvalue problem (:func:`dense_psd_scale`).
   :func:`make_psd` picks among them; the kron_sum module docstring says when.
 * :func:`gen_eig`: the generalized symmetric eigenproblem behind rank-2 simultaneous diagonalization.
 """
@@ -22,6 +23,9 @@ from tensorcurv.rearrange import antisymmetric
 SAMPLE_PROOF = "sample-space certificate (nonnegative sample-pair weights)"
 #: ``psd_proof="auto"``, rank ≥ 3: factors up to this size also get the spectral proof (cheap there), larger t wins
 SPECTRAL_MAX_DIM = 256
+#: ``psd_proof="auto"``/``"dense"``, rank ≥ 2: blocks with ``n·m`` up to this get the exact scale (:func:`dense_psd_scale`)
+DENSE_PROOF_MAX_DIM = 1024
+DENSE_PROOF = "dense eigenvalue bound (exact t)"
 
 
 def _psd_clip(M: Tensor) -> Tensor:
@@ -108,7 +112,8 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     proves them PSD up to rounding; only otherwise are they clipped by ``eigh``. Returns
     ``(A, G, t, how)``.
 
-    Rank ≥ 2 with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
+    Rank ≥ 2, blocks with ``n·m ≤ DENSE_PROOF_MAX_DIM`` and ``proof`` ``auto`` or ``dense``: the exact largest
+    ``t`` (:func:`dense_psd_scale`; no ``bounds``). Otherwise, with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
     :func:`sample_psd_scale`) and ``proof`` ``samples`` (or ``auto`` at rank ≥ 3): ``t`` is the largest
     scale that keeps every sample-pair weight nonnegative, no factorization at all; ``auto`` also runs
     the spectral proof when both factors are at most ``SPECTRAL_MAX_DIM`` wide and keeps the larger
@@ -120,6 +125,13 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     running average's interval certificate."""
     r = A.shape[0]
     t_s = None  # the sample-space scale, computed only where it is used
+    if r > 1 and proof in ("auto", "dense"):
+        t_d = dense_psd_scale(A, G)  # small blocks: the exact scale, no other proof can do better
+        if t_d is not None:
+            return scale_tail(A, t_d, inplace), G, t_d, DENSE_PROOF
+        if proof == "dense":
+            raise ValueError(f"psd_proof='dense' needs a block with n·m ≤ {DENSE_PROOF_MAX_DIM} whose leading "
+                             "factors are PSD and contain the other terms' ranges; use 'auto'")
 
     def sample_route(t):
         if bounds is not None and factor_coefficients is not None:
@@ -154,6 +166,48 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     else:
         fallback = None
     return spectral_psd(A, G, fallback, bounds)
+
+
+def _range_basis(F: Tensor, rel: float) -> tuple[Tensor, Tensor] | None:
+    """``(W, P)``: ``Wᵀ F W = I`` on the range of PSD ``F`` (eigenvalues ``> rel·λ_max``) and ``P`` the orthogonal
+    projector off that range; ``None`` if ``F`` has an eigenvalue below ``−rel·λ_max`` (not PSD)."""
+    ev, U = torch.linalg.eigh(0.5 * (F + F.T))
+    top = float(ev.abs().max())
+    if top == 0.0 or float(ev.min()) < -rel * top:
+        return None
+    keep = ev > rel * top
+    return U[:, keep] / ev[keep].sqrt(), U[:, ~keep] @ U[:, ~keep].T
+
+
+def dense_psd_scale(A: Tensor, G: Tensor, max_dim: int = DENSE_PROOF_MAX_DIM) -> float | None:
+    """The largest ``t ≤ 1`` with ``A_1⊗G_1 + t Σ_{k≥2} A_k⊗G_k ⪰ 0``, exactly, for blocks with ``n·m ≤ max_dim``.
+
+    In the congruence basis ``W_a, W_g`` of the ranges of ``A_1``, ``G_1`` (PSD, possibly singular: cross-entropy
+    GGN factors share the null vector ``1`` of the softmax Hessian, constant input features a null space of ``A``)
+    the condition reads ``I + t Q ⪰ 0`` with ``Q = Σ_{k≥2} (W_aᵀA_kW_a) ⊗ (W_gᵀG_kW_g)``, so
+    ``t = min(1, −1/λ_min(Q))``; ``λ_min`` is lowered by the ``eigvalsh`` error bound ``d·ε·‖Q‖₂`` (a proof up to
+    rounding, like the other routes). ``None`` (use another proof) when the block is larger than ``max_dim``,
+    ``A_1`` or ``G_1`` is not PSD, or some term ``k ≥ 2`` has a part outside the ranges of ``A_1``, ``G_1`` above
+    rounding (then no ``t > 0`` may exist)."""
+    n, m = A.shape[-1], G.shape[-1]
+    if A.shape[0] < 2 or n * m > max_dim:
+        return None
+    Ad, Gd = A.double(), G.double()
+    rel = 1e3 * max(n, m) * torch.finfo(A.dtype).eps
+    ba, bg = _range_basis(Ad[0], rel), _range_basis(Gd[0], rel)
+    if ba is None or bg is None:
+        return None
+    (Wa, Pa), (Wg, Pg) = ba, bg
+    lead = float(torch.linalg.matrix_norm(Ad[0]) * torch.linalg.matrix_norm(Gd[0]))
+    outside = sum(float(torch.linalg.matrix_norm(Pa @ Ak) * torch.linalg.matrix_norm(Gk)
+                        + torch.linalg.matrix_norm(Ak) * torch.linalg.matrix_norm(Pg @ Gk))
+                  for Ak, Gk in zip(Ad[1:], Gd[1:]))
+    if outside > rel * lead:
+        return None
+    Q = sum(torch.kron(Wa.T @ Ak @ Wa, Wg.T @ Gk @ Wg) for Ak, Gk in zip(Ad[1:], Gd[1:]))
+    ev = torch.linalg.eigvalsh(0.5 * (Q + Q.T))
+    lo = float(ev.min()) - Q.shape[0] * torch.finfo(torch.float64).eps * float(ev.abs().max())
+    return 1.0 if lo >= -1.0 else -1.0 / lo
 
 
 def scale_tail(A: Tensor, t: float, inplace: bool) -> Tensor:

@@ -50,6 +50,13 @@ converged one). Resume is exact: ``state_dict`` carries the factors and the gene
   arithmetic for the computed weights (checked in float64); the float32 weighted covariances add
   rounding of order ``eps·N`` relative, as for any certificate here.
   Running averages (``update``): see below.
+* small blocks (``n·m ≤ DENSE_PROOF_MAX_DIM`` = 1024; ``psd_proof="dense"``, and what ``auto`` takes
+  there at every rank ≥ 2): the *exact* largest ``t`` from one dense ``eigvalsh`` of the whitened
+  ``Q = Σ_{k≥2} Ã_k ⊗ G̃_k`` on the ranges of ``A_1``, ``G_1`` (which may be singular: the g-side
+  factors of a cross-entropy GGN share the softmax null vector ``1``, constant input features give
+  ``A`` a null space — the spectral proof then collapses to ``t ≈ 0``). On the digits logistic
+  regression (65 x 10) the certified bounds gave ``t`` = 0.16 / 0.07 / 0.03 / 2e-8 at rank
+  4 / 8 / 32 / 55 against the exact 0.58 / 0.64 / 0.94 / 1.
 
 ``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
 
@@ -121,7 +128,7 @@ from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
 PSD_MODES = ("shrink", "none")
-PSD_PROOFS = ("auto", "samples", "spectral")
+PSD_PROOFS = ("auto", "samples", "spectral", "dense")
 INTERVAL_PROOF = "interval certificate (old state's intervals, batch sample weights)"
 #: ``update``: the free interval certificate is used when its t is at least this fraction of the current t
 INTERVAL_ACCEPT = 0.5
@@ -163,9 +170,10 @@ class KronSumHparams:
     """Rank 1: trust the fit's one-signed-weights certificate of PSD factors (else Cholesky check)."""
     psd_proof: str = "auto"
     """Rank ≥ 2 shrink: ``samples`` (sample-space certificate, O(N² r), needs a ``gram`` fit),
-    ``spectral`` (Cholesky + certified Lanczos bounds) or ``auto`` (rank ≥ 3 with sample coefficients:
-    samples, plus spectral when both factors are ≤ 256 wide, the larger t wins; otherwise spectral;
-    see the module docstring)."""
+    ``spectral`` (Cholesky + certified Lanczos bounds), ``dense`` (the exact largest t by one dense
+    eigenvalue problem, blocks with n·m ≤ 1024) or ``auto`` (dense on such small blocks; else rank ≥ 3
+    with sample coefficients: samples, plus spectral when both factors are ≤ 256 wide, the larger t
+    wins; otherwise spectral; see the module docstring)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rank, int) and self.rank >= 1):
