@@ -367,7 +367,7 @@ def kronecker_svd(
     Stopping rule (relative): the captured energy ``Σ_{k≤r} σ_k²`` changes by at most ``tol``
     relative between the two half-steps of an iteration (``gram``: between consecutive blocks, so at
     least two blocks). ``info`` (if a dict) receives ``method, iterations, products, converged,
-    energy_change, warm_side``.
+    energy_change, warm_side`` (``power``: ``"g"`` when started from ``G_prev``, else ``"cold"``).
     """
     n, m = stats.n, stats.m
     if not (isinstance(rank, int) and 1 <= rank <= min(n * n, m * m)):
@@ -450,7 +450,8 @@ def gram_warm_side(N: int, K: int, n: int, m: int, rank: int, p: int, have_a: bo
     return side if costs[side] < p * (gu + gw) else "cold"
 
 
-def _warm_block(stats: LayerStats, side: str, F: Tensor, rand: Tensor, Gw: Callable[[Tensor], Tensor]) -> Tensor:
+def _warm_block(stats: LayerStats, side: str, F: Tensor, rand: Tensor,
+                Gw: Callable[[Tensor], Tensor]) -> tuple[Tensor, bool]:
     """Columns ``1..p-1`` of a warm first block (left sample coordinates, :func:`gram_warm_side`) from the
     previous factors ``F`` of one side and the random columns ``rand`` (``N x (p-1)``): side ``a``
     ``Gw [z_1..z_q, ρ…]``, side ``g`` ``[y_1..y_q, Gw ρ…]``; ``z``, ``y`` scaled to norm ``√N`` like ``ρ``,
@@ -604,8 +605,8 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
     certified = r == 1 and _one_signed(ca.T) and _one_signed(cg.T)  # A_1, G_1 ± nonnegative combinations
     # term k is exactly sigma_k (Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_{u,k'} cg[u,k] g_uk' g_uk'ᵀ) (before and after
     # _normalize): the sample coefficients behind the sample-space PSD certificate of kron_sum
-    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change, gram_passes=2 * len(Ys) + stepped,
-               warm_side=side, energies=energies,
+    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change,
+               gram_passes=2 * len(Ys) + stepped, warm_side=side, energies=energies,
                psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg), raw_coefficients=(ca, cg))
     return _pad(sz[:r], A, G, rank)
 
