@@ -173,6 +173,8 @@ def accuracy_table(batch: int) -> list[str]:
                ("kpsvd", "kpsvd", dict(tol=1e-10, max_iter=500)),
                ("kron_sum r=2", "kron_sum", dict(rank=2, tol=1e-10, max_iter=500)),
                ("kron_sum r=2 psd=none", "kron_sum", dict(rank=2, psd="none", tol=1e-10, max_iter=500)),
+               ("kron_sum r=4", "kron_sum", dict(rank=4, tol=1e-10, max_iter=500)),
+               ("kron_sum r=4 psd_proof=dense", "kron_sum", dict(rank=4, psd_proof="dense", tol=1e-10, max_iter=500)),
                ("kron_sum r=4 psd=none", "kron_sum", dict(rank=4, psd="none", tol=1e-10, max_iter=500)),
                ("tucker r=4", "tucker", dict(ranks=4, tol=1e-6, max_iter=20)),
                ("tucker r=16", "tucker", dict(ranks=16, tol=1e-6, max_iter=20)),

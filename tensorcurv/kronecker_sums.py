@@ -23,8 +23,10 @@ from tensorcurv.rearrange import antisymmetric
 SAMPLE_PROOF = "sample-space certificate (nonnegative sample-pair weights)"
 #: ``psd_proof="auto"``, rank ≥ 3: factors up to this size also get the spectral proof (cheap there), larger t wins
 SPECTRAL_MAX_DIM = 256
-#: ``psd_proof="auto"``/``"dense"``, rank ≥ 2: blocks with ``n·m`` up to this get the exact scale (:func:`dense_psd_scale`)
+#: rank ≥ 2, ``psd_proof="auto"``: blocks with ``n·m`` up to this get the exact scale (:func:`dense_psd_scale`,
+#: ≈ 0.1 s); an explicit ``psd_proof="dense"`` allows up to ``DENSE_PROOF_EXPLICIT_MAX_DIM`` (≈ 2 s in float64)
 DENSE_PROOF_MAX_DIM = 1024
+DENSE_PROOF_EXPLICIT_MAX_DIM = 4096
 DENSE_PROOF = "dense eigenvalue bound (exact t)"
 
 
@@ -112,8 +114,8 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     proves them PSD up to rounding; only otherwise are they clipped by ``eigh``. Returns
     ``(A, G, t, how)``.
 
-    Rank ≥ 2, blocks with ``n·m ≤ DENSE_PROOF_MAX_DIM`` and ``proof`` ``auto`` or ``dense``: the exact largest
-    ``t`` (:func:`dense_psd_scale`; no ``bounds``). Otherwise, with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
+    Rank ≥ 2, blocks with ``n·m ≤ DENSE_PROOF_MAX_DIM`` and ``proof`` ``auto`` (or ``≤ DENSE_PROOF_EXPLICIT_MAX_DIM``
+    and ``proof="dense"``): the exact largest ``t`` (:func:`dense_psd_scale`; no ``bounds``). Otherwise, with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
     :func:`sample_psd_scale`) and ``proof`` ``samples`` (or ``auto`` at rank ≥ 3): ``t`` is the largest
     scale that keeps every sample-pair weight nonnegative, no factorization at all; ``auto`` also runs
     the spectral proof when both factors are at most ``SPECTRAL_MAX_DIM`` wide and keeps the larger
@@ -126,12 +128,13 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     r = A.shape[0]
     t_s = None  # the sample-space scale, computed only where it is used
     if r > 1 and proof in ("auto", "dense"):
-        t_d = dense_psd_scale(A, G)  # small blocks: the exact scale, no other proof can do better
+        limit = DENSE_PROOF_MAX_DIM if proof == "auto" else DENSE_PROOF_EXPLICIT_MAX_DIM
+        t_d = dense_psd_scale(A, G, limit)  # small blocks: the exact scale, no other proof can do better
         if t_d is not None:
             return scale_tail(A, t_d, inplace), G, t_d, DENSE_PROOF
         if proof == "dense":
-            raise ValueError(f"psd_proof='dense' needs a block with n·m ≤ {DENSE_PROOF_MAX_DIM} whose leading "
-                             "factors are PSD and contain the other terms' ranges; use 'auto'")
+            raise ValueError(f"psd_proof='dense' needs a block with n·m ≤ {DENSE_PROOF_EXPLICIT_MAX_DIM} whose "
+                             "leading factors are PSD and contain the other terms' ranges; use 'auto'")
 
     def sample_route(t):
         if bounds is not None and factor_coefficients is not None:

@@ -72,4 +72,4 @@ def test_dense_proof_on_a_block_too_large_is_a_clear_error():
     from tensorcurv.kronecker_sums import make_psd
     A, G = _raw_factors("empirical", 2)
     with pytest.raises(ValueError, match="psd_proof='dense' needs a block with"):
-        make_psd(A.repeat(1, 20, 20), G.repeat(1, 20, 20), proof="dense")
+        make_psd(A.repeat(1, 40, 40), G.repeat(1, 40, 40), proof="dense")  # n·m = 5·7·1600 > 4096

@@ -50,9 +50,9 @@ converged one). Resume is exact: ``state_dict`` carries the factors and the gene
   arithmetic for the computed weights (checked in float64); the float32 weighted covariances add
   rounding of order ``eps·N`` relative, as for any certificate here.
   Running averages (``update``): see below.
-* small blocks (``n·m ≤ DENSE_PROOF_MAX_DIM`` = 1024; ``psd_proof="dense"``, and what ``auto`` takes
-  there at every rank ≥ 2): the *exact* largest ``t`` from one dense ``eigvalsh`` of the whitened
-  ``Q = Σ_{k≥2} Ã_k ⊗ G̃_k`` on the ranges of ``A_1``, ``G_1`` (which may be singular: the g-side
+* small blocks (``n·m ≤ DENSE_PROOF_MAX_DIM`` = 1024, what ``auto`` takes there at every rank ≥ 2;
+  ``psd_proof="dense"`` up to ``n·m ≤ 4096``, ≈ 2 s): the *exact* largest ``t`` from one dense
+  ``eigvalsh`` of the whitened ``Q = Σ_{k≥2} Ã_k ⊗ G̃_k`` on the ranges of ``A_1``, ``G_1`` (which may be singular: the g-side
   factors of a cross-entropy GGN share the softmax null vector ``1``, constant input features give
   ``A`` a null space — the spectral proof then collapses to ``t ≈ 0``). On the digits logistic
   regression (65 x 10) the certified bounds gave ``t`` = 0.16 / 0.07 / 0.03 / 2e-8 at rank
@@ -171,7 +171,7 @@ class KronSumHparams:
     psd_proof: str = "auto"
     """Rank ≥ 2 shrink: ``samples`` (sample-space certificate, O(N² r), needs a ``gram`` fit),
     ``spectral`` (Cholesky + certified Lanczos bounds), ``dense`` (the exact largest t by one dense
-    eigenvalue problem, blocks with n·m ≤ 1024) or ``auto`` (dense on such small blocks; else rank ≥ 3
+    eigenvalue problem, blocks with n·m ≤ 4096) or ``auto`` (dense on such small blocks; else rank ≥ 3
     with sample coefficients: samples, plus spectral when both factors are ≤ 256 wide, the larger t
     wins; otherwise spectral; see the module docstring)."""
 
