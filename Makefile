@@ -33,6 +33,7 @@ bench: setup
 	$(VPY) scripts/bench_optim.py --parts a c --structures diagonal kfac ekfac --rounds 8 --steps-per-round 20 --batches 256 1024 --out reports/bench_optim_cost.md
 	$(VPY) scripts/bench_optim.py --parts a --structures kron_sum tucker tt --rounds 3 --steps-per-round 5 --out reports/bench_optim_tensor.md
 	$(VPY) scripts/bench_unlearn.py --scenarios label_flip backdoor deletion --out reports/unlearning
+	$(VPY) scripts/unlearn_fidelity.py --out reports/unlearning/structure_fidelity
 	$(VPY) scripts/bench_distributed.py --out reports/bench_distributed.md
 
 clean:
