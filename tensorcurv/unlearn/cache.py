@@ -43,6 +43,30 @@ def _rows(st: LayerStats, idx: Tensor) -> LayerStats:
     return LayerStats(a=st.a[idx], g=st.g[idx], scale=st.scale, name=st.name)
 
 
+def _downdate_kfac(block, hp, full: LayerStats, old: LayerStats, new: LayerStats | None, corrected: LayerStats):
+    """K-FAC of ``D̃`` from that of ``D``: ``Σ aaᵀ − Σ_Z aaᵀ + Σ_Z̃ ããᵀ`` (``A`` is a mean, ``G`` a scaled sum)."""
+    ws = hp.weight_sharing
+    t_eff = old.T if (ws == "expand" or old.T == 1) else 1
+    A_old, G_old = old.kron_factors(ws)
+    cached = block.tensors()
+    SA = cached["A"] * (full.N * t_eff) - A_old * (old.N * t_eff)
+    SG = cached["G"] - G_old
+    if new is not None:
+        A_new, G_new = new.kron_factors(ws)
+        SA, SG = SA + A_new * (new.N * t_eff), SG + G_new
+    return {"A": SA / (corrected.N * t_eff), "G": SG}
+
+
+def _downdate_dense(block, hp, full: LayerStats, old: LayerStats, new: LayerStats | None, corrected: LayerStats):
+    """The dense block is additive in the samples (sum reduction: the same scale for ``D`` and ``D̃``)."""
+    C = block.tensors()["C"] - Dense.contribution(old)
+    return {"C": C if new is None else C + Dense.contribution(new)}
+
+
+#: structures whose fit is additive in the samples: the block of ``D̃`` from that of ``D`` and the affected rows
+DOWNDATES = {"kfac": _downdate_kfac, "dense": _downdate_dense}
+
+
 class CurvatureCache:
     """GGN statistics of ``D`` at the model's current parameters ``θ*`` plus the fitted structure."""
 
@@ -128,32 +152,20 @@ class CurvatureCache:
     # ------------------------------------------------------------------ structure of D̃
     def corrected_blocks(self, affected: AffectedSet, stats: dict[str, LayerStats],
                          new_rows: dict[str, LayerStats] | None) -> dict[str, structures.Structure]:
-        """The structure of ``D̃``: the cached blocks (relabel), K-FAC downdated exactly, or a refit."""
+        """The structure of ``D̃``: the cached blocks (relabel), downdated exactly (``DOWNDATES``), or a refit."""
         if stats is self.stats:
             return self.curv.blocks
         hp = structures.make_hparams(self.structure, **self.hparams)
         out = {}
         for k, block in self.curv.blocks.items():
             fresh = structures.get(self.structure)(block.shape, hp)
-            if self.structure == "kfac":
-                ws = hp.weight_sharing
-                old = _rows(self.stats[k], affected.indices)
-                t_eff = old.T if (ws == "expand" or old.T == 1) else 1
-                A_old, G_old = old.kron_factors(ws)
-                cached = block.tensors()
-                SA = cached["A"] * (self.stats[k].N * t_eff) - A_old * (old.N * t_eff)
-                SG = cached["G"] - G_old
-                if new_rows is not None:
-                    A_new, G_new = new_rows[k].kron_factors(ws)
-                    SA, SG = SA + A_new * (new_rows[k].N * t_eff), SG + G_new
-                fresh.load_state_dict({"tensors": {"A": SA / (stats[k].N * t_eff), "G": SG}, "fitted": True})
-            elif self.structure == "dense":  # additive in the samples (same scale for D and D̃: sum reduction)
-                C = block.tensors()["C"] - Dense.contribution(_rows(self.stats[k], affected.indices))
-                if new_rows is not None:
-                    C = C + Dense.contribution(new_rows[k])
-                fresh.load_state_dict({"tensors": {"C": C}, "fitted": True})
-            else:
+            downdate = DOWNDATES.get(self.structure)
+            if downdate is None:
                 fresh.fit(stats[k])
+            else:
+                old = _rows(self.stats[k], affected.indices)
+                tensors = downdate(block, hp, self.stats[k], old, None if new_rows is None else new_rows[k], stats[k])
+                fresh.load_state_dict({"tensors": tensors, "fitted": True})
             out[k] = fresh
         return out
 
