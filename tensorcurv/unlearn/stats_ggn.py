@@ -77,6 +77,7 @@ class StatsGGN:
         self.stats, self.coupling, self.scale = dict(stats), coupling, first.scale
         self.N, self.K = first.N, first.K
         self.matvecs = 0
+        self._lam: dict[str, Tensor] = {}
 
     def _weights(self, st: LayerStats, V: Tensor) -> Tensor:
         """``w_sk = Σ_t g_sktᵀ V a_st``, shape (N, K)."""
@@ -88,8 +89,24 @@ class StatsGGN:
         h = torch.einsum("sk,sktm->stm", w, st.g).reshape(-1, st.m)
         return (h.T @ st.a.reshape(-1, st.n)) * self.scale
 
+    def _output_ggn(self, name: str, st: LayerStats) -> Tensor:
+        """``Λ_s = Σ_k g_sk g_skᵀ`` (N, m, m) for ``T = 1``, formed once: then the block's product is
+        ``c Σ_s (Λ_s V a_s) a_sᵀ`` — one batched product instead of the two passes over ``g``."""
+        lam = self._lam.get(name)
+        if lam is None:
+            g = st.g[:, :, 0]
+            lam = self._lam[name] = g.transpose(1, 2) @ g
+        return lam
+
     def mv_mats(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
         self.matvecs += 1
+        if (self.coupling == "block" or len(self.stats) == 1) and all(st.T == 1 for st in self.stats.values()):
+            out = {}
+            for k, st in self.stats.items():  # block-diagonal (or one layer): per-sample output GGNs Λ_s
+                a = st.a[:, 0]
+                h = (self._output_ggn(k, st) @ (a @ mats[k].T).unsqueeze(-1)).squeeze(-1)  # (N, m)
+                out[k] = (h.T @ a) * self.scale
+            return out
         ws = {k: self._weights(st, mats[k]) for k, st in self.stats.items()}
         if self.coupling == "full":
             w = sum(ws.values())
