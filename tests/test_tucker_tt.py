@@ -20,6 +20,8 @@ def model(conv: bool = False):
 
 
 def fit(structure, kind="ggn", conv=False, **hp):
+    if structure in ("tucker", "tt"):  # these facts are about the implicit fits (tensorly: test_tucker_tt_tensorly.py)
+        hp.setdefault("method", "implicit")
     g = torch.Generator().manual_seed(1)
     x = torch.randn((8, 1, 4, 4) if conv else (8, 5), generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (8,), generator=g)
@@ -201,9 +203,10 @@ def test_tt_rank_one_factors_are_symmetric_and_fit_no_worse_than_an_unsymmetric_
     g = torch.Generator().manual_seed(1)
     x = torch.randn((8, 1, 4, 4) if conv else (8, 5), generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (8,), generator=g)
-    curv = tensorcurv.Curvature(model(conv), "tt", kind, seed=0, ranks=1, **split_for(conv), **TIGHT)
+    curv = tensorcurv.Curvature(model(conv), "tt", kind, seed=0, ranks=1, **split_for(conv), **TIGHT,
+                                method="implicit")
     stats = curv.capture(x, y, nn.CrossEntropyLoss()).stats["0"]
-    free = structures.create("tt", block.shape, ranks=1, **split_for(conv), **TIGHT)
+    free = structures.create("tt", block.shape, ranks=1, **split_for(conv), **TIGHT, method="implicit")
     free.exact_solve = False
     free.fit(stats)
     assert rel(block.to_dense(), C) <= rel(free.to_dense(raw=True), C) + 1e-10

@@ -30,6 +30,7 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
+from tensorcurv import dense_tensor_fit as dtf
 from tensorcurv.krylov import kron_eig_solve
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import register
@@ -113,11 +114,38 @@ class TensorTrain(SplitFormat):
 
     def _fit(self, stats: LayerStats):
         self._check_stats(stats)
+        fallback = None
+        if dtf.use_tensorly(self.hparams.method, self.shape):
+            fallback = self._fit_formed(stats)
+            if fallback is None:
+                return self
         target = _StatsTarget(SplitTensor(stats, self.sin, self.sout, self.hparams.chunk), stats.a)
         self.cores, info = self._als(target, self.cores if self.fitted else None)
-        self.last_fit = {**info, "splits_in": self.sin, "splits_out": self.sout, "ranks": self.ranks}
+        self.last_fit = {"method": "implicit", **info, "splits_in": self.sin, "splits_out": self.sout,
+                         "ranks": self.ranks, **({"fallback": fallback} if fallback else {})}
         self.fitted, self._pre = True, None
         return self
+
+    def _fit_formed(self, stats: LayerStats) -> str | None:
+        """TT-SVD of the formed ``𝒯`` (tensorly; ``‖𝒯 − TT‖² ≤ Σ_k ε_k²``, ``ε_k`` the truncation errors of
+        the unfoldings, so within ``sqrt(D−1)`` of the best TT of these ranks). ALS sweeps from it were
+        measured not to lower the error on the digits blocks (and cost 10-30x the TT-SVD), so none are run.
+        TT-ranks all 1: each step is the nearest Kronecker product of a symmetric PSD matrix, whose factors are
+        symmetric (Van Loan & Pitsianis) when the leading singular value is simple; the factors are then
+        replaced by their symmetric parts (rounding). If one is not symmetric (a tie), nothing is loaded and the reason is returned:
+        the caller falls back to the implicit symmetric ALS (``last_fit["fallback"]`` says so)."""
+        hp, sizes = self.hparams, self.sin + self.sout
+        cores = dtf.tt_svd(dtf.split_tensor(stats, self.sin, self.sout, hp.chunk), self.ranks, sizes)
+        if self.exact_solve:
+            asym = max(float((c - _sym(c)).norm() / c.norm()) for c in cores)
+            if asym > 1e-8:
+                return f"tt-svd Kronecker factors not symmetric ({asym:.1e})"
+            cores = [_sym(c) for c in cores]
+        self.cores = cores
+        self.last_fit = {"method": "tensorly", "iterations": 0, "converged": True, "splits_in": self.sin,
+                         "splits_out": self.sout, "ranks": self.ranks, "tt_ranks": [c.shape[-1] for c in cores[:-1]]}
+        self.fitted, self._pre = True, None
+        return None
 
     def _update(self, stats, decay):
         with small_threads(self.shape):

@@ -35,6 +35,7 @@ import opt_einsum as oe
 import torch
 from torch import Tensor
 
+from tensorcurv import dense_tensor_fit as dtf
 from tensorcurv.krylov import kron_eig_solve, pcg_or_fallback
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
@@ -85,9 +86,15 @@ class SplitHparams:
     pcg_max_iter: int = 300
     seed: int = 0
     chunk: int = 256
-    """Samples per chunk in the implicit contractions."""
+    """Samples per chunk in the implicit contractions (and in forming ``𝒯`` for ``method="tensorly"``)."""
+    method: str = "auto"
+    """``"implicit"``: alternating fit through implicit contractions of the per-sample factors (never forms
+    ``C``); ``"tensorly"``: form ``𝒯`` (``(mn)²`` entries, at most ``dense_tensor_fit.MAX_ENTRIES``) and fit it
+    with tensorly (``tucker``: HOOI from the truncated HOSVD; ``tt``: TT-SVD, then ALS sweeps on the formed
+    tensor); ``"auto"``: ``"tensorly"`` up to ``dense_tensor_fit.AUTO_ENTRIES`` entries, ``"implicit"`` above."""
 
     def _check_common(self, name: str) -> None:
+        dtf.check_method(name, self.method)
         if (self.num_factors < 1 or self.max_iter < 1 or self.pcg_max_iter < 1 or self.chunk < 1
                 or (self.warm_max_iter is not None and self.warm_max_iter < 1)):
             raise ValueError(f"{name}: num_factors, max_iter, warm_max_iter, pcg_max_iter and chunk must be >= 1")
@@ -227,6 +234,8 @@ class SplitFormat(Structure):
         hp = self.hparams
         self.sin = resolve_splits(self.name, "splits_in", hp.splits_in, n, hp.num_factors)
         self.sout = resolve_splits(self.name, "splits_out", hp.splits_out, m, hp.num_factors)
+        if hp.method == "tensorly":
+            dtf.check_formable(self.name, self.shape)
         self.generator = torch.Generator().manual_seed(hp.seed)
         self.last_fit: dict[str, Any] = {}
         self._pre = None
@@ -340,9 +349,25 @@ class Tucker(SplitFormat):
 
     def _fit(self, stats):
         self._check_stats(stats)
-        self.U, self.core = self._hooi(stats, self.U if self.fitted else None)
+        self.U, self.core = self._fit_batch(stats, (self.core, self.U) if self.fitted else None, update=False)
         self.fitted, self._pre = True, None
         return self
+
+    def _fit_batch(self, stats: LayerStats, previous: tuple | None, update: bool):
+        """Factors and core of one batch, by ``method``: the implicit HOOI (warm-started from the
+        ``previous`` factors when given), or tensorly's HOOI on the formed ``𝒯`` — from the truncated HOSVD
+        in ``fit``, from the ``previous`` format in ``update`` (at most ``warm_max_iter`` sweeps)."""
+        if not dtf.use_tensorly(self.hparams.method, self.shape):
+            U, core = self._hooi(stats, previous[1] if previous is not None else None)
+            self.last_fit["method"] = "implicit"
+            return U, core
+        hp = self.hparams
+        T = dtf.split_tensor(stats, self.sin, self.sout, hp.chunk)
+        init = previous if update else None
+        U, core, info = dtf.tucker_hooi(T, self.ranks, hp.tol, _sweeps(hp, init is not None), init)
+        self.last_fit = {"method": "tensorly", **info, "splits_in": self.sin, "splits_out": self.sout,
+                         "ranks": self.ranks}
+        return U, core
 
     def _update(self, stats, decay):
         with small_threads(self.shape):
@@ -351,7 +376,7 @@ class Tucker(SplitFormat):
     def _update_inner(self, stats, decay):
         self._check_stats(stats)
         U_old, core_old = self.U, self.core
-        U, core = self._hooi(stats, U_old)
+        U, core = self._fit_batch(stats, (core_old, U_old), update=True)
         proj = oe.contract(self._core_expr(), core_old, *[u.T @ uo for u, uo in zip(U, U_old)])
         self.U, self.core = U, decay * proj + (1 - decay) * core
         self._pre = None
