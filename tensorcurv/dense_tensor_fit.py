@@ -33,9 +33,11 @@ from tensorcurv.stats import LayerStats
 
 MAX_ENTRIES = 2 ** 23
 """Largest formed ``𝒯`` (``(mn)²`` entries; 64 MiB in float64) that ``method="tensorly"`` accepts."""
-AUTO_ENTRIES = 2 ** 23
-"""``method="auto"`` forms ``𝒯`` up to this many entries (measured: faster than the implicit fit there,
-see notes/readme_tensorly.md), and fits implicitly above it."""
+AUTO_ENTRIES = {"tucker": 2 ** 21, "tt": 2 ** 23}
+"""``method="auto"`` forms ``𝒯`` up to this many entries per structure and fits implicitly above. Measured
+(2 shared CPU cores, N = 512, K = 10; notes/readme_tensorly.md): TT-SVD on the formed tensor beats the implicit
+ALS up to ~8M entries (1.0-1.7x at 8.2M, 0.5x at 17M); tensorly's HOOI makes full passes over ``𝒯`` per sweep,
+so its break-even is lower and rank-dependent (1.3-2.8x at 1.1M entries, 0.65-2.3x at 2.4M)."""
 METHODS = ("auto", "implicit", "tensorly")
 
 
@@ -59,9 +61,9 @@ def check_formable(name: str, shape: tuple[int, int]) -> None:
             f"use method='implicit' (or 'auto') for this layer")
 
 
-def use_tensorly(method: str, shape: tuple[int, int]) -> bool:
-    """Whether ``method`` fits the block of weight shape ``shape`` through the formed tensor."""
-    return method == "tensorly" or (method == "auto" and entries(shape) <= AUTO_ENTRIES)
+def use_tensorly(name: str, method: str, shape: tuple[int, int]) -> bool:
+    """Whether structure ``name`` with ``method`` fits the block of weight shape ``shape`` through the formed 𝒯."""
+    return method == "tensorly" or (method == "auto" and entries(shape) <= AUTO_ENTRIES[name])
 
 
 def pair_permutation(k: int) -> list[int]:

@@ -220,9 +220,9 @@ def test_tensorly_fit_leaves_tensorlys_global_backend_unchanged(structure):
 def test_auto_uses_tensorly_up_to_the_bound_and_the_implicit_fit_above_it(structure, monkeypatch):
     stats, _ = stats_and_block()
     size = (stats.m * stats.n) ** 2
-    monkeypatch.setattr(dtf, "AUTO_ENTRIES", size)
+    monkeypatch.setitem(dtf.AUTO_ENTRIES, structure, size)
     assert fitted(structure, stats, ranks=2, **SPLIT).last_fit["method"] == "tensorly"
-    monkeypatch.setattr(dtf, "AUTO_ENTRIES", size - 1)
+    monkeypatch.setitem(dtf.AUTO_ENTRIES, structure, size - 1)
     assert fitted(structure, stats, ranks=2, **SPLIT).last_fit["method"] == "implicit"
 
 

@@ -5,7 +5,10 @@
 with modes ``(n_1..n_d, m_1..m_e)`` (the ``torch.kron`` ordering of the column-major vec). Fitted by
 one-site ALS sweeps (Holtz, Rohwedder & Schneider 2012) whose contractions of ``𝒯`` with all other
 cores are computed implicitly from the per-sample factors (``SplitTensor``), stopping on the relative
-change of ``‖Ĉ‖_F²``. Two cores (no split) with TT-rank r is the block subspace iteration of
+change of ``‖Ĉ‖_F²`` (``method="implicit"``); small blocks are formed and fitted by tensorly's TT-SVD instead
+(``method="tensorly"`` / ``"auto"``, see ``tensorcurv/dense_tensor_fit.py``; ``update`` then averages by the
+same ALS on ``decay·Ĉ_old + (1−decay)·Ĉ_batch``). Two cores (no split) with TT-rank r is the block subspace
+iteration of
 ``kron_sum(r)`` with ``psd="none"``; all TT-ranks 1 give ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D`` (a Kronecker product
 of the split factors), whose Tikhonov solve is exact through the factors' eigendecompositions
 (``exact_solve`` is then True). The represented operator is the symmetric part ``½(Ĉ + Ĉᵀ)`` (``Ĉᵀ``: every
@@ -115,7 +118,7 @@ class TensorTrain(SplitFormat):
     def _fit(self, stats: LayerStats):
         self._check_stats(stats)
         fallback = None
-        if dtf.use_tensorly(self.hparams.method, self.shape):
+        if dtf.use_tensorly(self.name, self.hparams.method, self.shape):
             fallback = self._fit_formed(stats)
             if fallback is None:
                 return self

@@ -9,8 +9,9 @@ per index factor (the pair ``(row, column)`` of that factor), and
 
 fitted by HOOI whose contractions ``𝒯 ×_{k≠l} U_kᵀ`` are computed implicitly from the per-sample
 factors (``𝒯 = scale Σ_q Γ_q ⊗ Γ_q`` with ``Γ_q = a_s ⊗ g_sk`` for ``T = 1`` or the per-sample
-gradient for ``T > 1``), never forming ``C``; opt_einsum picks the contraction order. Full
-multilinear ranks reproduce ``C``. ``mv`` contracts the format with ``V`` directly; ``solve`` is PCG
+gradient for ``T > 1``), never forming ``C``; opt_einsum picks the contraction order
+(``method="implicit"``; small blocks are formed and fitted by tensorly's HOOI instead, ``method="tensorly"``
+or ``"auto"``, see ``tensorcurv/dense_tensor_fit.py``). Full multilinear ranks reproduce ``C``. ``mv`` contracts the format with ``V`` directly; ``solve`` is PCG
 on ``Ĉ + λI`` preconditioned by the Kronecker product of the partial traces of ``Ĉ`` (exact
 Tikhonov damping, not exact: ``exact_solve = False``). The fitted ``Ĉ`` need not be symmetric (``C`` is), so
 the represented operator is ``½(Ĉ + Ĉᵀ)``: ``Ĉᵀ`` is the same format with every ``U_l`` slice transposed
@@ -90,8 +91,8 @@ class SplitHparams:
     method: str = "auto"
     """``"implicit"``: alternating fit through implicit contractions of the per-sample factors (never forms
     ``C``); ``"tensorly"``: form ``𝒯`` (``(mn)²`` entries, at most ``dense_tensor_fit.MAX_ENTRIES``) and fit it
-    with tensorly (``tucker``: HOOI from the truncated HOSVD; ``tt``: TT-SVD, then ALS sweeps on the formed
-    tensor); ``"auto"``: ``"tensorly"`` up to ``dense_tensor_fit.AUTO_ENTRIES`` entries, ``"implicit"`` above."""
+    with tensorly (``tucker``: HOOI from the truncated HOSVD; ``tt``: TT-SVD); ``"auto"``: ``"tensorly"`` up to ``dense_tensor_fit.AUTO_ENTRIES[name]`` entries (measured break-even:
+    2**21 for tucker, 2**23 for tt), ``"implicit"`` above."""
 
     def _check_common(self, name: str) -> None:
         dtf.check_method(name, self.method)
@@ -357,7 +358,7 @@ class Tucker(SplitFormat):
         """Factors and core of one batch, by ``method``: the implicit HOOI (warm-started from the
         ``previous`` factors when given), or tensorly's HOOI on the formed ``𝒯`` — from the truncated HOSVD
         in ``fit``, from the ``previous`` format in ``update`` (at most ``warm_max_iter`` sweeps)."""
-        if not dtf.use_tensorly(self.hparams.method, self.shape):
+        if not dtf.use_tensorly(self.name, self.hparams.method, self.shape):
             U, core = self._hooi(stats, previous[1] if previous is not None else None)
             self.last_fit["method"] = "implicit"
             return U, core
