@@ -8,8 +8,7 @@ cores are computed implicitly from the per-sample factors (``SplitTensor``), sto
 change of ``‖Ĉ‖_F²`` (``method="implicit"``); small blocks are formed and fitted by tensorly's TT-SVD instead
 (``method="tensorly"`` / ``"auto"``, see ``tensorcurv/dense_tensor_fit.py``; ``update`` then averages by the
 same ALS on ``decay·Ĉ_old + (1−decay)·Ĉ_batch``). Two cores (no split) with TT-rank r is the block subspace
-iteration of
-``kron_sum(r)`` with ``psd="none"``; all TT-ranks 1 give ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D`` (a Kronecker product
+iteration of ``kron_sum(r)`` with ``psd="none"``; all TT-ranks 1 give ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D`` (a Kronecker product
 of the split factors), whose Tikhonov solve is exact through the factors' eigendecompositions
 (``exact_solve`` is then True). The represented operator is the symmetric part ``½(Ĉ + Ĉᵀ)`` (``Ĉᵀ``: every
 core slice ``core_l[b, :, :, b']`` transposed; ``mv`` contracts both on the same cached path), never farther from
