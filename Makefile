@@ -29,6 +29,7 @@ test-all: setup
 bench: setup
 	$(VPY) scripts/bench_capture.py --repeats 7 --out reports/bench_capture.md
 	$(VPY) scripts/bench_structures.py --out reports/bench_structures.md
+	$(VPY) scripts/bench_tensorly_fit.py --repeats 5 > reports/bench_tensorly_fit.md
 	$(VPY) scripts/bench_optim.py --parts b --structures kfac kron_sum tt --out reports/bench_optim.md
 	$(VPY) scripts/bench_optim.py --parts a c --structures diagonal kfac ekfac --rounds 8 --steps-per-round 20 --batches 256 1024 --out reports/bench_optim_cost.md
 	$(VPY) scripts/bench_optim.py --parts a --structures kron_sum tucker tt --rounds 3 --steps-per-round 5 --out reports/bench_optim_tensor.md
