@@ -181,7 +181,7 @@ IMPLICIT_VS_TENSORLY = [("tucker", 2), ("tucker", [2, 4, 2, 3]), ("tt", 1), ("tt
 @pytest.mark.parametrize("conv", [False, True])
 def test_implicit_and_tensorly_fits_reach_the_same_error_within_two_percent(structure, ranks, conv):
     # both are local methods (HOOI / ALS vs TT-SVD) with different starts; measured gaps here: tucker 1e-14, tt ≤ 0.6%
-    # (digits MLP blocks: ≤ 1%, see notes/readme_tensorly.md), so 2% separates "same optimum" from a broken fit
+    # (digits MLP blocks: ≤ 1%, see reports/bench_tensorly_fit.md), so 2% separates "same optimum" from a broken fit
     stats, C = stats_and_block(conv)
     errs = {m: rel(fitted(structure, stats, ranks=ranks, method=m, **split_for(conv), **TIGHT).to_dense(), C)
             for m in ("implicit", "tensorly")}

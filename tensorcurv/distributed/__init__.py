@@ -1,4 +1,4 @@
-"""Data-parallel curvature and optimizers on ``torch.distributed`` (KAISA-style; see notes/readme_distributed.md).
+"""Data-parallel curvature and optimizers on ``torch.distributed`` (KAISA-style; README "Data-parallel training").
 
 * :mod:`~tensorcurv.distributed.comm`: process group start (``init``; gloo on CPU, nccl on GPU,
   timeouts), :class:`Comm` collectives with byte/time accounting;

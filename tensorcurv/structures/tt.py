@@ -134,8 +134,8 @@ class TensorTrain(SplitFormat):
         measured not to lower the error on the digits blocks (and cost 10-30x the TT-SVD), so none are run.
         TT-ranks all 1: each step is the nearest Kronecker product of a symmetric PSD matrix, whose factors are
         symmetric (Van Loan & Pitsianis) when the leading singular value is simple; the factors are then
-        replaced by their symmetric parts (rounding). If one is not symmetric (a tie), nothing is loaded and the reason is returned:
-        the caller falls back to the implicit symmetric ALS (``last_fit["fallback"]`` says so)."""
+        replaced by their symmetric parts (rounding). If one is not symmetric (a tie), nothing is loaded and the
+        reason is returned: the caller falls back to the implicit symmetric ALS (``last_fit["fallback"]`` says so)."""
         hp, sizes = self.hparams, self.sin + self.sout
         cores = dtf.tt_svd(dtf.split_tensor(stats, self.sin, self.sout, hp.chunk), self.ranks, sizes)
         if self.exact_solve:
