@@ -73,3 +73,17 @@ def test_dense_proof_on_a_block_too_large_is_a_clear_error():
     A, G = _raw_factors("empirical", 2)
     with pytest.raises(ValueError, match="psd_proof='dense' needs a block with"):
         make_psd(A.repeat(1, 40, 40), G.repeat(1, 40, 40), proof="dense")  # n·m = 5·7·1600 > 4096
+
+
+def test_running_average_updates_on_a_small_block_use_the_exact_scale_and_stay_psd():
+    from test_kron_sum import _stats_stream
+    sts = _stats_stream("ggn")
+    block = structures.create("kron_sum", sts[0].shape, rank=4, method="gram").fit(sts[0])
+    for st in sts[1:]:
+        block.update(st, 0.9)
+        assert block.last_fit["psd_method"] == DENSE_PROOF
+        t = block.last_fit["psd_scale"]
+        lo, norm = _min_eig(block.A, block.G, 1.0)
+        assert lo >= -1e-12 * norm
+        if t < 1:  # tight: a 0.1 % larger tail is indefinite
+            assert _min_eig(block.A, block.G, 1.001)[0] < -1e-9 * norm

@@ -107,6 +107,7 @@ from torch import Tensor
 
 from tensorcurv.krylov import pcg_or_fallback
 from tensorcurv.kronecker_sums import (
+    DENSE_PROOF_MAX_DIM,
     SPECTRAL_MAX_DIM,
     gen_eig,
     interval_part,
@@ -241,9 +242,13 @@ class KronSum(Structure):
         return self
 
     def _interval_proof_applies(self) -> bool:
+        """Running averages try the free interval certificate (rank ≥ 3 samples/auto, rank 2 samples) —
+        except where the exact dense scale applies (``dense``, or ``auto`` on blocks with n·m ≤ 1024)."""
         hp = self.hparams
-        return hp.psd == "shrink" and ((hp.rank >= 3 and hp.psd_proof != "spectral")
-                                       or (hp.rank == 2 and hp.psd_proof == "samples"))
+        m, n = self.shape
+        exact = hp.psd_proof == "dense" or (hp.psd_proof == "auto" and m * n <= DENSE_PROOF_MAX_DIM)
+        return hp.psd == "shrink" and not exact and ((hp.rank >= 3 and hp.psd_proof != "spectral")
+                                                     or (hp.rank == 2 and hp.psd_proof == "samples"))
 
     def _update(self, stats, decay):
         self._check_stats(stats)
