@@ -35,6 +35,7 @@ bench: setup
 	$(VPY) scripts/bench_optim.py --parts a --structures kron_sum tucker tt --rounds 3 --steps-per-round 5 --out reports/bench_optim_tensor.md
 	$(VPY) scripts/bench_unlearn.py --scenarios label_flip backdoor deletion --out reports/unlearning
 	$(VPY) scripts/unlearn_fidelity.py --out reports/unlearning/structure_fidelity
+	$(VPY) scripts/bench_unlearn.py --scenarios label_flip --hidden 32 --methods first_order exact lissa pcg:kfac kfac ekfac kfac+refine "kfac (cached)" "kfac+refine (cached)" "ekfac+refine (cached)" --out reports/unlearning/mlp32
 	$(VPY) scripts/bench_distributed.py --out reports/bench_distributed.md
 
 clean:
