@@ -75,6 +75,37 @@ def _psd_by_cholesky(M: Tensor) -> bool:
     return int(torch.linalg.cholesky_ex(S)[1]) == 0
 
 
+#: sample certificate: point sets of dimension (rank − 1) up to this use convex hulls instead of the N x N product
+HULL_MAX_DIM = 4
+
+
+def _hull_vertices(X: Tensor):
+    """Indices of the vertices of the convex hull of the rows of ``X`` (``N x d``, ``d ≤ HULL_MAX_DIM``), or None
+    when qhull cannot build it (degenerate, e.g. flat point sets)."""
+    if X.shape[1] == 1:
+        return torch.stack([X[:, 0].argmin(), X[:, 0].argmax()])
+    from scipy.spatial import ConvexHull, QhullError
+    try:
+        return torch.as_tensor(ConvexHull(X.cpu().numpy()).vertices, device=X.device)
+    except (QhullError, ValueError):
+        return None
+
+
+def _min_pair_product_by_hulls(ah: Tensor, gh: Tensor) -> float | None:
+    """``min_{s,u} ⟨â_s, ĝ_u⟩`` from the hull vertices of both point sets: the form is bilinear, so for a fixed
+    ``u`` it is minimized at a vertex of hull(â), and likewise in ``u`` — O(N log N) instead of the ``N x N``
+    product. qhull may drop points within rounding of the hull, so the result is lowered by
+    ``1e-10·max‖â‖·max‖ĝ‖`` (a proof up to rounding, like the other routes). None: use the full product."""
+    d = ah.shape[1]
+    if d > HULL_MAX_DIM or ah.shape[0] <= 4 * (d + 1):
+        return None
+    va, vg = _hull_vertices(ah), _hull_vertices(gh)
+    if va is None or vg is None:
+        return None
+    slack = 1e-10 * float(ah.norm(dim=1).max() * gh.norm(dim=1).max())
+    return float((ah[va] @ gh[vg].T).min()) - slack
+
+
 def sample_psd_scale(ca: Tensor, cg: Tensor, chunk: int = 1024) -> float | None:
     """Largest ``t ∈ [0, 1]`` with ``P_1 + t Q ≥ 0`` entrywise, ``P_1 = ca_1 cg_1ᵀ``,
     ``Q = Σ_{k≥2} ca_k cg_kᵀ`` (``N x N``, float64, ``chunk`` rows at a time); None if ``P_1`` itself has
@@ -90,7 +121,10 @@ def sample_psd_scale(ca: Tensor, cg: Tensor, chunk: int = 1024) -> float | None:
     if bool((a1 != 0).all() & (g1 != 0).all()):
         # P_1 > 0: 1/t = max_{s,u} (−Q/P_1)_{su} = −min (â ĝᵀ) with â = ca_{:,k≥2}/ca_1, ĝ = cg_{:,k≥2}/cg_1
         ah, gh = ca[:, 1:] / a1[:, None], cg[:, 1:] / g1[:, None]
-        worst = max(-float((ah[i:i + chunk] @ gh.T).min()) for i in range(0, ca.shape[0], chunk))
+        worst = _min_pair_product_by_hulls(ah, gh)
+        if worst is None:
+            worst = min(float((ah[i:i + chunk] @ gh.T).min()) for i in range(0, ca.shape[0], chunk))
+        worst = -worst
         return 1.0 if worst <= 1.0 else 1.0 / worst
     t = 1.0
     for i in range(0, ca.shape[0], chunk):  # some P_1 entries are 0: those need Q ≥ 0 there

@@ -405,3 +405,38 @@ def test_sample_part_bounds_a_recombined_group_exactly_by_its_combined_sample_we
     assert L[0] == 1 and H[0] == 1
     for k in (1, 2):
         assert _loewner_ok(part[k] - L[k] * part[0]) and _loewner_ok(H[k] * part[0] - part[k])
+
+
+@pytest.mark.parametrize("r", [2, 3, 4, 5, 6])
+def test_sample_space_scale_from_convex_hulls_equals_the_full_pair_product(r, monkeypatch):
+    from tensorcurv import kronecker_sums as K
+    g = torch.Generator().manual_seed(r)
+    ca = torch.randn(400, r, generator=g, dtype=torch.float64)
+    cg = torch.randn(400, r, generator=g, dtype=torch.float64) * 0.3
+    ca[:, 0], cg[:, 0] = ca[:, 0].abs() + 0.5, cg[:, 0].abs() + 0.5
+    fast = K.sample_psd_scale(ca, cg)
+    monkeypatch.setattr(K, "HULL_MAX_DIM", 0)  # the N x N product only
+    full = K.sample_psd_scale(ca, cg)
+    assert 0 < full < 1 and abs(fast - full) <= 1e-9 * full and fast <= full
+
+
+def test_sample_space_scale_falls_back_to_the_full_product_on_flat_point_sets():
+    from tensorcurv.kronecker_sums import sample_psd_scale
+    g = torch.Generator().manual_seed(0)
+    ca = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    cg = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    ca[:, 0], cg[:, 0] = ca[:, 0].abs() + 0.5, cg[:, 0].abs() + 0.5
+    cg[:, 3] = cg[:, 2] * cg[:, 0]  # ĝ lies in a plane of R³: no 3-d hull
+    t = sample_psd_scale(ca, cg)
+    W = torch.outer(ca[:, 0], cg[:, 0]) + t * ca[:, 1:] @ cg[:, 1:].T
+    assert float(W.min()) >= -1e-12 and float((torch.outer(ca[:, 0], cg[:, 0]) + 1.001 * t * ca[:, 1:] @ cg[:, 1:].T).min()) < 0
+
+
+def test_antisymmetric_flags_the_factors_whose_skew_part_dominates():
+    from tensorcurv.rearrange import antisymmetric
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(5, 6, 6, generator=g, dtype=torch.float64)
+    sym, skew = S + S.mT, S - S.mT
+    mix = torch.stack([sym[0] + 0.5 * skew[0], 0.5 * sym[1] + skew[1], sym[2], skew[3]])
+    expected = [bool((m - m.T).norm() > (m + m.T).norm()) for m in mix]
+    assert antisymmetric(mix).tolist() == expected == [False, True, False, True]
