@@ -111,7 +111,8 @@ def sample_psd_scale(ca: Tensor, cg: Tensor, chunk: int = 1024) -> float | None:
     ``Q = Σ_{k≥2} ca_k cg_kᵀ`` (``N x N``, float64, ``chunk`` rows at a time); None if ``P_1`` itself has
     a negative entry. For a Gram-route fit, term ``k`` is ``(Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_u cg[u,k] g_u g_uᵀ)``,
     so ``Σ_k t_k A_k ⊗ G_k = Σ_{s,u} (P_1 + t Q)_{su} (a_s ⊗ g_u)(a_s ⊗ g_u)ᵀ`` (``t_1 = 1``, ``t_k = t``):
-    a nonnegative combination of rank-one PSD matrices, hence PSD — a proof at ``O(N² r)`` cost."""
+    a nonnegative combination of rank-one PSD matrices, hence PSD — a proof at ``O(N² r)`` cost, or
+    ``O(N log N)`` from the convex hulls of the normalized weights (rank ≤ ``HULL_MAX_DIM + 1``)."""
     ca, cg = ca.double(), cg.double()
     a1, g1 = ca[:, 0], cg[:, 0]
     if not (((a1 >= 0).all() & (g1 >= 0).all()) | ((a1 <= 0).all() & (g1 <= 0).all())):
