@@ -104,9 +104,9 @@ def split_tensor(stats: LayerStats, sin: list[int], sout: list[int], chunk: int 
 def gram_svd(matrix: Tensor, n_eigenvecs: int | None = None, **_) -> tuple[Tensor, Tensor, Tensor]:
     """Truncated SVD ``(U, S, Vᵀ)`` through the eigendecomposition of the Gram matrix of the *smaller* side
     (tensorly's ``svd=`` callable). The unfoldings of ``𝒯`` are very wide (e.g. 169 x 25600): one ``eigh``
-    of the 169 x 169 Gram is ~20x faster than the SVD (measured, README "Small blocks through tensorly"). Singular values
-    below ``sqrt(eps)·σ_1`` lose relative accuracy, which only affects directions that carry a negligible share
-    of the Frobenius norm. ``S·Vᵀ = Uᵀ M`` (wide) and ``U·S = M V`` (tall) hold to rounding, as TT-SVD needs."""
+    of the 169 x 169 Gram is ~20x faster than the SVD (measured, README "Small blocks through tensorly").
+    Singular values below ``sqrt(eps)·σ_1`` lose relative accuracy, which only affects directions that carry a
+    negligible share of the Frobenius norm. ``S·Vᵀ = Uᵀ M`` (wide) and ``U·S = M V`` (tall) hold to rounding, as TT-SVD needs."""
     rows, cols = matrix.shape
     k = min(rows, cols) if n_eigenvecs is None else min(n_eigenvecs, rows, cols)
     tiny = torch.finfo(matrix.dtype).tiny
