@@ -29,6 +29,7 @@ import torch
 from tensorly.decomposition import tensor_train, tucker
 from torch import Tensor
 
+from tensorcurv.linalg import summed_outer_products
 from tensorcurv.stats import LayerStats
 
 MAX_ENTRIES = 2 ** 23
@@ -91,7 +92,7 @@ def split_tensor(stats: LayerStats, sin: list[int], sout: list[int], chunk: int 
             a, g = stats.a[i:i + chunk, 0], stats.g[i:i + chunk, :, 0]  # (s, n), (s, K, m)
             s = a.shape[0]
             X = (a[:, :, None] * a[:, None, :]).reshape(s, *sin, *sin).permute(pin).reshape(s, n * n)
-            L = torch.einsum("ski,skj->sij", g, g)  # Λ_s
+            L = summed_outer_products(g)  # Λ_s
             Y = L.reshape(s, *sout, *sout).permute(pout).reshape(s, m * m)
             out += X.T @ Y
         else:

@@ -26,6 +26,12 @@ def block_edges(d: int, blocks: int = 8, min_block: int = 128) -> list[int]:
     return list(range(0, d, step)) + [d]
 
 
+def summed_outer_products(X: Tensor) -> Tensor:
+    """``S_s = Σ_k x_sk x_skᵀ`` for ``X`` of shape ``(N, K, d)``: ``(N, d, d)`` (for GGN columns ``g``: the per-sample
+    output GGNs ``Λ_s``); ``K = 1`` as an outer product."""
+    return X[:, 0, :, None] * X[:, 0, None, :] if X.shape[1] == 1 else X.transpose(1, 2) @ X
+
+
 def gram(X: Tensor, blocks: int = 8) -> Tensor:
     """``XᵀX`` (``d x d``) for ``X`` of shape ``(N, d)`` from its upper block triangle: one gemm
     ``X[:, :J_end]ᵀ X_J`` per column block ``J``, the lower triangle copied by transposition —

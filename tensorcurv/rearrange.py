@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.krylov import orthonormalize
-from tensorcurv.linalg import block_edges
+from tensorcurv.linalg import block_edges, summed_outer_products
 from tensorcurv.stats import LayerStats
 
 METHODS = ("auto", "power", "gram")
@@ -200,7 +200,7 @@ def gram_operator(X: Tensor, max_elems: int = 2 ** 24) -> Callable[[Tensor], Ten
     N, K, d = X.shape
     if d * (d + 1) // 2 <= N // 2:
         i, j = torch.triu_indices(d, d, device=X.device)
-        S = torch.einsum("ski,skj->sij", X, X) if K > 1 else X[:, 0, :, None] * X[:, 0, None, :]
+        S = summed_outer_products(X)
         w = torch.full(i.shape, math.sqrt(2.0), dtype=X.dtype, device=X.device).masked_fill_(i == j, 1.0)
         Phi = S[:, i, j] * w
         return lambda C: Phi @ (Phi.T @ C)

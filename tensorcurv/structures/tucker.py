@@ -11,7 +11,8 @@ fitted by HOOI whose contractions ``𝒯 ×_{k≠l} U_kᵀ`` are computed implic
 factors (``𝒯 = scale Σ_q Γ_q ⊗ Γ_q`` with ``Γ_q = a_s ⊗ g_sk`` for ``T = 1`` or the per-sample
 gradient for ``T > 1``), never forming ``C``; opt_einsum picks the contraction order
 (``method="implicit"``; small blocks are formed and fitted by tensorly's HOOI instead, ``method="tensorly"``
-or ``"auto"``, see ``tensorcurv/dense_tensor_fit.py``). Full multilinear ranks reproduce ``C``. ``mv`` contracts the format with ``V`` directly; ``solve`` is PCG
+or ``"auto"``, see ``tensorcurv/dense_tensor_fit.py``). Full multilinear ranks reproduce ``C``. ``mv``
+contracts the format with ``V`` directly; ``solve`` is PCG
 on ``Ĉ + λI`` preconditioned by the Kronecker product of the partial traces of ``Ĉ`` (exact
 Tikhonov damping, not exact: ``exact_solve = False``). The fitted ``Ĉ`` need not be symmetric (``C`` is), so
 the represented operator is ``½(Ĉ + Ĉᵀ)``: ``Ĉᵀ`` is the same format with every ``U_l`` slice transposed
@@ -91,8 +92,9 @@ class SplitHparams:
     method: str = "auto"
     """``"implicit"``: alternating fit through implicit contractions of the per-sample factors (never forms
     ``C``); ``"tensorly"``: form ``𝒯`` (``(mn)²`` entries, at most ``dense_tensor_fit.MAX_ENTRIES``) and fit it
-    with tensorly (``tucker``: HOOI from the truncated HOSVD; ``tt``: TT-SVD); ``"auto"``: ``"tensorly"`` up to ``dense_tensor_fit.AUTO_ENTRIES[name]`` entries (measured break-even:
-    2**21 for tucker, 2**23 for tt), ``"implicit"`` above."""
+    with tensorly (``tucker``: HOOI from the truncated HOSVD; ``tt``: TT-SVD); ``"auto"``: ``"tensorly"`` up to
+    ``dense_tensor_fit.AUTO_ENTRIES[name]`` entries (measured break-even: 2**21 for tucker, 2**23 for tt),
+    ``"implicit"`` above."""
 
     def _check_common(self, name: str) -> None:
         dtf.check_method(name, self.method)

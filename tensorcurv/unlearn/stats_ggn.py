@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.losses import CrossEntropy, LossSpec, MeanSquaredError
+from tensorcurv.linalg import summed_outer_products
 from tensorcurv.stats import LayerStats
 
 COUPLINGS = ("full", "block")
@@ -94,8 +95,7 @@ class StatsGGN:
         ``c Σ_s (Λ_s V a_s) a_sᵀ`` — one batched product instead of the two passes over ``g``."""
         lam = self._lam.get(name)
         if lam is None:
-            g = st.g[:, :, 0]
-            lam = self._lam[name] = g.transpose(1, 2) @ g
+            lam = self._lam[name] = summed_outer_products(st.g[:, :, 0])
         return lam
 
     def mv_mats(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
