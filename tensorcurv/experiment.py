@@ -27,7 +27,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,11 @@ from tensorcurv import data as data_mod
 from tensorcurv import models, optim, tracking
 from tensorcurv.distributed import launch
 from tensorcurv.config import SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device, validate_train
+
+class RunFailed(RuntimeError):
+    """A run that started and failed (diverged, or skipped more than ``max_skip_fraction`` of its
+    steps); its ``summary.json`` is written, with ``status`` and ``skipped_steps``."""
+
 
 #: keys that may change between a run and its resumption
 _RESUME_FREE = ("resume", "progress", "logger", "threads", "run_dir")
@@ -206,10 +213,11 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     if v.logger.kind != "csv" and session.is_main:
         lcfg = {k: val for k, val in vars(v.logger).items()}
         lcfg["name"] = lcfg.get("name") or t.name
-        ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"))
+        ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"),
+                             history=(state or {}).get("logger", {}).get("rows", ()))
     logger = tracking.MultiLogger(record, ext) if ext is not None else record
 
-    step, elapsed, last_eval, t_start = 0, 0.0, -1, None
+    step, elapsed, last_eval, t_start, skipped = 0, 0.0, -1, None, 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -217,6 +225,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         _set_rng_state(state["rng"])
         record.load_state_dict(state["logger"])
         step, elapsed, last_eval = state["step"], state["elapsed"], state["last_eval"]
+        skipped = state.get("skipped_steps", 0)
 
     def do_eval() -> dict[str, float]:
         nonlocal t_start
@@ -234,26 +243,34 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         if not session.is_main:
             return
         _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "rng": _rng_state(), "fingerprint": fingerprint, "step": step, "elapsed": elapsed, "last_eval": last_eval,
-                     "logger": record.state_dict(), "logger_ext": ext.state_dict() if ext is not None else None})
+                     "rng": _rng_state(), "fingerprint": fingerprint, "step": step, "elapsed": elapsed,
+                     "last_eval": last_eval, "skipped_steps": skipped, "logger": record.state_dict(),
+                     "logger_ext": ext.state_dict() if ext is not None else None})
+
+    def note(msg: str) -> None:  # on stderr, outside the progress bar
+        if session.is_main:
+            tqdm.write(msg, file=sys.stderr)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=step, disable=not t.progress, desc=t.name, dynamic_ncols=True)
-    perm, perm_epoch, bad_steps = None, -1, 0
+    perm, perm_epoch, bad_steps, failure = None, -1, 0, None
     model.train()
-    if state is None:
-        do_eval()  # the untrained model, step 0
-        last_eval = 0
-    t_start = time.perf_counter()
     try:
+        if state is None:
+            do_eval()  # the untrained model, step 0
+            last_eval = 0
+            checkpoint()  # from here on a restarted run continues this record (and this W&B run)
+        t_start = time.perf_counter()
         while step < total:
             epoch, b = divmod(step, spe)
             if perm_epoch != epoch:
                 perm, perm_epoch = _epoch_permutation(t.seed, epoch, n), epoch
             idx = perm[b * bs:(b + 1) * bs]
             t0 = time.perf_counter()
-            loss = float(opt.step(session.shard(Xtr[idx]), session.shard(Ytr[idx])))
+            with warnings.catch_warnings():  # skipped steps are reported below, outside the progress bar
+                warnings.simplefilter("ignore", optim.NonFiniteStepWarning)
+                loss = float(opt.step(session.shard(Xtr[idx]), session.shard(Ytr[idx])))
             sched.step()
             dt = time.perf_counter() - t0
             step += 1
@@ -263,52 +280,80 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
                 if key in info:
                     m[key] = float(info[key]) if not isinstance(info[key], bool) else int(info[key])
             logger.log(m, step)
+            if info.get("skipped"):
+                skipped += 1
+                note(f"{t.name}: step {step} skipped: {_skip_reason(info)} ({skipped} of {step} steps skipped so far)")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", step_ms=f"{1e3 * dt:.1f}")
+            bar.set_postfix(loss=f"{loss:.4g}", step_ms=f"{1e3 * dt:.1f}", skipped=skipped)
             if step % spe == 0 and (step // spe) % t.eval_every == 0:
                 do_eval()
                 last_eval = step
             for cb in callbacks:
                 cb(step, m)
             bad_steps = 0 if math.isfinite(loss) else bad_steps + 1
+            if skipped > t.max_skip_fraction * total:
+                failure = (f"{skipped} of the run's {total} steps skipped by step {step} (more than "
+                           f"max_skip_fraction={t.max_skip_fraction:g}); last: {_skip_reason(info)}")
+                break
             if bad_steps >= 10 or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                raise FloatingPointError(f"training diverged at step {step} (loss={loss}); "
-                                         f"lower the learning rate or raise the damping")
+                failure = f"training diverged at step {step} (loss={loss}); lower the learning rate or raise the damping"
+                break
             if step % t.checkpoint_every == 0 and step < total:
                 elapsed += time.perf_counter() - t_start
                 checkpoint()  # not counted as training time
                 t_start = time.perf_counter()
-    finally:
         bar.close()
-    elapsed += time.perf_counter() - t_start
-    t_start = None
-    if last_eval != step:
-        do_eval()
-        last_eval = step
-    checkpoint()
+        elapsed += time.perf_counter() - t_start
+        t_start = None
+        if last_eval != step:
+            do_eval()
+            last_eval = step
+        if failure is None:
+            checkpoint()  # (a failed run keeps its last good checkpoint: a restart replays the failure)
+        else:
+            note(f"{t.name}: FAILED: {failure}")
+        summary = _summary(v, record.rows, device=device, task=task, step=step, spe=spe, bs=bs, model=model,
+                           elapsed=elapsed, skipped=skipped, failure=failure, rdir=rdir)
+        fig = loss_figure(record.rows, f"{t.name}: {v.model['name']} on {v.data.name}, {v.optim['name']}")
+        record.log_figure("loss_curve", fig)
+        if ext is not None:
+            ext.log_figure("loss_curve", record.dir / "figures" / "loss_curve.png")
+        import matplotlib.pyplot as plt
 
-    rows = record.rows
+        plt.close(fig)
+        logger.summary(summary)
+    except BaseException:  # killed, interrupted or crashed: close the record (a restart restores it)
+        bar.close()
+        logger.finish(exit_code=1)
+        raise
+    logger.finish(exit_code=0 if failure is None else 1)
+    if failure is not None:
+        raise RunFailed(f"{failure}; summary: {rdir / 'summary.json'}")
+    return summary
+
+
+def _skip_reason(info: dict[str, Any]) -> str:
+    if "reason" in info:
+        return str(info["reason"])
+    return f"non-finite loss or gradient (loss={info.get('loss', float('nan')):.4g})"
+
+
+def _summary(v: Validated, rows: Sequence[dict[str, Any]], *, device: torch.device, task: str, step: int, spe: int,
+             bs: int, model: nn.Module, elapsed: float, skipped: int, failure: str | None, rdir: Path) -> dict[str, Any]:
+    """``summary.json``: the run's identity, its final evaluation, timings and skipped steps."""
+    t = v.train
     step_times = [r["step_time"] for r in rows if "step_time" in r]
     final = next(r for r in reversed(rows) if "train_loss" in r)
-    summary = {
-        "name": t.name, "dataset": d.name, "model": v.model["name"], "optimizer": v.optim["name"],
+    return {
+        "name": t.name, "dataset": v.data.name, "model": v.model["name"], "optimizer": v.optim["name"],
         "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None, "task": task,
         "seed": t.seed, "dtype": t.dtype, "device": str(device), "steps": step, "epochs": step / spe, "batch_size": bs,
         "num_params": sum(p.numel() for p in model.parameters()),
         **{k: val for k, val in final.items() if k not in ("step", "epoch", "wall_time")},
         "wall_time": elapsed, "time_per_step": float(np.mean(step_times)) if step_times else None,
+        "skipped_steps": skipped, "status": "ok" if failure is None else f"failed: {failure}",
         "run_dir": str(rdir),
     }
-    fig = loss_figure(rows, f"{t.name}: {v.model['name']} on {d.name}, {v.optim['name']}")
-    record.log_figure("loss_curve", fig)
-    if ext is not None:
-        ext.log_figure("loss_curve", record.dir / "figures" / "loss_curve.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    logger.summary(summary)
-    logger.finish()
-    return summary
 
 
 def _fingerprint(raw: dict[str, Any]) -> str:
