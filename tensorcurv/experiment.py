@@ -10,16 +10,22 @@ autoencoding.
 The run directory receives
 
 * ``config.yaml``: the composed, resolved config;
-* ``metrics.csv`` / ``metrics.jsonl``: one row per step (``loss``, ``step_time``, ``lr``, and for
-  second-order optimizers ``damping``, ``curvature_fit_time``, ``solve_time``) and one row per
+* ``metrics.csv`` / ``metrics.jsonl``: one row per step (``loss``, ``step_time``, ``lr``, ``skipped``,
+  and for second-order optimizers ``damping``, ``curvature_fit_time``, ``solve_time``) and one row per
   evaluation (``train_loss``, ``train_acc``, ``val_*``, ``test_*``, ``epoch``, ``wall_time``: training
   seconds so far, evaluation excluded);
-* ``checkpoints/last.pt`` every ``checkpoint_every`` steps and at the end: model, optimizer (its
-  state includes the curvature), LR scheduler, torch/numpy/python RNG states, step, elapsed time
-  and the logger's rows. With ``resume=true`` a restarted run loads it, recomputes the epoch's batch
-  permutation (a function of ``seed`` and the epoch only) and continues; the final metrics equal
-  those of an uninterrupted run;
-* ``figures/loss_curve.png`` and ``summary.json`` (final metrics, wall-clock, time per step).
+* ``checkpoints/last.pt`` after the first evaluation, every ``checkpoint_every`` steps and at the end:
+  model, optimizer (its state includes the curvature), LR scheduler, torch/numpy/python RNG states,
+  step, elapsed time, skipped steps, the logger's rows and the W&B run id. With ``resume=true`` a
+  restarted run loads it, recomputes the epoch's batch permutation (a function of ``seed`` and the
+  epoch only) and continues the same record and the same W&B run; the final metrics equal those of
+  an uninterrupted run;
+* ``figures/loss_curve.png`` and ``summary.json`` (final metrics, wall-clock, time per step,
+  ``skipped_steps``, ``status``).
+
+A step the optimizer skips (non-finite loss, gradient, statistics or solve) is reported on stderr
+outside the progress bar, with the running count. A run that skips more than ``max_skip_fraction``
+of its steps, or diverges, stops: its summary is written and :class:`RunFailed` is raised.
 """
 from __future__ import annotations
 
