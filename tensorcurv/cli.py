@@ -59,4 +59,7 @@ class ValidateConfig(Callback):
 
     def on_run_start(self, config: Any, config_name: str | None = None, **kwargs: Any) -> None:
         if config_name in VALIDATORS:
+            from hydra.core.hydra_config import HydraConfig
+
+            HydraConfig.instance().set_config(config)  # as the job will (${hydra:...} in user keys)
             validate_or_exit(config_name, config)

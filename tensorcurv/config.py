@@ -184,13 +184,16 @@ def _plain(cfg: Any) -> dict[str, Any]:
     """A composed config as plain containers, without Hydra's own ``hydra`` node."""
     try:
         from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=False)
-            cfg.pop("hydra", None)  # its ${hydra:...} interpolations resolve only inside a Hydra job
-            return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)  # type: ignore[return-value]
+        from omegaconf.errors import OmegaConfBaseException
     except ImportError:  # pragma: no cover
-        pass
+        DictConfig = None
+    if DictConfig is not None and isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+        cfg.pop("hydra", None)  # Hydra's own node: its ${hydra:...} values are set when the job starts
+        try:
+            return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)  # type: ignore[return-value]
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"the config does not resolve: {one_line(e)}") from None
     raw = dict(cfg)
     raw.pop("hydra", None)
     return raw

@@ -48,6 +48,7 @@ from tensorcurv import data as data_mod
 from tensorcurv import models, optim, tracking
 from tensorcurv.distributed import launch
 from tensorcurv.config import SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device, validate_train
+from tensorcurv.schema import one_line
 
 class RunFailed(RuntimeError):
     """A run that started and failed (diverged, or skipped more than ``max_skip_fraction`` of its
@@ -76,9 +77,9 @@ def resolve_task(v: Validated, num_classes: int | None) -> str:
     if task == "auto":
         task = "autoencode" if (v.model["name"] in models.AUTOENCODERS or num_classes is None) else "classify"
     if task == "classify" and num_classes is None:
-        raise ValueError(f"task=classify needs labels, but dataset {v.data.name!r} has none; use task=autoencode")
+        raise ConfigError(f"task=classify needs labels, but dataset {v.data.name!r} has none; use task=autoencode")
     if task == "classify" and v.model["name"] in models.AUTOENCODERS:
-        raise ValueError(f"model {v.model['name']!r} is an autoencoder; use task=autoencode")
+        raise ConfigError(f"model {v.model['name']!r} is an autoencoder; use task=autoencode")
     return task
 
 
@@ -171,14 +172,23 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         torch.cuda.set_device(device)
     session = launch.setup(v.raw.get("distributed"), device)  # data parallel (torchrun): rank 0 logs/checkpoints
     rdir = Path(run_dir or t.run_dir or _hydra_run_dir() or Path("outputs") / t.name)
-    rdir.mkdir(parents=True, exist_ok=True)
+    ckpt = rdir / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=False, map_location=device) if (t.resume and ckpt.exists()) else None
+    fingerprint = _fingerprint(v.raw)
+    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:  # before anything is written
+        raise ConfigError(f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
+                          f"or choose another run directory")
     if t.threads:
         torch.set_num_threads(t.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[t.dtype]
 
     d = v.data
-    splits = data_mod.load(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                           normalize=d.normalize, seed=t.seed, dtype=dtype, download=d.download, limit=d.limit)
+    try:
+        splits = data_mod.load(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction,
+                               test_fraction=d.test_fraction, normalize=d.normalize, seed=t.seed, dtype=dtype,
+                               download=d.download, limit=d.limit)
+    except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
+        raise ConfigError(f"data ({d.name}): {one_line(e)}") from None
     task = resolve_task(v, splits.num_classes)
 
     def targets(split):
@@ -192,12 +202,18 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     np.random.seed(t.seed)
     random.seed(t.seed)
     mkw = {k: val for k, val in v.model.items() if k != "name"}
-    model = models.build(v.model["name"], splits.input_shape,
-                         splits.num_classes if task == "classify" else None, **mkw).to(device=device, dtype=dtype)
+    try:  # the input shape is known only now (e.g. a cnn on non-image data)
+        model = models.build(v.model["name"], splits.input_shape,
+                             splits.num_classes if task == "classify" else None, **mkw).to(device=device, dtype=dtype)
+    except ValueError as e:
+        raise ConfigError(f"model ({v.model['name']}) on {d.name}: {one_line(e)}") from None
     if v.optim["name"] in SECOND_ORDER:
         check_blocks(model, v.curvature)
     loss_fn = nn.CrossEntropyLoss() if task == "classify" else nn.MSELoss()
-    session.check_batch(min(t.batch_size, len(Xtr)))
+    try:
+        session.check_batch(min(t.batch_size, len(Xtr)))
+    except ValueError as e:
+        raise ConfigError(one_line(e)) from None
     opt_model, dist_kw = session.for_optimizer(model, v.optim["name"])
     opt = optim.build(v.optim["name"], opt_model, loss_fn, **v.optimizer_kwargs(), **dist_kw)
 
@@ -206,15 +222,10 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     total = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
     sched = optim.schedules.build(opt.optimizer, v.schedule.name, total, **v.schedule.kwargs)
 
+    rdir.mkdir(parents=True, exist_ok=True)  # the first file of the run
     if session.is_main:
         (rdir / "config.yaml").write_text(_to_yaml(v.raw))
     record = tracking.CsvLogger(rdir if session.is_main else rdir / f".rank{session.rank}")
-    ckpt = rdir / "checkpoints" / "last.pt"
-    state = torch.load(ckpt, weights_only=False, map_location=device) if (t.resume and ckpt.exists()) else None
-    fingerprint = _fingerprint(v.raw)
-    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:
-        raise ConfigError(f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
-                          f"or choose another run directory")
     ext = None
     if v.logger.kind != "csv" and session.is_main:
         lcfg = {k: val for k, val in vars(v.logger).items()}
@@ -302,7 +313,8 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
                            f"max_skip_fraction={t.max_skip_fraction:g}); last: {_skip_reason(info)}")
                 break
             if bad_steps >= 10 or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                failure = f"training diverged at step {step} (loss={loss}); lower the learning rate or raise the damping"
+                failure = (f"training diverged at step {step} (loss={loss}); lower the learning rate or raise "
+                           f"the damping")
                 break
             if step % t.checkpoint_every == 0 and step < total:
                 elapsed += time.perf_counter() - t_start
@@ -345,7 +357,8 @@ def _skip_reason(info: dict[str, Any]) -> str:
 
 
 def _summary(v: Validated, rows: Sequence[dict[str, Any]], *, device: torch.device, task: str, step: int, spe: int,
-             bs: int, model: nn.Module, elapsed: float, skipped: int, failure: str | None, rdir: Path) -> dict[str, Any]:
+             bs: int, model: nn.Module, elapsed: float, skipped: int, failure: str | None, rdir: Path
+             ) -> dict[str, Any]:
     """``summary.json``: the run's identity, its final evaluation, timings and skipped steps."""
     t = v.train
     step_times = [r["step_time"] for r in rows if "step_time" in r]

@@ -113,7 +113,8 @@ def check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any] | None = 
         raise ConfigError(f"{key}=None is not allowed; expected {_describe(tp, meta)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}={value!r} must be a group of keys ({', '.join(f.name for f in dataclasses.fields(tp))})")
+            keys = ", ".join(f.name for f in dataclasses.fields(tp))
+            raise ConfigError(f"{key}={value!r} must be a group of keys ({keys})")
         return check(key, tp, value)
     origin = typing.get_origin(tp) or tp
     if origin in (list, tuple, Sequence):

@@ -151,5 +151,6 @@ def test_wandb_resumed_run_is_the_same_offline_run_with_every_step_once(tmp_path
     assert ids == [run_id]
     assert sorted(history) == list(range(13))
     local = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {r["step"]: r["loss"] for r in local if "loss" in r} == {k: v["loss"] for k, v in history.items() if "loss" in v}
+    local_losses = {r["step"]: r["loss"] for r in local if "loss" in r}
+    assert local_losses == {k: v["loss"] for k, v in history.items() if "loss" in v}
     assert history[12]["test_acc"] == next(r["test_acc"] for r in reversed(local) if "test_acc" in r)

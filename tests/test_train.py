@@ -106,7 +106,8 @@ SKIPPING = ["optim=sgd", "optim.lr=1e38"]
 def test_run_that_skips_most_steps_fails_and_still_writes_the_summary(tmp_path):
     from tensorcurv.experiment import RunFailed
 
-    with pytest.raises(RunFailed, match=r"^7 of the run's 12 steps skipped by step 8 \(more than max_skip_fraction=0.5\)"):
+    expected = r"^7 of the run's 12 steps skipped by step 8 \(more than max_skip_fraction=0.5\)"
+    with pytest.raises(RunFailed, match=expected):
         run_training(cfg_for(*SKIPPING, "epochs=4"), run_dir=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["skipped_steps"], summary["steps"]) == (7, 8)
@@ -183,6 +184,24 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     run_training(cfg_for("optim=adam"), run_dir=tmp_path)
     with pytest.raises(ConfigError, match="different config"):
         run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
+
+
+def test_refused_resume_leaves_the_run_untouched(tmp_path):
+    from tensorcurv.config import ConfigError
+
+    run_training(cfg_for("optim=adam"), run_dir=tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "metrics.csv")}
+    with pytest.raises(ConfigError, match="different config"):
+        run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_model_that_does_not_fit_the_input_is_a_config_error_before_any_file(tmp_path):
+    from tensorcurv.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model \(cnn\) on digits: cnn: input .* too small for 4 pooling stages"):
+        run_training(cfg_for("model=cnn", "model.channels=[4,4,4,4]"), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_demo_prints_table_and_writes_png_and_markdown(tmp_path, capsys):
