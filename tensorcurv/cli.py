@@ -6,8 +6,9 @@ composed config before anything is written, and one-line errors with a nonzero e
   creates the run directory; a bad value prints ``error: <one line>`` to stderr and exits with 2.
   In a multirun each job's config is validated by the script itself, before any work.
 * :func:`validate_or_exit` does the same from inside a script.
-* :func:`report_errors` turns a :class:`~tensorcurv.config.ConfigError` (exit 2) or a failed run
-  (:class:`~tensorcurv.experiment.RunFailed`, exit 1) raised by the script's body into that one line.
+* :func:`report_errors` turns a :class:`~tensorcurv.config.ConfigError` or a Hydra override error of
+  the compose API (exit 2), or a failed run (:class:`~tensorcurv.experiment.RunFailed`, exit 1),
+  raised by the script's body into that one line.
 """
 from __future__ import annotations
 
@@ -44,11 +45,13 @@ def validate_or_exit(primary: str, cfg: Any) -> Any:
 @contextmanager
 def report_errors() -> Iterator[None]:
     """Within: a ConfigError exits with 2, a failed run (``RunFailed``) with 1, each as one line."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
     from tensorcurv.experiment import RunFailed
 
     try:
         yield
-    except ConfigError as e:
+    except (ConfigError, ConfigCompositionException, OverrideParseException) as e:  # compose-API overrides
         fail(str(e), CONFIG_ERROR_EXIT)
     except RunFailed as e:
         fail(str(e), RUN_FAILED_EXIT)
