@@ -35,7 +35,8 @@ def main(cfg: DictConfig) -> None:
     import torch
 
     from tensorcurv import report, study, tracking
-    from tensorcurv.cli import CONFIG_ERROR_EXIT, fail, validate_or_exit
+    from tensorcurv.cli import CONFIG_ERROR_EXIT, fail, report_errors, validate_or_exit
+    from tensorcurv.config import check_study_data
 
     plain = validate_or_exit("study", cfg)  # one line and exit 2 before any work
     out = Path(cfg.report_dir or ROOT / "reports" / cfg.name)
@@ -44,6 +45,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.render_only and not (out / "metrics.csv").exists():
         fail(f"render_only=true but {out} has no metrics.csv; run the study first (without render_only)",
              CONFIG_ERROR_EXIT)
+    if not cfg.render_only:
+        with report_errors():
+            check_study_data(plain)  # the dataset loads and has labels, the model fits it, spectrum_layer exists
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from tensorcurv.schema import ConfigError, check, check_keys, check_value, one_l
 
 __all__ = ["ConfigError", "DataConfig", "LoggerConfig", "ScheduleConfig", "StudyConfig", "TrainConfig",
            "UnlearnConfig", "Validated", "check_blocks", "resolve_device", "validate_model", "validate_structure",
-           "validate_study", "validate_train", "validate_unlearn"]
+           "check_study_data", "validate_study", "validate_train", "validate_unlearn"]
 
 DTYPES = ("float32", "float64")
 TASKS = ("auto", "classify", "autoencode")
@@ -390,7 +390,8 @@ class StudySettings:
     spectral: bool = spec(True)
     spectral_max_iter: int = spec(80, ge=1)
     spectral_tol: float = spec(1e-6, gt=0)
-    spectrum_layer: str | None = spec(None)
+    spectrum_layer: str | int | None = spec(None)
+    """Layer (module name) of the eigenvalue plot; None: the first covered layer."""
     spectrum_k: int = spec(60, ge=1)
     chunk: int = spec(128, ge=1)
     solve_repeats: int = spec(1, ge=1)
@@ -441,7 +442,34 @@ def validate_study(cfg: Any) -> dict[str, Any]:
         make_variants(picked, s.study.hparams, s.study.sweeps)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"study.hparams/sweeps: {one_line(e)}") from None
+    if s.study.spectrum_layer is not None:  # layer names are module names ("1", "features.0"): keep them strings
+        raw["study"]["spectrum_layer"] = str(s.study.spectrum_layer)
     return raw
+
+
+def check_study_data(raw: Mapping[str, Any]) -> None:
+    """What a validated study config can only show with its data: the dataset loads and has labels, the
+    model fits its inputs, and ``study.spectrum_layer`` names a covered layer. Raises :class:`ConfigError`."""
+    from tensorcurv import Curvature, data, models
+
+    d = dict(raw["data"])
+    name = d.pop("name")
+    try:
+        splits = data.load(name, seed=raw["seed"], **d)
+    except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
+        raise ConfigError(f"data ({name}): {one_line(e)}") from None
+    if splits.num_classes is None:
+        raise ConfigError(f"data.name={name!r} has no labels, and the study trains a classifier; choose a labelled "
+                          f"dataset")
+    m = dict(raw["model"])
+    try:
+        model = models.build(m.pop("name"), splits.input_shape, splits.num_classes, **m)
+    except ValueError as e:
+        raise ConfigError(f"model ({raw['model']['name']}) on {name}: {one_line(e)}") from None
+    layer = raw["study"].get("spectrum_layer")
+    if layer is not None:
+        layers = list(Curvature(model, "diagonal", "ggn").adapters)
+        check_value("study.spectrum_layer", str(layer), str, {"choices": layers, "what": "a covered layer"})
 
 
 # ------------------------------------------------------------------ scripts/unlearn.py

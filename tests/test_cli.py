@@ -104,6 +104,36 @@ def test_default_config_is_valid(primary):
     VALIDATORS[primary](compose_cfg(primary))
 
 
+def study_data_error(*overrides) -> str:
+    from tensorcurv.config import check_study_data
+
+    with pytest.raises(ConfigError) as e:
+        check_study_data(validate_study(compose_cfg("study", overrides)))
+    return str(e.value)
+
+
+def test_study_spectrum_layer_must_be_a_covered_layer():
+    assert study_data_error("study.spectrum_layer=2") == (
+        "study.spectrum_layer='2' is not a covered layer; valid: 1, 3, 5")
+
+
+def test_study_model_that_does_not_fit_the_data_is_refused():
+    assert study_data_error("model=cnn", "model.channels=[4,4,4,4]").startswith("model (cnn) on digits: ")
+
+
+def test_study_dataset_without_its_files_is_refused(tmp_path):
+    msg = study_data_error("data=mnist", f"data.data_dir={tmp_path}", "data.download=false")
+    assert msg.startswith("data (mnist): dataset 'mnist': missing ") and str(tmp_path) in msg
+
+
+def test_study_data_check_accepts_the_default_and_a_numeric_layer_name():
+    from tensorcurv.config import check_study_data
+
+    raw = validate_study(compose_cfg("study", ["study.spectrum_layer=3"]))
+    assert raw["study"]["spectrum_layer"] == "3"
+    check_study_data(raw)
+
+
 def test_resume_accepts_strict_booleans():
     assert validate_train(compose_cfg("train", ["resume=false"])).train.resume is False
     assert validate_train(compose_cfg("train", ["resume=true"])).train.resume is True
