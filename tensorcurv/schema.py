@@ -78,6 +78,8 @@ def _bounds(meta: Mapping[str, Any]) -> str:
 
 
 def _scalar_ok(tp: Any, v: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_scalar_ok(t, v) for t in typing.get_args(tp))
     if tp is bool:
         return v is True or v is False
     if tp is int:
@@ -106,6 +108,7 @@ def _choices(meta: Mapping[str, Any]) -> list | None:
 def check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any] | None = None) -> Any:
     """Check one value against its type and constraints; returns it (a nested schema: its dataclass)."""
     meta = meta or {}
+    declared = tp
     tp, optional = _split_optional(tp)
     if value is None:
         if optional or tp is Any:
@@ -120,7 +123,7 @@ def check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any] | None = 
     if origin in (list, tuple, Sequence):
         (item,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)) or not all(_scalar_ok(item, x) for x in value):
-            raise ConfigError(f"{key}={value!r} must be {_describe(tp, meta)}")
+            raise ConfigError(f"{key}={value!r} must be {_describe(declared, meta)}")
         if meta.get("length") is not None and len(value) != meta["length"]:
             raise ConfigError(f"{key}={value!r} must be {_describe(tp, meta)}")
         if meta.get("nonempty") and not value:
@@ -136,7 +139,7 @@ def check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any] | None = 
             raise ConfigError(f"{key}={value!r} must be a mapping {{key: value}}")
         return dict(value)
     if not _scalar_ok(tp, value) or not _in_range(value, meta):
-        raise ConfigError(f"{key}={value!r} must be {_describe(tp, meta)}")
+        raise ConfigError(f"{key}={value!r} must be {_describe(declared, meta)}")
     _check_choice(f"{key}={value!r}", value, meta)
     return value
 
@@ -162,6 +165,8 @@ def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
         text += f" {rng}" if rng else ""
         if valid is not None:
             text += f" from: {', '.join(map(str, valid))}"
+    elif typing.get_origin(tp) in (typing.Union, types.UnionType):
+        text = " or ".join(_NOUN.get(t, getattr(t, "__name__", str(t))) for t in typing.get_args(tp))
     else:
         text = _NOUN.get(tp, getattr(tp, "__name__", str(tp))) + (f" {rng}" if rng else "")
     return text + (" or null" if optional else "")
