@@ -72,7 +72,9 @@ class CrossEntropy(LossSpec):
         return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
-        p = outputs.detach().softmax(dim=-1)
+        # a row with NaN/Inf logits has no distribution (softmax is NaN): draw uniformly there instead
+        # of failing in multinomial; its gradient p − onehot stays NaN, so the fit refuses the batch
+        p = outputs.detach().softmax(dim=-1).nan_to_num_(nan=1.0)
         if generator is not None and generator.device != p.device:  # a CPU generator keeps runs reproducible on GPU
             return torch.multinomial(p.cpu(), 1, generator=generator).squeeze(-1).to(p.device)
         return torch.multinomial(p, 1, generator=generator).squeeze(-1)

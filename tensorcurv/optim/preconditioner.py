@@ -47,6 +47,7 @@ from tensorcurv.distributed import DistributedCurvature
 from tensorcurv.distributed import resolve as resolve_distributed
 from tensorcurv.distributed.reduce import sync_step
 from tensorcurv.losses import as_loss_spec
+from tensorcurv.stats import NonFiniteError
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt
 
 
@@ -185,7 +186,13 @@ class Preconditioner:
             return loss
         if res is not None:
             decay = scheduled_decay(self.decay, self.decay_schedule, self.curvature.num_updates + 1)
-            self.curvature.fit_capture(inputs, res, decay)
+            try:  # e.g. finite statistics whose fitted factors overflow: every block is left unchanged
+                self.curvature.fit_capture(inputs, res, decay)
+            except NonFiniteError as e:
+                if gen is not None:
+                    gen.set_state(gen_state)
+                self._skip(str(e))
+                return loss
         if self.solver is not self.curvature and t % self.inverse_interval == 0:
             self.solver.load_state_dict(self.curvature.state_dict())
         self.info = {"skipped": False, "loss": float(loss), "stats": stats_due,
@@ -210,10 +217,14 @@ class Preconditioner:
                     p.grad = torch.zeros_like(p)
             grads = [p.grad for p in params]
         gPg = None
-        if self.kl_clip is None and self._in_place:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
-            pg = self.solver.solve(grads, damping=lam, out=grads)
-        else:
-            pg = self.solver.solve(grads, damping=lam)
+        try:
+            if self.kl_clip is None and self._in_place:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
+                pg = self.solver.solve(grads, damping=lam, out=grads)
+            else:
+                pg = self.solver.solve(grads, damping=lam)
+        except NonFiniteError as e:  # Curvature.solve checks its result
+            self._skip(str(e))
+            return False
         if self.kl_clip is not None:
             # ⟨g, Δ⟩ doubles as the finiteness check of Δ: g is finite, so a NaN/Inf entry of Δ makes the sum
             # non-finite (NaN, or ±Inf); only then are the parameters scanned one by one to name them
