@@ -430,8 +430,8 @@ class Curvature:
         names = list(dict.fromkeys(where[i] for i in bad))
         why = "non-finite gradients, or a block that is not positive definite at this damping"
         if grads is not None:  # not in place: the input tells which
-            bad_in = nonfinite(enumerate(self._as_list(grads)))
-            why = ("their gradients are non-finite" if set(bad) <= set(bad_in) else
+            bad_in = {where[i] for i in nonfinite(enumerate(self._as_list(grads)))}
+            why = ("their gradients are non-finite" if set(names) <= bad_in else
                    "the damped block is not invertible (an indefinite structure?); raise the damping")
         raise NonFiniteError(f"solve(damping={damping:g}) is non-finite for layer(s) {names}: {why}")
 

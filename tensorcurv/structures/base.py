@@ -168,13 +168,25 @@ class Structure(ABC):
 
 
 def fit_blocks(blocks: dict[str, "Structure"], stats, decay: float | None) -> None:
-    """Fit (``decay=None``) or running-average every block from its layer's statistics, timing each."""
+    """Fit (``decay=None``) or running-average every block from its layer's statistics, timing each.
+
+    A decomposition that fails inside a fit (``torch.linalg.LinAlgError``: in practice factors that
+    overflowed to Inf/NaN although ``a`` and ``g`` are finite) raises :class:`NonFiniteError` naming
+    the layer; undoing the blocks fitted before it is the caller's job (``Curvature`` does)."""
     for name, block in blocks.items():
         t0 = time.perf_counter()
-        if decay is None:
-            block.fit(stats[name])
-        else:
-            block.update(stats[name], decay)
+        st = stats[name]
+        try:
+            if decay is None:
+                block.fit(st)
+            else:
+                block.update(st, decay)
+        except torch.linalg.LinAlgError as e:
+            reason = str(e).splitlines()[0]
+            raise NonFiniteError(
+                f"layer {name!r}: the {block.name} fit failed ({reason}); max |a| = {float(st.a.abs().max()):.3g}, "
+                f"max |g| = {float(st.g.abs().max()):.3g} in {st.a.dtype}: products this large overflow"
+            ) from e
         block.fit_time = time.perf_counter() - t0
 
 
