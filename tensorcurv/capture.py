@@ -33,7 +33,7 @@ KINDS = ("empirical", "mc", "ggn")
 def check_kind(kind: str, mc_samples: int = 1) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown curvature kind {kind!r}; valid kinds: {list(KINDS)}")
-    if not (isinstance(mc_samples, int) and mc_samples >= 1):
+    if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
         raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
 
 

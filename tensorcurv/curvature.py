@@ -93,6 +93,8 @@ class Curvature:
         check_model(model)
         if fallback not in FALLBACKS:
             raise ValueError(f"unknown fallback {fallback!r}; valid: {list(FALLBACKS)}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         cls = structures.get(structure)
         hparams = structures.make_hparams(structure, **structure_hparams)
         self.model, self.structure, self.kind = model, structure, kind

@@ -399,3 +399,31 @@ def test_layer_with_frozen_bias_and_trained_weight_goes_to_the_fallback():
     assert "bias is frozen" in {r["param"]: r for r in curv.coverage()}["0.weight"]["why"]
     g = grads_like(curv)
     assert torch.equal(curv.solve(g, damping=1e-3)[0], g[0])  # identity fallback
+
+
+def test_mse_targets_that_would_broadcast_are_refused():
+    x, _ = data()
+    with pytest.raises(ValueError, match=r"MSE targets of shape \(16, 1\) do not match the model outputs"):
+        tensorcurv.Curvature(mlp()).update(x, torch.zeros(16, 1), nn.MSELoss())
+
+
+def test_mse_targets_with_the_per_sample_size_of_the_outputs_are_accepted_and_equal_flat_ones(float64_default):
+    model = nn.Sequential(nn.Linear(5, 6), nn.Unflatten(1, (2, 3)))  # outputs (N, 2, 3)
+    x, _ = data(dtype=torch.float64)
+    t = torch.randn(16, 2, 3)
+    a, b = tensorcurv.Curvature(model, "dense"), tensorcurv.Curvature(model, "dense")
+    a.update(x, t, nn.MSELoss())
+    b.update(x, t.flatten(1), nn.MSELoss())
+    assert torch.equal(a.blocks["0"].to_dense(), b.blocks["0"].to_dense())
+
+
+def test_soft_label_cross_entropy_targets_are_refused():
+    x, _ = data()
+    with pytest.raises(ValueError, match="integer class indices of shape"):
+        tensorcurv.Curvature(mlp()).update(x, torch.full((16, 3), 1 / 3), CE)
+
+
+@pytest.mark.parametrize("kw", [{"mc_samples": True}, {"seed": "abc"}, {"seed": -1}])
+def test_non_integer_mc_samples_or_seed_are_refused(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        tensorcurv.Curvature(mlp(), "kfac", "mc", **kw)
