@@ -211,15 +211,17 @@ def check_decay(decay: float) -> None:
 
 
 def nonfinite(named: Iterable[tuple[Any, Tensor]]) -> list[Any]:
-    """Names of the tensors holding NaN/±Inf. One host sync when all are finite: the largest
-    ``|x|`` of every tensor (``vector_norm(ord=inf)``: no overflow, NaN propagates) in one max."""
+    """Names of the tensors holding NaN/±Inf. Fast path: one sum per tensor and one host sync (a
+    NaN or ±Inf anywhere makes the sum non-finite); only if some sum is non-finite (or overflowed)
+    are those tensors checked element by element."""
     named = [(k, t) for k, t in named if t is not None and t.numel() > 0 and t.is_floating_point()]
     if not named:
         return []
-    peaks = [torch.linalg.vector_norm(t, ord=math.inf).to(named[0][1].device, torch.float64) for _, t in named]
-    if math.isfinite(float(torch.stack(peaks).max())):
+    sums = torch.stack([t.sum().to(named[0][1].device, torch.float64) for _, t in named])
+    if math.isfinite(float(sums.sum())):
         return []
-    return [k for (k, _), p in zip(named, peaks) if not math.isfinite(float(p))]
+    return [k for (k, t), f in zip(named, torch.isfinite(sums).tolist())
+            if not f and not bool(torch.isfinite(t).all())]
 
 
 def check_state_finite(structures: dict[str, "Structure"]) -> None:
