@@ -220,6 +220,42 @@ def test_overflowing_fit_raises_naming_the_layer_and_leaves_every_block_bit_iden
     assert_same_state(flat_state(curv.state_dict()), before)
 
 
+@pytest.mark.parametrize("decay", [None, 0.9], ids=["fit", "running_average"])
+@pytest.mark.parametrize("structure", ALL_STRUCTURES)
+def test_a_failing_later_block_rolls_back_the_blocks_fitted_before_it_bit_for_bit(structure, decay):
+    """Block "0" is refitted (warm starts, random generators advance) before block "2" fails."""
+    curv = fitted(structure)
+    before = flat_state(curv.state_dict())
+
+    def failing_fit(*args, **kwargs):
+        raise NonFiniteError("injected failure")
+
+    curv.blocks["2"].fit = curv.blocks["2"].update = failing_fit
+    with pytest.raises(NonFiniteError, match="injected failure"):
+        curv.update(*data(seed=7), CE, decay=decay)
+    del curv.blocks["2"].fit, curv.blocks["2"].update
+    assert_same_state(flat_state(curv.state_dict()), before)
+
+
+@pytest.mark.parametrize("structure", ALL_STRUCTURES)
+def test_a_failing_first_update_leaves_every_block_unfitted_with_its_random_generator_untouched(structure):
+    """Random starts draw from a per-block generator during the first fit (kron_sum at rank 2 here)."""
+    curv = tensorcurv.Curvature(mlp(), structure, seed=0, **({"rank": 2} if structure == "kron_sum" else {}))
+    before = flat_state(curv.state_dict())
+    gens = {k: b.generator.get_state() for k, b in curv.blocks.items() if hasattr(b, "generator")}
+
+    def failing_fit(*args, **kwargs):
+        raise NonFiniteError("injected failure")
+
+    curv.blocks["2"].fit = curv.blocks["2"].update = failing_fit
+    with pytest.raises(NonFiniteError, match="injected failure"):
+        curv.update(*data(seed=7), CE)
+    del curv.blocks["2"].fit, curv.blocks["2"].update
+    assert not curv.fitted and not curv.blocks["0"].fitted
+    assert_same_state(flat_state(curv.state_dict()), before)
+    assert all(torch.equal(curv.blocks[k].generator.get_state(), g) for k, g in gens.items())
+
+
 def test_huge_finite_inputs_that_overflow_the_kfac_factor_raise_naming_the_layer():
     """The reported case: inputs of 1e20 pass the finiteness check of a and g, but A = aᵀa overflows."""
     curv = fitted("kfac")
