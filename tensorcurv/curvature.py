@@ -309,8 +309,12 @@ class Curvature:
             raise ValueError(f"expected {len(self.params)} gradient tensors (one per trainable parameter), "
                              f"got {len(grads)}")
         for (n, p), g in zip(self.named_params, grads):
+            if not isinstance(g, Tensor):
+                raise TypeError(f"gradient for {n} must be a tensor, got {type(g).__name__}")
             if g.shape != p.shape:
                 raise ValueError(f"gradient for {n} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
+            if g.dtype != p.dtype:
+                raise ValueError(f"gradient for {n} is {g.dtype}, parameter is {p.dtype}")
         return grads
 
     def _layout(self) -> tuple[list[tuple[str, LayerAdapter, list[int]]], list[tuple[str, int]]]:

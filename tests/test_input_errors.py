@@ -463,3 +463,11 @@ def test_soft_label_cross_entropy_targets_are_refused():
 def test_non_integer_mc_samples_or_seed_are_refused(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         tensorcurv.Curvature(mlp(), "kfac", "mc", **kw)
+
+
+def test_gradient_of_another_dtype_is_refused():
+    curv = fitted()
+    g = grads_like(curv)
+    g[1] = g[1].double()
+    with pytest.raises(ValueError, match="gradient for 0.bias is torch.float64, parameter is torch.float32"):
+        curv.solve(g, damping=1e-3)

@@ -25,7 +25,9 @@ documents otherwise). Schedule of the work:
 
 Robustness: a non-finite loss, gradient or statistic skips the step *before* any curvature
 block, counter or RNG state changes (all ``p.grad`` are set to ``None``, so a following
-``opt.step()`` is a no-op) and warns naming the parameter or layer. A non-finite solve (only
+``opt.step()`` is a no-op) and warns naming the parameter or layer. So does a fit whose result is
+non-finite although the statistics are finite (``NonFiniteError`` from ``fit_capture``, e.g. an
+overflowing ``aᵀa``; ``Curvature`` has rolled every block back). A non-finite solve (only
 possible for an indefinite structure) also skips the step and warns; the statistics of that
 step are kept.
 """
