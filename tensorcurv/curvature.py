@@ -27,6 +27,7 @@ the layer, instead of returning NaN/Inf.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +45,12 @@ from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, check_dampin
                                         check_state_finite, fit_blocks, nonfinite)
 
 FALLBACKS = ("identity", "diagonal")
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class CoupledSamplesWarning(UserWarning):
+    """A layer mixes the samples of a batch (BatchNorm in training mode): the captured per-sample
+    statistics, hence every block, are not the GGN/Fisher of the model."""
 
 
 def check_model(model: nn.Module) -> None:
@@ -152,6 +159,7 @@ class Curvature:
         # optional batched cache refresh of many blocks before a solve (e.g. KFAC.refresh)
         self._refresh = getattr(cls, "refresh", None) if cls.scope != "model" else None
         self.fallback_diag: dict[str, Tensor] = {}
+        self._batch_norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
         self.last_capture_time = 0.0
         self.last_fit_time = 0.0
         self.num_updates = 0
@@ -181,6 +189,10 @@ class Curvature:
         """Forward + backward; statistics of every covered layer (no fitting)."""
         spec = as_loss_spec(loss_fn)
         check_dtypes(self.named_params)  # (the model may have been converted since construction)
+        if any(m.training for m in self._batch_norms):
+            warnings.warn("BatchNorm in training mode couples the samples of a batch: the per-sample statistics, "
+                          "and every block, are not the model's GGN/Fisher (capture in eval mode, or use GroupNorm)",
+                          CoupledSamplesWarning, stacklevel=3)
         t0 = time.perf_counter()
         res = capture(self.model, self.adapters, inputs, targets, spec, self.kind, self.mc_samples,
                       self.generator, grad_params=self.params if accumulate_grad else None)

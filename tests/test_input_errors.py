@@ -471,3 +471,21 @@ def test_gradient_of_another_dtype_is_refused():
     g[1] = g[1].double()
     with pytest.raises(ValueError, match="gradient for 0.bias is torch.float64, parameter is torch.float32"):
         curv.solve(g, damping=1e-3)
+
+
+def bn_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def test_batchnorm_in_training_mode_warns_that_samples_are_coupled():
+    from tensorcurv.curvature import CoupledSamplesWarning
+    with pytest.warns(CoupledSamplesWarning, match="BatchNorm in training mode"):
+        tensorcurv.Curvature(bn_mlp().train()).update(*data(), CE)
+
+
+def test_batchnorm_in_eval_mode_captures_without_warning():
+    from tensorcurv.curvature import CoupledSamplesWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoupledSamplesWarning)
+        tensorcurv.Curvature(bn_mlp().eval()).update(*data(), CE)
