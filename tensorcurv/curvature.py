@@ -484,6 +484,14 @@ class Curvature:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = ("structure", "kind", "num_updates", "fallback_diag", "generator",
+                "model_structure" if self.model_structure is not None else "blocks")
+        missing = [k for k in keys if not isinstance(state, Mapping) or k not in state]
+        if missing:
+            raise ValueError(f"not a Curvature.state_dict(): missing {missing}")
+        if self.model_structure is None and set(state["blocks"]) != set(self.blocks):
+            raise ValueError(f"state is for the layers {sorted(state['blocks'])}; this curvature covers "
+                             f"{sorted(self.blocks)} (another model?)")
         if state["structure"] != self.structure or state["kind"] != self.kind:
             raise ValueError(f"state is for structure={state['structure']!r}, kind={state['kind']!r}; "
                              f"this curvature is {self.structure!r}, {self.kind!r}")

@@ -489,3 +489,15 @@ def test_batchnorm_in_eval_mode_captures_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", CoupledSamplesWarning)
         tensorcurv.Curvature(bn_mlp().eval()).update(*data(), CE)
+
+
+def test_load_state_dict_of_something_else_is_refused():
+    with pytest.raises(ValueError, match=r"not a Curvature.state_dict\(\): missing"):
+        tensorcurv.Curvature(mlp()).load_state_dict({"structure": "kfac"})
+
+
+def test_load_state_dict_of_another_model_is_refused_naming_the_layers():
+    other = tensorcurv.Curvature(nn.Sequential(nn.Linear(5, 3)))
+    other.update(*data(), CE)
+    with pytest.raises(ValueError, match=r"state is for the layers \['0'\]; this curvature covers \['0', '2'\]"):
+        tensorcurv.Curvature(mlp()).load_state_dict(other.state_dict())
