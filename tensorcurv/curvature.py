@@ -424,6 +424,7 @@ class Curvature:
         :class:`NonFiniteError` naming the layers (an in-place solve has then overwritten ``out``).
         """
         check_damping(damping)
+        damping = float(damping)  # (a NumPy scalar is fine)
         self._check_fitted()
 
         def fb(n, v):

@@ -501,3 +501,11 @@ def test_load_state_dict_of_another_model_is_refused_naming_the_layers():
     other.update(*data(), CE)
     with pytest.raises(ValueError, match=r"state is for the layers \['0'\]; this curvature covers \['0', '2'\]"):
         tensorcurv.Curvature(mlp()).load_state_dict(other.state_dict())
+
+
+def test_numpy_scalar_damping_is_accepted_and_equals_the_python_float():
+    np = pytest.importorskip("numpy")
+    curv = fitted()
+    g = grads_like(curv)
+    ref = curv.solve(g, damping=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(curv.solve(g, damping=np.float64(1e-3)), ref))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Iterable
 from abc import ABC, abstractmethod
@@ -191,7 +192,8 @@ def fit_blocks(blocks: dict[str, "Structure"], stats, decay: float | None) -> No
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def check_damping(damping: float, allow_zero: bool = False) -> None:
