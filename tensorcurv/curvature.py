@@ -261,8 +261,8 @@ class Curvature:
         if self._transaction_depth:
             yield
             return
-        structures = ([self.model_structure] if self.model_structure is not None else []) + list(self.blocks.values())
-        snaps = [(s, s.snapshot()) for s in structures]
+        owners = ([self.model_structure] if self.model_structure is not None else []) + list(self.blocks.values())
+        snaps = [(s, s.snapshot()) for s in owners]
         fallback_diag = dict(self.fallback_diag)
         self._transaction_depth += 1
         try:

@@ -27,8 +27,8 @@ import dataclasses
 import math
 import numbers
 import time
-from collections.abc import Iterable
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
