@@ -172,7 +172,7 @@ def validate_structure(curv: Mapping[str, Any], key: str = "curvature") -> Any:
     check_value(f"{key}.name", curv["name"], str, {"choices": structures.names(), "what": "a structure"})
     check_value(f"{key}.kind", curv.get("kind"), str | None, {"choices": _kinds(), "what": "a curvature kind"})
     d = curv.get("damping")
-    check_value(f"{key}.damping", d, float | None, {"ge": 0})
+    check_value(f"{key}.damping", d, float | None, {"gt": 0})
     hp = {k: v for k, v in curv.items() if k not in CURVATURE_KEYS}
     try:
         return structures.make_hparams(curv["name"], **hp)

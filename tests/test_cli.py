@@ -37,6 +37,7 @@ BAD_INPUTS = [
     ("train", ["model.hidden_sizes=abc"], ["model.hidden_sizes='abc'", "list of integers >= 1"]),
     ("train", ["model.hidden_sizes=[-4]"], ["model.hidden_sizes=[-4]", "-4", ">= 1"]),
     ("train", ["model.activation=relu6"], ["model.activation='relu6'", "did you mean 'relu'", "tanh", "softplus"]),
+    ("train", ["curvature.damping=0"], ["curvature.damping=0", "> 0"]),
     ("train", ["model=cnn", "model.channels=[16,0]"], ["model.channels=[16, 0]", ">= 1"]),
     ("train", ["model=conv_autoencoder", "model.channels=[8]"], ["model.channels=[8]", "list of 2 integers"]),
     ("train", ["model=resnet", "model.norm=layer"], ["model.norm='layer'", "group", "batch"]),
