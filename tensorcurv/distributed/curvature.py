@@ -165,11 +165,10 @@ class DistributedCurvature(Curvature):
                 continue
             payload = None
             if comm.rank == r:
-                payload = {k: _cast(blocks[k].tensors(), comm.comm_dtype) for k in mine}
+                payload = {k: _cast_state(blocks[k].state_dict(), comm.comm_dtype) for k in mine}
             payload = comm.broadcast_object(payload, src=r)
             for k in mine:  # the owner too takes the (possibly rounded) broadcast values
-                tensors = {tk: t.to(st[k].a.dtype) if t.is_floating_point() else t for tk, t in payload[k].items()}
-                blocks[k].load_state_dict({"tensors": tensors, "fitted": True})
+                blocks[k].load_state_dict(_cast_state(payload[k], st[k].a.dtype))
 
     def _fit_model_scope(self, st, sizes, decay) -> None:
         """Model-scope structures (``two_level``): rank 0 gathers every layer, fits, broadcasts the state."""
@@ -234,8 +233,13 @@ class DistributedCurvature(Curvature):
         return vals
 
 
-def _cast(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
-    return {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t) for k, t in tensors.items()}
+def _cast_state(state: Mapping[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    """A structure's ``state_dict`` with its floating ``tensors`` in ``dtype`` (None: unchanged); the rest
+    (generator state, PSD bounds, ...) as is, so every rank holds the owner's whole state."""
+    if dtype is None:
+        return dict(state)
+    cast = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in state["tensors"].items()}
+    return {**state, "tensors": cast}
 
 
 def world_batch(x: Tensor, rank: int, world_size: int) -> Tensor:
