@@ -7,7 +7,7 @@
 
 Fit (``fit_stats``): statistics are re-scaled to the global loss scale and reduced per
 structure as described in :mod:`tensorcurv.distributed.reduce` (moments all-reduced; ``ekfac``
-bases from the owner; any other structure gathered and fitted by its owner, tensors broadcast).
+bases from the owner; any other structure gathered and fitted by its owner, its state broadcast).
 Owners come from :mod:`tensorcurv.distributed.assignment` (``assignment="cost"`` or
 ``"round_robin"``), fixed for the run (shapes only), so warm starts stay on one rank.
 
@@ -24,7 +24,10 @@ tensors, preconditioned gradients) in a lower precision; every rank, the owner i
 the rounded values, so the ranks stay identical.
 
 Exactness: for ``kind`` ``ggn`` and ``empirical`` every rank's structure equals the single-process
-fit on the concatenated global batch up to rounding. ``mc`` draws its labels per rank, from the
+fit on the concatenated global batch up to rounding. Over training steps that rounding (the global
+gradient is a sum of per-rank partial sums) is carried on by each structure's own conditioning:
+rounding level for most, far more for ``kron_sum``'s spectral PSD certificate (README
+"Data-parallel training"). ``mc`` draws its labels per rank, from the
 curvature's generator (the same seed on each rank unless the caller seeds per rank), so it is a
 different (equally valid) Monte-Carlo estimate.
 """
