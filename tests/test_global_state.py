@@ -160,3 +160,24 @@ def test_a_training_run_applies_threads_and_seed_for_the_run_only(tmp_path):
         torch.set_num_threads(user_threads)
     assert seen and set(seen) == {1}
     assert [k for k in before if before[k] != after[k]] == []
+
+
+def test_importing_the_library_leaves_global_state_alone():
+    """In a fresh interpreter (imports run once per process). Environment variables and warnings filters
+    are left out: numpy/scipy/sklearn set some on import, which the library cannot prevent."""
+    import subprocess
+    import sys
+
+    probe = ("import numpy, random, tensorly, torch\n"
+             "def state():\n"
+             "    return (torch.get_num_threads(), torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy,\n"
+             "            torch.get_default_dtype(), torch.get_rng_state().tolist(), str(numpy.random.get_state()),\n"
+             "            random.getstate(), tensorly.get_backend(), torch.are_deterministic_algorithms_enabled())\n"
+             "before = state()\n"
+             "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study, tensorcurv.unlearn\n"
+             "import tensorcurv.optim, tensorcurv.distributed, tensorcurv.experiment, tensorcurv.reference_layers\n"
+             "print(before == state())\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
