@@ -29,6 +29,7 @@ of its steps, or diverges, stops: its summary is written and :class:`RunFailed` 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -156,12 +157,31 @@ def loss_figure(rows: Sequence[dict[str, Any]], title: str = ""):
     return fig
 
 
+def _restores_process_state(run: Callable[..., Any]) -> Callable[..., Any]:
+    """A run applies the config's ``threads`` and seeds the torch/numpy/python generators (its explicit
+    settings); the caller gets its own thread count and generator states back afterwards, also on error."""
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        threads, py_state, np_state = torch.get_num_threads(), random.getstate(), np.random.get_state()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                return run(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+    return wrapper
+
+
+@_restores_process_state
 def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str | os.PathLike | None = None
                  ) -> dict[str, Any]:
     """Train as configured by ``cfg`` (a composed ``conf/train.yaml``, DictConfig or dict).
 
     ``callbacks``: called as ``cb(step, metrics)`` after every step (tests use one to interrupt a
-    run). Returns the summary that is also written to ``summary.json``.
+    run). Returns the summary that is also written to ``summary.json``. The config's ``threads`` and
+    ``seed`` hold for the run only: the caller's thread count and RNG states are restored on return.
     """
     v = validate_train(cfg)  # one-line ConfigError before any work
     t = v.train

@@ -57,8 +57,9 @@ def _targets(loss: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=None)
 def _state(net: str, trained: bool) -> dict[str, torch.Tensor]:
     """float64 weights of ``net``: seeded init, then (if ``trained``) ``TRAIN_STEPS`` seeded Adam steps."""
-    torch.manual_seed(0)
-    model, loss, image = _build(net)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global generator
+        torch.manual_seed(0)
+        model, loss, image = _build(net)
     model = model.double()
     if trained:
         x, y = _digits(image)
@@ -75,7 +76,8 @@ def _state(net: str, trained: bool) -> dict[str, torch.Tensor]:
 
 def reference_model(net: str, trained: bool = True, dtype: torch.dtype = torch.float64) -> nn.Module:
     """The reference network ``net`` (see the module doc) in ``dtype``."""
-    model, _, _ = _build(net)
+    with torch.random.fork_rng(devices=[]):  # its init is overwritten: no draw from the caller's generator
+        model, _, _ = _build(net)
     model.load_state_dict(_state(net, trained))
     return model.to(dtype)
 

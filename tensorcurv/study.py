@@ -754,8 +754,9 @@ def _build_model_and_data(cfg: Mapping[str, Any], dtype: torch.dtype):
     dcfg = dict(cfg.get("data") or {})
     splits = tc_data.load(dcfg.pop("name", "digits"), dtype=dtype, seed=int(cfg.get("seed", 0)), **dcfg)
     mcfg = dict(cfg.get("model") or {})
-    torch.manual_seed(int(cfg.get("seed", 0)))
-    model = tc_models.build(mcfg.pop("name", "mlp"), splits.input_shape, splits.num_classes, **mcfg).to(dtype)
+    with torch.random.fork_rng(devices=[]):  # seeded init (torch.nn draws from the global generator), restored after
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        model = tc_models.build(mcfg.pop("name", "mlp"), splits.input_shape, splits.num_classes, **mcfg).to(dtype)
     return splits, model
 
 
@@ -771,15 +772,6 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
     hparams, sweeps, damping_rel, floor_ranks, spectral, spectral_max_iter, spectral_tol,
     spectrum_layer, spectrum_k, chunk, solve_repeats}``. Returns the raw tables (``metrics``, ``floor``,
     ``spectra``, ``training``); every row carries ``step`` and ``kind``."""
-    strategy = torch.backends.opt_einsum.strategy
-    torch.backends.opt_einsum.strategy = "greedy"  # path search of "auto" costs more than the small contractions
-    try:
-        return _run_study(cfg, log)
-    finally:
-        torch.backends.opt_einsum.strategy = strategy
-
-
-def _run_study(cfg: Mapping[str, Any], log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
     dtype = getattr(torch, str(cfg.get("dtype", "float64")))
     scfg, tcfg = dict(cfg.get("study") or {}), dict(cfg.get("train") or {})
     splits, model = _build_model_and_data(cfg, dtype)

@@ -7,7 +7,7 @@
 
 Fit (``fit_stats``): statistics are re-scaled to the global loss scale and reduced per
 structure as described in :mod:`tensorcurv.distributed.reduce` (moments all-reduced; ``ekfac``
-bases from the owner; any other structure gathered and fitted by its owner, tensors broadcast).
+bases from the owner; any other structure gathered and fitted by its owner, its state broadcast).
 Owners come from :mod:`tensorcurv.distributed.assignment` (``assignment="cost"`` or
 ``"round_robin"``), fixed for the run (shapes only), so warm starts stay on one rank.
 
@@ -24,7 +24,10 @@ tensors, preconditioned gradients) in a lower precision; every rank, the owner i
 the rounded values, so the ranks stay identical.
 
 Exactness: for ``kind`` ``ggn`` and ``empirical`` every rank's structure equals the single-process
-fit on the concatenated global batch up to rounding. ``mc`` draws its labels per rank, from the
+fit on the concatenated global batch up to rounding. Over training steps that rounding (the global
+gradient is a sum of per-rank partial sums) is carried on by each structure's own conditioning:
+rounding level for most, far more for ``kron_sum``'s spectral PSD certificate (README
+"Data-parallel training"). ``mc`` draws its labels per rank, from the
 curvature's generator (the same seed on each rank unless the caller seeds per rank), so it is a
 different (equally valid) Monte-Carlo estimate.
 """
@@ -165,11 +168,10 @@ class DistributedCurvature(Curvature):
                 continue
             payload = None
             if comm.rank == r:
-                payload = {k: _cast(blocks[k].tensors(), comm.comm_dtype) for k in mine}
+                payload = {k: _cast_state(blocks[k].state_dict(), comm.comm_dtype) for k in mine}
             payload = comm.broadcast_object(payload, src=r)
             for k in mine:  # the owner too takes the (possibly rounded) broadcast values
-                tensors = {tk: t.to(st[k].a.dtype) if t.is_floating_point() else t for tk, t in payload[k].items()}
-                blocks[k].load_state_dict({"tensors": tensors, "fitted": True})
+                blocks[k].load_state_dict(_cast_state(payload[k], st[k].a.dtype))
 
     def _fit_model_scope(self, st, sizes, decay) -> None:
         """Model-scope structures (``two_level``): rank 0 gathers every layer, fits, broadcasts the state."""
@@ -234,8 +236,13 @@ class DistributedCurvature(Curvature):
         return vals
 
 
-def _cast(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
-    return {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t) for k, t in tensors.items()}
+def _cast_state(state: Mapping[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    """A structure's ``state_dict`` with its floating ``tensors`` in ``dtype`` (None: unchanged); the rest
+    (generator state, PSD bounds, ...) as is, so every rank holds the owner's whole state."""
+    if dtype is None:
+        return dict(state)
+    cast = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in state["tensors"].items()}
+    return {**state, "tensors": cast}
 
 
 def world_batch(x: Tensor, rank: int, world_size: int) -> Tensor:

@@ -20,7 +20,9 @@ Plans, chosen per structure by communication volume (numbers per layer per fit; 
   ``two_level``): the per-sample factors are gathered on the layer's owner (``N·T·(n + K·m)``
   numbers), the owner runs the structure's own ``fit``/``update`` on the global statistics (so any
   fit — power iteration, Gram form, ALS, warm starts — is the single-process computation), and
-  broadcasts ``Structure.tensors()`` (``r(n² + m²)`` for ``kron_sum``). The alternative — making
+  broadcasts the structure's whole ``state_dict()`` (tensors: ``r(n² + m²)`` for ``kron_sum``; plus
+  its start generator and certified PSD intervals, so that every rank, and rank 0's checkpoint,
+  holds what the owner's next ``update`` uses). The alternative — making
   every implicit product ``R(C)x`` an all-reduce of ``n²`` (or ``m²``) numbers — costs
   ``2·iters·p·(n² + m²)`` numbers and ``2·iters`` latency-bound collectives per layer, and needs
   every rank to run the same iteration; gathering wins unless ``N·T·(n + K m)`` exceeds that (large

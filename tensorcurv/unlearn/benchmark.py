@@ -48,8 +48,9 @@ def default_methods(quick: bool = False, lissa_depth: int | None = None) -> list
 
 def build_model(input_shape, num_classes: int, hidden: list[int] | tuple[int, ...] = (), seed: int = 0):
     from tensorcurv import models
-    torch.manual_seed(seed)
-    return models.build("mlp", input_shape, num_classes, hidden_sizes=list(hidden), activation="tanh").double()
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global generator
+        torch.manual_seed(seed)
+        return models.build("mlp", input_shape, num_classes, hidden_sizes=list(hidden), activation="tanh").double()
 
 
 def run(scenario: str, seeds: list[int], *, mu: float = 20.0, hidden=(), methods: list[MethodSpec] | None = None,
