@@ -37,7 +37,7 @@ from tensorcurv.krylov import kron_eig_solve
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import register
 from tensorcurv.structures.tucker import (SplitFormat, SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
-                                          small_threads, _sweeps)
+                                          sym_shift, _sweeps)
 
 
 @dataclass
@@ -111,8 +111,9 @@ class TensorTrain(SplitFormat):
         return cores, {"iterations": it, "converged": change <= hp.tol, "energy_change": change}
 
     def fit(self, stats: LayerStats):
-        with small_threads(self.shape):
-            return self._fit(stats)
+        self._fit(stats)
+        self._repair()
+        return self
 
     def _fit(self, stats: LayerStats):
         self._check_stats(stats)
@@ -150,10 +151,6 @@ class TensorTrain(SplitFormat):
         return None
 
     def _update(self, stats, decay):
-        with small_threads(self.shape):
-            return self._update_inner(stats, decay)
-
-    def _update_inner(self, stats, decay):
         self._check_stats(stats)
         old = [c.clone() for c in self.cores]
         self._fit(stats)
@@ -161,6 +158,7 @@ class TensorTrain(SplitFormat):
         target = _SumTarget([(decay, old), (1 - decay, batch)])
         self.cores, info = self._als(target, batch)
         self.last_fit["update_sweeps"] = info["iterations"]
+        self._repair()
         return self
 
     # ------------------------------------------------------------------ operator
@@ -171,8 +169,7 @@ class TensorTrain(SplitFormat):
         b = [oe.get_symbol(2 * D + l) for l in range(D + 1)]
         return r, c, b
 
-    def mv(self, V):
-        self._check(V)
+    def _format_mv(self, V):
         r, c, b = self._letters()
         D = len(self.cores)
         expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "," + "".join(c) + "->" + "".join(r)
@@ -183,13 +180,13 @@ class TensorTrain(SplitFormat):
         return from_tensor(X, *self.shape)
 
     def to_dense(self, raw: bool = False):
-        """Dense ``½(Ĉ + Ĉᵀ)`` (the represented operator); ``raw=True``: the fitted format ``Ĉ`` itself."""
+        """Dense ``½(Ĉ + Ĉᵀ) + μI`` (the represented operator); ``raw=True``: the fitted format ``Ĉ`` itself."""
         r, c, b = self._letters()
         D = len(self.cores)
         expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "->" + "".join(r) + "".join(c)
         dim = self.shape[0] * self.shape[1]
         M = oe.contract(expr, *self.cores).reshape(dim, dim)
-        return M if raw else 0.5 * (M + M.T)
+        return M if raw else sym_shift(M, self.shift)
 
     def kron_factors(self) -> list[torch.Tensor]:
         """For TT-ranks all 1: the factors ``F_l`` with ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D``."""
@@ -210,14 +207,30 @@ class TensorTrain(SplitFormat):
             P.append(torch.einsum("a,axyb,b->xy", left[0], self.cores[l], right[:, 0]))
         return P, torch.trace(P[0])
 
-    def _solve(self, V, damping):
-        self._check(V, damping)
-        if not self.exact_solve:
-            return self._pcg_solve(V, damping)
+    def _factor_eigh(self):
+        """TT-ranks all 1: eigendecompositions of the (symmetric) factors ``F_l``, cached per fit."""
         if self._pre is None:
             eig = [torch.linalg.eigh(0.5 * (F + F.T)) for F in self.kron_factors()]
             self._pre = ([e for e, _ in eig], [q for _, q in eig])
-        X = kron_eig_solve(*self._pre, as_tensor(V, self.sin, self.sout), damping, floor=None)
+        return self._pre
+
+    def _exact_min_eigenvalue(self):
+        """TT-ranks all 1: ``λ_min(⊗F_l)``, the least product of one extreme eigenvalue per factor."""
+        if not self.exact_solve:
+            return None
+        lo = torch.ones((), dtype=torch.float64)
+        hi = lo.clone()
+        for e in self._factor_eigh()[0]:
+            ends = torch.stack([e[0], e[-1]]).double()
+            cand = torch.cat([lo * ends, hi * ends])
+            lo, hi = cand.min(), cand.max()
+        return float(lo)
+
+    def solve(self, V, damping):
+        self._check(V, damping)
+        if not self.exact_solve:
+            return self._pcg_solve(V, damping)
+        X = kron_eig_solve(*self._factor_eigh(), as_tensor(V, self.sin, self.sout), damping + self.shift, floor=None)
         self.last_solve = {"method": "kron-eigh", "damping": "tikhonov", "exact": True}
         return from_tensor(X, *self.shape)
 
