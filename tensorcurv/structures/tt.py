@@ -19,9 +19,10 @@ factors), so ``Ĉ = ⊗F_l = Ĉᵀ`` and the eigen solve stays exact; the final 
 rounding. Otherwise ``solve`` is PCG on ``Ĉ + λI`` preconditioned by the
 Kronecker product of the partial traces. ``update`` refits warm-started from the current cores and
 averages ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` by one more ALS sweep on that sum (exact TT algebra).
-The approximation is not projected to PSD: where PCG meets negative curvature, non-finite numbers
-or stalls, ``solve`` returns the damped PSD preconditioner solve instead and says so in
-``last_solve["fallback"]`` (:func:`tensorcurv.krylov.pcg_or_fallback`).
+PSD (``psd``): as ``tucker`` (its module doc): ``shift`` (default) adds ``μI``, ``μ = max(0, −λ_min)``, by
+Lanczos, or for TT-ranks all 1 exactly as the least product of one extreme eigenvalue per factor
+(``λ(⊗F_l) = Π_l λ(F_l)``), the eigen solve then at damping ``λ + μ``; ``none``: the unconstrained fit,
+whose PCG may fall back to the preconditioner solve (``last_solve["fallback"]``).
 """
 from __future__ import annotations
 

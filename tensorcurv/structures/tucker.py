@@ -22,9 +22,18 @@ symmetric, so ``‖C − ½(Ĉ+Ĉᵀ)‖_F = ‖½(C−Ĉ) + ½(C−Ĉ)ᵀ‖_F 
 projected on the refitted factors is not defined cheaply, so ``update`` refits on the batch
 warm-started from the previous factors and averages the *dense-free* core after projecting the old
 approximation onto the new factors (``𝒢 ← decay·𝒢_old ×_l (U_lᵀU_l^old) + (1−decay)·𝒢_batch``).
-The approximation is not projected to PSD: where PCG meets negative curvature, non-finite numbers
-or stalls, ``solve`` returns the damped PSD preconditioner solve instead and says so in
-``last_solve["fallback"]`` (:func:`tensorcurv.krylov.pcg_or_fallback`).
+
+**PSD** (``psd``, shared with ``tt``): the fitted ``½(Ĉ + Ĉᵀ)`` is indefinite in general (its modes span
+non-symmetric, indefinite matrices, and HOOI/ALS minimize the Frobenius error without a sign constraint).
+``shift`` (default) represents ``Ĉ₊ = ½(Ĉ + Ĉᵀ) + μI`` with ``μ = max(0, −λ_min)``, ``λ_min`` from Lanczos on
+``mv`` (:func:`lanczos_lower_bound`: the least Ritz value minus its residual; exact for TT-ranks all 1). The
+format itself is unchanged (``μ`` is one number, also in ``state_dict``), ``Ĉ₊ ⪰ 0`` up to the Lanczos estimate,
+and the solve ``(Ĉ₊ + λI)^{-1}`` is PCG at damping ``λ + μ``: a real damped inverse. Cost in accuracy: by
+Weyl, ``μ ≤ ‖C − Ĉ‖₂`` (``C ⪰ 0``), so the spectral error at most doubles; the Frobenius error can grow by
+up to ``μ √(mn)`` (measured: ``scripts/tucker_tt_psd.py``, reports/tucker_tt_psd.md). ``none``: the
+unconstrained fit; where PCG then meets negative curvature, non-finite numbers or stalls, ``solve`` returns
+the damped PSD preconditioner solve instead and says so in ``last_solve["fallback"]``
+(:func:`tensorcurv.krylov.pcg_or_fallback`; also the safety net of ``shift``).
 """
 from __future__ import annotations
 
