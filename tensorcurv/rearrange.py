@@ -363,10 +363,13 @@ def kronecker_svd(
       energy after each block.
     * ``auto``: the cheaper of the two by a flop estimate (``power`` for rank 1 or large ``K``).
 
-    Stopping rule (relative): the captured energy ``Σ_{k≤r} σ_k²`` changes by at most ``tol``
-    relative between the two half-steps of an iteration (``gram``: between consecutive blocks, so at
-    least two blocks). ``info`` (if a dict) receives ``method, iterations, products, converged,
-    energy_change, warm_side`` (``power``: ``"g"`` when started from ``G_prev``, else ``"cold"``).
+    Stopping rule (per pair, :func:`pair_change`): ``Σ_{k≤r} |σ_k² − σ_k²_prev| ≤ tol · σ_{r+1}²``
+    between consecutive iterations (``power``: the first iteration against its own half-step;
+    ``gram``: between consecutive blocks, so at least two blocks). ``σ_{r+1}²`` (the first Ritz
+    value beyond the rank) bounds the Eckart–Young floor² from below, so every kept pair is converged
+    against the floor, not against ``σ_1²``. ``info`` (if a dict) receives ``method, iterations,
+    products, converged, energy_change`` (the last :func:`pair_change`) ``, warm_side`` (``power``:
+    ``"g"`` when started from ``G_prev``, else ``"cold"``).
     """
     n, m = stats.n, stats.m
     if not (isinstance(rank, int) and 1 <= rank <= min(n * n, m * m)):
@@ -489,7 +492,7 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
     if have < p:  # T > 1: antisymmetric singular vectors exist too, so start from general matrices
         cols.append(_sym_random(p - have, m, stats.a, generator, symmetric=stats.T == 1))
     X = _orth((cols[0] if len(cols) == 1 else torch.cat(cols)).reshape(p, -1).T)  # (m², p')
-    energy_prev, it, change = None, 0, math.inf
+    theta2_prev, it, change = None, 0, math.inf
     while True:
         it += 1
         Y = op.matvec(X.T.reshape(-1, m, m)).reshape(X.shape[1], -1).T  # (n², p)
@@ -506,11 +509,10 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
             evals, V = torch.linalg.eigh(Z.T @ Z)
             evals, V = evals.flip(0).clamp_min(0), V.flip(1)
             sz = evals.sqrt()
-        k = min(rank, sz.numel())
-        energy = float(sz[:k].pow(2).sum())
-        ref = float(sy[:k].pow(2).sum()) if energy_prev is None else energy_prev
-        change = abs(energy - ref) / max(energy, torch.finfo(Z.dtype).tiny)
-        energy_prev = energy
+        theta2 = sz.pow(2)
+        change = pair_change(theta2, sy.pow(2) if theta2_prev is None else theta2_prev, rank, tol,
+                             torch.finfo(Z.dtype).eps)
+        theta2_prev = theta2
         keep = sz > sz[0] * torch.finfo(Z.dtype).eps
         if V is None:
             X = Z / sz.clamp_min(torch.finfo(Z.dtype).tiny)
@@ -551,7 +553,7 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
         X[:, 1:], stepped = _warm_block(stats, side, warm[1], X[:, 1:], Gw)
     drop = 100 * torch.finfo(dtype).eps
     Ys, Zs, Ws = [], [], []
-    energy_prev, it, change, invariant, energies = None, 0, math.inf, False, []
+    theta_prev, it, change, invariant, energies = None, 0, math.inf, False, []
     while True:
         it += 1
         scale = float(torch.linalg.vector_norm(X, dim=0).max())
@@ -581,12 +583,10 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
         Cm = U[:, ok] / ev[ok].sqrt()  # U Y Cm orthonormal
         theta, V = torch.linalg.eigh(Cm.T @ (0.5 * (H + H.T)) @ Cm * c * c)
         theta, V = theta.flip(0).clamp_min(0), V.flip(1)
-        k = min(rank, theta.numel())
-        energy = float(theta[:k].sum())
-        if energy_prev is not None:
-            change = abs(energy - energy_prev) / max(energy, torch.finfo(torch.float64).tiny)
-        energy_prev = energy
-        energies.append(energy)
+        if theta_prev is not None:
+            change = pair_change(theta, theta_prev, rank, tol, torch.finfo(dtype).eps)
+        theta_prev = theta
+        energies.append(float(theta[:min(rank, theta.numel())].sum()))
         invariant = Y.shape[1] >= N
         if change <= tol or it >= max_iter or invariant:
             break
@@ -608,6 +608,23 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
                gram_passes=2 * len(Ys) + stepped, warm_side=side, energies=energies,
                psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg), raw_coefficients=(ca, cg))
     return _pad(sz[:r], A, G, rank)
+
+
+def pair_change(theta2: Tensor, prev: Tensor, rank: int, tol: float, eps: float) -> float:
+    """Per-pair convergence measure of the Ritz values ``theta2 = σ_k²`` (descending, block width ``p``)
+    against the previous ones: ``Σ_{k≤r} |σ_k² − σ_k²_prev| / τ²``, where ``τ² = σ_{r+1}²`` (the first
+    Ritz value beyond the rank, ``σ_r²`` when the block has no extra column; for ``r = 1`` without one
+    the captured energy ``σ_1²``). Why this scale: the rank-``r`` Ritz truncation has error
+    ``‖R − R̂‖² = floor² + Σ_{k≤r} (s_k² − σ_k²)`` (``s``: the exact singular values), and
+    ``floor² = Σ_{k>r} s_k² ≥ s_{r+1}² ≥ σ_{r+1}²`` (Ritz values interlace), so a change small against
+    ``τ²`` is small against the Eckart–Young floor itself, not against ``σ_1²`` which dominates the
+    captured energy. ``τ²`` is kept above ``100 ε σ_1² / tol`` (``eps``: of the data's dtype; changes below
+    ``100 ε σ_1²`` are rounding noise), so that the fit stops at ``change ≤ tol``."""
+    k = min(rank, theta2.numel(), prev.numel())
+    j = k if theta2.numel() > k else (k - 1 if k > 1 else None)
+    tau2 = float(theta2[:k].sum() if j is None else theta2[j])
+    noise = 100 * eps * float(theta2[0]) / tol
+    return float((theta2[:k] - prev[:k]).abs().sum()) / max(tau2, noise, torch.finfo(torch.float64).tiny)
 
 
 def _pad(sigma, A, G, rank):

@@ -48,7 +48,7 @@ def test_warm_started_gram_fit_from_the_previous_batch_reaches_the_eckart_young_
 
 
 @pytest.mark.parametrize("side", ["a", "g"])
-def test_warm_start_from_the_same_batch_exact_fit_stops_after_two_blocks_where_the_cold_start_needs_four(side):
+def test_warm_start_from_the_same_batch_exact_fit_stops_after_two_blocks_where_the_cold_start_needs_more(side):
     st = linear_stats(1)
     sigma, A, G = kronecker_svd(st, 2, method="gram", tol=1e-14, max_iter=500, generator=gen())
     cold, warm = {}, {}
@@ -56,7 +56,7 @@ def test_warm_start_from_the_same_batch_exact_fit_stops_after_two_blocks_where_t
     kronecker_svd(st, 2, method="gram", tol=1e-10, init=RANK_ONLY_SIDE[side](sigma[:, None, None] * A, G),
                   generator=gen(), info=warm)
     assert warm["warm_side"] == side and cold["warm_side"] == "cold"
-    assert (warm["iterations"], cold["iterations"]) == (2, 4)  # two blocks: the least the relative rule compares
+    assert warm["iterations"] == 2 < cold["iterations"]  # two blocks: the least the per-pair rule compares
 
 
 @pytest.mark.parametrize("side", ["a", "g"])

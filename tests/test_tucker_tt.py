@@ -130,7 +130,7 @@ def test_nbytes_counts_core_and_factors():
 
 @pytest.mark.parametrize("structure, negate", [("tucker", "core"), ("tt", "cores")])
 def test_indefinite_fit_solves_finitely_by_the_psd_preconditioner_and_reports_the_fallback(structure, negate):
-    block = fit(structure, ranks=2, **SPLIT)
+    block = fit(structure, ranks=2, psd="none", **SPLIT)  # the unconstrained fit: no PSD shift
     if negate == "core":
         block.core = -block.core
     else:
@@ -170,7 +170,7 @@ def split_for(conv):
 @pytest.mark.parametrize("structure,kind,conv,ranks", SYM_CASES)
 def test_to_dense_is_symmetric_and_no_farther_from_c_than_the_raw_fit(structure, kind, conv, ranks):
     C = fit("dense", kind=kind, conv=conv).to_dense()
-    block = fit(structure, kind=kind, conv=conv, ranks=ranks, **split_for(conv))
+    block = fit(structure, kind=kind, conv=conv, ranks=ranks, psd="none", **split_for(conv))
     S, R = block.to_dense(), block.to_dense(raw=True)
     assert rel(S, S.T) < 1e-12
     assert rel(S, 0.5 * (R + R.T)) < 1e-14  # the symmetric part of the fitted format, nothing else

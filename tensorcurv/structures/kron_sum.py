@@ -10,9 +10,11 @@ never worse than K-FAC; rank r reaches the Eckart–Young optimum ``sqrt(Σ_{i>r
 ``R(C)`` (warm-started from the previous ``G_k``; ``auto`` picks it for rank 1) or block Krylov on its
 sample-space Gram form (``T = 1``; rank ≥ 2: Grams ``(a aᵀ)∘²``, ``(g gᵀ)∘²`` from their upper block
 triangles, about three blocks of ``N x N`` products, then the ``r`` weighted covariances stacked into
-one gemm per block — about ``2 + r`` K-FAC factor computations with the same symmetric products), with a relative
-stopping rule on the captured energy; ``last_fit`` reports method, iterations and products. A
-warm-started fit runs at most ``warm_max_iter`` (default 1) iterations: across training steps this
+one gemm per block — about ``2 + r`` K-FAC factor computations with the same symmetric products), with a
+per-pair stopping rule (the changes of ``σ_1², …, σ_r²`` against ``σ_{r+1}²``, a lower bound of the
+Eckart–Young floor², so that every pair, not only the dominant ``σ_1``, has converged); ``last_fit``
+reports method, iterations and products. A
+warm-started ``update`` runs at most ``warm_max_iter`` (default 1) iterations: across training steps this
 is a power iteration spread over the batches (rank 1: two products ≈ two K-FAC factor passes per
 step; on the 1024-wide MLP one warm sweep leaves the leading singular value 2e-4 below the
 converged one). Resume is exact: ``state_dict`` carries the factors and the generator state.
@@ -147,7 +149,8 @@ class KronSumHparams:
     method: str = "auto"
     """Fit: ``power`` (implicit block subspace iteration), ``gram`` (sample space, T = 1) or ``auto``."""
     tol: float = 1e-4
-    """Relative stopping tolerance on the captured energy Σ_{k≤r} σ_k² between half-steps."""
+    """Per-pair stopping tolerance: Σ_{k≤r} |Δσ_k²| between iterations ≤ tol · σ_{r+1}² (a lower bound
+    of the Eckart–Young floor², :func:`tensorcurv.rearrange.pair_change`)."""
     max_iter: int = 50
     """Maximum subspace iterations per fit."""
     oversample: int | None = None
@@ -158,9 +161,9 @@ class KronSumHparams:
     route from ``A_k`` or ``G_k`` mapped into the new batch's sample space, whichever side is cheap
     (:func:`tensorcurv.rearrange.gram_warm_side`; cold when both factors are wide)."""
     warm_max_iter: int | None = 1
-    """Iterations of a warm-started fit (power method): a fixed budget, so that across steps the fit
-    is a power iteration spread over the batches (1: one ALS sweep, two products, per step; the
-    relative ``tol`` still stops it earlier); None: ``max_iter``."""
+    """Iterations of a warm-started running-average ``update`` (power method): a fixed budget, so that
+    across steps the fit is a power iteration spread over the batches (1: one ALS sweep, two products,
+    per step; ``tol`` still stops it earlier); None: ``max_iter``. A one-shot ``fit`` is never capped."""
     pcg_tol: float = 1e-8
     """Relative residual tolerance of the PCG solves."""
     pcg_max_iter: int = 200
@@ -217,12 +220,15 @@ class KronSum(Structure):
         self._psd_scale = 1.0  # the PSD scale t of the current factors
 
     # ------------------------------------------------------------------ fitting
-    def _svd(self, stats: LayerStats, warm: bool) -> tuple[Tensor, Tensor, Any]:
+    def _svd(self, stats: LayerStats, warm: bool, capped: bool = False) -> tuple[Tensor, Tensor, Any]:
+        """``capped`` (running-average update): a warm-started fit runs at most ``warm_max_iter``
+        iterations; a one-shot :meth:`fit` always runs to the stopping rule (``max_iter``)."""
         hp = self.hparams
         info: dict[str, Any] = {}
         init = (self.A, self.G) if (warm and hp.warm_start and self.fitted) else None  # both routes' warm start
         t0 = time.perf_counter()
-        max_iter = hp.max_iter if init is None or hp.warm_max_iter is None else min(hp.max_iter, hp.warm_max_iter)
+        capped = capped and init is not None and hp.warm_max_iter is not None
+        max_iter = min(hp.max_iter, hp.warm_max_iter) if capped else hp.max_iter
         sigma, A, G = kronecker_svd(stats, hp.rank, method=hp.method, tol=hp.tol, max_iter=max_iter,
                                     oversample=hp.oversample, init=init, generator=self.generator, info=info)
         info["svd_time"] = time.perf_counter() - t0
@@ -252,7 +258,7 @@ class KronSum(Structure):
 
     def _update(self, stats, decay):
         self._check_stats(stats)
-        A_b, G_b, (coefficients, factors) = self._svd(stats, warm=True)
+        A_b, G_b, (coefficients, factors) = self._svd(stats, warm=True, capped=True)
         batch_psd = bool(self.last_fit.get("psd_certificate"))
         t_b = None
         if self._interval_proof_applies() and self._bounds is not None and factors is not None:

@@ -19,9 +19,10 @@ factors), so ``Ĉ = ⊗F_l = Ĉᵀ`` and the eigen solve stays exact; the final 
 rounding. Otherwise ``solve`` is PCG on ``Ĉ + λI`` preconditioned by the
 Kronecker product of the partial traces. ``update`` refits warm-started from the current cores and
 averages ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` by one more ALS sweep on that sum (exact TT algebra).
-The approximation is not projected to PSD: where PCG meets negative curvature, non-finite numbers
-or stalls, ``solve`` returns the damped PSD preconditioner solve instead and says so in
-``last_solve["fallback"]`` (:func:`tensorcurv.krylov.pcg_or_fallback`).
+PSD (``psd``): as ``tucker`` (its module doc): ``shift`` (default) adds ``μI``, ``μ = max(0, −λ_min)``, by
+Lanczos, or for TT-ranks all 1 exactly as the least product of one extreme eigenvalue per factor
+(``λ(⊗F_l) = Π_l λ(F_l)``), the eigen solve then at damping ``λ + μ``; ``none``: the unconstrained fit,
+whose PCG may fall back to the preconditioner solve (``last_solve["fallback"]``).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from tensorcurv.krylov import kron_eig_solve
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import register
 from tensorcurv.structures.tucker import (SplitFormat, SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
-                                          small_threads, _sweeps)
+                                          sym_shift, _sweeps)
 
 
 @dataclass
@@ -111,8 +112,9 @@ class TensorTrain(SplitFormat):
         return cores, {"iterations": it, "converged": change <= hp.tol, "energy_change": change}
 
     def fit(self, stats: LayerStats):
-        with small_threads(self.shape):
-            return self._fit(stats)
+        self._fit(stats)
+        self._repair()
+        return self
 
     def _fit(self, stats: LayerStats):
         self._check_stats(stats)
@@ -150,10 +152,6 @@ class TensorTrain(SplitFormat):
         return None
 
     def _update(self, stats, decay):
-        with small_threads(self.shape):
-            return self._update_inner(stats, decay)
-
-    def _update_inner(self, stats, decay):
         self._check_stats(stats)
         old = [c.clone() for c in self.cores]
         self._fit(stats)
@@ -161,6 +159,7 @@ class TensorTrain(SplitFormat):
         target = _SumTarget([(decay, old), (1 - decay, batch)])
         self.cores, info = self._als(target, batch)
         self.last_fit["update_sweeps"] = info["iterations"]
+        self._repair()
         return self
 
     # ------------------------------------------------------------------ operator
@@ -171,8 +170,7 @@ class TensorTrain(SplitFormat):
         b = [oe.get_symbol(2 * D + l) for l in range(D + 1)]
         return r, c, b
 
-    def mv(self, V):
-        self._check(V)
+    def _format_mv(self, V):
         r, c, b = self._letters()
         D = len(self.cores)
         expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "," + "".join(c) + "->" + "".join(r)
@@ -183,13 +181,13 @@ class TensorTrain(SplitFormat):
         return from_tensor(X, *self.shape)
 
     def to_dense(self, raw: bool = False):
-        """Dense ``½(Ĉ + Ĉᵀ)`` (the represented operator); ``raw=True``: the fitted format ``Ĉ`` itself."""
+        """Dense ``½(Ĉ + Ĉᵀ) + μI`` (the represented operator); ``raw=True``: the fitted format ``Ĉ`` itself."""
         r, c, b = self._letters()
         D = len(self.cores)
         expr = ",".join(b[l] + r[l] + c[l] + b[l + 1] for l in range(D)) + "->" + "".join(r) + "".join(c)
         dim = self.shape[0] * self.shape[1]
         M = oe.contract(expr, *self.cores).reshape(dim, dim)
-        return M if raw else 0.5 * (M + M.T)
+        return M if raw else sym_shift(M, self.shift)
 
     def kron_factors(self) -> list[torch.Tensor]:
         """For TT-ranks all 1: the factors ``F_l`` with ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D``."""
@@ -210,14 +208,30 @@ class TensorTrain(SplitFormat):
             P.append(torch.einsum("a,axyb,b->xy", left[0], self.cores[l], right[:, 0]))
         return P, torch.trace(P[0])
 
-    def _solve(self, V, damping):
-        self._check(V, damping)
-        if not self.exact_solve:
-            return self._pcg_solve(V, damping)
+    def _factor_eigh(self):
+        """TT-ranks all 1: eigendecompositions of the (symmetric) factors ``F_l``, cached per fit."""
         if self._pre is None:
             eig = [torch.linalg.eigh(0.5 * (F + F.T)) for F in self.kron_factors()]
             self._pre = ([e for e, _ in eig], [q for _, q in eig])
-        X = kron_eig_solve(*self._pre, as_tensor(V, self.sin, self.sout), damping, floor=None)
+        return self._pre
+
+    def _exact_min_eigenvalue(self):
+        """TT-ranks all 1: ``λ_min(⊗F_l)``, the least product of one extreme eigenvalue per factor."""
+        if not self.exact_solve:
+            return None
+        lo = torch.ones((), dtype=torch.float64)
+        hi = lo.clone()
+        for e in self._factor_eigh()[0]:
+            ends = torch.stack([e[0], e[-1]]).double()
+            cand = torch.cat([lo * ends, hi * ends])
+            lo, hi = cand.min(), cand.max()
+        return float(lo)
+
+    def solve(self, V, damping):
+        self._check(V, damping)
+        if not self.exact_solve:
+            return self._pcg_solve(V, damping)
+        X = kron_eig_solve(*self._factor_eigh(), as_tensor(V, self.sin, self.sout), damping + self.shift, floor=None)
         self.last_solve = {"method": "kron-eigh", "damping": "tikhonov", "exact": True}
         return from_tensor(X, *self.shape)
 

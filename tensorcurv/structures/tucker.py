@@ -22,14 +22,22 @@ symmetric, so ``‖C − ½(Ĉ+Ĉᵀ)‖_F = ‖½(C−Ĉ) + ½(C−Ĉ)ᵀ‖_F 
 projected on the refitted factors is not defined cheaply, so ``update`` refits on the batch
 warm-started from the previous factors and averages the *dense-free* core after projecting the old
 approximation onto the new factors (``𝒢 ← decay·𝒢_old ×_l (U_lᵀU_l^old) + (1−decay)·𝒢_batch``).
-The approximation is not projected to PSD: where PCG meets negative curvature, non-finite numbers
-or stalls, ``solve`` returns the damped PSD preconditioner solve instead and says so in
-``last_solve["fallback"]`` (:func:`tensorcurv.krylov.pcg_or_fallback`).
+
+**PSD** (``psd``, shared with ``tt``): the fitted ``½(Ĉ + Ĉᵀ)`` is indefinite in general (its modes span
+non-symmetric, indefinite matrices, and HOOI/ALS minimize the Frobenius error without a sign constraint).
+``shift`` (default) represents ``Ĉ₊ = ½(Ĉ + Ĉᵀ) + μI`` with ``μ = max(0, −λ_min)``, ``λ_min`` from Lanczos on
+``mv`` (:func:`lanczos_lower_bound`: the least Ritz value minus its residual; exact for TT-ranks all 1). The
+format itself is unchanged (``μ`` is one number, also in ``state_dict``), ``Ĉ₊ ⪰ 0`` up to the Lanczos estimate,
+and the solve ``(Ĉ₊ + λI)^{-1}`` is PCG at damping ``λ + μ``: a real damped inverse. Cost in accuracy: by
+Weyl, ``μ ≤ ‖C − Ĉ‖₂`` (``C ⪰ 0``), so the spectral error at most doubles; the Frobenius error can grow by
+up to ``μ √(mn)`` (measured: ``scripts/tucker_tt_psd.py``, reports/tucker_tt_psd.md). ``none``: the
+unconstrained fit; where PCG then meets negative curvature, non-finite numbers or stalls, ``solve`` returns
+the damped PSD preconditioner solve instead and says so in ``last_solve["fallback"]``
+(:func:`tensorcurv.krylov.pcg_or_fallback`; also the safety net of ``shift``).
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +77,43 @@ def resolve_splits(name: str, key: str, split: list[int] | None, size: int, part
     return split
 
 
+PSD_MODES = ("shift", "none")
+LANCZOS_STEPS = 60
+
+
+def lanczos_lower_bound(apply, shape: tuple[int, int], like: Tensor, generator: torch.Generator,
+                        steps: int = LANCZOS_STEPS) -> float:
+    """A lower estimate of ``λ_min`` of the symmetric operator ``apply`` on ``(m, n)`` matrices: Lanczos
+    (full reorthogonalization, ``min(steps, mn)`` steps, random start from ``generator``), the smallest
+    Ritz value ``θ`` minus its residual norm ``β_k |s_k|`` (an eigenvalue lies within it of ``θ``; once the
+    extreme Ritz pair has converged the bound is ``λ_min`` itself). Exact when the steps reach ``mn``."""
+    m, n = shape
+    d = m * n
+    k = min(steps, d)
+    Q = like.new_zeros(k, d)
+    q = torch.randn(d, generator=generator, dtype=torch.float64).to(like)
+    q = q / q.norm()
+    alpha, beta = [], []
+    for j in range(k):
+        Q[j] = q
+        w = apply(q.reshape(n, m).T).T.reshape(-1)
+        alpha.append(float(q @ w))
+        w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
+        w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)  # twice is enough
+        b = float(w.norm())
+        beta.append(b)
+        if b <= 1e-12 * max(abs(a) for a in alpha) or j == k - 1:
+            break
+        q = w / b
+    j = len(alpha)
+    Tm = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    if j > 1:
+        off = torch.tensor(beta[:j - 1], dtype=torch.float64)
+        Tm += torch.diag(off, 1) + torch.diag(off, -1)
+    theta, S = torch.linalg.eigh(Tm)
+    return float(theta[0]) - (beta[-1] * float(S[-1, 0].abs()) if j < d else 0.0)
+
+
 @dataclass
 class SplitHparams:
     splits_in: list[int] | None = None
@@ -95,9 +140,14 @@ class SplitHparams:
     with tensorly (``tucker``: HOOI from the truncated HOSVD; ``tt``: TT-SVD); ``"auto"``: ``"tensorly"`` up to
     ``dense_tensor_fit.AUTO_ENTRIES[name]`` entries (measured break-even: 2**21 for tucker, 2**23 for tt),
     ``"implicit"`` above."""
+    psd: str = "shift"
+    """``shift`` (default): represent ``½(Ĉ + Ĉᵀ) + μI`` with ``μ = max(0, −λ_min)``, PSD, so that the solve
+    is a damped inverse; ``none``: the unconstrained fit (indefinite in general; ``solve`` may fall back)."""
 
     def _check_common(self, name: str) -> None:
         dtf.check_method(name, self.method)
+        if self.psd not in PSD_MODES:
+            raise ValueError(f"{name}.psd={self.psd!r} is not one of {list(PSD_MODES)}")
         if (self.num_factors < 1 or self.max_iter < 1 or self.pcg_max_iter < 1 or self.chunk < 1
                 or (self.warm_max_iter is not None and self.warm_max_iter < 1)):
             raise ValueError(f"{name}: num_factors, max_iter, warm_max_iter, pcg_max_iter and chunk must be >= 1")
@@ -110,50 +160,18 @@ class SplitHparams:
 
 
 _EXPRESSIONS: dict[tuple, Any] = {}
-SMALL_WORK = 2e7
-"""Contractions below this many flops run on one intra-op thread: on a shared CPU the thread
-synchronisation of tiny tensor ops costs 10-30x their arithmetic (a 6 x 6 TT fit: 0.03 s on one
-thread, 0.2-7 s on two busy ones)."""
 
 
 def contract(expr: str, *operands: Tensor) -> Tensor:
     """``opt_einsum.contract`` with the path (``dp`` optimizer, minimal flops) computed once per
-    ``(expr, shapes)`` and cached as a ``contract_expression``; small contractions single-threaded."""
+    ``(expr, shapes)`` and cached as a ``contract_expression``."""
     key = (expr, tuple(tuple(t.shape) for t in operands))
-    hit = _EXPRESSIONS.get(key)
-    if hit is None:
-        shapes = [tuple(t.shape) for t in operands]
-        _, info = oe.contract_path(expr, *shapes, shapes=True, optimize="dp")
-        hit = _EXPRESSIONS[key] = (oe.contract_expression(expr, *shapes, optimize="dp"), float(info.opt_cost))
+    fn = _EXPRESSIONS.get(key)
+    if fn is None:
+        fn = _EXPRESSIONS[key] = oe.contract_expression(expr, *[tuple(t.shape) for t in operands], optimize="dp")
         if len(_EXPRESSIONS) > 4096:
             _EXPRESSIONS.pop(next(iter(_EXPRESSIONS)))
-    fn, cost = hit
-    if cost >= SMALL_WORK:
-        return fn(*operands)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*operands)
-    finally:
-        torch.set_num_threads(threads)
-
-
-SMALL_BLOCK = 16384
-
-
-@contextmanager
-def small_threads(shape):
-    """One intra-op thread while fitting / solving a block with ``m n ≤ SMALL_BLOCK`` (its many small
-    QRs, eigs and contractions are dominated by thread synchronisation on a shared CPU)."""
-    threads = torch.get_num_threads()
-    if shape[0] * shape[1] > SMALL_BLOCK or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return fn(*operands)
 
 
 def _sweeps(hp: "SplitHparams", warm: bool) -> int:
@@ -213,6 +231,13 @@ def mode_factors_precond(P: list[Tensor], total: Tensor):
     return evals, evecs
 
 
+def sym_shift(M: Tensor, shift: float) -> Tensor:
+    """``½(M + Mᵀ) + shift·I`` (a new tensor)."""
+    S = 0.5 * (M + M.T)
+    S.diagonal().add_(shift)
+    return S
+
+
 def as_tensor(V: Tensor, sin: list[int], sout: list[int]) -> Tensor:
     """``V`` (m, n) as the tensor ``(n_1..n_d, m_1..m_e)`` of its column-major vec."""
     return V.T.reshape(*sin, *sout)
@@ -242,14 +267,43 @@ class SplitFormat(Structure):
         self.generator = torch.Generator().manual_seed(hp.seed)
         self.last_fit: dict[str, Any] = {}
         self._pre = None
+        self.shift = 0.0  # μ of psd="shift"
 
     def solve(self, V, damping):
-        with small_threads(self.shape):
-            return self._solve(V, damping)
-
-    def _solve(self, V, damping):
         self._check(V, damping)
         return self._pcg_solve(V, damping)
+
+    def mv(self, V):
+        """``(½(Ĉ + Ĉᵀ) + μI) V``: the format's symmetric part plus the PSD shift ``μ``."""
+        self._check(V)
+        X = self._format_mv(V)
+        return X if self.shift == 0 else X + self.shift * V
+
+    def _format_mv(self, V: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _repair(self) -> None:
+        """After every fit / update: the shift ``μ`` of ``psd="shift"`` (0 for ``"none"``), see the module doc."""
+        self.shift, self._pre = 0.0, None
+        if self.hparams.psd == "none":
+            self.last_fit["psd_shift"] = 0.0
+            return
+        exact = self._exact_min_eigenvalue()
+        if exact is not None:
+            lo, how = exact, "exact"
+        else:
+            like = self.tensors_like()
+            gen = torch.Generator().manual_seed(self.hparams.seed)
+            lo, how = lanczos_lower_bound(self._format_mv, self.shape, like, gen), "lanczos"
+        self.shift = max(0.0, -lo)
+        self.last_fit.update(psd_shift=self.shift, psd_method=how)
+
+    def _exact_min_eigenvalue(self) -> float | None:
+        """The smallest eigenvalue where the format gives it exactly (else None: Lanczos)."""
+        return None
+
+    def tensors_like(self) -> Tensor:
+        return next(iter(self.tensors().values()))
 
     def _precond(self, damping):
         """``V ↦ (⊗_l P_l + λI)^{-1} V`` with ``P_l`` the partial traces (PSD, cached per fit)."""
@@ -260,9 +314,10 @@ class SplitFormat(Structure):
                                      *self.shape)
 
     def _pcg_solve(self, V, damping):
-        """PCG on ``Ĉ + λI`` preconditioned by :meth:`_precond`."""
-        X, info = pcg_or_fallback(lambda Z: self.mv(Z) + damping * Z, V, self._precond(damping),
-                                  self.hparams.pcg_tol, self.hparams.pcg_max_iter, damping)
+        """PCG on ``Ĉ + μI + λI`` preconditioned by :meth:`_precond` at damping ``λ + μ``."""
+        lam = damping + self.shift
+        X, info = pcg_or_fallback(lambda Z: self._format_mv(Z) + lam * Z, V, self._precond(lam),
+                                  self.hparams.pcg_tol, self.hparams.pcg_max_iter, lam)
         self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
                            "preconditioner": "Kronecker product of partial traces", **info}
         return X
@@ -273,12 +328,13 @@ class SplitFormat(Structure):
     def load_state_dict(self, state):
         self._load_tensors(state["tensors"])
         self.fitted, self._pre = state["fitted"], None
+        self.shift = float(state.get("psd_shift", 0.0))
         if "generator" in state:
             self.generator.set_state(state["generator"])
 
     def state_dict(self):
         """Format tensors plus the random-start generator's state (exact resume)."""
-        return {**super().state_dict(), "generator": self.generator.get_state()}
+        return {**super().state_dict(), "generator": self.generator.get_state(), "psd_shift": self.shift}
 
 
 @dataclass
@@ -347,13 +403,10 @@ class Tucker(SplitFormat):
         return U, core
 
     def fit(self, stats):
-        with small_threads(self.shape):
-            return self._fit(stats)
-
-    def _fit(self, stats):
         self._check_stats(stats)
         self.U, self.core = self._fit_batch(stats, (self.core, self.U) if self.fitted else None, update=False)
-        self.fitted, self._pre = True, None
+        self.fitted = True
+        self._repair()
         return self
 
     def _fit_batch(self, stats: LayerStats, previous: tuple | None, update: bool):
@@ -373,16 +426,12 @@ class Tucker(SplitFormat):
         return U, core
 
     def _update(self, stats, decay):
-        with small_threads(self.shape):
-            return self._update_inner(stats, decay)
-
-    def _update_inner(self, stats, decay):
         self._check_stats(stats)
         U_old, core_old = self.U, self.core
         U, core = self._fit_batch(stats, (core_old, U_old), update=True)
         proj = oe.contract(self._core_expr(), core_old, *[u.T @ uo for u, uo in zip(U, U_old)])
         self.U, self.core = U, decay * proj + (1 - decay) * core
-        self._pre = None
+        self._repair()
         return self
 
     def _core_expr(self) -> str:
@@ -395,8 +444,7 @@ class Tucker(SplitFormat):
         sizes = self.sin + self.sout
         return [u.reshape(x, x, -1) for u, x in zip(self.U, sizes)]
 
-    def mv(self, V):
-        self._check(V)
+    def _format_mv(self, V):
         m, n = self.shape
         D = len(self.U)
         r = [oe.get_symbol(3 * l) for l in range(D)]
@@ -409,7 +457,7 @@ class Tucker(SplitFormat):
         return from_tensor(0.5 * X, m, n)
 
     def to_dense(self, raw: bool = False):
-        """Dense ``½(Ĉ + Ĉᵀ)`` (the represented operator); ``raw=True``: the fitted format ``Ĉ`` itself."""
+        """Dense ``½(Ĉ + Ĉᵀ) + μI`` (the represented operator); ``raw=True``: the fitted format ``Ĉ`` itself."""
         D = len(self.U)
         r = [oe.get_symbol(3 * l) for l in range(D)]
         c = [oe.get_symbol(3 * l + 1) for l in range(D)]
@@ -417,7 +465,9 @@ class Tucker(SplitFormat):
         expr = "".join(p) + "," + ",".join(r[l] + c[l] + p[l] for l in range(D)) + "->" + "".join(r) + "".join(c)
         dim = self.shape[0] * self.shape[1]
         M = oe.contract(expr, self.core, *self._mats()).reshape(dim, dim)
-        return M if raw else 0.5 * (M + M.T)
+        if raw:
+            return M
+        return sym_shift(M, self.shift)
 
     def partial_traces(self) -> tuple[list[Tensor], Tensor]:
         """``P_l = Tr_{k≠l} Ĉ`` (x_l × x_l) and ``tr Ĉ``."""
