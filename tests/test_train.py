@@ -94,7 +94,7 @@ def _script(args, cwd, timeout=240):
 def test_train_script_bad_value_fails_with_one_line(tmp_path):
     r = _script(["curvature.damping=-1", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr == "error: curvature.damping=-1 must be a finite number >= 0 or null\n"
+    assert r.stderr == "error: curvature.damping=-1 must be a finite number > 0 or null\n"
     assert not (tmp_path / "run").exists()  # refused before Hydra creates the run directory
 
 
