@@ -30,7 +30,6 @@ from tensorcurv.study import run_study
 from tensorcurv.unlearn import AffectedSet, build_solver, second_order_update
 from unlearn_problems import data, logreg, trained
 
-OWN_THREADS = ("tucker", "tt")  # another change gives their thread handling its own test
 HPARAMS = {"kron_sum": {"rank": 2}, "two_level": {}}
 SETTERS = [(torch, "set_num_threads"), (torch, "set_num_interop_threads"), (torch, "set_default_dtype"),
            (torch, "set_default_tensor_type"), (torch, "use_deterministic_algorithms"),
@@ -92,7 +91,7 @@ def _batch():
     return torch.randn(20, 5, generator=gen), torch.randint(0, 3, (20,), generator=gen)
 
 
-@pytest.mark.parametrize("name", [n for n in structures.names() if n not in OWN_THREADS])
+@pytest.mark.parametrize("name", structures.names())
 def test_curvature_update_and_solve_leave_global_state_alone(watched, name):
     x, y = _batch()
     for kind, seed in (("ggn", None), ("mc", 3)):  # mc with its own seeded generator
