@@ -28,7 +28,7 @@ from torch import Tensor
 
 from tensorcurv.krylov import orthonormalize
 from tensorcurv.linalg import block_edges, summed_outer_products
-from tensorcurv.stats import LayerStats
+from tensorcurv.stats import LayerStats, NonFiniteError
 
 METHODS = ("auto", "power", "gram")
 
@@ -510,6 +510,7 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
             evals, V = evals.flip(0).clamp_min(0), V.flip(1)
             sz = evals.sqrt()
         theta2 = sz.pow(2)
+        _check_finite_ritz(theta2, stats)
         change = pair_change(theta2, sy.pow(2) if theta2_prev is None else theta2_prev, rank, tol,
                              torch.finfo(Z.dtype).eps)
         theta2_prev = theta2
@@ -529,6 +530,14 @@ def _power_svd(stats, rank, p, tol, max_iter, init, generator, out):
     out.update(iterations=it, products=op.products, converged=change <= tol, energy_change=change,
                psd_certificate=certified)
     return _pad(sz[:r], A, G, rank)
+
+
+def _check_finite_ritz(values: Tensor, stats: LayerStats) -> None:
+    """Overflowing products of finite statistics (e.g. ``g ~ 1e25`` in float32) give non-finite Ritz values:
+    stop at once instead of iterating on NaN (which a normalization would turn into zero factors)."""
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(f"layer {stats.name!r}: the Kronecker-sum fit overflowed in {stats.a.dtype} "
+                             f"(max |a| = {float(stats.a.abs().max()):.3g}, max |g| = {float(stats.g.abs().max()):.3g})")
 
 
 def _orth(X: Tensor) -> Tensor:
@@ -583,6 +592,7 @@ def _gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
         Cm = U[:, ok] / ev[ok].sqrt()  # U Y Cm orthonormal
         theta, V = torch.linalg.eigh(Cm.T @ (0.5 * (H + H.T)) @ Cm * c * c)
         theta, V = theta.flip(0).clamp_min(0), V.flip(1)
+        _check_finite_ritz(theta, stats)
         if theta_prev is not None:
             change = pair_change(theta, theta_prev, rank, tol, torch.finfo(dtype).eps)
         theta_prev = theta
