@@ -113,12 +113,12 @@ class LayerStats:
         if weight_sharing == "expand" or self.T == 1:
             a = self.a.reshape(-1, self.n)
             g = self.g.reshape(-1, self.m)
-            A = gram(a).div_(a.shape[0])
+            A = gram(a, 1.0 / a.shape[0])
         else:
             a = self.a.mean(1)
             g = self.g.sum(2).reshape(-1, self.m)
-            A = gram(a).div_(self.N)
-        G = gram(g).mul_(self.scale)
+            A = gram(a, 1.0 / self.N)
+        G = gram(g, self.scale)
         return A, G
 
 
