@@ -32,5 +32,7 @@ def symmetric_part(M: Tensor, scale: float = 1.0) -> Tensor:
 
 
 def gram(X: Tensor, scale: float = 1.0) -> Tensor:
-    """``scale XᵀX`` (``d x d``) for ``X`` of shape ``(N, d)``: one plain gemm, made exactly symmetric."""
-    return symmetric_part(X.mT @ X, scale)
+    """``scale XᵀX`` (``d x d``) for ``X`` of shape ``(N, d)``: one plain gemm, the scale as its ``alpha``.
+    Symmetric to rounding (bitwise with MKL, whose two triangles sum the same products in the same order);
+    use :func:`symmetric_part` where exact symmetry is required."""
+    return torch.addmm(X.new_zeros(()), X.mT, X, beta=0, alpha=scale)
