@@ -27,12 +27,14 @@ the same kind and condition in this run.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing as mp
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 LIBRARIES = ("tensorcurv", "curvlinops", "nngeometry", "backpack")
@@ -42,16 +44,23 @@ UNSUPPORTED = {("backpack", "empirical")}  # BackPACK's K-FAC extensions are MC 
 
 
 # ---------------------------------------------------------------------------------------------- worker side
-def _setup(width: int, batch: int, threads: int):
+def digits_batch(batch: int):
+    """``batch`` digits (8x8 images as 64 features in [0, 1], float32) and their labels, drawn with a fixed seed."""
     import torch
     from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    idx = torch.randint(0, len(X), (batch,), generator=torch.Generator().manual_seed(0))
+    return (torch.tensor(X, dtype=torch.float32)[idx] / 16.0).contiguous(), torch.tensor(y)[idx].contiguous()
+
+
+def _setup(width: int, batch: int, threads: int, data: str):
+    import torch
     from torch import nn
 
     torch.set_num_threads(threads)
-    X, y = load_digits(return_X_y=True)
-    idx = torch.randint(0, len(X), (batch,), generator=torch.Generator().manual_seed(0))
-    x = (torch.tensor(X, dtype=torch.float32)[idx] / 16.0).contiguous()
-    t = torch.tensor(y)[idx].contiguous()
+    x, t = torch.load(data)  # written once by the driver (no sklearn import in every worker)
+    assert len(x) == batch
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
     return model, x, t
@@ -156,8 +165,17 @@ def _call_floor(model, x, y, products: bool):
     return fit
 
 
-def worker(lib: str, kind: str, width: int, batch: int, threads: int, repeats: int) -> dict:
-    model, x, y = _setup(width, batch, threads)
+IMPORTS = {"tensorcurv": ["tensorcurv"], "curvlinops": ["curvlinops"], "backpack": ["backpack", "backpack.extensions"],
+           "nngeometry": ["nngeometry.metrics", "nngeometry.object", "nngeometry.backend", "nngeometry.layercollection"],
+           "floor": []}
+
+
+def worker(lib: str, kind: str, width: int, batch: int, threads: int, repeats: int, data: str) -> dict:
+    model, x, y = _setup(width, batch, threads, data)
+    t0 = time.perf_counter()
+    for module in IMPORTS[lib]:  # timed apart: a script imports once, whatever it computes
+        importlib.import_module(module)
+    imported = time.perf_counter() - t0
     t0 = time.perf_counter()
     if lib == "floor":
         fn = _call_floor(model, x, y, products=kind == FLOORS[1])
@@ -169,7 +187,7 @@ def worker(lib: str, kind: str, width: int, batch: int, threads: int, repeats: i
         t0 = time.perf_counter()
         fn()
         nxt.append(time.perf_counter() - t0)
-    return {"lib": lib, "kind": kind, "first": first, "next": nxt}
+    return {"lib": lib, "kind": kind, "import": imported, "first": first, "next": nxt}
 
 
 # ---------------------------------------------------------------------------------------------- driver side
@@ -180,7 +198,8 @@ def _busy() -> None:
 
 def run_one(lib: str, kind: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, kind, "--width", str(args.width),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+           "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--data", args.data]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if out.returncode != 0:
         raise RuntimeError(f"worker {lib} {kind} failed:\n{out.stderr[-3000:]}")
@@ -222,39 +241,51 @@ def run_condition(name: str, args) -> dict:
 
 
 def summarize(cond: dict) -> dict:
+    """Per (library, kind): first call per order, their mean, the median of the further calls, the import time."""
     out = {}
     for key, runs in cond["results"].items():
-        out[key] = {"first": [r["first"] for r in runs], "next": statistics.median(t for r in runs for t in r["next"])}
+        firsts = [r["first"] for r in runs]
+        out[key] = {"firsts": firsts, "first": statistics.mean(firsts), "import": statistics.mean(r["import"] for r in runs),
+                    "next": statistics.median(t for r in runs for t in r["next"])}
     return out
 
 
-def table(conditions: dict, args) -> str:
-    rows = ["| condition (load avg before) | kind | library | first call [ms] (tc first / peers first) "
-            "| next calls [ms] | first / fastest peer | next / fastest peer | first / fwd+bwd |",
-            "|---|---|---|---|---|---|---|---|"]
+def _fastest_peer(s: dict, kind: str, libraries, field: str) -> tuple[str, float]:
+    peers = [(s[(p, kind)][field], p) for p in libraries if p != "tensorcurv" and (p, kind) not in UNSUPPORTED]
+    return min(peers)[::-1] if peers else ("none", float("nan"))
+
+
+def tables(conditions: dict, args) -> str:
+    ms = lambda t: f"{1e3 * t:.0f}"  # noqa: E731
+    head = ["| condition (load before) | kind | tensorcurv first call / fastest peer | next calls / fastest peer |",
+            "|---|---|---|---|"]
+    full = ["| condition (load before) | kind | library | first call [ms] (tc first / peers first) | next calls [ms] "
+            "| first / fastest peer | next / fastest peer | first / fwd+bwd | import [ms] |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, cond in conditions.items():
         s = summarize(cond)
         label = f"{name} ({cond['load_before']:.2f})"
-        fb = statistics.mean(s[("floor", FLOORS[0])]["first"])
+        fb = s[("floor", FLOORS[0])]["first"]
         for floor in FLOORS:
             v = s[("floor", floor)]
-            rows.append(f"| {label} | floor | {floor} | {1e3 * statistics.mean(v['first']):.0f} "
-                        f"({' / '.join(f'{1e3 * t:.0f}' for t in v['first'])}) | {1e3 * v['next']:.0f} | | "
-                        f"| {statistics.mean(v['first']) / fb:.2f} |")
+            full.append(f"| {label} | floor | {floor} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
+                        f"| {ms(v['next'])} | | | {v['first'] / fb:.2f} | |")
         for kind in KINDS:
-            peers = [lib for lib in args.libraries if lib != "tensorcurv" and (lib, kind) not in UNSUPPORTED]
-            best_first = min((statistics.mean(s[(p, kind)]["first"]) for p in peers), default=float("nan"))
-            best_next = min((s[(p, kind)]["next"] for p in peers), default=float("nan"))
+            pf, best_first = _fastest_peer(s, kind, args.libraries, "first")
+            pn, best_next = _fastest_peer(s, kind, args.libraries, "next")
+            tc = s[("tensorcurv", kind)]
+            head.append(f"| {label} | {kind} | **{tc['first'] / best_first:.2f}** ({ms(tc['first'])} vs {pf} "
+                        f"{ms(best_first)} ms) | {tc['next'] / best_next:.2f} ({ms(tc['next'])} vs {pn} "
+                        f"{ms(best_next)} ms) |")
             for lib in args.libraries:
                 if (lib, kind) in UNSUPPORTED:
-                    rows.append(f"| {label} | {kind} | {lib} | n/a | n/a | | | |")
+                    full.append(f"| {label} | {kind} | {lib} | n/a | n/a | | | | |")
                     continue
                 v = s[(lib, kind)]
-                first = statistics.mean(v["first"])
-                rows.append(f"| {label} | {kind} | {lib} | {1e3 * first:.0f} "
-                            f"({' / '.join(f'{1e3 * t:.0f}' for t in v['first'])}) | {1e3 * v['next']:.0f} | "
-                            f"{first / best_first:.2f} | {v['next'] / best_next:.2f} | {first / fb:.2f} |")
-    return "\n".join(rows)
+                full.append(f"| {label} | {kind} | {lib} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
+                            f"| {ms(v['next'])} | {v['first'] / best_first:.2f} | {v['next'] / best_next:.2f} "
+                            f"| {v['first'] / fb:.2f} | {ms(v['import'])} |")
+    return "\n".join(head) + "\n\nAll figures:\n\n" + "\n".join(full)
 
 
 def versions() -> str:
@@ -281,26 +312,32 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: width 128, batch 256, 1 repeat")
     ap.add_argument("--out", default=None, help="write the table as Markdown to this file")
     ap.add_argument("--worker", nargs=2, metavar=("LIB", "KIND"), help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.width, args.batch, args.threads, args.repeats)))
+        print(json.dumps(worker(*args.worker, args.width, args.batch, args.threads, args.repeats, args.data)))
         return
     if "tensorcurv" not in args.libraries:
         ap.error("--libraries must include tensorcurv")
     if args.quick:
         args.width, args.batch, args.repeats = 128, 256, 1
+    import torch
+
     t0 = time.time()
     conditions = {}
-    for name in args.conditions:
-        print(f"{name}: load average {os.getloadavg()[0]:.2f}", flush=True)
-        conditions[name] = run_condition(name, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = os.path.join(tmp, "digits.pt")
+        torch.save(digits_batch(args.batch), args.data)
+        for name in args.conditions:
+            print(f"{name}: load average {os.getloadavg()[0]:.2f}", flush=True)
+            conditions[name] = run_condition(name, args)
     cmd = "python scripts/bench_capture.py" + (" --quick" if args.quick else "")
     header = (f"MLP 64-{args.width}-{args.width}-10 (tanh, float32), batch {args.batch} of digits, cross-entropy; "
               f"{args.threads} torch threads; {versions()}; {os.cpu_count()} CPUs; a fresh process per "
               f"(library, kind), both orders; next = median of {args.repeats} further calls per process and order; "
               f"contended = {args.busy} busy-loop processes; load average (1 min) before each condition; "
               f"total {time.time() - t0:.0f} s.\n\n")
-    text = header + table(conditions, args)
+    text = header + tables(conditions, args)
     print("\n" + text)
     if args.out:
         with open(args.out, "w") as f:
