@@ -1,6 +1,6 @@
 """Benchmark: K-FAC statistics of tensorcurv against curvlinops, nngeometry and BackPACK, quiet and under contention.
 
-    python scripts/bench_capture.py --out reports/bench_capture.md     # the full run (a few minutes on 2 cores)
+    python scripts/bench_capture.py --out reports/bench_capture.md     # the full run (5-10 minutes on 2 quiet cores)
     python scripts/bench_capture.py --quick                            # smoke test: small model and batch
 
 Setup: MLP 64-1024-1024-10 (tanh, float32), batch 2048 of digits, cross-entropy (mean), 2 torch threads. The
@@ -9,10 +9,11 @@ peers are a benchmark-only extra (``make bench-setup``). Each figure comes from 
 
 * ``first``: the first call a user makes, including everything the library does once (no untimed warm-up
   forward/backward before it): ``Curvature(model, "kfac", kind).update(X, y, loss)``; curvlinops
-  ``KFACLinearOperator(...)`` + ``compute_kronecker_factors()``; nngeometry ``PMatKFAC`` of its FIM /
-  Monte-Carlo FIM / a per-sample log-likelihood (EF); BackPACK ``extend`` + a backward with ``KFAC`` /
-  ``KFLR``;
-* ``next``: the median of ``--repeats`` further calls in the same process (what a training loop pays).
+  ``KFACLinearOperator(...)`` (defaults, ``check_deterministic=False``) + ``compute_kronecker_factors()``;
+  nngeometry ``PMatKFAC`` of its FIM / Monte-Carlo FIM / a per-sample log-likelihood (EF); BackPACK ``extend``
+  + a backward with ``KFAC`` / ``KFLR``. The library's import is timed apart (``import`` column);
+* ``next``: the median of ``--repeats`` further calls per process, pooled over both orders (what a training
+  loop pays).
 
 Kinds: EF (empirical Fisher), MC (one sampled label per input), GGN (exact; for cross-entropy equal to the
 Fisher: curvlinops ``type-2``, nngeometry closed-form ``FIM``, BackPACK ``KFLR``). BackPACK has no EF K-FAC.
@@ -305,7 +306,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
-    ap.add_argument("--repeats", type=int, default=3, help="further calls per process after the first")
+    ap.add_argument("--repeats", type=int, default=2, help="further calls per process after the first")
     ap.add_argument("--busy", type=int, default=2, help="busy-loop processes of the contended condition")
     ap.add_argument("--conditions", nargs="+", default=["quiet", "contended"], choices=["quiet", "contended"])
     ap.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
