@@ -222,11 +222,11 @@ def sym_gram(X: Tensor) -> Tensor:
 
 def weighted_covariances(X: Tensor, W: Tensor | None) -> Tensor:
     """``Σ_s W[s,k] x_s x_sᵀ`` for every column ``k`` of ``W`` (``N x r``), as ``(r, d, d)`` for ``X`` of
-    shape ``(N, d)``: one batched gemm ``(W_k ⊙ X)ᵀ X``, exactly symmetric. ``W = None``: ``XᵀX`` as
-    ``(1, d, d)`` (no weighting pass)."""
+    shape ``(N, d)``: one plain gemm ``(W_k ⊙ X)ᵀ X`` per column (one weighted copy of ``X`` at a time), made
+    exactly symmetric. ``W = None``: ``XᵀX`` as ``(1, d, d)`` (no weighting pass)."""
     if W is None:
         return gram(X).unsqueeze(0)
-    return symmetric_part((X.mT.unsqueeze(0) * W.mT.unsqueeze(1)) @ X)
+    return symmetric_part(torch.stack([(X * w[:, None]).mT @ X for w in W.mT]))
 
 
 def sym_quadratic_forms(X: Tensor, M: Tensor) -> Tensor:
