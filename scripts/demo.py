@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from tensorcurv.cli import report_errors  # noqa: E402
+from tensorcurv.config import validate_train  # noqa: E402
 from tensorcurv.experiment import run_training  # noqa: E402
 
 #: (race, optimizer label) -> (experiment, extra overrides). The autoencoder's Adam runs at the batch size and
@@ -52,11 +54,14 @@ def main(extra: list[str], out: Path = OUT, runs_dir: Path = ROOT / "outputs" / 
     results = {}
     t_all = time.perf_counter()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for (race, label), (exp, own) in RACES.items():
-            cfg = compose("train", overrides=[f"experiment={exp}", "resume=false", "logger=csv",
-                                              f"run_dir={Path(runs_dir) / exp}", *own, *extra])
-            print(f"\n== {race} | {label}: experiment={exp} {' '.join(own)} ==", flush=True)
-            results[(race, label)] = run_training(cfg)
+        cfgs = {key: compose("train", overrides=[f"experiment={exp}", "resume=false", "logger=csv",
+                                                 f"run_dir={Path(runs_dir) / exp}", *own, *extra])
+                for key, (exp, own) in RACES.items()}
+    for cfg in cfgs.values():  # every race's config is checked before the first one runs
+        validate_train(cfg)
+    for (race, label), (exp, own) in RACES.items():
+        print(f"\n== {race} | {label}: experiment={exp} {' '.join(own)} ==", flush=True)
+        results[(race, label)] = run_training(cfgs[(race, label)])
 
     header = ["problem", "optimizer", "train loss", "train acc", "test loss", "test acc", "steps", "batch",
               "wall-clock [s]", "time/step [ms]"]
@@ -115,4 +120,5 @@ def main(extra: list[str], out: Path = OUT, runs_dir: Path = ROOT / "outputs" / 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with report_errors():  # a bad override or a failed run: one line, exit status 2 or 1
+        main(sys.argv[1:])

@@ -8,6 +8,8 @@
 Trains the model with Adam, evaluates every structure on every covered layer and curvature kind at
 the checkpoints, and writes report.md, PNG figures and the raw CSVs into report_dir (default
 reports/<name>). With logger=wandb the same figures and tables go to W&B (offline by default).
+A bad config value or an unknown key stops with one line (``error: ...``, exit status 2) before
+anything is trained or written.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,13 +35,21 @@ def main(cfg: DictConfig) -> None:
     import torch
 
     from tensorcurv import report, study, tracking
+    from tensorcurv.cli import CONFIG_ERROR_EXIT, fail, report_errors, validate_or_exit
+    from tensorcurv.config import check_study_data
 
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = validate_or_exit("study", cfg)  # one line and exit 2 before any work
     out = Path(cfg.report_dir or ROOT / "reports" / cfg.name)
     if not out.is_absolute():
         out = ROOT / out
+    if cfg.render_only and not (out / "metrics.csv").exists():
+        fail(f"render_only=true but {out} has no metrics.csv; run the study first (without render_only)",
+             CONFIG_ERROR_EXIT)
+    if not cfg.render_only:
+        with report_errors():
+            check_study_data(plain)  # the dataset loads and has labels, the model fits it, spectrum_layer exists
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
     t0 = time.perf_counter()
     if cfg.render_only:  # re-draw figures and tables from the CSVs already in report_dir
         result = report.read_result(out)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from tensorcurv.layers import LayerAdapter
 from tensorcurv.losses import LossSpec
-from tensorcurv.stats import LayerStats
+from tensorcurv.stats import SUPPORTED_DTYPES, LayerStats
 
 KINDS = ("empirical", "mc", "ggn")
 
@@ -36,8 +36,23 @@ KINDS = ("empirical", "mc", "ggn")
 def check_kind(kind: str, mc_samples: int = 1) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown curvature kind {kind!r}; valid kinds: {list(KINDS)}")
-    if not (isinstance(mc_samples, int) and mc_samples >= 1):
+    if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
         raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+
+
+def check_batch(inputs: Tensor, targets: Tensor) -> None:
+    """One batch: tensors with the same number ``N >= 1`` of samples along dim 0, float inputs in a
+    supported dtype (integer inputs, e.g. token ids, pass)."""
+    for label, t in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"empty batch: inputs of shape {tuple(inputs.shape)} hold no samples (need N >= 1 along dim 0)")
+    if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match the {inputs.shape[0]} samples of "
+                         f"inputs {tuple(inputs.shape)}")
+    if inputs.is_floating_point() and inputs.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"inputs are {inputs.dtype}; supported dtypes are float32 and float64")
 
 
 @dataclass
@@ -116,6 +131,7 @@ def capture(
     kind this comes from the same backward pass).
     """
     check_kind(kind, mc_samples)
+    check_batch(inputs, targets)
     names = list(adapters)
     with _Recorder(adapters) as rec, torch.enable_grad():
         outputs = model(inputs)

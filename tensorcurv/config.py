@@ -1,28 +1,37 @@
-"""Structured configuration of a training run and its start-up validation.
+"""The configs of the three command lines (``train``, ``study``, ``unlearn``) and their validation.
 
-``conf/train.yaml`` composes the groups ``data``, ``model``, ``curvature``, ``optim``, ``logger``
-plus the top-level fields of :class:`TrainConfig`. :func:`validate_train` checks the whole composed
-config *before any work starts* and raises :class:`ConfigError` (a ``ValueError``) with one line
-that names the bad key and its valid choices, e.g.::
+``conf/<primary>.yaml`` composes groups (``data``, ``model``, ``curvature``, ``optim``, ``logger``,
+...) plus top-level fields. Each validator (:func:`validate_train`, :func:`validate_study`,
+:func:`validate_unlearn`) checks the whole composed config *before any work starts* against the
+schemas below (:mod:`tensorcurv.schema`: every key's type, range and allowed values, taken from the
+live registries of datasets, models, activations, structures, optimizers, scenarios...; unknown keys
+refused with the closest valid key) and raises :class:`ConfigError` (a ``ValueError``) with one line::
 
-    curvature.name='kfca' is not a structure; valid: dense, diagonal, ekfac, kfac, ...
-    optim.name='adamm' is not an optimizer; valid: natural_gradient, gauss_newton, sgd, ...
-    curvature.damping=-1.0: damping must be a finite number >= 0
+    curvature.name='kfca' is not a structure (did you mean 'kfac'?); valid: dense, diagonal, ekfac, ...
+    unknown key 'lissa_dept'; did you mean 'lissa_depth'? valid keys: name, scenario, fraction, ...
+    model.hidden_sizes=[-4]: -4 is not allowed; expected a list of integers >= 1
+    resume='no' must be true or false
 
 The structure's own hyper-parameters are validated by its ``Hparams`` dataclass
-(``tensorcurv.structures.make_hparams``), the optimizer's by ``tensorcurv.optim.config``; then every
-covered layer's block is constructed once on the (cheap) model, so constraints that need the layer
-size — an index split that does not divide it, a rank above the block's — fail here too.
+(``tensorcurv.structures.make_hparams``), the optimizer's by ``tensorcurv.optim.config``; training
+then constructs every covered layer's block once on the (cheap) model (:func:`check_blocks`), so
+constraints that need the layer size — an index split that does not divide it, a rank above the
+block's — fail before the first step too. :mod:`tensorcurv.cli` runs the validator as a Hydra
+callback, before Hydra creates the run directory.
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import math
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
+
+from tensorcurv.schema import ConfigError, check, check_keys, check_value, one_line, signature_schema, spec
+
+__all__ = ["ConfigError", "DataConfig", "LoggerConfig", "ScheduleConfig", "StudyConfig", "TrainConfig",
+           "UnlearnConfig", "Validated", "check_blocks", "resolve_device", "validate_model", "validate_structure",
+           "check_study_data", "validate_study", "validate_train", "validate_unlearn"]
 
 DTYPES = ("float32", "float64")
 TASKS = ("auto", "classify", "autoencode")
@@ -31,33 +40,71 @@ CURVATURE_KEYS = ("name", "kind", "damping")
 SECOND_ORDER = ("natural_gradient", "gauss_newton")
 #: optim keys that conf/train.yaml links to the curvature group
 LINKED_KEYS = ("structure", "kind", "damping")
+#: the torchrun environment a data-parallel run needs
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class ConfigError(ValueError):
-    """A one-line configuration error raised before any work starts."""
+# ------------------------------------------------------------------ live registries (imported lazily)
+def _datasets() -> list[str]:
+    from tensorcurv import data
+
+    return data.names()
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
+def _normalizations() -> list[str]:
+    from tensorcurv import data
+
+    return list(data.NORMALIZATIONS)
 
 
+def _loggers() -> list[str]:
+    from tensorcurv import tracking
+
+    return list(tracking.KINDS)
+
+
+def _wandb_modes() -> list[str]:
+    from tensorcurv import tracking
+
+    return list(tracking.WANDB_MODES)
+
+
+def _schedules() -> list[str]:
+    from tensorcurv.optim import schedules
+
+    return list(schedules.NAMES)
+
+
+def _kinds() -> list[str]:
+    from tensorcurv.capture import KINDS
+
+    return list(KINDS)
+
+
+def _structure_names() -> list[str]:
+    from tensorcurv import structures
+
+    return structures.names()
+
+
+# ------------------------------------------------------------------ shared groups
 @dataclass
 class DataConfig:
     """``conf/data/<name>.yaml``: the arguments of :func:`tensorcurv.data.load`."""
 
-    name: str = "digits"
+    name: str = spec("digits", choices=_datasets, what="a dataset")
     """Dataset: one of ``tensorcurv.data.names()``."""
-    data_dir: str = "data"
+    data_dir: str = spec("data")
     """Folder with the dataset files (relative to the working directory)."""
-    val_fraction: float = 0.1
+    val_fraction: float = spec(0.1, ge=0, lt=1)
     """Fraction of the training pool held out for validation, in [0, 1)."""
-    test_fraction: float = 0.2
+    test_fraction: float = spec(0.2, ge=0, lt=1)
     """Held-out test fraction for datasets without an official test split, in [0, 1)."""
-    normalize: str = "standard"
+    normalize: str = spec("standard", choices=_normalizations, what="a normalization")
     """``standard`` (per-feature z-score), ``unit`` (to [0, 1]) or ``none``; training-set statistics."""
-    download: bool = True
+    download: bool = spec(True)
     """Download missing standard files (MNIST, Fashion-MNIST, CIFAR-10) when online."""
-    limit: int | None = None
+    limit: int | None = spec(None, ge=1)
     """Keep at most this many samples per split (quick runs); None: all."""
 
 
@@ -65,60 +112,140 @@ class DataConfig:
 class LoggerConfig:
     """``conf/logger/<kind>.yaml``: see :mod:`tensorcurv.tracking`."""
 
-    kind: str = "csv"
+    kind: str = spec("csv", choices=_loggers, what="a logger")
     """``wandb``, ``csv`` or ``none``."""
-    mode: str = "offline"
+    mode: str = spec("offline", choices=_wandb_modes, what="a W&B mode")
     """W&B mode: ``offline`` (default; ``wandb sync`` later), ``online`` or ``disabled``."""
-    project: str = "tensorcurv"
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    project: str = spec("tensorcurv")
+    entity: str | None = spec(None)
+    name: str | None = spec(None)
+    group: str | None = spec(None)
+    tags: list[str] = spec([])
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule: ``tensorcurv.optim.schedules.build(opt.optimizer, name, total_steps, **kw)``."""
 
-    name: str = "constant"
+    name: str = spec("constant", choices=_schedules, what="a schedule")
     """``constant``, ``step``, ``cosine_warmup`` or ``cosine_restarts``."""
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = spec({})
     """Keyword arguments of that schedule (e.g. ``warmup_steps``)."""
 
 
+#: allowed values of model-builder parameters, by parameter name (types come from the signatures)
+def _model_rules(name: str) -> dict[str, dict[str, Any]]:
+    from tensorcurv import models
+
+    positive = {"ge": 1}
+    rules: dict[str, dict[str, Any]] = {
+        "activation": {"choices": list(models.ACTIVATIONS), "what": "an activation"},
+        "norm": {"choices": list(models.NORMS), "what": "a norm"},
+        "preset": {"choices": list(models.AUTOENCODER_PRESETS), "what": "an autoencoder preset"},
+        "hidden_sizes": positive, "channels": positive, "hidden": positive, "groups": positive,
+        "blocks_per_stage": positive, "widths": {"ge": 1, "nonempty": True},
+    }
+    if name == "conv_autoencoder":
+        rules["channels"] = {"ge": 1, "length": 2}
+    return rules
+
+
+def validate_model(model: Mapping[str, Any], key: str = "model", valid_names: list[str] | None = None,
+                   what: str = "a model") -> dict:
+    """Check ``{name, **builder kwargs}`` against the builder's signature and the allowed values."""
+    from tensorcurv import models
+
+    valid_names = valid_names or models.names()
+    check_value(f"{key}.name", model.get("name"), str, {"choices": valid_names, "what": what})
+    schema = signature_schema(model["name"], models.builder(model["name"]), skip=("input_shape", "num_outputs"),
+                              rules=_model_rules(model["name"]))
+    check(key, schema, {k: v for k, v in model.items() if k != "name"})
+    return dict(model)
+
+
+def validate_structure(curv: Mapping[str, Any], key: str = "curvature") -> Any:
+    """Check ``{name, kind, damping, **hparams}``; returns the structure's validated Hparams."""
+    from tensorcurv import structures
+
+    if "name" not in curv:
+        raise ConfigError(f"{key}.name is missing; valid: {', '.join(structures.names())}")
+    check_value(f"{key}.name", curv["name"], str, {"choices": structures.names(), "what": "a structure"})
+    check_value(f"{key}.kind", curv.get("kind"), str | None, {"choices": _kinds(), "what": "a curvature kind"})
+    d = curv.get("damping")
+    check_value(f"{key}.damping", d, float | None, {"ge": 0})
+    hp = {k: v for k, v in curv.items() if k not in CURVATURE_KEYS}
+    try:
+        return structures.make_hparams(curv["name"], **hp)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key} ({curv['name']}): {one_line(e)}") from None
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A composed config as plain containers, without Hydra's own ``hydra`` node."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:  # pragma: no cover
+        DictConfig = None
+    if DictConfig is not None and isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+        cfg.pop("hydra", None)  # Hydra's own node: its ${hydra:...} values are set when the job starts
+        try:
+            return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)  # type: ignore[return-value]
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"the config does not resolve: {one_line(e)}") from None
+    raw = dict(cfg)
+    raw.pop("hydra", None)
+    return raw
+
+
+def _groups(raw: Mapping[str, Any], top: type, groups: tuple[str, ...]) -> dict[str, Any]:
+    """The top-level keys of ``raw`` that are not groups; unknown ones refused against ``top``'s fields."""
+    keys = {k: v for k, v in raw.items() if k not in groups and k != "experiment"}
+    check_keys("", keys, [f.name for f in fields(top)] + list(groups))
+    return keys
+
+
+# ------------------------------------------------------------------ scripts/train.py
 @dataclass
 class TrainConfig:
     """Top-level fields of ``conf/train.yaml``."""
 
-    name: str = "train"
+    name: str = spec("train")
     """Run name: the run directory is ``outputs/<name>/<overrides>``."""
-    seed: int = 0
+    seed: int = spec(0, ge=0)
     """Seeds the model initialisation, the data split and the batch order."""
-    dtype: str = "float32"
+    dtype: str = spec("float32", choices=DTYPES, what="a dtype")
     """``float32`` or ``float64`` for model and data."""
-    task: str = "auto"
+    task: str = spec("auto", choices=TASKS, what="a task")
     """``classify`` (cross-entropy), ``autoencode`` (MSE to the flattened input) or ``auto``
     (autoencode for autoencoder models and datasets without classes)."""
-    epochs: int = 5
+    epochs: int = spec(5, ge=1)
     """Passes over the training set."""
-    max_steps: int | None = None
+    max_steps: int | None = spec(None, ge=1)
     """Stop after this many optimizer steps in total (None: ``epochs`` full passes)."""
-    batch_size: int = 128
+    batch_size: int = spec(128, ge=1)
     """Mini-batch size (the last incomplete batch of an epoch is dropped)."""
-    eval_every: int = 1
+    eval_every: int = spec(1, ge=1)
     """Evaluate train/val/test loss and accuracy every k epochs (and always at the end)."""
-    checkpoint_every: int = 50
-    """Write ``checkpoints/last.pt`` every k steps (and at the end)."""
-    resume: bool = True
-    """Continue from ``checkpoints/last.pt`` when the run directory has one."""
-    progress: bool = True
+    checkpoint_every: int = spec(50, ge=1)
+    """Write ``checkpoints/last.pt`` every k steps (and after the first evaluation, and at the end)."""
+    resume: bool = spec(True)
+    """Continue from ``checkpoints/last.pt`` when the run directory has one (strictly ``true``/``false``)."""
+    progress: bool = spec(True)
     """Show a tqdm progress bar (loss, step time)."""
-    run_dir: str | None = None
+    run_dir: str | None = spec(None)
     """Output folder; None: Hydra's run directory (or ``outputs/<name>`` outside Hydra)."""
-    threads: int | None = None
+    threads: int | None = spec(None, ge=1)
     """``torch.set_num_threads`` (None: leave torch's default)."""
-    device: str = "cpu"
+    device: str = spec("cpu")
     """``cpu``, ``cuda``, ``cuda:<i>`` or ``auto`` (cuda when available): where model, data and curvature live."""
+    max_skip_fraction: float = spec(0.5, ge=0, le=1)
+    """The run fails (nonzero exit, ``summary.json`` still written) once more than this fraction of its
+    steps were skipped by the optimizer (non-finite loss, gradient, statistics or solve); 1: never."""
+
+
+TRAIN_GROUPS = ("data", "model", "curvature", "optim", "logger", "schedule", "distributed")
 
 
 def resolve_device(name: str) -> "torch.device":
@@ -139,34 +266,19 @@ def resolve_device(name: str) -> "torch.device":
     return dev
 
 
-def _check_fields(group: str, cls: type, values: Mapping[str, Any]) -> None:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ConfigError(f"{group}: unknown key(s) {unknown}; valid keys: {valid}")
+def validate_distributed(raw: Any) -> Any:
+    """The ``distributed`` group as a ``DistributedConfig``; ``enabled`` needs the torchrun environment."""
+    from tensorcurv.distributed.launch import DistributedConfig
 
+    dist = check("distributed", DistributedConfig, dict(raw or {}))
+    if dist.enabled:
+        import torch.distributed
 
-def _choice(key: str, value: Any, valid, what: str = "") -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not {what or 'a valid choice'}; valid: {', '.join(map(str, valid))}")
-
-
-def _int_at_least(key: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-        raise ConfigError(f"{key}={value!r} must be an integer >= {low}" + (" or null" if allow_none else ""))
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if missing and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ConfigError(f"distributed=ddp needs the torchrun environment ({', '.join(missing)} not set); launch "
+                              f"it as: torchrun --nproc_per_node=<processes> scripts/train.py distributed=ddp ...")
+    return dist
 
 
 @dataclass
@@ -205,102 +317,23 @@ class Validated:
         return kw
 
 
-def _structure_names() -> list[str]:
-    from tensorcurv import structures
-
-    return structures.names()
-
-
-def validate_structure(curv: Mapping[str, Any], key: str = "curvature") -> Any:
-    """Check ``{name, kind, damping, **hparams}``; returns the structure's validated Hparams."""
-    from tensorcurv import structures
-    from tensorcurv.capture import KINDS
-
-    if "name" not in curv:
-        raise ConfigError(f"{key}.name is missing; valid: {', '.join(structures.names())}")
-    _choice(f"{key}.name", curv["name"], structures.names(), "a structure")
-    if curv.get("kind") is not None:
-        _choice(f"{key}.kind", curv["kind"], list(KINDS), "a curvature kind")
-    d = curv.get("damping")
-    if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) and d >= 0):
-        raise ConfigError(f"{key}.damping={d!r}: damping must be a finite number >= 0")
-    hp = {k: v for k, v in curv.items() if k not in CURVATURE_KEYS}
-    try:
-        return structures.make_hparams(curv["name"], **hp)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{key} ({curv['name']}): {_one_line(e)}") from None
-
-
-def validate_model(model: Mapping[str, Any]) -> None:
-    from tensorcurv import models
-
-    _choice("model.name", model.get("name"), models.names(), "a model")
-    builder = models._BUILDERS[model["name"]]
-    params = inspect.signature(builder).parameters
-    valid = [p for p in params if p not in ("self", "input_shape", "num_outputs")]
-    unknown = sorted(set(model) - {"name"} - set(valid))
-    if unknown:
-        raise ConfigError(f"model ({model['name']}): unknown key(s) {unknown}; valid keys: {valid}")
-
-
 def validate_train(cfg: Any) -> Validated:
-    """Validate a composed training config (DictConfig or dict). Raises :class:`ConfigError`."""
-    from tensorcurv import data as data_mod
-    from tensorcurv import optim, tracking
+    """Validate a composed ``conf/train.yaml`` (DictConfig or dict). Raises :class:`ConfigError`."""
+    from tensorcurv import optim
     from tensorcurv.optim import config as optim_config
-    from tensorcurv.optim import schedules
 
     raw = _plain(cfg)
-    raw.pop("hydra", None)
-    groups = ("data", "model", "curvature", "optim", "logger", "schedule", "distributed")
-    top = {k: v for k, v in raw.items() if k not in groups and k != "experiment"}
-    _check_fields("train", TrainConfig, top)
-    train = TrainConfig(**top)
-    _choice("dtype", train.dtype, DTYPES)
-    _choice("task", train.task, TASKS)
-    for k in ("epochs", "batch_size", "eval_every", "checkpoint_every"):
-        _int_at_least(k, getattr(train, k), 1)
-    _int_at_least("max_steps", train.max_steps, 1, allow_none=True)
-    _int_at_least("threads", train.threads, 1, allow_none=True)
-    _int_at_least("seed", train.seed, 0)
+    train = check("", TrainConfig, _groups(raw, TrainConfig, TRAIN_GROUPS))
     resolve_device(train.device)
-
-    d = dict(raw.get("data") or {})
-    _check_fields("data", DataConfig, d)
-    data = DataConfig(**d)
-    _choice("data.name", data.name, data_mod.names(), "a dataset")
-    _choice("data.normalize", data.normalize, data_mod.NORMALIZATIONS)
-    for k in ("val_fraction", "test_fraction"):
-        v = getattr(data, k)
-        if not (isinstance(v, (int, float)) and 0 <= v < 1):
-            raise ConfigError(f"data.{k}={v!r} must be in [0, 1)")
-    _int_at_least("data.limit", data.limit, 1, allow_none=True)
-
-    model = dict(raw.get("model") or {})
-    validate_model(model)
-
+    data = check("data", DataConfig, dict(raw.get("data") or {}))
+    model = validate_model(dict(raw.get("model") or {}))
     curvature = dict(raw.get("curvature") or {})
     validate_structure(curvature)
-
     opt = dict(raw.get("optim") or {})
-    _choice("optim.name", opt.get("name"), optim.names(), "an optimizer")
-    lg = dict(raw.get("logger") or {"kind": "csv"})
-    _check_fields("logger", LoggerConfig, lg)
-    logger = LoggerConfig(**lg)
-    _choice("logger.kind", logger.kind, tracking.KINDS, "a logger")
-    _choice("logger.mode", logger.mode, tracking.WANDB_MODES, "a W&B mode")
-
-    sc = dict(raw.get("schedule") or {})
-    _check_fields("schedule", ScheduleConfig, sc)
-    schedule = ScheduleConfig(**sc)
-    _choice("schedule.name", schedule.name, list(schedules.NAMES), "a schedule")
-
-    from tensorcurv.distributed.launch import make_config as distributed_config
-
-    try:
-        distributed_config(raw.get("distributed"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_value("optim.name", opt.get("name"), str, {"choices": optim.names(), "what": "an optimizer"})
+    logger = check("logger", LoggerConfig, dict(raw.get("logger") or {"kind": "csv"}))
+    schedule = check("schedule", ScheduleConfig, dict(raw.get("schedule") or {}))
+    validate_distributed(raw.get("distributed"))
     if opt["name"] in SECOND_ORDER and opt.get("structure", curvature["name"]) != curvature["name"]:
         raise ConfigError(f"optim.structure={opt['structure']!r} differs from curvature.name={curvature['name']!r}; "
                           f"choose the structure with curvature=<name> (valid: {', '.join(_structure_names())})")
@@ -308,12 +341,12 @@ def validate_train(cfg: Any) -> Validated:
     kw = v.optimizer_kwargs()
     try:
         if opt["name"] in SECOND_ORDER:
-            fields, _ = optim_config.split_structure_hparams(opt["name"], kw)
-            optim_config.make_config(opt["name"], **fields)
+            fields_, _ = optim_config.split_structure_hparams(opt["name"], kw)
+            optim_config.make_config(opt["name"], **fields_)
         else:
             optim_config.make_config(opt["name"], **kw)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"optim ({opt['name']}): {_one_line(e)}") from None
+        raise ConfigError(f"optim ({opt['name']}): {one_line(e)}") from None
     return v
 
 
@@ -327,4 +360,159 @@ def check_blocks(model: Any, curvature: Mapping[str, Any]) -> None:
     try:
         Curvature(model, curvature["name"], kind, **hp)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"curvature ({curvature['name']}): {_one_line(e)}") from None
+        raise ConfigError(f"curvature ({curvature['name']}): {one_line(e)}") from None
+
+
+# ------------------------------------------------------------------ scripts/study.py
+@dataclass
+class StudyTrainConfig:
+    """``train`` group of ``conf/study.yaml``: Adam on the mean loss before/between the checkpoints."""
+
+    steps: int = spec(300, ge=0)
+    batch_size: int = spec(64, ge=1)
+    lr: float = spec(1e-3, gt=0)
+
+
+@dataclass
+class StudySettings:
+    """``study`` group of ``conf/study.yaml`` (see :func:`tensorcurv.study.run_study`)."""
+
+    kinds: list[str] = spec(["empirical", "mc", "ggn"], choices=_kinds, what="a curvature kind", nonempty=True)
+    mc_samples: int = spec(1, ge=1)
+    batch_size: int = spec(128, ge=1)
+    checkpoints: list[float] = spec([0, 0.1, 0.5, 1.0], ge=0, le=1, nonempty=True)
+    structures: Any = spec("all")
+    """``all`` or a list of structure names (checked in :func:`validate_study`)."""
+    hparams: dict[str, Any] = spec({})
+    sweeps: dict[str, Any] = spec({})
+    damping_rel: list[float] = spec([1e-4, 1e-3, 1e-2, 1e-1, 1.0], gt=0, nonempty=True)
+    floor_ranks: list[int] = spec([1, 2, 3, 4, 6, 8], ge=1)
+    spectral: bool = spec(True)
+    spectral_max_iter: int = spec(80, ge=1)
+    spectral_tol: float = spec(1e-6, gt=0)
+    spectrum_layer: str | int | None = spec(None)
+    """Layer (module name) of the eigenvalue plot; None: the first covered layer."""
+    spectrum_k: int = spec(60, ge=1)
+    chunk: int = spec(128, ge=1)
+    solve_repeats: int = spec(1, ge=1)
+
+
+@dataclass
+class StudyConfig:
+    """``conf/study.yaml``."""
+
+    name: str = spec("study")
+    seed: int = spec(0, ge=0)
+    dtype: str = spec("float64", choices=DTYPES, what="a dtype")
+    threads: int | None = spec(1, ge=1)
+    loss: str = spec("cross_entropy", choices=("cross_entropy",), what="a loss of the study (a classifier)")
+    report_dir: str | None = spec(None)
+    title: str | None = spec(None)
+    render_only: bool = spec(False)
+    data: DataConfig = spec(None)
+    model: dict[str, Any] = spec({})
+    logger: LoggerConfig = spec(None)
+    train: StudyTrainConfig = spec(None)
+    study: StudySettings = spec(None)
+
+
+def validate_study(cfg: Any) -> dict[str, Any]:
+    """Validate a composed ``conf/study.yaml``; returns it as plain containers. Raises :class:`ConfigError`."""
+    from tensorcurv import models, structures
+    from tensorcurv.study import make_variants
+
+    raw = _plain(cfg)
+    s = check("", StudyConfig, {**raw, **{g: raw.get(g) or {} for g in ("data", "logger", "train", "study")}})
+    validate_model(s.model, valid_names=[n for n in models.names() if n not in models.AUTOENCODERS],
+                   what="a classifier (the study trains on labels)")
+    names = structures.names()
+    picked = s.study.structures
+    if picked != "all":
+        check_value("study.structures", picked, list[str], {"choices": names, "what": "a structure", "nonempty": True})
+    for group in ("hparams", "sweeps"):
+        entries = getattr(s.study, group)
+        check_keys(f"study.{group}", entries, names)
+        for name, hp in entries.items():
+            check_value(f"study.{group}.{name}", hp, dict)
+        if group == "sweeps":
+            for name, grid in entries.items():
+                for k, values in grid.items():
+                    check_value(f"study.sweeps.{name}.{k}", values, list, {"nonempty": True})
+    try:
+        make_variants(picked, s.study.hparams, s.study.sweeps)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"study.hparams/sweeps: {one_line(e)}") from None
+    if s.study.spectrum_layer is not None:  # layer names are module names ("1", "features.0"): keep them strings
+        raw["study"]["spectrum_layer"] = str(s.study.spectrum_layer)
+    return raw
+
+
+def check_study_data(raw: Mapping[str, Any]) -> None:
+    """What a validated study config can only show with its data: the dataset loads and has labels, the
+    model fits its inputs, and ``study.spectrum_layer`` names a covered layer. Raises :class:`ConfigError`."""
+    from tensorcurv import Curvature, data, models
+
+    d = dict(raw["data"])
+    name = d.pop("name")
+    try:
+        splits = data.load(name, seed=raw["seed"], **d)
+    except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
+        raise ConfigError(f"data ({name}): {one_line(e)}") from None
+    if splits.num_classes is None:
+        raise ConfigError(f"data.name={name!r} has no labels, and the study trains a classifier; choose a labelled "
+                          f"dataset")
+    m = dict(raw["model"])
+    try:
+        model = models.build(m.pop("name"), splits.input_shape, splits.num_classes, **m)
+    except ValueError as e:
+        raise ConfigError(f"model ({raw['model']['name']}) on {name}: {one_line(e)}") from None
+    layer = raw["study"].get("spectrum_layer")
+    if layer is not None:
+        layers = list(Curvature(model, "diagonal", "ggn").adapters)
+        check_value("study.spectrum_layer", str(layer), str, {"choices": layers, "what": "a covered layer"})
+
+
+# ------------------------------------------------------------------ scripts/unlearn.py
+def _scenarios() -> list[str]:
+    from tensorcurv.unlearn.scenarios import SCENARIOS
+
+    return list(SCENARIOS)
+
+
+@dataclass
+class UnlearnConfig:
+    """``conf/unlearn.yaml``: the digits unlearning benchmark (``tensorcurv.unlearn.benchmark.run``)."""
+
+    name: str = spec("unlearn")
+    scenario: str = spec("label_flip", choices=_scenarios, what="a scenario")
+    fraction: float = spec(0.05, gt=0, lt=1)
+    """Fraction of the training points affected, in (0, 1)."""
+    scenario_kwargs: dict[str, Any] = spec({})
+    """Extra keyword arguments of the scenario (backdoor: ``target``, ``patch``, ``trigger_value``)."""
+    seeds: list[int] = spec([0], ge=0, nonempty=True)
+    mu: float = spec(20.0, gt=0)
+    """L2 regularization μ > 0 of ``Σ_i CE_i + (μ/2)‖θ‖²`` (the curvature gets μ·I)."""
+    hidden: list[int] = spec([], ge=1)
+    methods: list[str] | None = spec(None)
+    quick: bool = spec(False)
+    lissa_depth: int | None = spec(None, ge=1)
+    threads: int | None = spec(1, ge=1)
+    report_dir: str | None = spec(None)
+
+
+#: digits: 10 classes of 8x8 images
+_SCENARIO_RULES = {"target": {"ge": 0, "le": 9}, "patch": {"ge": 1, "le": 8}}
+
+
+def validate_unlearn(cfg: Any) -> UnlearnConfig:
+    """Validate a composed ``conf/unlearn.yaml``. Raises :class:`ConfigError`."""
+    from tensorcurv.unlearn import benchmark, scenarios
+
+    u = check("", UnlearnConfig, _plain(cfg))
+    schema = signature_schema(u.scenario, getattr(scenarios, u.scenario), rules=_SCENARIO_RULES,
+                              skip=("X", "y", "X_test", "y_test", "num_classes", "fraction", "seed"))
+    check("scenario_kwargs", schema, u.scenario_kwargs)
+    if u.methods is not None:
+        known = [m.name for m in benchmark.default_methods(u.quick, u.lissa_depth)]
+        check_value("methods", u.methods, list[str], {"choices": known, "what": "a method", "nonempty": True})
+    return u

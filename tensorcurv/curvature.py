@@ -14,11 +14,22 @@ Parameters of layers without a Kronecker adapter (BatchNorm, LayerNorm, Embeddin
 ConvTranspose2d bias, ...) get the ``fallback``: ``identity`` (the gradient passes through
 unchanged, the default) or ``diagonal`` (the exact diagonal of their block from per-sample
 gradients, ``torch.func``). ``coverage_table()`` prints which parameter is handled by what.
+A parameter shared by several modules (tied weights), or a module registered under two names,
+is not covered either: each use would get its own block and the curvature would count it twice.
+
+Bad input fails before any work, with one line: a model on the ``meta`` device or in a dtype
+other than float32/float64, an empty batch, ``damping <= 0``. An update is all-or-nothing: if the
+statistics, the model outputs or the *fitted* state of any block (e.g. ``A = aᵀa`` overflowing
+in float32) are non-finite, :class:`~tensorcurv.stats.NonFiniteError` (a ``ValueError``) names the
+layer and every block is left bit-identical to before. ``solve`` raises the same error, naming
+the layer, instead of returning NaN/Inf.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,9 +40,45 @@ from tensorcurv import structures
 from tensorcurv.capture import CaptureResult, capture, check_kind
 from tensorcurv.layers import LayerAdapter, adapter_for
 from tensorcurv.losses import LossSpec, as_loss_spec
-from tensorcurv.structures.base import check_damping, check_decay, fit_blocks
+from tensorcurv.stats import SUPPORTED_DTYPES, NonFiniteError
+from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, check_damping, check_decay,
+                                        check_state_finite, fit_blocks, nonfinite)
 
 FALLBACKS = ("identity", "diagonal")
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class CoupledSamplesWarning(UserWarning):
+    """A layer mixes the samples of a batch (BatchNorm in training mode): the captured per-sample
+    statistics, hence every block, are not the GGN/Fisher of the model."""
+
+
+def check_model(model: nn.Module) -> None:
+    """A model the curvature can be computed for: real data (not ``meta``), float32/float64 parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(f"the model is on the 'meta' device ({meta[0]!r} has no data); materialize it first, "
+                         "e.g. model.to_empty(device='cpu') and initialize its parameters")
+    check_dtypes(model.named_parameters())
+
+
+def check_dtypes(named_params) -> None:
+    for n, p in named_params:
+        if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"parameter {n!r} is {p.dtype}; supported dtypes are float32 and float64 "
+                             "(convert with model.float() or model.double())")
+
+
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """``id(p) -> [every name of p]`` for parameters reachable under more than one module name
+    (one ``nn.Parameter`` assigned to two modules, or one module registered twice)."""
+    names: dict[int, list[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pn, p in module.named_parameters(recurse=False):
+            names.setdefault(id(p), []).append(f"{mname}.{pn}" if mname else pn)
+    return {k: v for k, v in names.items() if len(v) > 1}
 
 
 class Curvature:
@@ -50,24 +97,39 @@ class Curvature:
         **structure_hparams: Any,
     ) -> None:
         check_kind(kind, mc_samples)
+        check_model(model)
         if fallback not in FALLBACKS:
             raise ValueError(f"unknown fallback {fallback!r}; valid: {list(FALLBACKS)}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         cls = structures.get(structure)
         hparams = structures.make_hparams(structure, **structure_hparams)
         self.model, self.structure, self.kind = model, structure, kind
         self.mc_samples, self.fallback = mc_samples, fallback
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
+        with_params = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        unknown = sorted(set(exclude) - set(with_params))
+        if isinstance(exclude, str) or unknown:
+            raise ValueError(f"exclude must be a list of module names with parameters; unknown: "
+                             f"{[exclude] if isinstance(exclude, str) else unknown}; valid: {with_params}")
+        shared = shared_parameters(model)
         self.adapters: dict[str, LayerAdapter] = {}
         self._coverage: list[dict[str, str]] = []
         covered: set[int] = set()
+        listed: set[int] = set()  # one coverage row per parameter, under its first name
         for name, module in model.named_modules():
-            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad]
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False)
+                   if p.requires_grad and id(p) not in listed]
+            listed.update(id(p) for _, p in own)
             if not own:
                 continue
             cov = adapter_for(name, module)
             if name in exclude:
                 cov.adapter, cov.reason = None, "excluded by the user"
+            tied = [] if cov.adapter is None else [shared[id(p)] for _, p in cov.adapter.params() if id(p) in shared]
+            if tied:
+                cov.adapter, cov.reason = None, f"shared parameter {tied[0]} (tied/shared parameters are not covered)"
             if cov.adapter is not None:
                 self.adapters[name] = cov.adapter
                 covered.update(id(p) for _, p in cov.adapter.params())
@@ -78,6 +140,8 @@ class Curvature:
                            "why": cov.reason}
                 else:
                     why = cov.reason if cov.adapter is None else f"{pn} of {cov.module_type} cannot be folded"
+                    if id(p) in shared:
+                        why = f"shared parameter {shared[id(p)]} (tied/shared parameters are not covered)"
                     row = {"param": full, "module": cov.module_type, "handled_by": f"fallback: {fallback}",
                            "why": why}
                 self._coverage.append(row)
@@ -95,9 +159,16 @@ class Curvature:
         # optional batched cache refresh of many blocks before a solve (e.g. KFAC.refresh)
         self._refresh = getattr(cls, "refresh", None) if cls.scope != "model" else None
         self.fallback_diag: dict[str, Tensor] = {}
+        self._batch_norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
         self.last_capture_time = 0.0
         self.last_fit_time = 0.0
         self.num_updates = 0
+        self._transaction_depth = 0
+
+    @property
+    def fitted(self) -> bool:
+        """True once an update has fitted every block (solve, mv and the block operators work)."""
+        return self.num_updates > 0 or (bool(self.blocks) and all(b.fitted for b in self.blocks.values()))
 
     # ------------------------------------------------------------------ coverage
     def coverage(self) -> list[dict[str, str]]:
@@ -117,10 +188,15 @@ class Curvature:
                 accumulate_grad: bool = False) -> CaptureResult:
         """Forward + backward; statistics of every covered layer (no fitting)."""
         spec = as_loss_spec(loss_fn)
-        self._batch_scale = spec.batch_scale(inputs.shape[0])
+        check_dtypes(self.named_params)  # (the model may have been converted since construction)
+        if any(m.training for m in self._batch_norms):
+            warnings.warn("BatchNorm in training mode couples the samples of a batch: the per-sample statistics, "
+                          "and every block, are not the model's GGN/Fisher (capture in eval mode, or use GroupNorm)",
+                          CoupledSamplesWarning, stacklevel=3)
         t0 = time.perf_counter()
         res = capture(self.model, self.adapters, inputs, targets, spec, self.kind, self.mc_samples,
                       self.generator, grad_params=self.params if accumulate_grad else None)
+        self._batch_scale = spec.batch_scale(inputs.shape[0])
         if accumulate_grad:
             for p, g in zip(self.params, res.grads):
                 p.grad = g if p.grad is None else p.grad + g
@@ -133,12 +209,19 @@ class Curvature:
 
         With ``accumulate_grad=True`` the gradient of the loss is also added to ``p.grad`` (for
         ``kind="empirical"`` from the same backward pass). Returns the loss (detached).
-        Non-finite statistics raise ``ValueError`` before any block is changed.
+        Non-finite model outputs, statistics or fitted state raise :class:`NonFiniteError` (a
+        ``ValueError``) naming the layer; every block and the sampling generator are then unchanged.
         """
         if decay is not None:
             check_decay(decay)
+        gen_state = self.generator.get_state() if self.generator is not None else None
         res = self.capture(inputs, targets, loss_fn, accumulate_grad)
-        self.fit_capture(inputs, res, decay)
+        try:
+            self.fit_capture(inputs, res, decay)
+        except NonFiniteError:
+            if gen_state is not None:
+                self.generator.set_state(gen_state)
+            raise
         return res.loss
 
     def fit_capture(self, inputs: Tensor, res: CaptureResult, decay: float | None = None) -> None:
@@ -147,24 +230,56 @@ class Curvature:
         gradients of the capture (e.g. skip a non-finite step) before any block changes."""
         if decay is not None:
             check_decay(decay)
-        self.fit_stats(res.stats, decay)
-        if self.fallback == "diagonal" and self._uncovered:
-            self._fit_fallback(inputs, res, decay)
+        if nonfinite([("outputs", res.outputs)]):
+            raise NonFiniteError("non-finite model outputs (NaN/Inf) on this batch; no block was changed")
+        with self._all_or_nothing():
+            self.fit_stats(res.stats, decay)
+            if self.fallback == "diagonal" and self._uncovered:
+                self._fit_fallback(inputs, res, decay)
         self.num_updates += 1
 
     def fit_stats(self, stats: Mapping[str, Any], decay: float | None = None) -> None:
-        """Fit (or average into) every block from already captured statistics."""
+        """Fit (or average into) every block from already captured statistics (all-or-nothing)."""
         for st in stats.values():
             st.check_finite()  # all layers checked before any block changes
         t0 = time.perf_counter()
-        if self.model_structure is not None:
-            if decay is None:
-                self.model_structure.fit(stats)
+        with self._all_or_nothing():
+            if self.model_structure is not None:
+                if decay is None:
+                    self.model_structure.fit(stats)
+                else:
+                    self.model_structure.update(stats, decay)
             else:
-                self.model_structure.update(stats, decay)
-        else:
-            fit_blocks(self.blocks, stats, decay)
+                fit_blocks(self.blocks, stats, decay)
         self.last_fit_time = time.perf_counter() - t0
+
+    @contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Run a fit of all blocks (and the diagonal fallback) as one transaction: if it raises, or
+        leaves any block's state non-finite (:class:`NonFiniteError` naming the layer), every block
+        is restored to its state before, bit for bit (nested uses: the outermost one decides)."""
+        if self._transaction_depth:
+            yield
+            return
+        owners = ([self.model_structure] if self.model_structure is not None else []) + list(self.blocks.values())
+        snaps = [(s, s.snapshot()) for s in owners]
+        fallback_diag = dict(self.fallback_diag)
+        self._transaction_depth += 1
+        try:
+            yield
+            check_state_finite(self.blocks)
+            if self.model_structure is not None:
+                check_state_finite({"coarse level": self.model_structure})
+            bad = nonfinite(self.fallback_diag.items())
+            if bad:
+                raise NonFiniteError(f"the fallback diagonal of {bad} is non-finite; the update was undone")
+        except BaseException:
+            for s, snap in snaps:
+                s.restore(snap)
+            self.fallback_diag = fallback_diag
+            raise
+        finally:
+            self._transaction_depth -= 1
 
     def _fit_fallback(self, inputs: Tensor, res: CaptureResult, decay: float | None) -> None:
         """Exact diagonal ``c Σ_{s,k} (J_sᵀ v_sk)²`` for uncovered parameters, via ``torch.func``."""
@@ -195,14 +310,23 @@ class Curvature:
                 raise ValueError(f"no .grad for {missing}; run backward first or pass grads")
             return [p.grad for p in self.params]
         if isinstance(grads, Mapping):
-            return [grads[n] for n, _ in self.named_params]
+            names = [n for n, _ in self.named_params]
+            missing, unknown = [n for n in names if n not in grads], sorted(set(grads) - set(names))
+            if missing or unknown:
+                raise ValueError(f"gradient dict: missing {missing}, unknown {unknown}; keys must be the "
+                                 f"trainable parameter names {names}")
+            grads = [grads[n] for n in names]
         grads = list(grads)
         if len(grads) != len(self.params):
             raise ValueError(f"expected {len(self.params)} gradient tensors (one per trainable parameter), "
                              f"got {len(grads)}")
         for (n, p), g in zip(self.named_params, grads):
+            if not isinstance(g, Tensor):
+                raise TypeError(f"gradient for {n} must be a tensor, got {type(g).__name__}")
             if g.shape != p.shape:
                 raise ValueError(f"gradient for {n} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
+            if g.dtype != p.dtype:
+                raise ValueError(f"gradient for {n} is {g.dtype}, parameter is {p.dtype}")
         return grads
 
     def _layout(self) -> tuple[list[tuple[str, LayerAdapter, list[int]]], list[tuple[str, int]]]:
@@ -296,8 +420,11 @@ class Curvature:
         a dict ``{param name: tensor}``, or ``None`` to read ``p.grad``. Same type returned.
         ``out``: tensors of the same layout to write the result into (returned); they may be the
         ``grads`` themselves (an in-place solve, e.g. on ``p.grad``).
+        ``damping`` must be > 0 (blocks are often singular). A non-finite result raises
+        :class:`NonFiniteError` naming the layers (an in-place solve has then overwritten ``out``).
         """
         check_damping(damping)
+        damping = float(damping)  # (a NumPy scalar is fine)
         self._check_fitted()
 
         def fb(n, v):
@@ -308,8 +435,24 @@ class Curvature:
         if self._refresh is not None:  # all stale decompositions at once (batched by factor size)
             self._refresh(self.blocks.values(), damping)
         split = (lambda fn, W, b, oW, ob: fn(W, b, damping, oW, ob, False)) if self.split_solve else None
-        return self._apply(grads, lambda b, M: b.solve(M, damping), fb,
-                           lambda mats: self.model_structure.solve(mats, damping), split, out)
+        res = self._apply(grads, lambda b, M: b.solve(M, damping), fb,
+                          lambda mats: self.model_structure.solve(mats, damping), split, out)
+        vals = list(res.values()) if isinstance(res, Mapping) else res
+        bad = nonfinite(enumerate(vals))
+        if bad:
+            self._raise_nonfinite_solve(bad, grads if out is None else None, damping)
+        return res
+
+    def _raise_nonfinite_solve(self, bad: list[int], grads, damping: float) -> None:
+        layers, uncovered = self._layout()
+        where = {i: name for name, _, idx in layers for i in idx} | {i: f"{n} (fallback)" for n, i in uncovered}
+        names = list(dict.fromkeys(where[i] for i in bad))
+        why = "non-finite gradients, or a block that is not positive definite at this damping"
+        if grads is not None:  # not in place: the input tells which
+            bad_in = {where[i] for i in nonfinite(enumerate(self._as_list(grads)))}
+            why = ("their gradients are non-finite" if set(names) <= bad_in else
+                   "the damped block is not invertible (an indefinite structure?); raise the damping")
+        raise NonFiniteError(f"solve(damping={damping:g}) is non-finite for layer(s) {names}: {why}")
 
     def mv(self, vectors):
         """``C v`` for every covered layer (uncovered: identity or the fallback diagonal)."""
@@ -321,8 +464,8 @@ class Curvature:
         return self._apply(vectors, lambda b, M: b.mv(M), fb, lambda mats: self.model_structure.mv(mats))
 
     def _check_fitted(self) -> None:
-        if self.num_updates == 0 and not all(b.fitted for b in self.blocks.values()):
-            raise RuntimeError("curvature is not fitted yet: call curv.update(inputs, targets, loss_fn) first")
+        if not self.fitted:
+            raise NotFittedError(f"curvature: {NOT_FITTED} (curv.update(inputs, targets, loss_fn))")
 
     # ------------------------------------------------------------------ cost & state
     @property
@@ -342,6 +485,14 @@ class Curvature:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = ("structure", "kind", "num_updates", "fallback_diag", "generator",
+                "model_structure" if self.model_structure is not None else "blocks")
+        missing = [k for k in keys if not isinstance(state, Mapping) or k not in state]
+        if missing:
+            raise ValueError(f"not a Curvature.state_dict(): missing {missing}")
+        if self.model_structure is None and set(state["blocks"]) != set(self.blocks):
+            raise ValueError(f"state is for the layers {sorted(state['blocks'])}; this curvature covers "
+                             f"{sorted(self.blocks)} (another model?)")
         if state["structure"] != self.structure or state["kind"] != self.kind:
             raise ValueError(f"state is for structure={state['structure']!r}, kind={state['kind']!r}; "
                              f"this curvature is {self.structure!r}, {self.kind!r}")

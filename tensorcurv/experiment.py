@@ -10,16 +10,22 @@ autoencoding.
 The run directory receives
 
 * ``config.yaml``: the composed, resolved config;
-* ``metrics.csv`` / ``metrics.jsonl``: one row per step (``loss``, ``step_time``, ``lr``, and for
-  second-order optimizers ``damping``, ``curvature_fit_time``, ``solve_time``) and one row per
+* ``metrics.csv`` / ``metrics.jsonl``: one row per step (``loss``, ``step_time``, ``lr``, ``skipped``,
+  and for second-order optimizers ``damping``, ``curvature_fit_time``, ``solve_time``) and one row per
   evaluation (``train_loss``, ``train_acc``, ``val_*``, ``test_*``, ``epoch``, ``wall_time``: training
   seconds so far, evaluation excluded);
-* ``checkpoints/last.pt`` every ``checkpoint_every`` steps and at the end: model, optimizer (its
-  state includes the curvature), LR scheduler, torch/numpy/python RNG states, step, elapsed time
-  and the logger's rows. With ``resume=true`` a restarted run loads it, recomputes the epoch's batch
-  permutation (a function of ``seed`` and the epoch only) and continues; the final metrics equal
-  those of an uninterrupted run;
-* ``figures/loss_curve.png`` and ``summary.json`` (final metrics, wall-clock, time per step).
+* ``checkpoints/last.pt`` after the first evaluation, every ``checkpoint_every`` steps and at the end:
+  model, optimizer (its state includes the curvature), LR scheduler, torch/numpy/python RNG states,
+  step, elapsed time, skipped steps, the logger's rows and the W&B run id. With ``resume=true`` a
+  restarted run loads it, recomputes the epoch's batch permutation (a function of ``seed`` and the
+  epoch only) and continues the same record and the same W&B run; the final metrics equal those of
+  an uninterrupted run;
+* ``figures/loss_curve.png`` and ``summary.json`` (final metrics, wall-clock, time per step,
+  ``skipped_steps``, ``status``).
+
+A step the optimizer skips (non-finite loss, gradient, statistics or solve) is reported on stderr
+outside the progress bar, with the running count. A run that skips more than ``max_skip_fraction``
+of its steps, or diverges, stops: its summary is written and :class:`RunFailed` is raised.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,12 @@ from tensorcurv import data as data_mod
 from tensorcurv import models, optim, tracking
 from tensorcurv.distributed import launch
 from tensorcurv.config import SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device, validate_train
+from tensorcurv.schema import one_line
+
+class RunFailed(RuntimeError):
+    """A run that started and failed (diverged, or skipped more than ``max_skip_fraction`` of its
+    steps); its ``summary.json`` is written, with ``status`` and ``skipped_steps``."""
+
 
 #: keys that may change between a run and its resumption
 _RESUME_FREE = ("resume", "progress", "logger", "threads", "run_dir")
@@ -63,9 +77,9 @@ def resolve_task(v: Validated, num_classes: int | None) -> str:
     if task == "auto":
         task = "autoencode" if (v.model["name"] in models.AUTOENCODERS or num_classes is None) else "classify"
     if task == "classify" and num_classes is None:
-        raise ValueError(f"task=classify needs labels, but dataset {v.data.name!r} has none; use task=autoencode")
+        raise ConfigError(f"task=classify needs labels, but dataset {v.data.name!r} has none; use task=autoencode")
     if task == "classify" and v.model["name"] in models.AUTOENCODERS:
-        raise ValueError(f"model {v.model['name']!r} is an autoencoder; use task=autoencode")
+        raise ConfigError(f"model {v.model['name']!r} is an autoencoder; use task=autoencode")
     return task
 
 
@@ -158,14 +172,23 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         torch.cuda.set_device(device)
     session = launch.setup(v.raw.get("distributed"), device)  # data parallel (torchrun): rank 0 logs/checkpoints
     rdir = Path(run_dir or t.run_dir or _hydra_run_dir() or Path("outputs") / t.name)
-    rdir.mkdir(parents=True, exist_ok=True)
+    ckpt = rdir / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=False, map_location=device) if (t.resume and ckpt.exists()) else None
+    fingerprint = _fingerprint(v.raw)
+    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:  # before anything is written
+        raise ConfigError(f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
+                          f"or choose another run directory")
     if t.threads:
         torch.set_num_threads(t.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[t.dtype]
 
     d = v.data
-    splits = data_mod.load(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                           normalize=d.normalize, seed=t.seed, dtype=dtype, download=d.download, limit=d.limit)
+    try:
+        splits = data_mod.load(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction,
+                               test_fraction=d.test_fraction, normalize=d.normalize, seed=t.seed, dtype=dtype,
+                               download=d.download, limit=d.limit)
+    except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
+        raise ConfigError(f"data ({d.name}): {one_line(e)}") from None
     task = resolve_task(v, splits.num_classes)
 
     def targets(split):
@@ -179,12 +202,18 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     np.random.seed(t.seed)
     random.seed(t.seed)
     mkw = {k: val for k, val in v.model.items() if k != "name"}
-    model = models.build(v.model["name"], splits.input_shape,
-                         splits.num_classes if task == "classify" else None, **mkw).to(device=device, dtype=dtype)
+    try:  # the input shape is known only now (e.g. a cnn on non-image data)
+        model = models.build(v.model["name"], splits.input_shape,
+                             splits.num_classes if task == "classify" else None, **mkw).to(device=device, dtype=dtype)
+    except ValueError as e:
+        raise ConfigError(f"model ({v.model['name']}) on {d.name}: {one_line(e)}") from None
     if v.optim["name"] in SECOND_ORDER:
         check_blocks(model, v.curvature)
     loss_fn = nn.CrossEntropyLoss() if task == "classify" else nn.MSELoss()
-    session.check_batch(min(t.batch_size, len(Xtr)))
+    try:
+        session.check_batch(min(t.batch_size, len(Xtr)))
+    except ValueError as e:
+        raise ConfigError(one_line(e)) from None
     opt_model, dist_kw = session.for_optimizer(model, v.optim["name"])
     opt = optim.build(v.optim["name"], opt_model, loss_fn, **v.optimizer_kwargs(), **dist_kw)
 
@@ -193,23 +222,19 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
     total = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
     sched = optim.schedules.build(opt.optimizer, v.schedule.name, total, **v.schedule.kwargs)
 
+    rdir.mkdir(parents=True, exist_ok=True)  # the first file of the run
     if session.is_main:
         (rdir / "config.yaml").write_text(_to_yaml(v.raw))
     record = tracking.CsvLogger(rdir if session.is_main else rdir / f".rank{session.rank}")
-    ckpt = rdir / "checkpoints" / "last.pt"
-    state = torch.load(ckpt, weights_only=False, map_location=device) if (t.resume and ckpt.exists()) else None
-    fingerprint = _fingerprint(v.raw)
-    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:
-        raise ConfigError(f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
-                          f"or choose another run directory")
     ext = None
     if v.logger.kind != "csv" and session.is_main:
         lcfg = {k: val for k, val in vars(v.logger).items()}
         lcfg["name"] = lcfg.get("name") or t.name
-        ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"))
+        ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"),
+                             history=(state or {}).get("logger", {}).get("rows", ()))
     logger = tracking.MultiLogger(record, ext) if ext is not None else record
 
-    step, elapsed, last_eval, t_start = 0, 0.0, -1, None
+    step, elapsed, last_eval, t_start, skipped = 0, 0.0, -1, None, 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -217,6 +242,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         _set_rng_state(state["rng"])
         record.load_state_dict(state["logger"])
         step, elapsed, last_eval = state["step"], state["elapsed"], state["last_eval"]
+        skipped = state.get("skipped_steps", 0)
 
     def do_eval() -> dict[str, float]:
         nonlocal t_start
@@ -234,26 +260,34 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         if not session.is_main:
             return
         _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "rng": _rng_state(), "fingerprint": fingerprint, "step": step, "elapsed": elapsed, "last_eval": last_eval,
-                     "logger": record.state_dict(), "logger_ext": ext.state_dict() if ext is not None else None})
+                     "rng": _rng_state(), "fingerprint": fingerprint, "step": step, "elapsed": elapsed,
+                     "last_eval": last_eval, "skipped_steps": skipped, "logger": record.state_dict(),
+                     "logger_ext": ext.state_dict() if ext is not None else None})
+
+    def note(msg: str) -> None:  # on stderr, outside the progress bar
+        if session.is_main:
+            tqdm.write(msg, file=sys.stderr)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=step, disable=not t.progress, desc=t.name, dynamic_ncols=True)
-    perm, perm_epoch, bad_steps = None, -1, 0
+    perm, perm_epoch, bad_steps, failure = None, -1, 0, None
     model.train()
-    if state is None:
-        do_eval()  # the untrained model, step 0
-        last_eval = 0
-    t_start = time.perf_counter()
     try:
+        if state is None:
+            do_eval()  # the untrained model, step 0
+            last_eval = 0
+            checkpoint()  # from here on a restarted run continues this record (and this W&B run)
+        t_start = time.perf_counter()
         while step < total:
             epoch, b = divmod(step, spe)
             if perm_epoch != epoch:
                 perm, perm_epoch = _epoch_permutation(t.seed, epoch, n), epoch
             idx = perm[b * bs:(b + 1) * bs]
             t0 = time.perf_counter()
-            loss = float(opt.step(session.shard(Xtr[idx]), session.shard(Ytr[idx])))
+            with warnings.catch_warnings():  # skipped steps are reported below, outside the progress bar
+                warnings.simplefilter("ignore", optim.NonFiniteStepWarning)
+                loss = float(opt.step(session.shard(Xtr[idx]), session.shard(Ytr[idx])))
             sched.step()
             dt = time.perf_counter() - t0
             step += 1
@@ -263,52 +297,82 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
                 if key in info:
                     m[key] = float(info[key]) if not isinstance(info[key], bool) else int(info[key])
             logger.log(m, step)
+            if info.get("skipped"):
+                skipped += 1
+                note(f"{t.name}: step {step} skipped: {_skip_reason(info)} ({skipped} of {step} steps skipped so far)")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", step_ms=f"{1e3 * dt:.1f}")
+            bar.set_postfix(loss=f"{loss:.4g}", step_ms=f"{1e3 * dt:.1f}", skipped=skipped)
             if step % spe == 0 and (step // spe) % t.eval_every == 0:
                 do_eval()
                 last_eval = step
             for cb in callbacks:
                 cb(step, m)
             bad_steps = 0 if math.isfinite(loss) else bad_steps + 1
+            if skipped > t.max_skip_fraction * total:
+                failure = (f"{skipped} of the run's {total} steps skipped by step {step} (more than "
+                           f"max_skip_fraction={t.max_skip_fraction:g}); last: {_skip_reason(info)}")
+                break
             if bad_steps >= 10 or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                raise FloatingPointError(f"training diverged at step {step} (loss={loss}); "
-                                         f"lower the learning rate or raise the damping")
+                failure = (f"training diverged at step {step} (loss={loss}); lower the learning rate or raise "
+                           f"the damping")
+                break
             if step % t.checkpoint_every == 0 and step < total:
                 elapsed += time.perf_counter() - t_start
                 checkpoint()  # not counted as training time
                 t_start = time.perf_counter()
-    finally:
         bar.close()
-    elapsed += time.perf_counter() - t_start
-    t_start = None
-    if last_eval != step:
-        do_eval()
-        last_eval = step
-    checkpoint()
+        elapsed += time.perf_counter() - t_start
+        t_start = None
+        if last_eval != step:
+            do_eval()
+            last_eval = step
+        if failure is None:
+            checkpoint()  # (a failed run keeps its last good checkpoint: a restart replays the failure)
+        else:
+            note(f"{t.name}: FAILED: {failure}")
+        summary = _summary(v, record.rows, device=device, task=task, step=step, spe=spe, bs=bs, model=model,
+                           elapsed=elapsed, skipped=skipped, failure=failure, rdir=rdir)
+        fig = loss_figure(record.rows, f"{t.name}: {v.model['name']} on {v.data.name}, {v.optim['name']}")
+        record.log_figure("loss_curve", fig)
+        if ext is not None:
+            ext.log_figure("loss_curve", record.dir / "figures" / "loss_curve.png")
+        import matplotlib.pyplot as plt
 
-    rows = record.rows
+        plt.close(fig)
+        logger.summary(summary)
+    except BaseException:  # killed, interrupted or crashed: close the record (a restart restores it)
+        bar.close()
+        logger.finish(exit_code=1)
+        raise
+    logger.finish(exit_code=0 if failure is None else 1)
+    if failure is not None:
+        raise RunFailed(f"{failure}; summary: {rdir / 'summary.json'}")
+    return summary
+
+
+def _skip_reason(info: dict[str, Any]) -> str:
+    if "reason" in info:
+        return str(info["reason"])
+    return f"non-finite loss or gradient (loss={info.get('loss', float('nan')):.4g})"
+
+
+def _summary(v: Validated, rows: Sequence[dict[str, Any]], *, device: torch.device, task: str, step: int, spe: int,
+             bs: int, model: nn.Module, elapsed: float, skipped: int, failure: str | None, rdir: Path
+             ) -> dict[str, Any]:
+    """``summary.json``: the run's identity, its final evaluation, timings and skipped steps."""
+    t = v.train
     step_times = [r["step_time"] for r in rows if "step_time" in r]
     final = next(r for r in reversed(rows) if "train_loss" in r)
-    summary = {
-        "name": t.name, "dataset": d.name, "model": v.model["name"], "optimizer": v.optim["name"],
+    return {
+        "name": t.name, "dataset": v.data.name, "model": v.model["name"], "optimizer": v.optim["name"],
         "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None, "task": task,
         "seed": t.seed, "dtype": t.dtype, "device": str(device), "steps": step, "epochs": step / spe, "batch_size": bs,
         "num_params": sum(p.numel() for p in model.parameters()),
         **{k: val for k, val in final.items() if k not in ("step", "epoch", "wall_time")},
         "wall_time": elapsed, "time_per_step": float(np.mean(step_times)) if step_times else None,
+        "skipped_steps": skipped, "status": "ok" if failure is None else f"failed: {failure}",
         "run_dir": str(rdir),
     }
-    fig = loss_figure(rows, f"{t.name}: {v.model['name']} on {d.name}, {v.optim['name']}")
-    record.log_figure("loss_curve", fig)
-    if ext is not None:
-        ext.log_figure("loss_curve", record.dir / "figures" / "loss_curve.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    logger.summary(summary)
-    logger.finish()
-    return summary
 
 
 def _fingerprint(raw: dict[str, Any]) -> str:

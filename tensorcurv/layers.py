@@ -221,5 +221,8 @@ def adapter_for(name: str, module: nn.Module) -> Coverage:
                         return Coverage(name, kind, None, f"padding={module.padding!r} (use integer padding)")
             if not module.weight.requires_grad:
                 return Coverage(name, kind, None, "weight is frozen")
-            return Coverage(name, kind, cls(module), "kronecker block")
+            adapter = cls(module)
+            if any(not p.requires_grad for _, p in adapter.params()):
+                return Coverage(name, kind, None, "bias is frozen while the weight trains (the [W, b] block needs both)")
+            return Coverage(name, kind, adapter, "kronecker block")
     return Coverage(name, kind, None, "no Kronecker adapter for this layer type")

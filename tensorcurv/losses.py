@@ -64,6 +64,9 @@ class CrossEntropy(LossSpec):
     name = "cross_entropy"
 
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if targets.shape != outputs.shape[:1] or targets.is_floating_point() or targets.is_complex():
+            raise ValueError(f"cross-entropy targets must be integer class indices of shape ({outputs.shape[0]},), "
+                             f"got {targets.dtype} of shape {tuple(targets.shape)} (soft labels are not supported)")
         return F.cross_entropy(outputs, targets, reduction="none")
 
     def hessian_factor(self, outputs: Tensor) -> Tensor:
@@ -72,7 +75,9 @@ class CrossEntropy(LossSpec):
         return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
-        p = outputs.detach().softmax(dim=-1)
+        # a row with NaN/Inf logits has no distribution (softmax is NaN): draw uniformly there instead
+        # of failing in multinomial; its gradient p − onehot stays NaN, so the fit refuses the batch
+        p = outputs.detach().softmax(dim=-1).nan_to_num_(nan=1.0)
         if generator is not None and generator.device != p.device:  # a CPU generator keeps runs reproducible on GPU
             return torch.multinomial(p.cpu(), 1, generator=generator).squeeze(-1).to(p.device)
         return torch.multinomial(p, 1, generator=generator).squeeze(-1)
@@ -88,8 +93,19 @@ class MeanSquaredError(LossSpec):
     def rho(self, outputs: Tensor) -> float:
         return 1.0 / outputs[0].numel() if self.reduction == "mean" else 1.0
 
+    @staticmethod
+    def matched(outputs: Tensor, targets: Tensor) -> Tensor:
+        """``targets`` in the layout of ``outputs`` (same shape, or the same per-sample size: the
+        outputs of an image model are flattened per sample); no broadcasting."""
+        if targets.shape == outputs.shape:
+            return targets
+        if targets.dim() >= 1 and targets.shape[0] == outputs.shape[0] and targets.numel() == outputs.numel():
+            return targets.reshape(outputs.shape)
+        raise ValueError(f"MSE targets of shape {tuple(targets.shape)} do not match the model outputs of shape "
+                         f"{tuple(outputs.shape)} (broadcasting would silently change the loss)")
+
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return self.rho(outputs) * (outputs - targets).pow(2).flatten(1).sum(1)
+        return self.rho(outputs) * (outputs - self.matched(outputs, targets)).pow(2).flatten(1).sum(1)
 
     def hessian_factor(self, outputs: Tensor) -> Tensor:
         N, C = outputs.shape[0], outputs[0].numel()
@@ -103,7 +119,7 @@ class MeanSquaredError(LossSpec):
         return z + noise / math.sqrt(2.0 * self.rho(outputs))
 
     def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return 2.0 * self.rho(outputs) * (outputs.detach() - targets).flatten(1)
+        return 2.0 * self.rho(outputs) * (outputs.detach() - self.matched(outputs, targets)).flatten(1)
 
 
 LOSSES: dict[str, type[LossSpec]] = {"cross_entropy": CrossEntropy, "mse": MeanSquaredError}

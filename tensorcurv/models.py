@@ -190,6 +190,13 @@ def names() -> list[str]:
     return list(_BUILDERS)
 
 
+def builder(name: str):
+    """The function or class that builds model ``name``; its keyword parameters are the config keys."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+    return _BUILDERS[name]
+
+
 def build(name: str, input_shape: Sequence[int], num_outputs: int | None = None, **kw) -> nn.Module:
     """Build model ``name`` for inputs of shape ``input_shape`` (without the batch dimension).
 

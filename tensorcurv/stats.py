@@ -27,6 +27,12 @@ from torch import Tensor
 from tensorcurv.linalg import gram
 
 WEIGHT_SHARING = ("expand", "reduce")
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+class NonFiniteError(ValueError):
+    """Non-finite (NaN/±Inf) statistics, model outputs, fitted curvature or solve; nothing was changed.
+    A training loop can catch it to skip the step (``tensorcurv.optim`` does)."""
 
 
 @dataclass
@@ -49,6 +55,11 @@ class LayerStats:
             raise ValueError(
                 f"layer {self.name!r}: a {tuple(self.a.shape)} and g {tuple(self.g.shape)} "
                 "disagree on the number of samples N or positions T"
+            )
+        if self.a.dtype not in SUPPORTED_DTYPES or self.g.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"layer {self.name!r}: statistics in {self.a.dtype}/{self.g.dtype}; supported dtypes are "
+                "float32 and float64 (run the capture outside torch.autocast, on a float32/float64 model)"
             )
 
     # ---------------------------------------------------------------- shapes
@@ -79,7 +90,7 @@ class LayerStats:
 
     # ---------------------------------------------------------------- checks
     def check_finite(self) -> None:
-        """Raise ``ValueError`` naming the layer if ``a`` or ``g`` holds NaN/Inf.
+        """Raise :class:`NonFiniteError` (a ``ValueError``) naming the layer if ``a`` or ``g`` holds NaN/Inf.
 
         One reduction per tensor: a NaN or ±Inf anywhere makes the sum non-finite. A passed check is
         remembered, so ``Curvature`` (all layers first) and each structure do not scan twice.
@@ -88,7 +99,7 @@ class LayerStats:
             return
         for label, t in (("inputs a", self.a), ("output gradients g", self.g)):
             if not torch.isfinite(t.sum()):
-                raise ValueError(f"layer {self.name!r}: non-finite values in the {label} statistics")
+                raise NonFiniteError(f"layer {self.name!r}: non-finite values in the {label} statistics")
         self._finite = True
 
     def mark_finite(self) -> None:

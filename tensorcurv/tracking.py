@@ -12,7 +12,11 @@ run continues the same record.
   run directory under ``<run_dir>/wandb/offline-run-*`` that ``wandb sync <that dir>`` uploads later;
   ``mode="online"`` needs ``wandb login``; ``mode="disabled"`` makes every call a no-op. W&B records
   the config, the metric history, system information (hardware, Python, git) and the final figures
-  and tables. A resumed run re-uses its W&B run id (``resume="allow"``).
+  and tables. A resumed run continues the *same* W&B run, with every step exactly once: offline,
+  the killed attempt's ``offline-run-*-<id>`` directory is replaced by one with the same id that
+  replays the checkpointed history (``history``, the CSV record up to the checkpoint; the steps
+  after it are recomputed identically) and continues from there; online, the server's run is
+  resumed (``resume="allow"``) and logging continues from the checkpoint's step.
 * ``none`` (:class:`NullLogger`): nothing.
 
 ``tensorcurv.experiment.run_training`` always keeps a :class:`CsvLogger` and adds the configured
@@ -24,6 +28,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,8 +75,8 @@ class Logger:
     def summary(self, values: Mapping[str, Any]) -> None:
         pass
 
-    def finish(self) -> None:
-        pass
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the record (``exit_code`` != 0: the run was killed, crashed or failed)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -135,7 +140,7 @@ class CsvLogger(Logger):
         self._summary.update({k: _plain(v) for k, v in values.items()})
         (self.dir / "summary.json").write_text(json.dumps(_json_safe(self._summary), indent=2) + "\n")
 
-    def finish(self):
+    def finish(self, exit_code=0):
         self.flush()
 
     def state_dict(self):
@@ -158,7 +163,7 @@ class WandbLogger(Logger):
     def __init__(self, run_dir: str | os.PathLike, config: Mapping[str, Any] | None = None, *,
                  mode: str = "offline", project: str = "tensorcurv", entity: str | None = None,
                  name: str | None = None, group: str | None = None, tags: list[str] | None = None,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, history: list[Mapping[str, Any]] | tuple = ()) -> None:
         if mode not in WANDB_MODES:
             raise ValueError(f"logger.mode={mode!r} is not one of {list(WANDB_MODES)}")
         import wandb
@@ -167,13 +172,20 @@ class WandbLogger(Logger):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mode = mode
+        server_resume = run_id is not None and mode == "online"
+        if run_id is not None and mode == "offline":  # the killed attempt's record is replayed below
+            for stale in (self.dir / "wandb").glob(f"offline-run-*-{run_id}"):
+                shutil.rmtree(stale)
         self.run = wandb.init(
             project=project, entity=entity, name=name, group=group, tags=list(tags or []),
             config=_json_safe(dict(config or {})), dir=str(self.dir), mode=mode,
-            id=run_id, resume="allow" if run_id else None, reinit="create_new",
+            id=run_id, resume="allow" if server_resume else None, reinit="create_new",
             settings=wandb.Settings(silent=True, console="off", init_timeout=300),  # slow start on loaded CPUs
         )
         self.run_id = self.run.id if mode != "disabled" else None
+        if not server_resume:
+            for row in history:
+                self.log({k: v for k, v in row.items() if k != "step"}, row["step"])
 
     def log(self, metrics, step):
         self.run.log({k: _plain(v) for k, v in metrics.items()}, step=int(step))
@@ -192,8 +204,8 @@ class WandbLogger(Logger):
     def summary(self, values):
         self.run.summary.update({k: _plain(v) for k, v in values.items()})
 
-    def finish(self):
-        self.run.finish()
+    def finish(self, exit_code=0):
+        self.run.finish(exit_code=exit_code)
 
     @property
     def offline_dir(self) -> Path | None:
@@ -229,9 +241,9 @@ class MultiLogger(Logger):
         for lg in self.loggers:
             lg.summary(values)
 
-    def finish(self):
+    def finish(self, exit_code=0):
         for lg in self.loggers:
-            lg.finish()
+            lg.finish(exit_code)
 
     def state_dict(self):
         return {str(i): lg.state_dict() for i, lg in enumerate(self.loggers)}
@@ -242,10 +254,11 @@ class MultiLogger(Logger):
 
 
 def build(cfg: Mapping[str, Any] | None, run_dir: str | os.PathLike, config: Mapping[str, Any] | None = None,
-          state: Mapping[str, Any] | None = None) -> Logger:
+          state: Mapping[str, Any] | None = None, history: list[Mapping[str, Any]] | tuple = ()) -> Logger:
     """Logger from a config node ``{kind: wandb|csv|none, ...}`` (``conf/logger/*.yaml``).
 
-    ``state``: a previous :meth:`Logger.state_dict` (resume: the W&B run id is re-used).
+    ``state``: a previous :meth:`Logger.state_dict` (resume: the W&B run id is re-used);
+    ``history``: the rows a resumed run logged up to its checkpoint (:attr:`CsvLogger.rows`).
     """
     cfg = dict(cfg or {"kind": "csv"})
     kind = cfg.pop("kind", "csv")
@@ -256,4 +269,4 @@ def build(cfg: Mapping[str, Any] | None, run_dir: str | os.PathLike, config: Map
     if kind == "none":
         return NullLogger()
     run_id = (state or {}).get("run_id")
-    return WandbLogger(run_dir, config, run_id=run_id, **cfg)
+    return WandbLogger(run_dir, config, run_id=run_id, history=history, **cfg)

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tensorcurv import structures
-from tensorcurv.config import ConfigError, validate_train
+from tensorcurv.config import ConfigError, validate_study, validate_train, validate_unlearn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -44,6 +44,10 @@ def test_experiment_composes_with_its_primary_config(experiment):
     if primary == "train" and cfg.curvature.name in structures.names():
         v = validate_train(cfg)
         assert v.train.name == experiment  # every experiment names its runs after itself
+    elif primary == "study":
+        assert validate_study(cfg)["name"] == experiment
+    elif primary == "unlearn":
+        assert validate_unlearn(cfg).name == experiment
 
 
 def test_default_train_config_is_valid():

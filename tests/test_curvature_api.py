@@ -128,7 +128,7 @@ def test_wrong_gradient_shape_is_rejected():
 def test_solve_before_update_is_a_clear_error():
     model = MODELS["mlp"]()
     curv = tensorcurv.Curvature(model, "kfac")
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(RuntimeError, match="no statistics yet"):
         curv.solve([torch.zeros_like(p) for p in model.parameters()], 1e-3)
 
 

@@ -94,8 +94,76 @@ def _script(args, cwd, timeout=240):
 def test_train_script_bad_value_fails_with_one_line(tmp_path):
     r = _script(["curvature.damping=-1", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert r.returncode == 2
-    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert err == ["error: curvature.damping=-1: damping must be a finite number >= 0"]
+    assert r.stderr == "error: curvature.damping=-1 must be a finite number >= 0 or null\n"
+    assert not (tmp_path / "run").exists()  # refused before Hydra creates the run directory
+
+
+# SGD with lr 1e38: after the first step the parameters are huge but finite and every later loss is
+# inf, so the optimizer really skips steps 2, 3, ... (its non-finite-loss guard)
+SKIPPING = ["optim=sgd", "optim.lr=1e38"]
+
+
+def test_run_that_skips_most_steps_fails_and_still_writes_the_summary(tmp_path):
+    from tensorcurv.experiment import RunFailed
+
+    expected = r"^7 of the run's 12 steps skipped by step 8 \(more than max_skip_fraction=0.5\)"
+    with pytest.raises(RunFailed, match=expected):
+        run_training(cfg_for(*SKIPPING, "epochs=4"), run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["skipped_steps"], summary["steps"]) == (7, 8)
+    assert summary["status"].startswith("failed: 7 of the run's 12 steps skipped")
+
+
+def test_skipped_steps_are_counted_and_reported_outside_the_progress_bar(tmp_path, capsys):
+    import warnings
+
+    from tensorcurv.optim import NonFiniteStepWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = run_training(cfg_for(*SKIPPING, "max_skip_fraction=1"), run_dir=tmp_path)
+    assert s["skipped_steps"] == 5 and s["status"] == "ok"
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped_steps"] == 5
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if " skipped: " in ln]
+    assert [ln.split("(")[-1] for ln in lines] == [f"{k - 1} of {k} steps skipped so far)" for k in range(2, 7)]
+    assert not [w for w in caught if issubclass(w.category, NonFiniteStepWarning)]  # no warning inside the bar
+
+
+def test_skip_count_survives_a_resume(tmp_path):
+    over = [*SKIPPING, "max_skip_fraction=1", "checkpoint_every=3"]
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, metrics):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(cfg_for(*over), run_dir=tmp_path, callbacks=[kill_at_5])
+    assert run_training(cfg_for(*over), run_dir=tmp_path)["skipped_steps"] == 5
+
+
+def test_train_script_run_that_skips_most_steps_exits_1_with_one_line(tmp_path):
+    r = _script([*TINY, *SKIPPING, "epochs=4", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert r.returncode == 1
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("error: 7 of the run's 12 steps skipped by step 8") and "summary.json" in last
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_steps"] == 7
+
+
+def test_a_run_is_checkpointed_after_its_first_evaluation(tmp_path):
+    """So that a run killed before its first periodic checkpoint resumes (and keeps its W&B run id)."""
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_1(step, metrics):
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_training(cfg_for("optim=adam"), run_dir=tmp_path, callbacks=[kill_at_1])
+    assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)["step"] == 0
 
 
 def test_two_job_multirun(tmp_path):
@@ -116,6 +184,24 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     run_training(cfg_for("optim=adam"), run_dir=tmp_path)
     with pytest.raises(ConfigError, match="different config"):
         run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
+
+
+def test_refused_resume_leaves_the_run_untouched(tmp_path):
+    from tensorcurv.config import ConfigError
+
+    run_training(cfg_for("optim=adam"), run_dir=tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "metrics.csv")}
+    with pytest.raises(ConfigError, match="different config"):
+        run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_model_that_does_not_fit_the_input_is_a_config_error_before_any_file(tmp_path):
+    from tensorcurv.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model \(cnn\) on digits: cnn: input .* too small for 4 pooling stages"):
+        run_training(cfg_for("model=cnn", "model.channels=[4,4,4,4]"), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_demo_prints_table_and_writes_png_and_markdown(tmp_path, capsys):

@@ -395,5 +395,5 @@ def test_empty_coarse_space_is_impossible():
 
 def test_solve_before_fit_is_an_error():
     curv = tensorcurv.Curvature(net(), structure="two_level")
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(RuntimeError, match="no statistics yet"):
         curv.solve([torch.zeros_like(p) for p in curv.params], 0.1)

@@ -25,7 +25,9 @@ documents otherwise). Schedule of the work:
 
 Robustness: a non-finite loss, gradient or statistic skips the step *before* any curvature
 block, counter or RNG state changes (all ``p.grad`` are set to ``None``, so a following
-``opt.step()`` is a no-op) and warns naming the parameter or layer. A non-finite solve (only
+``opt.step()`` is a no-op) and warns naming the parameter or layer. So does a fit whose result is
+non-finite although the statistics are finite (``NonFiniteError`` from ``fit_capture``, e.g. an
+overflowing ``aᵀa``; ``Curvature`` has rolled every block back). A non-finite solve (only
 possible for an indefinite structure) also skips the step and warns; the statistics of that
 step are kept.
 """
@@ -47,6 +49,7 @@ from tensorcurv.distributed import DistributedCurvature
 from tensorcurv.distributed import resolve as resolve_distributed
 from tensorcurv.distributed.reduce import sync_step
 from tensorcurv.losses import as_loss_spec
+from tensorcurv.stats import NonFiniteError
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt
 
 
@@ -185,7 +188,13 @@ class Preconditioner:
             return loss
         if res is not None:
             decay = scheduled_decay(self.decay, self.decay_schedule, self.curvature.num_updates + 1)
-            self.curvature.fit_capture(inputs, res, decay)
+            try:  # e.g. finite statistics whose fitted factors overflow: every block is left unchanged
+                self.curvature.fit_capture(inputs, res, decay)
+            except NonFiniteError as e:
+                if gen is not None:
+                    gen.set_state(gen_state)
+                self._skip(str(e))
+                return loss
         if self.solver is not self.curvature and t % self.inverse_interval == 0:
             self.solver.load_state_dict(self.curvature.state_dict())
         self.info = {"skipped": False, "loss": float(loss), "stats": stats_due,
@@ -210,10 +219,14 @@ class Preconditioner:
                     p.grad = torch.zeros_like(p)
             grads = [p.grad for p in params]
         gPg = None
-        if self.kl_clip is None and self._in_place:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
-            pg = self.solver.solve(grads, damping=lam, out=grads)
-        else:
-            pg = self.solver.solve(grads, damping=lam)
+        try:
+            if self.kl_clip is None and self._in_place:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
+                pg = self.solver.solve(grads, damping=lam, out=grads)
+            else:
+                pg = self.solver.solve(grads, damping=lam)
+        except NonFiniteError as e:  # Curvature.solve checks its result
+            self._skip(str(e))
+            return False
         if self.kl_clip is not None:
             # ⟨g, Δ⟩ doubles as the finiteness check of Δ: g is finite, so a NaN/Inf entry of Δ makes the sum
             # non-finite (NaN, or ±Inf); only then are the parameters scanned one by one to name them

@@ -10,21 +10,42 @@ damping) unless the structure documents another damping variant; ``last_solve`` 
 
 Adding a structure = one file that subclasses :class:`Structure`, declares a nested
 ``Hparams`` dataclass (validated in ``__post_init__``) and is decorated with :func:`register`.
+
+Contract every structure keeps (relied on by ``Curvature``'s all-or-nothing fit):
+
+* ``λ > 0``: ``check_damping`` rejects ``λ <= 0`` (blocks are often singular, e.g. the softmax null
+  vector of a cross-entropy output layer, so ``λ = 0`` would divide by zero);
+* ``fit``/``update`` *assign* new tensors to the state attributes and never write into a stored
+  tensor in place, so :meth:`Structure.snapshot` (references, not copies) can undo a failed fit;
+* before the first fit, reading the state (``to_dense``, ``mv``, ``solve``, ...) raises
+  :class:`NotFittedError`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import numbers
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from tensorcurv.stats import LayerStats
+from tensorcurv.stats import LayerStats, NonFiniteError
 
 _REGISTRY: dict[str, type["Structure"]] = {}
+
+NOT_FITTED = "no statistics yet: call update() first"
+
+
+class NotFittedError(RuntimeError, AttributeError):
+    """The curvature state was read before any ``update()``/``fit()``.
+
+    Also an ``AttributeError`` (the state attribute does not exist yet), so ``hasattr`` and
+    ``getattr(obj, name, default)`` keep working on an unfitted structure."""
 
 
 @dataclasses.dataclass
@@ -51,6 +72,13 @@ class Structure(ABC):
         self.fitted = False
         self.last_solve: dict[str, Any] = {}
         self.fit_time = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        # reached only when normal lookup fails: a state attribute (A, G, C, D, cores, ...) that
+        # the first fit creates, read before any fit (e.g. to_dense() on a new block)
+        if not name.startswith("__") and self.__dict__.get("fitted") is False:
+            raise NotFittedError(f"{self.name}: {NOT_FITTED} (.{name} does not exist before the first fit)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ fitting
     @abstractmethod
@@ -107,10 +135,25 @@ class Structure(ABC):
     def _after_load(self) -> None:
         """Recompute caches (eigendecompositions, ...) after :meth:`load_state_dict`."""
 
+    def snapshot(self) -> dict[str, Any]:
+        """Everything :meth:`restore` needs to undo a later ``fit``/``update`` exactly: the attribute
+        dict (tensors by reference: fits assign new tensors, see the module doc), its dicts and
+        lists copied one level deep, and the state of every random generator."""
+        attrs = {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in self.__dict__.items()}
+        generators = {k: v.get_state() for k, v in self.__dict__.items() if isinstance(v, torch.Generator)}
+        return {"attrs": attrs, "generators": generators}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Return to the state of :meth:`snapshot` (bit-identical)."""
+        self.__dict__.clear()
+        self.__dict__.update(snap["attrs"])
+        for k, state in snap["generators"].items():
+            self.__dict__[k].set_state(state)
+
     # ------------------------------------------------------------------ helpers
     def _check(self, V: Tensor, damping: float | None = None) -> None:
         if not self.fitted:
-            raise RuntimeError(f"{self.name}: structure is not fitted yet; call fit() or update() first")
+            raise NotFittedError(f"{self.name}: {NOT_FITTED}")
         if tuple(V.shape) != self.shape:
             raise ValueError(f"{self.name}: expected V of shape {self.shape}, got {tuple(V.shape)}")
         if damping is not None:
@@ -126,24 +169,72 @@ class Structure(ABC):
 
 
 def fit_blocks(blocks: dict[str, "Structure"], stats, decay: float | None) -> None:
-    """Fit (``decay=None``) or running-average every block from its layer's statistics, timing each."""
+    """Fit (``decay=None``) or running-average every block from its layer's statistics, timing each.
+
+    A decomposition that fails inside a fit (``torch.linalg.LinAlgError``: in practice factors that
+    overflowed to Inf/NaN although ``a`` and ``g`` are finite) raises :class:`NonFiniteError` naming
+    the layer; undoing the blocks fitted before it is the caller's job (``Curvature`` does)."""
     for name, block in blocks.items():
         t0 = time.perf_counter()
-        if decay is None:
-            block.fit(stats[name])
-        else:
-            block.update(stats[name], decay)
+        st = stats[name]
+        try:
+            if decay is None:
+                block.fit(st)
+            else:
+                block.update(st, decay)
+        except torch.linalg.LinAlgError as e:
+            reason = str(e).splitlines()[0]
+            raise NonFiniteError(
+                f"layer {name!r}: the {block.name} fit failed ({reason}); max |a| = {float(st.a.abs().max()):.3g}, "
+                f"max |g| = {float(st.g.abs().max()):.3g} in {st.a.dtype}: products this large overflow"
+            ) from e
         block.fit_time = time.perf_counter() - t0
 
 
-def check_damping(damping: float) -> None:
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+def _is_number(x: Any) -> bool:
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_damping(damping: float, allow_zero: bool = False) -> None:
+    """``λ`` of ``(Ĉ + λI)^{-1}``: a finite number ``> 0`` (``>= 0`` with ``allow_zero``, for exact
+    solvers of a positive definite matrix). Zero is refused because curvature blocks are often
+    singular (softmax null vector of a cross-entropy output layer, dead units, rank < mn): the solve
+    would divide by zero."""
+    ok = _is_number(damping) and math.isfinite(damping) and (damping >= 0 if allow_zero else damping > 0)
+    if not ok:
+        valid = "[0, inf)" if allow_zero else "(0, inf); curvature blocks can be singular, so λ = 0 is refused"
+        raise ValueError(f"damping must be a finite number in {valid}, got {damping!r}")
 
 
 def check_decay(decay: float) -> None:
-    if not (0.0 <= decay < 1.0):
-        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+    if not (_is_number(decay) and 0.0 <= decay < 1.0):
+        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+
+
+def nonfinite(named: Iterable[tuple[Any, Tensor]]) -> list[Any]:
+    """Names of the tensors holding NaN/±Inf. Fast path: one sum per tensor and one host sync (a
+    NaN or ±Inf anywhere makes the sum non-finite); only if some sum is non-finite (or overflowed)
+    are those tensors checked element by element."""
+    named = [(k, t) for k, t in named if t is not None and t.numel() > 0 and t.is_floating_point()]
+    if not named:
+        return []
+    sums = torch.stack([t.sum().to(named[0][1].device, torch.float64) for _, t in named])
+    if math.isfinite(float(sums.sum())):
+        return []
+    return [k for (k, t), f in zip(named, torch.isfinite(sums).tolist())
+            if not f and not bool(torch.isfinite(t).all())]
+
+
+def check_state_finite(structures: dict[str, "Structure"]) -> None:
+    """Raise ``NonFiniteError`` naming the layers whose fitted state holds NaN/±Inf (e.g. ``A = aᵀa``
+    overflowing in float32 for finite but huge inputs)."""
+    bad = nonfinite(((name, k), t) for name, s in structures.items() for k, t in s.tensors().items())
+    if bad:
+        layers = list(dict.fromkeys(name for name, _ in bad))
+        raise NonFiniteError(f"the fitted curvature of layer(s) {layers} is non-finite (in "
+                             f"{sorted({k for _, k in bad})}; e.g. an overflow of finite but huge inputs "
+                             "or gradients); the update was undone")
 
 
 # ---------------------------------------------------------------------- registry

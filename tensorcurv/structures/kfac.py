@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.stats import WEIGHT_SHARING, LayerStats
-from tensorcurv.structures.base import Structure, check_damping, register, sym_eig
+from tensorcurv.structures.base import NOT_FITTED, NotFittedError, Structure, check_damping, register, sym_eig
 
 DAMPING_KINDS = ("tikhonov", "pi")
 INVERSES = ("eigh", "cholesky")
@@ -180,7 +180,7 @@ class KFAC(Structure):
     def _check_split(self, W: Tensor, b: Tensor | None, damping: float) -> None:
         m, n = self.shape
         if not self.fitted:
-            raise RuntimeError(f"{self.name}: structure is not fitted yet; call fit() or update() first")
+            raise NotFittedError(f"{self.name}: {NOT_FITTED}")
         if tuple(W.shape) != (m, n - (b is not None)) or (b is not None and tuple(b.shape) != (m,)):
             raise ValueError(f"{self.name}: solve_split W {tuple(W.shape)}, b "
                              f"{None if b is None else tuple(b.shape)} do not split a ({m}, {n}) block")

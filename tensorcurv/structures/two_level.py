@@ -61,7 +61,8 @@ from torch import Tensor
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures import base as _base
-from tensorcurv.structures.base import Structure, check_damping, check_decay, fit_blocks, register, sym_eig
+from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, Structure, check_damping, check_decay,
+                                        fit_blocks, register, sym_eig)
 from tensorcurv.structures.diagonal import Diagonal
 from tensorcurv.structures.ekfac import EKFAC
 from tensorcurv.structures.kfac import KFAC
@@ -336,7 +337,7 @@ class TwoLevel(Structure):
 
     def _check_mats(self, mats: Mapping[str, Tensor], damping: float | None = None) -> None:
         if not self.fitted:
-            raise RuntimeError("two_level: structure is not fitted yet; call fit() or update() first")
+            raise NotFittedError(f"two_level: {NOT_FITTED}")
         for nm, shape in self.shapes.items():
             if nm not in mats:
                 raise ValueError(f"two_level: no matrix for layer {nm!r}")
@@ -387,14 +388,14 @@ class TwoLevel(Structure):
     def restriction(self) -> Tensor:
         """``R0`` as a dense ``(q, D)`` matrix (rows orthonormal)."""
         if not self.fitted:
-            raise RuntimeError("two_level: structure is not fitted yet")
+            raise NotFittedError(f"two_level: {NOT_FITTED}")
         eye = self.C0.new_zeros(self.coarse_dim, self.coarse_dim).fill_diagonal_(1.0)
         return torch.stack([self._global(self._prolong(e)) for e in eye])
 
     def coarse_matrix(self) -> Tensor:
         """``C0 = R0 C R0ᵀ`` (``q x q``)."""
         if not self.fitted:
-            raise RuntimeError("two_level: structure is not fitted yet")
+            raise NotFittedError(f"two_level: {NOT_FITTED}")
         return self.C0.clone()
 
     def to_dense(self) -> Tensor:

@@ -46,7 +46,7 @@ class IHVPSolver(ABC):
     name = ""
 
     def __init__(self, damping: float = 0.0) -> None:
-        check_damping(damping)
+        check_damping(damping, allow_zero=True)
         self.damping = float(damping)
         self.prepared = False
         self.prepare_time = 0.0
