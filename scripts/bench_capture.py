@@ -191,6 +191,23 @@ def worker(lib: str, kind: str, width: int, batch: int, threads: int, repeats: i
     return {"lib": lib, "kind": kind, "import": imported, "first": first, "next": nxt}
 
 
+def interleaved_worker(kind: str, libraries, width: int, batch: int, threads: int, repeats: int, data: str) -> dict:
+    """All ``libraries`` in one process, each on its own copy of the model, calls alternating (order reversed
+    every round) after each library's first call: per library the median of ``repeats`` calls, at the same moment."""
+    import copy
+
+    model, x, y = _setup(width, batch, threads, data)
+    libs = [lib for lib in libraries if (lib, kind) not in UNSUPPORTED]
+    fns = {lib: globals()[f"_call_{lib}"](copy.deepcopy(model), x.clone(), y.clone(), kind) for lib in libs}
+    times: dict = {lib: [] for lib in libs}
+    for r in range(repeats):
+        for lib in (libs if r % 2 == 0 else libs[::-1]):
+            t0 = time.perf_counter()
+            fns[lib]()
+            times[lib].append(time.perf_counter() - t0)
+    return {lib: statistics.median(t) for lib, t in times.items()}
+
+
 # ---------------------------------------------------------------------------------------------- driver side
 def _busy() -> None:
     while True:
@@ -200,7 +217,7 @@ def _busy() -> None:
 def run_one(lib: str, kind: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, kind, "--width", str(args.width),
            "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--data", args.data]
+           "--data", args.data, "--libraries", *args.libraries]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if out.returncode != 0:
         raise RuntimeError(f"worker {lib} {kind} failed:\n{out.stderr[-3000:]}")
@@ -226,7 +243,14 @@ def run_condition(name: str, args) -> dict:
             p.start()
         if procs:
             time.sleep(1.0)
-        order = jobs(args.libraries)
+        order = [job for job in jobs(args.libraries) if job[0] == "floor" or job[1] in args.kinds]
+        if args.interleaved:
+            for kind in args.kinds:
+                r = run_one("interleaved", kind, args)
+                results[("interleaved", kind)] = r
+                print(f"  [{name}, interleaved] {kind}: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in r.items()),
+                      flush=True)
+            return {"load_before": load_before, "results": results}
         for label, seq in (("tensorcurv first", order), ("peers first", order[::-1])):
             for lib, kind in seq:
                 r = run_one(lib, kind, args)
@@ -238,7 +262,7 @@ def run_condition(name: str, args) -> dict:
             p.kill()
         for p in procs:
             p.join()
-    return {"load_before": load_before, "load_after": os.getloadavg()[0], "results": results}
+    return {"load_before": load_before, "results": results}
 
 
 def summarize(cond: dict) -> dict:
@@ -271,7 +295,7 @@ def tables(conditions: dict, args) -> str:
             v = s[("floor", floor)]
             full.append(f"| {label} | floor | {floor} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
                         f"| {ms(v['next'])} | | | {v['first'] / fb:.2f} | |")
-        for kind in KINDS:
+        for kind in args.kinds:
             pf, best_first = _fastest_peer(s, kind, args.libraries, "first")
             pn, best_next = _fastest_peer(s, kind, args.libraries, "next")
             tc = s[("tensorcurv", kind)]
@@ -287,6 +311,19 @@ def tables(conditions: dict, args) -> str:
                             f"| {ms(v['next'])} | {v['first'] / best_first:.2f} | {v['next'] / best_next:.2f} "
                             f"| {v['first'] / fb:.2f} | {ms(v['import'])} |")
     return "\n".join(head) + "\n\nAll figures:\n\n" + "\n".join(full)
+
+
+def interleaved_table(conditions: dict, args) -> str:
+    rows = ["| condition (load before) | kind | " + " | ".join(f"{lib} [ms]" for lib in args.libraries)
+            + " | tensorcurv / fastest peer |", "|---|---|" + "---|" * (len(args.libraries) + 1)]
+    for name, cond in conditions.items():
+        for kind in args.kinds:
+            r = cond["results"][("interleaved", kind)]
+            peers = [v for lib, v in r.items() if lib != "tensorcurv"]
+            cells = " | ".join(f"{1e3 * r[lib]:.0f}" if lib in r else "n/a" for lib in args.libraries)
+            ratio = f"{r['tensorcurv'] / min(peers):.2f}" if peers else ""
+            rows.append(f"| {name} ({cond['load_before']:.2f}) | {kind} | {cells} | {ratio} |")
+    return "\n".join(rows)
 
 
 def versions() -> str:
@@ -310,13 +347,22 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=2, help="busy-loop processes of the contended condition")
     ap.add_argument("--conditions", nargs="+", default=["quiet", "contended"], choices=["quiet", "contended"])
     ap.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--interleaved", action="store_true",
+                    help="instead: all libraries in one process per kind, calls alternating (steady state, no drift "
+                         "between processes); --repeats calls each")
     ap.add_argument("--quick", action="store_true", help="smoke test: width 128, batch 256, 1 repeat")
     ap.add_argument("--out", default=None, help="write the table as Markdown to this file")
     ap.add_argument("--worker", nargs=2, metavar=("LIB", "KIND"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.width, args.batch, args.threads, args.repeats, args.data)))
+        lib, kind = args.worker
+        if lib == "interleaved":
+            out = interleaved_worker(kind, args.libraries, args.width, args.batch, args.threads, args.repeats, args.data)
+        else:
+            out = worker(lib, kind, args.width, args.batch, args.threads, args.repeats, args.data)
+        print(json.dumps(out))
         return
     if "tensorcurv" not in args.libraries:
         ap.error("--libraries must include tensorcurv")
@@ -332,13 +378,20 @@ def main() -> None:
         for name in args.conditions:
             print(f"{name}: load average {os.getloadavg()[0]:.2f}", flush=True)
             conditions[name] = run_condition(name, args)
-    cmd = "python scripts/bench_capture.py" + (" --quick" if args.quick else "")
+    cmd = "python " + " ".join(["scripts/bench_capture.py"] + sys.argv[1:])
     header = (f"MLP 64-{args.width}-{args.width}-10 (tanh, float32), batch {args.batch} of digits, cross-entropy; "
               f"{args.threads} torch threads; {versions()}; {os.cpu_count()} CPUs; a fresh process per "
               f"(library, kind), both orders; next = median of {args.repeats} further calls per process and order; "
               f"contended = {args.busy} busy-loop processes; load average (1 min) before each condition; "
               f"total {time.time() - t0:.0f} s.\n\n")
-    text = header + tables(conditions, args)
+    if args.interleaved:
+        header = header.replace("a fresh process per (library, kind), both orders; next = median of "
+                                f"{args.repeats} further calls per process and order",
+                                f"interleaved: all libraries in one process per kind, median of {args.repeats} "
+                                "alternating calls each after the first")
+        text = header + interleaved_table(conditions, args)
+    else:
+        text = header + tables(conditions, args)
     print("\n" + text)
     if args.out:
         with open(args.out, "w") as f:
