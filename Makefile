@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench bench-setup bench-capture clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -25,9 +25,18 @@ test: setup
 test-all: setup
 	$(VPY) -m pytest -q
 
+# The peer libraries of bench_capture (pyproject's `bench` extra) without their dependencies, so torch stays
+# the CPU build installed above; `make test` does not need them.
+bench-setup: setup
+	$(VPY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'], sep='\n')" \
+		| $(VPY) -m pip install -q --no-deps -r /dev/stdin
+	$(VPY) -c "import torch, curvlinops, nngeometry, backpack; print('torch', torch.__version__)"
+
+bench-capture: bench-setup
+	$(VPY) scripts/bench_capture.py --out reports/bench_capture.md
+
 # Benchmarks: each prints a table and writes it under reports/ (minutes each on 2 CPU cores).
-bench: setup
-	$(VPY) scripts/bench_capture.py --repeats 7 --out reports/bench_capture.md
+bench: bench-capture
 	$(VPY) scripts/bench_structures.py --out reports/bench_structures.md
 	$(VPY) scripts/bench_tensorly_fit.py --repeats 5 > reports/bench_tensorly_fit.md
 	$(VPY) scripts/bench_optim.py --parts b --structures kfac kron_sum tt --out reports/bench_optim.md

@@ -1,157 +1,401 @@
-"""Benchmark: cost of capturing curvature statistics relative to a plain forward+backward.
+"""Benchmark: K-FAC statistics of tensorcurv against curvlinops, nngeometry and BackPACK, quiet and under contention.
 
-    python scripts/bench_capture.py               # MLP 64-1024-1024-10 and a small CNN, batch 2048
-    python scripts/bench_capture.py --quick       # smaller, seconds
-    python scripts/bench_capture.py --out reports/bench_capture.md
+    python scripts/bench_capture.py --out reports/bench_capture.md     # the full run (5-10 minutes on 2 quiet cores)
+    python scripts/bench_capture.py --quick                            # smoke test: small model and batch
 
-All times are medians over ``--repeats`` interleaved repetitions in one process, reported as
-ratios to the plain forward+backward of the same batch (so machine noise mostly cancels):
+Setup: MLP 64-1024-1024-10 (tanh, float32), batch 2048 of digits, cross-entropy (mean), 2 torch threads. The
+peers are a benchmark-only extra (``make bench-setup``). Each figure comes from a FRESH PROCESS per
+(library, kind): it builds its own copy of the model (same seed) and times
 
-* ``fwd+bwd``: ``loss.backward()`` alone (1.00 by definition);
-* ``floor``: fwd+bwd plus the K-FAC factor products ``aᵀa``, ``gᵀg`` of the same shapes, timed alone;
-* ``update``: ``curv.update`` (statistics + K-FAC factors, no parameter gradient);
-* ``update+grad``: ``curv.update(..., accumulate_grad=True)`` — what a training step pays;
-* ``ggn loop``: the same GGN update with one backward per output class instead of one
-  ``vmap``-batched backward over the columns of ``S`` (ratio loop / batched > 1: batching wins);
-* ``step@10``: amortized training step with statistics every 10 steps: (update+grad + 9·fwd+bwd)/10.
+* ``first``: the first call a user makes, including everything the library does once (no untimed warm-up
+  forward/backward before it): ``Curvature(model, "kfac", kind).update(X, y, loss)``; curvlinops
+  ``KFACLinearOperator(...)`` (defaults, ``check_deterministic=False``) + ``compute_kronecker_factors()``;
+  nngeometry ``PMatKFAC`` of its FIM / Monte-Carlo FIM / a per-sample log-likelihood (EF); BackPACK ``extend``
+  + a backward with ``KFAC`` / ``KFLR``. The library's import is timed apart (``import`` column);
+* ``next``: the median of ``--repeats`` further calls per process, pooled over both orders (what a training
+  loop pays).
+
+Kinds: EF (empirical Fisher), MC (one sampled label per input), GGN (exact; for cross-entropy equal to the
+Fisher: curvlinops ``type-2``, nngeometry closed-form ``FIM``, BackPACK ``KFLR``). BackPACK has no EF K-FAC.
+The physical floor comes from the same run: a plain forward+backward, and forward+backward plus the two
+factor products ``aᵀa`` (bias column included) and ``gᵀg`` of every layer.
+
+Every process list runs in both orders (tensorcurv first, then peers first); ``first`` is the mean of the two
+orders. Two conditions: ``quiet`` (whatever else the machine runs: see the load average) and ``contended``,
+``--busy`` busy-loop processes that this script starts and kills itself. Ratios are to the fastest peer of
+the same kind and condition in this run.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import multiprocessing as mp
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-import torch
-from sklearn.datasets import load_digits
-from torch import nn
-
-import tensorcurv
-import tensorcurv.capture as capture_module
-from tensorcurv.linalg import gram
+LIBRARIES = ("tensorcurv", "curvlinops", "nngeometry", "backpack")
+KINDS = ("empirical", "mc", "ggn")
+FLOORS = ("fwd+bwd", "fwd+bwd+aᵀa+gᵀg")
+UNSUPPORTED = {("backpack", "empirical")}  # BackPACK's K-FAC extensions are MC (KFAC) and exact GGN (KFLR) only
 
 
-def digits_batch(batch: int, image: bool, seed: int = 0):
+# ---------------------------------------------------------------------------------------------- worker side
+def digits_batch(batch: int):
+    """``batch`` digits (8x8 images as 64 features in [0, 1], float32) and their labels, drawn with a fixed seed."""
+    import torch
+    from sklearn.datasets import load_digits
+
     X, y = load_digits(return_X_y=True)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(X), (batch,), generator=g)
-    x = torch.tensor(X, dtype=torch.float32)[idx] / 16.0
-    x = x.reshape(-1, 1, 8, 8) if image else x
-    return x, torch.tensor(y)[idx]
+    idx = torch.randint(0, len(X), (batch,), generator=torch.Generator().manual_seed(0))
+    return (torch.tensor(X, dtype=torch.float32)[idx] / 16.0).contiguous(), torch.tensor(y)[idx].contiguous()
 
 
-def mlp(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
+def _setup(width: int, batch: int, threads: int, data: str):
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    x, t = torch.load(data)  # written once by the driver (no sklearn import in every worker)
+    assert len(x) == batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
+    return model, x, t
 
 
-def cnn(width: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.Tanh(),
-        nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.Tanh(),
-        nn.Flatten(), nn.Linear(2 * width * 16, 10),
-    )
+def _call_tensorcurv(model, x, y, kind):
+    from torch import nn
 
+    import tensorcurv
 
-def _looped_vjp(outputs, zs, grad_outputs):
-    """Reference for the benchmark: ``Jᵀ v`` one backward per column (what batching replaces)."""
-    cols = [torch.autograd.grad(outputs, zs, v, retain_graph=True) for v in grad_outputs]
-    return [torch.stack(c) for c in zip(*cols)]
-
-
-def timeit(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def bench_model(label: str, model: nn.Module, x, y, repeats: int) -> list[dict]:
     loss_fn = nn.CrossEntropyLoss()
-    params = list(model.parameters())
-    curvs = {k: tensorcurv.Curvature(model, "kfac", k, seed=0) for k in ("empirical", "mc", "ggn")}
-    stats = curvs["ggn"].capture(x, y, loss_fn).stats
-    pairs = []
-    for st in stats.values():  # the same factor products K-FAC computes (expand; K=1 as for empirical)
-        pairs.append((st.a.reshape(-1, st.n).clone(), st.g[:, :1].reshape(-1, st.m).clone()))
+    curv = tensorcurv.Curvature(model, "kfac", kind, seed=0)
+    curv.update(x, y, loss_fn)
+    return lambda: curv.update(x, y, loss_fn)
 
-    def plain():
-        for p in params:
+
+def _call_curvlinops(model, x, y, kind):
+    from curvlinops import KFACLinearOperator
+    from torch import nn
+
+    fisher = {"empirical": "empirical", "mc": "mc", "ggn": "type-2"}[kind]
+    K = KFACLinearOperator(model, nn.CrossEntropyLoss(), [p for p in model.parameters()], [(x, y)],
+                           fisher_type=fisher, mc_samples=1, check_deterministic=False)
+    K.compute_kronecker_factors()
+    return K.compute_kronecker_factors
+
+
+def _call_nngeometry(model, x, y, kind):
+    import torch
+    import torch.nn.functional as F
+    from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.layercollection import LayerCollection
+    from nngeometry.metrics import FIM, FIM_MonteCarlo
+    from nngeometry.object import PMatKFAC
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+
+    def log_likelihood(inputs, targets):  # per-sample gradients of log p(y|x) at the true labels: the EF
+        return -F.cross_entropy(model(inputs), targets, reduction="none")[:, None]
+
+    def fit():
+        if kind == "ggn":
+            return FIM(model, loader, PMatKFAC, variant="classif_logits")
+        if kind == "mc":
+            return FIM_MonteCarlo(model, loader, PMatKFAC, variant="classif_logits", trials=1)
+        backend = TorchHooksJacobianBackend(model=model, function=log_likelihood,
+                                            layer_collection=LayerCollection.from_model(model))
+        return PMatKFAC(generator=backend, examples=loader)
+
+    torch.manual_seed(0)
+    fit()
+    return fit
+
+
+def _call_backpack(model, x, y, kind):
+    from backpack import backpack, extend
+    from backpack.extensions import KFAC, KFLR
+    from torch import nn
+
+    model = extend(model)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    ext = KFLR if kind == "ggn" else (lambda: KFAC(mc_samples=1))
+
+    def fit():
+        for p in model.parameters():
+            p.grad = None
+        loss = loss_fn(model(x), y)
+        with backpack(ext()):
+            loss.backward()
+
+    fit()
+    return fit
+
+
+def _call_floor(model, x, y, products: bool):
+    import torch
+    from torch import nn
+
+    loss_fn = nn.CrossEntropyLoss()
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    saved: dict = {}
+
+    def fwd_hook(module, args, out):
+        saved[module] = [args[0].detach()]
+        out.register_hook(lambda g: saved[module].append(g.detach()))
+
+    if products:
+        for m in linears:
+            m.register_forward_hook(fwd_hook)
+
+    def fit():
+        for p in model.parameters():
             p.grad = None
         loss_fn(model(x), y).backward()
+        if products:
+            for a, g in saved.values():
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+                a.T @ a, g.T @ g
 
-    def factors():
-        for a, g in pairs:
-            gram(a)
-            gram(g)
+    fit()
+    return fit
 
-    def ggn_loop():  # the same update, with the GGN columns as one backward per output class
-        batched = capture_module._batched_vjp
-        capture_module._batched_vjp = _looped_vjp
-        try:
-            curvs["ggn"].update(x, y, loss_fn)
-        finally:
-            capture_module._batched_vjp = batched
 
-    runs = {
-        "fwd+bwd": plain,
-        "factors": factors,
-        "ggn loop": ggn_loop,
-        **{f"update {k}": (lambda c=c: c.update(x, y, loss_fn)) for k, c in curvs.items()},
-        **{f"update+grad {k}": (lambda c=c: c.update(x, y, loss_fn, accumulate_grad=True)) for k, c in curvs.items()},
-    }
-    for fn in runs.values():  # warm-up
-        fn()
-    times = {k: [] for k in runs}
+IMPORTS = {"tensorcurv": ["tensorcurv"], "curvlinops": ["curvlinops"], "backpack": ["backpack", "backpack.extensions"],
+           "nngeometry": ["nngeometry.metrics", "nngeometry.object", "nngeometry.backend", "nngeometry.layercollection"],
+           "floor": []}
+
+
+def worker(lib: str, kind: str, width: int, batch: int, threads: int, repeats: int, data: str) -> dict:
+    model, x, y = _setup(width, batch, threads, data)
+    t0 = time.perf_counter()
+    for module in IMPORTS[lib]:  # timed apart: a script imports once, whatever it computes
+        importlib.import_module(module)
+    imported = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if lib == "floor":
+        fn = _call_floor(model, x, y, products=kind == FLOORS[1])
+    else:
+        fn = globals()[f"_call_{lib}"](model, x, y, kind)
+    first = time.perf_counter() - t0
+    nxt = []
     for _ in range(repeats):
-        for k, fn in runs.items():
-            times[k].append(timeit(fn))
-    t = {k: statistics.median(v) for k, v in times.items()}
-    base = t["fwd+bwd"]
-    floor = base + t["factors"]
-    rows = []
-    for kind in ("empirical", "mc", "ggn"):
-        up, upg = t[f"update {kind}"], t[f"update+grad {kind}"]
-        rows.append({
-            "model": label, "kind": kind, "fwd+bwd [ms]": 1e3 * base,
-            "floor / fwd+bwd": floor / base, "update / fwd+bwd": up / base, "update / floor": up / floor,
-            "update+grad / floor": upg / floor, "step@10 / fwd+bwd": (upg + 9 * base) / 10 / base,
-            "ggn loop / batched": t["ggn loop"] / up if kind == "ggn" else float("nan"),
-        })
-    return rows
+        t0 = time.perf_counter()
+        fn()
+        nxt.append(time.perf_counter() - t0)
+    return {"lib": lib, "kind": kind, "import": imported, "first": first, "next": nxt}
 
 
-def to_markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        out.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
-    return "\n".join(out)
+def interleaved_worker(kind: str, libraries, width: int, batch: int, threads: int, repeats: int, data: str) -> dict:
+    """All ``libraries`` in one process, each on its own copy of the model, calls alternating (order reversed
+    every round) after each library's first call: per library the median of ``repeats`` calls, at the same moment."""
+    import copy
+
+    model, x, y = _setup(width, batch, threads, data)
+    libs = [lib for lib in libraries if (lib, kind) not in UNSUPPORTED]
+    fns = {lib: globals()[f"_call_{lib}"](copy.deepcopy(model), x.clone(), y.clone(), kind) for lib in libs}
+    times: dict = {lib: [] for lib in libs}
+    for r in range(repeats):
+        for lib in (libs if r % 2 == 0 else libs[::-1]):
+            t0 = time.perf_counter()
+            fns[lib]()
+            times[lib].append(time.perf_counter() - t0)
+    return {lib: statistics.median(t) for lib, t in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------- driver side
+def _busy() -> None:
+    while True:
+        pass
+
+
+def run_one(lib: str, kind: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, kind, "--width", str(args.width),
+           "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--data", args.data, "--libraries", *args.libraries]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {lib} {kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def jobs(libraries) -> list[tuple[str, str]]:
+    out = [("floor", f) for f in FLOORS]
+    for lib in libraries:
+        out += [(lib, k) for k in KINDS if (lib, k) not in UNSUPPORTED]
+    return out
+
+
+def run_condition(name: str, args) -> dict:
+    procs = []
+    if name == "contended":
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=_busy, daemon=True) for _ in range(args.busy)]
+    load_before = os.getloadavg()[0]
+    results: dict = {}
+    try:
+        for p in procs:
+            p.start()
+        if procs:
+            time.sleep(1.0)
+        order = [job for job in jobs(args.libraries) if job[0] == "floor" or job[1] in args.kinds]
+        if args.interleaved:
+            for kind in args.kinds:
+                r = run_one("interleaved", kind, args)
+                results[("interleaved", kind)] = r
+                print(f"  [{name}, interleaved] {kind}: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in r.items()),
+                      flush=True)
+            return {"load_before": load_before, "results": results}
+        for label, seq in (("tensorcurv first", order), ("peers first", order[::-1])):
+            for lib, kind in seq:
+                r = run_one(lib, kind, args)
+                results.setdefault((lib, kind), []).append(r)
+                print(f"  [{name}, {label}] {lib:10s} {kind:16s} first {1e3 * r['first']:8.1f} ms   "
+                      f"next {1e3 * statistics.median(r['next']):8.1f} ms", flush=True)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.join()
+    return {"load_before": load_before, "results": results}
+
+
+def summarize(cond: dict) -> dict:
+    """Per (library, kind): first call per order, their mean, the median of the further calls, the import time."""
+    out = {}
+    for key, runs in cond["results"].items():
+        firsts = [r["first"] for r in runs]
+        out[key] = {"firsts": firsts, "first": statistics.mean(firsts), "import": statistics.mean(r["import"] for r in runs),
+                    "next": statistics.median(t for r in runs for t in r["next"])}
+    return out
+
+
+def _fastest_peer(s: dict, kind: str, libraries, field: str) -> tuple[str, float]:
+    peers = [(s[(p, kind)][field], p) for p in libraries if p != "tensorcurv" and (p, kind) not in UNSUPPORTED]
+    return min(peers)[::-1] if peers else ("none", float("nan"))
+
+
+def tables(conditions: dict, args) -> str:
+    ms = lambda t: f"{1e3 * t:.0f}"  # noqa: E731
+    head = ["| condition (load before) | kind | tensorcurv first call / fastest peer | next calls / fastest peer |",
+            "|---|---|---|---|"]
+    full = ["| condition (load before) | kind | library | first call [ms] (tc first / peers first) | next calls [ms] "
+            "| first / fastest peer | next / fastest peer | first / fwd+bwd | import [ms] |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, cond in conditions.items():
+        s = summarize(cond)
+        label = f"{name} ({cond['load_before']:.2f})"
+        fb = s[("floor", FLOORS[0])]["first"]
+        for floor in FLOORS:
+            v = s[("floor", floor)]
+            full.append(f"| {label} | floor | {floor} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
+                        f"| {ms(v['next'])} | | | {v['first'] / fb:.2f} | |")
+        for kind in args.kinds:
+            pf, best_first = _fastest_peer(s, kind, args.libraries, "first")
+            pn, best_next = _fastest_peer(s, kind, args.libraries, "next")
+            tc = s[("tensorcurv", kind)]
+            head.append(f"| {label} | {kind} | **{tc['first'] / best_first:.2f}** ({ms(tc['first'])} vs {pf} "
+                        f"{ms(best_first)} ms) | {tc['next'] / best_next:.2f} ({ms(tc['next'])} vs {pn} "
+                        f"{ms(best_next)} ms) |")
+            for lib in args.libraries:
+                if (lib, kind) in UNSUPPORTED:
+                    full.append(f"| {label} | {kind} | {lib} | n/a | n/a | | | | |")
+                    continue
+                v = s[(lib, kind)]
+                full.append(f"| {label} | {kind} | {lib} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
+                            f"| {ms(v['next'])} | {v['first'] / best_first:.2f} | {v['next'] / best_next:.2f} "
+                            f"| {v['first'] / fb:.2f} | {ms(v['import'])} |")
+    return "\n".join(head) + "\n\nAll figures:\n\n" + "\n".join(full)
+
+
+def interleaved_table(conditions: dict, args) -> str:
+    rows = ["| condition (load before) | kind | " + " | ".join(f"{lib} [ms]" for lib in args.libraries)
+            + " | tensorcurv / fastest peer |", "|---|---|" + "---|" * (len(args.libraries) + 1)]
+    for name, cond in conditions.items():
+        for kind in args.kinds:
+            r = cond["results"][("interleaved", kind)]
+            peers = [v for lib, v in r.items() if lib != "tensorcurv"]
+            cells = " | ".join(f"{1e3 * r[lib]:.0f}" if lib in r else "n/a" for lib in args.libraries)
+            ratio = f"{r['tensorcurv'] / min(peers):.2f}" if peers else ""
+            rows.append(f"| {name} ({cond['load_before']:.2f}) | {kind} | {cells} | {ratio} |")
+    return "\n".join(rows)
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("torch", "curvlinops-for-pytorch", "nngeometry", "backpack-for-pytorch"):
+        try:
+            out.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            out.append(f"{dist} (not installed)")
+    return ", ".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--cnn-width", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    ap.add_argument("--quick", action="store_true", help="batch 256, width 128, 3 repeats")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
+    ap.add_argument("--repeats", type=int, default=2, help="further calls per process after the first")
+    ap.add_argument("--busy", type=int, default=2, help="busy-loop processes of the contended condition")
+    ap.add_argument("--conditions", nargs="+", default=["quiet", "contended"], choices=["quiet", "contended"])
+    ap.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--interleaved", action="store_true",
+                    help="instead: all libraries in one process per kind, calls alternating (steady state, no drift "
+                         "between processes); --repeats calls each")
+    ap.add_argument("--quick", action="store_true", help="smoke test: width 128, batch 256, 1 repeat")
     ap.add_argument("--out", default=None, help="write the table as Markdown to this file")
+    ap.add_argument("--worker", nargs=2, metavar=("LIB", "KIND"), help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        lib, kind = args.worker
+        if lib == "interleaved":
+            out = interleaved_worker(kind, args.libraries, args.width, args.batch, args.threads, args.repeats, args.data)
+        else:
+            out = worker(lib, kind, args.width, args.batch, args.threads, args.repeats, args.data)
+        print(json.dumps(out))
+        return
+    if "tensorcurv" not in args.libraries:
+        ap.error("--libraries must include tensorcurv")
     if args.quick:
-        args.batch, args.width, args.cnn_width, args.repeats = 256, 128, 8, 3
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rows = bench_model(f"MLP 64-{args.width}-{args.width}-10", mlp(args.width), *digits_batch(args.batch, False),
-                       args.repeats)
-    rows += bench_model(f"CNN c{args.cnn_width}", cnn(args.cnn_width), *digits_batch(args.batch, True), args.repeats)
-    table = to_markdown(rows)
-    header = (f"batch {args.batch}, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"median of {args.repeats}\n\n")
-    print(header + table)
+        args.width, args.batch, args.repeats = 128, 256, 1
+    import torch
+
+    t0 = time.time()
+    conditions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = os.path.join(tmp, "digits.pt")
+        torch.save(digits_batch(args.batch), args.data)
+        for name in args.conditions:
+            print(f"{name}: load average {os.getloadavg()[0]:.2f}", flush=True)
+            conditions[name] = run_condition(name, args)
+    cmd = "python " + " ".join(["scripts/bench_capture.py"] + sys.argv[1:])
+    header = (f"MLP 64-{args.width}-{args.width}-10 (tanh, float32), batch {args.batch} of digits, cross-entropy; "
+              f"{args.threads} torch threads; {versions()}; {os.cpu_count()} CPUs; a fresh process per "
+              f"(library, kind), both orders; next = median of {args.repeats} further calls per process and order; "
+              f"contended = {args.busy} busy-loop processes; load average (1 min) before each condition; "
+              f"total {time.time() - t0:.0f} s.\n\n")
+    if args.interleaved:
+        header = header.replace("a fresh process per (library, kind), both orders; next = median of "
+                                f"{args.repeats} further calls per process and order",
+                                f"interleaved: all libraries in one process per kind, median of {args.repeats} "
+                                "alternating calls each after the first")
+        text = header + interleaved_table(conditions, args)
+    else:
+        text = header + tables(conditions, args)
+    print("\n" + text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write("# Capture benchmark\n\n`python scripts/bench_capture.py" + (" --quick" if args.quick else "")
-                    + "`\n\n" + header + table + "\n")
+            f.write(f"# Capture benchmark: K-FAC statistics against the peers\n\n`{cmd}`\n\n{text}\n")
 
 
 if __name__ == "__main__":

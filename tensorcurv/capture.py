@@ -5,12 +5,15 @@ layer output ``z``. The output-gradient vectors ``g`` then come from ``torch.aut
 respect to the recorded outputs (never the parameters, unless the caller also wants the
 gradient of the loss):
 
-* ``empirical``: ``g_s = ∂ℓ(f(x_s), y_s)/∂z_s`` — read off the same backward that yields the
-  parameter gradients (``∂L/∂z_s = c ∂ℓ_s/∂z_s``, divided by ``c``).
+* ``empirical``: ``g_s = ∂ℓ(f(x_s), y_s)/∂z_s = J_sᵀ ∂ℓ_s/∂f_s``. With ``grad_params`` it is read off
+  the same backward that yields the parameter gradients (``∂L/∂z_s = c ∂ℓ_s/∂z_s``, divided by ``c``).
 * ``mc``: ``g_sk = ∂ℓ(f(x_s), ŷ_sk)/∂z_s / √k`` with ``ŷ_sk`` drawn from the model's predictive
-  distribution, ``k = mc_samples``: one backward batched over the ``k`` draws.
-* ``ggn``: ``g_sc = J_sᵀ S_s[:, c]`` for every column ``c`` of the loss-Hessian factor ``S_s``:
-  one backward batched over the columns (``is_grads_batched``, i.e. ``vmap`` over the VJP).
+  distribution, ``k = mc_samples``.
+* ``ggn``: ``g_sc = J_sᵀ S_s[:, c]`` for every column ``c`` of the loss-Hessian factor ``S_s``.
+
+Every ``J_sᵀ v`` is one backward from the model outputs: for one column the plain backward of the scalar
+``Σ_s ⟨f_s, v_s⟩``; for several one backward batched over the columns (``is_grads_batched``, i.e. ``vmap``
+over the VJP).
 
 Samples must not interact inside the model (e.g. no BatchNorm in training mode), otherwise
 ``∂L/∂z_s`` is not a per-sample quantity.
@@ -92,21 +95,23 @@ class _Recorder:
         self._handles.clear()
 
 
-def _batched_vjp(outputs: Tensor, zs: list[Tensor], grad_outputs: Tensor) -> list[Tensor]:
-    """``Jᵀ v`` for a batch of cotangents ``grad_outputs`` (K, *outputs.shape), one backward
-    (K = 1, e.g. one MC sample: a plain backward, no vmap)."""
-    if grad_outputs.shape[0] == 1:
-        res = torch.autograd.grad(outputs, zs, grad_outputs[0], retain_graph=True, allow_unused=True)
-        return [torch.zeros((1,) + z.shape, dtype=z.dtype, device=z.device) if r is None else r.unsqueeze(0)
-                for r, z in zip(res, zs)]
-    try:
-        res = torch.autograd.grad(outputs, zs, grad_outputs, is_grads_batched=True,
-                                  retain_graph=True, allow_unused=True)
-    except RuntimeError:  # an op without a batching rule: fall back to one backward per column
-        cols = [torch.autograd.grad(outputs, zs, v, retain_graph=True, allow_unused=True) for v in grad_outputs]
-        res = [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
-    return [torch.zeros((grad_outputs.shape[0],) + z.shape, dtype=z.dtype, device=z.device) if r is None else r
-            for r, z in zip(res, zs)]
+def _vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
+    """``Jᵀ v`` of the recorded layer outputs ``zs`` for each cotangent ``v`` in ``cotangents``
+    (K, *outputs.shape), as ``(K, *z.shape)`` per layer. One column: the backward of the scalar
+    ``⟨outputs, v⟩`` (a tensor ``grad_outputs`` would make autograd's shape check import sympy on first use);
+    several: one backward batched over the columns, or one per column for an op without a batching rule."""
+    K = cotangents.shape[0]
+    if K == 1:
+        res = torch.autograd.grad((outputs * cotangents[0]).sum(), zs, allow_unused=True)
+        res = [None if r is None else r.unsqueeze(0) for r in res]
+    else:
+        try:
+            res = torch.autograd.grad(outputs, zs, cotangents, is_grads_batched=True, retain_graph=True,
+                                      allow_unused=True)
+        except RuntimeError:  # an op without a batching rule: one backward per column
+            cols = [torch.autograd.grad(outputs, zs, v, retain_graph=True, allow_unused=True) for v in cotangents]
+            res = [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
+    return [z.new_zeros((K,) + z.shape) if r is None else r for r, z in zip(res, zs)]
 
 
 def capture(
@@ -141,7 +146,7 @@ def capture(
     wanted = list(grad_params or [])
     grads: list[Tensor] | None = None
 
-    if kind == "empirical":
+    if kind == "empirical" and wanted:  # one backward for the parameter gradients and the statistics
         res = torch.autograd.grad(value, wanted + zs, allow_unused=True)
         grads = [torch.zeros_like(p) if r is None else r for r, p in zip(res[: len(wanted)], wanted)]
         gz = [torch.zeros_like(z) if r is None else r / c for r, z in zip(res[len(wanted):], zs)]
@@ -151,13 +156,15 @@ def capture(
         if wanted:
             res = torch.autograd.grad(value, wanted, retain_graph=True, allow_unused=True)
             grads = [torch.zeros_like(p) if r is None else r for r, p in zip(res, wanted)]
-        if kind == "mc":
+        if kind == "empirical":
+            V = loss.output_gradient(outputs_2d, targets).unsqueeze(0)  # (1, N, C)
+        elif kind == "mc":
             cols = [loss.output_gradient(outputs_2d, loss.sample_targets(outputs_2d, generator))
                     for _ in range(mc_samples)]
             V = torch.stack(cols) / math.sqrt(mc_samples)  # (k, N, C)
         else:
             V = loss.hessian_factor(outputs_2d).permute(2, 0, 1)  # (K, N, C)
-        gz = _batched_vjp(outputs, zs, V.reshape((V.shape[0],) + outputs.shape).to(outputs.dtype))
+        gz = _vjp(outputs, zs, V.reshape((V.shape[0],) + outputs.shape).to(outputs.dtype))
 
     stats = {}
     for name, g in zip(names, gz):

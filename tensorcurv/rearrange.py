@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.krylov import orthonormalize
-from tensorcurv.linalg import block_edges, summed_outer_products
+from tensorcurv.linalg import gram, summed_outer_products, symmetric_part
 from tensorcurv.stats import LayerStats, NonFiniteError
 
 METHODS = ("auto", "power", "gram")
@@ -51,8 +51,8 @@ class RearrangedOperator:
     leading dimension), each one pass over the per-sample factors. ``products`` counts how many
     single-matrix applications have been made.
 
-    ``T = 1``: sample-space form (weights, then one weighted covariance; for a single matrix both from
-    upper block triangles, :func:`sym_quadratic_forms` and :func:`weighted_covariances`). ``T > 1``: per-sample
+    ``T = 1``: sample-space form (weights, then one weighted covariance; for a single matrix
+    :func:`sym_quadratic_forms` and :func:`weighted_covariances`). ``T > 1``: per-sample
     position Gram (``T x T``) path or explicit per-sample gradients, whichever costs fewer flops,
     in chunks of samples so that intermediates stay below ``max_elems`` entries.
     """
@@ -94,7 +94,7 @@ class RearrangedOperator:
         if self.path == "samples":
             g = self.g[:, :, 0].reshape(-1, self.m)  # (NK, m)
             a = self.a[:, 0]
-            if p == 1:  # one column: quadratic forms and covariance from upper block triangles
+            if p == 1:  # one column: quadratic forms, then one (exactly symmetric) weighted covariance
                 w = sym_quadratic_forms(g, _sym(X[0])).reshape(1, self.N, self.K).sum(-1) * self.scale
                 Y = weighted_covariances(a, w.T)
             else:
@@ -177,7 +177,7 @@ def _one_signed(w: Tensor) -> bool:
 def sample_grams(stats: LayerStats) -> tuple[Tensor, Tensor]:
     """For ``T = 1``: ``Gu[s,t] = (a_sᵀa_t)²`` and ``Gw[s,t] = Σ_{k,k'} (g_skᵀ g_tk')²`` (N x N), so
     that ``R(C) = scale U Wᵀ`` with ``U = [vec(a_s a_sᵀ)]``, ``W = [vec(Σ_k g_sk g_skᵀ)]`` and
-    ``UᵀU = Gu``, ``WᵀW = Gw``. Cost ``N²(n + K²m)`` flops less the symmetry saving of :func:`sym_gram`."""
+    ``UᵀU = Gu``, ``WᵀW = Gw``. Cost ``2N²(n + K²m)`` flops."""
     if stats.T != 1:
         raise ValueError("sample-space Gram matrices need T = 1 (no weight sharing)")
     a = stats.a[:, 0]
@@ -215,55 +215,23 @@ def gram_operator(X: Tensor, max_elems: int = 2 ** 24) -> Callable[[Tensor], Ten
     return lambda C: M @ C
 
 
-def sym_gram(X: Tensor, blocks: int = 8) -> Tensor:
-    """``X Xᵀ`` (``N x N`` for ``X`` of shape ``(N, d)``) from its upper block triangle: one gemm
-    ``X_I [X_I; X_{I+1}; …]ᵀ`` per row block, the lower triangle copied by transposition. With ``b``
-    blocks that is ``(b+1)/(2b)`` of the ``2N²d`` flops of ``X @ X.T`` (blocks of at least 128 rows)."""
-    N = X.shape[0]
-    edges = block_edges(N, blocks)
-    if len(edges) == 2:
-        return X @ X.T
-    out = X.new_empty(N, N)
-    for i0, i1 in zip(edges[:-1], edges[1:]):
-        blk = X[i0:i1] @ X[i0:].T  # rows of block I, columns I.. N
-        out[i0:i1, i0:] = blk
-        out[i1:, i0:i1] = blk[:, i1 - i0:].T
-    return out
+def sym_gram(X: Tensor) -> Tensor:
+    """``X Xᵀ`` (``N x N`` for ``X`` of shape ``(N, d)``): one plain gemm, exactly symmetric."""
+    return gram(X.mT)
 
 
-def weighted_covariances(X: Tensor, W: Tensor | None, blocks: int = 8) -> Tensor:
+def weighted_covariances(X: Tensor, W: Tensor | None) -> Tensor:
     """``Σ_s W[s,k] x_s x_sᵀ`` for every column ``k`` of ``W`` (``N x r``), as ``(r, d, d)`` for ``X`` of
-    shape ``(N, d)``: the ``r`` weighted covariances of the Gram route, stacked into one gemm
-    ``Xᵀ [W_1 ⊙ X, …, W_r ⊙ X]`` per column block of the (symmetric) output, upper block triangle
-    only, so ``≈ r N d² (b+1)/b`` flops instead of ``2 r N d²``. ``W = None``: the plain ``XᵀX``
-    (``(1, d, d)``, no weighting pass). Below 256 columns one block, i.e. the plain gemm."""
-    N, d = X.shape
-    r = 1 if W is None else W.shape[1]
-    edges = block_edges(d, blocks)
-    out = X.new_empty(r, d, d)
-    for j0, j1 in zip(edges[:-1], edges[1:]):
-        Y = X[:, j0:j1] if W is None else (X[:, None, j0:j1] * W[:, :, None]).reshape(N, -1)  # columns (k, j)
-        blk = (X[:, :j1].T @ Y).reshape(j1, r, j1 - j0).transpose(0, 1)  # (r, rows 0..J_end, J)
-        out[:, :j1, j0:j1] = blk
-        if j0 > 0:
-            out[:, j0:j1, :j0] = blk[:, :j0].transpose(-1, -2)
-    return out
+    shape ``(N, d)``: one plain gemm ``(W_k ⊙ X)ᵀ X`` per column (one weighted copy of ``X`` at a time), made
+    exactly symmetric. ``W = None``: ``XᵀX`` as ``(1, d, d)`` (no weighting pass)."""
+    if W is None:
+        return gram(X).unsqueeze(0)
+    return symmetric_part(torch.stack([(X * w[:, None]).mT @ X for w in W.mT]))
 
 
-def sym_quadratic_forms(X: Tensor, M: Tensor, blocks: int = 8) -> Tensor:
-    """``x_sᵀ M x_s`` for every row of ``X`` (``N x d``) and symmetric ``M`` (``d x d``; only its upper
-    block triangle is read): ``xᵀMx = Σ_J x_Jᵀ (M_JJ x_J + 2 Σ_{I<J} M_IJᵀ x_I)``, one gemm per column
-    block, ``(b+1)/(2b)`` of the flops of ``rowsum((X M) ∘ X)``. Below 256 columns the plain product."""
-    edges = block_edges(X.shape[1], blocks)
-    if len(edges) == 2:
-        return torch.linalg.vecdot(X @ M, X)
-    w = X.new_zeros(X.shape[0])
-    for j0, j1 in zip(edges[:-1], edges[1:]):
-        Y = X[:, j0:j1] @ M[j0:j1, j0:j1]
-        if j0 > 0:
-            Y = torch.addmm(Y, X[:, :j0], M[:j0, j0:j1], alpha=2)
-        w += torch.linalg.vecdot(Y, X[:, j0:j1])
-    return w
+def sym_quadratic_forms(X: Tensor, M: Tensor) -> Tensor:
+    """``x_sᵀ M x_s`` for every row of ``X`` (``N x d``) and ``M`` (``d x d``): ``rowsum((X M) ∘ X)``."""
+    return torch.linalg.vecdot(X @ M, X)
 
 
 def _sym_random(p: int, d: int, like: Tensor, generator: torch.Generator | None, symmetric: bool = True) -> Tensor:

@@ -123,14 +123,21 @@ class LayerStats:
         check_weight_sharing(weight_sharing)
         if weight_sharing == "expand" or self.T == 1:
             a = self.a.reshape(-1, self.n)
-            g = self.g.reshape(-1, self.m)
-            A = gram(a).div_(a.shape[0])
+            g = _rows(self.g)
+            A = gram(a, 1.0 / a.shape[0])
         else:
             a = self.a.mean(1)
             g = self.g.sum(2).reshape(-1, self.m)
-            A = gram(a).div_(self.N)
-        G = gram(g).mul_(self.scale)
+            A = gram(a, 1.0 / self.N)
+        G = gram(g, self.scale)
         return A, G
+
+
+def _rows(g: Tensor) -> Tensor:
+    """All vectors of ``g`` (N, K, T, m) as rows ``(N K T, m)``, in any order (a Gram sums over them): a view
+    of the capture's ``(K, N, T, m)`` layout where there is one, instead of a copy in ``(s, k, t)`` order."""
+    kn = g.transpose(0, 1)
+    return kn.reshape(-1, g.shape[-1]) if kn.is_contiguous() else g.reshape(-1, g.shape[-1])
 
 
 def check_weight_sharing(value: str) -> None:

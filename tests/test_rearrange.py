@@ -125,16 +125,20 @@ def test_kronecker_svd_rejects_a_rank_above_the_rearranged_dimensions():
         kronecker_svd(stats["2"], 26)
 
 
-def test_sym_gram_from_the_upper_block_triangle_equals_the_full_product():
-    X = torch.randn(390, 50, dtype=torch.float64)  # 3 row blocks of 130
-    assert torch.allclose(sym_gram(X, blocks=8), X @ X.T, rtol=0, atol=1e-12)
+def test_sym_gram_equals_the_sample_product_and_is_exactly_symmetric():
+    X = torch.randn(390, 50, dtype=torch.float64)
+    M = sym_gram(X)
+    assert torch.allclose(M, X @ X.T, rtol=0, atol=1e-12)
+    assert torch.equal(M, M.T)
 
 
-def test_weighted_covariances_from_the_upper_block_triangle_equal_their_definition():
-    X = torch.randn(40, 300, dtype=torch.float64)  # 2 column blocks of 150
+def test_weighted_covariances_equal_their_definition_and_are_exactly_symmetric():
+    X = torch.randn(40, 300, dtype=torch.float64)
     W = torch.randn(40, 3, dtype=torch.float64)
     ref = torch.einsum("sk,si,sj->kij", W, X, X)
-    assert torch.allclose(weighted_covariances(X, W, blocks=8), ref, rtol=0, atol=1e-12)
+    out = weighted_covariances(X, W)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    assert torch.equal(out, out.mT)
 
 
 @pytest.mark.parametrize("K", [1, 3])
@@ -147,21 +151,21 @@ def test_gram_operator_applies_the_sample_gram_of_the_summed_outer_products(K, d
     assert rel(gram_operator(X, max_elems=3000)(C), M @ C) < 1e-13  # K = 3: chunks of 5 samples
 
 
-def test_sym_quadratic_forms_from_the_upper_block_triangle_equal_their_definition():
-    X = torch.randn(30, 300, dtype=torch.float64)  # 2 column blocks of 150
+def test_sym_quadratic_forms_equal_their_definition():
+    X = torch.randn(30, 300, dtype=torch.float64)
     M = torch.randn(300, 300, dtype=torch.float64)
     M = M + M.T
     assert torch.allclose(sym_quadratic_forms(X, M), torch.einsum("si,ij,sj->s", X, M, X), rtol=0, atol=1e-10)
 
 
-def test_unweighted_covariance_from_the_upper_block_triangle_is_the_plain_product():
+def test_unweighted_covariance_is_the_plain_product():
     X = torch.randn(40, 300, dtype=torch.float64)
     assert torch.allclose(weighted_covariances(X, None)[0], X.T @ X, rtol=0, atol=1e-12)
 
 
-def test_single_products_of_wide_layers_use_the_triangle_path_and_equal_their_definition():
+def test_single_products_of_wide_layers_equal_their_definition():
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(20, 1, 300, generator=g, dtype=torch.float64)  # 2 blocks each side
+    a = torch.randn(20, 1, 300, generator=g, dtype=torch.float64)
     gr = torch.randn(20, 2, 1, 260, generator=g, dtype=torch.float64)  # K = 2
     st = LayerStats(a, gr, scale=0.05)
     op = RearrangedOperator(st)
