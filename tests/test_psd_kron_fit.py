@@ -63,3 +63,14 @@ def test_psd_part_is_the_nearest_psd_matrix():
     evals, V = torch.linalg.eigh(M)
     assert torch.allclose(X, (V * evals.clamp_min(0)) @ V.T, atol=1e-14)
     assert float(torch.linalg.eigvalsh(X)[0]) >= -1e-14
+
+
+@pytest.mark.parametrize("model_name", ["linear", "conv"])
+def test_kron_sum_psd_factors_fit_and_running_average_are_positive_semidefinite(model_name):
+    C, st = block_and_stats(model_name)
+    block = tensorcurv.structures.create("kron_sum", st.shape, rank=3, psd="factors").fit(st)
+    assert float(torch.linalg.eigvalsh(block.to_dense())[0]) >= -1e-12 * float(C.norm())
+    _, st2 = block_and_stats(model_name, kind="empirical")
+    block.update(st2, 0.9)
+    assert block.last_fit["recompressed"]
+    assert float(torch.linalg.eigvalsh(block.to_dense())[0]) >= -1e-12 * float(C.norm())

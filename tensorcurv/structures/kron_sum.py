@@ -124,11 +124,12 @@ from tensorcurv.kronecker_sums import (
     scale_tail,
     spectral_psd,
 )
+from tensorcurv.psd_kron_fit import fit_factors, recompress_psd
 from tensorcurv.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
-PSD_MODES = ("shrink", "none")
+PSD_MODES = ("shrink", "factors", "none")
 PSD_PROOFS = ("auto", "samples", "spectral", "dense")
 INTERVAL_PROOF = "interval certificate (old state's intervals, batch sample weights)"
 #: ``update``: the free interval certificate is used when its t is at least this fraction of the current t
@@ -141,7 +142,8 @@ class KronSumHparams:
     rank: int = 1
     """Number of Kronecker terms r (1 = KPSVD)."""
     psd: str = "shrink"
-    """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``none``: pure truncated SVD."""
+    """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``factors``: every A_k, G_k ⪰ 0
+    (:func:`tensorcurv.psd_kron_fit.fit_factors`, projected HALS from the rank-1 fit); ``none``: pure truncated SVD."""
     damping_kind: str = "tikhonov"
     """``tikhonov``: (Ĉ + λI)^{-1}; ``factored``: π-damping on the dominant term (exact for r ≤ 2)."""
     method: str = "auto"
@@ -234,8 +236,23 @@ class KronSum(Structure):
         self.last_fit = info
         return A.mul_(sigma[:, None, None]), G, (coefficients, factors)  # A: a fresh tensor of kronecker_svd
 
+    def _fit_psd_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
+        """``psd="factors"``: the rank-1 fit (PSD leading pair), then the PSD-factor fit of rank r."""
+        hp, info = self.hparams, {}
+        t0 = time.perf_counter()
+        sigma, A1, G1 = kronecker_svd(stats, 1, method=hp.method, tol=hp.tol, max_iter=hp.max_iter,
+                                      generator=self.generator, info=info)
+        info["svd_time"] = time.perf_counter() - t0
+        A, G = fit_factors(stats, A1[0] * sigma[0], G1[0], hp.rank, hp.tol, hp.max_iter, self.generator, info)
+        info.update(psd=hp.psd, psd_time=time.perf_counter() - t0 - info["svd_time"])
+        self.last_fit = info
+        return A, G
+
     def fit(self, stats: LayerStats) -> "KronSum":
         self._check_stats(stats)
+        if self.hparams.psd == "factors":
+            self._store(*self._fit_psd_factors(stats), None)
+            return self
         A, G, (coefficients, factors) = self._svd(stats, warm=True)
         self._set(A, G, certified=bool(self.last_fit.get("psd_certificate")), coefficients=coefficients,
                   factors=factors)
@@ -252,6 +269,16 @@ class KronSum(Structure):
 
     def _update(self, stats, decay):
         self._check_stats(stats)
+        if self.hparams.psd == "factors":  # PSD batch fit, then the PSD refit of the mix on its 2r atoms
+            A_b, G_b = self._fit_psd_factors(stats)
+            r = self.hparams.rank
+            w = torch.tensor([decay] * r + [1 - decay] * r, dtype=torch.float64)
+            eye = torch.cat([torch.eye(r, dtype=torch.float64), torch.zeros(r, r, dtype=torch.float64)])
+            A, G = recompress_psd(torch.cat([self.A, A_b]), torch.cat([self.G, G_b]), w, r,
+                                  (eye, decay * eye), self.hparams.tol, self.hparams.max_iter)
+            self._store(A, G, None)
+            self.last_fit["recompressed"] = True
+            return self
         A_b, G_b, (coefficients, factors) = self._svd(stats, warm=True)
         batch_psd = bool(self.last_fit.get("psd_certificate"))
         t_b = None
