@@ -34,7 +34,7 @@ from tensorcurv.linalg import summed_outer_products
 from tensorcurv.rearrange import RearrangedOperator, sym_quadratic_forms, weighted_covariances
 from tensorcurv.stats import LayerStats
 
-INNER_STEPS = 5  # projected gradient steps per half-step of the atom fit
+INNER_STEPS = 10  # projected gradient steps per half-step of the atom fit
 POWER_STEPS = 3  # projected power steps that start each new term
 
 
@@ -65,7 +65,8 @@ def _half_step(Kx: Tensor, Ky: Tensor, Z: Tensor, Zs: Tensor, x: Tensor, y: Tens
 
     def value(v):
         return float((v.T @ Kx @ v * Q).sum() - 2 * (v * b).sum())
-    z, u, t = start, start, 1.0
+    z = u = min((x, start), key=value)  # projected gradient from the better of the two
+    t = 1.0
     for _ in range(steps):
         u_new = (z - (Kx @ z @ Q - b) / L).clamp_min(0)
         t_new = 0.5 * (1 + math.sqrt(1 + 4 * t * t))

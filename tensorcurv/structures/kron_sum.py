@@ -124,7 +124,7 @@ from tensorcurv.kronecker_sums import (
     scale_tail,
     spectral_psd,
 )
-from tensorcurv.psd_kron_fit import fit_factors, recompress_psd
+from tensorcurv.psd_kron_fit import fit_factors, fit_samples, recompress_psd
 from tensorcurv.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
@@ -143,7 +143,8 @@ class KronSumHparams:
     """Number of Kronecker terms r (1 = KPSVD)."""
     psd: str = "shrink"
     """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``factors``: every A_k, G_k ⪰ 0
-    (:func:`tensorcurv.psd_kron_fit.fit_factors`, projected HALS from the rank-1 fit); ``none``: pure truncated SVD."""
+    (:mod:`tensorcurv.psd_kron_fit`: T = 1 nonnegative combinations of
+    sample atoms, else projected HALS; from the rank-1 fit, monotone in r); ``none``: pure truncated SVD."""
     damping_kind: str = "tikhonov"
     """``tikhonov``: (Ĉ + λI)^{-1}; ``factored``: π-damping on the dominant term (exact for r ≤ 2)."""
     method: str = "auto"
@@ -171,6 +172,12 @@ class KronSumHparams:
     """Seed of the random start columns."""
     psd_certificate: bool = True
     """Rank 1: trust the fit's one-signed-weights certificate of PSD factors (else Cholesky check)."""
+    psd_atoms: int = 256
+    """``psd="factors"``, T = 1: number of (evenly spaced) samples whose ``a aᵀ``, ``Λ`` are the atoms."""
+    psd_tol: float = 1e-6
+    """``psd="factors"``: relative stopping tolerance of each stage on the fitted energy."""
+    psd_max_iter: int = 200
+    """``psd="factors"``: maximum alternating iterations per added term."""
     psd_proof: str = "auto"
     """Rank ≥ 2 shrink: ``samples`` (sample-space certificate, O(N² r), needs a ``gram`` fit),
     ``spectral`` (Cholesky + certified Lanczos bounds), ``dense`` (the exact largest t by one dense
@@ -193,6 +200,9 @@ class KronSumHparams:
             raise ValueError(f"kron_sum.tol and kron_sum.pcg_tol must be > 0, got {self.tol}, {self.pcg_tol}")
         if self.max_iter < 1 or self.pcg_max_iter < 1 or (self.warm_max_iter is not None and self.warm_max_iter < 1):
             raise ValueError("kron_sum.max_iter, kron_sum.pcg_max_iter and kron_sum.warm_max_iter must be >= 1")
+        if not (isinstance(self.psd_atoms, int) and self.psd_atoms >= 1) or self.psd_max_iter < 1 or not self.psd_tol > 0:
+            raise ValueError("kron_sum.psd_atoms and kron_sum.psd_max_iter must be integers >= 1 and kron_sum.psd_tol > 0, "
+                             f"got {self.psd_atoms!r}, {self.psd_max_iter!r}, {self.psd_tol!r}")
         if self.oversample is not None and self.oversample < 0:
             raise ValueError(f"kron_sum.oversample must be >= 0 or None, got {self.oversample}")
 
@@ -243,7 +253,11 @@ class KronSum(Structure):
         sigma, A1, G1 = kronecker_svd(stats, 1, method=hp.method, tol=hp.tol, max_iter=hp.max_iter,
                                       generator=self.generator, info=info)
         info["svd_time"] = time.perf_counter() - t0
-        A, G = fit_factors(stats, A1[0] * sigma[0], G1[0], hp.rank, hp.tol, hp.max_iter, self.generator, info)
+        A1, G1 = A1[0] * sigma[0], G1[0]
+        if stats.T == 1:  # nonnegative combinations of A1, G1 and sample atoms: no eigendecompositions
+            A, G = fit_samples(stats, A1, G1, hp.rank, hp.psd_atoms, hp.psd_tol, hp.psd_max_iter, self.generator, info)
+        else:
+            A, G = fit_factors(stats, A1, G1, hp.rank, hp.psd_tol, hp.psd_max_iter, self.generator, info)
         info.update(psd=hp.psd, psd_time=time.perf_counter() - t0 - info["svd_time"])
         self.last_fit = info
         return A, G
@@ -275,7 +289,7 @@ class KronSum(Structure):
             w = torch.tensor([decay] * r + [1 - decay] * r, dtype=torch.float64)
             eye = torch.cat([torch.eye(r, dtype=torch.float64), torch.zeros(r, r, dtype=torch.float64)])
             A, G = recompress_psd(torch.cat([self.A, A_b]), torch.cat([self.G, G_b]), w, r,
-                                  (eye, decay * eye), self.hparams.tol, self.hparams.max_iter)
+                                  (eye, decay * eye), self.hparams.psd_tol, self.hparams.psd_max_iter)
             self._store(A, G, None)
             self.last_fit["recompressed"] = True
             return self
