@@ -58,6 +58,10 @@ converged one). Resume is exact: ``state_dict`` carries the factors and the gene
   regression (65 x 10) the certified bounds gave ``t`` = 0.16 / 0.07 / 0.03 / 2e-8 at rank
   4 / 8 / 32 / 55 against the exact 0.58 / 0.64 / 0.94 / 1.
 
+``factors`` (opt-in): every ``A_k, G_k ⪰ 0`` (so ``Ĉ ⪰ 0``), least squares on ``R(C)`` from the rank-1 fit, one
+term added at a time (error non-increasing in r): :mod:`tensorcurv.psd_kron_fit`. ``update`` refits the batch,
+then fits the mix ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` on its 2r PSD factors as atoms.
+
 ``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
 
 **Solve** (``damping_kind``):
