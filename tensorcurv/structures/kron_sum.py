@@ -128,7 +128,7 @@ from tensorcurv.kronecker_sums import (
     scale_tail,
     spectral_psd,
 )
-from tensorcurv.psd_kron_fit import fit_factors, fit_samples, recompress_psd
+from tensorcurv.psd_kron_fit import fit_factors, fit_samples, psd_part, recompress_psd
 from tensorcurv.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
@@ -258,7 +258,9 @@ class KronSum(Structure):
                                       generator=self.generator, info=info)
         info["svd_time"] = time.perf_counter() - t0
         A1, G1 = A1[0] * sigma[0], G1[0]
-        if stats.T == 1:  # nonnegative combinations of A1, G1 and sample atoms: no eigendecompositions
+        if hp.rank == 1:  # the leading pair is PSD (Perron–Frobenius); clip only if the fit could not certify it
+            A, G = (A1[None], G1[None]) if info.get("psd_certificate") else (psd_part(A1)[None], psd_part(G1)[None])
+        elif stats.T == 1:  # nonnegative combinations of A1, G1 and sample atoms: no eigendecompositions
             A, G = fit_samples(stats, A1, G1, hp.rank, hp.psd_atoms, hp.psd_tol, hp.psd_max_iter, self.generator, info)
         else:
             A, G = fit_factors(stats, A1, G1, hp.rank, hp.psd_tol, hp.psd_max_iter, self.generator, info)
