@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,20 +40,22 @@ POWER_STEPS = 3  # projected power steps that start each new term
 
 
 # ---------------------------------------------------------------------------- atoms
-def _lambda_max(K: Tensor) -> float:
-    """``λ_max`` of a small symmetric matrix (float64)."""
-    return float(torch.linalg.eigvalsh(K.double())[-1]) if K.numel() else 0.0
+# The atom problem is p x p (p ≤ psd_atoms + 1) and takes thousands of tiny products: NumPy float64 (no
+# per-op thread synchronisation, unlike torch's intra-op pool on small matrices).
+def _lambda_max(K: np.ndarray) -> float:
+    """``λ_max`` of a small symmetric matrix."""
+    return float(np.linalg.eigvalsh(K)[-1]) if K.size else 0.0
 
 
-def _pinv_times(K: Tensor, Z: Tensor) -> Tensor:
+def _pinv_times(K: np.ndarray, Z: np.ndarray) -> np.ndarray:
     """``K⁺ Z`` for a symmetric PSD ``K`` (eigenvalues below ``1e-12 λ_max`` dropped)."""
-    evals, V = torch.linalg.eigh(K)
-    keep = evals > 1e-12 * evals[-1].clamp_min(1e-300)
+    evals, V = np.linalg.eigh(K)
+    keep = evals > 1e-12 * max(evals[-1], 1e-300)
     return (V[:, keep] / evals[keep]) @ (V[:, keep].T @ Z)
 
 
-def _half_step(Kx: Tensor, Ky: Tensor, Z: Tensor, Zs: Tensor, x: Tensor, y: Tensor, lam: float,
-               steps: int) -> Tensor:
+def _half_step(Kx: np.ndarray, Ky: np.ndarray, Z: np.ndarray, Zs: np.ndarray, x: np.ndarray, y: np.ndarray,
+               lam: float, steps: int) -> np.ndarray:
     """``min_{x ≥ 0} tr(xᵀ Kx x Q) − 2 tr(xᵀ Z y)``, ``Q = yᵀ Ky y``: the clipped unconstrained minimizer
     ``Kx⁺ Z y Q⁺`` (``Zs = Kx⁺ Z``), then ``steps`` projected gradient steps with momentum; the best of
     that, the steps' end point and ``x``."""
@@ -61,31 +64,32 @@ def _half_step(Kx: Tensor, Ky: Tensor, Z: Tensor, Zs: Tensor, x: Tensor, y: Tens
     if not L > 0:
         return x
     b = Z @ y
-    start = torch.linalg.lstsq(Q, (Zs @ y).T).solution.T.clamp_min(0)
+    start = np.maximum(np.linalg.lstsq(Q, (Zs @ y).T, rcond=None)[0].T, 0)
 
     def value(v):
-        return float((v.T @ Kx @ v * Q).sum() - 2 * (v * b).sum())
-    z = u = min((x, start), key=value)  # projected gradient from the better of the two
+        return float(((v.T @ Kx @ v) * Q).sum() - 2 * (v * b).sum())
+    candidates = sorted(((value(x), 0, x), (value(start), 1, start)), key=lambda c: (c[0], c[1]))
+    z = u = candidates[0][2]  # projected gradient from the better of the two
     t = 1.0
     for _ in range(steps):
-        u_new = (z - (Kx @ z @ Q - b) / L).clamp_min(0)
+        u_new = np.maximum(z - (Kx @ z @ Q - b) / L, 0)
         t_new = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
         z = u_new + ((t - 1) / t_new) * (u_new - u)
         u, t = u_new, t_new
-    return min((x, start, u), key=value)
+    return min(candidates + [(value(u), 2, u)], key=lambda c: (c[0], c[1]))[2]
 
 
-def _fitted(Ka: Tensor, Kg: Tensor, Z: Tensor, al: Tensor, ga: Tensor) -> float:
+def _fitted(Ka: np.ndarray, Kg: np.ndarray, Z: np.ndarray, al: np.ndarray, ga: np.ndarray) -> float:
     """``‖C‖² − ‖C − Ĉ‖² = 2 tr(αᵀ Z γ) − tr((αᵀ Ka α)(γᵀ Kg γ))``."""
     return float(2 * (al * (Z @ ga)).sum() - ((al.T @ Ka @ al) * (ga.T @ Kg @ ga)).sum())
 
 
-def _balance(Ka: Tensor, Kg: Tensor, al: Tensor, ga: Tensor) -> tuple[Tensor, Tensor]:
+def _balance(Ka: np.ndarray, Kg: np.ndarray, al: np.ndarray, ga: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rescale each pair ``(α_k, γ_k) → (f α_k, γ_k / f)`` to equal norms ``‖A_k‖ = ‖G_k‖``."""
-    na = (al * (Ka @ al)).sum(0).clamp_min(0).sqrt()
-    ng = (ga * (Kg @ ga)).sum(0).clamp_min(0).sqrt()
+    na = np.sqrt(np.maximum((al * (Ka @ al)).sum(0), 0))
+    ng = np.sqrt(np.maximum((ga * (Kg @ ga)).sum(0), 0))
     ok = (na > 0) & (ng > 0)
-    f = torch.where(ok, (ng / na.clamp_min(torch.finfo(na.dtype).tiny)).sqrt(), torch.ones_like(na))
+    f = np.where(ok, np.sqrt(ng / np.maximum(na, np.finfo(na.dtype).tiny)), 1.0)
     return al * f, ga / f
 
 
@@ -95,27 +99,30 @@ def fit_atoms(Ka: Tensor, Kg: Tensor, Z: Tensor, rank: int, init: tuple[Tensor, 
     """Nonnegative ``α, γ`` (``p x rank``, float64) for atom Grams ``Ka, Kg`` and cross matrix ``Z``
     (module doc). ``init`` (``p x k``, ``k ≤ rank``): the first ``k`` terms; the others are added one at a
     time, each stage warm-started from the previous one."""
-    da = Ka.diagonal().double().clamp_min(1e-300).rsqrt()  # unit-norm atoms (diagonal scaling)
-    dg = Kg.diagonal().double().clamp_min(1e-300).rsqrt()
-    Ka, Kg = da[:, None] * Ka.double() * da, dg[:, None] * Kg.double() * dg
-    Z = da[:, None] * Z.double() * dg
+    device = Ka.device
+    np_ = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+    Ka, Kg, Z = np_(Ka), np_(Kg), np_(Z)
+    da = 1 / np.sqrt(np.maximum(Ka.diagonal(), 1e-300))  # unit-norm atoms (diagonal scaling)
+    dg = 1 / np.sqrt(np.maximum(Kg.diagonal(), 1e-300))
+    Ka, Kg = da[:, None] * Ka * da, dg[:, None] * Kg * dg
+    Z = da[:, None] * Z * dg
     p = Ka.shape[0]
     lam_a, lam_g = _lambda_max(Ka), _lambda_max(Kg)
     Za, Zg = _pinv_times(Ka, Z), _pinv_times(Kg, Z.T)
-    al, ga = init[0].double() / da[:, None], init[1].double() / dg[:, None]
+    al, ga = np_(init[0]) / da[:, None], np_(init[1]) / dg[:, None]
     iters, fitted = [], _fitted(Ka, Kg, Z, al, ga)
     for k in range(al.shape[1], rank + 1):
         if k > al.shape[1]:  # new term: projected power steps on the residual cross matrix Z − Ka α γᵀ Kg
             Rm = Z - Ka @ al @ (ga.T @ Kg)
-            u = torch.rand(p, 1, generator=generator, dtype=torch.float64)
+            u = torch.rand(p, 1, generator=generator, dtype=torch.float64).numpy()
             for _ in range(POWER_STEPS):
-                v = (Rm.T @ u).clamp_min(0)
-                u = (Rm @ v).clamp_min(0)
-                u = u / u.max().clamp_min(1e-300)
-            v = (Rm.T @ u).clamp_min(0)
-            num, den = float(u.T @ Rm @ v), float((u.T @ Ka @ u) * (v.T @ Kg @ v))
+                v = np.maximum(Rm.T @ u, 0)
+                u = np.maximum(Rm @ v, 0)
+                u = u / max(u.max(), 1e-300)
+            v = np.maximum(Rm.T @ u, 0)
+            num, den = (u.T @ Rm @ v).item(), ((u.T @ Ka @ u) * (v.T @ Kg @ v)).item()
             c = num / den if num > 0 and den > 0 else 0.0
-            al, ga = torch.cat([al, u * c], 1), torch.cat([ga, v], 1)
+            al, ga = np.concatenate([al, u * c], 1), np.concatenate([ga, v], 1)
         best = (_fitted(Ka, Kg, Z, al, ga), al, ga)
         prev, it = best[0], 0
         while it < max_iter:
@@ -133,7 +140,7 @@ def fit_atoms(Ka: Tensor, Kg: Tensor, Z: Tensor, rank: int, init: tuple[Tensor, 
         iters.append(it)
     if info is not None:
         info.update(psd_iterations=iters, fitted_energy=fitted)
-    return al * da[:, None], ga * dg[:, None]
+    return torch.from_numpy(al * da[:, None]).to(device), torch.from_numpy(ga * dg[:, None]).to(device)
 
 
 def _atom_index(N: int, atoms: int) -> Tensor:
