@@ -21,7 +21,9 @@ Column-major vec; ``R`` is the Van Loan rearrangement, ``R(A ⊗ G) = vec(A) vec
 Both start from the rank-1 fit (the leading pair of ``R(C)``, PSD) and add one term at a time: rank
 ``k`` starts from the rank ``k − 1`` result plus a new term (projected power steps on the residual),
 and a stage keeps its best iterate, so the error never increases with ``r``. Stopping rule per stage:
-the fitted part ``‖C‖² − ‖C − Ĉ‖²`` changes by at most ``tol`` relative, or ``max_iter`` iterations.
+an iteration changes the fitted part ``‖C‖² − ‖C − Ĉ‖²`` by at most ``tol`` times the stage's gain so far
+(the fitted part minus that of rank ``k − 1``: the scale of the new term, not of ``‖C‖²``), or ``max_iter``
+iterations.
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ def fit_atoms(Ka: Tensor, Kg: Tensor, Z: Tensor, rank: int, init: tuple[Tensor, 
     lam_a, lam_g = _lambda_max(Ka), _lambda_max(Kg)
     Za, Zg = _pinv_times(Ka, Z), _pinv_times(Kg, Z.T)
     al, ga = np_(init[0]) / da[:, None], np_(init[1]) / dg[:, None]
-    iters, fitted = [], _fitted(Ka, Kg, Z, al, ga)
-    for k in range(al.shape[1], rank + 1):
+    iters, fitted, k0 = [], _fitted(Ka, Kg, Z, al, ga), al.shape[1]
+    for k in range(k0, rank + 1):
         if k > al.shape[1]:  # new term: projected power steps on the residual cross matrix Z − Ka α γᵀ Kg
             Rm = Z - Ka @ al @ (ga.T @ Kg)
             u = torch.rand(p, 1, generator=generator, dtype=torch.float64).numpy()
@@ -123,6 +125,7 @@ def fit_atoms(Ka: Tensor, Kg: Tensor, Z: Tensor, rank: int, init: tuple[Tensor, 
             num, den = (u.T @ Rm @ v).item(), ((u.T @ Ka @ u) * (v.T @ Kg @ v)).item()
             c = num / den if num > 0 and den > 0 else 0.0
             al, ga = np.concatenate([al, u * c], 1), np.concatenate([ga, v], 1)
+        base = fitted if k > k0 else 0.0  # the previous stage's fitted part: the stage's gain is measured from it
         best = (_fitted(Ka, Kg, Z, al, ga), al, ga)
         prev, it = best[0], 0
         while it < max_iter:
@@ -133,7 +136,7 @@ def fit_atoms(Ka: Tensor, Kg: Tensor, Z: Tensor, rank: int, init: tuple[Tensor, 
             fitted = _fitted(Ka, Kg, Z, al, ga)
             if fitted > best[0]:
                 best = (fitted, al, ga)
-            if abs(fitted - prev) <= tol * abs(fitted):
+            if abs(fitted - prev) <= tol * abs(fitted - base):
                 break
             prev = fitted
         fitted, al, ga = best
@@ -233,6 +236,7 @@ def fit_factors(stats: LayerStats, A1: Tensor, G1: Tensor, rank: int, tol: float
             g = g / torch.linalg.vector_norm(g).clamp_min(torch.finfo(dtype).tiny)
         a = psd_part(op.matvec(g) - torch.einsum("j,jab->ab", _inner(G, g[None])[:, 0], A))
         A, G = torch.cat([A, a[None]]), torch.cat([G, g[None]])
+        base = fitted  # the previous stage's fitted part: the stage's gain is measured from it
         best = (2 * float((op.rmatvec(A) * G).sum()) - float((_inner(A, A) * _inner(G, G)).sum()), A.clone(), G.clone())
         prev, it = best[0], 0
         while it < max_iter:
@@ -248,7 +252,7 @@ def fit_factors(stats: LayerStats, A1: Tensor, G1: Tensor, rank: int, tol: float
             fitted = 2 * float((RA * G).sum()) - float((Aa * _inner(G, G)).sum())
             if fitted > best[0]:
                 best = (fitted, A.clone(), G.clone())
-            if abs(fitted - prev) <= tol * abs(fitted):
+            if abs(fitted - prev) <= tol * abs(fitted - base):
                 break
             prev = fitted
         fitted, A, G = best

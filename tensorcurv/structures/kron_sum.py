@@ -178,8 +178,9 @@ class KronSumHparams:
     """Rank 1: trust the fit's one-signed-weights certificate of PSD factors (else Cholesky check)."""
     psd_atoms: int = 256
     """``psd="factors"``, T = 1: number of (evenly spaced) samples whose ``a aᵀ``, ``Λ`` are the atoms."""
-    psd_tol: float = 1e-6
-    """``psd="factors"``: relative stopping tolerance of each stage on the fitted energy."""
+    psd_tol: float = 1e-3
+    """``psd="factors"``: a stage stops when an iteration changes the fitted energy by at most ``psd_tol``
+    times the stage's gain (the new term's energy)."""
     psd_max_iter: int = 200
     """``psd="factors"``: maximum alternating iterations per added term."""
     psd_proof: str = "auto"
