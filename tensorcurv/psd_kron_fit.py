@@ -49,11 +49,11 @@ def _lambda_max(K: np.ndarray) -> float:
     return float(np.linalg.eigvalsh(K)[-1]) if K.size else 0.0
 
 
-def _pinv_times(K: np.ndarray, Z: np.ndarray) -> np.ndarray:
-    """``K⁺ Z`` for a symmetric PSD ``K`` (eigenvalues below ``1e-12 λ_max`` dropped)."""
+def _pinv_times(K: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, float]:
+    """``K⁺ Z`` for a symmetric PSD ``K`` (eigenvalues below ``1e-12 λ_max`` dropped), and ``λ_max(K)``."""
     evals, V = np.linalg.eigh(K)
     keep = evals > 1e-12 * max(evals[-1], 1e-300)
-    return (V[:, keep] / evals[keep]) @ (V[:, keep].T @ Z)
+    return (V[:, keep] / evals[keep]) @ (V[:, keep].T @ Z), float(evals[-1])
 
 
 def _half_step(Kx: np.ndarray, Ky: np.ndarray, Z: np.ndarray, Zs: np.ndarray, x: np.ndarray, y: np.ndarray,
@@ -109,8 +109,7 @@ def fit_atoms(Ka: Tensor, Kg: Tensor, Z: Tensor, rank: int, init: tuple[Tensor, 
     Ka, Kg = da[:, None] * Ka * da, dg[:, None] * Kg * dg
     Z = da[:, None] * Z * dg
     p = Ka.shape[0]
-    lam_a, lam_g = _lambda_max(Ka), _lambda_max(Kg)
-    Za, Zg = _pinv_times(Ka, Z), _pinv_times(Kg, Z.T)
+    (Za, lam_a), (Zg, lam_g) = _pinv_times(Ka, Z), _pinv_times(Kg, Z.T)
     al, ga = np_(init[0]) / da[:, None], np_(init[1]) / dg[:, None]
     iters, fitted, k0 = [], _fitted(Ka, Kg, Z, al, ga), al.shape[1]
     for k in range(k0, rank + 1):
