@@ -74,3 +74,17 @@ def test_kron_sum_psd_factors_fit_and_running_average_are_positive_semidefinite(
     block.update(st2, 0.9)
     assert block.last_fit["recompressed"]
     assert float(torch.linalg.eigvalsh(block.to_dense())[0]) >= -1e-12 * float(C.norm())
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_kron_sum_psd_svd_max_iter_must_be_none_or_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="psd_svd_max_iter"):
+        tensorcurv.structures.create("kron_sum", (4, 3), rank=2, psd="factors", psd_svd_max_iter=bad)
+
+
+def test_kron_sum_psd_factors_rank_one_with_unlimited_power_iterations_is_the_rank_one_optimum():
+    C, st = block_and_stats("linear")
+    A1, G1 = rank_one(st)
+    block = tensorcurv.structures.create("kron_sum", st.shape, rank=1, psd="factors", method="power",
+                                         psd_svd_max_iter=None, tol=1e-14, max_iter=2000).fit(st)
+    assert float((block.to_dense() - C).norm()) == pytest.approx(float((torch.kron(A1, G1) - C).norm()), rel=1e-9)

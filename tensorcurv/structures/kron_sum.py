@@ -183,6 +183,8 @@ class KronSumHparams:
     times the stage's gain (the new term's energy)."""
     psd_max_iter: int = 200
     """``psd="factors"``: maximum alternating iterations per added term."""
+    psd_svd_max_iter: int | None = 1
+    """``psd="factors"``: power iterations of its rank-1 fit (started from K-FAC's ``G``; ``None``: ``max_iter``)."""
     psd_proof: str = "auto"
     """Rank ≥ 2 shrink: ``samples`` (sample-space certificate, O(N² r), needs a ``gram`` fit),
     ``spectral`` (Cholesky + certified Lanczos bounds), ``dense`` (the exact largest t by one dense
@@ -205,6 +207,8 @@ class KronSumHparams:
             raise ValueError(f"kron_sum.tol and kron_sum.pcg_tol must be > 0, got {self.tol}, {self.pcg_tol}")
         if self.max_iter < 1 or self.pcg_max_iter < 1 or (self.warm_max_iter is not None and self.warm_max_iter < 1):
             raise ValueError("kron_sum.max_iter, kron_sum.pcg_max_iter and kron_sum.warm_max_iter must be >= 1")
+        if self.psd_svd_max_iter is not None and not (isinstance(self.psd_svd_max_iter, int) and self.psd_svd_max_iter >= 1):
+            raise ValueError(f"kron_sum.psd_svd_max_iter must be None or an integer >= 1, got {self.psd_svd_max_iter!r}")
         if not (isinstance(self.psd_atoms, int) and self.psd_atoms >= 1) or self.psd_max_iter < 1 or not self.psd_tol > 0:
             raise ValueError("kron_sum.psd_atoms and kron_sum.psd_max_iter must be integers >= 1 and kron_sum.psd_tol > 0, "
                              f"got {self.psd_atoms!r}, {self.psd_max_iter!r}, {self.psd_tol!r}")
@@ -255,7 +259,8 @@ class KronSum(Structure):
         """``psd="factors"``: the rank-1 fit (PSD leading pair), then the PSD-factor fit of rank r."""
         hp, info = self.hparams, {}
         t0 = time.perf_counter()
-        sigma, A1, G1 = kronecker_svd(stats, 1, method=hp.method, tol=hp.tol, max_iter=hp.max_iter,
+        max_iter = hp.max_iter if hp.psd_svd_max_iter is None else min(hp.max_iter, hp.psd_svd_max_iter)
+        sigma, A1, G1 = kronecker_svd(stats, 1, method=hp.method, tol=hp.tol, max_iter=max_iter,
                                       generator=self.generator, info=info)
         info["svd_time"] = time.perf_counter() - t0
         A1, G1 = A1[0] * sigma[0], G1[0]
