@@ -183,9 +183,12 @@ def fit_samples(stats: LayerStats, A1: Tensor, G1: Tensor, rank: int, atoms: int
     e[0] = 1.0
     al, ga = fit_atoms(Ka, Kg, Z, rank, (e, e.clone()), tol, max_iter, generator, info)
     al, ga = al.to(a.dtype), ga.to(a.dtype)
-    A = torch.einsum("k,ab->kab", al[0], A1) + weighted_covariances(a[idx], al[1:])
-    gk = ga[1:].repeat_interleave(K, dim=0) if K > 1 else ga[1:]  # rows (s, k) of g
-    G = torch.einsum("k,ab->kab", ga[0], G1) + weighted_covariances(g[idx].reshape(-1, m), gk)
+    sa, sg = (al[1:] > 0).any(1), (ga[1:] > 0).any(1)  # the atoms in use (nonnegative fits are sparse)
+    if info is not None:
+        info.update(psd_atoms_used=(int(sa.sum()), int(sg.sum())))
+    A = torch.einsum("k,ab->kab", al[0], A1) + weighted_covariances(a[idx[sa]], al[1:][sa])
+    gk = ga[1:][sg].repeat_interleave(K, dim=0) if K > 1 else ga[1:][sg]  # rows (s, k) of g
+    G = torch.einsum("k,ab->kab", ga[0], G1) + weighted_covariances(g[idx[sg]].reshape(-1, m), gk)
     return A, G
 
 
