@@ -60,6 +60,10 @@ converged one). Resume is exact: ``state_dict`` carries the factors and the gene
   regression (65 x 10) the certified bounds gave ``t`` = 0.16 / 0.07 / 0.03 / 2e-8 at rank
   4 / 8 / 32 / 55 against the exact 0.58 / 0.64 / 0.94 / 1.
 
+``factors`` (opt-in): every ``A_k, G_k ⪰ 0`` (so ``Ĉ ⪰ 0``), least squares on ``R(C)`` from the rank-1 fit, one
+term added at a time (error non-increasing in r): :mod:`tensorcurv.psd_kron_fit`. ``update`` refits the batch,
+then fits the mix ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` on its 2r PSD factors as atoms.
+
 ``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
 
 **Solve** (``damping_kind``):
@@ -126,11 +130,12 @@ from tensorcurv.kronecker_sums import (
     scale_tail,
     spectral_psd,
 )
+from tensorcurv.psd_kron_fit import fit_factors, fit_samples, psd_part, recompress_psd
 from tensorcurv.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
-PSD_MODES = ("shrink", "none")
+PSD_MODES = ("shrink", "factors", "none")
 PSD_PROOFS = ("auto", "samples", "spectral", "dense")
 INTERVAL_PROOF = "interval certificate (old state's intervals, batch sample weights)"
 #: ``update``: the free interval certificate is used when its t is at least this fraction of the current t
@@ -143,7 +148,9 @@ class KronSumHparams:
     rank: int = 1
     """Number of Kronecker terms r (1 = KPSVD)."""
     psd: str = "shrink"
-    """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``none``: pure truncated SVD."""
+    """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``factors``: every A_k, G_k ⪰ 0
+    (:mod:`tensorcurv.psd_kron_fit`: T = 1 nonnegative combinations of
+    sample atoms, else projected HALS; from the rank-1 fit, monotone in r); ``none``: pure truncated SVD."""
     damping_kind: str = "tikhonov"
     """``tikhonov``: (Ĉ + λI)^{-1}; ``factored``: π-damping on the dominant term (exact for r ≤ 2)."""
     method: str = "auto"
@@ -172,6 +179,15 @@ class KronSumHparams:
     """Seed of the random start columns."""
     psd_certificate: bool = True
     """Rank 1: trust the fit's one-signed-weights certificate of PSD factors (else Cholesky check)."""
+    psd_atoms: int = 256
+    """``psd="factors"``, T = 1: number of (evenly spaced) samples whose ``a aᵀ``, ``Λ`` are the atoms."""
+    psd_tol: float = 1e-3
+    """``psd="factors"``: a stage stops when an iteration changes the fitted energy by at most ``psd_tol``
+    times the stage's gain (the new term's energy)."""
+    psd_max_iter: int = 30
+    """``psd="factors"``: maximum alternating iterations per added term."""
+    psd_svd_max_iter: int | None = 1
+    """``psd="factors"``: power iterations of its rank-1 fit (started from K-FAC's ``G``; ``None``: ``max_iter``)."""
     psd_proof: str = "auto"
     """Rank ≥ 2 shrink: ``samples`` (sample-space certificate, O(N² r), needs a ``gram`` fit),
     ``spectral`` (Cholesky + certified Lanczos bounds), ``dense`` (the exact largest t by one dense
@@ -194,6 +210,11 @@ class KronSumHparams:
             raise ValueError(f"kron_sum.tol and kron_sum.pcg_tol must be > 0, got {self.tol}, {self.pcg_tol}")
         if self.max_iter < 1 or self.pcg_max_iter < 1 or (self.warm_max_iter is not None and self.warm_max_iter < 1):
             raise ValueError("kron_sum.max_iter, kron_sum.pcg_max_iter and kron_sum.warm_max_iter must be >= 1")
+        if self.psd_svd_max_iter is not None and not (isinstance(self.psd_svd_max_iter, int) and self.psd_svd_max_iter >= 1):
+            raise ValueError(f"kron_sum.psd_svd_max_iter must be None or an integer >= 1, got {self.psd_svd_max_iter!r}")
+        if not (isinstance(self.psd_atoms, int) and self.psd_atoms >= 1) or self.psd_max_iter < 1 or not self.psd_tol > 0:
+            raise ValueError("kron_sum.psd_atoms and kron_sum.psd_max_iter must be integers >= 1 and kron_sum.psd_tol > 0, "
+                             f"got {self.psd_atoms!r}, {self.psd_max_iter!r}, {self.psd_tol!r}")
         if self.oversample is not None and self.oversample < 0:
             raise ValueError(f"kron_sum.oversample must be >= 0 or None, got {self.oversample}")
 
@@ -240,8 +261,30 @@ class KronSum(Structure):
         self.last_fit = info
         return A.mul_(sigma[:, None, None]), G, (coefficients, factors)  # A: a fresh tensor of kronecker_svd
 
+    def _fit_psd_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
+        """``psd="factors"``: the rank-1 fit (PSD leading pair), then the PSD-factor fit of rank r."""
+        hp, info = self.hparams, {}
+        t0 = time.perf_counter()
+        max_iter = hp.max_iter if hp.psd_svd_max_iter is None else min(hp.max_iter, hp.psd_svd_max_iter)
+        sigma, A1, G1 = kronecker_svd(stats, 1, method=hp.method, tol=hp.tol, max_iter=max_iter,
+                                      generator=self.generator, info=info)
+        info["svd_time"] = time.perf_counter() - t0
+        A1, G1 = A1[0] * sigma[0], G1[0]
+        if hp.rank == 1:  # the leading pair is PSD (Perron–Frobenius); clip only if the fit could not certify it
+            A, G = (A1[None], G1[None]) if info.get("psd_certificate") else (psd_part(A1)[None], psd_part(G1)[None])
+        elif stats.T == 1:  # nonnegative combinations of A1, G1 and sample atoms: no eigendecompositions
+            A, G = fit_samples(stats, A1, G1, hp.rank, hp.psd_atoms, hp.psd_tol, hp.psd_max_iter, self.generator, info)
+        else:
+            A, G = fit_factors(stats, A1, G1, hp.rank, hp.psd_tol, hp.psd_max_iter, self.generator, info)
+        info.update(psd=hp.psd, psd_time=time.perf_counter() - t0 - info["svd_time"])
+        self.last_fit = info
+        return A, G
+
     def fit(self, stats: LayerStats) -> "KronSum":
         self._check_stats(stats)
+        if self.hparams.psd == "factors":
+            self._store(*self._fit_psd_factors(stats), None)
+            return self
         A, G, (coefficients, factors) = self._svd(stats, warm=True)
         self._set(A, G, certified=bool(self.last_fit.get("psd_certificate")), coefficients=coefficients,
                   factors=factors)
@@ -258,6 +301,16 @@ class KronSum(Structure):
 
     def _update(self, stats, decay):
         self._check_stats(stats)
+        if self.hparams.psd == "factors":  # PSD batch fit, then the PSD refit of the mix on its 2r atoms
+            A_b, G_b = self._fit_psd_factors(stats)
+            r = self.hparams.rank
+            w = torch.tensor([decay] * r + [1 - decay] * r, dtype=torch.float64)
+            eye = torch.cat([torch.eye(r, dtype=torch.float64), torch.zeros(r, r, dtype=torch.float64)])
+            A, G = recompress_psd(torch.cat([self.A, A_b]), torch.cat([self.G, G_b]), w, r,
+                                  (eye, decay * eye), self.hparams.psd_tol, self.hparams.psd_max_iter)
+            self._store(A, G, None)
+            self.last_fit["recompressed"] = True
+            return self
         A_b, G_b, (coefficients, factors) = self._svd(stats, warm=True, capped=True)
         batch_psd = bool(self.last_fit.get("psd_certificate"))
         t_b = None
