@@ -35,7 +35,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorcurv.optim as O  # noqa: E402
-from tensorcurv import data, models, structures  # noqa: E402
+from tensorcurv import structures  # noqa: E402
+from tensorcurv.experiments import data as data  # noqa: E402
+from tensorcurv.experiments import models as models  # noqa: E402
 
 
 def problem(name: str, seed: int):

@@ -1,6 +1,6 @@
 """`make demo`: natural gradient with K-FAC vs Adam on digits, end to end, on CPU in seconds.
 
-Two races through ``tensorcurv.experiment.run_training``: the MLP classifier (``digits_mlp_kfac`` vs
+Two races through ``tensorcurv.experiments.runner.run_training``: the MLP classifier (``digits_mlp_kfac`` vs
 ``digits_mlp_adam``) and the autoencoder (``digits_autoencoder_ng_kfac`` vs ``digits_autoencoder_adam``,
 conf/experiment/); prints a comparison table and writes
 ``reports/demo/loss_curves.png`` and ``reports/demo/demo.md``. Run directories: ``outputs/demo/<name>``.
@@ -25,9 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from tensorcurv.cli import report_errors  # noqa: E402
-from tensorcurv.config import validate_train  # noqa: E402
-from tensorcurv.experiment import run_training  # noqa: E402
+from tensorcurv.experiments.cli import report_errors  # noqa: E402
+from tensorcurv.experiments.config import validate_train  # noqa: E402
+from tensorcurv.experiments.runner import run_training  # noqa: E402
 
 #: (race, optimizer label) -> (experiment, extra overrides). The autoencoder's Adam runs at the batch size and
 #: learning rate that won its sweep in ``scripts/bench_optim.py`` part (b) (batch 256, lr 1e-2), like NG there.

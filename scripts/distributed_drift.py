@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import tensorcurv.distributed as tdist
-from tensorcurv import data, optim
+from tensorcurv import optim
+from tensorcurv.experiments import data as data
 
 BATCH = 128
 HPARAMS = {"kron_sum": {"rank": 2}, "kron_sum (psd=none)": {"rank": 2, "psd": "none"}}

@@ -2,7 +2,7 @@
 
     python scripts/kron_sum_floor.py [--ranks 2 3 4 5 6 7 8] [--out reports/kron_sum_floor.md]
 
-For every reference layer (``tensorcurv.reference_layers``: digits MLP 64-128-128-10, autoencoder
+For every reference layer (``tensorcurv.experiments.reference_layers``: digits MLP 64-128-128-10, autoencoder
 64-128-32-128-64, CNN; seeded init and trained; GGN and empirical Fisher; float64, 256 samples) and
 rank r: the relative gap ``(‖C − Ĉ‖_F − floor_r)/floor_r``, ``floor_r = sqrt(Σ_{i>r} σ_i(R(C))²)``, of
 one cold ``fit`` with the structure's default settings, and the fit's route and iterations. Dense
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from tensorcurv import structures
-from tensorcurv.rearrange import dense_rearranged
-from tensorcurv.reference_layers import reference_stats
+from tensorcurv.linalg.rearrange import dense_rearranged
+from tensorcurv.experiments.reference_layers import reference_stats
 
 LAYERS = [("mlp", "1"), ("mlp", "3"), ("mlp", "5"), ("autoencoder", "3"), ("cnn", "features.3")]
 

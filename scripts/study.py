@@ -1,4 +1,4 @@
-"""Approximation-accuracy study (thin Hydra wrapper around tensorcurv.study / tensorcurv.report).
+"""Approximation-accuracy study (thin Hydra wrapper around tensorcurv.study.metrics / tensorcurv.study.report).
 
     python scripts/study.py                                   # conf/study.yaml: digits MLP
     python scripts/study.py experiment=study_digits_cnn
@@ -34,9 +34,13 @@ def command_line() -> str:
 def main(cfg: DictConfig) -> None:
     import torch
 
-    from tensorcurv import report, study, tracking
-    from tensorcurv.cli import CONFIG_ERROR_EXIT, fail, report_errors, validate_or_exit
-    from tensorcurv.config import check_study_data
+    from tensorcurv.study import report as report
+
+    from tensorcurv.study import metrics as study
+
+    from tensorcurv.experiments import tracking as tracking
+    from tensorcurv.experiments.cli import CONFIG_ERROR_EXIT, fail, report_errors, validate_or_exit
+    from tensorcurv.experiments.config import check_study_data
 
     plain = validate_or_exit("study", cfg)  # one line and exit 2 before any work
     out = Path(cfg.report_dir or ROOT / "reports" / cfg.name)

@@ -6,7 +6,7 @@
     python scripts/train.py --cfg job                               # print the composed config
     torchrun --nproc_per_node=2 scripts/train.py distributed=ddp    # data parallel
 
-Everything happens in ``tensorcurv.experiment.run_training``. A bad config value stops with one
+Everything happens in ``tensorcurv.experiments.runner.run_training``. A bad config value stops with one
 line (``error: <key>=<value> ...; valid: ...``, exit status 2) before anything is written; a run
 that fails (diverged, or more than ``max_skip_fraction`` of its steps skipped) writes its
 ``summary.json`` and stops with one line and exit status 1.
@@ -26,8 +26,8 @@ CONF = str(ROOT / "conf")
 
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from tensorcurv.cli import report_errors
-    from tensorcurv.experiment import run_training
+    from tensorcurv.experiments.cli import report_errors
+    from tensorcurv.experiments.runner import run_training
 
     with report_errors():
         summary = run_training(cfg)

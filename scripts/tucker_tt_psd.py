@@ -2,7 +2,7 @@
 
     python scripts/tucker_tt_psd.py [--layers mlp:5 autoencoder:3 cnn:features.3] [--out reports/tucker_tt_psd.md]
 
-For every reference layer (``tensorcurv.reference_layers``, trained, GGN, float64, 256 samples) and
+For every reference layer (``tensorcurv.experiments.reference_layers``, trained, GGN, float64, 256 samples) and
 structure (default hparams): the relative Frobenius error ``‖C − Ĉ‖/‖C‖`` of the unconstrained fit
 (``psd="none"``) and of the shifted one, the spectral error ``‖C − Ĉ‖₂/‖C‖₂`` of both, the most
 negative eigenvalue of the unconstrained ``Ĉ`` and the shift ``μ`` (both relative to ``λ_max(C)``),
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tensorcurv import structures
-from tensorcurv.reference_layers import reference_stats
+from tensorcurv.experiments.reference_layers import reference_stats
 
 
 def main() -> None:

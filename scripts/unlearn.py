@@ -24,7 +24,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 def main(cfg: DictConfig) -> float:
     import torch
 
-    from tensorcurv.cli import validate_or_exit
+    from tensorcurv.experiments.cli import validate_or_exit
     from tensorcurv.unlearn import benchmark, report
 
     u = validate_or_exit("unlearn", cfg)  # one line and exit 2 before any work

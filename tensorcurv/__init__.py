@@ -5,7 +5,7 @@ optimizers / unlearning / studies.
 """
 from tensorcurv import structures
 from tensorcurv.curvature import Curvature
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.stats import LayerStats
 
 __all__ = ["Curvature", "LayerStats", "structures"]
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ is not covered either: each use would get its own block and the curvature would 
 Bad input fails before any work, with one line: a model on the ``meta`` device or in a dtype
 other than float32/float64, an empty batch, ``damping <= 0``. An update is all-or-nothing: if the
 statistics, the model outputs or the *fitted* state of any block (e.g. ``A = aᵀa`` overflowing
-in float32) are non-finite, :class:`~tensorcurv.stats.NonFiniteError` (a ``ValueError``) names the
+in float32) are non-finite, :class:`~tensorcurv.core.stats.NonFiniteError` (a ``ValueError``) names the
 layer and every block is left bit-identical to before. ``solve`` raises the same error, naming
 the layer, instead of returning NaN/Inf.
 """
@@ -37,10 +37,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from tensorcurv import structures
-from tensorcurv.capture import CaptureResult, capture, check_kind
-from tensorcurv.layers import LayerAdapter, adapter_for
-from tensorcurv.losses import LossSpec, as_loss_spec
-from tensorcurv.stats import SUPPORTED_DTYPES, NonFiniteError
+from tensorcurv.core.capture import CaptureResult, capture, check_kind
+from tensorcurv.core.layers import LayerAdapter, adapter_for
+from tensorcurv.core.losses import LossSpec, as_loss_spec
+from tensorcurv.core.stats import SUPPORTED_DTYPES, NonFiniteError
 from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, check_damping, check_decay,
                                         check_state_finite, fit_blocks, nonfinite)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tensorcurv.cli import RUN_FAILED_EXIT, report_errors, validate_or_exit
-from tensorcurv.config import ConfigError, validate_study, validate_train, validate_unlearn
+from tensorcurv.experiments.cli import RUN_FAILED_EXIT, report_errors, validate_or_exit
+from tensorcurv.experiments.config import ConfigError, validate_study, validate_train, validate_unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -106,7 +106,7 @@ def test_default_config_is_valid(primary):
 
 
 def study_data_error(*overrides) -> str:
-    from tensorcurv.config import check_study_data
+    from tensorcurv.experiments.config import check_study_data
 
     with pytest.raises(ConfigError) as e:
         check_study_data(validate_study(compose_cfg("study", overrides)))
@@ -128,7 +128,7 @@ def test_study_dataset_without_its_files_is_refused(tmp_path):
 
 
 def test_study_data_check_accepts_the_default_and_a_numeric_layer_name():
-    from tensorcurv.config import check_study_data
+    from tensorcurv.experiments.config import check_study_data
 
     raw = validate_study(compose_cfg("study", ["study.spectrum_layer=3"]))
     assert raw["study"]["spectrum_layer"] == "3"
@@ -159,7 +159,7 @@ def test_validate_or_exit_prints_one_line_and_exits_2(capsys):
 
 
 def test_failed_run_is_reported_as_one_line_with_exit_1(capsys):
-    from tensorcurv.experiment import RunFailed
+    from tensorcurv.experiments.runner import RunFailed
 
     with pytest.raises(SystemExit) as e, report_errors():
         raise RunFailed("7 of the run's 12 steps skipped\nby step 8")

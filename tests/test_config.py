@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tensorcurv import structures
-from tensorcurv.config import ConfigError, validate_study, validate_train, validate_unlearn
+from tensorcurv.experiments.config import ConfigError, validate_study, validate_train, validate_unlearn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -153,7 +153,7 @@ def test_index_split_that_does_not_divide_the_layer_fails_before_training(monkey
     """A shape-dependent hyper-parameter is checked by constructing every block on the model."""
     from dataclasses import dataclass
 
-    from tensorcurv.experiment import run_training
+    from tensorcurv.experiments.runner import run_training
     from tensorcurv.structures import base
     from tensorcurv.structures.diagonal import Diagonal
 
@@ -189,7 +189,7 @@ def test_slurm_launcher_config_composes():
 
 @pytest.mark.skipif("tucker" not in structures.names(), reason="tucker structure not registered")
 def test_tucker_split_that_does_not_multiply_to_the_layer_size_fails_before_training(tmp_path):
-    from tensorcurv.experiment import run_training
+    from tensorcurv.experiments.runner import run_training
 
     cfg = train_cfg("curvature=tucker", "curvature.splits_in=[4,16]", f"run_dir={tmp_path}", "progress=false")
     with pytest.raises(ConfigError, match=r"^curvature \(tucker\): .*splits_in=\[4, 16\].*65"):
@@ -216,7 +216,7 @@ def test_cuda_device_without_cuda_is_a_config_error(monkeypatch):
 def test_auto_device_falls_back_to_cpu_without_cuda(monkeypatch):
     import torch
 
-    from tensorcurv.config import resolve_device
+    from tensorcurv.experiments.config import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     validate_train(train_cfg("device=auto"))

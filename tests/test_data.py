@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tensorcurv import data
+from tensorcurv.experiments import data as data
 
 
 def write_idx(path, arr: np.ndarray, compress: bool) -> None:

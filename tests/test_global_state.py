@@ -26,7 +26,7 @@ from torch import nn
 
 from tensorcurv import structures
 from tensorcurv.curvature import Curvature
-from tensorcurv.study import run_study
+from tensorcurv.study.metrics import run_study
 from tensorcurv.unlearn import AffectedSet, build_solver, second_order_update
 from unlearn_problems import data, logreg, trained
 
@@ -130,7 +130,7 @@ def test_an_unlearning_request_leaves_global_state_alone(unlearning_problem, wat
 
 
 def test_seeded_model_builders_leave_the_global_generator_alone(watched):
-    from tensorcurv.reference_layers import reference_model
+    from tensorcurv.experiments.reference_layers import reference_model
     from tensorcurv.unlearn.benchmark import build_model
 
     twice = [build_model((4,), 3, (5,), seed=3) for _ in range(2)]
@@ -142,7 +142,7 @@ def test_a_training_run_applies_threads_and_seed_for_the_run_only(tmp_path):
     """``threads`` and ``seed`` are the harness's explicit settings: they hold inside run_training only."""
     from hydra import compose, initialize_config_dir
 
-    from tensorcurv.experiment import run_training
+    from tensorcurv.experiments.runner import run_training
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -173,8 +173,8 @@ def test_importing_the_library_leaves_global_state_alone():
              "            torch.get_default_dtype(), torch.get_rng_state().tolist(), str(numpy.random.get_state()),\n"
              "            random.getstate(), tensorly.get_backend(), torch.are_deterministic_algorithms_enabled())\n"
              "before = state()\n"
-             "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study, tensorcurv.unlearn\n"
-             "import tensorcurv.optim, tensorcurv.distributed, tensorcurv.experiment, tensorcurv.reference_layers\n"
+             "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study.metrics, tensorcurv.unlearn\n"
+             "import tensorcurv.optim, tensorcurv.distributed, tensorcurv.experiments.runner, tensorcurv.experiments.reference_layers\n"
              "print(before == state())\n")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root,

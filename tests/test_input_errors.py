@@ -11,7 +11,7 @@ from torch import nn
 import tensorcurv
 from tensorcurv import structures
 from tensorcurv.optim.preconditioner import NonFiniteStepWarning, Preconditioner
-from tensorcurv.stats import LayerStats, NonFiniteError
+from tensorcurv.core.stats import LayerStats, NonFiniteError
 from tensorcurv.structures.base import NotFittedError
 
 from reference import full_block, layer_index

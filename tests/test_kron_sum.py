@@ -6,7 +6,7 @@ from torch import nn
 import tensorcurv
 from tensorcurv import structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.rearrange import rearrange
+from tensorcurv.linalg.rearrange import rearrange
 from test_rearrange import KINDS, rel, tiny_batch, tiny_model
 
 TIGHT = dict(psd="none", tol=1e-15, max_iter=3000, warm_max_iter=None, oversample=4)
@@ -235,7 +235,7 @@ def test_certified_rank_two_shrink_is_within_one_percent_of_the_largest_psd_scal
 
 @pytest.mark.parametrize("kind", ["empirical", "ggn"])
 def test_gram_fit_terms_are_sample_pair_combinations_of_rank_one_kronecker_products(kind):
-    from tensorcurv.rearrange import kronecker_svd
+    from tensorcurv.linalg.rearrange import kronecker_svd
     from test_rearrange import curvature
     st = curvature("linear", kind)[1]["0"]
     info = {}
@@ -251,7 +251,7 @@ def test_gram_fit_terms_are_sample_pair_combinations_of_rank_one_kronecker_produ
 
 @pytest.mark.parametrize("rank", [3, 4])
 def test_sample_space_certificate_makes_rank_three_and_four_fits_positive_semidefinite(rank):
-    from tensorcurv.kronecker_sums import SAMPLE_PROOF
+    from tensorcurv.structures.kron_sum.certificates import SAMPLE_PROOF
     raw = fit("linear", "empirical", "kron_sum", rank=rank, psd="none", method="gram").blocks["0"].to_dense()
     block = fit("linear", "empirical", "kron_sum", rank=rank, method="gram", psd_proof="samples").blocks["0"]
     assert block.last_fit["psd_method"] == SAMPLE_PROOF
@@ -260,7 +260,7 @@ def test_sample_space_certificate_makes_rank_three_and_four_fits_positive_semide
 
 
 def test_sample_space_scale_is_the_largest_that_keeps_every_sample_pair_weight_nonnegative():
-    from tensorcurv.kronecker_sums import sample_psd_scale
+    from tensorcurv.structures.kron_sum.certificates import sample_psd_scale
     g = torch.Generator().manual_seed(0)
     ca = torch.randn(30, 4, generator=g, dtype=torch.float64)
     cg = torch.randn(30, 4, generator=g, dtype=torch.float64)
@@ -307,7 +307,7 @@ def test_running_average_updates_at_rank_four_stay_positive_semidefinite(kind, p
 
 @pytest.mark.parametrize("n", [40, 80])  # ggn: one-signed leading sample weights (the batch certificate exists)
 def test_interval_certified_update_is_the_recompressed_mix_of_psd_fits_with_its_tail_scaled_and_is_psd(n, monkeypatch):
-    from tensorcurv.structures import kron_sum as ks
+    from tensorcurv.structures.kron_sum import structure as ks
     monkeypatch.setattr(ks, "INTERVAL_ACCEPT", 0.0)  # take the interval certificate whatever its t
     sts = _stats_stream("ggn", n=n)
     block = structures.create("kron_sum", sts[0].shape, rank=3, method="gram", psd_proof="samples").fit(sts[0])
@@ -336,7 +336,7 @@ def _loewner_ok(M, tol=1e-10):
 
 
 def test_sample_intervals_bound_every_factor_between_multiples_of_the_leading_one():
-    from tensorcurv.kronecker_sums import sample_intervals
+    from tensorcurv.structures.kron_sum.certificates import sample_intervals
     g = torch.Generator().manual_seed(0)
     S = _psd_atoms(12, 5, g)
     c = torch.randn(12, 3, generator=g, dtype=torch.float64)
@@ -351,7 +351,7 @@ def test_sample_intervals_bound_every_factor_between_multiples_of_the_leading_on
 
 
 def test_mixed_intervals_bound_recompressed_factors_against_a_psd_reference_below_the_leading_one():
-    from tensorcurv.kronecker_sums import interval_part, mixed_intervals
+    from tensorcurv.structures.kron_sum.certificates import interval_part, mixed_intervals
     g = torch.Generator().manual_seed(1)
     iv = torch.tensor([[1.0, 1.0], [-0.4, 0.3], [-0.2, 0.5]], dtype=torch.float64)
     inputs, refs = [], []
@@ -393,7 +393,7 @@ def test_resume_keeps_the_certified_intervals_of_the_running_average():
 
 
 def test_sample_part_bounds_a_recombined_group_exactly_by_its_combined_sample_weights():
-    from tensorcurv.kronecker_sums import sample_part
+    from tensorcurv.structures.kron_sum.certificates import sample_part
     g = torch.Generator().manual_seed(2)
     S = _psd_atoms(15, 5, g)
     w = torch.randn(15, 3, generator=g, dtype=torch.float64)
@@ -409,7 +409,7 @@ def test_sample_part_bounds_a_recombined_group_exactly_by_its_combined_sample_we
 
 @pytest.mark.parametrize("r", [2, 3, 4, 5, 6])
 def test_sample_space_scale_from_convex_hulls_equals_the_full_pair_product(r, monkeypatch):
-    from tensorcurv import kronecker_sums as K
+    from tensorcurv.structures.kron_sum import certificates as K
     g = torch.Generator().manual_seed(r)
     ca = torch.randn(400, r, generator=g, dtype=torch.float64)
     cg = torch.randn(400, r, generator=g, dtype=torch.float64) * 0.3
@@ -421,7 +421,7 @@ def test_sample_space_scale_from_convex_hulls_equals_the_full_pair_product(r, mo
 
 
 def test_sample_space_scale_falls_back_to_the_full_product_on_flat_point_sets():
-    from tensorcurv.kronecker_sums import sample_psd_scale
+    from tensorcurv.structures.kron_sum.certificates import sample_psd_scale
     g = torch.Generator().manual_seed(0)
     ca = torch.randn(300, 4, generator=g, dtype=torch.float64)
     cg = torch.randn(300, 4, generator=g, dtype=torch.float64)
@@ -433,7 +433,7 @@ def test_sample_space_scale_falls_back_to_the_full_product_on_flat_point_sets():
 
 
 def test_antisymmetric_flags_the_factors_whose_skew_part_dominates():
-    from tensorcurv.rearrange import antisymmetric
+    from tensorcurv.linalg.rearrange import antisymmetric
     g = torch.Generator().manual_seed(0)
     S = torch.randn(5, 6, 6, generator=g, dtype=torch.float64)
     sym, skew = S + S.mT, S - S.mT

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tensorcurv import structures
-from tensorcurv.kronecker_sums import DENSE_PROOF, dense_psd_scale
+from tensorcurv.structures.kron_sum.certificates import DENSE_PROOF, dense_psd_scale
 from test_kron_sum import fit
 
 
@@ -69,7 +69,7 @@ def test_kron_sum_with_auto_proof_uses_the_dense_scale_on_small_blocks_and_is_ps
 
 
 def test_dense_proof_on_a_block_too_large_is_a_clear_error():
-    from tensorcurv.kronecker_sums import make_psd
+    from tensorcurv.structures.kron_sum.certificates import make_psd
     A, G = _raw_factors("empirical", 2)
     with pytest.raises(ValueError, match="psd_proof='dense' needs a block with"):
         make_psd(A.repeat(1, 40, 40), G.repeat(1, 40, 40), proof="dense")  # n·m = 5·7·1600 > 4096

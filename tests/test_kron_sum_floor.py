@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tensorcurv import structures
-from tensorcurv.rearrange import dense_rearranged, rearrange
-from tensorcurv.reference_layers import reference_stats
+from tensorcurv.linalg.rearrange import dense_rearranged, rearrange
+from tensorcurv.experiments.reference_layers import reference_stats
 
 GAP = 1e-3
 LAYERS = [("mlp", "1"), ("mlp", "5"), ("autoencoder", "3")]

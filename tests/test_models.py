@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensorcurv import Curvature, models
+from tensorcurv import Curvature
+
+from tensorcurv.experiments import models as models
 
 CASES = [  # (name, input_shape, kwargs)
     ("mlp", (1, 8, 8), {}),
@@ -17,7 +19,7 @@ CASES = [  # (name, input_shape, kwargs)
     ("resnet", (1, 8, 8), {}),
     ("resnet", (3, 12, 12), {"widths": [4, 8], "norm": "group", "groups": 2}),
 ]
-#: parameters no Kronecker block covers, by design (documented in tensorcurv/models.py)
+#: parameters no Kronecker block covers, by design (documented in tensorcurv/experiments/models.py)
 UNCOVERED = {"conv_autoencoder": {"decoder.0.bias", "decoder.2.bias"}}
 
 

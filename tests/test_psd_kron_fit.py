@@ -1,12 +1,12 @@
-"""Facts about the PSD-factor Kronecker-sum fit (:mod:`tensorcurv.psd_kron_fit`), float64, tiny layers,
+"""Facts about the PSD-factor Kronecker-sum fit (:mod:`tensorcurv.structures.kron_sum.psd_factors`), float64, tiny layers,
 dense ground truth from the ``dense`` structure."""
 import pytest
 import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv import psd_kron_fit as P
-from tensorcurv.rearrange import kronecker_svd
+from tensorcurv.structures.kron_sum import psd_factors as P
+from tensorcurv.linalg.rearrange import kronecker_svd
 from test_rearrange import tiny_batch, tiny_model
 
 

@@ -1,7 +1,7 @@
 """The reference layers are fixed: the same factors in every process, and training changes them."""
 import torch
 
-from tensorcurv.reference_layers import reference_stats
+from tensorcurv.experiments.reference_layers import reference_stats
 
 
 def test_reference_stats_are_reproducible():

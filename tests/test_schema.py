@@ -1,11 +1,11 @@
-"""tensorcurv.schema: types are strict, ranges and choices are enforced, typos get the closest key."""
+"""tensorcurv.experiments.schema: types are strict, ranges and choices are enforced, typos get the closest key."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pytest
 
-from tensorcurv.schema import ConfigError, check, signature_schema, spec
+from tensorcurv.experiments.schema import ConfigError, check, signature_schema, spec
 
 
 @dataclass

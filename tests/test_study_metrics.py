@@ -1,4 +1,4 @@
-"""Specifications of tensorcurv.study: exact implicit identities equal dense computations (float64)."""
+"""Specifications of tensorcurv.study.metrics: exact implicit identities equal dense computations (float64)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ from torch import nn
 
 from tensorcurv import Curvature, structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.study import (ExactBlock, asymmetry, kronecker_floor, ExactModel, exact_solve, frobenius_error, frobenius_sq,
+from tensorcurv.study.metrics import (ExactBlock, asymmetry, kronecker_floor, ExactModel, exact_solve, frobenius_error, frobenius_sq,
                               inner_with_exact, inverse_quality, lanczos, spectral_error)
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to float64 here

@@ -1,9 +1,9 @@
-"""Specifications of tensorcurv.pareto.pareto_front on hand-made points."""
+"""Specifications of tensorcurv.study.pareto.pareto_front on hand-made points."""
 import math
 
 import pytest
 
-from tensorcurv.pareto import pareto_front
+from tensorcurv.study.pareto import pareto_front
 
 
 def test_front_keeps_exactly_the_non_dominated_points_sorted_by_cost():

@@ -4,8 +4,8 @@ import csv
 import pytest
 import torch
 
-from tensorcurv.report import write_report
-from tensorcurv.study import checkpoint_steps, make_variants, run_study
+from tensorcurv.study.report import write_report
+from tensorcurv.study.metrics import checkpoint_steps, make_variants, run_study
 
 TINY = {"seed": 0, "dtype": "float64", "data": {"name": "digits", "limit": 200},
         "model": {"name": "mlp", "hidden_sizes": [6]},
@@ -81,7 +81,7 @@ def test_sweeps_expand_to_a_cartesian_product_and_validate_keys():
 
 
 def test_report_can_be_re_rendered_from_its_csvs(tiny_report, tmp_path):
-    from tensorcurv.report import read_result
+    from tensorcurv.study.report import read_result
 
     out, _, result = tiny_report
     back = read_result(out)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tensorcurv import tracking
-from tensorcurv.experiment import run_training
+from tensorcurv.experiments import tracking as tracking
+from tensorcurv.experiments.runner import run_training
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["data.limit=120", "batch_size=40", "epochs=2", "progress=false", "threads=1"]

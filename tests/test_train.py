@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tensorcurv.experiment import run_training
+from tensorcurv.experiments.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -104,7 +104,7 @@ SKIPPING = ["optim=sgd", "optim.lr=1e38"]
 
 
 def test_run_that_skips_most_steps_fails_and_still_writes_the_summary(tmp_path):
-    from tensorcurv.experiment import RunFailed
+    from tensorcurv.experiments.runner import RunFailed
 
     expected = r"^7 of the run's 12 steps skipped by step 8 \(more than max_skip_fraction=0.5\)"
     with pytest.raises(RunFailed, match=expected):
@@ -179,7 +179,7 @@ def test_two_job_multirun(tmp_path):
 
 
 def test_resuming_with_a_different_config_is_refused(tmp_path):
-    from tensorcurv.config import ConfigError
+    from tensorcurv.experiments.config import ConfigError
 
     run_training(cfg_for("optim=adam"), run_dir=tmp_path)
     with pytest.raises(ConfigError, match="different config"):
@@ -187,7 +187,7 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
 
 
 def test_refused_resume_leaves_the_run_untouched(tmp_path):
-    from tensorcurv.config import ConfigError
+    from tensorcurv.experiments.config import ConfigError
 
     run_training(cfg_for("optim=adam"), run_dir=tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "metrics.csv")}
@@ -197,7 +197,7 @@ def test_refused_resume_leaves_the_run_untouched(tmp_path):
 
 
 def test_model_that_does_not_fit_the_input_is_a_config_error_before_any_file(tmp_path):
-    from tensorcurv.config import ConfigError
+    from tensorcurv.experiments.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"^model \(cnn\) on digits: cnn: input .* too small for 4 pooling stages"):
         run_training(cfg_for("model=cnn", "model.channels=[4,4,4,4]"), run_dir=tmp_path / "run")

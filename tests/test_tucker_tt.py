@@ -6,7 +6,7 @@ from torch import nn
 import tensorcurv
 from tensorcurv import structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.structures.tucker import auto_split
+from tensorcurv.structures.split.tucker import auto_split
 from test_rearrange import rel
 
 TIGHT = dict(tol=1e-14, max_iter=400)
@@ -146,7 +146,7 @@ def test_indefinite_fit_solves_finitely_by_the_psd_preconditioner_and_reports_th
 
 
 def test_pcg_or_fallback_replaces_a_non_finite_answer_by_the_preconditioner_solve():
-    from tensorcurv.krylov import pcg_or_fallback
+    from tensorcurv.linalg.krylov import pcg_or_fallback
     b = torch.ones(3, 2, dtype=torch.float64)
     X, info = pcg_or_fallback(lambda Z: Z * float("nan"), b, lambda R: R / 2.0, 1e-10, 50, 1.0)
     assert info["fallback"] == "non-finite" and torch.equal(X, b / 2.0)

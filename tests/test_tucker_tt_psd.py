@@ -9,7 +9,7 @@ import torch
 
 from tensorcurv import structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.reference_layers import reference_stats
+from tensorcurv.experiments.reference_layers import reference_stats
 
 LAYERS = [("mlp", "5"), ("cnn", "features.3")]  # the autoencoder's 4128-row block: scripts/tucker_tt_psd.py
 STRUCTURES = ["tucker", "tt"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tensorcurv import structures
-from tensorcurv.capture import capture
-from tensorcurv.losses import CrossEntropy
+from tensorcurv.core.capture import capture
+from tensorcurv.core.losses import CrossEntropy
 from tensorcurv.unlearn import AffectedSet, Objective, StructureSolver, gradient_difference, second_order_update
 from tensorcurv.unlearn.cache import CurvatureCache
 from tensorcurv.unlearn.ihvp import build_solver

@@ -40,12 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tensorcurv.capture import CaptureResult
+from tensorcurv.core.capture import CaptureResult
 from tensorcurv.curvature import Curvature
 from tensorcurv.distributed import reduce as R
 from tensorcurv.distributed.assignment import assign, fit_cost
 from tensorcurv.distributed.comm import Comm
-from tensorcurv.losses import LossSpec, as_loss_spec
+from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.structures.base import check_damping, check_decay
 
 SOLVE_MODES = ("owner", "local")

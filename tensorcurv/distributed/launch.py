@@ -1,4 +1,4 @@
-"""Glue between a training loop and the process group (used by ``tensorcurv.experiment``).
+"""Glue between a training loop and the process group (used by ``tensorcurv.experiments.runner``).
 
     session = launch.setup(cfg.get("distributed"))   # None/enabled=false: single process, no-op
     model_for_opt, extra = session.for_optimizer(model, optimizer_name)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.distributed.comm import Comm
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, sym_eig
 from tensorcurv.structures.ekfac import projected_core
 

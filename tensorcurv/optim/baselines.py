@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tensorcurv.losses import as_loss_spec
+from tensorcurv.core.losses import as_loss_spec
 from tensorcurv.optim import config as cfgs
 from tensorcurv.optim.lion import Lion
 from tensorcurv.optim.preconditioner import NonFiniteStepWarning, first_nonfinite

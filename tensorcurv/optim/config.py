@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tensorcurv.capture import KINDS
+from tensorcurv.core.capture import KINDS
 
 Number = float | Callable[[int], float]
 

@@ -48,8 +48,8 @@ from tensorcurv.curvature import Curvature
 from tensorcurv.distributed import DistributedCurvature
 from tensorcurv.distributed import resolve as resolve_distributed
 from tensorcurv.distributed.reduce import sync_step
-from tensorcurv.losses import as_loss_spec
-from tensorcurv.stats import NonFiniteError
+from tensorcurv.core.losses import as_loss_spec
+from tensorcurv.core.stats import NonFiniteError
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt
 
 

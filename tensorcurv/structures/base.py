@@ -1,7 +1,7 @@
 """The structure interface and its registry.
 
 A *structure* approximates one layer's curvature block ``C`` (``mn x mn``, column-major vec of
-the ``(m, n)`` weight matrix ``[W, b]``, see ``tensorcurv/stats.py``). Every structure offers
+the ``(m, n)`` weight matrix ``[W, b]``, see ``tensorcurv/core/stats.py``). Every structure offers
 
     fit(stats) / update(stats, decay) / mv(V) / solve(V, damping) / to_dense() / nbytes
 
@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tensorcurv.stats import LayerStats, NonFiniteError
+from tensorcurv.core.stats import LayerStats, NonFiniteError
 
 _REGISTRY: dict[str, type["Structure"]] = {}
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register, sym_eig
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.linalg import vec
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.linalg import vec
-from tensorcurv.stats import WEIGHT_SHARING, LayerStats
+from tensorcurv.core.stats import WEIGHT_SHARING, LayerStats
 from tensorcurv.structures.base import Structure, register, sym_eig
 
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tensorcurv.stats import WEIGHT_SHARING, LayerStats
+from tensorcurv.core.stats import WEIGHT_SHARING, LayerStats
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, Structure, check_damping, register, sym_eig
 
 DAMPING_KINDS = ("tikhonov", "pi")

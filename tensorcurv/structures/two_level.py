@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures import base as _base
 from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, Structure, check_damping, check_decay,
                                         fit_blocks, register, sym_eig)

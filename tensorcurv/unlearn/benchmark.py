@@ -1,6 +1,6 @@
 """The digits unlearning benchmark shared by ``scripts/bench_unlearn.py`` and ``scripts/unlearn.py``.
 
-Model: ``tensorcurv.models.build("mlp", hidden_sizes=...)`` — with no hidden layer this is
+Model: ``tensorcurv.experiments.models.build("mlp", hidden_sizes=...)`` — with no hidden layer this is
 multinomial logistic regression (convex, so retraining has a unique answer); float64; objective
 ``Σ_i CE_i + (μ/2)‖θ‖²``. Methods (``default_methods``): first order (Cauchy step), second order with
 the exact GGN, CG, LiSSA, K-FAC-preconditioned CG, every registered tensorcurv structure, and
@@ -47,7 +47,7 @@ def default_methods(quick: bool = False, lissa_depth: int | None = None) -> list
 
 
 def build_model(input_shape, num_classes: int, hidden: list[int] | tuple[int, ...] = (), seed: int = 0):
-    from tensorcurv import models
+    from tensorcurv.experiments import models as models
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global generator
         torch.manual_seed(seed)
         return models.build("mlp", input_shape, num_classes, hidden_sizes=list(hidden), activation="tanh").double()

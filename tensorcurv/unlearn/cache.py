@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from tensorcurv import structures
-from tensorcurv.capture import capture
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.capture import capture
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.dense import Dense
 from tensorcurv.unlearn.ihvp import IHVPResult, refine_solve
 from tensorcurv.unlearn.objective import Objective

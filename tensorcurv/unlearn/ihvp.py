@@ -384,7 +384,7 @@ class StructureSolver(IHVPSolver):
 def refine_solve(matvec, precond, v: Tensor, max_iter: int, tol: float, name: str, info: dict) -> IHVPResult:
     """PCG on ``matvec`` preconditioned by ``precond`` (a structure solve); an IHVPResult that reports
     iterations and the relative residual, and fails unless ``‖Ax − v‖ ≤ tol‖v‖``."""
-    from tensorcurv.krylov import pcg
+    from tensorcurv.linalg.krylov import pcg
     x, it = pcg(matvec, v, precond, tol=tol, max_iter=max_iter)
     ok = bool(it["converged"])
     msg = "" if ok else (f"refinement: relative residual {it['residual']:.3g} > tol {tol:g} after "

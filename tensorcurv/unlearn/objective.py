@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
-from tensorcurv.losses import LossSpec, as_loss_spec
+from tensorcurv.core.losses import LossSpec, as_loss_spec
 
 
 class Objective:

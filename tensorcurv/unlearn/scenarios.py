@@ -103,8 +103,8 @@ def make(name: str, X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_cl
 
 
 def load_digits_scenario(name: str, *, seed: int = 0, dtype=torch.float64, **kwargs) -> Scenario:
-    """``tensorcurv.data.load("digits")`` (train + val pooled as training data, test kept) + scenario."""
-    from tensorcurv import data
+    """``tensorcurv.experiments.data.load("digits")`` (train + val pooled as training data, test kept) + scenario."""
+    from tensorcurv.experiments import data as data
     splits = data.load("digits", val_fraction=0.1, test_fraction=0.2, seed=seed, dtype=dtype)
     X = torch.cat([splits.train[0], splits.val[0]])
     y = torch.cat([splits.train[1], splits.val[1]])

@@ -1,6 +1,6 @@
 """The exact GGN as an operator on the per-sample factors ``a``, ``g`` that structures are fitted from.
 
-For one layer's :class:`~tensorcurv.stats.LayerStats` (``a`` (N, T, n), ``g`` (N, K, T, m), scale ``c``)
+For one layer's :class:`~tensorcurv.core.stats.LayerStats` (``a`` (N, T, n), ``g`` (N, K, T, m), scale ``c``)
 
     C_l vec(V) = c Σ_{s,k} w_sk vec(G_sk),   w_sk = ⟨G_sk, V⟩ = Σ_t g_sktᵀ V a_st,   G_sk = Σ_t g_skt a_stᵀ
 
@@ -21,9 +21,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tensorcurv.losses import CrossEntropy, LossSpec, MeanSquaredError
+from tensorcurv.core.losses import CrossEntropy, LossSpec, MeanSquaredError
 from tensorcurv.linalg import summed_outer_products
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.stats import LayerStats
 
 COUPLINGS = ("full", "block")
 

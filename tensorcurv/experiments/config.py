@@ -3,7 +3,7 @@
 ``conf/<primary>.yaml`` composes groups (``data``, ``model``, ``curvature``, ``optim``, ``logger``,
 ...) plus top-level fields. Each validator (:func:`validate_train`, :func:`validate_study`,
 :func:`validate_unlearn`) checks the whole composed config *before any work starts* against the
-schemas below (:mod:`tensorcurv.schema`: every key's type, range and allowed values, taken from the
+schemas below (:mod:`tensorcurv.experiments.schema`: every key's type, range and allowed values, taken from the
 live registries of datasets, models, activations, structures, optimizers, scenarios...; unknown keys
 refused with the closest valid key) and raises :class:`ConfigError` (a ``ValueError``) with one line::
 
@@ -16,7 +16,7 @@ The structure's own hyper-parameters are validated by its ``Hparams`` dataclass
 (``tensorcurv.structures.make_hparams``), the optimizer's by ``tensorcurv.optim.config``; training
 then constructs every covered layer's block once on the (cheap) model (:func:`check_blocks`), so
 constraints that need the layer size — an index split that does not divide it, a rank above the
-block's — fail before the first step too. :mod:`tensorcurv.cli` runs the validator as a Hydra
+block's — fail before the first step too. :mod:`tensorcurv.experiments.cli` runs the validator as a Hydra
 callback, before Hydra creates the run directory.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tensorcurv.schema import ConfigError, check, check_keys, check_value, one_line, signature_schema, spec
+from tensorcurv.experiments.schema import ConfigError, check, check_keys, check_value, one_line, signature_schema, spec
 
 __all__ = ["ConfigError", "DataConfig", "LoggerConfig", "ScheduleConfig", "StudyConfig", "TrainConfig",
            "UnlearnConfig", "Validated", "check_blocks", "resolve_device", "validate_model", "validate_structure",
@@ -46,25 +46,25 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 # ------------------------------------------------------------------ live registries (imported lazily)
 def _datasets() -> list[str]:
-    from tensorcurv import data
+    from tensorcurv.experiments import data as data
 
     return data.names()
 
 
 def _normalizations() -> list[str]:
-    from tensorcurv import data
+    from tensorcurv.experiments import data as data
 
     return list(data.NORMALIZATIONS)
 
 
 def _loggers() -> list[str]:
-    from tensorcurv import tracking
+    from tensorcurv.experiments import tracking as tracking
 
     return list(tracking.KINDS)
 
 
 def _wandb_modes() -> list[str]:
-    from tensorcurv import tracking
+    from tensorcurv.experiments import tracking as tracking
 
     return list(tracking.WANDB_MODES)
 
@@ -76,7 +76,7 @@ def _schedules() -> list[str]:
 
 
 def _kinds() -> list[str]:
-    from tensorcurv.capture import KINDS
+    from tensorcurv.core.capture import KINDS
 
     return list(KINDS)
 
@@ -90,10 +90,10 @@ def _structure_names() -> list[str]:
 # ------------------------------------------------------------------ shared groups
 @dataclass
 class DataConfig:
-    """``conf/data/<name>.yaml``: the arguments of :func:`tensorcurv.data.load`."""
+    """``conf/data/<name>.yaml``: the arguments of :func:`tensorcurv.experiments.data.load`."""
 
     name: str = spec("digits", choices=_datasets, what="a dataset")
-    """Dataset: one of ``tensorcurv.data.names()``."""
+    """Dataset: one of ``tensorcurv.experiments.data.names()``."""
     data_dir: str = spec("data")
     """Folder with the dataset files (relative to the working directory)."""
     val_fraction: float = spec(0.1, ge=0, lt=1)
@@ -110,7 +110,7 @@ class DataConfig:
 
 @dataclass
 class LoggerConfig:
-    """``conf/logger/<kind>.yaml``: see :mod:`tensorcurv.tracking`."""
+    """``conf/logger/<kind>.yaml``: see :mod:`tensorcurv.experiments.tracking`."""
 
     kind: str = spec("csv", choices=_loggers, what="a logger")
     """``wandb``, ``csv`` or ``none``."""
@@ -135,7 +135,7 @@ class ScheduleConfig:
 
 #: allowed values of model-builder parameters, by parameter name (types come from the signatures)
 def _model_rules(name: str) -> dict[str, dict[str, Any]]:
-    from tensorcurv import models
+    from tensorcurv.experiments import models as models
 
     positive = {"ge": 1}
     rules: dict[str, dict[str, Any]] = {
@@ -153,7 +153,7 @@ def _model_rules(name: str) -> dict[str, dict[str, Any]]:
 def validate_model(model: Mapping[str, Any], key: str = "model", valid_names: list[str] | None = None,
                    what: str = "a model") -> dict:
     """Check ``{name, **builder kwargs}`` against the builder's signature and the allowed values."""
-    from tensorcurv import models
+    from tensorcurv.experiments import models as models
 
     valid_names = valid_names or models.names()
     check_value(f"{key}.name", model.get("name"), str, {"choices": valid_names, "what": what})
@@ -283,7 +283,7 @@ def validate_distributed(raw: Any) -> Any:
 
 @dataclass
 class Validated:
-    """The validated pieces of a training config, ready for :func:`tensorcurv.experiment.run_training`."""
+    """The validated pieces of a training config, ready for :func:`tensorcurv.experiments.runner.run_training`."""
 
     train: TrainConfig
     data: DataConfig
@@ -375,7 +375,7 @@ class StudyTrainConfig:
 
 @dataclass
 class StudySettings:
-    """``study`` group of ``conf/study.yaml`` (see :func:`tensorcurv.study.run_study`)."""
+    """``study`` group of ``conf/study.yaml`` (see :func:`tensorcurv.study.metrics.run_study`)."""
 
     kinds: list[str] = spec(["empirical", "mc", "ggn"], choices=_kinds, what="a curvature kind", nonempty=True)
     mc_samples: int = spec(1, ge=1)
@@ -418,8 +418,9 @@ class StudyConfig:
 
 def validate_study(cfg: Any) -> dict[str, Any]:
     """Validate a composed ``conf/study.yaml``; returns it as plain containers. Raises :class:`ConfigError`."""
-    from tensorcurv import models, structures
-    from tensorcurv.study import make_variants
+    from tensorcurv import structures
+    from tensorcurv.experiments import models as models
+    from tensorcurv.study.metrics import make_variants
 
     raw = _plain(cfg)
     s = check("", StudyConfig, {**raw, **{g: raw.get(g) or {} for g in ("data", "logger", "train", "study")}})
@@ -450,7 +451,9 @@ def validate_study(cfg: Any) -> dict[str, Any]:
 def check_study_data(raw: Mapping[str, Any]) -> None:
     """What a validated study config can only show with its data: the dataset loads and has labels, the
     model fits its inputs, and ``study.spectrum_layer`` names a covered layer. Raises :class:`ConfigError`."""
-    from tensorcurv import Curvature, data, models
+    from tensorcurv import Curvature
+    from tensorcurv.experiments import data as data
+    from tensorcurv.experiments import models as models
 
     d = dict(raw["data"])
     name = d.pop("name")

@@ -19,7 +19,7 @@ run continues the same record.
   resumed (``resume="allow"``) and logging continues from the checkpoint's step.
 * ``none`` (:class:`NullLogger`): nothing.
 
-``tensorcurv.experiment.run_training`` always keeps a :class:`CsvLogger` and adds the configured
+``tensorcurv.experiments.runner.run_training`` always keeps a :class:`CsvLogger` and adds the configured
 logger when it is not ``csv``.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ its seeded initialization (``trained=False``) or after a fixed, seeded Adam run 
 * ``cnn``: conv(8)-pool-conv(16)-pool-fc(32)-fc(10), relu, cross-entropy (the study's digits CNN).
   ``"features.3"`` is the 8 -> 16 conv layer (16 x 73, T = 16 positions).
 
-:func:`reference_stats` returns the per-sample factors (:class:`~tensorcurv.stats.LayerStats`) of every
+:func:`reference_stats` returns the per-sample factors (:class:`~tensorcurv.core.stats.LayerStats`) of every
 covered layer for one fixed batch, for any curvature kind. Everything is deterministic in a fresh process.
 """
 from __future__ import annotations
@@ -20,9 +20,11 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from tensorcurv import data, models
+from tensorcurv.experiments import data as data
+
+from tensorcurv.experiments import models as models
 from tensorcurv.curvature import Curvature
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.stats import LayerStats
 
 NETWORKS = ("mlp", "autoencoder", "cnn")
 TRAIN_STEPS = 300  # Adam, lr 1e-3, batch 128: a few seconds on 2 CPU cores for each network

@@ -6,7 +6,7 @@ with modes ``(n_1..n_d, m_1..m_e)`` (the ``torch.kron`` ordering of the column-m
 one-site ALS sweeps (Holtz, Rohwedder & Schneider 2012) whose contractions of ``𝒯`` with all other
 cores are computed implicitly from the per-sample factors (``SplitTensor``), stopping on the relative
 change of ``‖Ĉ‖_F²`` (``method="implicit"``); small blocks are formed and fitted by tensorly's TT-SVD instead
-(``method="tensorly"`` / ``"auto"``, see ``tensorcurv/dense_tensor_fit.py``; ``update`` then averages by the
+(``method="tensorly"`` / ``"auto"``, see ``tensorcurv/structures/split/dense_fit.py``; ``update`` then averages by the
 same ALS on ``decay·Ĉ_old + (1−decay)·Ĉ_batch``). Two cores (no split) with TT-rank r is the block subspace
 iteration of ``kron_sum(r)`` with ``psd="none"``; all TT-ranks 1 give ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D`` (a Kronecker product
 of the split factors), whose Tikhonov solve is exact through the factors' eigendecompositions
@@ -33,11 +33,11 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
-from tensorcurv import dense_tensor_fit as dtf
-from tensorcurv.krylov import kron_eig_solve
-from tensorcurv.stats import LayerStats
+from tensorcurv.structures.split import dense_fit as dtf
+from tensorcurv.linalg.krylov import kron_eig_solve
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import register
-from tensorcurv.structures.tucker import (SplitFormat, SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
+from tensorcurv.structures.split.tucker import (SplitFormat, SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
                                           sym_shift, _sweeps)
 
 

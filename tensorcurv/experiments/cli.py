@@ -6,8 +6,8 @@ composed config before anything is written, and one-line errors with a nonzero e
   creates the run directory; a bad value prints ``error: <one line>`` to stderr and exits with 2.
   In a multirun each job's config is validated by the script itself, before any work.
 * :func:`validate_or_exit` does the same from inside a script.
-* :func:`report_errors` turns a :class:`~tensorcurv.config.ConfigError` or a Hydra override error of
-  the compose API (exit 2), or a failed run (:class:`~tensorcurv.experiment.RunFailed`, exit 1),
+* :func:`report_errors` turns a :class:`~tensorcurv.experiments.config.ConfigError` or a Hydra override error of
+  the compose API (exit 2), or a failed run (:class:`~tensorcurv.experiments.runner.RunFailed`, exit 1),
   raised by the script's body into that one line.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from tensorcurv.config import ConfigError, validate_study, validate_train, validate_unlearn
+from tensorcurv.experiments.config import ConfigError, validate_study, validate_train, validate_unlearn
 
 #: primary config name -> its validator
 VALIDATORS: dict[str, Callable[[Any], Any]] = {"train": validate_train, "study": validate_study,
@@ -47,7 +47,7 @@ def report_errors() -> Iterator[None]:
     """Within: a ConfigError exits with 2, a failed run (``RunFailed``) with 1, each as one line."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from tensorcurv.experiment import RunFailed
+    from tensorcurv.experiments.runner import RunFailed
 
     try:
         yield

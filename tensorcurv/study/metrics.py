@@ -1,6 +1,6 @@
 """Approximation-accuracy metrics: how close a structure ``Ĉ`` is to the exact block ``C``, at what cost.
 
-The exact block of one layer (``tensorcurv/stats.py``) is never formed:
+The exact block of one layer (``tensorcurv/core/stats.py``) is never formed:
 
     C = scale Σ_j vec(G_j) vec(G_j)ᵀ,   j = (s, k),   G_j = Σ_t g_jt a_stᵀ   (m x n, column-major vec)
 
@@ -15,7 +15,7 @@ Everything below reduces to the per-sample factors ``a`` (N, T, n) and ``g`` (N,
 * spectral norms by Lanczos (full re-orthogonalization) on the implicit product ``(C − Ĉ) v``;
 * ``(C + λI)⁻¹ g`` by conjugate gradients on implicit products (or a dense solve on small layers);
 * the floor: the optimal rank-r Kronecker-sum error ``sqrt(‖C‖² − Σ_{i≤r} σ_i²) / ‖C‖`` from the
-  leading singular values of the rearranged block ``R(C)`` (``tensorcurv.rearrange``, Eckart–Young).
+  leading singular values of the rearranged block ``R(C)`` (``tensorcurv.linalg.rearrange``, Eckart–Young).
 
 A model-level :class:`ExactModel` concatenates the covered layers (the same ``j = (s, k)`` index runs
 through every layer of one capture), so off-diagonal blocks are part of ``C`` there.
@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 
 from tensorcurv import structures
-from tensorcurv.capture import check_kind
+from tensorcurv.core.capture import check_kind
 from tensorcurv.curvature import Curvature
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.losses import as_loss_spec
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.losses import as_loss_spec
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure
 
 #: Blocks with ``m n`` up to this size may use dense matrices of size ``(mn, mn)`` (auto paths).
@@ -251,7 +251,7 @@ def _register_builtin() -> None:
     register_frobenius(Dense)(lambda s: float(s.C.pow(2).sum()))
 
     try:
-        from tensorcurv.structures.kron_sum import KronSum
+        from tensorcurv.structures.kron_sum.structure import KronSum
     except ImportError:  # pragma: no cover  (older checkouts)
         return
 
@@ -477,8 +477,8 @@ def kronecker_floor(block: ExactBlock, ranks: Sequence[int], c_frob_sq: float | 
                     **svd_kw) -> dict[int, float]:
     """``floor_r = sqrt(‖C‖² − Σ_{i≤r} σ_i²) / ‖C‖``: the smallest relative Frobenius error of any
     sum of ``r`` Kronecker products (Eckart–Young on ``R(C)``; singular values by
-    ``tensorcurv.rearrange.kronecker_svd``, by default to a relative energy change of 1e-10)."""
-    from tensorcurv.rearrange import kronecker_svd
+    ``tensorcurv.linalg.rearrange.kronecker_svd``, by default to a relative energy change of 1e-10)."""
+    from tensorcurv.linalg.rearrange import kronecker_svd
 
     ranks = sorted({int(r) for r in ranks})
     rmax = min(ranks[-1], block.n * block.n, block.m * block.m)
@@ -626,7 +626,7 @@ def _fit_variant(variant: Variant, stats: Mapping[str, LayerStats]):
 def _floors(block: ExactBlock, ranks: Sequence[int], cc: float) -> dict[int, float]:
     try:
         return kronecker_floor(block, ranks, cc)
-    except ImportError:  # tensorcurv.rearrange not available
+    except ImportError:  # tensorcurv.linalg.rearrange not available
         return {}
 
 
@@ -748,8 +748,8 @@ def checkpoint_steps(total: int, fractions: Sequence[float]) -> list[int]:
 
 
 def _build_model_and_data(cfg: Mapping[str, Any], dtype: torch.dtype):
-    from tensorcurv import data as tc_data
-    from tensorcurv import models as tc_models
+    from tensorcurv.experiments import data as tc_data
+    from tensorcurv.experiments import models as tc_models
 
     dcfg = dict(cfg.get("data") or {})
     splits = tc_data.load(dcfg.pop("name", "digits"), dtype=dtype, seed=int(cfg.get("seed", 0)), **dcfg)

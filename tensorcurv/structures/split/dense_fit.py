@@ -30,7 +30,7 @@ from tensorly.decomposition import tensor_train, tucker
 from torch import Tensor
 
 from tensorcurv.linalg import summed_outer_products
-from tensorcurv.stats import LayerStats
+from tensorcurv.core.stats import LayerStats
 
 MAX_ENTRIES = 2 ** 23
 """Largest formed ``𝒯`` (``(mn)²`` entries; 64 MiB in float64) that ``method="tensorly"`` accepts."""

@@ -1,6 +1,6 @@
 """Training runs from a composed config: ``run_training(cfg) -> summary``.
 
-One run = data (``tensorcurv.data.load``) + model (``tensorcurv.models.build``) + optimizer
+One run = data (``tensorcurv.experiments.data.load``) + model (``tensorcurv.experiments.models.build``) + optimizer
 (``tensorcurv.optim.build``; second-order ones take the structure, kind, damping and structure
 hyper-parameters of the ``curvature`` group) + LR schedule, trained for ``epochs`` passes of
 mini-batches (seeded permutation per epoch, last incomplete batch dropped). Loss: cross-entropy
@@ -45,11 +45,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tensorcurv import data as data_mod
-from tensorcurv import models, optim, tracking
+from tensorcurv.experiments import data as data_mod
+from tensorcurv import optim
+from tensorcurv.experiments import models as models
+from tensorcurv.experiments import tracking as tracking
 from tensorcurv.distributed import launch
-from tensorcurv.config import SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device, validate_train
-from tensorcurv.schema import one_line
+from tensorcurv.experiments.config import SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device, validate_train
+from tensorcurv.experiments.schema import one_line
 
 class RunFailed(RuntimeError):
     """A run that started and failed (diverged, or skipped more than ``max_skip_fraction`` of its

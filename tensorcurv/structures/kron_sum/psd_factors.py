@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from tensorcurv.linalg import summed_outer_products
-from tensorcurv.rearrange import RearrangedOperator, sym_quadratic_forms, weighted_covariances
-from tensorcurv.stats import LayerStats
+from tensorcurv.linalg.rearrange import RearrangedOperator, sym_quadratic_forms, weighted_covariances
+from tensorcurv.core.stats import LayerStats
 
 INNER_STEPS = 10  # projected gradient steps per half-step of the atom fit
 POWER_STEPS = 3  # projected power steps that start each new term

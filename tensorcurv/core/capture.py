@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tensorcurv.layers import LayerAdapter
-from tensorcurv.losses import LossSpec
-from tensorcurv.stats import SUPPORTED_DTYPES, LayerStats
+from tensorcurv.core.layers import LayerAdapter
+from tensorcurv.core.losses import LossSpec
+from tensorcurv.core.stats import SUPPORTED_DTYPES, LayerStats
 
 KINDS = ("empirical", "mc", "ggn")
 

@@ -1,6 +1,6 @@
 """Datasets as in-memory tensors with an explicit train / validation / test split.
 
-    splits = tensorcurv.data.load("digits", val_fraction=0.1, test_fraction=0.2, normalize="standard")
+    splits = tensorcurv.experiments.data.load("digits", val_fraction=0.1, test_fraction=0.2, normalize="standard")
     X, y = splits.train          # X: (N, *input_shape), y: (N,) int64 labels (or X-like targets)
 
 Datasets (``names()``):

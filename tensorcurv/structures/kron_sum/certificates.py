@@ -1,4 +1,4 @@
-"""Algebra of Kronecker sums ``Ĉ = Σ_k A_k ⊗ G_k`` used by :mod:`tensorcurv.structures.kron_sum`.
+"""Algebra of Kronecker sums ``Ĉ = Σ_k A_k ⊗ G_k`` used by :mod:`tensorcurv.structures.kron_sum.structure`.
 
 * :func:`recompress`: the exact rank-r truncation of a Kronecker sum through the ``p x p`` Gram matrices of its
   factors (``⟨A_i, A_j⟩``, ``⟨G_i, G_j⟩``), used for running averages.
@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from tensorcurv.rearrange import antisymmetric
+from tensorcurv.linalg.rearrange import antisymmetric
 
 SAMPLE_PROOF = "sample-space certificate (nonnegative sample-pair weights)"
 #: ``psd_proof="auto"``, rank ≥ 3: factors up to this size also get the spectral proof (cheap there), larger t wins

@@ -1,12 +1,12 @@
 """``kron_sum`` (alias ``kpsvd``): ``Ĉ = Σ_{k=1..r} A_k ⊗ G_k``, the truncated SVD of ``R(C)``.
 
-Recompression and the PSD proofs live in :mod:`tensorcurv.kronecker_sums`.
+Recompression and the PSD proofs live in :mod:`tensorcurv.structures.kron_sum.certificates`.
 
 ``A_k`` (n x n) and ``G_k`` (m x m) symmetric; column-major vec, so ``Ĉ vec(V) = vec(Σ_k G_k V A_k)``.
 Rank 1 is the Frobenius-nearest Kronecker product (KPSVD, Koroko et al.; Van Loan & Pitsianis),
 never worse than K-FAC; rank r reaches the Eckart–Young optimum ``sqrt(Σ_{i>r} σ_i²)``.
 
-**Fit** (:func:`tensorcurv.rearrange.kronecker_svd`): block subspace iteration on the implicit
+**Fit** (:func:`tensorcurv.linalg.rearrange.kronecker_svd`): block subspace iteration on the implicit
 ``R(C)`` (warm-started from the previous ``G_k``; ``auto`` picks it for rank 1) or block Krylov on its
 sample-space Gram form (``T = 1``; rank ≥ 2: Grams ``(a aᵀ)∘²``, ``(g gᵀ)∘²`` from their upper block
 triangles, about three blocks of ``N x N`` products, then the ``r`` weighted covariances stacked into
@@ -61,7 +61,7 @@ converged one). Resume is exact: ``state_dict`` carries the factors and the gene
   4 / 8 / 32 / 55 against the exact 0.58 / 0.64 / 0.94 / 1.
 
 ``factors`` (opt-in): every ``A_k, G_k ⪰ 0`` (so ``Ĉ ⪰ 0``), least squares on ``R(C)`` from the rank-1 fit, one
-term added at a time (error non-increasing in r): :mod:`tensorcurv.psd_kron_fit`. ``update`` refits the batch,
+term added at a time (error non-increasing in r): :mod:`tensorcurv.structures.kron_sum.psd_factors`. ``update`` refits the batch,
 then fits the mix ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` on its 2r PSD factors as atoms.
 
 ``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
@@ -111,8 +111,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.krylov import pcg_or_fallback
-from tensorcurv.kronecker_sums import (
+from tensorcurv.linalg.krylov import pcg_or_fallback
+from tensorcurv.structures.kron_sum.certificates import (
     DENSE_PROOF_MAX_DIM,
     SPECTRAL_MAX_DIM,
     gen_eig,
@@ -130,9 +130,9 @@ from tensorcurv.kronecker_sums import (
     scale_tail,
     spectral_psd,
 )
-from tensorcurv.psd_kron_fit import fit_factors, fit_samples, psd_part, recompress_psd
-from tensorcurv.rearrange import METHODS, antisymmetric, kronecker_svd
-from tensorcurv.stats import LayerStats
+from tensorcurv.structures.kron_sum.psd_factors import fit_factors, fit_samples, psd_part, recompress_psd
+from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
 PSD_MODES = ("shrink", "factors", "none")
@@ -149,7 +149,7 @@ class KronSumHparams:
     """Number of Kronecker terms r (1 = KPSVD)."""
     psd: str = "shrink"
     """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``factors``: every A_k, G_k ⪰ 0
-    (:mod:`tensorcurv.psd_kron_fit`: T = 1 nonnegative combinations of
+    (:mod:`tensorcurv.structures.kron_sum.psd_factors`: T = 1 nonnegative combinations of
     sample atoms, else projected HALS; from the rank-1 fit, monotone in r); ``none``: pure truncated SVD."""
     damping_kind: str = "tikhonov"
     """``tikhonov``: (Ĉ + λI)^{-1}; ``factored``: π-damping on the dominant term (exact for r ≤ 2)."""
@@ -157,7 +157,7 @@ class KronSumHparams:
     """Fit: ``power`` (implicit block subspace iteration), ``gram`` (sample space, T = 1) or ``auto``."""
     tol: float = 1e-4
     """Per-pair stopping tolerance: Σ_{k≤r} |Δσ_k²| between iterations ≤ tol · σ_{r+1}² (a lower bound
-    of the Eckart–Young floor², :func:`tensorcurv.rearrange.pair_change`)."""
+    of the Eckart–Young floor², :func:`tensorcurv.linalg.rearrange.pair_change`)."""
     max_iter: int = 50
     """Maximum subspace iterations per fit."""
     oversample: int | None = None
@@ -166,7 +166,7 @@ class KronSumHparams:
     warm_start: bool = True
     """Start each fit from the previous factors: the power route from the ``G_k`` themselves, the gram
     route from ``A_k`` or ``G_k`` mapped into the new batch's sample space, whichever side is cheap
-    (:func:`tensorcurv.rearrange.gram_warm_side`; cold when both factors are wide)."""
+    (:func:`tensorcurv.linalg.rearrange.gram_warm_side`; cold when both factors are wide)."""
     warm_max_iter: int | None = 1
     """Iterations of a warm-started running-average ``update`` (power method): a fixed budget, so that
     across steps the fit is a power iteration spread over the batches (1: one ALS sweep, two products,

@@ -1,6 +1,6 @@
 """Study reports: raw CSV tables, PNG figures (matplotlib, Agg) and a ``report.md`` that embeds them.
 
-Input: the tables of :func:`tensorcurv.study.run_study` (``metrics``, ``floor``, ``spectra``,
+Input: the tables of :func:`tensorcurv.study.metrics.run_study` (``metrics``, ``floor``, ``spectra``,
 ``training``; every row has ``step`` and ``kind``). ``metrics`` rows with ``layer="(model)"`` are the
 model-level numbers (all covered layers, cross-layer blocks included in ``C``).
 """
@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tensorcurv.pareto import pareto_front  # noqa: E402
+from tensorcurv.study.pareto import pareto_front  # noqa: E402
 
 MODEL = "(model)"
 FIGURES = {
@@ -370,7 +370,7 @@ def training_table(metrics, training, kind: str) -> str:
 def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, command: str, title: str = "Study",
                  description: str = "", logger: Any = None) -> Path:
     """Write ``report.md``, ``metrics.csv``, ``floor.csv``, ``spectra.csv``, ``training.csv`` and the
-    PNG figures into ``out_dir``; log the same figures/tables to ``logger`` (``tensorcurv.tracking``) if given."""
+    PNG figures into ``out_dir``; log the same figures/tables to ``logger`` (``tensorcurv.experiments.tracking``) if given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for table in ("metrics", "floor", "spectra", "training"):

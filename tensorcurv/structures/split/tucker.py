@@ -11,7 +11,7 @@ fitted by HOOI whose contractions ``𝒯 ×_{k≠l} U_kᵀ`` are computed implic
 factors (``𝒯 = scale Σ_q Γ_q ⊗ Γ_q`` with ``Γ_q = a_s ⊗ g_sk`` for ``T = 1`` or the per-sample
 gradient for ``T > 1``), never forming ``C``; opt_einsum picks the contraction order
 (``method="implicit"``; small blocks are formed and fitted by tensorly's HOOI instead, ``method="tensorly"``
-or ``"auto"``, see ``tensorcurv/dense_tensor_fit.py``). Full multilinear ranks reproduce ``C``. ``mv``
+or ``"auto"``, see ``tensorcurv/structures/split/dense_fit.py``). Full multilinear ranks reproduce ``C``. ``mv``
 contracts the format with ``V`` directly; ``solve`` is PCG
 on ``Ĉ + λI`` preconditioned by the Kronecker product of the partial traces of ``Ĉ`` (exact
 Tikhonov damping, not exact: ``exact_solve = False``). The fitted ``Ĉ`` need not be symmetric (``C`` is), so
@@ -33,7 +33,7 @@ Weyl, ``μ ≤ ‖C − Ĉ‖₂`` (``C ⪰ 0``), so the spectral error at most 
 up to ``μ √(mn)`` (measured: ``scripts/tucker_tt_psd.py``, reports/tucker_tt_psd.md). ``none``: the
 unconstrained fit; where PCG then meets negative curvature, non-finite numbers or stalls, ``solve`` returns
 the damped PSD preconditioner solve instead and says so in ``last_solve["fallback"]``
-(:func:`tensorcurv.krylov.pcg_or_fallback`; also the safety net of ``shift``).
+(:func:`tensorcurv.linalg.krylov.pcg_or_fallback`; also the safety net of ``shift``).
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ import opt_einsum as oe
 import torch
 from torch import Tensor
 
-from tensorcurv import dense_tensor_fit as dtf
-from tensorcurv.krylov import kron_eig_solve, pcg_or_fallback
-from tensorcurv.stats import LayerStats
+from tensorcurv.structures.split import dense_fit as dtf
+from tensorcurv.linalg.krylov import kron_eig_solve, pcg_or_fallback
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
 

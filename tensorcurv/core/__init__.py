@@ -1,0 +1,1 @@
+"""Capture, per-sample statistics, losses and layer adapters."""

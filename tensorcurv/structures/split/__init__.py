@@ -1,0 +1,1 @@
+"""Split tensor formats of a layer block: Tucker and tensor-train."""

@@ -1,0 +1,1 @@
+"""Approximation-accuracy studies: metrics against the exact block, Pareto fronts, reports."""
