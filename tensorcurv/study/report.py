@@ -1,4 +1,5 @@
-"""Study reports: raw CSV tables, PNG figures (matplotlib, Agg) and a ``report.md`` that embeds them.
+"""Study reports: raw CSV tables, PNG figures (matplotlib, in the style of :mod:`tensorcurv.plotting`) and a
+``report.md`` that embeds them.
 
 Input: the tables of :func:`tensorcurv.study.metrics.run_study` (``metrics``, ``floor``, ``spectra``,
 ``training``; every row has ``step`` and ``kind``). ``metrics`` rows with ``layer="(model)"`` are the
@@ -12,12 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tensorcurv.study.pareto import pareto_front  # noqa: E402
+from tensorcurv import plotting
+from tensorcurv.study.pareto import pareto_front
 
 MODEL = "(model)"
 FIGURES = {
@@ -100,11 +97,6 @@ def _variants(rows):
     return list(dict.fromkeys(r["variant"] for r in rows))
 
 
-def _colors(labels):
-    cmap = plt.get_cmap("tab20")
-    return {v: cmap(i % 20) for i, v in enumerate(labels)}
-
-
 def _rank_value(r) -> float:
     """The number on the rank axis: the ``rank`` hyper-parameter, or the largest of ``ranks``."""
     rank = r.get("rank", "")
@@ -131,62 +123,58 @@ def _num(v: Any, digits: int = 4) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def _save_with_side_legend(fig, axes, path: Path) -> None:
-    """One legend (from the first panel) to the right of all panels, then save and close."""
-    h, lab = axes[0][0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="center right", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _variant_styles(rows) -> dict[str, dict]:
+    """Colour per structure, marker and line style per variant of that structure."""
+    groups = {r["variant"]: r["structure"] for r in rows}
+    return plotting.series_styles(groups, groups)
 
 
-def fig_error_vs_rank(metrics, floor, path: Path) -> None:
+def fig_error_vs_rank(metrics, floor, path: Path):
+    """One panel per (kind, layer): relative Frobenius error vs rank for the ranked structures, the
+    optimal rank-r floor (black dashes), K-FAC at rank 1 and the rank-free structures as dotted lines."""
     rows = _ok(metrics)
     step = _final(rows)
     kinds = _kinds(rows)
     layers = [l for l in dict.fromkeys(r["layer"] for r in rows) if l != MODEL]
-    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.6 * len(layers), 2.9 * len(kinds)),
-                             squeeze=False, sharex=True)
-    colors = _colors(dict.fromkeys(r["structure"] for r in rows))
-    for i, kind in enumerate(kinds):
-        for j, layer in enumerate(layers):
-            ax = axes[i][j]
-            sel = [r for r in rows if r["step"] == step and r["kind"] == kind and r["layer"] == layer]
-            fl = sorted((r["rank"], r["floor"]) for r in floor if r["step"] == step and r["kind"] == kind
-                        and r["layer"] == layer)
-            if fl:
-                ax.plot([x for x, _ in fl], [y for _, y in fl], "k--", lw=1.5, label="floor (optimal rank-r)")
-            for s in dict.fromkeys(r["structure"] for r in sel):
-                pts = sorted((_rank_value(r), _f(r["fro_rel"])) for r in sel if r["structure"] == s)
-                pts = [p for p in pts if math.isfinite(p[0])]
-                if len(pts) > 1:
-                    ax.plot(*zip(*pts), "o-", color=colors[s], label=s, ms=4)
-                elif s == "kfac":
-                    ax.plot([1], [_f(next(r["fro_rel"] for r in sel if r["structure"] == s))], "s", color=colors[s],
-                            label="kfac (rank 1)", ms=6)
-                elif len(pts) == 1 and s == "kpsvd":
-                    ax.plot(*pts[0], "^", color=colors[s], label=s, ms=6)
-                else:
+    structures = list(dict.fromkeys(r["structure"] for r in rows))
+    styles = plotting.series_styles(structures)
+    with plotting.style():
+        fig, axes = plotting.subplots(len(kinds), len(layers), sharex=True,
+                                      figsize=(3.4 * len(layers), 2.7 * len(kinds) + 0.8))
+        for i, kind in enumerate(kinds):
+            for j, layer in enumerate(layers):
+                ax = axes[i][j]
+                sel = [r for r in rows if r["step"] == step and r["kind"] == kind and r["layer"] == layer]
+                fl = sorted((r["rank"], r["floor"]) for r in floor if r["step"] == step and r["kind"] == kind
+                            and r["layer"] == layer)
+                if fl:
+                    ax.plot([x for x, _ in fl], [y for _, y in fl], ls="--", color=plotting.REFERENCE, lw=1.5,
+                            label="floor (optimal rank-r)")
+                for s in dict.fromkeys(r["structure"] for r in sel):
+                    st = styles[s]
+                    pts = sorted((_rank_value(r), _f(r["fro_rel"])) for r in sel if r["structure"] == s)
+                    pts = [p for p in pts if math.isfinite(p[0])]
                     y = [_f(r["fro_rel"]) for r in sel if r["structure"] == s]
-                    if y and s in ("diagonal", "ekfac"):
-                        ax.axhline(min(y), color=colors[s], ls=":", lw=1.2, label=f"{s} (no rank)")
-            r0 = sel[0] if sel else {}
-            ax.set_title(f"{kind} · layer {layer} ({r0.get('m', '')}×{r0.get('n', '')})", fontsize=9)
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
-            if j == 0:
-                ax.set_ylabel("‖C−Ĉ‖_F / ‖C‖_F")
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(7, len(handles)), fontsize=8,
-               bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"Frobenius error vs rank at step {step}  (x: kron_sum rank; Tucker/TT: their ranks)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+                    if len(pts) > 1:
+                        ax.plot(*zip(*pts), color=st["color"], marker=st["marker"], ms=4, label=s)
+                    elif s == "kfac" and y:
+                        ax.plot([1], [y[0]], ls="none", color=st["color"], marker=st["marker"], ms=6,
+                                label="kfac (rank 1)")
+                    elif len(pts) == 1:
+                        ax.plot(*pts[0], ls="none", color=st["color"], marker=st["marker"], ms=6, label=s)
+                    elif y and s in ("diagonal", "ekfac"):
+                        ax.axhline(min(y), color=st["color"], ls=":", lw=1.4, label=f"{s} (no rank)")
+                r0 = sel[0] if sel else {}
+                ax.set_title(f"{kind} · layer {layer} ({r0.get('m', '')}×{r0.get('n', '')})", fontsize=9)
+                ax.set_ylim(bottom=0)
+                if j == 0:
+                    ax.set_ylabel("‖C−Ĉ‖_F / ‖C‖_F")
+                if i == len(kinds) - 1:
+                    ax.set_xlabel("rank")
+        plotting.legend_outside(fig, axes, where="bottom", ncols=7)
+        fig.suptitle(f"Frobenius error vs rank at step {step}  (x: kron_sum rank; Tucker/TT: their largest rank)")
+        plotting.save(fig, path)
+    return fig
 
 
 def pareto_rows(metrics, kind, step) -> tuple[list[dict], list[int]]:
@@ -195,78 +183,88 @@ def pareto_rows(metrics, kind, step) -> tuple[list[dict], list[int]]:
     return rows, pareto_front([_f(r["nbytes"]) for r in rows], [_f(r["fro_rel"]) for r in rows])
 
 
-def fig_error_vs_memory(metrics, path: Path) -> None:
+def fig_error_vs_memory(metrics, path: Path):
+    """One panel per kind: model-level error vs memory, one marker per variant (legend), the Pareto front
+    as a black staircase with its points ringed."""
     rows = _ok(metrics)
     step = _final(rows)
     kinds = _kinds(rows)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.4), squeeze=False)
-    colors = _colors(dict.fromkeys(r["structure"] for r in rows))
-    for ax, kind in zip(axes[0], kinds):
-        sel, front = pareto_rows(rows, kind, step)
-        seen = set()
-        for r in sel:
-            s = r["structure"]
-            ax.scatter(_f(r["nbytes"]), _f(r["fro_rel"]), color=colors[s], s=28, zorder=3,
-                       label=s if s not in seen else None)
-            seen.add(s)
-        for i in front:  # label the front only (the rest is in the table)
-            r = sel[i]
-            ax.annotate(r["variant"], (_f(r["nbytes"]), _f(r["fro_rel"])), fontsize=6.5, xytext=(4, 2),
-                        textcoords="offset points", rotation=20)
-        if front:
-            ax.step([_f(sel[i]["nbytes"]) for i in front], [_f(sel[i]["fro_rel"]) for i in front], where="post",
-                    color="k", lw=1.2, label="Pareto front")
-        ax.set_xscale("log")
-        ax.set_xlabel("memory of Ĉ (bytes, all layers)")
-        ax.set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
-        ax.set_title(f"{kind}, step {step}", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    styles = _variant_styles([r for r in rows if r["layer"] == MODEL])
+    with plotting.style():
+        fig, axes = plotting.subplots(1, len(kinds), figsize=(4.4 * len(kinds) + 1.8, 3.9), sharey=True)
+        for ax, kind in zip(axes[0], kinds):
+            sel, front = pareto_rows(rows, kind, step)
+            if front:
+                ax.step([_f(sel[i]["nbytes"]) for i in front], [_f(sel[i]["fro_rel"]) for i in front],
+                        where="post", color=plotting.REFERENCE, lw=1.1, zorder=2, label="Pareto front")
+                ax.plot([_f(sel[i]["nbytes"]) for i in front], [_f(sel[i]["fro_rel"]) for i in front], ls="none",
+                        marker="o", ms=11, mfc="none", mec=plotting.REFERENCE, mew=1.0, zorder=2,
+                        label="on the front")
+            for r in sel:
+                st = styles[r["variant"]]
+                ax.plot(_f(r["nbytes"]), _f(r["fro_rel"]), ls="none", marker=st["marker"], color=st["color"],
+                        ms=6, zorder=3, label=r["variant"])
+            plotting.log_limits(ax, [_f(r["nbytes"]) for r in sel], axis="x")
+            ax.set_xlabel("memory of Ĉ (bytes, all layers)")
+            ax.set_title(f"{kind}, step {step}")
+        axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
+        plotting.legend_outside(fig, axes)
+        plotting.save(fig, path)
+    return fig
 
 
-def fig_error_over_training(metrics, path: Path) -> None:
+def fig_error_over_training(metrics, path: Path):
+    """One panel per kind: model-level error of every variant at the checkpoints."""
     rows = [r for r in _ok(metrics) if r["layer"] == MODEL]
     kinds = _kinds(rows)
-    variants = _variants(rows)
-    colors = _colors(variants)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 4.0), squeeze=False, sharey=True)
-    for ax, kind in zip(axes[0], kinds):
-        for v in variants:
-            pts = sorted((r["step"], _f(r["fro_rel"])) for r in rows if r["kind"] == kind and r["variant"] == v)
-            if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, color=colors[v], label=v)
-        ax.set_title(kind, fontsize=10)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
-    _save_with_side_legend(fig, axes, path)
+    styles = _variant_styles(rows)
+    with plotting.style():
+        fig, axes = plotting.subplots(1, len(kinds), figsize=(4.2 * len(kinds) + 1.8, 3.8), sharey=True)
+        for ax, kind in zip(axes[0], kinds):
+            for v, st in styles.items():
+                pts = sorted((r["step"], _f(r["fro_rel"])) for r in rows if r["kind"] == kind and r["variant"] == v)
+                if pts:
+                    ax.plot(*zip(*pts), ms=4, label=v, **st)
+            ax.set_title(kind)
+            ax.set_xlabel("training step")
+        axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
+        plotting.legend_outside(fig, axes)
+        plotting.save(fig, path)
+    return fig
 
 
-def fig_spectrum(spectra, path: Path) -> None:
+def fig_spectrum(spectra, path: Path):
+    """One panel per kind: the positive eigenvalues (descending) of the exact block (thick black) and of
+    each structure at the chosen layer, log scale with limits containing every plotted eigenvalue."""
     step = _final(spectra)
     kinds = _kinds(spectra)
     sel = [r for r in spectra if r["step"] == step]
     layer = sel[0]["layer"] if sel else ""
     labels = [v for v in dict.fromkeys(r["structure"] for r in sel) if v != "exact"]
-    colors = _colors(labels)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.8 * len(kinds), 4.0), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        ex = [r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == "exact"]
-        for v in labels:
-            ev = [r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == v]
-            ev = [e for e in ev if e > 0]
-            if ev:
-                ax.semilogy(range(1, len(ev) + 1), ev, ".-", ms=2.5, lw=0.8, color=colors[v], label=v)
-        ex = [e for e in ex if e > 0]
-        ax.semilogy(range(1, len(ex) + 1), ex, "k-", lw=2.2, label="exact C")
-        ax.set_title(f"{kind} · layer {layer} · step {step}", fontsize=10)
-        ax.set_xlabel("index (descending)")
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("eigenvalue (positive part)")
-    _save_with_side_legend(fig, axes, path)
+    styles = plotting.series_styles(labels, {v: v.split("(")[0] for v in labels})
+    with plotting.style():
+        fig, axes = plotting.subplots(1, len(kinds), figsize=(4.4 * len(kinds) + 1.8, 3.8))
+        for ax, kind in zip(axes[0], kinds):
+            shown = []
+            ex = [e for e in (r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == "exact")
+                  if e > 0]
+            ax.plot(range(1, len(ex) + 1), ex, color=plotting.REFERENCE, lw=3.2, alpha=0.45, zorder=2,
+                    label="exact C")
+            shown += ex
+            for v in labels:
+                ev = [e for e in (r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == v) if e > 0]
+                if ev:
+                    ax.plot(range(1, len(ev) + 1), ev, lw=1.0, ms=3.5, markevery=max(1, len(ev) // 8), zorder=3,
+                            label=v, **styles[v])
+                    shown += ev
+            if shown:
+                plotting.log_limits(ax, shown)
+            ax.set_title(f"{kind} · layer {layer} · step {step}")
+            ax.set_xlabel("index (descending)")
+        axes[0][0].set_ylabel("eigenvalue (positive part)")
+        plotting.legend_outside(fig, axes)
+        plotting.save(fig, path)
+    return fig
 
 
 def _damping_columns(rows) -> list[tuple[float, str]]:
@@ -274,7 +272,7 @@ def _damping_columns(rows) -> list[tuple[float, str]]:
     return sorted((float(k[4:]), k[4:]) for k in cols)
 
 
-def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None) -> None:
+def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
     """Top row: whole model vs the full ``(C+λI)⁻¹g``; bottom row: one layer vs its exact block."""
     ok = _ok(metrics)
     step = _final(ok)
@@ -282,26 +280,42 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None) -> Non
     layers = [l for l in dict.fromkeys(r["layer"] for r in ok) if l != MODEL]
     layer = layer if layer in layers else (layers[0] if layers else None)
     kinds = _kinds(ok)
-    variants = _variants(ok)
-    colors = _colors(variants)
+    styles = _variant_styles(ok)
     damp = _damping_columns(ok)
-    panels = [(MODEL, "whole model, cross-layer blocks in C")] + ([(layer, f"layer {layer}")] if layer else [])
-    fig, axes = plt.subplots(len(panels), len(kinds), figsize=(4.6 * len(kinds), 3.6 * len(panels)), squeeze=False,
-                             sharey=True, sharex=True)
-    for i, (lay, what) in enumerate(panels):
-        for ax, kind in zip(axes[i], kinds):
-            for v in variants:
-                r = next((r for r in ok if r["kind"] == kind and r["variant"] == v and r["layer"] == lay), None)
-                if r is None:
-                    continue
-                ax.semilogx([d for d, _ in damp], [_f(r.get(f"cos@{t}")) for _, t in damp], "o-", ms=3,
-                            color=colors[v], label=v)
-            ax.set_title(f"{kind} · {what} · step {step}", fontsize=9)
-            ax.grid(alpha=0.3, which="both")
-            if i == len(panels) - 1:
-                ax.set_xlabel("λ / (tr C / dim)")
-        axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
-    _save_with_side_legend(fig, axes, path)
+    panels = [(MODEL, "whole model")] + ([(layer, f"layer {layer}")] if layer else [])
+    with plotting.style():
+        fig, axes = plotting.subplots(len(panels), len(kinds), sharey=True, sharex=True,
+                                      figsize=(4.2 * len(kinds) + 1.8, 3.4 * len(panels)))
+        for i, (lay, what) in enumerate(panels):
+            for ax, kind in zip(axes[i], kinds):
+                for v, st in styles.items():
+                    r = next((r for r in ok if r["kind"] == kind and r["variant"] == v and r["layer"] == lay), None)
+                    if r is None:
+                        continue
+                    ax.plot([d for d, _ in damp], [_f(r.get(f"cos@{t}")) for _, t in damp], ms=4, label=v, **st)
+                ax.set_xscale("log")
+                ax.set_title(f"{kind} · {what} · step {step}", fontsize=9)
+                if i == len(panels) - 1:
+                    ax.set_xlabel("λ / (tr C / dim)")
+            axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
+        plotting.legend_outside(fig, axes)
+        fig.suptitle("whole model: against the full (C+λI)⁻¹g, cross-layer blocks in C", fontsize=9)
+        plotting.save(fig, path)
+    return fig
+
+
+def write_figures(result: Mapping[str, list[dict]], out_dir: str | Path) -> list[Path]:
+    """Draw the PNG figures of :data:`FIGURES` into ``out_dir`` from a study's tables (those of
+    :func:`tensorcurv.study.metrics.run_study` or :func:`read_result`); returns their paths."""
+    out = Path(out_dir)
+    metrics, floor, spectra = result["metrics"], result.get("floor", []), result.get("spectra", [])
+    spectra_layers = [r["layer"] for r in spectra]
+    fig_error_vs_rank(metrics, floor, out / "error_vs_rank.png")
+    fig_error_vs_memory(metrics, out / "error_vs_memory.png")
+    fig_error_over_training(metrics, out / "error_over_training.png")
+    fig_spectrum(spectra, out / "spectrum.png")
+    fig_inverse_vs_damping(metrics, out / "inverse_vs_damping.png", spectra_layers[0] if spectra_layers else None)
+    return [out / f"{name}.png" for name in FIGURES]
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -376,12 +390,7 @@ def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, comma
     for table in ("metrics", "floor", "spectra", "training"):
         write_csv(out / f"{table}.csv", result.get(table, []))
     metrics, floor = result["metrics"], result.get("floor", [])
-    fig_error_vs_rank(metrics, floor, out / "error_vs_rank.png")
-    fig_error_vs_memory(metrics, out / "error_vs_memory.png")
-    fig_error_over_training(metrics, out / "error_over_training.png")
-    fig_spectrum(result.get("spectra", []), out / "spectrum.png")
-    spectra_layers = [r["layer"] for r in result.get("spectra", [])]
-    fig_inverse_vs_damping(metrics, out / "inverse_vs_damping.png", spectra_layers[0] if spectra_layers else None)
+    write_figures(result, out)
 
     ok = _ok(metrics)
     step = _final(ok)
