@@ -19,7 +19,9 @@ import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+Label = TypeVar("Label", bound=Hashable)
 
 #: Paul Tol's muted palette (https://personal.sron.nl/~pault/), colour-blind safe, reordered so that
 #: neighbours in the cycle differ most (indigo, rose, teal, sand, wine, cyan, olive, purple, green).
@@ -79,8 +81,8 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
-def series_styles(labels: Iterable[Hashable], groups: Mapping[Hashable, Hashable] | None = None
-                  ) -> dict[Hashable, dict[str, Any]]:
+def series_styles(labels: Iterable[Label], groups: Mapping[Label, Hashable] | None = None
+                  ) -> dict[Label, dict[str, Any]]:
     """``{label: {"color", "marker", "linestyle"}}`` with a distinct (colour, marker) pair for each of the
     first 63 labels (first-seen order).
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
+from tensorcurv import plotting
+from tensorcurv.study import report as study_report
+from tensorcurv.unlearn import report as unlearn_report
 
-from tensorcurv import plotting  # noqa: E402
-from tensorcurv.study import report as study_report  # noqa: E402
-from tensorcurv.unlearn import report as unlearn_report  # noqa: E402
+pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -196,14 +196,14 @@ def test_grouped_series_past_the_palette_still_get_distinct_colour_marker_pairs(
 
 
 def test_log_limits_contain_every_positive_value():
-    fig, axes = plotting.subplots()
+    _, axes = plotting.subplots()
     values = [3e-5, 0.2, 1.43, 2.37, 0.0, -1.0, math.nan]
     lo, hi = plotting.log_limits(axes[0][0], values)
     assert lo < 3e-5 and hi > 2.37 and axes[0][0].get_yscale() == "log"
 
 
 def test_log_limits_refuse_values_with_nothing_positive():
-    fig, axes = plotting.subplots()
+    _, axes = plotting.subplots()
     with pytest.raises(ValueError, match="positive"):
         plotting.log_limits(axes[0][0], [0.0, -1.0])
 
