@@ -299,7 +299,8 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
                     ax.set_xlabel("λ / (tr C / dim)")
             axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
         plotting.legend_outside(fig, axes)
-        fig.suptitle("whole model: against the full (C+λI)⁻¹g, cross-layer blocks in C", fontsize=9)
+        fig.suptitle("top: whole model against the full (C+λI)⁻¹g, cross-layer blocks in C"
+                     + (f"; bottom: layer {layer} against its exact block" if layer else ""), fontsize=9.5)
         plotting.save(fig, path)
     return fig
 
@@ -436,3 +437,21 @@ def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, comma
         logger.summary({f"fro_rel/{r['kind']}/{r['variant']}": _f(r["fro_rel"])
                         for r in ok if r["layer"] == MODEL and r["step"] == step})
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m tensorcurv.study.report DIR...``: re-draw the PNG figures of each report directory from
+    its CSVs, leaving ``report.md`` and the CSVs untouched (``scripts/study.py render_only=true`` also
+    re-renders ``report.md``, from the CSVs' 6 significant digits)."""
+    import sys
+
+    dirs = list(sys.argv[1:] if argv is None else argv)
+    if not dirs:
+        raise SystemExit("usage: python -m tensorcurv.study.report REPORT_DIR [REPORT_DIR ...]")
+    for d in dirs:
+        for path in write_figures(read_result(d), d):
+            print(f"re-drew {path}")
+
+
+if __name__ == "__main__":
+    main()
