@@ -113,7 +113,8 @@ def series_styles(labels: Iterable[Label], groups: Mapping[Label, Hashable] | No
 def legend_outside(fig, axes: Sequence | Any, *, where: str = "right", ncols: int | None = None,
                    title: str | None = None):
     """One figure legend with the unique labels of all ``axes`` (first-seen order), placed outside them:
-    ``where="right"`` (a column to the right) or ``"bottom"`` (rows under the panels). Returns it."""
+    ``where="right"`` (a column to the right) or ``"bottom"`` (rows under the panels). Needs the constrained
+    layout of :func:`subplots`, which makes room for it. Returns it."""
     flat = list(getattr(axes, "flat", axes))
     handles: dict[str, Any] = {}
     for ax in flat:
