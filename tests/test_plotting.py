@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tensorcurv import plotting
-from tensorcurv.study import report as study_report
+from tensorcurv.study import figures as study_fig
+from tensorcurv.study.tables import MODEL
 from tensorcurv.unlearn import report as unlearn_report
 
 pytest.importorskip("matplotlib")
@@ -74,7 +75,7 @@ def study_tables():
     metrics, floor, spectra = [], [], []
     for step in STEPS:
         for kind in KINDS:
-            for layer in (*LAYERS, study_report.MODEL):
+            for layer in (*LAYERS, MODEL):
                 for i, (variant, structure, rank) in enumerate(VARIANTS):
                     metrics.append({"step": step, "kind": kind, "layer": layer, "structure": structure,
                                     "variant": variant, "rank": rank, "m": 4, "n": 5, "T": 1,
@@ -90,11 +91,11 @@ def study_tables():
 
 
 STUDY_FIGURES = {
-    "error_vs_rank": lambda t, p: study_report.fig_error_vs_rank(t["metrics"], t["floor"], p),
-    "error_vs_memory": lambda t, p: study_report.fig_error_vs_memory(t["metrics"], p),
-    "error_over_training": lambda t, p: study_report.fig_error_over_training(t["metrics"], p),
-    "spectrum": lambda t, p: study_report.fig_spectrum(t["spectra"], p),
-    "inverse_vs_damping": lambda t, p: study_report.fig_inverse_vs_damping(t["metrics"], p, "1"),
+    "error_vs_rank": lambda t, p: study_fig.fig_error_vs_rank(t["metrics"], t["floor"], p),
+    "error_vs_memory": lambda t, p: study_fig.fig_error_vs_memory(t["metrics"], p),
+    "error_over_training": lambda t, p: study_fig.fig_error_over_training(t["metrics"], p),
+    "spectrum": lambda t, p: study_fig.fig_spectrum(t["spectra"], p),
+    "inverse_vs_damping": lambda t, p: study_fig.fig_inverse_vs_damping(t["metrics"], p, "1"),
 }
 
 
@@ -152,6 +153,14 @@ def demo_figure(tmp_path_factory):
 # ----------------------------------------------------------------------------- the style module
 def test_importing_the_plotting_module_does_not_import_matplotlib():
     code = "import sys, tensorcurv.plotting; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.stdout.strip() == "False"
+
+
+def test_importing_the_report_modules_does_not_import_matplotlib():
+    code = ("import sys, tensorcurv.study.report, tensorcurv.study.figures, tensorcurv.unlearn.report; "
+            "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert out.stdout.strip() == "False"
