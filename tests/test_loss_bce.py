@@ -10,14 +10,14 @@ import math
 
 import pytest
 import torch
+from models_tiny import MODELS, batch
+from reference import layer_block
 from torch import nn
 from torch.func import grad, hessian
 
 import tensorcurv
 from tensorcurv import structures
 from tensorcurv.core.losses import BinaryCrossEntropyWithLogits, as_loss_spec
-from models_tiny import MODELS, batch
-from reference import layer_block
 
 CASES = [("mlp", "mlp"), ("mlp_nobias", "mlp"), ("cnn", "cnn"), ("deconv", "deconv"), ("sequence", "sequence")]
 LOSS = "bce_with_logits"
@@ -61,7 +61,10 @@ def test_hessian_factor_squares_to_the_autodiff_hessian_of_the_per_sample_loss(r
     z, y = logits_and_targets()
     spec = BinaryCrossEntropyWithLogits(reduction)
     S = spec.hessian_factor(z)
-    ell = lambda zs, ys: torch.nn.functional.binary_cross_entropy_with_logits(zs, ys, reduction=reduction)  # noqa: E731
+
+    def ell(zs, ys):
+        return torch.nn.functional.binary_cross_entropy_with_logits(zs, ys, reduction=reduction)
+
     for s in range(z.shape[0]):
         H = hessian(ell)(z[s], y[s])
         assert rel(S[s] @ S[s].T, H) < 1e-13
@@ -85,7 +88,10 @@ def test_hessian_factor_stays_finite_and_nonnegative_for_saturated_logits():
 def test_output_gradient_is_the_autodiff_gradient_of_the_per_sample_loss(reduction):
     z, y = logits_and_targets()
     spec = BinaryCrossEntropyWithLogits(reduction)
-    ell = lambda zs, ys: torch.nn.functional.binary_cross_entropy_with_logits(zs, ys, reduction=reduction)  # noqa: E731
+
+    def ell(zs, ys):
+        return torch.nn.functional.binary_cross_entropy_with_logits(zs, ys, reduction=reduction)
+
     ref = torch.stack([grad(ell)(z[s], y[s]) for s in range(z.shape[0])])
     assert rel(spec.output_gradient(z, y), ref) < 1e-14
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,
                "softplus": nn.Softplus}
 NORMS = ("none", "group", "batch")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 #: weight initializations of :func:`initialize` (``torch``: keep PyTorch's default)
 INITS = ("torch", "xavier_uniform")
 AUTOENCODER_PRESETS: dict[str, list[int]] = {
@@ -79,7 +81,7 @@ def mlp(input_shape, num_outputs, hidden_sizes: Sequence[int] = (64, 64), activa
     return nn.Sequential(*layers)
 
 
-def initialize(model: nn.Module, init: str = "torch", bias_init: float | None = None) -> nn.Module:
+def initialize(model: ModuleT, init: str = "torch", bias_init: float | None = None) -> ModuleT:
     """Re-initialize every ``Linear`` / ``Conv2d`` of ``model`` in place (see :data:`INITS`); returns it.
 
     ``xavier_uniform``: weights ``U(−a, a)``, ``a = √(6/(fan_in + fan_out))`` (gain 1), biases 0.
