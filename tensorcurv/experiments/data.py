@@ -364,10 +364,11 @@ def draw_curves(ctrl: np.ndarray, side: int = 28, line_width: float = 1.5, curve
 
     A stroke of width ``w = line_width`` pixels, anti-aliased by its box-filter coverage
     ``clip(w/2 + 1/2 − d, 0, 1)``, ``d`` the distance from the pixel centre (integer coordinates) to
-    the nearest of ``curve_samples`` points on :func:`natural_spline_through_3_points` (spacing
-    ≤ 1/4 pixel for curves up to 80 pixels long, so ``d`` is overestimated by at most 1/8 pixel on
-    the curve, where the coverage is 1 anyway). Float32 arithmetic on the CPU; chunking does not
-    change the result.
+    the nearest of ``curve_samples`` points on :func:`natural_spline_through_3_points`, equally
+    spaced in the spline parameter. Over the 30,000 curves of ``curves_synthetic`` the spacing is at
+    most 0.29 pixel (measured), so ``d`` is overestimated by at most 0.15 pixel on the curve, where the
+    coverage is 1 anyway, and by at most ``0.011/d`` pixel at distance ``d``. Float32 arithmetic on
+    the CPU; chunking does not change the result.
     """
     t = np.linspace(0.0, 1.0, curve_samples)
     reach = line_width / 2 + 0.5  # beyond this distance a pixel gets nothing
