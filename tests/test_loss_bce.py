@@ -56,6 +56,22 @@ def test_hard_zero_one_targets_give_the_reference_block(kind):
         assert rel(block.to_dense(), layer_block(model, x, y, LOSS, kind, name)) < 1e-10
 
 
+@pytest.mark.parametrize("kind", ["empirical", "ggn"])
+def test_image_outputs_with_image_targets_give_the_reference_block_of_the_flattened_loss(kind):
+    # a convolutional decoder's (N, 1, 4, 4) logits against (N, 1, 4, 4) targets in [0, 1]: the loss
+    # is over the N·16 pixels, i.e. the per-sample loss of the flattened outputs (ρ = 1/16)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 1, 3, padding=1)).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.rand(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    curv = tensorcurv.Curvature(model, "dense", kind)
+    value = curv.update(x, y, nn.BCEWithLogitsLoss())
+    assert float(value) == pytest.approx(float(nn.BCEWithLogitsLoss()(model(x), y)), rel=1e-14)
+    for name, block in curv.blocks.items():
+        assert rel(block.to_dense(), layer_block(model, x, y.flatten(1), LOSS, kind, name)) < 1e-10, name
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_hessian_factor_squares_to_the_autodiff_hessian_of_the_per_sample_loss(reduction):
     z, y = logits_and_targets()
