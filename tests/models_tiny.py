@@ -46,6 +46,8 @@ def batch(kind: str, loss: str, n: int = 6, seed: int = 1):
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     if loss == "cross_entropy":
         y = torch.randint(0, 3, (n,), generator=g)
+    elif loss == "bce_with_logits":  # soft targets in [0, 1]
+        y = torch.rand(n, 3, generator=g, dtype=torch.float64)
     else:
         y = torch.randn(n, 3, generator=g, dtype=torch.float64)
     return x, y

@@ -20,6 +20,8 @@ def per_sample_loss(loss_name: str, reduction: str = "mean"):
         if reduction == "mean":
             return lambda z, y: F.mse_loss(z, y, reduction="mean")
         return lambda z, y: F.mse_loss(z, y, reduction="sum")
+    if loss_name == "bce_with_logits":  # torch's "mean" averages over all N·C elements: 1/C per sample
+        return lambda z, y: F.binary_cross_entropy_with_logits(z, y, reduction=reduction)
     raise ValueError(loss_name)
 
 

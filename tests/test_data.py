@@ -31,7 +31,8 @@ def make_idx_dataset(folder, n_train=30, n_test=10, compress=True, seed=0):
 
 
 def test_names_lists_every_dataset():
-    assert data.names() == ["digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "curves", "faces"]
+    assert data.names() == ["digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "curves", "faces",
+                            "mnist_all", "curves_synthetic"]
 
 
 def test_digits_splits_have_requested_sizes_and_image_shape():
@@ -164,21 +165,135 @@ def test_curves_mat_file_gives_autoencoding_targets(tmp_path):
     torch.testing.assert_close(s.train[1], s.train[0].flatten(1), rtol=0, atol=0)
 
 
-def test_faces_mat_file_columns_are_samples_last_quarter_is_test(tmp_path):
+def test_faces_mat_file_columns_are_samples_first_25_40_train_last_10_40_test(tmp_path):
     from scipy.io import savemat
 
-    a = np.arange(625 * 8, dtype=np.float64).reshape(625, 8)  # 8 faces, one per column
+    a = np.tile(np.arange(16, dtype=np.float64), (625, 1))  # 16 faces, one per column, face j is all j
     (tmp_path / "faces").mkdir()
     savemat(tmp_path / "faces" / "newfaces_rot_single.mat", {"newfaces_single": a})
     s = data.load("faces", data_dir=tmp_path, val_fraction=0.0, normalize="none", dtype=torch.float64)
-    assert s.input_shape == (1, 25, 25) and s.sizes() == {"train": 6, "val": 0, "test": 2}
-    test_cols = sorted(int(x[0, 0, 0]) for x in s.test[0])
-    assert test_cols == [6, 7]  # first entries of columns 6 and 7
+    assert s.input_shape == (1, 25, 25) and s.sizes() == {"train": 10, "val": 0, "test": 4}
+    assert sorted(int(x[0, 0, 0]) for x in s.train[0]) == list(range(10))  # columns 0..9 (25/40 of 16)
+    assert sorted(int(x[0, 0, 0]) for x in s.test[0]) == [12, 13, 14, 15]  # the last 10/40; 10, 11 unused
 
 
-def test_missing_mat_file_names_expected_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="newfaces_rot_single.mat"):
+def test_faces_split_of_the_published_file_is_103500_train_41400_test():
+    assert data.faces_split(165_600) == (103_500, 41_400)
+
+
+def write_mnist_all(path, n_train=3, n_test=2, seed=0):
+    """A file with the layout of Roweis' mnist_all.mat: train0..train9 / test0..test9, uint8 rows of 784."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    arrays = {f"{split}{d}": rng.integers(0, 256, (n + d % 2, 784), dtype=np.uint8)
+              for split, n in (("train", n_train), ("test", n_test)) for d in range(10)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, arrays)
+    return arrays
+
+
+def test_mnist_all_mat_file_labels_come_from_the_variable_names(tmp_path):
+    arrays = write_mnist_all(tmp_path / "mnist_all" / "mnist_all.mat")
+    s = data.load("mnist_all", data_dir=tmp_path, val_fraction=0.0, normalize="none", dtype=torch.float64)
+    assert s.input_shape == (1, 28, 28) and s.num_classes == 10
+    assert s.sizes() == {"train": 35, "val": 0, "test": 25}  # 10 digits × 3 (+1 for odd digits)
+    for x, y in zip(s.test[0], s.test[1]):
+        rows = arrays[f"test{int(y)}"].astype(np.float64)
+        assert (rows == x.reshape(-1).numpy()).all(1).any()  # the image is one of its digit's rows
+
+
+def test_mnist_all_images_are_row_major_28_by_28(tmp_path):
+    from scipy.io import savemat
+
+    arrays = {f"{split}{d}": np.zeros((1, 784), dtype=np.uint8) for split in ("train", "test") for d in range(10)}
+    arrays["train3"][0, 5 * 28 + 7] = 255  # row 5, column 7 of the image
+    (tmp_path / "mnist_all").mkdir()
+    savemat(tmp_path / "mnist_all" / "mnist_all.mat", arrays)
+    s = data.load("mnist_all", data_dir=tmp_path, val_fraction=0.0, normalize="none")
+    x = s.train[0][s.train[1] == 3][0, 0]
+    assert float(x[5, 7]) == 255.0 and float(x.sum()) == 255.0
+
+
+def test_a_mat_file_without_the_expected_variable_names_what_it_holds(tmp_path):
+    from scipy.io import savemat
+
+    (tmp_path / "curves").mkdir()
+    savemat(tmp_path / "curves" / "digs3pts_1.mat", {"data": np.zeros((2, 784))})
+    with pytest.raises(ValueError, match=r"no variable 'bdata' \(found \['data'\]\)"):
+        data.load("curves", data_dir=tmp_path)
+
+
+def test_missing_mat_file_names_expected_file_and_where_it_is_published(tmp_path):
+    with pytest.raises(FileNotFoundError, match="newfaces_rot_single.mat") as e:
         data.load("faces", data_dir=tmp_path)
+    assert data.MAT_FILES_PAGE + "newfaces_rot_single.mat" in str(e.value)
+
+
+# ---------------------------------------------------------------------- curves_synthetic
+def test_synthetic_curves_are_images_in_zero_one_with_antialiased_strokes():
+    x = data.make_curves_synthetic(50, seed=3)
+    assert x.shape == (50, 28, 28) and x.dtype == np.float32
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert (x.reshape(50, -1).max(1) == 1.0).all()  # every image has a stroke
+    assert ((x > 0) & (x < 1)).any(axis=(1, 2)).all()  # with partially covered (anti-aliased) edge pixels
+
+
+def test_synthetic_curves_are_deterministic_in_the_seed():
+    a, b, c = data.make_curves_synthetic(20, seed=1), data.make_curves_synthetic(20, seed=1), data.make_curves_synthetic(20, seed=2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_synthetic_curves_do_not_depend_on_the_chunk_size():
+    assert np.array_equal(data.make_curves_synthetic(30, seed=0, chunk=7), data.make_curves_synthetic(30, seed=0))
+
+
+def test_the_spline_passes_through_its_three_points_at_their_chord_length_knots():
+    pts = np.array([[[3.0, 4.0], [10.0, 20.0], [25.0, 7.0]], [[5.0, 5.0], [6.0, 5.0], [20.0, 22.0]]])
+    h0 = np.linalg.norm(pts[:, 1] - pts[:, 0], axis=1)
+    h1 = np.linalg.norm(pts[:, 2] - pts[:, 1], axis=1)
+    for b in range(2):
+        t = np.array([0.0, h0[b] / (h0[b] + h1[b]), 1.0])
+        np.testing.assert_allclose(data.natural_spline_through_3_points(pts[b:b + 1], t)[0], pts[b], atol=1e-6)
+
+
+def test_the_spline_is_straight_through_collinear_points():
+    pts = np.array([[[2.0, 2.0], [10.0, 10.0], [20.0, 20.0]]])
+    c = data.natural_spline_through_3_points(pts, np.linspace(0, 1, 11))[0]
+    np.testing.assert_allclose(c[:, 0], c[:, 1], atol=1e-9)
+
+
+def test_a_horizontal_stroke_has_the_box_filter_profile():
+    # control points on the row y = 10: a pixel at distance d from it gets clip(1.25 − d, 0, 1); the
+    # curve samples are 16/319 px apart, so d is off by at most √(1 + 0.025²) − 1 < 4e-4 at d = 1
+    x = data.draw_curves(np.array([[[4.0, 10.0], [12.0, 10.0], [20.0, 10.0]]]), side=28, line_width=1.5)[0]
+    np.testing.assert_allclose(x[7:14, 12], [0.0, 0.0, 0.25, 1.0, 0.25, 0.0, 0.0], atol=4e-4)
+    assert float(x[10, 2]) == 0.0 and float(x[10, 3]) == pytest.approx(0.25, abs=4e-4)  # 1 px before the end
+
+
+def test_curves_synthetic_is_generated_once_then_read_from_its_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CURVES_SYNTHETIC_SIZES", (40, 20))
+    first = data.load("curves_synthetic", data_dir=tmp_path, val_fraction=0.25, normalize="none", dtype=torch.float64)
+    assert first.sizes() == {"train": 30, "val": 10, "test": 20} and first.num_classes is None
+    assert first.input_shape == (1, 28, 28)
+    torch.testing.assert_close(first.train[1], first.train[0].flatten(1), rtol=0, atol=0)
+    assert len(list((tmp_path / "curves_synthetic").glob("*_40x20.npz"))) == 1
+
+    def no_generation(*a, **k):
+        raise AssertionError("regenerated although cached")
+
+    monkeypatch.setattr(data, "make_curves_synthetic", no_generation)
+    again = data.load("curves_synthetic", data_dir=tmp_path, val_fraction=0.25, normalize="none", dtype=torch.float64)
+    assert torch.equal(first.test[0], again.test[0])
+
+
+def test_curves_synthetic_cache_holds_the_generator_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CURVES_SYNTHETIC_SIZES", (6, 4))
+    data.load("curves_synthetic", data_dir=tmp_path, normalize="none")
+    (cache,) = (tmp_path / "curves_synthetic").glob("*.npz")
+    expected = data.make_curves_synthetic(10, data.CURVES_SYNTHETIC_SEED)
+    with np.load(cache) as f:
+        assert np.array_equal(f["train"], expected[:6]) and np.array_equal(f["test"], expected[6:])
 
 
 def test_mnist1d_is_generated_locally_without_touching_numpy_global_rng():
@@ -188,3 +303,9 @@ def test_mnist1d_is_generated_locally_without_touching_numpy_global_rng():
     s = data.load("mnist1d", limit=50)
     assert np.array_equal(np.random.get_state()[1], before)
     assert s.input_shape == (40,) and s.num_classes == 10 and s.sizes() == {"train": 50, "val": 50, "test": 50}
+
+
+def test_mnist1d_has_its_standard_sizes():
+    pytest.importorskip("mnist1d")
+    s = data.load("mnist1d", val_fraction=0.0)
+    assert s.sizes() == {"train": 4000, "val": 0, "test": 1000}

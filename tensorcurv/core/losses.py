@@ -9,6 +9,12 @@ Convention: the user's loss is ``L = c Σ_s ℓ_s`` with ``c = 1/N`` (``reductio
 * MSE (torch's ``MSELoss``): ``ℓ_s = ρ Σ_c (z_sc − y_sc)²`` with ``ρ = 1/C`` for ``"mean"`` (torch
   averages over all N·C elements) and ``ρ = 1`` for ``"sum"``; ``H = 2ρ I`` (the factor 2 is kept),
   ``S = √(2ρ) I``; Fisher sampling draws ``ŷ ~ N(z, I/(2ρ))`` so that ``E[∇ℓ ∇ℓᵀ] = H``.
+* binary cross-entropy with logits (torch's ``BCEWithLogitsLoss``, a Bernoulli likelihood per
+  output): ``ℓ_s = ρ Σ_c [softplus(z_sc) − y_sc z_sc]`` with ``ρ`` as for MSE (torch averages over
+  all N·C elements for ``"mean"``), targets 0/1 or soft in [0, 1]; with ``p = sigmoid(z)``,
+  ``∇_z ℓ = ρ (p − y)``, ``H = ρ diag(p(1 − p))``, ``S = √ρ diag(√(p(1 − p)))``. Fisher sampling
+  draws ``b ~ Bernoulli(p)``; the returned target is ``ŷ = p + (b − p)/√ρ`` (``= b`` for
+  ``"sum"``), so that ``∇ℓ = √ρ (p − b)`` and ``E[∇ℓ ∇ℓᵀ] = ρ diag(p(1 − p)) = H``.
 """
 from __future__ import annotations
 
@@ -122,11 +128,57 @@ class MeanSquaredError(LossSpec):
         return 2.0 * self.rho(outputs) * (outputs.detach() - self.matched(outputs, targets)).flatten(1)
 
 
-LOSSES: dict[str, type[LossSpec]] = {"cross_entropy": CrossEntropy, "mse": MeanSquaredError}
+class BinaryCrossEntropyWithLogits(LossSpec):
+    """Independent Bernoulli outputs on logits ``z`` (``nn.BCEWithLogitsLoss`` without weights)."""
+
+    name = "bce_with_logits"
+
+    def rho(self, outputs: Tensor) -> float:
+        return 1.0 / outputs[0].numel() if self.reduction == "mean" else 1.0
+
+    @staticmethod
+    def matched(outputs: Tensor, targets: Tensor) -> Tensor:
+        """Float ``targets`` in the layout of ``outputs`` (same shape, or flattened per sample)."""
+        if not targets.is_floating_point():
+            raise ValueError(f"binary cross-entropy targets must be floating point (0/1 or soft labels in [0, 1]), "
+                             f"got {targets.dtype}")
+        return MeanSquaredError.matched(outputs, targets)
+
+    def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        y = self.matched(outputs, targets)
+        elementwise = F.binary_cross_entropy_with_logits(outputs, y, reduction="none")
+        return self.rho(outputs) * elementwise.flatten(1).sum(1)
+
+    @staticmethod
+    def variance(outputs: Tensor) -> Tensor:
+        """``p(1 − p)`` per output, as ``sigmoid(z) sigmoid(−z)`` (no cancellation in ``1 − p``)."""
+        z = outputs.detach()
+        return torch.sigmoid(z) * torch.sigmoid(-z)
+
+    def hessian_factor(self, outputs: Tensor) -> Tensor:
+        v = self.variance(outputs).flatten(1)
+        return torch.diag_embed((self.rho(outputs) * v).sqrt())
+
+    def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        # NaN logits give NaN probabilities: draw with p = 1/2 there; the gradient stays NaN (p − ŷ),
+        # so the fit refuses the batch as it does for cross-entropy
+        p = torch.sigmoid(outputs.detach())
+        on = generator.device if generator is not None else p.device
+        b = torch.bernoulli(p.nan_to_num(nan=0.5).to(on), generator=generator).to(p.device)
+        rho = self.rho(outputs)
+        return b if rho == 1.0 else p + (b - p) / math.sqrt(rho)
+
+    def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        z = outputs.detach()
+        return (self.rho(outputs) * (torch.sigmoid(z) - self.matched(outputs, targets))).flatten(1)
+
+
+LOSSES: dict[str, type[LossSpec]] = {"cross_entropy": CrossEntropy, "mse": MeanSquaredError,
+                                     "bce_with_logits": BinaryCrossEntropyWithLogits}
 
 
 def as_loss_spec(loss_fn: LossSpec | nn.Module | str) -> LossSpec:
-    """Map ``nn.CrossEntropyLoss`` / ``nn.MSELoss`` / a name to a :class:`LossSpec`."""
+    """Map ``nn.CrossEntropyLoss`` / ``nn.MSELoss`` / ``nn.BCEWithLogitsLoss`` / a name to a :class:`LossSpec`."""
     if isinstance(loss_fn, LossSpec):
         return loss_fn
     if isinstance(loss_fn, str):
@@ -139,7 +191,11 @@ def as_loss_spec(loss_fn: LossSpec | nn.Module | str) -> LossSpec:
         return CrossEntropy(loss_fn.reduction)
     if isinstance(loss_fn, nn.MSELoss):
         return MeanSquaredError(loss_fn.reduction)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+            raise ValueError("BCEWithLogitsLoss with weight or pos_weight is not supported")
+        return BinaryCrossEntropyWithLogits(loss_fn.reduction)
     raise TypeError(
-        f"loss {type(loss_fn).__name__} is not supported; pass nn.CrossEntropyLoss, nn.MSELoss, "
+        f"loss {type(loss_fn).__name__} is not supported; pass nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss, "
         f"or one of {sorted(LOSSES)}"
     )

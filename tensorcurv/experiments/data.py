@@ -6,8 +6,9 @@
 Datasets (``names()``):
 
 * ``digits``: scikit-learn ``load_digits`` (1,797 images ``(1, 8, 8)``, 10 classes; embedded, no file).
-* ``mnist1d``: MNIST-1D (Greydanus 2020), generated locally by the ``mnist1d`` package's
-  ``make_dataset`` with its default arguments (4,000 train / 1,000 test signals of length 40;
+* ``mnist1d``: MNIST-1D (Greydanus 2020) at its standard sizes, generated locally by the
+  ``mnist1d`` package's ``make_dataset`` with its default arguments (5,000 signals of length 40,
+  seed 42, split 4,000 train / 1,000 test: the arguments of the frozen ``mnist1d_data.pkl``;
   nothing is downloaded). Optional extra: ``pip install tensorcurv[mnist1d]``.
 * ``mnist`` / ``fashion_mnist``: IDX files (``.gz`` or uncompressed) in ``<data_dir>/<name>/``:
   ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
@@ -15,20 +16,29 @@ Datasets (``names()``):
 * ``cifar10``: the binary version, ``<data_dir>/cifar10/cifar-10-batches-bin/`` with
   ``data_batch_1.bin`` … ``data_batch_5.bin`` and ``test_batch.bin`` (records of 1 label byte +
   3,072 pixel bytes, channel-major); images ``(3, 32, 32)``.
-* ``curves`` / ``faces``: the deep-autoencoder benchmarks of Hinton & Salakhutdinov (2006) as
-  used by Martens (2010) and Martens & Grosse (2015), from the ``.mat`` files of Martens' HF code:
+* ``curves`` / ``faces`` / ``mnist_all``: the deep-autoencoder benchmarks of Hinton & Salakhutdinov
+  (2006) as used by Martens (2010), Martens & Grosse (2015) and the KPSVD / two-level K-FAC thesis
+  code, from the ``.mat`` files of Martens' HF code (never downloaded; :data:`MAT_FILES_PAGE`):
   ``<data_dir>/curves/digs3pts_1.mat`` with keys ``bdata`` (20,000 × 784 train) and ``bdatatest``
   (10,000 × 784 test), images ``(1, 28, 28)`` in [0, 1]; ``<data_dir>/faces/newfaces_rot_single.mat``
-  with key ``newfaces_single`` (625 × 165,600, one 25 × 25 face per *column*; the first 3/4 are the
-  training set, the last 1/4 the test set), images ``(1, 25, 25)``. Targets are the inputs
-  (``num_classes=None``), flattened to ``(N, d)`` like the
-  autoencoders' outputs.
+  with key ``newfaces_single`` (625 × 165,600, one 25 × 25 face per *column*; the first 25/40 are the
+  training set and the last 10/40 the test set, as in both codes, :func:`faces_split`), images
+  ``(1, 25, 25)``; ``<data_dir>/mnist_all/mnist_all.mat`` with keys ``train0`` … ``train9`` and
+  ``test0`` … ``test9`` (uint8, one image per row; labels from the key), images ``(1, 28, 28)`` in
+  0 … 255 with labels. For curves and faces the targets are the inputs (``num_classes=None``),
+  flattened to ``(N, d)`` like the autoencoders' outputs.
+* ``curves_synthetic``: a *regenerated* CURVES-like set, not the original file: 20,000 train /
+  10,000 test images ``(1, 28, 28)`` in [0, 1] of a spline through 3 random points
+  (:func:`make_curves_synthetic`; what follows the published construction and what is guessed is
+  in ``docs/guide/data.md``). Generated once (about 30 s on one CPU core) from the fixed seed
+  :data:`CURVES_SYNTHETIC_SEED` and cached in ``<data_dir>/curves_synthetic/`` as ``.npz``;
+  autoencoding targets.
 
 Missing MNIST / Fashion-MNIST / CIFAR-10 files are downloaded from the standard mirrors when
 ``download=True`` and the network is reachable; every download is checked against the published
 MD5 of the standard file. Without network the error names the files and the directory to put them in.
 
-Splits: datasets with an official test set (mnist, fashion_mnist, cifar10, mnist1d, curves, faces)
+Splits: datasets with an official test set (every one but digits)
 keep it as ``test`` and ignore ``test_fraction``; ``digits`` holds out ``test_fraction`` of all
 samples. ``val_fraction`` is the fraction of the remaining training pool held out for validation.
 Both splits are a seeded permutation (``seed``). ``limit`` keeps only the first ``limit`` samples of
@@ -38,12 +48,13 @@ Normalization uses training-set statistics only: ``standard`` — per feature (e
 ``input_shape``) ``(x − mean) / std`` (std floored at 1e-8, constant features become 0);
 ``unit`` — ``(x − min) / (max − min)`` with the training set's global min/max, so values are in
 [0, 1] (the choice for sigmoid autoencoders); ``none`` — raw values as float. Autoencoding
-targets (curves, faces) are normalized like the inputs.
+targets (curves, faces, curves_synthetic) are normalized like the inputs.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import tarfile
@@ -253,31 +264,162 @@ def _cifar10(data_dir: Path, download_ok: bool) -> _Raw:
     return _Raw(np.concatenate(xs), np.concatenate(ys), xt, yt, 10)
 
 
+#: where the .mat files of Martens' Hessian-free code are published (named in the missing-file error;
+#: no checksum is published for them, so they are not downloaded automatically)
+MAT_FILES_PAGE = "https://www.cs.toronto.edu/~jmartens/"
+
+
 def _loadmat(path: Path, name: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(
             f"dataset {name!r}: missing {path.name} in {path.parent.resolve()}. It is the .mat file of "
-            f"Martens' Hessian-free code (Hinton & Salakhutdinov's data); no public mirror is downloaded."
+            f"Martens' Hessian-free code (Hinton & Salakhutdinov's data), published at "
+            f"{MAT_FILES_PAGE}{path.name}; put it there (it is not downloaded automatically)."
         )
     from scipy.io import loadmat
 
     return loadmat(path)
 
 
+def _mat_key(m: dict, key: str, path: str) -> np.ndarray:
+    if key not in m:
+        found = sorted(k for k in m if not k.startswith("__"))
+        raise ValueError(f"{path}: no variable {key!r} (found {found})")
+    return np.asarray(m[key])
+
+
 def _curves(data_dir: Path, download_ok: bool) -> _Raw:
     m = _loadmat(data_dir / "curves" / "digs3pts_1.mat", "curves")
-    x, xt = np.asarray(m["bdata"], dtype=np.float64), np.asarray(m["bdatatest"], dtype=np.float64)
+    x = _mat_key(m, "bdata", "digs3pts_1.mat").astype(np.float64)
+    xt = _mat_key(m, "bdatatest", "digs3pts_1.mat").astype(np.float64)
     side = int(round(np.sqrt(x.shape[1])))
     return _Raw(x.reshape(-1, 1, side, side), None, xt.reshape(-1, 1, side, side), None, None)
 
 
+def faces_split(n: int) -> tuple[int, int]:
+    """``(n_train, n_test)`` of FACES as in Martens' HF code and the thesis code: the first 25/40 of the
+    columns train, the last 10/40 test, the 5/40 between are unused (165,600 → 103,500 and 41,400)."""
+    return (n * 25) // 40, (n * 10) // 40
+
+
 def _faces(data_dir: Path, download_ok: bool) -> _Raw:
     m = _loadmat(data_dir / "faces" / "newfaces_rot_single.mat", "faces")
-    a = np.asarray(m["newfaces_single"], dtype=np.float64).T  # (samples, 625)
-    ntrain = (a.shape[0] // 4) * 3
+    a = _mat_key(m, "newfaces_single", "newfaces_rot_single.mat").astype(np.float64).T  # (samples, 625)
+    ntrain, ntest = faces_split(a.shape[0])
     side = int(round(np.sqrt(a.shape[1])))
     a = a.reshape(-1, 1, side, side)
-    return _Raw(a[:ntrain], None, a[ntrain:], None, None)
+    return _Raw(a[:ntrain], None, a[a.shape[0] - ntest:], None, None)
+
+
+def _mnist_all(data_dir: Path, download_ok: bool) -> _Raw:
+    """``mnist_all.mat`` (Roweis; used by Hinton's and Martens' code): ``train0`` … ``train9`` and
+    ``test0`` … ``test9``, uint8 matrices with one 784-pixel image per row (row-major 28 × 28, the
+    pixel order of the IDX files); the digit is in the variable's name."""
+    m = _loadmat(data_dir / "mnist_all" / "mnist_all.mat", "mnist_all")
+    parts = {}
+    for split in ("train", "test"):
+        xs = [_mat_key(m, f"{split}{d}", "mnist_all.mat").reshape(-1, 784) for d in range(10)]
+        ys = [np.full(len(x), d, dtype=np.int64) for d, x in enumerate(xs)]
+        parts[split] = (np.concatenate(xs).reshape(-1, 1, 28, 28), np.concatenate(ys))
+    return _Raw(*parts["train"], *parts["test"], 10)
+
+
+# ---------------------------------------------------------------------- synthetic CURVES
+#: published sizes of CURVES (Hinton & Salakhutdinov 2006): 20,000 training and 10,000 test images
+CURVES_SYNTHETIC_SIZES = (20_000, 10_000)
+#: the generator seed of ``curves_synthetic`` (fixed: the dataset plays the role of a file; ``load``'s
+#: ``seed`` only shuffles and splits it)
+CURVES_SYNTHETIC_SEED = 0
+#: bumped whenever the construction changes, so that a stale cache is never read
+CURVES_SYNTHETIC_VERSION = 1
+
+
+def natural_spline_through_3_points(points: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The parametric natural cubic spline through 3 points, evaluated at ``t`` ∈ [0, 1].
+
+    ``points`` (B, 3, 2); knots at cumulative chord length (normalized to [0, 1]); natural end
+    conditions ``x''(0) = x''(1) = 0`` leave one unknown second derivative ``M₁`` at the middle knot:
+    ``M₁ = 3 (Δ₁/h₁ − Δ₀/h₀)/(h₀ + h₁)``. Returns (B, len(t), 2).
+    """
+    p0, p1, p2 = points[:, 0], points[:, 1], points[:, 2]
+    h0 = np.linalg.norm(p1 - p0, axis=1, keepdims=True) + 1e-6
+    h1 = np.linalg.norm(p2 - p1, axis=1, keepdims=True) + 1e-6
+    m1 = 3.0 * ((p2 - p1) / h1 - (p1 - p0) / h0) / (h0 + h1)  # (B, 2)
+    s = t[None, :, None] * (h0 + h1)[:, None, :]  # arc parameter in [0, h0 + h1], (B, T, 1)
+    first = s <= h0[:, None, :]
+    # segment 0 on [0, h0] (M0 = 0), segment 1 on [h0, h0 + h1] (M2 = 0); standard cubic-spline form
+    u0 = s
+    seg0 = (m1[:, None] * u0 ** 3 / (6 * h0[:, None]) + (p0[:, None] / h0[:, None]) * (h0[:, None] - u0)
+            + (p1[:, None] / h0[:, None] - m1[:, None] * h0[:, None] / 6) * u0)
+    u1 = s - h0[:, None]
+    seg1 = (m1[:, None] * (h1[:, None] - u1) ** 3 / (6 * h1[:, None])
+            + (p1[:, None] / h1[:, None] - m1[:, None] * h1[:, None] / 6) * (h1[:, None] - u1)
+            + (p2[:, None] / h1[:, None]) * u1)
+    return np.where(first, seg0, seg1)
+
+
+def draw_curves(ctrl: np.ndarray, side: int = 28, line_width: float = 1.5, curve_samples: int = 320,
+                chunk: int = 1024) -> np.ndarray:
+    """Images ``(B, side, side)`` (float32 in [0, 1]) of the splines through ``ctrl`` (B, 3, 2) ``(x, y)``.
+
+    A stroke of width ``w = line_width`` pixels, anti-aliased by its box-filter coverage
+    ``clip(w/2 + 1/2 − d, 0, 1)``, ``d`` the distance from the pixel centre (integer coordinates) to
+    the nearest of ``curve_samples`` points on :func:`natural_spline_through_3_points`, equally
+    spaced in the spline parameter. Over the 30,000 curves of ``curves_synthetic`` the spacing is at
+    most 0.29 pixel (measured), so ``d`` is overestimated by at most 0.15 pixel on the curve, where the
+    coverage is 1 anyway, and by at most ``0.011/d`` pixel at distance ``d``. Float32 arithmetic on
+    the CPU; chunking does not change the result.
+    """
+    t = np.linspace(0.0, 1.0, curve_samples)
+    reach = line_width / 2 + 0.5  # beyond this distance a pixel gets nothing
+    # pixels within ``reach`` of a point x lie between ceil(x − reach) and floor(x + reach), i.e. at
+    # offsets −floor(reach) … floor(reach) + 1 from floor(x)
+    offsets = torch.arange(-math.floor(reach), math.floor(reach) + 2, dtype=torch.float32)
+    oy, ox = torch.meshgrid(offsets, offsets, indexing="ij")
+    window = torch.stack([ox.reshape(-1), oy.reshape(-1)], dim=1)  # (K, 2) pixel offsets
+    n = len(ctrl)
+    out = torch.zeros(n, side * side, dtype=torch.float32)
+    for lo in range(0, n, chunk):
+        pts = torch.as_tensor(natural_spline_through_3_points(ctrl[lo:lo + chunk], t), dtype=torch.float32)
+        pix = torch.floor(pts)[:, :, None, :] + window  # (B, T, K, 2) candidate pixel centres
+        value = (reach - (pix - pts[:, :, None, :]).norm(dim=-1)).clamp(0.0, 1.0)
+        inside = ((pix >= 0) & (pix <= side - 1)).all(-1)
+        index = (pix[..., 1] * side + pix[..., 0]).clamp(0, side * side - 1).long()
+        value = torch.where(inside, value, torch.zeros(()))
+        out[lo:lo + chunk].scatter_reduce_(1, index.reshape(len(pts), -1), value.reshape(len(pts), -1), "amax")
+    return out.reshape(n, side, side).numpy()
+
+
+def make_curves_synthetic(n: int, seed: int = CURVES_SYNTHETIC_SEED, side: int = 28, line_width: float = 1.5,
+                          margin: float = 2.0, chunk: int = 1024) -> np.ndarray:
+    """``n`` CURVES-like images ``(n, side, side)`` (float32 in [0, 1]), deterministic in ``seed``.
+
+    Three control points uniform in ``[margin, side − 1 − margin]²`` (NumPy's PCG64), so that each
+    image has exactly 6 degrees of freedom, the code size of the CURVES autoencoder, drawn by
+    :func:`draw_curves`. What follows the published construction and what is a guess:
+    ``docs/guide/data.md``.
+    """
+    rng = np.random.default_rng(seed)
+    ctrl = rng.uniform(margin, side - 1 - margin, size=(n, 3, 2))
+    return draw_curves(ctrl, side, line_width, chunk=chunk)
+
+
+def _curves_synthetic(data_dir: Path, download_ok: bool) -> _Raw:
+    n_train, n_test = CURVES_SYNTHETIC_SIZES
+    folder = data_dir / "curves_synthetic"
+    cache = folder / (f"curves_synthetic_v{CURVES_SYNTHETIC_VERSION}_seed{CURVES_SYNTHETIC_SEED}"
+                      f"_{n_train}x{n_test}.npz")
+    if cache.exists():
+        with np.load(cache) as f:
+            x, xt = f["train"], f["test"]
+    else:
+        images = make_curves_synthetic(n_train + n_test, CURVES_SYNTHETIC_SEED)
+        x, xt = images[:n_train], images[n_train:]
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".part.npz")
+        np.savez_compressed(tmp, train=x, test=xt)
+        tmp.replace(cache)
+    return _Raw(x[:, None].astype(np.float64), None, xt[:, None].astype(np.float64), None, None)
 
 
 _LOADERS: dict[str, Callable[[Path, bool], _Raw]] = {
@@ -288,6 +430,8 @@ _LOADERS: dict[str, Callable[[Path, bool], _Raw]] = {
     "cifar10": _cifar10,
     "curves": _curves,
     "faces": _faces,
+    "mnist_all": _mnist_all,
+    "curves_synthetic": _curves_synthetic,
 }
 
 

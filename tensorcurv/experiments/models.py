@@ -5,12 +5,20 @@ never in-place (the curvature capture hooks read module inputs after the forward
 
 * ``mlp``: ``Flatten → [Linear → act] × len(hidden_sizes) → Linear(num_outputs)``.
 * ``autoencoder``: the deep autoencoder of Hinton & Salakhutdinov (2006), the benchmark of
-  Martens (2010) and Martens & Grosse (2015): encoder widths ``hidden_sizes`` down to a code,
-  mirrored decoder, sigmoid activations, linear code layer and linear output of
-  ``d = prod(input_shape)`` values (pair it with MSE against the flattened input). ``hidden_sizes=None`` scales the width to the input,
-  ``[2d, d/2]`` (e.g. 64-128-32-128-64 for digits); ``preset`` picks a published architecture
-  (:data:`AUTOENCODER_PRESETS`: ``mnist`` 784-1000-500-250-30, ``curves`` 784-400-200-100-50-25-6,
-  ``faces`` 625-2000-1000-500-30).
+  Martens (2010), Martens & Grosse (2015) and the KPSVD / two-level K-FAC thesis (Koroko et al.):
+  encoder widths ``hidden_sizes`` down to a code, mirrored decoder, ``activation`` after every
+  hidden layer, ``code_activation`` after the code layer (``None``: a linear code) and a linear
+  output of ``d = prod(input_shape)`` values: logits for ``nn.BCEWithLogitsLoss`` (CURVES, MNIST:
+  the sigmoid output and BCE of the papers, in one numerically stable loss) or the reconstruction
+  for ``nn.MSELoss`` (FACES), against the flattened input. ``hidden_sizes=None`` scales the width
+  to the input, ``[2d, d/2]`` (e.g. 64-128-32-128-64 for digits); ``preset`` picks a published
+  architecture (:data:`AUTOENCODER_PRESETS`: ``mnist`` 784-1000-500-250-30, ``curves``
+  784-400-200-100-50-25-6, ``faces`` 625-2000-1000-500-30). ``init``: ``torch`` (PyTorch's
+  default) or ``xavier_uniform`` (Glorot & Bengio 2010, ``U(−a, a)`` with
+  ``a = √(6/(fan_in + fan_out))``, biases zero); ``bias_init`` overrides the biases with a
+  constant. Hinton & Salakhutdinov and Martens: ``activation="sigmoid"``, linear code. The thesis
+  code (``conf/model/thesis_*.yaml``): ``relu`` everywhere including the code, Xavier-uniform,
+  biases 0.01.
 * ``cnn``: two ``Conv2d 3×3 → act → MaxPool 2`` stages, then ``Linear → act → Linear``.
 * ``conv_autoencoder``: two stride-2 ``Conv2d`` down, two stride-2 ``ConvTranspose2d`` up (H, W
   divisible by 4); the output is the reconstruction flattened to ``(N, C·H·W)``.
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -39,6 +48,9 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,
                "softplus": nn.Softplus}
 NORMS = ("none", "group", "batch")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+#: weight initializations of :func:`initialize` (``torch``: keep PyTorch's default)
+INITS = ("torch", "xavier_uniform")
 AUTOENCODER_PRESETS: dict[str, list[int]] = {
     "mnist": [1000, 500, 250, 30],
     "curves": [400, 200, 100, 50, 25, 6],
@@ -69,8 +81,30 @@ def mlp(input_shape, num_outputs, hidden_sizes: Sequence[int] = (64, 64), activa
     return nn.Sequential(*layers)
 
 
+def initialize(model: ModuleT, init: str = "torch", bias_init: float | None = None) -> ModuleT:
+    """Re-initialize every ``Linear`` / ``Conv2d`` of ``model`` in place (see :data:`INITS`); returns it.
+
+    ``xavier_uniform``: weights ``U(−a, a)``, ``a = √(6/(fan_in + fan_out))`` (gain 1), biases 0.
+    ``bias_init``: then every bias is this constant (the thesis code uses 0.01). Draws from torch's
+    global generator, like the default initialization.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {list(INITS)}")
+    for m in model.modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if init == "xavier_uniform":
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        if bias_init is not None and m.bias is not None:
+            nn.init.constant_(m.bias, float(bias_init))
+    return model
+
+
 def autoencoder(input_shape, num_outputs=None, hidden_sizes: Sequence[int] | None = None,
-                preset: str | None = None, activation: str = "sigmoid") -> nn.Sequential:
+                preset: str | None = None, activation: str = "sigmoid", code_activation: str | None = None,
+                init: str = "torch", bias_init: float | None = None) -> nn.Sequential:
     d = math.prod(input_shape)
     if preset is not None:
         if preset not in AUTOENCODER_PRESETS:
@@ -78,17 +112,21 @@ def autoencoder(input_shape, num_outputs=None, hidden_sizes: Sequence[int] | Non
         hidden_sizes = AUTOENCODER_PRESETS[preset]
     if hidden_sizes is None:
         hidden_sizes = [2 * d, max(2, d // 2)]
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {list(INITS)}")
     widths = [d, *[int(h) for h in hidden_sizes]]
     layers: list[nn.Module] = [nn.Flatten()]
     enc = list(zip(widths[:-1], widths[1:]))
     for i, (a, b) in enumerate(enc):
         layers.append(nn.Linear(a, b))
-        if i < len(enc) - 1:  # the code layer is linear
+        if i < len(enc) - 1:
             layers.append(_act(activation))
+        elif code_activation is not None:
+            layers.append(_act(code_activation))
     for a, b in reversed(enc):
         layers += [nn.Linear(b, a), _act(activation)]
-    layers.pop()  # linear output
-    return nn.Sequential(*layers)
+    layers.pop()  # linear output: logits (BCE) or the reconstruction (MSE)
+    return initialize(nn.Sequential(*layers), init, bias_init)
 
 
 class CNN(nn.Module):
