@@ -360,6 +360,13 @@ def register(name: str, *aliases: str):
     return deco
 
 
+def unregister(name: str) -> None:
+    """Remove ``name`` (one name or alias) from the registry, e.g. a structure defined by a test."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown structure {name!r}; valid structures: {', '.join(names())}")
+    del _REGISTRY[name]
+
+
 def names() -> list[str]:
     """Registered structure names (aliases included), sorted."""
     return sorted(_REGISTRY)
