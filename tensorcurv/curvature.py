@@ -1,4 +1,8 @@
-"""Model-level curvature: one structure per covered layer, capture, and the whole-model solve.
+"""Model-level curvature: capture, one model structure over the covered layers, and the whole-model solve.
+
+``curv.model_structure`` is the registry entry's model-level operator
+(:mod:`tensorcurv.structures.model`): the layer structures side by side (``BlockDiagonal``), or a
+structure that couples them (``two_level``); ``curv.blocks`` are its layer blocks either way.
 
     curv = Curvature(model, structure="kfac", kind="ggn", **structure_hparams)
     curv.update(inputs, targets, loss_fn)    # capture + fit (or running average) every block
@@ -82,7 +86,8 @@ def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
 
 
 class Curvature:
-    """Block-diagonal curvature of a model, one :class:`~tensorcurv.structures.Structure` per layer."""
+    """Curvature of a model: a :class:`~tensorcurv.structures.model.ModelStructure` over its covered
+    layers (one :class:`~tensorcurv.structures.Structure` per layer in ``blocks``) plus the fallback."""
 
     def __init__(
         self,

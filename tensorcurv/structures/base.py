@@ -10,6 +10,22 @@ damping) unless the structure documents another damping variant; ``last_solve`` 
 
 Adding a structure = one file that subclasses :class:`Structure`, declares a nested
 ``Hparams`` dataclass (validated in ``__post_init__``) and is decorated with :func:`register`.
+Everything else (``Curvature`` and the optimizers, studies, data-parallel fits, unlearning, coarse
+spaces) reads a structure only through this interface; ``tests/test_conformance.py`` proves it with
+a structure defined in the test alone. Capabilities with defaults (``generic.py``), which a
+structure overrides where its own factors do better:
+
+* ``inner_with_exact(stats)`` / ``frobenius_sq()``: ``⟨C, Ĉ⟩`` with the exact block of per-sample
+  factors, and ``‖Ĉ‖_F²`` (studies);
+* ``leading_eigenpairs(k)`` (spectral coarse spaces of ``two_level``);
+* ``additive_statistics`` / ``shared_basis`` / ``additive_projection`` / ``load_reduced``:
+  statistics that add up over the samples and their reduction (data-parallel fits), and
+  ``fit_flops()`` (which rank fits which layer);
+* ``downdate(full, removed, added, corrected)``: the block of a modified data set (unlearning);
+* ``refresh(blocks, λ)`` / ``has_split_solve`` + ``solve_split``: batched cache refresh and a
+  copy-free solve on ``W`` and ``b`` (``Curvature.solve``).
+
+The model-level operator (all layers together, ``two_level`` included) is ``model.py``.
 
 Contract every structure keeps (relied on by ``Curvature``'s all-or-nothing fit):
 

@@ -7,7 +7,7 @@ total length ``D``):
 
 * ``C`` — the exact model curvature ``scale Σ_{s,k} vec(G_sk) vec(G_sk)ᵀ``, *including* the
   cross-layer blocks; ``A = C + λI``.
-* ``B = diag(B_l)`` — any registered layer-scope structure (``base``, default ``kfac``), one per
+* ``B = diag(B_l)`` — any registered layer structure (``base``, default ``kfac``), one per
   layer; the fine level is ``M^{-1} = (B + λI)^{-1}``, applied block by block through each base's
   own ``solve`` (so its damping variant, e.g. kfac's ``pi``, is the base's choice).
 * ``Z = R0ᵀ`` (``D x q``) — coarse vectors, each supported on one layer and stored per layer as
@@ -71,7 +71,7 @@ COARSE_SPACES = ("nicolaides", "spectral")
 @dataclass
 class TwoLevelHparams:
     base: str = "kfac"
-    """Layer-scope structure of the diagonal blocks ``B_l`` (``kfac``, ``ekfac``, ``dense``, ...)."""
+    """Layer structure of the diagonal blocks ``B_l`` (``kfac``, ``ekfac``, ``dense``, ...)."""
     base_hparams: dict = field(default_factory=dict)
     """Hyper-parameters passed to every base block (validated by the base's own ``Hparams``)."""
     coarse_space: str = "nicolaides"
