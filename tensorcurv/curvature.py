@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -383,7 +383,7 @@ class Curvature:
             return {n: t for (n, _), t in zip(self.named_params, res)}
         return res
 
-    def _split_plan(self) -> tuple[list[tuple[Any, int, int | None, tuple[int, int] | None]], list]:
+    def _split_plan(self) -> tuple[list[tuple[Callable[..., None], int, int | None, tuple[int, ...] | None]], list]:
         """Built once: ``(block.solve_split, weight index, bias index or None, 2-D view shape or None)``
         for every layer the model structure solves alone with a copy-free ``solve_split``
         (``ModelStructure.split_solvers``) and whose adapter has a ``weight_matrix_shape``; the other

@@ -124,7 +124,7 @@ class DistributedCurvature(Curvature):
         # 1. one all-reduce of every additive structure's batch tensors (Structure.additive_statistics)
         parts = {k: b.additive_statistics(st[k], n_local / n_global) for k, b in blocks.items()}
         additive = [k for k in blocks if parts[k] is not None]
-        reduced = R.all_reduce_dicts(comm, {k: parts[k] for k in additive})
+        reduced = R.all_reduce_dicts(comm, {k: p for k, p in parts.items() if p is not None})
         # 2. owners compute the shared bases (e.g. ekfac's eigenbasis) and broadcast them; one
         #    all-reduce of the statistics projected on them
         bases = self._shared_bases(additive, reduced, decay)

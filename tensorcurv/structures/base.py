@@ -217,6 +217,7 @@ class Structure(ABC):
         if b is None:
             out_W.copy_(X)
             return
+        assert out_b is not None, "solve_split: b without out_b"
         out_W.copy_(X[:, :-1])
         out_b.copy_(X[:, -1])
 
@@ -366,7 +367,7 @@ def register(name: str, *aliases: str):
     :class:`Structure`, or a model-level :class:`~tensorcurv.structures.model.ModelStructure`."""
 
     def deco(cls: type) -> type:
-        cls.name = name
+        cls.name = name  # type: ignore[attr-defined]  (Structure and ModelStructure both declare it)
         for key in (name, *aliases):
             if key in _REGISTRY and _REGISTRY[key] is not cls:
                 raise ValueError(f"structure name {key!r} is already registered")

@@ -43,9 +43,6 @@ class ModelStructure(ABC):
     #: True when fit, mv and solve act on every layer alone (the layers can be fitted and solved
     #: independently, e.g. by different ranks of a data-parallel run)
     block_diagonal: ClassVar[bool] = False
-    #: True when :meth:`solve` is an exact inverse of ``Ĉ + λI``
-    exact_solve: ClassVar[bool] = True
-
     blocks: dict[str, Structure]
     fitted: bool
 
@@ -57,6 +54,11 @@ class ModelStructure(ABC):
         self.hparams = hparams if hparams is not None else self.Hparams()
         self.last_solve: dict[str, Any] = {}
         self.fit_time = 0.0
+
+    @property
+    def exact_solve(self) -> bool:
+        """True when :meth:`solve` is an exact inverse of ``Ĉ + λI``."""
+        return True
 
     @classmethod
     def for_model(cls, shapes: Mapping[str, tuple[int, int]], hparams: Any = None) -> "ModelStructure":
@@ -143,7 +145,6 @@ class BlockDiagonal(ModelStructure):
     def __init__(self, blocks: Mapping[str, Structure]) -> None:
         blocks = dict(blocks)
         first = next(iter(blocks.values()), None)
-        self.name = first.name if first is not None else ""
         super().__init__({k: b.shape for k, b in blocks.items()}, None if first is None else first.hparams)
         self.blocks = blocks
 
@@ -152,7 +153,7 @@ class BlockDiagonal(ModelStructure):
         return bool(self.blocks) and all(b.fitted for b in self.blocks.values())
 
     @property
-    def exact_solve(self) -> bool:  # type: ignore[override]
+    def exact_solve(self) -> bool:
         return all(b.exact_solve for b in self.blocks.values())
 
     # ------------------------------------------------------------------ fitting
@@ -218,4 +219,5 @@ class BlockDiagonal(ModelStructure):
             b.load_state_dict(state["blocks"][k])
 
     def __repr__(self) -> str:
-        return f"BlockDiagonal({self.name}, layers={list(self.blocks)})"
+        kinds = sorted({b.name for b in self.blocks.values()})
+        return f"BlockDiagonal({', '.join(kinds)}, layers={list(self.blocks)})"

@@ -113,7 +113,6 @@ class TwoLevel(ModelStructure):
     """Block-diagonal base ``B`` plus coarse correction; one instance for the whole model."""
 
     Hparams = TwoLevelHparams
-    exact_solve = False  # solve applies the preconditioner P^{-1}, not the inverse of some Ĉ + λI
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], hparams: TwoLevelHparams | None = None) -> None:
         super().__init__(shapes, hparams)
@@ -135,6 +134,11 @@ class TwoLevel(ModelStructure):
         self.U: dict[str, Tensor] = {}  # (C Z) restricted to each layer, (q, m, n)
         self.C0: Tensor | None = None  # (q, q) = R0 C R0ᵀ
         self._eig: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def exact_solve(self) -> bool:
+        """False: :meth:`solve` applies the preconditioner ``P^{-1}``, not the inverse of some ``Ĉ + λI``."""
+        return False
 
     # ------------------------------------------------------------------ sizes
     @property
