@@ -4,13 +4,13 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-all bench bench-setup bench-capture clean
+.PHONY: setup demo test test-all docs bench bench-setup bench-capture clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e ".[test,mnist1d,slurm]"
+	$(VPY) -m pip install -q -e ".[test,mnist1d,slurm,docs]"
 	$(VPY) -c "import torch; print('torch', torch.__version__)"
 	touch $@
 
@@ -21,9 +21,15 @@ demo: setup
 
 test: setup
 	$(VPY) -m pytest -q -m "not slow"
+	$(MAKE) --no-print-directory docs
 
 test-all: setup
 	$(VPY) -m pytest -q
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link, anchor or include, or a docstring
+# mkdocstrings cannot render, is an error.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict
 
 # The peer libraries of bench_capture (pyproject's `bench` extra) without their dependencies, so torch stays
 # the CPU build installed above; `make test` does not need them.
@@ -48,4 +54,4 @@ bench: bench-capture
 	$(VPY) scripts/bench_distributed.py --out reports/bench_distributed.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache outputs multirun
+	rm -rf $(VENV) .pytest_cache outputs multirun site

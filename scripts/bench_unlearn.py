@@ -2,6 +2,7 @@
 
     python scripts/bench_unlearn.py --quick                       # label flip, 1 seed, short LiSSA
     python scripts/bench_unlearn.py --out reports/unlearning      # the committed report (all scenarios)
+    python scripts/bench_unlearn.py --replot reports/unlearning   # re-draw its figures from results.csv
 """
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="1 seed, shallow LiSSA")
     p.add_argument("--methods", nargs="+", default=None, help="keep only these method names (default: all)")
     p.add_argument("--out", type=str, default=None, help="write report.md, results.csv and plots here")
+    p.add_argument("--replot", type=str, default=None, metavar="DIR",
+                   help="only re-draw the figures of DIR from DIR/results.csv (no rerun, report.md untouched)")
     a = p.parse_args(argv)
+    if a.replot:
+        for path in report.write_figures(report.read_csv(Path(a.replot) / "results.csv"), a.replot):
+            print(f"re-drew {path}")
+        return
     torch.set_num_threads(a.threads)
     seeds = [0] if a.quick else list(range(a.seeds))
     methods = benchmark.default_methods(a.quick, a.lissa_depth)

@@ -18,10 +18,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
@@ -46,6 +42,41 @@ def _evals(summary: dict) -> list[dict]:
 
     with open(Path(summary["run_dir"]) / "metrics.csv") as f:
         return [r for r in csv.DictReader(f) if r["train_loss"]]
+
+
+def loss_curves_figure(curves: dict[tuple[str, str], list[dict]], path: Path):
+    """``curves``: ``{(race, optimizer): evaluation rows (epoch, wall_time, train_loss, test_loss)}``. One row
+    of panels per (race, split): train loss and test loss apart (they nearly coincide for the autoencoder),
+    against epoch (left) and training wall-clock (right); the two panels of a race share their y-axis."""
+    from tensorcurv import plotting
+
+    races = list(dict.fromkeys(race for race, _ in curves))
+    styles = plotting.series_styles(label for _, label in curves)
+    with plotting.style():
+        fig, axes = plotting.subplots(2 * len(races), 2, figsize=(10, 2.7 * 2 * len(races)))
+        for i, race in enumerate(races):
+            ylabel = "cross-entropy loss" if race.startswith("classifier") else "MSE"
+            for j, split in enumerate(("train", "test")):
+                row = axes[2 * i + j]
+                for (r, label), evals in curves.items():
+                    if r != race:
+                        continue
+                    y = [float(e[f"{split}_loss"]) for e in evals]
+                    for ax, xkey in zip(row, ("epoch", "wall_time")):
+                        ax.plot([float(e[xkey]) for e in evals], y, ms=3.5, label=label, **styles[label])
+                for ax, xlabel in zip(row, ("epoch", "training wall-clock [s]")):
+                    ax.set_yscale("log")
+                    ax.set_xlabel(xlabel)
+                    ax.set_ylabel(f"{split} {ylabel}")
+                    ax.set_title(f"{race.split(':')[0]}, {split} loss", fontsize=9.5)
+            for ax in axes[2 * i + 1]:
+                ax.sharey(axes[2 * i][0])
+            axes[2 * i][1].sharey(axes[2 * i][0])
+        plotting.legend_outside(fig, axes, where="bottom")
+        fig.suptitle("digits (sklearn): natural gradient with K-FAC vs Adam\n"
+                     + "; ".join(races))
+        plotting.save(fig, path)
+    return fig
 
 
 def main(extra: list[str], out: Path = OUT, runs_dir: Path = ROOT / "outputs" / "demo") -> dict:
@@ -78,28 +109,7 @@ def main(extra: list[str], out: Path = OUT, runs_dir: Path = ROOT / "outputs" / 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    races = list(dict.fromkeys(race for race, _ in results))
-    fig, axes = plt.subplots(len(races), 2, figsize=(11, 4 * len(races)), squeeze=False)
-    for row, race in enumerate(races):
-        for label, color in (("NaturalGradient + K-FAC", "C0"), ("Adam", "C1")):
-            evals = _evals(results[(race, label)])
-            ep = [float(r["epoch"]) for r in evals]
-            wt = [float(r["wall_time"]) for r in evals]
-            for key, style in (("train_loss", "-"), ("test_loss", "--")):
-                y = [float(r[key]) for r in evals]
-                for ax, x in zip(axes[row], (ep, wt)):
-                    ax.plot(x, y, style, color=color, marker="o", ms=3, label=f"{label}, {key.split('_')[0]}")
-        for ax, xl in zip(axes[row], ("epoch", "training wall-clock [s]")):
-            ax.set_yscale("log")
-            ax.set_xlabel(xl)
-            ax.set_ylabel("cross-entropy loss" if race.startswith("classifier") else "MSE")
-            ax.set_title(race, fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle("digits (sklearn): natural gradient with K-FAC vs Adam")
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    loss_curves_figure({key: _evals(s) for key, s in results.items()}, out / "loss_curves.png")
 
     cpu = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     exps = ", ".join(f"`{exp}`" + (f" ({' '.join(own)})" if own else "") for exp, own in RACES.values())

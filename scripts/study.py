@@ -4,6 +4,7 @@
     python scripts/study.py experiment=study_digits_cnn
     python scripts/study.py study.kinds=[ggn] train.steps=50 report_dir=reports/quick
     python scripts/study.py experiment=study_digits_mlp render_only=true   # re-draw from the CSVs
+    python -m tensorcurv.study.figures reports/study_digits_mlp          # only the figures, report.md untouched
 
 Trains the model with Adam, evaluates every structure on every covered layer and curvature kind at
 the checkpoints, and writes report.md, PNG figures and the raw CSVs into report_dir (default

@@ -3,7 +3,8 @@
 On the digits logistic-regression scenario: fidelity ‖θ−θ_r‖/‖θ*−θ_r‖ of the second-order step with
 kron_sum(r) (Eckart–Young and PSD) and with K-FAC deflated by k generalized eigenvectors, each solved
 exactly, against the exact Newton step and LiSSA (the benchmark's settings). Prints a table (mean ± std
-over seeds); --out writes fidelity.md and fidelity.png.
+over seeds); --out writes fidelity.md and fidelity.png; --replot DIR re-draws DIR/fidelity.png from
+DIR/fidelity.md.
 
     python scripts/unlearn_fidelity.py --out reports/unlearning/structure_fidelity
 """
@@ -71,30 +72,49 @@ def table(summary) -> str:
     return "\n".join(lines)
 
 
-def plot(summary, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+def plot(summary, path: Path, title: str):
+    """Left: kron_sum fits against their rank; right: K-FAC deflated by k generalized eigenvectors; mean ±
+    std over seeds on a log axis containing every bar; exact step and LiSSA as horizontal reference lines."""
+    from tensorcurv import plotting
+
+    families = ("kron_sum psd=none", "kron_sum psd=shrink", "kfac deflated")
+    styles = plotting.series_styles(families)
     ref = {f: m for f, _, m, _, _ in summary if f in ("exact", "lissa")}
-    for ax, families, xlabel in ((axes[0], ("kron_sum psd=none", "kron_sum psd=shrink"), "kron_sum rank r"),
-                                 (axes[1], ("kfac deflated",), "K-FAC + k generalized eigenvectors")):
-        for fam in families:
-            pts = sorted((s, m, sd) for f, s, m, sd, _ in summary if f == fam)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        label=fam, capsize=3)
-        for name, style in (("exact", "--"), ("lissa", ":")):
-            if name in ref:
-                ax.axhline(ref[name], ls=style, color="k", label=f"{name} ({ref[name]:.3f})")
-        ax.set_xlabel(xlabel)
-        ax.set_ylim(0, 1.2)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("‖θ−θ_r‖ / ‖θ*−θ_r‖ (lower is better)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    bars = [(m, sd) for f, _, m, sd, _ in summary if f in families]
+    with plotting.style():
+        fig, axes = plotting.subplots(1, 2, figsize=(10, 4.0), sharey=True)
+        for ax, fams, xlabel in ((axes[0][0], families[:2], "kron_sum rank r"),
+                                 (axes[0][1], families[2:], "K-FAC + k generalized eigenvectors")):
+            for fam in fams:
+                pts = sorted((s, m, sd) for f, s, m, sd, _ in summary if f == fam)
+                st = styles[fam]
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=st["color"],
+                            marker=st["marker"], ls=st["linestyle"], label=fam)
+            for name, style in (("exact", "--"), ("lissa", ":")):
+                if name in ref:
+                    ax.axhline(ref[name], ls=style, color=plotting.REFERENCE, lw=1.2,
+                               label=f"{name} ({ref[name]:.3f})")
+            ax.set_xlabel(xlabel)
+        plotting.log_limits(axes[0][0], [m - sd for m, sd in bars] + [m + sd for m, sd in bars]
+                            + [m for m, _ in bars] + list(ref.values()))
+        axes[0][0].set_ylabel("‖θ−θ_r‖ / ‖θ*−θ_r‖ (lower is better)")
+        plotting.legend_outside(fig, axes)
+        fig.suptitle(title)
+        plotting.save(fig, path)
+    return fig
+
+
+def read_table(md_path: Path):
+    """The summary rows ``(family, size, mean, std, solve_error)`` back from a ``fidelity.md`` table, to
+    re-draw the figure without rerunning (``--replot``)."""
+    out = []
+    for line in Path(md_path).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or "±" not in cells[2]:
+            continue
+        m, sd = (float(x) for x in cells[2].split("±"))
+        out.append((cells[0], int(cells[1]), m, sd, float("nan") if cells[3] == "—" else float(cells[3])))
+    return out
 
 
 def main(argv=None) -> None:
@@ -106,7 +126,15 @@ def main(argv=None) -> None:
     p.add_argument("--deflation", type=int, nargs="+", default=[0, 10, 20, 40, 80, 160, 320, 650])
     p.add_argument("--lissa-depth", type=int, default=300)
     p.add_argument("--out", type=str, default=None)
+    p.add_argument("--replot", type=str, default=None, metavar="DIR",
+                   help="only re-draw DIR/fidelity.png from the table in DIR/fidelity.md (no rerun)")
     a = p.parse_args(argv)
+    if a.replot:
+        md = Path(a.replot) / "fidelity.md"
+        title = md.read_text().split("\n\n")[1].split(". ")[0]
+        plot(read_table(md), Path(a.replot) / "fidelity.png", title)
+        print(f"re-drew {Path(a.replot) / 'fidelity.png'}")
+        return
     torch.set_num_threads(1)
     rows = run(a.scenario, list(range(a.seeds)), a.mu, a.ranks, a.deflation, a.lissa_depth)
     summary = summarize(rows)

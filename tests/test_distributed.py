@@ -5,7 +5,7 @@ One spawn runs every distributed computation and saves each rank's results; the 
 them with a single-process run in this process. Shards are unequal (6 + 5 samples of 11) so the
 global loss scale 1/N (not 1/N_r) is exercised.
 
-Tolerances (float64, README "Data-parallel training"):
+Tolerances (float64, docs/guide/distributed.md):
 
 * one fit / running-average update / solve from the same parameters: rel 1e-12 for every structure.
   Moment structures sum per-rank partial sums (rounding ~1e-16); gathered structures run the

@@ -1,6 +1,6 @@
 """Per-sample Kronecker factors of one layer: the statistics every structure is fitted from.
 
-Conventions (one place, repeated in the README):
+Conventions (one place; the documentation's design page, docs/concepts/design.md, explains them):
 
 * A covered layer has a weight matrix ``W`` of shape ``(m, n)`` (outputs x inputs). A bias is
   folded in as a trailing input column, so ``n = d_in + 1`` and the matrix is ``[W, b]``.

@@ -1,4 +1,4 @@
-"""Data-parallel curvature and optimizers on ``torch.distributed`` (KAISA-style; README "Data-parallel training").
+"""Data-parallel curvature and optimizers on ``torch.distributed`` (KAISA-style; docs/guide/distributed.md).
 
 * :mod:`~tensorcurv.distributed.comm`: process group start (``init``; gloo on CPU, nccl on GPU,
   timeouts), :class:`Comm` collectives with byte/time accounting;

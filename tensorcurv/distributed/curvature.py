@@ -28,8 +28,7 @@ the rounded values, so the ranks stay identical.
 Exactness: for ``kind`` ``ggn`` and ``empirical`` every rank's structure equals the single-process
 fit on the concatenated global batch up to rounding. Over training steps that rounding (the global
 gradient is a sum of per-rank partial sums) is carried on by each structure's own conditioning:
-rounding level for most, far more for ``kron_sum``'s spectral PSD certificate (README
-"Data-parallel training"). ``mc`` draws its labels per rank, from the
+rounding level for most, far more for ``kron_sum``'s spectral PSD certificate (docs/results/distributed_drift.md). ``mc`` draws its labels per rank, from the
 curvature's generator (the same seed on each rank unless the caller seeds per rank), so it is a
 different (equally valid) Monte-Carlo estimate.
 """

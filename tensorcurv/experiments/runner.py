@@ -135,27 +135,28 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 
 def loss_figure(rows: Sequence[dict[str, Any]], title: str = ""):
-    """Training loss per step and evaluation losses per epoch (matplotlib Figure, Agg-safe)."""
-    import matplotlib
+    """Training loss per step and evaluation losses per epoch (a matplotlib Figure in the report style of
+    :mod:`tensorcurv.plotting`, drawn off-screen); the evaluation curves differ in colour, marker and
+    line style, so a test curve on top of a train curve stays visible."""
+    from tensorcurv import plotting
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step_time" in r]
-    if tr:
-        ax.plot(*zip(*tr), lw=0.8, alpha=0.6, label="train (mini-batch)")
-    for key in ("train_loss", "val_loss", "test_loss"):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("_", " "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    keys = ("train_loss", "val_loss", "test_loss")
+    styles = plotting.series_styles(keys)
+    with plotting.style():
+        fig, axes = plotting.subplots(1, 1, figsize=(6.4, 4))
+        ax = axes[0][0]
+        tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step_time" in r]
+        if tr:
+            ax.plot(*zip(*tr), lw=0.8, alpha=0.5, color="grey", label="train (mini-batch)")
+        for k, (key, st) in enumerate(styles.items()):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), ms=4, label=key.replace("_", " "), **{**st, "linestyle": ("-", "--", ":")[k]})
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        plotting.legend_outside(fig, [ax])
     return fig
 
 
@@ -358,9 +359,6 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
         record.log_figure("loss_curve", fig)
         if ext is not None:
             ext.log_figure("loss_curve", record.dir / "figures" / "loss_curve.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
         logger.summary(summary)
     except BaseException:  # killed, interrupted or crashed: close the record (a restart restores it)
         bar.close()

@@ -216,8 +216,9 @@ def gram_operator(X: Tensor, max_elems: int = 2 ** 24) -> Callable[[Tensor], Ten
 
 
 def sym_gram(X: Tensor) -> Tensor:
-    """``X Xᵀ`` (``N x N`` for ``X`` of shape ``(N, d)``): one plain gemm, exactly symmetric."""
-    return gram(X.mT)
+    """``X Xᵀ`` (``N x N`` for ``X`` of shape ``(N, d)``): one plain gemm, made exactly symmetric (a gemm is
+    bitwise symmetric only when both triangles are summed in the same order, which threading does not promise)."""
+    return symmetric_part(gram(X.mT))
 
 
 def weighted_covariances(X: Tensor, W: Tensor | None) -> Tensor:

@@ -25,13 +25,30 @@ _SECOND_ORDER = {"natural_gradient": NaturalGradient, "gauss_newton": GaussNewto
 
 
 def names() -> list[str]:
-    """Every optimizer the factory builds."""
+    """Every optimizer :func:`build` knows.
+
+    Returns:
+        ``natural_gradient``, ``gauss_newton`` and the first-order baselines.
+    """
     return list(_SECOND_ORDER) + list(BASELINES)
 
 
 def build(name: str, model: nn.Module, loss_fn: Any, **kwargs: Any) -> SecondOrderOptimizer | FirstOrder:
-    """Optimizer ``name`` (see :func:`names`) with the keys of its config dataclass (``config.CONFIGS``);
-    second-order optimizers forward any other key to the curvature structure's hyper-parameters."""
+    """Build an optimizer by name.
+
+    Args:
+        name: one of :func:`names`.
+        model: the model to train.
+        loss_fn: the loss, e.g. ``nn.CrossEntropyLoss()``.
+        **kwargs: the keys of the optimizer's config dataclass (``config.CONFIGS[name]``); second-order
+            optimizers forward any other key to the curvature structure's hyper-parameters.
+
+    Returns:
+        An optimizer with ``step(inputs, targets) -> loss``, ``info``, ``state_dict`` and ``load_state_dict``.
+
+    Raises:
+        ValueError: an unknown name or key (the message lists the valid ones).
+    """
     if name in _SECOND_ORDER:
         return _SECOND_ORDER[name](model, loss_fn, **kwargs)
     if name in BASELINES:

@@ -84,7 +84,16 @@ class SecondOrderOptimizer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Forward, backward, curvature update when due, preconditioned update. Returns the loss."""
+        """One optimizer step: forward, backward, curvature update when due, preconditioned update.
+
+        Args:
+            inputs: a batch of model inputs.
+            targets: the batch's targets, as ``loss_fn`` expects them.
+
+        Returns:
+            The loss on the batch before the step (detached). A step with non-finite values is skipped
+            (parameters, curvature and counters unchanged) and ``info["skipped"]`` says so.
+        """
         c, pre = self.config, self.preconditioner
         lr = self._lr()
         t = self.steps
@@ -150,7 +159,17 @@ class SecondOrderOptimizer:
 
 
 class GaussNewton(SecondOrderOptimizer):
-    """Gauss-Newton: GGN curvature (``kind="ggn"``), exact Tikhonov damping, ``lr=1`` by default."""
+    """Gauss-Newton: GGN curvature (``kind="ggn"``), exact Tikhonov damping, ``lr=1`` by default.
+
+    Args:
+        model: the model; its covered layers get one structure each (``Curvature``).
+        loss_fn: the loss (e.g. ``nn.MSELoss()``); the curvature is the GGN of exactly this loss.
+        structure: any name of ``tensorcurv.structures.names()``.
+        lr: learning rate ``η`` (a number or a callable of the step).
+        damping: ``λ > 0`` of ``(Ĉ + λI)^{-1}`` (a number or a callable of the step).
+        **hparams: the other keys of ``tensorcurv.optim.config`` (momentum, intervals, ``kl_clip``,
+            ``damping_rule``, ...) and the structure's hyper-parameters (e.g. ``rank=2``).
+    """
 
     name = "gauss_newton"
 
@@ -160,7 +179,18 @@ class GaussNewton(SecondOrderOptimizer):
 
 
 class NaturalGradient(SecondOrderOptimizer):
-    """Natural gradient: Fisher curvature, ``kind="mc"`` (sampled labels) or ``"empirical"``."""
+    """Natural gradient: Fisher curvature, ``kind="mc"`` (sampled labels) or ``"empirical"``.
+
+    Args:
+        model: the model; its covered layers get one structure each (``Curvature``).
+        loss_fn: the loss (e.g. ``nn.CrossEntropyLoss()``).
+        structure: any name of ``tensorcurv.structures.names()``.
+        kind: ``"mc"`` (Monte-Carlo Fisher), ``"empirical"`` or ``"ggn"``.
+        lr: learning rate ``η`` (a number or a callable of the step).
+        damping: ``λ > 0`` of ``(Ĉ + λI)^{-1}`` (a number or a callable of the step).
+        **hparams: the other keys of ``tensorcurv.optim.config`` (momentum, intervals, ``kl_clip``,
+            ``damping_rule``, ...) and the structure's hyper-parameters (e.g. ``rank=2``).
+    """
 
     name = "natural_gradient"
 

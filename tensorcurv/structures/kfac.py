@@ -1,31 +1,15 @@
 """``kfac``: ``Ĉ = A ⊗ G`` (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016).
 
-``A`` (``n x n``) and ``G`` (``m x m``) are the factors of :meth:`LayerStats.kron_factors` under the
-chosen weight-sharing treatment (``expand`` or ``reduce``, Eschenhagen et al. 2023). With column-major
-vec, ``Ĉ vec(V) = vec(G V A)``.
+``A`` (``n x n``) and ``G`` (``m x m``) from :meth:`LayerStats.kron_factors` (weight sharing ``expand`` or
+``reduce``, Eschenhagen et al. 2023); column-major vec, ``Ĉ vec(V) = vec(G V A)``. Damping
+(``damping_kind``):
 
-Damping (``damping_kind``):
+* ``tikhonov`` (default, exact): ``(A ⊗ G + λI)^{-1} = Q_G [(Q_Gᵀ V Q_A) / (λ_G λ_Aᵀ + λ)] Q_Aᵀ``;
+* ``pi`` (factored): ``(A + π√λ I)^{-1} ⊗ (G + √λ/π I)^{-1}``, ``π = sqrt((tr A / n) / (tr G / m))``;
+  this is *not* ``(Ĉ + λI)^{-1}``. ``inverse="cholesky"`` caches the two damped inverses (2 matmuls per solve).
 
-* ``tikhonov`` (default, exact): ``(A ⊗ G + λI)^{-1}`` through the eigendecompositions
-  ``A = Q_A Λ_A Q_Aᵀ``, ``G = Q_G Λ_G Q_Gᵀ``: ``Q_G [(Q_Gᵀ V Q_A) / (λ_G λ_Aᵀ + λ)] Q_Aᵀ``.
-* ``pi`` (factored, Martens & Grosse §6.3): ``(A + π√λ I)^{-1} ⊗ (G + √λ/π I)^{-1}`` with
-  ``π = sqrt((tr A / n) / (tr G / m))``; this is *not* ``(Ĉ + λI)^{-1}``.
-
-Inverse path (``inverse``):
-
-* ``eigh`` (default): eigendecompositions of ``A`` and ``G`` once per factor change, then 4 matmuls
-  per solve (both damping kinds).
-* ``cholesky`` (only with ``damping_kind="pi"``): the explicit damped inverses
-  ``(A + π√λ I)^{-1}``, ``(G + √λ/π I)^{-1}`` from Cholesky factors (``cholesky_inverse``; about 4×
-  cheaper than ``eigh`` per refresh), cached per (factors, λ); a solve is 2 matmuls
-  ``(G + √λ/π I)^{-1} V (A + π√λ I)^{-1}``. Same operator as ``eigh`` with ``pi``; a factor that
-  is not numerically positive definite falls back to the eigen path (eigenvalues clamped at 0).
-
-Eigenvalues are clamped at 0, so ``Ĉ`` is positive semi-definite and any ``λ > 0`` is safe.
-
-:meth:`KFAC.refresh` builds these caches for many blocks at once (``Curvature.solve`` calls it):
-factors of equal size share one batched ``cholesky_ex`` / ``cholesky_inverse`` or ``eigh`` call,
-and all π come from one host sync; the results equal the per-block ones.
+Eigenvalues are clamped at 0 (``Ĉ`` PSD). :meth:`KFAC.refresh` builds the caches of many blocks in
+batched calls. Details: docs/structures/kfac.md.
 """
 from __future__ import annotations
 

@@ -1,50 +1,18 @@
 """``two_level``: a block-diagonal base plus a coarse-space correction that couples the layers.
 
-Two-level K-FAC (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023), borrowed from two-level
-domain-decomposition preconditioners. Notation (one model, layers ``l`` in the order of the
-``shapes`` dict; the global vector is the concatenation of the layers' column-major ``vec([W, b])``,
-total length ``D``):
+Two-level K-FAC (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023). With ``A = C + λI`` (``C`` the
+exact model curvature, cross-layer blocks included), ``M^{-1} = (B + λI)^{-1}`` the block-diagonal base
+(any layer structure, default ``kfac``), orthonormal coarse vectors ``Z = R0ᵀ`` (``D x q``, each on one
+layer: ``nicolaides`` or ``spectral``) and ``E = Zᵀ A Z = C0 + λI`` (``C0`` from per-sample projections,
+never from ``C``):
 
-* ``C`` — the exact model curvature ``scale Σ_{s,k} vec(G_sk) vec(G_sk)ᵀ``, *including* the
-  cross-layer blocks; ``A = C + λI``.
-* ``B = diag(B_l)`` — any registered layer structure (``base``, default ``kfac``), one per
-  layer; the fine level is ``M^{-1} = (B + λI)^{-1}``, applied block by block through each base's
-  own ``solve`` (so its damping variant, e.g. kfac's ``pi``, is the base's choice).
-* ``Z = R0ᵀ`` (``D x q``) — coarse vectors, each supported on one layer and stored per layer as
-  ``(q_l, m, n)`` matrices ``V_j``; their columns are orthonormal, so ``R0 R0ᵀ = I`` and
-  ``E = R0 A R0ᵀ = C0 + λI`` exactly.
+* ``additive``: ``P^{-1} = M^{-1} + Z E^{-1} Zᵀ``;
+* ``balanced``: ``P^{-1} = (I − Z E^{-1} Zᵀ A) M^{-1} (I − A Z E^{-1} Zᵀ) + Z E^{-1} Zᵀ``.
 
-  - ``nicolaides``: one vector per layer, the layer's indicator ``1_{m x n} / sqrt(m n)``
-    (the "one vector per subdomain" coarse space of Nicolaides, as Tselepidis et al.).
-  - ``spectral``: the ``coarse_vectors_per_layer`` leading eigenvectors of each base block
-    ``B_l`` (Koroko et al.'s spectral coarse space), from the block's own
-    ``Structure.leading_eigenpairs`` (closed forms for ``kfac``, ``ekfac``, ``diagonal``;
-    ``eigh(to_dense())`` or subspace iteration on ``mv`` for the others).
-
-* ``C0 = R0 C R0ᵀ`` from per-sample projections, never from ``C``:
-  ``p_sk[j] = <V_j, G_sk> = Σ_t g_sktᵀ V_j a_st``, ``C0 = scale Σ_{s,k} p_sk p_skᵀ``, and the
-  products with ``C`` the balanced variant needs, ``U = C Z = scale Σ_{s,k} vec(G_sk) p_skᵀ``
-  (stored per layer as ``(q, m, n)``; ``C0 = Zᵀ U``).
-
-Preconditioners (``variant``; Tang, Nabben, Vuik & Erlangga 2009 give both in this notation):
-
-* ``additive`` (Tselepidis et al. 2020): ``P^{-1} = M^{-1} + Z E^{-1} Zᵀ``.
-* ``balanced`` (balancing Neumann–Neumann, the deflated form Koroko et al. 2023 compare):
-  ``P^{-1} = (I − Z E^{-1} Zᵀ A) M^{-1} (I − A Z E^{-1} Zᵀ) + Z E^{-1} Zᵀ`` with ``A Z = U + λZ``.
-  It is exact on the coarse space (``P^{-1} A Z = Z``) and symmetric.
-
-Both are symmetric positive definite for ``λ > 0``. ``solve(mats, λ)`` applies ``P^{-1}`` (this
-is a preconditioner, not the inverse of some ``Ĉ + λI``: ``exact_solve = False``);
-``dense_preconditioner(λ)`` returns it as a ``D x D`` matrix for small models. ``mv`` and
-``to_dense`` are those of the block-diagonal base ``B`` (the coarse level only enters the solve).
-
-Running average (``update(stats, decay)``): each base block averages its own statistics; the coarse
-space is rebuilt from the averaged base blocks and ``U ← decay·U_old (Z_oldᵀ Z) + (1−decay)·U_batch``,
-``C0 ← decay·sym(Zᵀ U_old Z_oldᵀ Z) + (1−decay)·C0_batch``. This is the exact moving average of
-``C Z`` and ``Zᵀ C Z`` whenever the coarse space does not change (always for ``nicolaides``; for
-``spectral`` up to signs/rotations within an unchanged span); otherwise the old average is
-carried through the projection onto the old coarse space (``C_old Z ≈ C_old Z_old Z_oldᵀ Z``)
-and ``C0``'s eigenvalues are clamped at 0.
+Both are SPD for ``λ > 0``; ``solve`` applies ``P^{-1}`` (a preconditioner: ``exact_solve = False``);
+``mv``/``to_dense`` are those of ``B``, a :class:`~tensorcurv.structures.model.BlockDiagonal` of
+layer structures; spectral coarse vectors are each block's ``leading_eigenpairs``. The mathematics
+and the running average: docs/structures/two_level.md.
 """
 from __future__ import annotations
 

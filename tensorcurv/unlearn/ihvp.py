@@ -396,8 +396,19 @@ SOLVERS = {"exact": ExactSolver, "cg": CGSolver, "lissa": LiSSASolver, "structur
 
 
 def build_solver(method: str, **kwargs: Any) -> IHVPSolver:
-    """``exact`` / ``cg`` / ``lissa`` / ``structure``, or a structure name (``kfac``, ``ekfac``, ...)
-    as a shortcut for ``structure`` with ``structure=<name>``."""
+    """Build an inverse-HVP solver ``v ↦ (H + (μ + λ)I)^{-1} v``.
+
+    Args:
+        method: ``exact``, ``cg``, ``lissa``, ``structure``, or a structure name (``kfac``, ``ekfac``, ...)
+            as a shortcut for ``structure`` with ``structure=<name>``.
+        **kwargs: the solver's options (e.g. ``refine=50, refine_tol=1e-2`` for a structure).
+
+    Returns:
+        The solver, to pass to :func:`second_order_update`.
+
+    Raises:
+        ValueError: an unknown method (the message lists the valid ones).
+    """
     if method in SOLVERS:
         return SOLVERS[method](**kwargs)
     from tensorcurv import structures

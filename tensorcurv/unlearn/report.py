@@ -61,28 +61,66 @@ def markdown_table(entries: list[dict[str, Any]], extra_cols: list[str] | None =
     return "\n".join(lines)
 
 
-def plot_fidelity_vs_time(entries: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def method_family(name: str) -> str:
+    """The solver or structure a method is built on (``"kfac+refine (cached)"`` → ``"kfac"``): one colour
+    per family in the figures."""
+    return name.split(" (")[0].split("+")[0].split(" x")[0]
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for e in entries:
-        (t, tsd), (d, dsd) = e["time"], e["rel_dist"]
-        if e["method"] == "original" or not (math.isfinite(t) and math.isfinite(d)):
-            continue
-        d_plot = max(d, 1e-4)  # retraining has rel_dist 0
-        ax.errorbar(t, d_plot, xerr=tsd, yerr=dsd, fmt="o", capsize=2)
-        ax.annotate(e["method"], (t, d_plot), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("wall-clock time [s] (log)")
-    ax.set_ylabel("‖θ − θ_retrain‖ / ‖θ* − θ_retrain‖ (log; retrain shown at 1e-4)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def plot_fidelity_vs_time(entries: list[dict[str, Any]], path: Path, title: str):
+    """Fidelity ``rel_dist`` (log) against time per request (log), mean ± std over seeds, one marker per
+    method (legend). Retraining (``rel_dist`` 0 by definition) is the vertical black line at its time, the
+    original model (``rel_dist`` 1) the horizontal dotted line. Returns the saved figure."""
+    from tensorcurv import plotting
+
+    shown = [e for e in entries if e["method"] not in ("original", "retrain")
+             and math.isfinite(e["time"][0]) and math.isfinite(e["rel_dist"][0])]
+    styles = plotting.series_styles([e["method"] for e in shown], {e["method"]: method_family(e["method"])
+                                                                    for e in shown})
+    retrain = next((e for e in entries if e["method"] == "retrain" and math.isfinite(e["time"][0])), None)
+    with plotting.style():
+        fig, axes = plotting.subplots(1, 1, figsize=(8.0, 4.8))
+        ax = axes[0][0]
+        for e in shown:
+            (t, tsd), (d, dsd) = e["time"], e["rel_dist"]
+            st = styles[e["method"]]
+            ax.errorbar(t, d, xerr=tsd or None, yerr=dsd or None, ls="none", marker=st["marker"], color=st["color"],
+                        ms=7, elinewidth=0.9, label=e["method"])
+        ax.axhline(1.0, color=plotting.REFERENCE, ls=":", lw=1.0, label="original θ* (rel. dist. 1)")
+        times = [e["time"][0] for e in shown]
+        if retrain is not None:
+            t = retrain["time"][0]
+            ax.axvline(t, color=plotting.REFERENCE, ls="--", lw=1.2, label=f"retrain (rel. dist. 0), {t:.3g} s")
+            times.append(t)
+        plotting.log_limits(ax, [e["rel_dist"][0] - e["rel_dist"][1] for e in shown] + [1.0]
+                            + [e["rel_dist"][0] + e["rel_dist"][1] for e in shown] + [e["rel_dist"][0] for e in shown])
+        plotting.log_limits(ax, times, axis="x")
+        ax.set_xlabel("wall-clock time per request [s]")
+        ax.set_ylabel("‖θ − θ_r‖ / ‖θ* − θ_r‖  (lower is better)")
+        ax.set_title(title)
+        plotting.legend_outside(fig, [ax])
+        plotting.save(fig, path)
+    return fig
+
+
+def write_figures(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """One ``fidelity_vs_time_<scenario>.png`` per scenario of ``rows`` (those of the benchmark or of
+    :func:`read_csv`) into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    paths = []
+    for scen, entries in summarize(rows).items():
+        paths.append(out / f"fidelity_vs_time_{scen}.png")
+        plot_fidelity_vs_time(entries, paths[-1], f"{scen}: fidelity vs time (mean ± std over seeds)")
+    return paths
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.csv`` back, numbers as floats (empty cells NaN), to re-draw the figures
+    without rerunning the benchmark."""
+    text = {"scenario", "method", "status"}
+    with open(path, newline="") as f:
+        return [{k: v if k in text else (float(v) if v != "" else math.nan) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -101,6 +139,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, *, command: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
+    write_figures(rows, out)
     lines = ["# Unlearning: approximate retraining vs retraining", "",
              "Regenerate (a few minutes on 2 CPU cores):", "", "```", command, "```", ""]
     if header:
@@ -108,7 +147,6 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, *, command: st
     for scen, entries in summarize(rows, ["backdoor_acc"]).items():
         extra = ["backdoor_acc"] if any(math.isfinite(e["backdoor_acc"][0]) for e in entries) else []
         png = f"fidelity_vs_time_{scen}.png"
-        plot_fidelity_vs_time(entries, out / png, f"{scen}: fidelity vs time (mean over seeds)")
         lines += [f"## {scen}", ""]
         if descriptions and scen in descriptions:
             lines += [descriptions[scen], ""]

@@ -161,8 +161,22 @@ def _finish(obj: Objective, res: UpdateResult, inplace: bool, t0: float) -> Upda
 def first_order_update(model: nn.Module, X: Tensor, y: Tensor, affected: AffectedSet, *,
                        loss="cross_entropy", mu: float = 0.0, tau: float | str = "cauchy",
                        inplace: bool = True) -> UpdateResult:
-    """``θ = θ* − τ Δg``. ``tau="cauchy"``: the minimizer of the quadratic model of ``L(D̃)``
-    along ``−Δg``, ``τ = ΔgᵀΔg / ΔgᵀHΔg`` (one Hessian-vector product on ``D̃``)."""
+    """First-order unlearning update ``θ = θ* − τ Δg``.
+
+    Args:
+        model: the trained model at ``θ*``.
+        X: the training inputs ``D``.
+        y: the training targets of ``D``.
+        affected: the points to remove or correct.
+        loss (str | nn.Module): the per-sample loss of ``L(D; θ) = Σ_i ℓ_i + (μ/2)‖θ‖²``.
+        mu: the L2 regularization ``μ ≥ 0``.
+        tau: a step size, or ``"cauchy"``: the minimizer of the quadratic model of ``L(D̃)`` along
+            ``−Δg``, ``τ = ΔgᵀΔg / ΔgᵀHΔg`` (one Hessian-vector product on ``D̃``).
+        inplace: write ``θ`` into the model when the update succeeded.
+
+    Returns:
+        The outcome; ``status`` is ``"ok"`` or the reason for failure (the model is then unchanged).
+    """
     t0 = time.perf_counter()
     obj = Objective(model, loss, mu)
     theta_star = obj.theta()
@@ -188,11 +202,24 @@ def first_order_update(model: nn.Module, X: Tensor, y: Tensor, affected: Affecte
 def second_order_update(model: nn.Module, X: Tensor, y: Tensor, affected: AffectedSet, solver: IHVPSolver, *,
                         loss="cross_entropy", mu: float = 0.0, tau: float = 1.0, steps: int = 1,
                         hessian_on: str = "remaining", inplace: bool = True) -> UpdateResult:
-    """``θ = θ* − τ (H + λI)^{-1} Δg`` with ``solver`` (prepared here on ``hessian_on`` data at θ).
+    """Second-order unlearning update ``θ = θ* − τ (H + λI)^{-1} Δg``.
 
-    ``hessian_on``: ``"remaining"`` (``H`` of ``L(D̃)``, the Newton step; default) or ``"original"``
-    (``H`` of ``L(D)``). ``steps > 1``: the iterative variant (chunks of ``Z`` in index order).
-    On any inverse-HVP failure the model is left unchanged and ``status`` says why.
+    Args:
+        model: the trained model at ``θ*``.
+        X: the training inputs ``D``.
+        y: the training targets of ``D``.
+        affected: the points to remove or correct.
+        solver: the inverse-HVP solver (:func:`build_solver`), prepared here on ``hessian_on`` data at ``θ*``.
+        loss (str | nn.Module): the per-sample loss of ``L(D; θ) = Σ_i ℓ_i + (μ/2)‖θ‖²``.
+        mu: the L2 regularization ``μ ≥ 0`` (added exactly to ``H``).
+        tau: the step size ``τ``.
+        steps: ``> 1`` for the iterative variant (chunks of ``Z`` in index order).
+        hessian_on: ``"remaining"`` (``H`` of ``L(D̃)``, the Newton step; default) or ``"original"``
+            (``H`` of ``L(D)``).
+        inplace: write ``θ`` into the model when the update succeeded.
+
+    Returns:
+        The outcome; on any inverse-HVP failure the model is left unchanged and ``status`` says why.
     """
     if hessian_on not in ("remaining", "original"):
         raise ValueError(f"hessian_on must be 'remaining' or 'original', got {hessian_on!r}")

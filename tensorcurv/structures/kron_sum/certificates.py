@@ -8,7 +8,7 @@
   bounds in the congruence basis of ``A_1 ⊗ G_1`` (:func:`spectral_psd`), and Loewner intervals of recompressed
   factors (:func:`sample_intervals`, :func:`mixed_intervals`, :func:`interval_scale`); for small blocks the
   exact largest ``t`` from one dense eigenvalue problem (:func:`dense_psd_scale`).
-  :func:`make_psd` picks among them; the kron_sum module docstring says when.
+  :func:`make_psd` picks among them; docs/structures/kron_sum.md says when.
 * :func:`gen_eig`: the generalized symmetric eigenproblem behind rank-2 simultaneous diagonalization.
 """
 from __future__ import annotations

@@ -1,105 +1,18 @@
 """``kron_sum`` (alias ``kpsvd``): ``Ĉ = Σ_{k=1..r} A_k ⊗ G_k``, the truncated SVD of ``R(C)``.
 
-Recompression and the PSD proofs live in :mod:`tensorcurv.structures.kron_sum.certificates`.
-
 ``A_k`` (n x n) and ``G_k`` (m x m) symmetric; column-major vec, so ``Ĉ vec(V) = vec(Σ_k G_k V A_k)``.
-Rank 1 is the Frobenius-nearest Kronecker product (KPSVD, Koroko et al.; Van Loan & Pitsianis),
-never worse than K-FAC; rank r reaches the Eckart–Young optimum ``sqrt(Σ_{i>r} σ_i²)``.
+Rank r reaches the Eckart–Young optimum ``sqrt(Σ_{i>r} σ_i²)`` of the rearranged block ``R(C)``; rank 1
+(``kpsvd``) is the Frobenius-nearest Kronecker product, never worse than K-FAC.
 
-**Fit** (:func:`tensorcurv.linalg.rearrange.kronecker_svd`): block subspace iteration on the implicit
-``R(C)`` (warm-started from the previous ``G_k``; ``auto`` picks it for rank 1) or block Krylov on its
-sample-space Gram form (``T = 1``; rank ≥ 2: Grams ``(a aᵀ)∘²``, ``(g gᵀ)∘²`` from their upper block
-triangles, about three blocks of ``N x N`` products, then the ``r`` weighted covariances stacked into
-one gemm per block — about ``2 + r`` K-FAC factor computations with the same symmetric products), with a
-per-pair stopping rule (the changes of ``σ_1², …, σ_r²`` against ``σ_{r+1}²``, a lower bound of the
-Eckart–Young floor², so that every pair, not only the dominant ``σ_1``, has converged); ``last_fit``
-reports method, iterations and products. A
-warm-started ``update`` runs at most ``warm_max_iter`` (default 1) iterations: across training steps this
-is a power iteration spread over the batches (rank 1: two products ≈ two K-FAC factor passes per
-step; on the 1024-wide MLP one warm sweep leaves the leading singular value 2e-4 below the
-converged one). Resume is exact: ``state_dict`` carries the factors and the generator state.
+* fit: :func:`tensorcurv.linalg.rearrange.kronecker_svd` on the implicit ``R(C)``, warm-started;
+* ``psd``: ``shrink`` (default; terms ``k ≥ 2`` scaled by a proven ``t ≤ 1``, proofs in
+  :mod:`tensorcurv.structures.kron_sum.certificates`), ``factors`` (``A_k, G_k ⪰ 0``,
+  :mod:`tensorcurv.structures.kron_sum.psd_factors`) or ``none`` (pure Eckart–Young);
+* solve (``damping_kind``): ``tikhonov`` ``(Ĉ + λI)^{-1}`` (rank 1 exact, else PCG) or ``factored``
+  (π-damping of the dominant term; exact for rank ≤ 2);
+* ``update``: refit the batch, then re-truncate ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` to rank r.
 
-**PSD** (``psd``): a rank ≥ 2 truncated SVD is in general indefinite (DESIGN §7), which breaks
-``(Ĉ + λI)^{-1}`` for small ``λ``. ``shrink`` (default) keeps the Kronecker-sum form and makes
-``Ĉ`` provably PSD without eigendecompositions where a certificate exists (an ``eigh`` of a
-1024 x 1024 factor costs about 5 K-FAC factor computations, a Cholesky 0.15):
-
-* rank 1: the leading pair of ``R(C)`` is PSD (``R(C)`` maps the PSD cone into itself;
-  Perron–Frobenius / Krein–Rutman), and a rank-1 fit proves it for free (one-signed sample
-  weights: ``A = Σ_s w_s a_s a_sᵀ`` with ``w ≥ 0``), else a Cholesky of ``A + ε tr(A)/n I``
-  proves it up to rounding; only if both fail are ``A_1, G_1`` clipped by ``eigh``.
-* rank ≥ 2: ``A_1, G_1`` are made PD (kept if they have a Cholesky factor, else lifted by
-  ``ε tr/d``, ``ε = max(1e-10, 1000·eps)``; the fallback clips eigenvalues to ``ε λ_max``) and the
-  other terms are scaled by the largest ``t ∈ [0, 1]`` with ``A_1 ⊗ G_1 + t Σ_{k≥2} A_k ⊗ G_k ⪰ 0``.
-  In the congruence basis of ``A_1 ⊗ G_1`` that block is ``I + t Σ Ã_k ⊗ G̃_k``: for rank 2
-  ``t = min(1, 1/max(−λ_i(Ã_2) λ_j(G̃_2)))``; for rank ≥ 3 the sufficient
-  ``t = min(1, 1/Σ_k ρ(Ã_k) ρ(G̃_k))``. The extreme eigenvalues of ``Ã_k = L⁻¹ A_k L⁻ᵀ`` are
-  Lanczos estimates widened until ``hi·A_1 − A_k`` and ``A_k − lo·A_1`` have Cholesky factors
-  (a proof; ``t`` is then at most ~1% below the exact largest one); antisymmetric pairs (T > 1)
-  or failed certificates fall back to ``eigh`` whitening and ``eigvalsh`` (exact ``t``).
-  ``t = 1`` (nothing changes) when the fit is already PSD. ``last_fit["psd_method"]`` says which.
-* sample-space certificate (``psd_proof="samples"``; the ``auto`` default for rank ≥ 3 fitted by the
-  ``gram`` route): that fit builds every term from sample weights, ``A_k ⊗ G_k = Σ_{s,u} ca_sk cg_uk
-  (a_s ⊗ g_u)(a_s ⊗ g_u)ᵀ``, so ``A_1 ⊗ G_1 + t Σ_{k≥2} A_k ⊗ G_k`` is a combination of rank-one PSD
-  matrices with the ``N x N`` weights ``P_1 + t Q`` (``P_1 = ca_1 cg_1ᵀ``, ``Q = Σ_{k≥2} ca_k cg_kᵀ``).
-  The largest ``t`` with ``P_1 + t Q ≥ 0`` entrywise is a proof of PSD at ``O(N² r)`` cost (no
-  factorization; sufficient, not necessary). On the 1024-wide MLP it gives ``t ≈ 0.14`` at rank 4
-  (the spectral sufficient bound: 0.08–0.11, at 5–20× the cost) and ``t ≈ 0.25`` at rank 2
-  (spectral, nearly exact: 0.35); on small layers (≤ 256 wide) it can be far below the spectral
-  bound (0.05 vs 0.5 on a 30x13 layer at N = 600). Hence ``auto``: rank ≥ 3 samples, and also the
-  (then cheap) spectral proof when both factors are ≤ ``SPECTRAL_MAX_DIM`` = 256 wide, the larger
-  ``t`` wins; rank 2 spectral (samples if the spectral certificate fails). It holds in exact
-  arithmetic for the computed weights (checked in float64); the float32 weighted covariances add
-  rounding of order ``eps·N`` relative, as for any certificate here.
-  Running averages (``update``): see below.
-* small blocks (``n·m ≤ DENSE_PROOF_MAX_DIM`` = 1024, what ``auto`` takes there at every rank ≥ 2;
-  ``psd_proof="dense"`` up to ``n·m ≤ 4096``, ≈ 2 s): the *exact* largest ``t`` from one dense
-  ``eigvalsh`` of the whitened ``Q = Σ_{k≥2} Ã_k ⊗ G̃_k`` on the ranges of ``A_1``, ``G_1`` (which may be singular: the g-side
-  factors of a cross-entropy GGN share the softmax null vector ``1``, constant input features give
-  ``A`` a null space — the spectral proof then collapses to ``t ≈ 0``). On the digits logistic
-  regression (65 x 10) the certified bounds gave ``t`` = 0.16 / 0.07 / 0.03 / 2e-8 at rank
-  4 / 8 / 32 / 55 against the exact 0.58 / 0.64 / 0.94 / 1.
-
-``factors`` (opt-in): every ``A_k, G_k ⪰ 0`` (so ``Ĉ ⪰ 0``), least squares on ``R(C)`` from the rank-1 fit, one
-term added at a time (error non-increasing in r): :mod:`tensorcurv.structures.kron_sum.psd_factors`. ``update`` refits the batch,
-then fits the mix ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` on its 2r PSD factors as atoms.
-
-``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
-
-**Solve** (``damping_kind``):
-
-* ``tikhonov`` (default) ``(Ĉ + λI)^{-1}``: rank 1 exact by eigendecompositions; rank ≥ 2 by PCG
-  with the structure's matvec (relative tolerance ``pcg_tol``), preconditioned for rank 2 by the
-  exact factored-damped solve below, for rank ≥ 3 by the damped dominant term ``A_1 ⊗ G_1 + λI``.
-* ``factored``: ``(A_1 + π√λ I) ⊗ (G_1 + √λ/π I) + Σ_{k≥2} A_k ⊗ G_k`` (K-FAC's π-damping on the
-  dominant term). Rank 1: exact; rank 2: exact by simultaneous diagonalization (generalized
-  symmetric eigenproblems of ``(A_1 + π√λ I, A_2)`` and ``(G_1 + √λ/π I, G_2)``); rank ≥ 3: PCG.
-
-``exact_solve`` (instance attribute) is True for rank 1, and for rank 2 with ``factored``.
-
-**update** (running average): refit the batch warm-started from the current factors, then
-re-truncate ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` (a 2r-term Kronecker sum) to rank r through the
-``2r x 2r`` Gram matrices of the factors (exact truncated SVD of that sum), then apply ``psd``.
-Interval certificate (rank ≥ 3 with ``psd_proof`` ``auto``/``samples``, rank 2 with ``samples``; needs a
-Gram-route batch fit with one-signed leading sample weights and the old state's certified intervals):
-
-* the batch fit is first made PSD by its sample-space certificate (tail scaled by ``t_b``), so the
-  mix ``M = decay·Ĉ_old + (1−decay)·Ĉ_batch`` is PSD (two PSD terms);
-* every kept or discarded factor of the recompression is ``Σ_i c_ik F_i`` over the 2r inputs. Its
-  old-state part is bounded by interval arithmetic on the stored intervals ``lo_i F_1 ⪯ F_i ⪯ hi_i F_1``
-  (certified by the previous step's proof). Its batch part is a sample combination ``Σ_s β_sk S_s``, so
-  it lies exactly between ``min_s β_sk/β_s1`` and ``max_s β_sk/β_s1`` times ``Σ_s β_s1 S_s``. Hence a PSD
-  ``B ⪯ A'_1`` (and ``B_G ⪯ G'_1``) and intervals ``l_k B ⪯ F'_k ⪯ h_k B`` (:func:`mixed_intervals`);
-* two proofs follow, the larger ``t`` is used. Kept terms: ``t = 1/Σ_{k≥2} ν_k`` (``ν_k`` the most
-  negative product of the pair's interval endpoints). Discarded terms ``D = M − M_r``: ``Ĉ(t) =
-  (1−t) A'_1⊗G'_1 + t (M − D) ⪰ (1 − t − t Σ_{i>r} ν_i) B_A⊗B_G``, so ``t = 1/(1 + Σ_{i>r} ν_i)``;
-* no factorization: ``O(N r²)`` plus the ``N x N`` batch certificate. It is accepted when its ``t`` is at
-  least ``INTERVAL_ACCEPT`` (0.5) times the current ``t``, else the spectral proof runs (it also stores
-  its intervals). Measured on the 1024-wide MLP (rank 4, decay 0.95): the first update after a fit
-  gets ``t ≈ 0.39`` (the fit's sample proof: 0.135) at 2–6 ms. Later updates fall back to the spectral
-  proof, which then gives ``t = 1``: the old state's tail is already shrunk, and the interval bounds
-  (0.06–0.3) are far looser. The bounds are loose because the batch part of ``G'_k`` is bounded against
-  the batch's small share of ``G'_1``.
+The mathematics (fit routes, stopping rule, PSD certificates, interval proofs): docs/structures/kron_sum.md.
 """
 from __future__ import annotations
 

@@ -2,27 +2,12 @@
 
     Ĉ[(r_1..r_D), (c_1..c_D)] = Σ_b Π_l core_l[b_{l-1}, r_l, c_l, b_l],   core_l: (ρ_{l-1}, x_l, x_l, ρ_l)
 
-with modes ``(n_1..n_d, m_1..m_e)`` (the ``torch.kron`` ordering of the column-major vec). Fitted by
-one-site ALS sweeps (Holtz, Rohwedder & Schneider 2012) whose contractions of ``𝒯`` with all other
-cores are computed implicitly from the per-sample factors (``SplitTensor``), stopping on the relative
-change of ``‖Ĉ‖_F²`` (``method="implicit"``); small blocks are formed and fitted by tensorly's TT-SVD instead
-(``method="tensorly"`` / ``"auto"``, see ``tensorcurv/structures/split/dense_fit.py``; ``update`` then averages by the
-same ALS on ``decay·Ĉ_old + (1−decay)·Ĉ_batch``). Two cores (no split) with TT-rank r is the block subspace
-iteration of ``kron_sum(r)`` with ``psd="none"``; all TT-ranks 1 give ``Ĉ = F_1 ⊗ ⋯ ⊗ F_D`` (a Kronecker product
-of the split factors), whose Tikhonov solve is exact through the factors' eigendecompositions
-(``exact_solve`` is then True). The represented operator is the symmetric part ``½(Ĉ + Ĉᵀ)`` (``Ĉᵀ``: every
-core slice ``core_l[b, :, :, b']`` transposed; ``mv`` contracts both on the same cached path), never farther from
-the symmetric ``C``: ``‖C − ½(Ĉ+Ĉᵀ)‖_F ≤ ‖C − Ĉ‖_F`` (orthogonal projection onto symmetric matrices, ``C`` in
-its range). For TT-ranks all 1 the factors themselves are kept symmetric, which is exact: ALS started from
-symmetric ``F_l`` stays symmetric (each update contracts the transposition-invariant ``𝒯`` with symmetric
-factors), so ``Ĉ = ⊗F_l = Ĉᵀ`` and the eigen solve stays exact; the final symmetrization only removes
-rounding. Otherwise ``solve`` is PCG on ``Ĉ + λI`` preconditioned by the
-Kronecker product of the partial traces. ``update`` refits warm-started from the current cores and
-averages ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` by one more ALS sweep on that sum (exact TT algebra).
-PSD (``psd``): as ``tucker`` (its module doc): ``shift`` (default) adds ``μI``, ``μ = max(0, −λ_min)``, by
-Lanczos, or for TT-ranks all 1 exactly as the least product of one extreme eigenvalue per factor
-(``λ(⊗F_l) = Π_l λ(F_l)``), the eigen solve then at damping ``λ + μ``; ``none``: the unconstrained fit,
-whose PCG may fall back to the preconditioner solve (``last_solve["fallback"]``).
+with modes ``(n_1..n_d, m_1..m_e)`` (``torch.kron`` ordering of the column-major vec), fitted by one-site
+ALS sweeps on implicit contractions (small blocks: tensorly's TT-SVD). Two cores with TT-rank r is
+``kron_sum(r)`` with ``psd="none"``; all TT-ranks 1 give ``F_1 ⊗ ⋯ ⊗ F_D``, solved exactly by eigen-
+decompositions. Otherwise ``solve`` is PCG on the symmetric part plus ``(λ + μ)I`` (``psd`` as ``tucker``).
+
+The mathematics: docs/structures/tt.md.
 """
 from __future__ import annotations
 

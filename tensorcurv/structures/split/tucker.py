@@ -1,39 +1,16 @@
 """``tucker``: the rearranged block as a higher-order tensor in Tucker form.
 
-Split the indices ``n = n_1⋯n_d`` (``splits_in``), ``m = m_1⋯m_e`` (``splits_out``), row-major, so that
-``C = ⊗``-ordered over the modes ``(n_1, …, n_d, m_1, …, m_e)`` (the ``torch.kron(A_1, …, G_1, …)``
-ordering of the column-major vec). The block becomes a tensor ``𝒯`` with one mode of size ``x_l²``
-per index factor (the pair ``(row, column)`` of that factor), and
+With the indices split ``n = n_1⋯n_d`` (``splits_in``) and ``m = m_1⋯m_e`` (``splits_out``), the block
+becomes a tensor ``𝒯`` with one mode of size ``x_l²`` per index factor (``torch.kron`` ordering of the
+column-major vec), and
 
     𝒯 ≈ 𝒢 ×_1 U_1 ⋯ ×_D U_D,    U_l: (x_l², p_l) orthonormal,  𝒢: (p_1, …, p_D)
 
-fitted by HOOI whose contractions ``𝒯 ×_{k≠l} U_kᵀ`` are computed implicitly from the per-sample
-factors (``𝒯 = scale Σ_q Γ_q ⊗ Γ_q`` with ``Γ_q = a_s ⊗ g_sk`` for ``T = 1`` or the per-sample
-gradient for ``T > 1``), never forming ``C``; opt_einsum picks the contraction order
-(``method="implicit"``; small blocks are formed and fitted by tensorly's HOOI instead, ``method="tensorly"``
-or ``"auto"``, see ``tensorcurv/structures/split/dense_fit.py``). Full multilinear ranks reproduce ``C``. ``mv``
-contracts the format with ``V`` directly; ``solve`` is PCG
-on ``Ĉ + λI`` preconditioned by the Kronecker product of the partial traces of ``Ĉ`` (exact
-Tikhonov damping, not exact: ``exact_solve = False``). The fitted ``Ĉ`` need not be symmetric (``C`` is), so
-the represented operator is ``½(Ĉ + Ĉᵀ)``: ``Ĉᵀ`` is the same format with every ``U_l`` slice transposed
-(``x_l x x_l``), so ``mv`` adds one contraction on the same cached path and ``to_dense`` returns the symmetric
-part. No accuracy is lost: symmetrization is the orthogonal projection onto symmetric matrices and ``C`` is
-symmetric, so ``‖C − ½(Ĉ+Ĉᵀ)‖_F = ‖½(C−Ĉ) + ½(C−Ĉ)ᵀ‖_F ≤ ‖C − Ĉ‖_F``. ``update``: EMA of the batch tensors
-projected on the refitted factors is not defined cheaply, so ``update`` refits on the batch
-warm-started from the previous factors and averages the *dense-free* core after projecting the old
-approximation onto the new factors (``𝒢 ← decay·𝒢_old ×_l (U_lᵀU_l^old) + (1−decay)·𝒢_batch``).
+fitted by HOOI on implicit contractions (small blocks: formed and fitted by tensorly, ``dense_fit.py``).
+The operator is the symmetric part ``½(Ĉ + Ĉᵀ)``; ``psd="shift"`` (default) adds ``μI``,
+``μ = max(0, −λ_min)``. ``solve``: PCG on ``Ĉ + (λ + μ)I`` (exact Tikhonov damping; ``exact_solve = False``).
 
-**PSD** (``psd``, shared with ``tt``): the fitted ``½(Ĉ + Ĉᵀ)`` is indefinite in general (its modes span
-non-symmetric, indefinite matrices, and HOOI/ALS minimize the Frobenius error without a sign constraint).
-``shift`` (default) represents ``Ĉ₊ = ½(Ĉ + Ĉᵀ) + μI`` with ``μ = max(0, −λ_min)``, ``λ_min`` from Lanczos on
-``mv`` (:func:`lanczos_lower_bound`: the least Ritz value minus its residual; exact for TT-ranks all 1). The
-format itself is unchanged (``μ`` is one number, also in ``state_dict``), ``Ĉ₊ ⪰ 0`` up to the Lanczos estimate,
-and the solve ``(Ĉ₊ + λI)^{-1}`` is PCG at damping ``λ + μ``: a real damped inverse. Cost in accuracy: by
-Weyl, ``μ ≤ ‖C − Ĉ‖₂`` (``C ⪰ 0``), so the spectral error at most doubles; the Frobenius error can grow by
-up to ``μ √(mn)`` (measured: ``scripts/tucker_tt_psd.py``, reports/tucker_tt_psd.md). ``none``: the
-unconstrained fit; where PCG then meets negative curvature, non-finite numbers or stalls, ``solve`` returns
-the damped PSD preconditioner solve instead and says so in ``last_solve["fallback"]``
-(:func:`tensorcurv.linalg.krylov.pcg_or_fallback`; also the safety net of ``shift``).
+The mathematics (fit, symmetry, PSD shift, running average): docs/structures/tucker.md.
 """
 from __future__ import annotations
 

@@ -1,0 +1,237 @@
+"""The PNG figures of a study report, drawn in the style of :mod:`tensorcurv.plotting` from the tables of
+:func:`tensorcurv.study.metrics.run_study` (or :func:`tensorcurv.study.tables.read_result`).
+
+    python -m tensorcurv.study.figures reports/study_digits_mlp   # re-draw from the CSVs, report.md untouched
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from tensorcurv import plotting
+from tensorcurv.study.tables import (
+    MODEL,
+    as_float,
+    damping_columns,
+    final_step,
+    kinds_of,
+    pareto_rows,
+    rank_value,
+    read_result,
+    valid_rows,
+)
+
+FIGURES = {
+    "error_vs_rank": "Relative Frobenius error vs rank (final checkpoint), with the optimal rank-r Kronecker-sum floor",
+    "error_vs_memory": "Block-diagonal relative Frobenius error vs memory, Pareto front (final checkpoint)",
+    "error_over_training": "Block-diagonal relative Frobenius error at the checkpoints of the run",
+    "spectrum": "Eigenvalues of the exact block vs each structure (chosen layer, final checkpoint)",
+    "inverse_vs_damping": "Cosine between (Ĉ+λI)⁻¹g and (C+λI)⁻¹g vs damping λ/(tr C/dim): whole model (top), "
+                          "the spectrum layer (bottom)",
+}
+
+
+def _variant_styles(rows) -> dict[str, dict]:
+    """Colour per structure, marker and line style per variant of that structure."""
+    groups = {r["variant"]: r["structure"] for r in rows}
+    return plotting.series_styles(groups, groups)
+
+
+def fig_error_vs_rank(metrics, floor, path: Path):
+    """One panel per (kind, layer): relative Frobenius error vs rank for the ranked structures, the
+    optimal rank-r floor (black dashes), K-FAC at rank 1 and the rank-free structures as dotted lines."""
+    rows = valid_rows(metrics)
+    step = final_step(rows)
+    kinds = kinds_of(rows)
+    layers = [lay for lay in dict.fromkeys(r["layer"] for r in rows) if lay != MODEL]
+    structures = list(dict.fromkeys(r["structure"] for r in rows))
+    styles = plotting.series_styles(structures)
+    with plotting.style():
+        fig, axes = plotting.subplots(len(kinds), len(layers), sharex=True,
+                                      figsize=(3.4 * len(layers), 2.7 * len(kinds) + 0.8))
+        for i, kind in enumerate(kinds):
+            for j, layer in enumerate(layers):
+                ax = axes[i][j]
+                sel = [r for r in rows if r["step"] == step and r["kind"] == kind and r["layer"] == layer]
+                fl = sorted((r["rank"], r["floor"]) for r in floor if r["step"] == step and r["kind"] == kind
+                            and r["layer"] == layer)
+                if fl:
+                    ax.plot([x for x, _ in fl], [y for _, y in fl], ls="--", color=plotting.REFERENCE, lw=1.5,
+                            label="floor (optimal rank-r)")
+                for s in dict.fromkeys(r["structure"] for r in sel):
+                    st = styles[s]
+                    pts = sorted((rank_value(r), as_float(r["fro_rel"])) for r in sel if r["structure"] == s)
+                    pts = [p for p in pts if math.isfinite(p[0])]
+                    y = [as_float(r["fro_rel"]) for r in sel if r["structure"] == s]
+                    if len(pts) > 1:
+                        ax.plot(*zip(*pts), color=st["color"], marker=st["marker"], ms=4, label=s)
+                    elif s == "kfac" and y:
+                        ax.plot([1], [y[0]], ls="none", color=st["color"], marker=st["marker"], ms=6,
+                                label="kfac (rank 1)")
+                    elif len(pts) == 1:
+                        ax.plot(*pts[0], ls="none", color=st["color"], marker=st["marker"], ms=6, label=s)
+                    elif y and s in ("diagonal", "ekfac"):
+                        ax.axhline(min(y), color=st["color"], ls=":", lw=1.4, label=f"{s} (no rank)")
+                r0 = sel[0] if sel else {}
+                ax.set_title(f"{kind} · layer {layer} ({r0.get('m', '')}×{r0.get('n', '')})", fontsize=9)
+                ax.set_ylim(bottom=0)
+                if j == 0:
+                    ax.set_ylabel("‖C−Ĉ‖_F / ‖C‖_F")
+                if i == len(kinds) - 1:
+                    ax.set_xlabel("rank")
+        plotting.legend_outside(fig, axes, where="bottom", ncols=7)
+        fig.suptitle(f"Frobenius error vs rank at step {step}  (x: kron_sum rank; Tucker/TT: their largest rank)")
+        plotting.save(fig, path)
+    return fig
+
+
+def fig_error_vs_memory(metrics, path: Path):
+    """One panel per kind: model-level error vs memory, one marker per variant (legend), the Pareto front
+    as a black staircase with its points ringed."""
+    rows = valid_rows(metrics)
+    step = final_step(rows)
+    kinds = kinds_of(rows)
+    styles = _variant_styles([r for r in rows if r["layer"] == MODEL])
+    with plotting.style():
+        fig, axes = plotting.subplots(1, len(kinds), figsize=(4.4 * len(kinds) + 1.8, 3.9), sharey=True)
+        for ax, kind in zip(axes[0], kinds):
+            sel, front = pareto_rows(rows, kind, step)
+            if front:
+                fx = [as_float(sel[i]["nbytes"]) for i in front]
+                fy = [as_float(sel[i]["fro_rel"]) for i in front]
+                ax.step(fx, fy, where="post", color=plotting.REFERENCE, lw=1.1, zorder=2, label="Pareto front")
+                ax.plot(fx, fy, ls="none", marker="o", ms=11, mfc="none", mec=plotting.REFERENCE, mew=1.0, zorder=2,
+                        label="on the front")
+            for r in sel:
+                st = styles[r["variant"]]
+                ax.plot(as_float(r["nbytes"]), as_float(r["fro_rel"]), ls="none", marker=st["marker"],
+                        color=st["color"], ms=6, zorder=3, label=r["variant"])
+            plotting.log_limits(ax, [as_float(r["nbytes"]) for r in sel], axis="x")
+            ax.set_xlabel("memory of Ĉ (bytes, all layers)")
+            ax.set_title(f"{kind}, step {step}")
+        axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
+        plotting.legend_outside(fig, axes)
+        plotting.save(fig, path)
+    return fig
+
+
+def fig_error_over_training(metrics, path: Path):
+    """One panel per kind: model-level error of every variant at the checkpoints."""
+    rows = [r for r in valid_rows(metrics) if r["layer"] == MODEL]
+    kinds = kinds_of(rows)
+    styles = _variant_styles(rows)
+    with plotting.style():
+        fig, axes = plotting.subplots(1, len(kinds), figsize=(4.2 * len(kinds) + 1.8, 3.8), sharey=True)
+        for ax, kind in zip(axes[0], kinds):
+            for v, st in styles.items():
+                pts = sorted((r["step"], as_float(r["fro_rel"])) for r in rows
+                             if r["kind"] == kind and r["variant"] == v)
+                if pts:
+                    ax.plot(*zip(*pts), ms=4, label=v, **st)
+            ax.set_title(kind)
+            ax.set_xlabel("training step")
+        axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
+        plotting.legend_outside(fig, axes)
+        plotting.save(fig, path)
+    return fig
+
+
+def fig_spectrum(spectra, path: Path):
+    """One panel per kind: the positive eigenvalues (descending) of the exact block (thick black) and of
+    each structure at the chosen layer, log scale with limits containing every plotted eigenvalue."""
+    step = final_step(spectra)
+    kinds = kinds_of(spectra)
+    sel = [r for r in spectra if r["step"] == step]
+    layer = sel[0]["layer"] if sel else ""
+    labels = [v for v in dict.fromkeys(r["structure"] for r in sel) if v != "exact"]
+    styles = plotting.series_styles(labels, {v: v.split("(")[0] for v in labels})
+    with plotting.style():
+        fig, axes = plotting.subplots(1, len(kinds), figsize=(4.4 * len(kinds) + 1.8, 3.8))
+        for ax, kind in zip(axes[0], kinds):
+            shown = []
+            ex = [e for e in (r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == "exact")
+                  if e > 0]
+            ax.plot(range(1, len(ex) + 1), ex, color=plotting.REFERENCE, lw=3.2, alpha=0.45, zorder=2,
+                    label="exact C")
+            shown += ex
+            for v in labels:
+                ev = [e for e in (r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == v) if e > 0]
+                if ev:
+                    ax.plot(range(1, len(ev) + 1), ev, lw=1.0, ms=3.5, markevery=max(1, len(ev) // 8), zorder=3,
+                            label=v, **styles[v])
+                    shown += ev
+            if shown:
+                plotting.log_limits(ax, shown)
+            ax.set_title(f"{kind} · layer {layer} · step {step}")
+            ax.set_xlabel("index (descending)")
+        axes[0][0].set_ylabel("eigenvalue (positive part)")
+        plotting.legend_outside(fig, axes)
+        plotting.save(fig, path)
+    return fig
+
+
+def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
+    """Top row: whole model vs the full ``(C+λI)⁻¹g``; bottom row: one layer vs its exact block."""
+    ok = valid_rows(metrics)
+    step = final_step(ok)
+    ok = [r for r in ok if r["step"] == step]
+    layers = [lay for lay in dict.fromkeys(r["layer"] for r in ok) if lay != MODEL]
+    layer = layer if layer in layers else (layers[0] if layers else None)
+    kinds = kinds_of(ok)
+    styles = _variant_styles(ok)
+    damp = damping_columns(ok)
+    panels = [(MODEL, "whole model")] + ([(layer, f"layer {layer}")] if layer else [])
+    with plotting.style():
+        fig, axes = plotting.subplots(len(panels), len(kinds), sharey=True, sharex=True,
+                                      figsize=(4.2 * len(kinds) + 1.8, 3.4 * len(panels)))
+        for i, (lay, what) in enumerate(panels):
+            for ax, kind in zip(axes[i], kinds):
+                for v, st in styles.items():
+                    r = next((r for r in ok if r["kind"] == kind and r["variant"] == v and r["layer"] == lay), None)
+                    if r is None:
+                        continue
+                    ax.plot([d for d, _ in damp], [as_float(r.get(f"cos@{t}")) for _, t in damp], ms=4, label=v, **st)
+                ax.set_xscale("log")
+                ax.set_title(f"{kind} · {what} · step {step}", fontsize=9)
+                if i == len(panels) - 1:
+                    ax.set_xlabel("λ / (tr C / dim)")
+            axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
+        plotting.legend_outside(fig, axes)
+        fig.suptitle("top: whole model against the full (C+λI)⁻¹g, cross-layer blocks in C"
+                     + (f"; bottom: layer {layer} against its exact block" if layer else ""), fontsize=9.5)
+        plotting.save(fig, path)
+    return fig
+
+
+def write_figures(result: Mapping[str, list[dict]], out_dir: str | Path) -> list[Path]:
+    """Draw the PNG figures of :data:`FIGURES` into ``out_dir`` from a study's tables (those of
+    :func:`tensorcurv.study.metrics.run_study` or :func:`read_result`); returns their paths."""
+    out = Path(out_dir)
+    metrics, floor, spectra = result["metrics"], result.get("floor", []), result.get("spectra", [])
+    spectra_layers = [r["layer"] for r in spectra]
+    fig_error_vs_rank(metrics, floor, out / "error_vs_rank.png")
+    fig_error_vs_memory(metrics, out / "error_vs_memory.png")
+    fig_error_over_training(metrics, out / "error_over_training.png")
+    fig_spectrum(spectra, out / "spectrum.png")
+    fig_inverse_vs_damping(metrics, out / "inverse_vs_damping.png", spectra_layers[0] if spectra_layers else None)
+    return [out / f"{name}.png" for name in FIGURES]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m tensorcurv.study.figures DIR...``: re-draw the PNG figures of each report directory from
+    its CSVs, leaving ``report.md`` and the CSVs untouched (``scripts/study.py render_only=true`` also
+    re-renders ``report.md``, from the CSVs' 6 significant digits)."""
+    import sys
+
+    dirs = list(sys.argv[1:] if argv is None else argv)
+    if not dirs:
+        raise SystemExit("usage: python -m tensorcurv.study.figures REPORT_DIR [REPORT_DIR ...]")
+    for d in dirs:
+        for path in write_figures(read_result(d), d):
+            print(f"re-drew {path}")
+
+
+if __name__ == "__main__":
+    main()
+
