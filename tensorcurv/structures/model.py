@@ -114,8 +114,8 @@ class ModelStructure(ABC):
         check_state_finite(self.blocks)
         bad = nonfinite(self.tensors().items())
         if bad:
-            raise NonFiniteError(f"the fitted curvature of the coarse level is non-finite (in {sorted(bad)}); "
-                                 "the update was undone")
+            raise NonFiniteError(f"the fitted {self.name} curvature shared by the layers is non-finite (in "
+                                 f"{sorted(bad)}); the update was undone")
 
     # ------------------------------------------------------------------ state
     @abstractmethod
