@@ -1,4 +1,8 @@
-"""Model-level curvature: one structure per covered layer, capture, and the whole-model solve.
+"""Model-level curvature: capture, one model structure over the covered layers, and the whole-model solve.
+
+``curv.model_structure`` is the registry entry's model-level operator
+(:mod:`tensorcurv.structures.model`): the layer structures side by side (``BlockDiagonal``), or a
+structure that couples them (``two_level``); ``curv.blocks`` are its layer blocks either way.
 
     curv = Curvature(model, structure="kfac", kind="ggn", **structure_hparams)
     curv.update(inputs, targets, loss_fn)    # capture + fit (or running average) every block
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,8 +45,8 @@ from tensorcurv.core.capture import CaptureResult, capture, check_kind
 from tensorcurv.core.layers import LayerAdapter, adapter_for
 from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.core.stats import SUPPORTED_DTYPES, NonFiniteError
-from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, check_damping, check_decay,
-                                        check_state_finite, fit_blocks, nonfinite)
+from tensorcurv.structures.base import NOT_FITTED, NotFittedError, check_damping, check_decay, nonfinite
+from tensorcurv.structures.model import ModelStructure
 
 FALLBACKS = ("identity", "diagonal")
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -82,7 +86,8 @@ def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
 
 
 class Curvature:
-    """Block-diagonal curvature of a model, one :class:`~tensorcurv.structures.Structure` per layer."""
+    """Curvature of a model: a :class:`~tensorcurv.structures.model.ModelStructure` over its covered
+    layers (one :class:`~tensorcurv.structures.Structure` per layer in ``blocks``) plus the fallback."""
 
     def __init__(
         self,
@@ -150,14 +155,10 @@ class Curvature:
         self.params = [p for _, p in self.named_params]
         self._uncovered = [(n, p) for n, p in self.named_params if id(p) not in covered]
         shapes = {name: a.shape() for name, a in self.adapters.items()}
-        if cls.scope == "model":
-            self.model_structure = cls(shapes, hparams)
-            self.blocks: dict[str, structures.Structure] = self.model_structure.blocks
-        else:
-            self.model_structure = None
-            self.blocks = {name: cls(shape, hparams) for name, shape in shapes.items()}
-        # optional batched cache refresh of many blocks before a solve (e.g. KFAC.refresh)
-        self._refresh = getattr(cls, "refresh", None) if cls.scope != "model" else None
+        #: the model-level operator: the layer blocks side by side (``BlockDiagonal``), or a structure
+        #: that couples them (``two_level``)
+        self.model_structure: ModelStructure = cls.for_model(shapes, hparams)
+        self.blocks: dict[str, structures.Structure] = self.model_structure.blocks
         self.fallback_diag: dict[str, Tensor] = {}
         self._batch_norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
         self.last_capture_time = 0.0
@@ -244,13 +245,10 @@ class Curvature:
             st.check_finite()  # all layers checked before any block changes
         t0 = time.perf_counter()
         with self._all_or_nothing():
-            if self.model_structure is not None:
-                if decay is None:
-                    self.model_structure.fit(stats)
-                else:
-                    self.model_structure.update(stats, decay)
+            if decay is None:
+                self.model_structure.fit(stats)
             else:
-                fit_blocks(self.blocks, stats, decay)
+                self.model_structure.update(stats, decay)
         self.last_fit_time = time.perf_counter() - t0
 
     @contextmanager
@@ -261,21 +259,17 @@ class Curvature:
         if self._transaction_depth:
             yield
             return
-        owners = ([self.model_structure] if self.model_structure is not None else []) + list(self.blocks.values())
-        snaps = [(s, s.snapshot()) for s in owners]
+        snap = self.model_structure.snapshot()
         fallback_diag = dict(self.fallback_diag)
         self._transaction_depth += 1
         try:
             yield
-            check_state_finite(self.blocks)
-            if self.model_structure is not None:
-                check_state_finite({"coarse level": self.model_structure})
+            self.model_structure.check_finite()
             bad = nonfinite(self.fallback_diag.items())
             if bad:
                 raise NonFiniteError(f"the fallback diagonal of {bad} is non-finite; the update was undone")
         except BaseException:
-            for s, snap in snaps:
-                s.restore(snap)
+            self.model_structure.restore(snap)
             self.fallback_diag = fallback_diag
             raise
         finally:
@@ -338,11 +332,12 @@ class Curvature:
             self._layout_cache = (layers, [(n, by_id[id(p)]) for n, p in self._uncovered])
         return self._layout_cache
 
-    def _apply(self, grads, block_op, fallback_op, model_op, split_op=None, out=None):
-        """``op`` on every parameter. Covered layers go through ``[W, b] = adapter.to_matrix``, the block
-        op and ``from_matrix``; with ``split_op(block.solve_split, W, b, out_W, out_b)`` the layers of
-        :meth:`_split_plan` are done on views of the parameter tensors instead (no concatenation or
-        split copies). ``out``: tensors (aligned like ``grads``) to write the result into."""
+    def _apply(self, grads, fallback_op, model_op, split_op=None, out=None):
+        """``op`` on every parameter. Covered layers go through ``[W, b] = adapter.to_matrix``, the
+        model-level ``model_op({layer: [W, b]})`` and ``from_matrix``; with ``split_op(block.solve_split,
+        W, b, out_W, out_b)`` the layers of :meth:`_split_plan` are done on views of the parameter
+        tensors instead (no concatenation or split copies). ``out``: tensors (aligned like ``grads``)
+        to write the result into."""
         as_dict = isinstance(grads, Mapping)
         vecs = self._as_list(grads)
         outs = None
@@ -350,7 +345,7 @@ class Curvature:
             outs = [out[n] for n, _ in self.named_params] if isinstance(out, Mapping) else list(out)
         res: list[Tensor | None] = [None] * len(vecs)
         layers, uncovered = self._layout()
-        if split_op is not None and self.model_structure is None:
+        if split_op is not None:
             split, rest = self._split_plan()
             for fn, iw, ib, shape in split:
                 W = vecs[iw]
@@ -373,11 +368,7 @@ class Curvature:
             rest = layers
         if rest:
             mats = {name: ad.to_matrix([vecs[i] for i in idx]) for name, ad, idx in rest}
-            if self.model_structure is not None:
-                solved = model_op(mats)
-            else:
-                blocks = self.blocks
-                solved = {k: block_op(blocks[k], M) for k, M in mats.items()}
+            solved = model_op(mats)
             for name, ad, idx in rest:
                 for i, t in zip(idx, ad.from_matrix(solved[name])):
                     res[i] = t
@@ -392,14 +383,16 @@ class Curvature:
             return {n: t for (n, _), t in zip(self.named_params, res)}
         return res
 
-    def _split_plan(self) -> tuple[list[tuple[Any, int, int | None, tuple[int, int] | None]], list]:
+    def _split_plan(self) -> tuple[list[tuple[Callable[..., None], int, int | None, tuple[int, ...] | None]], list]:
         """Built once: ``(block.solve_split, weight index, bias index or None, 2-D view shape or None)``
-        for every layer whose block has ``solve_split`` and whose adapter has a
-        ``weight_matrix_shape``; the other layers (``_layout`` rows) take the ``[W, b]`` path."""
+        for every layer the model structure solves alone with a copy-free ``solve_split``
+        (``ModelStructure.split_solvers``) and whose adapter has a ``weight_matrix_shape``; the other
+        layers (``_layout`` rows) take the ``[W, b]`` path."""
         if getattr(self, "_split_cache", None) is None:
             split, rest = [], []
+            solvers = self.model_structure.split_solvers()
             for name, ad, idx in self._layout()[0]:
-                fn = getattr(self.blocks[name], "solve_split", None)
+                fn = solvers.get(name)
                 shape = ad.weight_matrix_shape()
                 if fn is None or shape is None:
                     rest.append((name, ad, idx))
@@ -409,7 +402,7 @@ class Curvature:
             self._split_cache = (split, rest)
         return self._split_cache
 
-    #: blocks with ``solve_split`` (kfac) read ``W``/``b`` and write the result without the ``[W, b]``
+    #: blocks with ``has_split_solve`` (kfac) read ``W``/``b`` and write the result without the ``[W, b]``
     #: copies; False forces the concatenated path (same values up to rounding)
     split_solve = True
 
@@ -432,11 +425,9 @@ class Curvature:
                 return v / (self.fallback_diag[n] + damping)
             return v
 
-        if self._refresh is not None:  # all stale decompositions at once (batched by factor size)
-            self._refresh(self.blocks.values(), damping)
+        self.model_structure.refresh(damping)  # e.g. all stale decompositions at once (batched by factor size)
         split = (lambda fn, W, b, oW, ob: fn(W, b, damping, oW, ob, False)) if self.split_solve else None
-        res = self._apply(grads, lambda b, M: b.solve(M, damping), fb,
-                          lambda mats: self.model_structure.solve(mats, damping), split, out)
+        res = self._apply(grads, fb, lambda mats: self.model_structure.solve(mats, damping), split, out)
         vals = list(res.values()) if isinstance(res, Mapping) else res
         bad = nonfinite(enumerate(vals))
         if bad:
@@ -461,7 +452,7 @@ class Curvature:
         def fb(n, v):
             return self.fallback_diag[n] * v if self.fallback == "diagonal" else v
 
-        return self._apply(vectors, lambda b, M: b.mv(M), fb, lambda mats: self.model_structure.mv(mats))
+        return self._apply(vectors, fb, self.model_structure.mv)
 
     def _check_fitted(self) -> None:
         if not self.fitted:
@@ -470,29 +461,22 @@ class Curvature:
     # ------------------------------------------------------------------ cost & state
     @property
     def nbytes(self) -> int:
-        if self.model_structure is not None:
-            return self.model_structure.nbytes
-        return sum(b.nbytes for b in self.blocks.values())
+        return self.model_structure.nbytes
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"structure": self.structure, "kind": self.kind, "num_updates": self.num_updates,
-                 "fallback_diag": {k: v.clone() for k, v in self.fallback_diag.items()},
-                 "generator": self.generator.get_state() if self.generator is not None else None}
-        if self.model_structure is not None:
-            state["model_structure"] = self.model_structure.state_dict()
-        else:
-            state["blocks"] = {k: b.state_dict() for k, b in self.blocks.items()}
-        return state
+        return {"structure": self.structure, "kind": self.kind, "num_updates": self.num_updates,
+                "fallback_diag": {k: v.clone() for k, v in self.fallback_diag.items()},
+                "generator": self.generator.get_state() if self.generator is not None else None,
+                "model_structure": self.model_structure.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        keys = ("structure", "kind", "num_updates", "fallback_diag", "generator",
-                "model_structure" if self.model_structure is not None else "blocks")
+        keys = ("structure", "kind", "num_updates", "fallback_diag", "generator", "model_structure")
         missing = [k for k in keys if not isinstance(state, Mapping) or k not in state]
         if missing:
             raise ValueError(f"not a Curvature.state_dict(): missing {missing}")
-        if self.model_structure is None and set(state["blocks"]) != set(self.blocks):
-            raise ValueError(f"state is for the layers {sorted(state['blocks'])}; this curvature covers "
-                             f"{sorted(self.blocks)} (another model?)")
+        if set(state["model_structure"].get("blocks", {})) != set(self.blocks):
+            raise ValueError(f"state is for the layers {sorted(state['model_structure'].get('blocks', {}))}; "
+                             f"this curvature covers {sorted(self.blocks)} (another model?)")
         if state["structure"] != self.structure or state["kind"] != self.kind:
             raise ValueError(f"state is for structure={state['structure']!r}, kind={state['kind']!r}; "
                              f"this curvature is {self.structure!r}, {self.kind!r}")
@@ -500,11 +484,7 @@ class Curvature:
         self.fallback_diag = {k: v.clone() for k, v in state["fallback_diag"].items()}
         if state["generator"] is not None and self.generator is not None:
             self.generator.set_state(state["generator"])
-        if self.model_structure is not None:
-            self.model_structure.load_state_dict(state["model_structure"])
-        else:
-            for k, b in self.blocks.items():
-                b.load_state_dict(state["blocks"][k])
+        self.model_structure.load_state_dict(state["model_structure"])
 
     def __repr__(self) -> str:
         return (f"Curvature(structure={self.structure!r}, kind={self.kind!r}, "

@@ -270,9 +270,10 @@ def test_layers_are_spread_over_both_ranks(ranks):
 def test_float32_communication_is_identical_on_ranks_and_close_to_float64(ranks):
     _, ref = _single("kron_sum", hp=dict(rank=2, tol=1e-12, max_iter=30))
     s0, s1 = ranks[0]["fp32"]["state"], ranks[1]["fp32"]["state"]
-    for k in s0["blocks"]:
-        for tk, t in s0["blocks"][k]["tensors"].items():
-            assert torch.equal(t, s1["blocks"][k]["tensors"][tk])
+    b0, b1 = s0["model_structure"]["blocks"], s1["model_structure"]["blocks"]
+    for k in b0:
+        for tk, t in b0[k]["tensors"].items():
+            assert torch.equal(t, b1[k]["tensors"][tk])
     _assert_blocks_equal("kron_sum", s0, ref, rel=1e-6)
     assert _assert_not_exact(s0, ref)
 
@@ -340,9 +341,9 @@ def test_every_rank_holds_the_owners_whole_structure_state(ranks):
     checkpoint resumes every layer, and the owner's next update takes the single process's route."""
     label = "kron_sum rank 3 interval certificate"
     ref, _ = _single_cached(label)
-    want = ref.state_dict()["blocks"]
+    want = ref.state_dict()["model_structure"]["blocks"]
     for r in range(WORLD):
-        got = ranks[r]["ggn"][label]["ema"]["blocks"]
+        got = ranks[r]["ggn"][label]["ema"]["model_structure"]["blocks"]
         for k in want:
             g, w = _flat_state(got[k]), _flat_state(want[k])
             assert set(g) == set(w) and "generator" in g and "psd_bounds.0" in g

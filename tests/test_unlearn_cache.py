@@ -132,10 +132,10 @@ def test_unconverged_cached_refinement_fails_without_changing_the_model():
     assert torch.equal(cache.obj.theta(), before)
 
 
-def test_cache_rejects_model_scope_structures_and_bad_indices():
+def test_cache_rejects_structures_that_couple_the_layers_and_bad_indices():
     X, y = data()
     model = mlp()
-    with pytest.raises(ValueError, match="model-scope"):
+    with pytest.raises(ValueError, match="couples the layers"):
         CurvatureCache(model, X, y, mu=MU, structure="two_level")
     cache = CurvatureCache(model, X, y, mu=MU)
     with pytest.raises(ValueError, match="out of range"):

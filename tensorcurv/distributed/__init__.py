@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from tensorcurv.distributed.assignment import assign, fit_cost
+from tensorcurv.distributed.assignment import assign
 from tensorcurv.distributed.comm import Comm, default_backend, env_world_size, init, shutdown
 from tensorcurv.distributed.curvature import DistributedCurvature, world_batch
 
@@ -40,5 +40,5 @@ def resolve(model: nn.Module, comm: Any = None) -> tuple[nn.Module, Comm | None]
     return model, comm
 
 
-__all__ = ["Comm", "DistributedCurvature", "assign", "default_backend", "env_world_size", "fit_cost", "init",
+__all__ = ["Comm", "DistributedCurvature", "assign", "default_backend", "env_world_size", "init",
            "resolve", "shutdown", "world_batch"]

@@ -7,32 +7,13 @@
   the currently least-loaded rank (ties: lower rank, then model order). Makespan ≤ 4/3 · optimum.
 
 The costs depend only on shapes and hyper-parameters, so every rank computes the same map without
-communicating. :func:`fit_cost` is the flop estimate of one fit + decomposition of a block of
-weight shape ``(m, n)``.
+communicating: ``Structure.fit_flops`` is the flop estimate of one fit + decomposition of a block.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 STRATEGIES = ("cost", "round_robin")
-
-
-def fit_cost(structure: str, shape: tuple[int, int], hparams: Any = None) -> float:
-    """Flops of the per-layer work that is assigned to one rank (decompositions of the factors).
-
-    ``kfac``/``ekfac``: two eigendecompositions ``≈ 9(n³ + m³)``; ``kron_sum``/``kpsvd``: ``r`` times
-    that (PSD step and solves need r factor pairs); ``dense``: ``9(mn)³``; ``diagonal``: ``mn``;
-    other structures: the Kronecker estimate scaled by their ``rank`` if they have one.
-    """
-    m, n = shape
-    kron = 9.0 * (n ** 3 + m ** 3)
-    if structure == "dense":
-        return 9.0 * float(m * n) ** 3
-    if structure == "diagonal":
-        return float(m * n)
-    rank = getattr(hparams, "rank", 1) if hparams is not None else 1
-    return kron * max(1, int(rank) if isinstance(rank, int) else 1)
 
 
 def assign(costs: Mapping[str, float], world_size: int, strategy: str = "cost") -> dict[str, int]:

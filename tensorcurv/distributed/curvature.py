@@ -6,10 +6,12 @@
     curv.solve(grads, damping=1e-3)          # owners solve their layers, one all-reduce shares them
 
 Fit (``fit_stats``): statistics are re-scaled to the global loss scale and reduced per
-structure as described in :mod:`tensorcurv.distributed.reduce` (moments all-reduced; ``ekfac``
-bases from the owner; any other structure gathered and fitted by its owner, its state broadcast).
-Owners come from :mod:`tensorcurv.distributed.assignment` (``assignment="cost"`` or
-``"round_robin"``), fixed for the run (shapes only), so warm starts stay on one rank.
+structure as described in :mod:`tensorcurv.distributed.reduce` (statistics that add up over
+samples all-reduced, with any shared basis from the owner; any other structure gathered and
+fitted by its owner, its state broadcast; a model structure that couples the layers, ``two_level``,
+gathered and fitted on rank 0). Owners come from :mod:`tensorcurv.distributed.assignment`
+(``assignment="cost"`` or ``"round_robin"``, costs from ``Structure.fit_flops``), fixed for the run
+(shapes only), so warm starts stay on one rank.
 
 Solve (``solve_mode``):
 
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from tensorcurv.core.capture import CaptureResult
 from tensorcurv.curvature import Curvature
 from tensorcurv.distributed import reduce as R
-from tensorcurv.distributed.assignment import assign, fit_cost
+from tensorcurv.distributed.assignment import assign
 from tensorcurv.distributed.comm import Comm
 from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.structures.base import check_damping, check_decay
@@ -61,7 +63,7 @@ class DistributedCurvature(Curvature):
             raise ValueError(f"solve_mode={solve_mode!r} is not one of {list(SOLVE_MODES)}")
         super().__init__(model, structure, kind, **kwargs)
         self.comm, self.solve_mode, self.assignment = comm, solve_mode, assignment
-        costs = {name: fit_cost(b.name, b.shape, b.hparams) for name, b in self.blocks.items()}
+        costs = {name: b.fit_flops() for name, b in self.blocks.items()}
         self.owner: dict[str, int] = assign(costs, comm.world_size, assignment)
         self._reduction: str | None = None
         self.last_comm_time = 0.0
@@ -108,52 +110,28 @@ class DistributedCurvature(Curvature):
         st_g = {k: R.with_scale(st, scale) for k, st in stats.items()}
         bytes0, secs0 = comm.bytes, comm.seconds
         t0 = time.perf_counter()
-        if self.model_structure is not None:
-            self._fit_model_scope(st_g, sizes, decay)
-        else:
+        if self.model_structure.block_diagonal:
             self._fit_layers(st_g, sizes, n_local, n_global, decay)
+        else:
+            self._fit_coupled(st_g, sizes, decay)
         self.last_fit_time = time.perf_counter() - t0
         self.last_comm_time = comm.seconds - secs0
         self.last_comm_bytes = comm.bytes - bytes0
 
     def _fit_layers(self, st, sizes, n_local, n_global, decay) -> None:
         comm, blocks = self.comm, self.blocks
-        plans = {k: R.plan_for(b.name) for k, b in blocks.items()}
-        # 1. one all-reduce: moment structures' batch tensors and ekfac's factors
-        keys, parts = [], []
-        for k, b in blocks.items():
-            if plans[k] in ("moments", "eigenbasis"):
-                fn = R.moment_partials if plans[k] == "moments" else R.kron_partials
-                for tk, t in fn(b, st[k], n_local, n_global).items():
-                    keys.append((k, tk))
-                    parts.append(t)
-        reduced: dict[str, dict[str, Tensor]] = {}
-        for (k, tk), t in zip(keys, comm.all_reduce(parts)):
-            reduced.setdefault(k, {})[tk] = t
-        for k, b in blocks.items():
-            if plans[k] == "moments":
-                R.install(b, reduced[k], decay)
-        # 2. ekfac: owners eigendecompose, broadcast bases; one all-reduce of the projected cores
-        eig = [k for k in blocks if plans[k] == "eigenbasis"]
-        if eig:
-            factors = {k: R.ekfac_factors(blocks[k], reduced[k]["A"], reduced[k]["G"], decay) for k in eig}
-            bases: dict[str, tuple[Tensor, Tensor]] = {}
-            for r in range(comm.world_size):
-                mine = [k for k in eig if self.owner[k] == r]
-                if not mine:
-                    continue
-                if comm.rank == r:
-                    local = [t for k in mine for t in R.eigenbases(*factors[k])]
-                else:
-                    local = [torch.empty_like(factors[k][i]) for k in mine for i in (0, 1)]
-                got = comm.broadcast(local, src=r)
-                for j, k in enumerate(mine):
-                    bases[k] = (got[2 * j], got[2 * j + 1])
-            cores = comm.all_reduce([R.ekfac_core_partial(blocks[k], st[k], *bases[k]) for k in eig])
-            for k, S_b in zip(eig, cores):
-                R.ekfac_install(blocks[k], *factors[k], *bases[k], S_b, decay)
+        # 1. one all-reduce of every additive structure's batch tensors (Structure.additive_statistics)
+        parts = {k: b.additive_statistics(st[k], n_local / n_global) for k, b in blocks.items()}
+        additive = [k for k in blocks if parts[k] is not None]
+        reduced = R.all_reduce_dicts(comm, {k: p for k, p in parts.items() if p is not None})
+        # 2. owners compute the shared bases (e.g. ekfac's eigenbasis) and broadcast them; one
+        #    all-reduce of the statistics projected on them
+        bases = self._shared_bases(additive, reduced, decay)
+        projected = R.all_reduce_dicts(comm, {k: blocks[k].additive_projection(st[k], bases[k]) for k in additive})
+        for k in additive:
+            blocks[k].load_reduced(reduced[k], bases[k], projected[k], decay)
         # 3. any other structure: gather on the owner, owner fits, broadcast the tensors
-        gathered = [k for k in blocks if plans[k] == "gather"]
+        gathered = [k for k in blocks if parts[k] is None]
         for k in gathered:
             owner = self.owner[k]
             full = R.gather_stats(comm, st[k], owner, sizes)
@@ -172,8 +150,29 @@ class DistributedCurvature(Curvature):
             for k in mine:  # the owner too takes the (possibly rounded) broadcast values
                 blocks[k].load_state_dict(_cast_state(payload[k], st[k].a.dtype))
 
-    def _fit_model_scope(self, st, sizes, decay) -> None:
-        """Model-scope structures (``two_level``): rank 0 gathers every layer, fits, broadcasts the state."""
+    def _shared_bases(self, layers, reduced, decay) -> dict[str, dict[str, Tensor]]:
+        """``Structure.shared_basis`` of every layer in ``layers``, computed by its owner and broadcast
+        (one broadcast per owning rank)."""
+        comm, blocks = self.comm, self.blocks
+        like = {k: blocks[k].shared_basis_like(reduced[k]) for k in layers}
+        bases: dict[str, dict[str, Tensor]] = {k: {} for k in layers}
+        for r in range(comm.world_size):
+            mine = [k for k in layers if like[k] and self.owner[k] == r]
+            if not mine:
+                continue
+            if comm.rank == r:
+                computed = {k: blocks[k].shared_basis(reduced[k], decay) for k in mine}
+                local = [computed[k][name] for k in mine for name in like[k]]
+            else:
+                local = [t for k in mine for t in like[k].values()]
+            got = iter(comm.broadcast(local, src=r))
+            for k in mine:
+                bases[k] = {name: next(got) for name in like[k]}
+        return bases
+
+    def _fit_coupled(self, st, sizes, decay) -> None:
+        """Model structures that couple the layers (``two_level``): rank 0 gathers every layer, fits,
+        broadcasts the state."""
         comm = self.comm
         full = {k: R.gather_stats(comm, s, 0, sizes) for k, s in st.items()}
         state = None
@@ -205,33 +204,40 @@ class DistributedCurvature(Curvature):
             self.fallback_diag = {n: decay * old[n] + (1 - decay) * D if n in old else D for n, D in batch.items()}
 
     # ------------------------------------------------------------------ solve
-    def solve(self, grads=None, damping: float = 1e-3):
-        """``(Ĉ + λI)^{-1} g``; ``owner`` mode: each rank solves the layers it owns, one all-reduce
-        of the preconditioned gradients (collective: every rank must call it)."""
-        if self.solve_mode == "local" or self.model_structure is not None:
-            return super().solve(grads, damping)
+    def solve(self, grads=None, damping: float = 1e-3, out=None):
+        """``(Ĉ + λI)^{-1} g``; ``owner`` mode (block-diagonal structures): each rank solves the layers
+        it owns, one all-reduce of the preconditioned gradients (collective: every rank must call it).
+        ``out``: as :meth:`Curvature.solve`."""
+        if self.solve_mode == "local" or not self.model_structure.block_diagonal:
+            return super().solve(grads, damping, out)
         check_damping(damping)
         self._check_fitted()
-        rank = self.comm.rank
-        owner_of = {id(b): self.owner[k] for k, b in self.blocks.items()}
+        rank, blocks, owner = self.comm.rank, self.blocks, self.owner
 
-        def block_op(b, M):
-            return b.solve(M, damping) if owner_of[id(b)] == rank else torch.zeros_like(M)
+        def owned(mats):
+            return {k: blocks[k].solve(M, damping) if owner[k] == rank else torch.zeros_like(M)
+                    for k, M in mats.items()}
 
         def fb(n, v):
             return v / (self.fallback_diag[n] + damping) if self.fallback == "diagonal" else v
 
-        out = self._apply(grads, block_op, fb, None)
-        as_dict = isinstance(out, Mapping)
-        vals = list(out.values()) if as_dict else list(out)
+        res = self._apply(grads, fb, owned)
+        as_dict = isinstance(res, Mapping)
+        vals = list(res.values()) if as_dict else list(res)
         covered = {id(p) for ad in self.adapters.values() for _, p in ad.params()}
         idx = [i for i, p in enumerate(self.params) if id(p) in covered]
         dtype = self.comm.comm_dtype
         send = [vals[i].to(dtype) if dtype is not None else vals[i] for i in idx]
         for i, t in zip(idx, self.comm.all_reduce(send)):
             vals[i] = t.to(vals[i].dtype)
+        if out is not None:
+            outs = [out[n] for n, _ in self.named_params] if isinstance(out, Mapping) else list(out)
+            for o, v in zip(outs, vals):
+                if o is not v:
+                    o.copy_(v)
+            vals = outs
         if as_dict:
-            return dict(zip(out.keys(), vals))
+            return dict(zip(res.keys(), vals))
         return vals
 
 

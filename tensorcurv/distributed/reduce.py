@@ -6,18 +6,19 @@ block is ``C = c Σ_{all s} vec(G_s)vec(G_s)ᵀ`` with ``c = 1/N`` (mean) or ``1
 therefore re-scales its statistics to ``c`` (:func:`with_scale`), after which every quantity below
 is a plain sum over ranks.
 
-Plans, chosen per structure by communication volume (numbers per layer per fit; weight ``(m, n)``,
-``T`` positions, ``K`` backward columns, ``W`` ranks):
+Two plans, chosen by what the structure offers (``Structure.additive_statistics``; numbers per
+layer per fit; weight ``(m, n)``, ``T`` positions, ``K`` backward columns, ``W`` ranks):
 
-* ``moments`` (``kfac``, ``dense``, ``diagonal``): all-reduce the batch tensors of the fit —
-  ``A`` weighted by ``N_r/N`` (it is a per-sample mean in every reduction) and ``G`` — i.e.
-  ``n² + m²`` numbers (dense ``(mn)²``, diagonal ``mn``); the volume does not grow with the batch.
-* ``ekfac``: all-reduce ``A, G`` (``n² + m²``); the layer's owner eigendecomposes them and
-  broadcasts ``Q_A, Q_G`` (``n² + m²``); every rank projects its samples on that basis and the
-  core ``S`` is all-reduced (``mn``). Broadcasting the basis (rather than letting every rank run
-  ``eigh``) makes the basis identical on all ranks by construction, so the partial cores add up.
-* ``gather`` (every other structure: ``kron_sum``/``kpsvd``, ``tucker``, ``tt``, model-scope
-  ``two_level``): the per-sample factors are gathered on the layer's owner (``N·T·(n + K·m)``
+* ``additive`` (``kfac``, ``ekfac``, ``dense``, ``diagonal``): the batch tensors of the fit add up
+  over samples. Every rank computes its shard's part (terms that are per-sample means, like
+  K-FAC's ``A``, weighted by ``N_r/N``) and one all-reduce sums them: ``n² + m²`` numbers for
+  ``kfac`` (dense ``(mn)²``, diagonal ``mn``); the volume does not grow with the batch. A structure
+  whose fit also needs a basis computed from the sums (``ekfac``: ``Q_A, Q_G`` from the summed
+  factors) has the layer's owner compute it (``Structure.shared_basis``) and broadcast it, which
+  makes the basis identical on all ranks by construction; the statistics projected on it
+  (``ekfac``'s core ``S``, ``mn``) are all-reduced in a second round (``additive_projection``).
+* ``gather`` (every other structure: ``kron_sum``/``kpsvd``, ``tucker``, ``tt``, and model-level
+  structures that couple the layers, ``two_level``): the per-sample factors are gathered on the layer's owner (``N·T·(n + K·m)``
   numbers), the owner runs the structure's own ``fit``/``update`` on the global statistics (so any
   fit — power iteration, Gram form, ALS, warm starts — is the single-process computation), and
   broadcasts the structure's whole ``state_dict()`` (tensors: ``r(n² + m²)`` for ``kron_sum``; plus
@@ -28,9 +29,9 @@ Plans, chosen per structure by communication volume (numbers per layer per fit; 
   every rank to run the same iteration; gathering wins unless ``N·T·(n + K m)`` exceeds that (large
   conv layers at large batch), see ``scripts/bench_distributed.py`` for the measured volumes.
 
-``update(decay)`` (running averages) is reproduced exactly: ``moments`` apply the structure's EMA
-``decay·old + (1−decay)·batch`` to the reduced tensors; ``ekfac`` re-projects the old core into
-the new basis as ``EKFAC._update`` does; ``gather`` calls the structure's own ``update``.
+``update(decay)`` (running averages) is reproduced exactly: ``additive`` structures apply their EMA
+to the reduced tensors (``Structure.load_reduced``; ``ekfac`` re-projects the old core into the new
+basis as its ``_update`` does); ``gather`` calls the structure's own ``update``.
 """
 from __future__ import annotations
 
@@ -43,20 +44,6 @@ from torch import Tensor
 
 from tensorcurv.distributed.comm import Comm
 from tensorcurv.core.stats import LayerStats
-from tensorcurv.structures.base import Structure, sym_eig
-from tensorcurv.structures.ekfac import projected_core
-
-MOMENT_STRUCTURES = ("kfac", "dense", "diagonal")
-EIGENBASIS_STRUCTURES = ("ekfac",)
-
-
-def plan_for(structure: str) -> str:
-    """``moments``, ``eigenbasis`` or ``gather`` (see the module docstring)."""
-    if structure in MOMENT_STRUCTURES:
-        return "moments"
-    if structure in EIGENBASIS_STRUCTURES:
-        return "eigenbasis"
-    return "gather"
 
 
 def infer_reduction(stats: LayerStats) -> str:
@@ -78,56 +65,13 @@ def with_scale(stats: LayerStats, scale: float) -> LayerStats:
     return LayerStats(a=stats.a, g=stats.g, scale=scale, name=stats.name)
 
 
-def install(block: Structure, batch: Mapping[str, Tensor], decay: float | None) -> None:
-    """Set a moment structure from its reduced batch tensors: fit (``decay=None`` or first call) or
-    the EMA ``decay·old + (1−decay)·batch`` that ``kfac``/``dense``/``diagonal`` use in ``update``."""
-    if decay is not None and block.fitted:
-        old = block.tensors()
-        batch = {k: decay * old[k] + (1 - decay) * v for k, v in batch.items()}
-    block.load_state_dict({"tensors": dict(batch), "fitted": True})
-
-
-def moment_partials(block: Structure, st: LayerStats, n_local: int, n_global: int) -> dict[str, Tensor]:
-    """This rank's share of the batch tensors of a moment structure (``st`` at the global scale)."""
-    scratch = type(block)(block.shape, block.hparams).fit(st)
-    out = dict(scratch.tensors())
-    if block.name == "kfac":
-        out["A"] = out["A"] * (n_local / n_global)
+def all_reduce_dicts(comm: Comm, parts: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """``{layer: {name: Σ_ranks tensor}}`` of every layer's named tensors, in one all-reduce."""
+    keys = [(k, name) for k, d in parts.items() for name in d]
+    out: dict[str, dict[str, Tensor]] = {k: {} for k in parts}
+    for (k, name), t in zip(keys, comm.all_reduce([parts[k][name] for k, name in keys])):
+        out[k][name] = t
     return out
-
-
-def kron_partials(block: Structure, st: LayerStats, n_local: int, n_global: int) -> dict[str, Tensor]:
-    """``A`` (weighted ``N_r/N``) and ``G`` of the K-FAC factors that define ekfac's eigenbasis."""
-    A, G = st.kron_factors(block.hparams.weight_sharing)
-    return {"A": A * (n_local / n_global), "G": G}
-
-
-def ekfac_factors(block: Structure, A_b: Tensor, G_b: Tensor, decay: float | None) -> tuple[Tensor, Tensor]:
-    """Factors after this step (batch, or EMA with the old ones as ``EKFAC._update``)."""
-    if decay is None or not block.fitted:
-        return A_b, G_b
-    return decay * block.A + (1 - decay) * A_b, decay * block.G + (1 - decay) * G_b
-
-
-def eigenbases(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-    """``Q_A, Q_G`` exactly as ekfac computes them (``sym_eig``)."""
-    return sym_eig(A)[1], sym_eig(G)[1]
-
-
-def ekfac_install(block: Structure, A: Tensor, G: Tensor, QA: Tensor, QG: Tensor, S_b: Tensor,
-                  decay: float | None) -> None:
-    """Set ekfac from reduced factors, broadcast basis and reduced batch core ``S_b``; for an update
-    the old core is re-projected on the new basis: ``S = decay·P_Gᵀ S_old P_A + (1−decay)·S_b``."""
-    if decay is not None and block.fitted:
-        PA, PG = (block.QA.T @ QA).pow(2), (block.QG.T @ QG).pow(2)
-        S = decay * (PG.T @ block.S @ PA) + (1 - decay) * S_b
-    else:
-        S = S_b
-    block.load_state_dict({"tensors": {"A": A, "G": G, "QA": QA, "QG": QG, "S": S}, "fitted": True})
-
-
-def ekfac_core_partial(block: Structure, st: LayerStats, QA: Tensor, QG: Tensor) -> Tensor:
-    return projected_core(st, QA, QG, block.hparams.chunk)
 
 
 def pack_stats(st: LayerStats) -> Tensor:

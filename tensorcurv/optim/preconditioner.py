@@ -33,7 +33,6 @@ step are kept.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from functools import partial
@@ -124,8 +123,6 @@ class Preconditioner:
         self.info: dict[str, Any] = {}
         self._params = self.curvature.params  # listed once (the hot path reads them every step)
         self._names = [n for n, _ in self.curvature.named_params]
-        # solve in place on p.grad where the solver supports out= (Curvature.solve; not an override without it)
-        self._in_place = "out" in inspect.signature(self.solver.solve).parameters
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -220,7 +217,7 @@ class Preconditioner:
             grads = [p.grad for p in params]
         gPg = None
         try:
-            if self.kl_clip is None and self._in_place:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
+            if self.kl_clip is None:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
                 pg = self.solver.solve(grads, damping=lam, out=grads)
             else:
                 pg = self.solver.solve(grads, damping=lam)

@@ -1,10 +1,14 @@
-"""Curvature-block structures and their registry (see ``base.py`` for the interface).
+"""Curvature-block structures and their registry (see ``base.py`` for the layer interface and
+``model.py`` for the model-level one).
 
 Importing this package registers every built-in structure.
 """
-from tensorcurv.structures.base import Structure, create, get, make_hparams, names, register
+from tensorcurv.structures.base import (Structure, create, get, layer_names, make_hparams, names, register,
+                                        unregister)
+from tensorcurv.structures.model import BlockDiagonal, ModelStructure
 from tensorcurv.structures import dense, diagonal, ekfac, kfac, kron_sum  # noqa: F401  (registration)
 from tensorcurv.structures.split import tt, tucker  # noqa: F401  (registration)
-from tensorcurv.structures import two_level  # noqa: F401  (model-scope: registered after the layer-scope ones)
+from tensorcurv.structures import two_level  # noqa: F401  (model level: registered after the layer structures)
 
-__all__ = ["Structure", "create", "get", "make_hparams", "names", "register"]
+__all__ = ["BlockDiagonal", "ModelStructure", "Structure", "create", "get", "layer_names", "make_hparams", "names",
+           "register", "unregister"]

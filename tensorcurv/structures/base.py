@@ -10,6 +10,22 @@ damping) unless the structure documents another damping variant; ``last_solve`` 
 
 Adding a structure = one file that subclasses :class:`Structure`, declares a nested
 ``Hparams`` dataclass (validated in ``__post_init__``) and is decorated with :func:`register`.
+Everything else (``Curvature`` and the optimizers, studies, data-parallel fits, unlearning, coarse
+spaces) reads a structure only through this interface; ``tests/test_conformance.py`` proves it with
+a structure defined in the test alone. Capabilities with defaults (``generic.py``), which a
+structure overrides where its own factors do better:
+
+* ``inner_with_exact(stats)`` / ``frobenius_sq()``: ``⟨C, Ĉ⟩`` with the exact block of per-sample
+  factors, and ``‖Ĉ‖_F²`` (studies);
+* ``leading_eigenpairs(k)`` (spectral coarse spaces of ``two_level``);
+* ``additive_statistics`` / ``shared_basis`` / ``additive_projection`` / ``load_reduced``:
+  statistics that add up over the samples and their reduction (data-parallel fits), and
+  ``fit_flops()`` (which rank fits which layer);
+* ``downdate(full, removed, added, corrected)``: the block of a modified data set (unlearning);
+* ``refresh(blocks, λ)`` / ``has_split_solve`` + ``solve_split``: batched cache refresh and a
+  copy-free solve on ``W`` and ``b`` (``Curvature.solve``).
+
+The model-level operator (all layers together, ``two_level`` included) is ``model.py``.
 
 Contract every structure keeps (relied on by ``Curvature``'s all-or-nothing fit):
 
@@ -28,15 +44,16 @@ import math
 import numbers
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from tensorcurv.core.stats import LayerStats, NonFiniteError
+from tensorcurv.structures import generic
 
-_REGISTRY: dict[str, type["Structure"]] = {}
+_REGISTRY: dict[str, type] = {}  # layer structures and model-level ones (``two_level``)
 
 NOT_FITTED = "no statistics yet: call update() first"
 
@@ -59,8 +76,6 @@ class Structure(ABC):
     name: ClassVar[str] = ""
     #: True when :meth:`solve` is an exact inverse of ``Ĉ + λI`` (closed form, no iteration).
     exact_solve: ClassVar[bool] = True
-    #: "layer": one instance per covered layer; "model": one instance for the whole model.
-    scope: ClassVar[str] = "layer"
     Hparams: ClassVar[type] = NoHparams
 
     def __init__(self, shape: tuple[int, int], hparams: Any = None) -> None:
@@ -121,6 +136,96 @@ class Structure(ABC):
         """Approximate floating-point operations of one :meth:`solve`."""
         return 0
 
+    # ------------------------------------------------------------------ capabilities
+    # what studies, coarse spaces, data-parallel runs and unlearning need from a block; the defaults
+    # work through mv/to_dense (tensorcurv/structures/generic.py), a structure overrides what it can
+    # do better from its own factors
+    def inner_with_exact(self, stats: LayerStats, chunk: int = 128) -> float:
+        """``⟨C, Ĉ⟩_F = scale Σ_j ⟨G_j, Ĉ G_j⟩`` with ``C`` the exact block of ``stats`` (per-sample
+        gradients ``G_j``, ``j = (s, k)``, formed ``chunk`` samples at a time)."""
+        return generic.inner_with_exact(self, stats, chunk)
+
+    def frobenius_sq(self, dense_max_dim: int = generic.DENSE_MAX_DIM) -> float:
+        """``‖Ĉ‖_F²`` (default: ``to_dense()`` up to ``mn = dense_max_dim``, else ``mn`` products)."""
+        return generic.frobenius_sq(self, dense_max_dim)
+
+    def leading_eigenpairs(self, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` largest eigenvalues ``(k,)`` of ``Ĉ`` and their eigenvectors ``(k, m, n)``,
+        orthonormal in the column-major ``vec`` inner product (default: dense ``eigh`` on small
+        blocks, else subspace iteration on ``mv``)."""
+        return generic.leading_eigenpairs(self, k)
+
+    def fit_flops(self) -> float:
+        """Estimated flops of the per-layer work of one fit (its decompositions), which a data-parallel
+        run assigns to one rank. Default: two eigendecompositions ``9(n³ + m³)``, times the structure's
+        ``rank`` hyper-parameter where it has an integer one."""
+        m, n = self.shape
+        rank = getattr(self.hparams, "rank", 1)
+        return 9.0 * (n ** 3 + m ** 3) * max(1, int(rank) if isinstance(rank, int) else 1)
+
+    # data-parallel fits (tensorcurv.distributed): statistics that add up over the samples. A batch is
+    # split in shards; every rank calls additive_statistics on its shard, the results are summed over
+    # ranks, the owner of the layer computes shared_basis from the sums and shares it, the ranks sum
+    # additive_projection, and load_reduced sets the state. Structures whose fit does not add up
+    # (the default) are fitted by the owner on the gathered samples instead.
+    def additive_statistics(self, stats: LayerStats, weight: float) -> dict[str, Tensor] | None:
+        """This shard's part of the batch tensors of a fit, such that the sums over the shards of one
+        batch are those of the whole batch. ``stats`` is at the whole batch's loss scale; ``weight =
+        N_shard / N`` multiplies terms that are per-sample means. ``None`` (default): not additive."""
+        return None
+
+    def shared_basis(self, reduced: dict[str, Tensor], decay: float | None) -> dict[str, Tensor]:
+        """Tensors one rank computes from the summed statistics and sends to the others, so that every
+        rank holds the very same ones (e.g. an eigenbasis); default: none."""
+        return {}
+
+    def shared_basis_like(self, reduced: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Tensors shaped like :meth:`shared_basis` (what the other ranks receive into); default: none."""
+        return {}
+
+    def additive_projection(self, stats: LayerStats, basis: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This shard's part of the statistics that need the shared basis (summed over ranks); default: none."""
+        return {}
+
+    def load_reduced(self, reduced: dict[str, Tensor], basis: dict[str, Tensor], projected: dict[str, Tensor],
+                     decay: float | None) -> None:
+        """Set the state from the summed statistics: the batch's (``decay=None`` or first fit), else the
+        running average ``decay·old + (1−decay)·batch`` of every tensor. The default suits structures
+        whose state is their additive statistics (the state is replaced by ``reduced``)."""
+        if decay is not None and self.fitted:
+            old = self.tensors()
+            reduced = {k: decay * old[k] + (1 - decay) * v for k, v in reduced.items()}
+        self.load_state_dict({"tensors": dict(reduced), "fitted": True})
+
+    # unlearning (tensorcurv.unlearn.cache): the block of a modified data set
+    def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
+                 corrected: LayerStats) -> "Structure":
+        """A new structure fitted to ``corrected`` = the rows of ``full`` (to which ``self`` was fitted)
+        without ``removed`` and with ``added`` (``None``: none added). Default: a fresh fit on
+        ``corrected``; structures additive in the samples subtract and add the affected rows only."""
+        return type(self)(self.shape, self.hparams).fit(corrected)
+
+    #: True when :meth:`solve_split` reads ``W`` and ``b`` in place, without forming ``[W, b]``
+    #: (``Curvature.solve`` then takes it on views of the parameter tensors)
+    has_split_solve: ClassVar[bool] = False
+
+    def solve_split(self, W: Tensor, b: Tensor | None, damping: float, out_W: Tensor,
+                    out_b: Tensor | None, check: bool = True) -> None:
+        """:meth:`solve` of ``V = [W, b]`` (``b=None``: ``V = W``) written into ``out_W``, ``out_b``.
+        Default: forms ``V`` and splits the result; ``check`` is the fast path's switch (unused here)."""
+        X = self.solve(W if b is None else torch.cat([W, b[:, None]], dim=1), damping)
+        if b is None:
+            out_W.copy_(X)
+            return
+        assert out_b is not None, "solve_split: b without out_b"
+        out_W.copy_(X[:, :-1])
+        out_b.copy_(X[:, -1])
+
+    @classmethod
+    def refresh(cls, blocks: Iterable["Structure"], damping: float) -> None:
+        """Build the solve caches of many blocks of this class at once for ``damping``, before their
+        solves (default: nothing; each block builds its cache inside its own :meth:`solve`)."""
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"tensors": {k: v.clone() for k, v in self.tensors().items()},
@@ -136,19 +241,21 @@ class Structure(ABC):
         """Recompute caches (eigendecompositions, ...) after :meth:`load_state_dict`."""
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything :meth:`restore` needs to undo a later ``fit``/``update`` exactly: the attribute
-        dict (tensors by reference: fits assign new tensors, see the module doc), its dicts and
-        lists copied one level deep, and the state of every random generator."""
-        attrs = {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in self.__dict__.items()}
-        generators = {k: v.get_state() for k, v in self.__dict__.items() if isinstance(v, torch.Generator)}
-        return {"attrs": attrs, "generators": generators}
+        """Everything :meth:`restore` needs to undo a later ``fit``/``update`` exactly (see
+        :func:`snapshot_attributes`)."""
+        return snapshot_attributes(self)
 
     def restore(self, snap: dict[str, Any]) -> None:
         """Return to the state of :meth:`snapshot` (bit-identical)."""
-        self.__dict__.clear()
-        self.__dict__.update(snap["attrs"])
-        for k, state in snap["generators"].items():
-            self.__dict__[k].set_state(state)
+        restore_attributes(self, snap)
+
+    # ------------------------------------------------------------------ model level
+    @classmethod
+    def for_model(cls, shapes: Mapping[str, tuple[int, int]], hparams: Any = None):
+        """The model-level operator of this structure: one instance per layer of ``shapes``, side by
+        side in a :class:`~tensorcurv.structures.model.BlockDiagonal`."""
+        from tensorcurv.structures.model import BlockDiagonal  # (model.py builds on this module)
+        return BlockDiagonal({name: cls(shape, hparams) for name, shape in shapes.items()})
 
     # ------------------------------------------------------------------ helpers
     def _check(self, V: Tensor, damping: float | None = None) -> None:
@@ -166,6 +273,23 @@ class Structure(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, {self.hparams})"
+
+
+def snapshot_attributes(obj: Any) -> dict[str, Any]:
+    """What :func:`restore_attributes` needs to undo a later fit of ``obj`` exactly: the attribute
+    dict (tensors by reference: fits assign new tensors, see the module doc), its dicts and lists
+    copied one level deep, and the state of every random generator."""
+    attrs = {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in obj.__dict__.items()}
+    generators = {k: v.get_state() for k, v in obj.__dict__.items() if isinstance(v, torch.Generator)}
+    return {"attrs": attrs, "generators": generators}
+
+
+def restore_attributes(obj: Any, snap: dict[str, Any]) -> None:
+    """Return ``obj`` to the state of :func:`snapshot_attributes` (bit-identical)."""
+    obj.__dict__.clear()
+    obj.__dict__.update(snap["attrs"])
+    for k, state in snap["generators"].items():
+        obj.__dict__[k].set_state(state)
 
 
 def fit_blocks(blocks: dict[str, "Structure"], stats, decay: float | None) -> None:
@@ -239,10 +363,11 @@ def check_state_finite(structures: dict[str, "Structure"]) -> None:
 
 # ---------------------------------------------------------------------- registry
 def register(name: str, *aliases: str):
-    """Class decorator adding a structure to the registry under ``name`` (and ``aliases``)."""
+    """Class decorator adding a structure to the registry under ``name`` (and ``aliases``): a layer
+    :class:`Structure`, or a model-level :class:`~tensorcurv.structures.model.ModelStructure`."""
 
-    def deco(cls: type[Structure]) -> type[Structure]:
-        cls.name = name
+    def deco(cls: type) -> type:
+        cls.name = name  # type: ignore[attr-defined]  (Structure and ModelStructure both declare it)
         for key in (name, *aliases):
             if key in _REGISTRY and _REGISTRY[key] is not cls:
                 raise ValueError(f"structure name {key!r} is already registered")
@@ -252,9 +377,22 @@ def register(name: str, *aliases: str):
     return deco
 
 
+def unregister(name: str) -> None:
+    """Remove ``name`` (one name or alias) from the registry, e.g. a structure defined by a test."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown structure {name!r}; valid structures: {', '.join(names())}")
+    del _REGISTRY[name]
+
+
 def names() -> list[str]:
     """Registered structure names (aliases included), sorted."""
     return sorted(_REGISTRY)
+
+
+def layer_names() -> list[str]:
+    """Registered names (aliases included) of layer structures, the blocks a model-level structure
+    such as ``two_level`` can be built on."""
+    return [n for n in names() if issubclass(_REGISTRY[n], Structure)]
 
 
 def get(name: str) -> type[Structure]:

@@ -9,6 +9,7 @@ from torch import Tensor
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register, sym_eig
+from tensorcurv.structures.generic import per_sample_grad_chunks
 
 
 @dataclass
@@ -73,6 +74,29 @@ class Dense(Structure):
 
     def to_dense(self) -> Tensor:
         return self.C.clone()
+
+    def inner_with_exact(self, stats: LayerStats, chunk: int = 128) -> float:
+        """``⟨C_stats, C⟩ = scale Σ_j vec(G_j)ᵀ C vec(G_j)``."""
+        return float(stats.scale) * sum(float(((vec(G) @ self.C) * vec(G)).sum())
+                                        for G in per_sample_grad_chunks(stats, chunk))
+
+    def frobenius_sq(self, dense_max_dim: int = 0) -> float:
+        return float(self.C.pow(2).sum())
+
+    def fit_flops(self) -> float:
+        """One eigendecomposition of the ``mn x mn`` block."""
+        return 9.0 * float(self.shape[0] * self.shape[1]) ** 3
+
+    def additive_statistics(self, stats: LayerStats, weight: float) -> dict[str, Tensor]:
+        return {"C": self.contribution(stats)}
+
+    def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
+                 corrected: LayerStats) -> "Dense":
+        """``C − C_removed + C_added`` (additive in the samples at one loss scale; sum reduction)."""
+        C = self.C - self.contribution(removed)
+        out = Dense(self.shape, self.hparams)
+        out.load_state_dict({"tensors": {"C": C if added is None else C + self.contribution(added)}, "fitted": True})
+        return out
 
     def tensors(self):
         return {"C": self.C} if self.fitted else {}

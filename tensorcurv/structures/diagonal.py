@@ -7,6 +7,7 @@ from torch import Tensor
 from tensorcurv.linalg import vec
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
+from tensorcurv.structures.generic import per_sample_grad_chunks, top_entries
 
 
 def _diag(stats: LayerStats, chunk: int = 256) -> Tensor:
@@ -46,6 +47,31 @@ class Diagonal(Structure):
 
     def to_dense(self):
         return torch.diag(vec(self.D))
+
+    def inner_with_exact(self, stats: LayerStats, chunk: int = 128) -> float:
+        """``⟨C, diag(D)⟩ = ⟨diag(C), D⟩``."""
+        scale = float(stats.scale)
+        if stats.T == 1:
+            diag = scale * (stats.g[:, :, 0].pow(2).sum(1).T @ stats.a[:, 0].pow(2))
+        else:
+            diag = scale * sum(G.pow(2).sum(0) for G in per_sample_grad_chunks(stats, chunk))
+        return float((diag * self.D).sum())
+
+    def frobenius_sq(self, dense_max_dim: int = 0) -> float:
+        return float(self.D.pow(2).sum())
+
+    def fit_flops(self) -> float:
+        return float(self.shape[0] * self.shape[1])
+
+    def additive_statistics(self, stats: LayerStats, weight: float) -> dict[str, Tensor]:
+        return {"D": _diag(stats)}
+
+    def leading_eigenpairs(self, k: int) -> tuple[Tensor, Tensor]:
+        """The largest diagonal entries, eigenvectors the unit matrices there."""
+        top, i, j = top_entries(self.D, k)
+        V = self.D.new_zeros(k, *self.shape)
+        V[torch.arange(k, device=V.device), i, j] = 1.0
+        return top, V
 
     def tensors(self):
         return {"D": self.D} if self.fitted else {}

@@ -18,6 +18,7 @@ from torch import Tensor
 from tensorcurv.linalg import vec
 from tensorcurv.core.stats import WEIGHT_SHARING, LayerStats
 from tensorcurv.structures.base import Structure, register, sym_eig
+from tensorcurv.structures.generic import top_entries
 
 
 @dataclass
@@ -88,6 +89,52 @@ class EKFAC(Structure):
 
     def tensors(self):
         return {"A": self.A, "G": self.G, "QA": self.QA, "QG": self.QG, "S": self.S} if self.fitted else {}
+
+    def inner_with_exact(self, stats: LayerStats, chunk: int = 128) -> float:
+        """``⟨C, Q diag(S) Qᵀ⟩ = ⟨diag(Qᵀ C Q), S⟩`` (the projected core of ``stats``)."""
+        return float((projected_core(stats, self.QA, self.QG, chunk) * self.S).sum())
+
+    def frobenius_sq(self, dense_max_dim: int = 0) -> float:
+        """``‖S‖_F²`` (``Q_A ⊗ Q_G`` is orthogonal)."""
+        return float(self.S.pow(2).sum())
+
+    # data-parallel fit: factors summed, eigenbasis from one rank, projected core summed
+    def additive_statistics(self, stats: LayerStats, weight: float) -> dict[str, Tensor]:
+        """The K-FAC factors that define the eigenbasis (``A`` a per-sample mean: weighted)."""
+        A, G = stats.kron_factors(self.hparams.weight_sharing)
+        return {"A": A * weight, "G": G}
+
+    def _reduced_factors(self, reduced: dict[str, Tensor], decay: float | None) -> tuple[Tensor, Tensor]:
+        """Factors after this step: the batch's, or their running average as in :meth:`_update`."""
+        if decay is None or not self.fitted:
+            return reduced["A"], reduced["G"]
+        return decay * self.A + (1 - decay) * reduced["A"], decay * self.G + (1 - decay) * reduced["G"]
+
+    def shared_basis(self, reduced: dict[str, Tensor], decay: float | None) -> dict[str, Tensor]:
+        A, G = self._reduced_factors(reduced, decay)
+        return {"QA": sym_eig(A)[1], "QG": sym_eig(G)[1]}
+
+    def shared_basis_like(self, reduced: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"QA": torch.empty_like(reduced["A"]), "QG": torch.empty_like(reduced["G"])}
+
+    def additive_projection(self, stats: LayerStats, basis: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"S": projected_core(stats, basis["QA"], basis["QG"], self.hparams.chunk)}
+
+    def load_reduced(self, reduced, basis, projected, decay):
+        """The old core re-projected on the new basis for an update: ``S = decay·P_Gᵀ S_old P_A + (1−decay)·S_b``."""
+        A, G = self._reduced_factors(reduced, decay)
+        QA, QG, S_b = basis["QA"], basis["QG"], projected["S"]
+        if decay is not None and self.fitted:
+            PA, PG = (self.QA.T @ QA).pow(2), (self.QG.T @ QG).pow(2)
+            S = decay * (PG.T @ self.S @ PA) + (1 - decay) * S_b
+        else:
+            S = S_b
+        self.load_state_dict({"tensors": {"A": A, "G": G, "QA": QA, "QG": QG, "S": S}, "fitted": True})
+
+    def leading_eigenpairs(self, k: int) -> tuple[Tensor, Tensor]:
+        """The largest core entries ``S[i, j]``, eigenvectors ``vec(Q_G[:, i] Q_A[:, j]ᵀ)``."""
+        top, i, j = top_entries(self.S, k)
+        return top, self.QG[:, i].T[:, :, None] * self.QA[:, j].T[:, None, :]
 
     def solve_flops(self):
         m, n = self.shape

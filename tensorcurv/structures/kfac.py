@@ -22,6 +22,7 @@ from torch import Tensor
 
 from tensorcurv.core.stats import WEIGHT_SHARING, LayerStats
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, Structure, check_damping, register, sym_eig
+from tensorcurv.structures.generic import per_sample_grad_chunks, top_entries
 
 DAMPING_KINDS = ("tikhonov", "pi")
 INVERSES = ("eigh", "cholesky")
@@ -81,6 +82,7 @@ class KFAC(Structure):
     """Kronecker product of the two marginal factors; exact eigen-based solve."""
 
     Hparams = KFACHparams
+    has_split_solve = True
 
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
@@ -285,6 +287,47 @@ class KFAC(Structure):
 
     def to_dense(self):
         return torch.kron(self.A, self.G)
+
+    def inner_with_exact(self, stats: LayerStats, chunk: int = 128) -> float:
+        """``⟨C, A ⊗ G⟩``; ``T = 1``: ``scale Σ_sk (a_sᵀ A a_s)(g_skᵀ G g_sk)``, else ``⟨G_j, G G_j A⟩``."""
+        scale = float(stats.scale)
+        if stats.T != 1:
+            return scale * sum(float((G * (self.G @ G @ self.A)).sum()) for G in per_sample_grad_chunks(stats, chunk))
+        a, g = stats.a[:, 0], stats.g[:, :, 0]
+        qa = ((a @ self.A) * a).sum(1)
+        qg = ((g @ self.G) * g).sum(2)
+        return scale * float((qa[:, None] * qg).sum())
+
+    def frobenius_sq(self, dense_max_dim: int = 0) -> float:
+        """``‖A ⊗ G‖_F² = ‖A‖_F² ‖G‖_F²``."""
+        return float(self.A.pow(2).sum() * self.G.pow(2).sum())
+
+    def additive_statistics(self, stats: LayerStats, weight: float) -> dict[str, Tensor]:
+        """``A`` (a per-sample mean: weighted) and ``G`` (a scaled sum)."""
+        A, G = stats.kron_factors(self.hparams.weight_sharing)
+        return {"A": A * weight, "G": G}
+
+    def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
+                 corrected: LayerStats) -> "KFAC":
+        """``Σ aaᵀ − Σ_removed aaᵀ + Σ_added aaᵀ`` (``A`` is a mean over the rows), likewise for ``G``."""
+        ws = self.hparams.weight_sharing
+        t_eff = removed.T if (ws == "expand" or removed.T == 1) else 1
+        A_old, G_old = removed.kron_factors(ws)
+        SA = self.A * (full.N * t_eff) - A_old * (removed.N * t_eff)
+        SG = self.G - G_old
+        if added is not None:
+            A_new, G_new = added.kron_factors(ws)
+            SA, SG = SA + A_new * (added.N * t_eff), SG + G_new
+        out = KFAC(self.shape, self.hparams)
+        out.load_state_dict({"tensors": {"A": SA / (corrected.N * t_eff), "G": SG}, "fitted": True})
+        return out
+
+    def leading_eigenpairs(self, k: int) -> tuple[Tensor, Tensor]:
+        """``(A ⊗ G)(q_A ⊗ q_G) = λ_A λ_G (q_A ⊗ q_G)`` and ``q_A ⊗ q_G = vec(q_G q_Aᵀ)``: the largest
+        products of factor eigenvalues."""
+        lA, QA, lG, QG = self.eigs()
+        top, i, j = top_entries(lG[:, None] * lA[None, :], k)
+        return top, QG[:, i].T[:, :, None] * QA[:, j].T[:, None, :]
 
     def tensors(self):
         return {"A": self.A, "G": self.G} if self.fitted else {}

@@ -10,7 +10,9 @@ never from ``C``):
 * ``balanced``: ``P^{-1} = (I − Z E^{-1} Zᵀ A) M^{-1} (I − A Z E^{-1} Zᵀ) + Z E^{-1} Zᵀ``.
 
 Both are SPD for ``λ > 0``; ``solve`` applies ``P^{-1}`` (a preconditioner: ``exact_solve = False``);
-``mv``/``to_dense`` are those of ``B``. The mathematics and the running average: docs/structures/two_level.md.
+``mv``/``to_dense`` are those of ``B``, a :class:`~tensorcurv.structures.model.BlockDiagonal` of
+layer structures; spectral coarse vectors are each block's ``leading_eigenpairs``. The mathematics
+and the running average: docs/structures/two_level.md.
 """
 from __future__ import annotations
 
@@ -26,26 +28,18 @@ from torch import Tensor
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures import base as _base
-from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, Structure, check_damping, check_decay,
-                                        fit_blocks, register, sym_eig)
-from tensorcurv.structures.diagonal import Diagonal
-from tensorcurv.structures.ekfac import EKFAC
-from tensorcurv.structures.kfac import KFAC
+from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, check_damping, check_decay, register,
+                                        restore_attributes, snapshot_attributes, sym_eig)
+from tensorcurv.structures.model import ModelStructure
 
 VARIANTS = ("additive", "balanced")
 COARSE_SPACES = ("nicolaides", "spectral")
-DENSE_EIGH_MAX = 4096  # generic spectral vectors: eigh(to_dense()) up to this block dimension
-
-
-def layer_scope_names() -> list[str]:
-    """Registered structures that can serve as the block-diagonal base (one instance per layer)."""
-    return [n for n in _base.names() if _base.get(n).scope == "layer"]
 
 
 @dataclass
 class TwoLevelHparams:
     base: str = "kfac"
-    """Layer-scope structure of the diagonal blocks ``B_l`` (``kfac``, ``ekfac``, ``dense``, ...)."""
+    """Layer structure of the diagonal blocks ``B_l`` (``kfac``, ``ekfac``, ``dense``, ...)."""
     base_hparams: dict = field(default_factory=dict)
     """Hyper-parameters passed to every base block (validated by the base's own ``Hparams``)."""
     coarse_space: str = "nicolaides"
@@ -56,9 +50,9 @@ class TwoLevelHparams:
     """``additive``: ``M^{-1} + Z E^{-1} Zᵀ``; ``balanced``: balancing Neumann–Neumann (deflated) form."""
 
     def __post_init__(self) -> None:
-        valid = layer_scope_names()
+        valid = _base.layer_names()
         if self.base not in valid:
-            raise ValueError(f"two_level.base={self.base!r} is not a layer-scope structure; valid: {valid}")
+            raise ValueError(f"two_level.base={self.base!r} is not a layer structure; valid: {valid}")
         self.base_hparams = dict(self.base_hparams or {})
         try:
             _base.make_hparams(self.base, **self.base_hparams)
@@ -81,94 +75,38 @@ class TwoLevelHparams:
         return _base.make_hparams(self.base, **self.base_hparams)
 
 
-# ---------------------------------------------------------------------- coarse vectors
-def _top_entries(vals: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Values and (row, column) indices of the ``k`` largest entries of an ``(m, n)`` matrix."""
-    top, idx = torch.topk(vals.reshape(-1), k)
-    return top, idx // vals.shape[1], idx % vals.shape[1]
-
-
-def _subspace_iteration(block: Structure, k: int, ref: Tensor, maxiter: int = 200,
-                        rtol: float = 1e-10) -> tuple[Tensor, Tensor]:
-    """Leading ``k`` eigenpairs of a PSD block through its ``mv`` (block power method + Rayleigh–Ritz)."""
-    m, n = block.shape
-    d, p = m * n, min(m * n, k + 8)
-    gen = torch.Generator().manual_seed(0)
-    Q, _ = torch.linalg.qr(torch.randn(d, p, generator=gen, dtype=ref.dtype).to(ref.device))
-    prev = None
-
-    def apply(X):
-        return torch.stack([vec(block.mv(unvec(x, m, n))) for x in X.T], dim=1)
-
-    for _ in range(maxiter):
-        Y = apply(Q)
-        evals, W = torch.linalg.eigh(0.5 * ((Q.T @ Y) + (Q.T @ Y).T))
-        top = evals.flip(0)[:k]
-        if prev is not None and (top - prev).abs().max() <= rtol * top.abs().max().clamp_min(1e-300):
-            break
-        prev = top
-        Q, _ = torch.linalg.qr(Y)
-    vecs = (Q @ W).flip(1)[:, :k]
-    return top, unvec(vecs.T, m, n)
-
-
-def leading_eigenvectors(block: Structure, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` leading eigenpairs of a fitted base block: values ``(k,)``, vectors ``(k, m, n)``
-    (orthonormal in the column-major ``vec`` inner product)."""
-    m, n = block.shape
-    if isinstance(block, KFAC):  # A⊗G (q_A⊗q_G) = λ_A λ_G (q_A⊗q_G), and q_A⊗q_G = vec(q_G q_Aᵀ)
-        lA, QA, lG, QG = block.eigs()
-        top, i, j = _top_entries(lG[:, None] * lA[None, :], k)
-        return top, QG[:, i].T[:, :, None] * QA[:, j].T[:, None, :]
-    if isinstance(block, EKFAC):  # eigenvalue S[i, j] for vec(QG[:, i] QA[:, j]ᵀ)
-        top, i, j = _top_entries(block.S, k)
-        return top, block.QG[:, i].T[:, :, None] * block.QA[:, j].T[:, None, :]
-    if isinstance(block, Diagonal):  # unit matrices at the largest diagonal entries
-        top, i, j = _top_entries(block.D, k)
-        V = block.D.new_zeros(k, m, n)
-        V[torch.arange(k, device=V.device), i, j] = 1.0
-        return top, V
-    if m * n <= DENSE_EIGH_MAX:
-        evals, Q = torch.linalg.eigh(0.5 * (block.to_dense() + block.to_dense().T))
-        return evals.flip(0)[:k], unvec(Q.flip(1)[:, :k].T, m, n)
-    ref = next(iter(block.tensors().values()))
-    return _subspace_iteration(block, k, ref)
-
-
 # ---------------------------------------------------------------------- the structure
 @register("two_level")
-class TwoLevel(Structure):
+class TwoLevel(ModelStructure):
     """Block-diagonal base ``B`` plus coarse correction; one instance for the whole model."""
 
     Hparams = TwoLevelHparams
-    scope = "model"
-    exact_solve = False  # solve applies the preconditioner P^{-1}, not the inverse of some Ĉ + λI
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], hparams: TwoLevelHparams | None = None) -> None:
-        if not isinstance(shapes, Mapping):
-            raise TypeError("two_level is a model-scope structure: pass {layer name: (m, n)} "
-                            "(use tensorcurv.Curvature(model, structure='two_level', ...))")
-        if len(shapes) == 0:
+        super().__init__(shapes, hparams)
+        if len(self.shapes) == 0:
             raise ValueError("two_level needs at least one covered layer: the coarse space would have dimension 0")
-        self.hparams = hparams if hparams is not None else TwoLevelHparams()
         hp = self.hparams
-        self.shapes = {name: (int(m), int(n)) for name, (m, n) in shapes.items()}
         for name, (m, n) in self.shapes.items():
             if hp.coarse_vectors_per_layer > m * n:
                 raise ValueError(
                     f"two_level.coarse_vectors_per_layer={hp.coarse_vectors_per_layer} exceeds the "
                     f"{m * n} parameters of layer {name!r}"
                 )
-        base_cls, base_hp = _base.get(hp.base), hp.make_base_hparams()
-        self.blocks: dict[str, Structure] = {name: base_cls(shape, base_hp) for name, shape in self.shapes.items()}
+        self.base = _base.get(hp.base).for_model(self.shapes, hp.make_base_hparams())  # B = diag(B_l)
+        self.blocks = self.base.blocks
         self.fitted = False
-        self.last_solve: dict[str, Any] = {}
         self.fit_time = 0.0  # whole fit (base blocks + coarse level), seconds
         self.coarse_fit_time = 0.0  # coarse level only: coarse vectors, projections, C0, U
         self.Z: dict[str, Tensor] = {}  # coarse vectors restricted to each layer, (q_l, m, n)
         self.U: dict[str, Tensor] = {}  # (C Z) restricted to each layer, (q, m, n)
         self.C0: Tensor | None = None  # (q, q) = R0 C R0ᵀ
         self._eig: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def exact_solve(self) -> bool:
+        """False: :meth:`solve` applies the preconditioner ``P^{-1}``, not the inverse of some ``Ĉ + λI``."""
+        return False
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -201,7 +139,7 @@ class TwoLevel(Structure):
         if self.hparams.coarse_space == "nicolaides":
             return {name: like.new_full((1, m, n), 1.0 / math.sqrt(m * n)) for name, (m, n) in self.shapes.items()}
         k = self.hparams.coarse_vectors_per_layer
-        return {name: leading_eigenvectors(self.blocks[name], k)[1].to(like) for name in self.shapes}
+        return {name: self.blocks[name].leading_eigenpairs(k)[1].to(like) for name in self.shapes}
 
     @staticmethod
     def _projections(stats: Mapping[str, LayerStats], Z: Mapping[str, Tensor], chunk: int = 256) -> Tensor:
@@ -233,14 +171,11 @@ class TwoLevel(Structure):
         U = {name: self._times_samples(stats[name], P) for name in self.shapes}
         return C0, U
 
-    def _fit_blocks(self, stats, decay):
-        fit_blocks(self.blocks, stats, decay)
-
     def fit(self, stats: Mapping[str, LayerStats]) -> "TwoLevel":
         """Fit every base block and the coarse level to one batch (replaces any previous state)."""
         self._check_stats_dict(stats)
         t0 = time.perf_counter()
-        self._fit_blocks(stats, None)
+        self.base.fit(stats)
         tc = time.perf_counter()
         like = stats[next(iter(self.shapes))].a
         self.Z = self._coarse_vectors(like)
@@ -257,7 +192,7 @@ class TwoLevel(Structure):
             return self.fit(stats)
         self._check_stats_dict(stats)
         t0 = time.perf_counter()
-        self._fit_blocks(stats, decay)
+        self.base.update(stats, decay)
         tc = time.perf_counter()
         like = stats[next(iter(self.shapes))].a
         Z_old, U_old = self.Z, self.U
@@ -315,7 +250,7 @@ class TwoLevel(Structure):
     def mv(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``B v``: the block-diagonal base applied layer by layer (the coarse level is solve-only)."""
         self._check_mats(mats)
-        return {nm: self.blocks[nm].mv(mats[nm]) for nm in self.shapes}
+        return self.base.mv({nm: mats[nm] for nm in self.shapes})
 
     def solve(self, mats: Mapping[str, Tensor], damping: float) -> dict[str, Tensor]:
         """``P^{-1} r`` of the chosen ``variant`` (see the module docstring), per layer ``(m, n)``."""
@@ -323,14 +258,14 @@ class TwoLevel(Structure):
         lam = damping
         y1 = self._coarse_solve(self._restrict(mats), lam)  # E^{-1} Zᵀ r
         if self.hparams.variant == "additive":
-            fine = {nm: self.blocks[nm].solve(mats[nm], lam) for nm in self.shapes}
+            fine = self.base.solve({nm: mats[nm] for nm in self.shapes}, lam)
             coarse = self._prolong(y1)
             out = {nm: fine[nm] + coarse[nm] for nm in self.shapes}
         else:  # balanced: A Z y = U y + λ Z y and Zᵀ A x = Uᵀ x + λ Zᵀ x, never forming C
             Zy1 = self._prolong(y1)
             w = {nm: mats[nm] - torch.einsum("jmn,j->mn", self.U[nm], y1) - lam * Zy1[nm]
                  for nm in self.shapes}  # (I − A Z E^{-1} Zᵀ) r
-            x = {nm: self.blocks[nm].solve(w[nm], lam) for nm in self.shapes}  # M^{-1} w
+            x = self.base.solve(w, lam)  # M^{-1} w
             zAx = sum(torch.einsum("jmn,mn->j", self.U[nm], x[nm]) for nm in self.shapes) + lam * self._restrict(x)
             corr = self._prolong(y1 - self._coarse_solve(zAx, lam))
             out = {nm: x[nm] + corr[nm] for nm in self.shapes}
@@ -365,7 +300,7 @@ class TwoLevel(Structure):
 
     def to_dense(self) -> Tensor:
         """Dense block-diagonal base ``B`` (``D x D``), matching :meth:`mv`."""
-        return torch.block_diag(*[self.blocks[nm].to_dense() for nm in self.shapes])
+        return self.base.to_dense()
 
     def dense_preconditioner(self, damping: float) -> Tensor:
         """``P^{-1}`` as a dense ``D x D`` matrix: :meth:`solve` applied to every unit vector."""
@@ -400,6 +335,14 @@ class TwoLevel(Structure):
                             "coarse_space": self.hparams.coarse_space,
                             "coarse_vectors_per_layer": self.hparams.coarse_vectors_per_layer,
                             "variant": self.hparams.variant}}
+
+    def snapshot(self) -> dict[str, Any]:
+        """This object's attributes (coarse level) and the base's snapshot (its blocks)."""
+        return {"attrs": snapshot_attributes(self), "base": self.base.snapshot()}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        restore_attributes(self, snap["attrs"])
+        self.base.restore(snap["base"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["blocks"]) != set(self.shapes):

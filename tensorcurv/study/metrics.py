@@ -10,8 +10,8 @@ Everything below reduces to the per-sample factors ``a`` (N, T, n) and ``g`` (N,
 * ``‖C‖_F² = scale² Σ_{j,j'} ⟨G_j, G_j'⟩²`` (Gram matrix of the per-sample gradients; for ``T = 1``
   ``⟨G_sk, G_s'k'⟩ = (a_sᵀ a_s')(g_skᵀ g_s'k')``), computed in row chunks.
 * ``⟨C, Ĉ⟩ = scale Σ_j ⟨G_j, Ĉ G_j⟩`` and ``‖Ĉ‖_F²`` from the structure's own factors
-  (:func:`inner_with_exact` / :func:`frobenius_sq`, dispatch tables keyed by structure class, with a
-  generic fallback through ``Ĉ.mv``), so ``‖C − Ĉ‖_F² = ‖C‖² − 2⟨C, Ĉ⟩ + ‖Ĉ‖²`` is exact for any size.
+  (:func:`inner_with_exact` / :func:`frobenius_sq`: the ``Structure`` methods, whose defaults go
+  through ``Ĉ.mv``), so ``‖C − Ĉ‖_F² = ‖C‖² − 2⟨C, Ĉ⟩ + ‖Ĉ‖²`` is exact for any size.
 * spectral norms by Lanczos (full re-orthogonalization) on the implicit product ``(C − Ĉ) v``;
 * ``(C + λI)⁻¹ g`` by conjugate gradients on implicit products (or a dense solve on small layers);
 * the floor: the optimal rank-r Kronecker-sum error ``sqrt(‖C‖² − Σ_{i≤r} σ_i²) / ‖C‖`` from the
@@ -150,127 +150,16 @@ class ExactBlock:
 
 
 # =============================================================================== ⟨C, Ĉ⟩ and ‖Ĉ‖²
-_INNER: dict[type, Callable[[Structure, ExactBlock], float]] = {}
-_FROB: dict[type, Callable[[Structure], float]] = {}
-
-
-def register_inner(cls: type):
-    """Register a fast ``⟨C, Ĉ⟩`` formula for structures of class ``cls`` (used by :func:`inner_with_exact`)."""
-    def deco(fn):
-        _INNER[cls] = fn
-        return fn
-    return deco
-
-
-def register_frobenius(cls: type):
-    """Register a closed-form ``‖Ĉ‖_F²`` for structures of class ``cls`` (used by :func:`frobenius_sq`)."""
-    def deco(fn):
-        _FROB[cls] = fn
-        return fn
-    return deco
-
-
-def _lookup(table: dict, structure: Structure):
-    for cls in type(structure).__mro__:
-        if cls in table:
-            return table[cls]
-    return None
-
-
-def batched_mv(structure: Structure, V: Tensor) -> Tensor:
-    """``Ĉ vec(V_b)`` for a stack ``V`` of shape ``(B, m, n)``: ``torch.vmap`` over ``mv``, else a loop."""
-    try:
-        return torch.vmap(structure.mv)(V)
-    except Exception:  # a structure whose mv has data-dependent control flow
-        return torch.stack([structure.mv(v) for v in V])
-
-
 def inner_with_exact(structure: Structure, block: ExactBlock) -> float:
-    """``⟨C, Ĉ⟩_F = scale Σ_j ⟨G_j, Ĉ G_j⟩`` (registered closed form, or batched ``mv`` over chunks)."""
-    fn = _lookup(_INNER, structure)
-    if fn is not None:
-        return fn(structure, block)
-    total = 0.0
-    for G in block.grad_chunks():
-        total += float((G * batched_mv(structure, G)).sum())
-    return block.scale * total
+    """``⟨C, Ĉ⟩_F = scale Σ_j ⟨G_j, Ĉ G_j⟩``: the structure's own ``inner_with_exact`` on the block's
+    per-sample factors (closed forms from its factors, or batched ``mv`` over chunks)."""
+    return structure.inner_with_exact(block.stats, block.chunk)
 
 
 def frobenius_sq(structure: Structure, dense_max_dim: int = DENSE_MAX_DIM) -> float:
-    """``‖Ĉ‖_F²`` from the structure's factors (registered closed form), else from ``to_dense()`` on
-    small blocks, else ``Σ_i ‖Ĉ e_i‖²`` over the unit matrices (exact, ``mn`` products)."""
-    fn = _lookup(_FROB, structure)
-    if fn is not None:
-        return fn(structure)
-    m, n = structure.shape
-    if m * n <= dense_max_dim:
-        return float(structure.to_dense().pow(2).sum())
-    dtype = next(iter(structure.tensors().values())).dtype
-    total = 0.0
-    for i0 in range(0, m * n, 256):
-        i1 = min(i0 + 256, m * n)
-        E = torch.zeros(i1 - i0, m * n, dtype=dtype)
-        E[torch.arange(i1 - i0), torch.arange(i0, i1)] = 1.0
-        total += float(batched_mv(structure, unvec(E, m, n)).pow(2).sum())
-    return total
-
-
-def _register_builtin() -> None:
-    from tensorcurv.structures.dense import Dense
-    from tensorcurv.structures.diagonal import Diagonal
-    from tensorcurv.structures.ekfac import EKFAC, projected_core
-    from tensorcurv.structures.kfac import KFAC
-
-    @register_inner(KFAC)
-    def _kfac_inner(s, block):  # T = 1: scale Σ_sk (a_sᵀ A a_s)(g_skᵀ G g_sk)
-        if block.stats.T != 1:
-            return block.scale * sum(float((G * (s.G @ G @ s.A)).sum()) for G in block.grad_chunks())
-        a, g = block.a[:, 0], block.g[:, :, 0]
-        qa = ((a @ s.A) * a).sum(1)
-        qg = ((g @ s.G) * g).sum(2)
-        return block.scale * float((qa[:, None] * qg).sum())
-
-    register_frobenius(KFAC)(lambda s: float(s.A.pow(2).sum() * s.G.pow(2).sum()))
-
-    @register_inner(Diagonal)
-    def _diag_inner(s, block):
-        return float((block.diagonal() * s.D).sum())
-
-    register_frobenius(Diagonal)(lambda s: float(s.D.pow(2).sum()))
-
-    @register_inner(EKFAC)  # ⟨C, Q diag(S) Qᵀ⟩ = ⟨diag(Qᵀ C Q), S⟩
-    def _ekfac_inner(s, block):
-        return float((projected_core(block.stats, s.QA, s.QG, block.chunk) * s.S).sum())
-
-    register_frobenius(EKFAC)(lambda s: float(s.S.pow(2).sum()))  # Q_A ⊗ Q_G orthogonal
-
-    @register_inner(Dense)
-    def _dense_inner(s, block):
-        return block.scale * sum(float(((vec(G) @ s.C) * vec(G)).sum()) for G in block.grad_chunks())
-
-    register_frobenius(Dense)(lambda s: float(s.C.pow(2).sum()))
-
-    try:
-        from tensorcurv.structures.kron_sum.structure import KronSum
-    except ImportError:  # pragma: no cover  (older checkouts)
-        return
-
-    @register_inner(KronSum)  # Ĉ = Σ_r A_r ⊗ G_r; T = 1: scale Σ_r Σ_sk (a_sᵀ A_r a_s)(g_skᵀ G_r g_sk)
-    def _kron_sum_inner(s, block):
-        if block.stats.T != 1:
-            return block.scale * sum(float((G * batched_mv(s, G)).sum()) for G in block.grad_chunks())
-        a, g = block.a[:, 0], block.g[:, :, 0]
-        qa = torch.einsum("sn,rnl,sl->rs", a, s.A, a)
-        qg = torch.einsum("skm,rmi,ski->rsk", g, s.G, g)
-        return block.scale * float((qa[:, :, None] * qg).sum())
-
-    @register_frobenius(KronSum)  # Σ_{r,q} ⟨A_r, A_q⟩ ⟨G_r, G_q⟩
-    def _kron_sum_frob(s):
-        A, G = s.A.flatten(1), s.G.flatten(1)
-        return float(((A @ A.T) * (G @ G.T)).sum())
-
-
-_register_builtin()
+    """``‖Ĉ‖_F²``: the structure's own ``frobenius_sq`` (closed form from its factors, else
+    ``to_dense()`` on blocks up to ``dense_max_dim``, else ``mn`` products)."""
+    return structure.frobenius_sq(dense_max_dim)
 
 
 def frobenius_error(structure: Structure, block: ExactBlock, c_frob_sq: float | None = None) -> dict[str, float]:
@@ -605,22 +494,13 @@ def _fmt(v: Any) -> str:
 
 
 def _fit_variant(variant: Variant, stats: Mapping[str, LayerStats]):
-    """Fit one variant on every layer; returns ``(per-layer structures, model solve fn, fit time)``."""
-    cls = structures.get(variant.structure)
+    """Fit one variant's model-level structure to every layer; returns ``(per-layer structures, model
+    solve fn, nbytes, per-layer fit times, fit time)``."""
     hp = structures.make_hparams(variant.structure, **variant.hparams)
     t0 = time.perf_counter()
-    if cls.scope == "model":
-        ms = cls({k: st.shape for k, st in stats.items()}, hp).fit(dict(stats))
-        fit_time = time.perf_counter() - t0
-        return dict(ms.blocks), (lambda mats, lam: ms.solve(mats, lam)), ms.nbytes, {k: float("nan") for k in stats}, fit_time
-    blocks, times = {}, {}
-    for k, st in stats.items():
-        tb = time.perf_counter()
-        blocks[k] = cls(st.shape, hp).fit(st)
-        times[k] = time.perf_counter() - tb
+    ms = structures.get(variant.structure).for_model({k: st.shape for k, st in stats.items()}, hp).fit(dict(stats))
     fit_time = time.perf_counter() - t0
-    nbytes = sum(b.nbytes for b in blocks.values())
-    return blocks, (lambda mats, lam: {k: blocks[k].solve(v, lam) for k, v in mats.items()}), nbytes, times, fit_time
+    return dict(ms.blocks), ms.solve, ms.nbytes, ms.layer_fit_times(), fit_time
 
 
 def _floors(block: ExactBlock, ranks: Sequence[int], cc: float) -> dict[int, float]:

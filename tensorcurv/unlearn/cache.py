@@ -10,9 +10,10 @@ and answers each request ``Z → Z̃`` with :meth:`CurvatureCache.update`, whose
 * removal: the rows of ``Z`` are dropped;
 * feature change: the rows of ``Z`` are recaptured on the new features (``|Z̃|`` points).
 
-K-FAC is downdated exactly (``Σ aaᵀ ← Σ aaᵀ − Σ_Z aaᵀ + Σ_Z̃ ããᵀ``, likewise for ``g``; only these
-``|Z| + |Z̃|`` rows are read), and so is ``dense`` (``C ← C − C_Z + C_Z̃``; its eigendecomposition is
-then recomputed); other structures are refit on the updated rows. For a relabel every structure —
+Each block gives the block of ``D̃`` through ``Structure.downdate``: K-FAC exactly (``Σ aaᵀ ← Σ aaᵀ −
+Σ_Z aaᵀ + Σ_Z̃ ããᵀ``, likewise for ``g``; only these ``|Z| + |Z̃|`` rows are read), and so is
+``dense`` (``C ← C − C_Z + C_Z̃``; its eigendecomposition is then recomputed); other structures
+are refit on the updated rows. For a relabel every structure —
 and the dense block's cached eigendecomposition — is reused as is. ``Δg`` comes from the
 same statistics in closed form (:func:`~tensorcurv.unlearn.stats_ggn.output_coefficients`), and the
 inverse-HVP is the structure-preconditioned refinement on the exact GGN of ``D̃`` (``refine`` PCG
@@ -32,7 +33,6 @@ from torch import Tensor, nn
 from tensorcurv import structures
 from tensorcurv.core.capture import capture
 from tensorcurv.core.stats import LayerStats
-from tensorcurv.structures.dense import Dense
 from tensorcurv.unlearn.ihvp import IHVPResult, refine_solve
 from tensorcurv.unlearn.objective import Objective
 from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN, check_coupling, output_coefficients, stats_gradient
@@ -41,30 +41,6 @@ from tensorcurv.unlearn.updates import AffectedSet, UpdateResult, _finish
 
 def _rows(st: LayerStats, idx: Tensor) -> LayerStats:
     return LayerStats(a=st.a[idx], g=st.g[idx], scale=st.scale, name=st.name)
-
-
-def _downdate_kfac(block, hp, full: LayerStats, old: LayerStats, new: LayerStats | None, corrected: LayerStats):
-    """K-FAC of ``D̃`` from that of ``D``: ``Σ aaᵀ − Σ_Z aaᵀ + Σ_Z̃ ããᵀ`` (``A`` is a mean, ``G`` a scaled sum)."""
-    ws = hp.weight_sharing
-    t_eff = old.T if (ws == "expand" or old.T == 1) else 1
-    A_old, G_old = old.kron_factors(ws)
-    cached = block.tensors()
-    SA = cached["A"] * (full.N * t_eff) - A_old * (old.N * t_eff)
-    SG = cached["G"] - G_old
-    if new is not None:
-        A_new, G_new = new.kron_factors(ws)
-        SA, SG = SA + A_new * (new.N * t_eff), SG + G_new
-    return {"A": SA / (corrected.N * t_eff), "G": SG}
-
-
-def _downdate_dense(block, hp, full: LayerStats, old: LayerStats, new: LayerStats | None, corrected: LayerStats):
-    """The dense block is additive in the samples (sum reduction: the same scale for ``D`` and ``D̃``)."""
-    C = block.tensors()["C"] - Dense.contribution(old)
-    return {"C": C if new is None else C + Dense.contribution(new)}
-
-
-#: structures whose fit is additive in the samples: the block of ``D̃`` from that of ``D`` and the affected rows
-DOWNDATES = {"kfac": _downdate_kfac, "dense": _downdate_dense}
 
 
 class CurvatureCache:
@@ -86,8 +62,9 @@ class CurvatureCache:
         self.theta_star = self.obj.theta()
         self.spec = type(self.obj.loss)("sum")
         self.curv = Curvature(model, structure=structure, kind="ggn", **hparams)
-        if self.curv.model_structure is not None:
-            raise ValueError(f"cache: model-scope structure {structure!r} is not supported (per-layer blocks only)")
+        if not self.curv.model_structure.block_diagonal:
+            raise ValueError(f"cache: structure {structure!r} couples the layers; the cache serves "
+                             "block-diagonal structures only (per-layer blocks)")
         self.layout = ParamLayout(self.curv.named_params, self.curv.adapters)
         res = self.curv.capture(X, y, self.spec)
         self.stats, self.outputs = res.stats, res.outputs.flatten(1)
@@ -152,22 +129,13 @@ class CurvatureCache:
     # ------------------------------------------------------------------ structure of D̃
     def corrected_blocks(self, affected: AffectedSet, stats: dict[str, LayerStats],
                          new_rows: dict[str, LayerStats] | None) -> dict[str, structures.Structure]:
-        """The structure of ``D̃``: the cached blocks (relabel), downdated exactly (``DOWNDATES``), or a refit."""
+        """The structure of ``D̃``: the cached blocks (relabel), else each block's ``downdate`` (exact
+        for structures additive in the samples, a refit on the rows of ``D̃`` otherwise)."""
         if stats is self.stats:
             return self.curv.blocks
-        hp = structures.make_hparams(self.structure, **self.hparams)
-        out = {}
-        for k, block in self.curv.blocks.items():
-            fresh = structures.get(self.structure)(block.shape, hp)
-            downdate = DOWNDATES.get(self.structure)
-            if downdate is None:
-                fresh.fit(stats[k])
-            else:
-                old = _rows(self.stats[k], affected.indices)
-                tensors = downdate(block, hp, self.stats[k], old, None if new_rows is None else new_rows[k], stats[k])
-                fresh.load_state_dict({"tensors": tensors, "fitted": True})
-            out[k] = fresh
-        return out
+        return {k: block.downdate(self.stats[k], _rows(self.stats[k], affected.indices),
+                                  None if new_rows is None else new_rows[k], stats[k])
+                for k, block in self.curv.blocks.items()}
 
     # ------------------------------------------------------------------ the request
     def update(self, affected: AffectedSet, *, tau: float = 1.0, inplace: bool = False) -> UpdateResult:

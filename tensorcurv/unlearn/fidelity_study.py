@@ -23,7 +23,6 @@ from torch import Tensor
 
 from tensorcurv import structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.structures.dense import Dense
 from tensorcurv.unlearn.cache import CurvatureCache
 from tensorcurv.unlearn.updates import AffectedSet
 
@@ -64,7 +63,8 @@ def structure_fidelity(cache: CurvatureCache, affected: AffectedSet, theta_retra
     mu = cache.obj.mu + cache.damping
     dg_mat = cache.layout.to_mats(cache.gradient_difference(affected))[name]
     b = vec(dg_mat)
-    C = Dense.contribution(st)
+    G = vec(st.per_sample_grads())  # the exact block C = scale Σ vec(G_sk) vec(G_sk)ᵀ
+    C = (G.T @ G) * st.scale
     eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     x_exact = torch.linalg.solve(C + mu * eye, b)
     theta_star = cache.theta_star

@@ -47,6 +47,7 @@ from tensorcurv.structures.kron_sum.psd_factors import fit_factors, fit_samples,
 from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
+from tensorcurv.structures.generic import batched_mv, per_sample_grad_chunks
 
 PSD_MODES = ("shrink", "factors", "none")
 PSD_PROOFS = ("auto", "samples", "spectral", "dense")
@@ -380,6 +381,21 @@ class KronSum(Structure):
 
     def tensors(self):
         return {"A": self.A, "G": self.G} if self.fitted else {}
+
+    def inner_with_exact(self, stats: LayerStats, chunk: int = 128) -> float:
+        """``⟨C, Σ_r A_r ⊗ G_r⟩``; ``T = 1``: ``scale Σ_r Σ_sk (a_sᵀ A_r a_s)(g_skᵀ G_r g_sk)``."""
+        scale = float(stats.scale)
+        if stats.T != 1:
+            return scale * sum(float((G * batched_mv(self, G)).sum()) for G in per_sample_grad_chunks(stats, chunk))
+        a, g = stats.a[:, 0], stats.g[:, :, 0]
+        qa = torch.einsum("sn,rnl,sl->rs", a, self.A, a)
+        qg = torch.einsum("skm,rmi,ski->rsk", g, self.G, g)
+        return scale * float((qa[:, :, None] * qg).sum())
+
+    def frobenius_sq(self, dense_max_dim: int = 0) -> float:
+        """``Σ_{r,q} ⟨A_r, A_q⟩ ⟨G_r, G_q⟩``."""
+        A, G = self.A.flatten(1), self.G.flatten(1)
+        return float(((A @ A.T) * (G @ G.T)).sum())
 
     def solve_flops(self) -> int:
         m, n = self.shape
