@@ -1,10 +1,13 @@
-"""Column-major vec and the symmetric Gram product every K-FAC factor is computed with."""
+"""Column-major vec, the symmetric Gram product every K-FAC factor is computed with, and the Krylov solvers."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from tensorcurv.linalg import gram, symmetric_part, unvec, vec
+from tensorcurv.linalg.krylov import pcg
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -38,3 +41,45 @@ def test_symmetric_part_of_a_stack_is_exactly_symmetric_and_keeps_symmetric_inpu
     assert torch.equal(S, S.mT)
     assert torch.allclose(S, 0.5 * (M + M.mT), rtol=0, atol=0)
     assert torch.equal(symmetric_part(S), S)
+
+
+def _spd(d: int, cond: float = 1e3, seed: int = 0) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
+    return (Q * torch.logspace(0.0, math.log10(cond), d)) @ Q.T
+
+
+def test_cg_on_matrices_solves_the_kronecker_system_to_its_tolerance():
+    A, G = _spd(4, seed=1), _spd(3, seed=2)
+    B = torch.randn(3, 4)
+    X, info = pcg(lambda V: G @ V @ A, B, tol=1e-12)
+    ref = unvec(torch.linalg.solve(torch.kron(A, G), vec(B)), 3, 4)
+    assert info["converged"] and info["residual"] <= 1e-12
+    # the relative error is at most cond(A⊗G) = 1e6 times the relative residual
+    assert float((X - ref).norm() / ref.norm()) <= 1e6 * 1e-12
+
+
+def test_cg_reports_the_residual_history_from_the_start():
+    M, b = _spd(30), torch.randn(30)
+    x, info = pcg(lambda v: M @ v, b, tol=1e-10)
+    assert len(info["residuals"]) == info["iterations"] + 1
+    assert info["residuals"][0] == 1.0 and info["residuals"][-1] == info["residual"]
+    assert info["residual"] == pytest.approx(float((b - M @ x).norm() / b.norm()), rel=1e-4)
+
+
+def test_exact_preconditioner_converges_in_one_iteration():
+    M, b = _spd(30), torch.randn(30)
+    Minv = torch.linalg.inv(M)
+    _, info = pcg(lambda v: M @ v, b, lambda r: Minv @ r, tol=1e-8)
+    assert info["converged"] and info["iterations"] == 1
+
+
+def test_cg_stops_on_negative_curvature():
+    M = torch.diag(torch.tensor([1.0, -1.0, 2.0]))
+    _, info = pcg(lambda v: M @ v, torch.ones(3), tol=1e-12)
+    assert info["negative_curvature"] and not info["converged"]
+
+
+def test_cg_stops_at_max_iter_unconverged():
+    M, b = _spd(30), torch.randn(30)
+    _, info = pcg(lambda v: M @ v, b, tol=1e-14, max_iter=3)
+    assert info["iterations"] == 3 and not info["converged"] and info["residual"] > 1e-14

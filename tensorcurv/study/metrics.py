@@ -38,6 +38,7 @@ from tensorcurv import structures
 from tensorcurv.core.capture import check_kind
 from tensorcurv.curvature import Curvature
 from tensorcurv.linalg import unvec, vec
+from tensorcurv.linalg.krylov import pcg
 from tensorcurv.core.losses import as_loss_spec
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure
@@ -372,28 +373,6 @@ def spectral_error(structure: Structure, block: ExactBlock, *, asym_tol: float =
 
 
 # =============================================================================== damped inverse
-def cg(op: Callable[[Tensor], Tensor], b: Tensor, *, tol: float = 1e-10, max_iter: int | None = None,
-       ) -> tuple[Tensor, dict[str, Any]]:
-    """Conjugate gradients for a symmetric positive-definite ``op``; stops at ``‖r‖ ≤ tol‖b‖``."""
-    max_iter = max_iter or 10 * b.numel() + 10
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = float((r * r).sum())
-    bnorm = math.sqrt(float((b * b).sum()))
-    it = 0
-    while it < max_iter and math.sqrt(rr) > tol * bnorm:
-        Ap = op(p)
-        alpha = rr / float((p * Ap).sum())
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rr_new = float((r * r).sum())
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-        it += 1
-    return x, {"iters": it, "rel_residual": math.sqrt(rr) / bnorm if bnorm > 0 else 0.0}
-
-
 def woodbury_solve(gram: Tensor, scale: float, coefficients: Callable[[Tensor], Tensor],
                    combine: Callable[[Tensor], Tensor], V, damping: float, eig=None):
     """``(scale PᵀP + λI)⁻¹ v = (v − Pᵀ (λ/scale I + P Pᵀ)⁻¹ P v) / λ`` with ``P`` the stacked per-sample
@@ -425,14 +404,14 @@ def exact_solve(block: ExactBlock, V: Tensor, damping: float, *, method: str = "
     if method == "woodbury":
         x = woodbury_solve(block.gram(), block.scale, block.coefficients, block.combine, V, damping,
                            eig=block.gram_eigh())
-        return x, {"method": "woodbury", "iters": 0, "rel_residual": 0.0}
+        return x, {"method": "woodbury", "iterations": 0, "residual": 0.0}
     if method == "dense":
         M = block.to_dense() + damping * torch.eye(block.dim, dtype=V.dtype)
         x = torch.cholesky_solve(vec(V)[:, None], torch.linalg.cholesky(M))[:, 0]
-        return unvec(x, block.m, block.n), {"method": "dense", "iters": 0, "rel_residual": 0.0}
+        return unvec(x, block.m, block.n), {"method": "dense", "iterations": 0, "residual": 0.0}
     if method == "cg":
-        x, info = cg(lambda P: block.mv(P) + damping * P, V, tol=tol)
-        return x, {"method": "cg", **info}
+        x, info = pcg(lambda P: block.mv(P) + damping * P, V, tol=tol)
+        return x, {"method": "cg", "iterations": info["iterations"], "residual": info["residual"]}
     raise ValueError(f"unknown exact-solve method {method!r}; valid: auto, woodbury, dense, cg")
 
 
@@ -468,7 +447,7 @@ def inverse_quality(structure: Structure, block: ExactBlock, grad: Tensor, dampi
             xh = structure.solve(grad, lam)
             times.append(time.perf_counter() - t0)
         rows.append({"damping_rel": float(rho), "damping": lam, **direction_quality(x, xh),
-                     "solve_time": statistics.median(times), "exact_iters": info["iters"]})
+                     "solve_time": statistics.median(times), "exact_iters": info["iterations"]})
     return rows
 
 
@@ -535,7 +514,7 @@ class ExactModel:
         if method == "woodbury":
             x = woodbury_solve(self.gram(), self.scale, self.coefficients, self.combine, V, damping,
                                eig=self.gram_eigh())
-            return x, {"method": "woodbury", "iters": 0}
+            return x, {"method": "woodbury", "iterations": 0, "residual": 0.0}
         if method != "cg":
             raise ValueError(f"unknown method {method!r}; valid: woodbury, cg")
         keys = list(self.blocks)
@@ -551,8 +530,8 @@ class ExactModel:
                 i += m * n
             return out
 
-        x, info = cg(lambda p: flat(self.mv(unflat(p))) + damping * p, flat(V), tol=tol)
-        return unflat(x), info
+        x, info = pcg(lambda p: flat(self.mv(unflat(p))) + damping * p, flat(V), tol=tol)
+        return unflat(x), {"method": "cg", "iterations": info["iterations"], "residual": info["residual"]}
 
 
 def model_direction_quality(exact: Mapping[str, Tensor], approx: Mapping[str, Tensor]) -> dict[str, float]:
