@@ -8,6 +8,7 @@ import torch
 
 from tensorcurv.linalg import gram, symmetric_part, unvec, vec
 from tensorcurv.linalg.krylov import pcg
+from tensorcurv.linalg.lanczos import lanczos
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -83,3 +84,36 @@ def test_cg_stops_at_max_iter_unconverged():
     M, b = _spd(30), torch.randn(30)
     _, info = pcg(lambda v: M @ v, b, tol=1e-14, max_iter=3)
     assert info["iterations"] == 3 and not info["converged"] and info["residual"] > 1e-14
+
+
+def test_lanczos_run_to_full_dimension_gives_all_eigenvalues():
+    A = torch.randn(12, 12)
+    A = A + A.T
+    res = lanczos(lambda v: A @ v, torch.randn(12), max_iter=12)
+    assert res.exhausted and res.steps == 12
+    assert torch.allclose(res.ritz_values, torch.linalg.eigvalsh(A), atol=1e-9)
+
+
+def test_lanczos_residuals_flag_the_converged_ritz_values():
+    A = torch.diag(torch.logspace(0.0, 8.0, 40))  # well-separated top: converges first
+    res = lanczos(lambda v: A @ v, torch.randn(40), max_iter=15)
+    theta = res.ritz_values
+    ok = res.residuals <= 1e-6 * theta.abs().max()
+    assert ok.any() and not ok.all()
+    ev = torch.linalg.eigvalsh(A)
+    for t in theta[ok]:  # every converged Ritz value is an eigenvalue
+        assert float((ev - t).abs().min()) <= 1e-5 * float(t.abs())
+
+
+def test_lanczos_stops_at_an_invariant_subspace():
+    A = torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0]))  # two distinct eigenvalues: a 2-dimensional Krylov space
+    res = lanczos(lambda v: A @ v, torch.ones(4))
+    assert res.exhausted and res.steps == 2
+    assert torch.allclose(res.ritz_values, torch.tensor([1.0, 3.0]), atol=1e-12)
+
+
+def test_lanczos_stops_when_the_extreme_ritz_pairs_converge():
+    A = torch.diag(torch.logspace(0.0, 3.0, 200))
+    res = lanczos(lambda v: A @ v, torch.randn(200), tol=1e-8)
+    assert res.steps < 200 and not res.exhausted
+    assert float(res.residuals[[0, -1]].max()) <= 1e-8 * float(res.ritz_values.abs().max())

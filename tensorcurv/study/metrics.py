@@ -39,6 +39,7 @@ from tensorcurv.core.capture import check_kind
 from tensorcurv.curvature import Curvature
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.linalg.krylov import pcg
+from tensorcurv.linalg.lanczos import LanczosResult, lanczos
 from tensorcurv.core.losses import as_loss_spec
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure
@@ -285,46 +286,16 @@ def frobenius_error(structure: Structure, block: ExactBlock, c_frob_sq: float | 
 
 
 # =============================================================================== Lanczos
-def lanczos(op: Callable[[Tensor], Tensor], dim: int, *, max_iter: int = 200, tol: float = 1e-10,
-            dtype=torch.float64, seed: int = 0, return_residuals: bool = False):
-    """Ritz values of a symmetric operator ``op`` on ``R^dim`` (ascending), Lanczos with full
-    re-orthogonalization. Stops when the residual ``β_k |y_k|`` of both extreme Ritz pairs is below
-    ``tol·max|θ|``, at an invariant subspace, or after ``min(max_iter, dim)`` steps (exact then).
-    Only the extreme Ritz values are converged at an early stop; ``return_residuals=True`` also
-    returns every Ritz pair's residual ``β_k |y_k|`` to tell which interior ones are."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(dim, generator=gen, dtype=dtype)
-    Q = [q / q.norm()]
-    alphas, betas = [], []
-    steps = min(max_iter, dim)
-    for k in range(steps):
-        w = op(Q[-1])
-        alpha = float(w @ Q[-1])
-        alphas.append(alpha)
-        Qm = torch.stack(Q)
-        for _ in range(2):  # full re-orthogonalization, twice is enough
-            w = w - Qm.T @ (Qm @ w)
-        beta = float(w.norm())
-        Tk = torch.diag(torch.tensor(alphas, dtype=dtype))
-        if betas:
-            off = torch.tensor(betas, dtype=dtype)
-            Tk = Tk + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, Y = torch.linalg.eigh(Tk)
-        scale = float(theta.abs().max()) if theta.numel() else 0.0
-        done = beta <= 1e-14 * max(scale, 1e-300) or k == steps - 1
-        if not done:
-            resid = beta * Y[-1, [0, -1]].abs()
-            done = k >= 2 and float(resid.max()) <= tol * scale
-        if done:
-            return (theta, beta * Y[-1].abs()) if return_residuals else theta
-        betas.append(beta)
-        Q.append(w / beta)
-    return theta  # pragma: no cover  (loop always returns)
+def ritz_values(op: Callable[[Tensor], Tensor], dim: int, *, max_iter: int = 200, tol: float = 1e-10,
+                seed: int = 0) -> LanczosResult:
+    """:func:`tensorcurv.linalg.lanczos.lanczos` on ``op`` from a seeded float64 Gaussian start."""
+    start = torch.randn(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return lanczos(op, start, max_iter=max_iter, tol=tol)
 
 
 def spectral_norm(op: Callable[[Tensor], Tensor], dim: int, **kw) -> float:
-    """``‖M‖_2 = max |λ(M)|`` of a symmetric operator by Lanczos (see :func:`lanczos`)."""
-    return float(lanczos(op, dim, **kw).abs().max())
+    """``‖M‖_2 = max |λ(M)|`` of a symmetric operator by Lanczos (see :func:`ritz_values`)."""
+    return float(ritz_values(op, dim, **kw).ritz_values.abs().max())
 
 
 def asymmetry(structure: Structure, probes: int = 3, seed: int = 0) -> float:
@@ -364,7 +335,7 @@ def spectral_error(structure: Structure, block: ExactBlock, *, asym_tol: float =
             w = diff(v)
             return vec(block.mv(unvec(w, m, n))) - DT @ w
 
-        err = math.sqrt(max(float(lanczos(normal, block.dim, **kw).max()), 0.0))
+        err = math.sqrt(max(float(ritz_values(normal, block.dim, **kw).ritz_values.max()), 0.0))
     else:
         err = float("nan")
     c2 = float(block.eigenvalues()[0]) if block.J <= 4096 else spectral_norm(lambda v: vec(block.mv(unvec(v, m, n))),
@@ -711,9 +682,9 @@ def _structure_spectrum(S: Structure, k: int, dense_max_dim: int = 8192) -> Tens
     m, n = S.shape
     if m * n <= dense_max_dim:
         return torch.linalg.eigvalsh(S.to_dense()).flip(0)[:k]
-    theta, resid = lanczos(lambda v: vec(S.mv(unvec(v, m, n))), m * n, max_iter=3 * k + 20, tol=0.0,
-                           return_residuals=True)
-    keep = resid <= 1e-6 * theta.abs().max()
+    res = ritz_values(lambda v: vec(S.mv(unvec(v, m, n))), m * n, max_iter=3 * k + 20, tol=0.0)
+    theta = res.ritz_values
+    keep = res.residuals <= 1e-6 * theta.abs().max()
     return theta[keep].flip(0)[:k]
 
 
