@@ -1,4 +1,4 @@
-"""Specifications of tensorcurv.study.metrics: exact implicit identities equal dense computations (float64)."""
+"""Specifications of the study metrics and the exact block: implicit identities equal dense computations (float64)."""
 import math
 
 import pytest
@@ -7,8 +7,11 @@ from torch import nn
 
 from tensorcurv import Curvature, structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.study.metrics import (ExactBlock, asymmetry, kronecker_floor, ExactModel, exact_solve, frobenius_error, frobenius_sq,
-                              inner_with_exact, inverse_quality, spectral_error)
+from tensorcurv.core.exact import ExactBlock, ExactModel
+from tensorcurv.study.directions import inverse_quality
+from tensorcurv.study.frobenius import frobenius_error, kronecker_floor
+from tensorcurv.study.spectral import asymmetry, spectral_error
+from tensorcurv.study.structure_norms import frobenius_sq, inner_with_exact
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to float64 here
 
@@ -144,9 +147,9 @@ def test_cg_and_woodbury_exact_solves_equal_dense_solve(layer, rho):
     block = ExactBlock(st)
     V = torch.randn(st.shape, generator=torch.Generator().manual_seed(0))  # independent of other tests' RNG use
     lam = rho * block.trace() / block.dim
-    x_cg, info = exact_solve(block, V, lam, method="cg", tol=1e-12)
-    x_dense, _ = exact_solve(block, V, lam, method="dense")
-    x_wood, _ = exact_solve(block, V, lam, method="woodbury")
+    x_cg, info = block.solve(V, lam, method="cg", tol=1e-12)
+    x_dense, _ = block.solve(V, lam, method="dense")
+    x_wood, _ = block.solve(V, lam, method="woodbury")
     ref = torch.linalg.solve(_dense_C(st) + lam * torch.eye(block.dim), vec(V))
 
     def rel(x, y):  # normwise: backward-stable solves agree to ~cond·eps (cond ≤ 1/rho·dim here), not entrywise

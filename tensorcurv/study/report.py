@@ -1,6 +1,6 @@
 """Study reports: raw CSV tables, PNG figures (matplotlib, Agg) and a ``report.md`` that embeds them.
 
-Input: the tables of :func:`tensorcurv.study.metrics.run_study` (``metrics``, ``floor``, ``spectra``,
+Input: the tables of :func:`tensorcurv.study.runner.run_study` (``metrics``, ``floor``, ``spectra``,
 ``training``; every row has ``step`` and ``kind``). ``metrics`` rows with ``layer="(model)"`` are the
 model-level numbers (all covered layers, cross-layer blocks included in ``C``).
 """

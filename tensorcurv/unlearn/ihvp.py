@@ -282,7 +282,7 @@ class StructureSolver(IHVPSolver):
 
     ``refine > 0``: structure-preconditioned refinement — PCG (at most ``refine`` iterations, relative
     residual ``refine_tol``) on ``(N/B) C_B + δI`` with ``C_B`` the *exact* GGN applied from the same
-    statistics the structure was fitted from (:class:`~tensorcurv.unlearn.stats_ggn.StatsGGN`; ``coupling``
+    statistics the structure was fitted from (:class:`~tensorcurv.core.exact.ExactModel`; ``coupling``
     ``"full"``: cross-layer GGN of all parameters, ``"block"``: its block diagonal), preconditioned by the
     structure's solve. Exact for logistic regression; fails (``converged=False``) if ``refine_tol`` is
     not reached. Needs every trainable parameter in a covered layer.
@@ -294,7 +294,7 @@ class StructureSolver(IHVPSolver):
                  fit_batch_size: int | None = None, seed: int = 0, refine: int = 0, refine_tol: float = 1e-3,
                  coupling: str = "full", **hparams: Any) -> None:
         super().__init__(damping)
-        from tensorcurv.unlearn.stats_ggn import check_coupling
+        from tensorcurv.core.exact import check_coupling
         if not (isinstance(refine, int) and refine >= 0):
             raise ValueError(f"structure: refine must be an integer >= 0 (max PCG iterations), got {refine!r}")
         if not (isinstance(refine_tol, (int, float)) and refine_tol > 0):
@@ -331,9 +331,10 @@ class StructureSolver(IHVPSolver):
             self.curv.fit_capture(X, res)
         self.op = None
         if self.refine:
-            from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN
+            from tensorcurv.core.exact import ExactModel
+            from tensorcurv.unlearn.stats_ggn import ParamLayout
             self.layout = ParamLayout(self.curv.named_params, self.curv.adapters)
-            self.op = StatsGGN(res.stats, self.coupling)
+            self.op = ExactModel.from_stats(res.stats, self.coupling)
 
     def _precond(self, v: Tensor) -> Tensor:
         """``(N/B · Ĉ_B + δI)^{-1} v`` through the structure's own solve."""
@@ -342,7 +343,7 @@ class StructureSolver(IHVPSolver):
 
     def matvec(self, v: Tensor) -> Tensor:
         """``(N/B · C_B + δI) v`` with the exact ``C_B`` from the statistics (needs ``refine > 0``)."""
-        mats = self.op.mv_mats(self.layout.to_mats(v))
+        mats = self.op.mv(self.layout.to_mats(v))
         return self.layout.to_flat(mats) / self.ratio + (self.obj.mu + self.damping) * v
 
     def _solve(self, v: Tensor) -> IHVPResult:
