@@ -198,9 +198,7 @@ class ExactBlock:
         if method == "auto":
             method = "woodbury" if self.J <= WOODBURY_MAX_TERMS else ("dense" if self.dim <= DENSE_MAX_DIM else "cg")
         if method == "woodbury":
-            x = woodbury_solve(self.gram(), self.scale, self.coefficients, self.combine, V, damping,
-                               eig=self.gram_eigh())
-            return x, {"method": "woodbury", "iterations": 0, "residual": 0.0}
+            return _woodbury(self, V, damping)
         if method == "dense":
             M = self.to_dense() + damping * torch.eye(self.dim, dtype=V.dtype)
             x = torch.cholesky_solve(vec(V)[:, None], torch.linalg.cholesky(M))[:, 0]
@@ -281,9 +279,7 @@ class ExactModel:
         if self.coupling != "full":
             raise ValueError("ExactModel.solve needs coupling='full'")
         if method == "woodbury":
-            x = woodbury_solve(self.gram(), self.scale, self.coefficients, self.combine, V, damping,
-                               eig=self.gram_eigh())
-            return x, {"method": "woodbury", "iterations": 0, "residual": 0.0}
+            return _woodbury(self, V, damping)
         if method != "cg":
             raise ValueError(f"unknown method {method!r}; valid: woodbury, cg")
         x, info = pcg(lambda p: self.flatten(self.mv(self.unflatten(p))) + damping * p, self.flatten(V), tol=tol)
@@ -299,3 +295,9 @@ class ExactModel:
             out[k] = unvec(x[i:i + b.dim], b.m, b.n)
             i += b.dim
         return out
+
+
+def _woodbury(op: ExactBlock | ExactModel, V, damping: float) -> tuple[Any, dict[str, Any]]:
+    """:func:`woodbury_solve` through ``op``'s cached Gram eigendecomposition."""
+    x = woodbury_solve(op.gram(), op.scale, op.coefficients, op.combine, V, damping, eig=op.gram_eigh())
+    return x, {"method": "woodbury", "iterations": 0, "residual": 0.0}
