@@ -34,8 +34,8 @@ from tensorcurv.linalg.krylov import pcg
 
 #: Blocks with ``m n`` up to this size may be formed as dense ``(mn, mn)`` matrices (automatic choices).
 DENSE_MAX_DIM = 2048
-#: Automatic exact solve: the Woodbury route while the Gram matrix is at most ``J x J`` with this ``J``.
-WOODBURY_MAX_TERMS = 4096
+#: Automatic choices form and eigendecompose the ``J x J`` Gram matrix up to this ``J`` (Woodbury solve, spectrum).
+GRAM_MAX_TERMS = 4096
 COUPLINGS = ("full", "block")
 
 
@@ -191,12 +191,12 @@ class ExactBlock:
         * ``dense``: Cholesky of the formed block (small layers);
         * ``cg``: conjugate gradients on implicit products ``C v`` (any size, iterative, to ``tol``).
 
-        ``auto``: woodbury when ``J ≤`` :data:`WOODBURY_MAX_TERMS`, else dense up to
+        ``auto``: woodbury when ``J ≤`` :data:`GRAM_MAX_TERMS`, else dense up to
         :data:`DENSE_MAX_DIM`, else cg. Info: ``method``, ``iterations``, ``residual`` (relative)."""
         if damping <= 0:
             raise ValueError(f"damping must be > 0 for the exact solve, got {damping}")
         if method == "auto":
-            method = "woodbury" if self.J <= WOODBURY_MAX_TERMS else ("dense" if self.dim <= DENSE_MAX_DIM else "cg")
+            method = "woodbury" if self.J <= GRAM_MAX_TERMS else ("dense" if self.dim <= DENSE_MAX_DIM else "cg")
         if method == "woodbury":
             return _woodbury(self, V, damping)
         if method == "dense":

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tensorcurv.core.exact import ExactBlock
+from tensorcurv.core.exact import GRAM_MAX_TERMS, ExactBlock
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.linalg.lanczos import LanczosResult, lanczos
 from tensorcurv.structures.base import Structure
@@ -71,8 +71,10 @@ def spectral_error(structure: Structure, block: ExactBlock, *, asym_tol: float =
         err = math.sqrt(max(float(ritz_values(normal, block.dim, **kw).ritz_values.max()), 0.0))
     else:
         err = float("nan")
-    c2 = float(block.eigenvalues()[0]) if block.J <= 4096 else spectral_norm(lambda v: vec(block.mv(unvec(v, m, n))),
-                                                                             block.dim, **kw)
+    if block.J <= GRAM_MAX_TERMS:
+        c2 = float(block.eigenvalues()[0])
+    else:
+        c2 = spectral_norm(lambda v: vec(block.mv(unvec(v, m, n))), block.dim, **kw)
     return {"spec_abs": err, "spec_rel": err / c2 if c2 > 0 else float("nan"), "c_spec": c2, "asym": asym}
 
 
