@@ -1,4 +1,4 @@
-"""Approximation-accuracy study (thin Hydra wrapper around tensorcurv.study.metrics / tensorcurv.study.report).
+"""Approximation-accuracy study (thin Hydra wrapper around tensorcurv.study.runner / tensorcurv.study.report).
 
     python scripts/study.py                                   # conf/study.yaml: digits MLP
     python scripts/study.py experiment=study_digits_cnn
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
 
     from tensorcurv.study import report as report
 
-    from tensorcurv.study import metrics as study
+    from tensorcurv.study.runner import run_study
 
     from tensorcurv.experiments import tracking as tracking
     from tensorcurv.experiments.cli import CONFIG_ERROR_EXIT, fail, report_errors, validate_or_exit
@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.render_only:  # re-draw figures and tables from the CSVs already in report_dir
         result = report.read_result(out)
     else:
-        result = study.run_study(plain)
+        result = run_study(plain)
     elapsed = time.perf_counter() - t0
     logger = tracking.build(plain.get("logger"), out / "logs", plain)
     title = cfg.title or f"Curvature approximation study: {cfg.data.name}, {cfg.model.name}"

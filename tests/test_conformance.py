@@ -30,7 +30,8 @@ from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import vec
 from tensorcurv.structures import generic
 from tensorcurv.structures.base import NotFittedError, Structure
-from tensorcurv.study.metrics import evaluate, make_variants
+from tensorcurv.study.evaluate import evaluate
+from tensorcurv.study.variants import make_variants
 from tensorcurv.unlearn import AffectedSet, StructureSolver, second_order_update
 from tensorcurv.unlearn.cache import CurvatureCache
 from tensorcurv.unlearn.ihvp import build_solver

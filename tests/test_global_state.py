@@ -26,7 +26,7 @@ from torch import nn
 
 from tensorcurv import structures
 from tensorcurv.curvature import Curvature
-from tensorcurv.study.metrics import run_study
+from tensorcurv.study.runner import run_study
 from tensorcurv.unlearn import AffectedSet, build_solver, second_order_update
 from unlearn_problems import data, logreg, trained
 
@@ -173,7 +173,7 @@ def test_importing_the_library_leaves_global_state_alone():
              "            torch.get_default_dtype(), torch.get_rng_state().tolist(), str(numpy.random.get_state()),\n"
              "            random.getstate(), tensorly.get_backend(), torch.are_deterministic_algorithms_enabled())\n"
              "before = state()\n"
-             "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study.metrics, tensorcurv.unlearn\n"
+             "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study.runner, tensorcurv.unlearn\n"
              "import tensorcurv.optim, tensorcurv.distributed, tensorcurv.experiments.runner, tensorcurv.experiments.reference_layers\n"
              "print(before == state())\n")
     root = Path(__file__).resolve().parents[1]

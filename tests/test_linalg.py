@@ -1,10 +1,14 @@
-"""Column-major vec and the symmetric Gram product every K-FAC factor is computed with."""
+"""Column-major vec, the symmetric Gram product every K-FAC factor is computed with, and the Krylov solvers."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from tensorcurv.linalg import gram, symmetric_part, unvec, vec
+from tensorcurv.linalg.krylov import pcg
+from tensorcurv.linalg.lanczos import lanczos
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -38,3 +42,78 @@ def test_symmetric_part_of_a_stack_is_exactly_symmetric_and_keeps_symmetric_inpu
     assert torch.equal(S, S.mT)
     assert torch.allclose(S, 0.5 * (M + M.mT), rtol=0, atol=0)
     assert torch.equal(symmetric_part(S), S)
+
+
+def _spd(d: int, cond: float = 1e3, seed: int = 0) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
+    return (Q * torch.logspace(0.0, math.log10(cond), d)) @ Q.T
+
+
+def test_cg_on_matrices_solves_the_kronecker_system_to_its_tolerance():
+    A, G = _spd(4, seed=1), _spd(3, seed=2)
+    B = torch.randn(3, 4)
+    X, info = pcg(lambda V: G @ V @ A, B, tol=1e-12)
+    ref = unvec(torch.linalg.solve(torch.kron(A, G), vec(B)), 3, 4)
+    assert info["converged"] and info["residual"] <= 1e-12
+    # the relative error is at most cond(A⊗G) = 1e6 times the relative residual
+    assert float((X - ref).norm() / ref.norm()) <= 1e6 * 1e-12
+
+
+def test_cg_reports_the_residual_history_from_the_start():
+    M, b = _spd(30), torch.randn(30)
+    x, info = pcg(lambda v: M @ v, b, tol=1e-10)
+    assert len(info["residuals"]) == info["iterations"] + 1
+    assert info["residuals"][0] == 1.0 and info["residuals"][-1] == info["residual"]
+    assert info["residual"] == pytest.approx(float((b - M @ x).norm() / b.norm()), rel=1e-4)
+
+
+def test_exact_preconditioner_converges_in_one_iteration():
+    M, b = _spd(30), torch.randn(30)
+    Minv = torch.linalg.inv(M)
+    _, info = pcg(lambda v: M @ v, b, lambda r: Minv @ r, tol=1e-8)
+    assert info["converged"] and info["iterations"] == 1
+
+
+def test_cg_stops_on_negative_curvature():
+    M = torch.diag(torch.tensor([1.0, -1.0, 2.0]))
+    _, info = pcg(lambda v: M @ v, torch.ones(3), tol=1e-12)
+    assert info["negative_curvature"] and not info["converged"]
+
+
+def test_cg_stops_at_max_iter_unconverged():
+    M, b = _spd(30), torch.randn(30)
+    _, info = pcg(lambda v: M @ v, b, tol=1e-14, max_iter=3)
+    assert info["iterations"] == 3 and not info["converged"] and info["residual"] > 1e-14
+
+
+def test_lanczos_run_to_full_dimension_gives_all_eigenvalues():
+    A = torch.randn(12, 12)
+    A = A + A.T
+    res = lanczos(lambda v: A @ v, torch.randn(12), max_iter=12)
+    assert res.exhausted and res.steps == 12
+    assert torch.allclose(res.ritz_values, torch.linalg.eigvalsh(A), atol=1e-9)
+
+
+def test_lanczos_residuals_flag_the_converged_ritz_values():
+    A = torch.diag(torch.logspace(0.0, 8.0, 40))  # well-separated top: converges first
+    res = lanczos(lambda v: A @ v, torch.randn(40), max_iter=15)
+    theta = res.ritz_values
+    ok = res.residuals <= 1e-6 * theta.abs().max()
+    assert ok.any() and not ok.all()
+    ev = torch.linalg.eigvalsh(A)
+    for t in theta[ok]:  # every converged Ritz value is an eigenvalue
+        assert float((ev - t).abs().min()) <= 1e-5 * float(t.abs())
+
+
+def test_lanczos_stops_at_an_invariant_subspace():
+    A = torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0]))  # two distinct eigenvalues: a 2-dimensional Krylov space
+    res = lanczos(lambda v: A @ v, torch.ones(4))
+    assert res.exhausted and res.steps == 2
+    assert torch.allclose(res.ritz_values, torch.tensor([1.0, 3.0]), atol=1e-12)
+
+
+def test_lanczos_stops_when_the_extreme_ritz_pairs_converge():
+    A = torch.diag(torch.logspace(0.0, 3.0, 200))
+    res = lanczos(lambda v: A @ v, torch.randn(200), tol=1e-8)
+    assert res.steps < 200 and not res.exhausted
+    assert float(res.residuals[[0, -1]].max()) <= 1e-8 * float(res.ritz_values.abs().max())

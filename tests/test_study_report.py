@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tensorcurv.study.report import write_report
-from tensorcurv.study.metrics import checkpoint_steps, make_variants, run_study
+from tensorcurv.study.runner import checkpoint_steps, run_study
+from tensorcurv.study.variants import make_variants
 
 TINY = {"seed": 0, "dtype": "float64", "data": {"name": "digits", "limit": 200},
         "model": {"name": "mlp", "hidden_sizes": [6]},

@@ -8,7 +8,8 @@ from tensorcurv.curvature import Curvature
 from tensorcurv.linalg import unvec
 from tensorcurv.core.losses import CrossEntropy, MeanSquaredError
 from tensorcurv.unlearn import ExactSolver, StructureSolver
-from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN, output_coefficients, stats_gradient
+from tensorcurv.core.exact import ExactModel
+from tensorcurv.unlearn.stats_ggn import ParamLayout, output_coefficients, stats_gradient
 from unlearn_problems import data, logreg, mlp, trained_problem
 
 MU = 0.5
@@ -24,14 +25,14 @@ def _dense_block(op, name, m, n):
     """Columns ``vec(C_l vec(E_j))`` with the other layers' directions zero."""
     eye = torch.eye(m * n, dtype=torch.float64)
     zeros = {k: torch.zeros(st.m, st.n, dtype=torch.float64) for k, st in op.stats.items()}
-    return torch.stack([op.mv_mats({**zeros, name: unvec(e, m, n)})[name].T.reshape(-1) for e in eye], 1)
+    return torch.stack([op.mv({**zeros, name: unvec(e, m, n)})[name].T.reshape(-1) for e in eye], 1)
 
 
 def test_block_operator_from_stats_equals_dense_ggn_block_of_each_layer():
     X, y = data()
     model = mlp()
     curv, res = _stats(model, X, y)
-    op = StatsGGN(res.stats, "block")
+    op = ExactModel.from_stats(res.stats, "block")
     for name, ad in curv.adapters.items():
         m, n = ad.shape()
         ref = layer_block(model, X, y, "cross_entropy", "ggn", name, reduction="sum")
@@ -42,9 +43,9 @@ def test_full_coupling_operator_equals_dense_ggn_of_all_parameters():
     X, y = data()
     model = mlp()
     curv, res = _stats(model, X, y)
-    op, layout = StatsGGN(res.stats, "full"), ParamLayout(curv.named_params, curv.adapters)
+    op, layout = ExactModel.from_stats(res.stats, "full"), ParamLayout(curv.named_params, curv.adapters)
     P = sum(p.numel() for p in model.parameters())
-    dense = torch.stack([layout.to_flat(op.mv_mats(layout.to_mats(e))) for e in torch.eye(P, dtype=torch.float64)], 1)
+    dense = torch.stack([layout.to_flat(op.mv(layout.to_mats(e))) for e in torch.eye(P, dtype=torch.float64)], 1)
     ref, _, _ = full_block(model, X, y, "cross_entropy", "ggn", reduction="sum")
     torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-10)
 

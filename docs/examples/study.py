@@ -19,7 +19,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import tensorcurv
-from tensorcurv.study import metrics
+from tensorcurv.core.exact import ExactBlock
+from tensorcurv.study.directions import inverse_quality
+from tensorcurv.study.frobenius import frobenius_error, kronecker_floor
 
 VARIANTS = {"diagonal": {}, "kfac": {}, "ekfac": {}, "kpsvd": {}, "kron_sum r=2": {"rank": 2}}
 
@@ -36,18 +38,18 @@ def main(tiny: bool = False) -> dict[str, float]:
     res = curv.capture(X, y, nn.CrossEntropyLoss(), accumulate_grad=True)
     layer = "0"
     stats = res.stats[layer]                       # per-sample factors a (N, T, n), g (N, K, T, m)
-    block = metrics.ExactBlock(stats)              # the exact block C as an implicit operator
+    block = ExactBlock(stats)              # the exact block C as an implicit operator
     grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], dim=1)   # [W, b], shape (m, n)
 
-    floors = metrics.kronecker_floor(block, ranks=[1, 2])
+    floors = kronecker_floor(block, ranks=[1, 2])
     print(f"layer {layer} ({stats.shape[0]}x{stats.shape[1]}): optimal Kronecker-sum error "
           f"rank 1 {floors[1]:.4f}, rank 2 {floors[2]:.4f}")
     print(f"{'structure':>14} | {'rel. Frobenius error':>20} | {'cosine to exact direction':>25}")
     out = {}
     for label, hparams in VARIANTS.items():
         structure = tensorcurv.structures.create(label.split()[0], stats.shape, **hparams).fit(stats)
-        fro = metrics.frobenius_error(structure, block)["fro_rel"]
-        cos = metrics.inverse_quality(structure, block, grad, damping_rel=[1e-2], repeats=1)[0]["cos"]
+        fro = frobenius_error(structure, block)["fro_rel"]
+        cos = inverse_quality(structure, block, grad, damping_rel=[1e-2], repeats=1)[0]["cos"]
         print(f"{label:>14} | {fro:20.4f} | {cos:25.3f}")
         out[label] = fro
     # Eckart–Young: no sum of r Kronecker products beats the floor, and kpsvd (rank 1) attains it

@@ -1,1 +1,1 @@
-"""Capture, per-sample statistics, losses and layer adapters."""
+"""Capture, per-sample statistics, losses, layer adapters, and the exact curvature operator on the statistics."""

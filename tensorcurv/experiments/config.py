@@ -375,7 +375,7 @@ class StudyTrainConfig:
 
 @dataclass
 class StudySettings:
-    """``study`` group of ``conf/study.yaml`` (see :func:`tensorcurv.study.metrics.run_study`)."""
+    """``study`` group of ``conf/study.yaml`` (see :func:`tensorcurv.study.runner.run_study`)."""
 
     kinds: list[str] = spec(["empirical", "mc", "ggn"], choices=_kinds, what="a curvature kind", nonempty=True)
     mc_samples: int = spec(1, ge=1)
@@ -420,7 +420,7 @@ def validate_study(cfg: Any) -> dict[str, Any]:
     """Validate a composed ``conf/study.yaml``; returns it as plain containers. Raises :class:`ConfigError`."""
     from tensorcurv import structures
     from tensorcurv.experiments import models as models
-    from tensorcurv.study.metrics import make_variants
+    from tensorcurv.study.variants import make_variants
 
     raw = _plain(cfg)
     s = check("", StudyConfig, {**raw, **{g: raw.get(g) or {} for g in ("data", "logger", "train", "study")}})

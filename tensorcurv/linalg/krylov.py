@@ -1,7 +1,8 @@
-"""Small Krylov / subspace helpers shared by the tensor structures.
+"""Krylov / subspace helpers: the one conjugate gradient solver, used by structures, studies and unlearning.
 
-* :func:`pcg` — preconditioned conjugate gradients on matrices (inner product ``⟨X, Y⟩ = Σ X∘Y``),
-  with a *relative* residual stopping rule and an iteration/residual report.
+* :func:`pcg` — the conjugate gradient solver of the package (preconditioner optional), on tensors of
+  any shape (inner product ``⟨X, Y⟩ = Σ X∘Y``), with a *relative* residual stopping rule and an
+  iteration/residual report.
 * :func:`pcg_or_fallback` — :func:`pcg` that never returns a non-finite or negative-curvature
   answer: it falls back to the (damped, PSD) preconditioner solve and says why (``fallback``).
 * :func:`orthonormalize` — orthonormal basis of the columns of a tall matrix (QR, rank-revealing
@@ -22,19 +23,26 @@ def pcg(
     b: Tensor,
     precond: Callable[[Tensor], Tensor] | None = None,
     tol: float = 1e-8,
-    max_iter: int = 200,
+    max_iter: int | None = None,
     x0: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Solve ``M x = b`` for symmetric positive definite ``M`` (given by ``matvec``) by PCG.
+    """Solve ``M x = b`` for symmetric positive definite ``M`` by (preconditioned) conjugate gradients.
 
-    Stops when ``‖b − M x‖_F ≤ tol · ‖b‖_F``. Returns ``x`` and ``{"iterations", "residual"
-    (relative), "converged", "negative_curvature", "non_finite"}``; ``negative_curvature`` is set
-    (and the iteration stops) if ``pᵀ M p ≤ 0`` — ``M`` is then not positive definite;
-    ``non_finite`` if ``pᵀ M p`` or ``rᵀ z`` is not finite (the last finite iterate is returned).
+    ``b`` may have any shape (a flat vector, an ``(m, n)`` matrix, ...): ``matvec`` and ``precond``
+    map tensors of that shape to tensors of that shape, and the inner product is ``⟨X, Y⟩ = Σ X∘Y``.
+    ``precond`` applies ``P⁻¹ ≈ M⁻¹`` (symmetric positive definite); None: plain CG.
+    ``max_iter`` None: ``10·b.numel() + 10``. Stops when ``‖b − M x‖_F ≤ tol · ‖b‖_F``.
+
+    Returns ``x`` and an info dict: ``iterations`` (completed steps), ``residual`` (relative, of the
+    returned ``x``), ``residuals`` (its history, the start included), ``converged``,
+    ``negative_curvature`` (``pᵀ M p ≤ 0`` met: ``M`` is not positive definite; the iteration stops)
+    and ``non_finite`` (``pᵀ M p``, ``rᵀ z`` or the residual not finite; the last finite iterate is
+    returned).
     """
+    max_iter = 10 * b.numel() + 10 if max_iter is None else max_iter
     bnorm = float(torch.linalg.norm(b))
-    info: dict[str, Any] = {"iterations": 0, "residual": 0.0, "converged": True, "negative_curvature": False,
-                            "non_finite": False}
+    info: dict[str, Any] = {"iterations": 0, "residual": 0.0, "residuals": [0.0], "converged": True,
+                            "negative_curvature": False, "non_finite": False}
     if bnorm == 0.0:
         return torch.zeros_like(b), info
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -43,6 +51,7 @@ def pcg(
     p = z.clone()
     rz = float((r * z).sum())
     res = float(torch.linalg.norm(r)) / bnorm
+    history = [res]
     it = 0
     while res > tol and it < max_iter:
         Mp = matvec(p)
@@ -61,14 +70,16 @@ def pcg(
         if not math.isfinite(res):
             info["non_finite"] = True
             x = x - alpha * p
+            res = history[-1]
             break
+        history.append(res)
         if res <= tol:
             break
         z = precond(r) if precond is not None else r
         rz_new = float((r * z).sum())
         p = z + (rz_new / rz) * p
         rz = rz_new
-    info.update(iterations=it, residual=res, converged=res <= tol)
+    info.update(iterations=it, residual=res, residuals=history, converged=res <= tol)
     return x, info
 
 

@@ -13,7 +13,6 @@ batched calls. Details: docs/structures/kfac.md.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from tensorcurv.core.stats import WEIGHT_SHARING, LayerStats
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, Structure, check_damping, register, sym_eig
+from tensorcurv.structures.damping import factored_shifts, pi_ratio
 from tensorcurv.structures.generic import per_sample_grad_chunks, top_entries
 
 DAMPING_KINDS = ("tikhonov", "pi")
@@ -182,8 +182,9 @@ class KFAC(Structure):
             return c.D, c.QGt, c.QAt, dict(c.info)
         lA, QA, lG, QG = eigs
         if kind == "pi":
-            pi, sq = self.pi(), math.sqrt(damping)
-            D = (lG[:, None] + sq / pi) * (lA[None, :] + pi * sq)
+            pi = self.pi()
+            shift_A, shift_G = factored_shifts(pi, damping)
+            D = (lG[:, None] + shift_G) * (lA[None, :] + shift_A)
             info = {"method": "kron-eigh", "damping": "pi", "pi": pi}
         else:
             D = lG[:, None] * lA[None, :] + damping
@@ -200,14 +201,8 @@ class KFAC(Structure):
         return c.Gi, c.Ai, dict(c.info)
 
     def pi(self) -> float:
-        return self._pi_from_traces(float(torch.trace(self.A)), float(torch.trace(self.G)))
-
-    def _pi_from_traces(self, trace_A: float, trace_G: float) -> float:
-        m, n = self.shape
-        trA, trG = trace_A / n, trace_G / m
-        if trA <= 0 or trG <= 0:
-            return 1.0
-        return math.sqrt(trA / trG)
+        """K-FAC's ``π`` of the current factors (:func:`~tensorcurv.structures.damping.pi_ratio`)."""
+        return pi_ratio(float(torch.trace(self.A)), float(torch.trace(self.G)), self.shape)
 
     @staticmethod
     def refresh(blocks, damping: float) -> None:
@@ -241,13 +236,13 @@ class KFAC(Structure):
     @staticmethod
     def _refresh_inverses(blocks: list["KFAC"], damping: float) -> None:
         traces = torch.stack([torch.trace(M) for b in blocks for M in (b.A, b.G)]).tolist()  # one sync
-        sq = math.sqrt(damping)
         mats, shifts, pis = [], [], []
         for i, b in enumerate(blocks):
-            pi = b._pi_from_traces(traces[2 * i], traces[2 * i + 1])
+            pi = pi_ratio(traces[2 * i], traces[2 * i + 1], b.shape)
             pis.append(pi)
+            shift_A, shift_G = factored_shifts(pi, damping)
             mats += [b.G, b.A]
-            shifts += [sq / pi, pi * sq]
+            shifts += [shift_G, shift_A]
         inv: list[Tensor | None] = [None] * len(mats)
         failed: list[int] = []
         for idx in KFAC._groups(mats).values():

@@ -1,5 +1,5 @@
 """The PNG figures of a study report, drawn in the style of :mod:`tensorcurv.plotting` from the tables of
-:func:`tensorcurv.study.metrics.run_study` (or :func:`tensorcurv.study.tables.read_result`).
+:func:`tensorcurv.study.runner.run_study` (or :func:`tensorcurv.study.tables.read_result`).
 
     python -m tensorcurv.study.figures reports/study_digits_mlp   # re-draw from the CSVs, report.md untouched
 """
@@ -206,7 +206,7 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
 
 def write_figures(result: Mapping[str, list[dict]], out_dir: str | Path) -> list[Path]:
     """Draw the PNG figures of :data:`FIGURES` into ``out_dir`` from a study's tables (those of
-    :func:`tensorcurv.study.metrics.run_study` or :func:`read_result`); returns their paths."""
+    :func:`tensorcurv.study.runner.run_study` or :func:`read_result`); returns their paths."""
     out = Path(out_dir)
     metrics, floor, spectra = result["metrics"], result.get("floor", []), result.get("spectra", [])
     spectra_layers = [r["layer"] for r in spectra]

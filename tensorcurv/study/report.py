@@ -1,7 +1,7 @@
 """Study reports: a ``report.md`` that embeds the figures of :mod:`tensorcurv.study.figures`, with the
 raw CSV tables of :mod:`tensorcurv.study.tables` next to it.
 
-Input: the tables of :func:`tensorcurv.study.metrics.run_study` (``metrics``, ``floor``, ``spectra``,
+Input: the tables of :func:`tensorcurv.study.runner.run_study` (``metrics``, ``floor``, ``spectra``,
 ``training``; every row has ``step`` and ``kind``). ``metrics`` rows with ``layer="(model)"`` are the
 model-level numbers (all covered layers, cross-layer blocks included in ``C``).
 """

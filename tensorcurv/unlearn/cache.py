@@ -17,7 +17,7 @@ are refit on the updated rows. For a relabel every structure —
 and the dense block's cached eigendecomposition — is reused as is. ``Δg`` comes from the
 same statistics in closed form (:func:`~tensorcurv.unlearn.stats_ggn.output_coefficients`), and the
 inverse-HVP is the structure-preconditioned refinement on the exact GGN of ``D̃`` (``refine`` PCG
-iterations on :class:`~tensorcurv.unlearn.stats_ggn.StatsGGN`; ``refine=0``: the structure alone).
+iterations on :class:`~tensorcurv.core.exact.ExactModel`; ``refine=0``: the structure alone).
 The result equals the non-cached ``second_order_update`` with ``StructureSolver(..., refine=...)``.
 A request is relative to ``(D, θ*)``; after applying one, build a new cache for the next.
 """
@@ -35,7 +35,8 @@ from tensorcurv.core.capture import capture
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.unlearn.ihvp import IHVPResult, refine_solve
 from tensorcurv.unlearn.objective import Objective
-from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN, check_coupling, output_coefficients, stats_gradient
+from tensorcurv.core.exact import ExactModel, check_coupling
+from tensorcurv.unlearn.stats_ggn import ParamLayout, output_coefficients, stats_gradient
 from tensorcurv.unlearn.updates import AffectedSet, UpdateResult, _finish
 
 
@@ -156,10 +157,10 @@ class CurvatureCache:
 
         name = f"cached:{self.structure}"
         if self.refine:
-            op = StatsGGN(stats, self.coupling)
+            op = ExactModel.from_stats(stats, self.coupling)
 
             def matvec(v: Tensor) -> Tensor:
-                return self.layout.to_flat(op.mv_mats(self.layout.to_mats(v))) + delta * v
+                return self.layout.to_flat(op.mv(self.layout.to_mats(v))) + delta * v
 
             r = refine_solve(matvec, precond, dg, self.refine, self.refine_tol, f"{name}+refine",
                              {"coupling": self.coupling})

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tensorcurv.linalg.krylov import pcg
 from tensorcurv.structures.base import check_damping
 from tensorcurv.unlearn.objective import Objective, check_curvature
 
@@ -119,8 +120,9 @@ class ExactSolver(IHVPSolver):
 class CGSolver(IHVPSolver):
     """Conjugate gradients on matrix-free ``(H + λI) p`` (``torch.func`` JVP/VJP, full data).
 
-    Stops when ``‖r‖ ≤ tol ‖v‖``; fails on ``max_iters`` without convergence or on non-positive
-    curvature ``pᵀ(H + λI)p ≤ 0`` (possible for the Hessian of a non-convex model).
+    Stops when ``‖r‖ ≤ tol ‖v‖`` (:func:`tensorcurv.linalg.krylov.pcg`); fails on ``max_iters`` without
+    convergence or on non-positive curvature ``pᵀ(H + λI)p ≤ 0`` (possible for the Hessian of a
+    non-convex model).
     ``preconditioner``: an optional :class:`IHVPSolver` (e.g. a :class:`StructureSolver` with K-FAC),
     prepared on the same data, whose ``solve`` is applied as ``M^{-1} r`` (preconditioned CG; it
     must be symmetric positive definite, which every PSD structure with ``μ + λ > 0`` is).
@@ -146,8 +148,6 @@ class CGSolver(IHVPSolver):
             self.preconditioner.prepare(self.obj, self.theta, self.X, self.y)
 
     def _precond(self, r: Tensor) -> Tensor:
-        if self.preconditioner is None:
-            return r
         return self.preconditioner.solve(r).x
 
     def matvec(self, p: Tensor) -> Tensor:
@@ -155,33 +155,16 @@ class CGSolver(IHVPSolver):
         return mv(self.theta, self.X, self.y, p) + self.damping * p
 
     def _solve(self, v: Tensor) -> IHVPResult:
-        x = torch.zeros_like(v)
-        r = v.clone()
-        vnorm = float(v.norm())
-        if vnorm == 0.0:
-            return IHVPResult(x, True, self.name, residual=0.0)
-        zv = self._precond(r)
-        p = zv.clone()
-        rz = r.dot(zv)
-        res = 1.0
-        for it in range(1, self.max_iters + 1):
-            Ap = self.matvec(p)
-            pAp = p.dot(Ap)
-            if not (pAp > 0):
-                return IHVPResult(x, False, self.name, it, res,
-                                  f"non-positive curvature pᵀHp = {float(pAp):.3g} at iteration {it}")
-            alpha = rz / pAp
-            x = x + alpha * p
-            r = r - alpha * Ap
-            res = float(r.norm()) / vnorm
-            if res <= self.tol:
-                return IHVPResult(x, True, self.name, it, res)
-            zv = self._precond(r)
-            rz_new = r.dot(zv)
-            p = zv + (rz_new / rz) * p
-            rz = rz_new
-        return IHVPResult(x, False, self.name, self.max_iters, res,
-                          f"no convergence in {self.max_iters} iterations (relative residual {res:.3g} > tol {self.tol:g})")
+        x, info = pcg(self.matvec, v, None if self.preconditioner is None else self._precond,
+                      tol=self.tol, max_iter=self.max_iters)
+        it, res = info["iterations"], info["residual"]
+        if info["converged"]:
+            return IHVPResult(x, True, self.name, it, res)
+        if info["negative_curvature"] or info["non_finite"]:
+            what = "non-positive" if info["negative_curvature"] else "non-finite"
+            return IHVPResult(x, False, self.name, it, res, f"{what} curvature pᵀ(H + λI)p at iteration {it + 1}")
+        return IHVPResult(x, False, self.name, it, res,
+                          f"no convergence in {it} iterations (relative residual {res:.3g} > tol {self.tol:g})")
 
     def describe(self):
         out = {**super().describe(), "curvature": self.curvature, "tol": self.tol, "max_iters": self.max_iters}
@@ -299,7 +282,7 @@ class StructureSolver(IHVPSolver):
 
     ``refine > 0``: structure-preconditioned refinement — PCG (at most ``refine`` iterations, relative
     residual ``refine_tol``) on ``(N/B) C_B + δI`` with ``C_B`` the *exact* GGN applied from the same
-    statistics the structure was fitted from (:class:`~tensorcurv.unlearn.stats_ggn.StatsGGN`; ``coupling``
+    statistics the structure was fitted from (:class:`~tensorcurv.core.exact.ExactModel`; ``coupling``
     ``"full"``: cross-layer GGN of all parameters, ``"block"``: its block diagonal), preconditioned by the
     structure's solve. Exact for logistic regression; fails (``converged=False``) if ``refine_tol`` is
     not reached. Needs every trainable parameter in a covered layer.
@@ -311,7 +294,7 @@ class StructureSolver(IHVPSolver):
                  fit_batch_size: int | None = None, seed: int = 0, refine: int = 0, refine_tol: float = 1e-3,
                  coupling: str = "full", **hparams: Any) -> None:
         super().__init__(damping)
-        from tensorcurv.unlearn.stats_ggn import check_coupling
+        from tensorcurv.core.exact import check_coupling
         if not (isinstance(refine, int) and refine >= 0):
             raise ValueError(f"structure: refine must be an integer >= 0 (max PCG iterations), got {refine!r}")
         if not (isinstance(refine_tol, (int, float)) and refine_tol > 0):
@@ -348,9 +331,10 @@ class StructureSolver(IHVPSolver):
             self.curv.fit_capture(X, res)
         self.op = None
         if self.refine:
-            from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN
+            from tensorcurv.core.exact import ExactModel
+            from tensorcurv.unlearn.stats_ggn import ParamLayout
             self.layout = ParamLayout(self.curv.named_params, self.curv.adapters)
-            self.op = StatsGGN(res.stats, self.coupling)
+            self.op = ExactModel.from_stats(res.stats, self.coupling)
 
     def _precond(self, v: Tensor) -> Tensor:
         """``(N/B · Ĉ_B + δI)^{-1} v`` through the structure's own solve."""
@@ -359,7 +343,7 @@ class StructureSolver(IHVPSolver):
 
     def matvec(self, v: Tensor) -> Tensor:
         """``(N/B · C_B + δI) v`` with the exact ``C_B`` from the statistics (needs ``refine > 0``)."""
-        mats = self.op.mv_mats(self.layout.to_mats(v))
+        mats = self.op.mv(self.layout.to_mats(v))
         return self.layout.to_flat(mats) / self.ratio + (self.obj.mu + self.damping) * v
 
     def _solve(self, v: Tensor) -> IHVPResult:
@@ -384,7 +368,6 @@ class StructureSolver(IHVPSolver):
 def refine_solve(matvec, precond, v: Tensor, max_iter: int, tol: float, name: str, info: dict) -> IHVPResult:
     """PCG on ``matvec`` preconditioned by ``precond`` (a structure solve); an IHVPResult that reports
     iterations and the relative residual, and fails unless ``‖Ax − v‖ ≤ tol‖v‖``."""
-    from tensorcurv.linalg.krylov import pcg
     x, it = pcg(matvec, v, precond, tol=tol, max_iter=max_iter)
     ok = bool(it["converged"])
     msg = "" if ok else (f"refinement: relative residual {it['residual']:.3g} > tol {tol:g} after "

@@ -1,18 +1,13 @@
-"""The exact GGN as an operator on the per-sample factors ``a``, ``g`` that structures are fitted from.
+"""Unlearning's view of the captured per-sample factors: flat ``θ`` ↔ layer matrices, and gradients in closed form.
 
-For one layer's :class:`~tensorcurv.core.stats.LayerStats` (``a`` (N, T, n), ``g`` (N, K, T, m), scale ``c``)
+The exact GGN of the covered parameters as an operator on the factors is
+:class:`tensorcurv.core.exact.ExactModel` (``coupling="full"``: cross-layer, ``"block"``: block diagonal;
+for a one-layer model such as logistic regression both are the exact GGN = Hessian). :class:`ParamLayout`
+maps the flat parameter vector of the unlearning objective onto its layer matrices.
 
-    C_l vec(V) = c Σ_{s,k} w_sk vec(G_sk),   w_sk = ⟨G_sk, V⟩ = Σ_t g_sktᵀ V a_st,   G_sk = Σ_t g_skt a_stᵀ
-
-(column-major ``vec``): two products with ``a`` and two with ``g`` per call, ``G`` is never formed.
-With ``g`` captured as the columns of ``J_sᵀ S_s`` (capture kind ``ggn``, ``S_s S_sᵀ = ∇²_z ℓ_s``), the
-stacked ``u_sk = (vec G^{(l)}_sk)_l`` over all layers are the columns of ``J_sᵀ S_s``, so the *full* GGN
-of the covered parameters is ``c Σ_{s,k} u_sk u_skᵀ``: ``coupling="full"`` sums ``w_sk`` over layers (exact,
-cross-layer), ``"block"`` keeps each layer's own ``w`` (the block-diagonal GGN a per-layer structure
-approximates). For a one-layer model (logistic regression) both are the exact GGN = Hessian.
-
-The same columns give per-sample gradients in closed form: if ``S_s c_s = ∇_z ℓ_s`` then
-``Σ_k c_sk G_sk = ∇_W ℓ_s`` (:func:`output_coefficients`, :func:`stats_gradient`).
+With ``g`` captured as the columns of ``J_sᵀ S_s`` (capture kind ``ggn``, ``S_s S_sᵀ = ∇²_z ℓ_s``), the same
+columns give per-sample gradients in closed form: if ``S_s c_s = ∇_z ℓ_s`` then ``Σ_k c_sk G_sk = ∇_W ℓ_s``
+(:func:`output_coefficients`, :func:`stats_gradient`).
 """
 from __future__ import annotations
 
@@ -21,16 +16,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from tensorcurv.core.exact import weighted_gradient_sum
 from tensorcurv.core.losses import CrossEntropy, LossSpec, MeanSquaredError
-from tensorcurv.linalg import summed_outer_products
 from tensorcurv.core.stats import LayerStats
-
-COUPLINGS = ("full", "block")
-
-
-def check_coupling(coupling: str) -> None:
-    if coupling not in COUPLINGS:
-        raise ValueError(f"coupling={coupling!r} is not one of {list(COUPLINGS)}")
 
 
 class ParamLayout:
@@ -63,57 +51,6 @@ class ParamLayout:
         return torch.cat(parts)
 
 
-class StatsGGN:
-    """``v ↦ C v`` for ``C = c Σ_{s,k} u_sk u_skᵀ`` from captured statistics (module docstring)."""
-
-    def __init__(self, stats: Mapping[str, LayerStats], coupling: str = "full") -> None:
-        check_coupling(coupling)
-        if not stats:
-            raise ValueError("no layer statistics")
-        first = next(iter(stats.values()))
-        for name, st in stats.items():
-            if (st.N, st.K) != (first.N, first.K) or st.scale != first.scale:
-                raise ValueError(f"layer {name!r}: statistics of {st.N} samples x {st.K} columns (scale {st.scale}) "
-                                 f"do not match {first.N} x {first.K} (scale {first.scale}); one capture is needed")
-        self.stats, self.coupling, self.scale = dict(stats), coupling, first.scale
-        self.N, self.K = first.N, first.K
-        self.matvecs = 0
-        self._lam: dict[str, Tensor] = {}
-
-    def _weights(self, st: LayerStats, V: Tensor) -> Tensor:
-        """``w_sk = Σ_t g_sktᵀ V a_st``, shape (N, K)."""
-        Z = st.a @ V.T  # (N, T, m)
-        return torch.einsum("sktm,stm->sk", st.g, Z)
-
-    def _spread(self, st: LayerStats, w: Tensor) -> Tensor:
-        """``c Σ_{s,k} w_sk G_sk`` as an (m, n) matrix."""
-        h = torch.einsum("sk,sktm->stm", w, st.g).reshape(-1, st.m)
-        return (h.T @ st.a.reshape(-1, st.n)) * self.scale
-
-    def _output_ggn(self, name: str, st: LayerStats) -> Tensor:
-        """``Λ_s = Σ_k g_sk g_skᵀ`` (N, m, m) for ``T = 1``, formed once: then the block's product is
-        ``c Σ_s (Λ_s V a_s) a_sᵀ`` — one batched product instead of the two passes over ``g``."""
-        lam = self._lam.get(name)
-        if lam is None:
-            lam = self._lam[name] = summed_outer_products(st.g[:, :, 0])
-        return lam
-
-    def mv_mats(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        self.matvecs += 1
-        if (self.coupling == "block" or len(self.stats) == 1) and all(st.T == 1 for st in self.stats.values()):
-            out = {}
-            for k, st in self.stats.items():  # block-diagonal (or one layer): per-sample output GGNs Λ_s
-                a = st.a[:, 0]
-                h = (self._output_ggn(k, st) @ (a @ mats[k].T).unsqueeze(-1)).squeeze(-1)  # (N, m)
-                out[k] = (h.T @ a) * self.scale
-            return out
-        ws = {k: self._weights(st, mats[k]) for k, st in self.stats.items()}
-        if self.coupling == "full":
-            w = sum(ws.values())
-            return {k: self._spread(st, w) for k, st in self.stats.items()}
-        return {k: self._spread(st, ws[k]) for k, st in self.stats.items()}
-
-
 def output_coefficients(loss: LossSpec, outputs: Tensor, targets: Tensor) -> Tensor:
     """``c_s`` (N, K) with ``S_s c_s = ∇_z ℓ_s`` for the loss-Hessian factor ``S`` of ``losses.py``.
 
@@ -137,8 +74,4 @@ def output_coefficients(loss: LossSpec, outputs: Tensor, targets: Tensor) -> Ten
 def stats_gradient(stats: Mapping[str, LayerStats], coeffs: Tensor) -> dict[str, Tensor]:
     """``Σ_{s,k} c_sk G_sk`` per layer (no scale): with :func:`output_coefficients` the summed
     per-sample gradient ``Σ_s ∇_W ℓ_s`` of every layer's ``[W, b]``."""
-    out = {}
-    for k, st in stats.items():
-        h = torch.einsum("sk,sktm->stm", coeffs, st.g).reshape(-1, st.m)
-        out[k] = h.T @ st.a.reshape(-1, st.n)
-    return out
+    return {k: weighted_gradient_sum(st, coeffs) for k, st in stats.items()}

@@ -47,6 +47,7 @@ from tensorcurv.structures.kron_sum.psd_factors import fit_factors, fit_samples,
 from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
+from tensorcurv.structures.damping import factored_shifts, pi_ratio
 from tensorcurv.structures.generic import batched_mv, per_sample_grad_chunks
 
 PSD_MODES = ("shrink", "factors", "none")
@@ -315,11 +316,9 @@ class KronSum(Structure):
         m, n = self.shape
         if damping == 0:
             return regularize(A1), regularize(G1)
-        trA, trG = float(torch.trace(A1)) / n, float(torch.trace(G1)) / m
-        pi = math.sqrt(trA / trG) if trA > 0 and trG > 0 else 1.0
-        sq = math.sqrt(damping)
-        return (A1 + pi * sq * torch.eye(n, dtype=A1.dtype, device=A1.device),
-                G1 + sq / pi * torch.eye(m, dtype=G1.dtype, device=G1.device))
+        shift_A, shift_G = factored_shifts(pi_ratio(float(torch.trace(A1)), float(torch.trace(G1)), (m, n)), damping)
+        return (A1 + shift_A * torch.eye(n, dtype=A1.dtype, device=A1.device),
+                G1 + shift_G * torch.eye(m, dtype=G1.dtype, device=G1.device))
 
     def _rank1_solver(self, damping: float, kind: str):
         key = ("r1", damping, kind)

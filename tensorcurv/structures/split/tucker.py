@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from tensorcurv.structures.split import dense_fit as dtf
+from tensorcurv.linalg import unvec, vec
 from tensorcurv.linalg.krylov import kron_eig_solve, pcg_or_fallback
+from tensorcurv.linalg.lanczos import lanczos
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
 
@@ -61,34 +63,15 @@ LANCZOS_STEPS = 60
 def lanczos_lower_bound(apply, shape: tuple[int, int], like: Tensor, generator: torch.Generator,
                         steps: int = LANCZOS_STEPS) -> float:
     """A lower estimate of ``λ_min`` of the symmetric operator ``apply`` on ``(m, n)`` matrices: Lanczos
-    (full reorthogonalization, ``min(steps, mn)`` steps, random start from ``generator``), the smallest
-    Ritz value ``θ`` minus its residual norm ``β_k |s_k|`` (an eigenvalue lies within it of ``θ``; once the
-    extreme Ritz pair has converged the bound is ``λ_min`` itself). Exact when the steps reach ``mn``."""
+    (:func:`tensorcurv.linalg.lanczos.lanczos`, ``min(steps, mn)`` steps, random start from ``generator``),
+    the smallest Ritz value ``θ`` minus its residual norm ``β_k |s_k|`` (an eigenvalue lies within it of
+    ``θ``; once the extreme Ritz pair has converged the bound is ``λ_min`` itself). Exact when the steps
+    reach ``mn``."""
     m, n = shape
     d = m * n
-    k = min(steps, d)
-    Q = like.new_zeros(k, d)
-    q = torch.randn(d, generator=generator, dtype=torch.float64).to(like)
-    q = q / q.norm()
-    alpha, beta = [], []
-    for j in range(k):
-        Q[j] = q
-        w = apply(q.reshape(n, m).T).T.reshape(-1)
-        alpha.append(float(q @ w))
-        w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
-        w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)  # twice is enough
-        b = float(w.norm())
-        beta.append(b)
-        if b <= 1e-12 * max(abs(a) for a in alpha) or j == k - 1:
-            break
-        q = w / b
-    j = len(alpha)
-    Tm = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    if j > 1:
-        off = torch.tensor(beta[:j - 1], dtype=torch.float64)
-        Tm += torch.diag(off, 1) + torch.diag(off, -1)
-    theta, S = torch.linalg.eigh(Tm)
-    return float(theta[0]) - (beta[-1] * float(S[-1, 0].abs()) if j < d else 0.0)
+    start = torch.randn(d, generator=generator, dtype=torch.float64).to(like)
+    res = lanczos(lambda v: vec(apply(unvec(v, m, n))), start, max_iter=steps, breakdown_tol=1e-12)
+    return float(res.ritz_values[0]) - (float(res.residuals[0]) if res.steps < d else 0.0)
 
 
 @dataclass
