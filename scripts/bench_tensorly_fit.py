@@ -51,12 +51,14 @@ def break_even(repeats):
     dtf.MAX_ENTRIES = 2 ** 25  # this study only: form tensors above the library's bound
     g = torch.Generator().manual_seed(0)
     N, K = 512, 10
-    print(f"synthetic Linear blocks, N={N}, K={K}, float64, min fit time of {repeats} (s); auto bounds {dtf.AUTO_ENTRIES}\n")
+    print(f"synthetic Linear blocks, N={N}, K={K}, float64, min fit time of {repeats} (s); "
+          f"auto bounds {dtf.AUTO_ENTRIES}\n")
     print("| config | block (m x n) | (mn)² | implicit s | tensorly s | speed-up |")
     print("|---|---|---|---|---|---|")
     for m, n in [(16, 33), (16, 65), (24, 65), (32, 65), (44, 65), (64, 65)]:
         a = torch.randn(N, 1, n, generator=g, dtype=torch.float64)
-        gg = torch.randn(N, K, 1, m, generator=g, dtype=torch.float64) * torch.rand(1, 1, 1, m, generator=g, dtype=torch.float64)
+        gg = (torch.randn(N, K, 1, m, generator=g, dtype=torch.float64)
+              * torch.rand(1, 1, 1, m, generator=g, dtype=torch.float64))
         st = LayerStats(a, gg, 1.0 / N)
         for label, sname, hp in [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[4]]:
             t = {k: min(v) for k, v in timed_pair(sname, (m, n), st, hp, repeats).items()}

@@ -88,7 +88,8 @@ def test_hooks_are_removed_after_update():
     assert all(len(m._forward_hooks) == 0 and len(m._backward_hooks) == 0 for m in model.modules())
 
 
-@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 0, 1), (3, 2, 1, 1), (2, 1, 2, 2), ((2, 3), (1, 2), (1, 0), (2, 1))])
+@pytest.mark.parametrize("kernel,stride,padding,dilation",
+                         [(3, 1, 0, 1), (3, 2, 1, 1), (2, 1, 2, 2), ((2, 3), (1, 2), (1, 0), (2, 1))])
 def test_patch_extraction_matches_torch_unfold(kernel, stride, padding, dilation):
     from tensorcurv.core.layers import extract_patches
     x = torch.randn(3, 2, 7, 6, dtype=torch.float64)

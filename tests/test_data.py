@@ -62,7 +62,8 @@ def test_standard_normalization_uses_training_statistics():
     X = s.train[0].flatten(1)
     varying = X.std(0) > 0
     torch.testing.assert_close(X.mean(0), torch.zeros(64, dtype=torch.float64), atol=1e-12, rtol=0)
-    torch.testing.assert_close(X[:, varying].std(0, unbiased=False), torch.ones(int(varying.sum()), dtype=torch.float64))
+    torch.testing.assert_close(X[:, varying].std(0, unbiased=False),
+                               torch.ones(int(varying.sum()), dtype=torch.float64))
 
 
 def test_unit_normalization_maps_training_set_to_zero_one():

@@ -43,7 +43,8 @@ def _snapshot() -> dict:
             "matmul precision": torch.get_float32_matmul_precision(), "tensorly backend": tensorly.get_backend(),
             "torch rng": torch.get_rng_state().tolist(), "numpy rng": str(np.random.get_state()),
             "python rng": random.getstate(), "warnings filters": list(warnings.filters),
-            "environment": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}, "grad enabled": torch.is_grad_enabled()}
+            "environment": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
+            "grad enabled": torch.is_grad_enabled()}
 
 
 @pytest.fixture
@@ -169,12 +170,14 @@ def test_importing_the_library_leaves_global_state_alone():
 
     probe = ("import numpy, random, tensorly, torch\n"
              "def state():\n"
-             "    return (torch.get_num_threads(), torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy,\n"
+             "    return (torch.get_num_threads(), torch.backends.opt_einsum.enabled,\n"
+             "            torch.backends.opt_einsum.strategy,\n"
              "            torch.get_default_dtype(), torch.get_rng_state().tolist(), str(numpy.random.get_state()),\n"
              "            random.getstate(), tensorly.get_backend(), torch.are_deterministic_algorithms_enabled())\n"
              "before = state()\n"
-             "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study.metrics, tensorcurv.unlearn\n"
-             "import tensorcurv.optim, tensorcurv.distributed, tensorcurv.experiments.runner, tensorcurv.experiments.reference_layers\n"
+             "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study.metrics\n"
+             "import tensorcurv.unlearn, tensorcurv.optim, tensorcurv.distributed, tensorcurv.experiments.runner\n"
+             "import tensorcurv.experiments.reference_layers\n"
              "print(before == state())\n")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root,

@@ -1,5 +1,5 @@
-"""Facts about the PSD-factor Kronecker-sum fit (:mod:`tensorcurv.structures.kron_sum.psd_factors`), float64, tiny layers,
-dense ground truth from the ``dense`` structure."""
+"""Facts about the PSD-factor Kronecker-sum fit (:mod:`tensorcurv.structures.kron_sum.psd_factors`), float64, tiny
+layers, dense ground truth from the ``dense`` structure."""
 import pytest
 import torch
 from torch import nn

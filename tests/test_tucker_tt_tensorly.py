@@ -204,7 +204,8 @@ def test_tensorly_fit_keeps_the_statistics_dtype(structure):
     single = LayerStats(stats.a.float(), stats.g.float(), stats.scale)
     block = fitted(structure, single, ranks=2, method="tensorly", **SPLIT)
     assert all(t.dtype == torch.float32 for t in block.tensors().values())
-    assert rel(block.to_dense().double(), fitted(structure, stats, ranks=2, method="tensorly", **SPLIT).to_dense()) < 1e-5
+    reference = fitted(structure, stats, ranks=2, method="tensorly", **SPLIT).to_dense()
+    assert rel(block.to_dense().double(), reference) < 1e-5
 
 
 @pytest.mark.parametrize("structure", ["tucker", "tt"])
@@ -235,6 +236,7 @@ def test_unknown_method_is_rejected_with_the_valid_values(structure):
 @pytest.mark.parametrize("structure", ["tucker", "tt"])
 def test_tensorly_refuses_a_block_whose_split_tensor_exceeds_the_bound(structure):
     # (64·65)² = 17.3M entries > MAX_ENTRIES = 2**23; construction allocates nothing
-    with pytest.raises(ValueError, match=rf"{structure}.method='tensorly' forms the split tensor of .*17305600 entries"):
+    too_large = rf"{structure}.method='tensorly' forms the split tensor of .*17305600 entries"
+    with pytest.raises(ValueError, match=too_large):
         structures.create(structure, (64, 65), method="tensorly")
     assert structures.create(structure, (64, 65), method="auto").hparams.method == "auto"

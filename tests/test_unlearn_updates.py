@@ -89,7 +89,10 @@ def test_second_order_update_is_exact_retraining_for_ridge_regression(kind, step
     model = logreg(4, 2)
     trained(model, X, Y, MU, loss="mse")
     idx = torch.tensor([3, 8, 11, 15])
-    aff = AffectedSet.removal(idx) if kind == "removal" else AffectedSet(idx, X_new=torch.zeros(4, 4, dtype=torch.float64))
+    if kind == "removal":
+        aff = AffectedSet.removal(idx)
+    else:
+        aff = AffectedSet(idx, X_new=torch.zeros(4, 4, dtype=torch.float64))
     Xr, Yr = aff.apply(X, Y)
     Xa = torch.cat([Xr, torch.ones(len(Xr), 1, dtype=torch.float64)], 1)
     # per-sample MSE ℓ = (1/C) Σ_c (z − y)² (losses.py, C = 2), summed: Xaᵀ(Xa Wᵀ − Y) + μ Wᵀ = 0

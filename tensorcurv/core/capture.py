@@ -47,7 +47,8 @@ def check_batch(inputs: Tensor, targets: Tensor) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"empty batch: inputs of shape {tuple(inputs.shape)} hold no samples (need N >= 1 along dim 0)")
+        raise ValueError(f"empty batch: inputs of shape {tuple(inputs.shape)} hold no samples "
+                         "(need N >= 1 along dim 0)")
     if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not match the {inputs.shape[0]} samples of "
                          f"inputs {tuple(inputs.shape)}")

@@ -223,6 +223,7 @@ def adapter_for(name: str, module: nn.Module) -> Coverage:
                 return Coverage(name, kind, None, "weight is frozen")
             adapter = cls(module)
             if any(not p.requires_grad for _, p in adapter.params()):
-                return Coverage(name, kind, None, "bias is frozen while the weight trains (the [W, b] block needs both)")
+                return Coverage(name, kind, None,
+                                "bias is frozen while the weight trains (the [W, b] block needs both)")
             return Coverage(name, kind, adapter, "kronecker block")
     return Coverage(name, kind, None, "no Kronecker adapter for this layer type")

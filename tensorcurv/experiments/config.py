@@ -25,9 +25,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tensorcurv.experiments.schema import ConfigError, check, check_keys, check_value, one_line, signature_schema, spec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ConfigError", "DataConfig", "LoggerConfig", "ScheduleConfig", "StudyConfig", "TrainConfig",
            "UnlearnConfig", "Validated", "check_blocks", "resolve_device", "validate_model", "validate_structure",

@@ -7,8 +7,8 @@ never in-place (the curvature capture hooks read module inputs after the forward
 * ``autoencoder``: the deep autoencoder of Hinton & Salakhutdinov (2006), the benchmark of
   Martens (2010) and Martens & Grosse (2015): encoder widths ``hidden_sizes`` down to a code,
   mirrored decoder, sigmoid activations, linear code layer and linear output of
-  ``d = prod(input_shape)`` values (pair it with MSE against the flattened input). ``hidden_sizes=None`` scales the width to the input,
-  ``[2d, d/2]`` (e.g. 64-128-32-128-64 for digits); ``preset`` picks a published architecture
+  ``d = prod(input_shape)`` values (pair it with MSE against the flattened input). ``hidden_sizes=None`` scales
+  the width to the input, ``[2d, d/2]`` (e.g. 64-128-32-128-64 for digits); ``preset`` picks a published architecture
   (:data:`AUTOENCODER_PRESETS`: ``mnist`` 784-1000-500-250-30, ``curves`` 784-400-200-100-50-25-6,
   ``faces`` 625-2000-1000-500-30).
 * ``cnn``: two ``Conv2d 3×3 → act → MaxPool 2`` stages, then ``Linear → act → Linear``.

@@ -50,7 +50,8 @@ from tensorcurv import optim
 from tensorcurv.experiments import models as models
 from tensorcurv.experiments import tracking as tracking
 from tensorcurv.distributed import launch
-from tensorcurv.experiments.config import SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device, validate_train
+from tensorcurv.experiments.config import (SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device,
+                                           validate_train)
 from tensorcurv.experiments.schema import one_line
 
 class RunFailed(RuntimeError):

@@ -67,7 +67,7 @@ def _split_optional(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) < len(typing.get_args(tp))
-        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), optional
+        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), optional  # noqa: UP007 (built at run time)
     return tp, False
 
 

@@ -505,7 +505,8 @@ def _check_finite_ritz(values: Tensor, stats: LayerStats) -> None:
     stop at once instead of iterating on NaN (which a normalization would turn into zero factors)."""
     if not bool(torch.isfinite(values).all()):
         raise NonFiniteError(f"layer {stats.name!r}: the Kronecker-sum fit overflowed in {stats.a.dtype} "
-                             f"(max |a| = {float(stats.a.abs().max()):.3g}, max |g| = {float(stats.g.abs().max()):.3g})")
+                             f"(max |a| = {float(stats.a.abs().max()):.3g}, "
+                             f"max |g| = {float(stats.g.abs().max()):.3g})")
 
 
 def _orth(X: Tensor) -> Tensor:

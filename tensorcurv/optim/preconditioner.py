@@ -171,7 +171,8 @@ class Preconditioner:
             loss = value.detach()
         any_rank_bad = False
         if self.comm is not None:
-            loss, any_rank_bad = sync_step(self.comm, self.named_params, loss, inputs.shape[0], self.loss.reduction, res)
+            loss, any_rank_bad = sync_step(self.comm, self.named_params, loss, inputs.shape[0], self.loss.reduction,
+                                           res)
         bad = first_nonfinite([("loss", loss)] + [(n, p.grad) for n, p in self.named_params])  # one reduction
         if res is not None and not bad:  # one fused reduction over every layer's a and g
             layers = first_nonfinite([(name, t) for name, st in res.stats.items() for t in (st.a, st.g)])
@@ -220,7 +221,8 @@ class Preconditioner:
             grads = [p.grad for p in params]
         gPg = None
         try:
-            if self.kl_clip is None and self._in_place:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
+            # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
+            if self.kl_clip is None and self._in_place:
                 pg = self.solver.solve(grads, damping=lam, out=grads)
             else:
                 pg = self.solver.solve(grads, damping=lam)

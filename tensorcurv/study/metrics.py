@@ -612,7 +612,8 @@ def _fit_variant(variant: Variant, stats: Mapping[str, LayerStats]):
     if cls.scope == "model":
         ms = cls({k: st.shape for k, st in stats.items()}, hp).fit(dict(stats))
         fit_time = time.perf_counter() - t0
-        return dict(ms.blocks), (lambda mats, lam: ms.solve(mats, lam)), ms.nbytes, {k: float("nan") for k in stats}, fit_time
+        nan_times = {k: float("nan") for k in stats}
+        return dict(ms.blocks), (lambda mats, lam: ms.solve(mats, lam)), ms.nbytes, nan_times, fit_time
     blocks, times = {}, {}
     for k, st in stats.items():
         tb = time.perf_counter()
@@ -633,7 +634,8 @@ def _floors(block: ExactBlock, ranks: Sequence[int], cc: float) -> dict[int, flo
 def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], variants: Sequence[Variant], *,
              damping_rel: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), floor_ranks: Sequence[int] = (1, 2, 3, 4),
              spectral: bool = True, spectral_max_iter: int = 60, spectral_tol: float = 1e-6,
-             spectrum: bool = True, spectrum_layer: str | None = None, spectrum_k: int = 60, chunk: int = 128, solve_repeats: int = 1,
+             spectrum: bool = True, spectrum_layer: str | None = None, spectrum_k: int = 60, chunk: int = 128,
+             solve_repeats: int = 1,
              log: Callable[[str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
     """All metrics of every variant on one capture (one checkpoint, one curvature kind).
 
@@ -713,7 +715,8 @@ def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], varia
 
 def _swept(var: Variant) -> dict[str, Any]:
     rank = var.hparams.get("rank", var.hparams.get("ranks", ""))
-    return {"rank": _fmt(rank) if rank != "" else "", "swept": json.dumps(var.swept, sort_keys=True) if var.swept else ""}
+    return {"rank": _fmt(rank) if rank != "" else "",
+            "swept": json.dumps(var.swept, sort_keys=True) if var.swept else ""}
 
 
 def _inverse_columns(iq: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -790,7 +793,8 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
     gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     bs = int(tcfg.get("batch_size", 64))
     ev_kw = {k: scfg[k] for k in ("damping_rel", "floor_ranks", "spectral", "spectral_max_iter", "spectral_tol",
-                                  "spectrum_layer", "spectrum_k", "chunk", "solve_repeats") if k in scfg and scfg[k] is not None}
+                                  "spectrum_layer", "spectrum_k", "chunk", "solve_repeats")
+             if k in scfg and scfg[k] is not None}
     out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": [], "training": []}
     log(f"study: {len(variants)} variants x {len(kinds)} kinds at steps {checkpoints}; "
         f"structures {sorted({v.structure for v in variants})}")

@@ -370,7 +370,8 @@ def training_table(metrics, training, kind: str) -> str:
 def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, command: str, title: str = "Study",
                  description: str = "", logger: Any = None) -> Path:
     """Write ``report.md``, ``metrics.csv``, ``floor.csv``, ``spectra.csv``, ``training.csv`` and the
-    PNG figures into ``out_dir``; log the same figures/tables to ``logger`` (``tensorcurv.experiments.tracking``) if given."""
+    PNG figures into ``out_dir``; log the same figures/tables to ``logger`` (``tensorcurv.experiments.tracking``)
+    if given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for table in ("metrics", "floor", "spectra", "training"):
@@ -394,7 +395,8 @@ def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, comma
         md += [description, ""]
     md += ["How the numbers are computed: Frobenius errors exactly (up to rounding) from Gram-matrix "
            "identities over the per-sample factors (no `C` formed); spectral errors by Lanczos on implicit "
-           "products (stopped at a relative Ritz residual of `study.spectral_tol`); exact damped inverses `(C+λI)⁻¹g` from the Woodbury identity on the per-sample Gram "
+           "products (stopped at a relative Ritz residual of `study.spectral_tol`); exact damped inverses "
+           "`(C+λI)⁻¹g` from the Woodbury identity on the per-sample Gram "
            "matrix, floors from the truncated SVD of the rearranged block `R(C)`. Model-level Frobenius errors "
            "are block-diagonal, `sqrt(Σ_l ‖C_ll−Ĉ_l‖² / Σ_l ‖C_ll‖²)`; `metrics.csv` also has `fro_rel_full` "
            "against the curvature of all covered layers together (cross-layer blocks included, "

@@ -181,7 +181,8 @@ class CGSolver(IHVPSolver):
             p = zv + (rz_new / rz) * p
             rz = rz_new
         return IHVPResult(x, False, self.name, self.max_iters, res,
-                          f"no convergence in {self.max_iters} iterations (relative residual {res:.3g} > tol {self.tol:g})")
+                          f"no convergence in {self.max_iters} iterations "
+                          f"(relative residual {res:.3g} > tol {self.tol:g})")
 
     def describe(self):
         out = {**super().describe(), "curvature": self.curvature, "tol": self.tol, "max_iters": self.max_iters}
@@ -388,7 +389,8 @@ def refine_solve(matvec, precond, v: Tensor, max_iter: int, tol: float, name: st
     x, it = pcg(matvec, v, precond, tol=tol, max_iter=max_iter)
     ok = bool(it["converged"])
     msg = "" if ok else (f"refinement: relative residual {it['residual']:.3g} > tol {tol:g} after "
-                         f"{it['iterations']} PCG iterations" + (" (negative curvature)" if it["negative_curvature"] else ""))
+                         f"{it['iterations']} PCG iterations"
+                         + (" (negative curvature)" if it["negative_curvature"] else ""))
     return IHVPResult(x, ok, name, it["iterations"], it["residual"], msg, info=info)
 
 

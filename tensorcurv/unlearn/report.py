@@ -51,7 +51,8 @@ def summarize(rows: list[dict[str, Any]], extra_cols: list[str] | None = None) -
 
 
 def markdown_table(entries: list[dict[str, Any]], extra_cols: list[str] | None = None) -> str:
-    cols = COLUMNS + [(c, c.replace("_acc", " success" if c == "backdoor_acc" else " acc"), 3) for c in extra_cols or []]
+    cols = COLUMNS + [(c, c.replace("_acc", " success" if c == "backdoor_acc" else " acc"), 3)
+                      for c in extra_cols or []]
     head = "| method | " + " | ".join(h for _, h, _ in cols) + " | ok |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for e in entries:

@@ -56,7 +56,8 @@ def label_flip(X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes
     y_pois = y.clone()
     y_pois[idx] = (y[idx] + shift) % num_classes
     return Scenario("label_flip", X, y_pois, AffectedSet.relabel(idx, y[idx].clone()), X_test, y_test, num_classes,
-                    description=f"{len(idx)} of {len(y)} training labels ({100 * fraction:.0f} %) flipped to another class")
+                    description=f"{len(idx)} of {len(y)} training labels ({100 * fraction:.0f} %) flipped to "
+                                "another class")
 
 
 def stamp(X: Tensor, patch: int = 2, value: float = 5.0) -> Tensor:

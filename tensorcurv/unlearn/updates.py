@@ -83,7 +83,8 @@ class AffectedSet:
         if self.X_new is not None and self.X_new.shape[1:] != X.shape[1:]:
             raise ValueError(f"X_new rows have shape {tuple(self.X_new.shape[1:])}, training rows {tuple(X.shape[1:])}")
         if self.y_new is not None and self.y_new.shape[1:] != y.shape[1:]:
-            raise ValueError(f"y_new rows have shape {tuple(self.y_new.shape[1:])}, training targets {tuple(y.shape[1:])}")
+            raise ValueError(f"y_new rows have shape {tuple(self.y_new.shape[1:])}, "
+                             f"training targets {tuple(y.shape[1:])}")
         if self.y_new is not None and self.y_new.dtype != y.dtype:
             raise ValueError(f"y_new has dtype {self.y_new.dtype}, training targets {y.dtype}")
 

@@ -150,7 +150,8 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     ``(A, G, t, how)``.
 
     Rank ≥ 2, blocks with ``n·m ≤ DENSE_PROOF_MAX_DIM`` and ``proof`` ``auto`` (or ``≤ DENSE_PROOF_EXPLICIT_MAX_DIM``
-    and ``proof="dense"``): the exact largest ``t`` (:func:`dense_psd_scale`; no ``bounds``). Otherwise, with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
+    and ``proof="dense"``): the exact largest ``t`` (:func:`dense_psd_scale`; no ``bounds``). Otherwise, with the
+    Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
     :func:`sample_psd_scale`) and ``proof`` ``samples`` (or ``auto`` at rank ≥ 3): ``t`` is the largest
     scale that keeps every sample-pair weight nonnegative, no factorization at all; ``auto`` also runs
     the spectral proof when both factors are at most ``SPECTRAL_MAX_DIM`` wide and keeps the larger
@@ -412,7 +413,8 @@ def recompress(A: Tensor, G: Tensor, rank: int, info: dict | None = None) -> tup
     A_new, G_new = A_new.mul_(sign[:, None, None]), G_new.mul_(sign[:, None, None])
     if info is not None:
         z = ca.new_zeros(ca.shape[0], rank - r)
-        info["coefficients"] = (torch.cat([ca * sign, z, ca_all[:, r:]], 1), torch.cat([cg * sign, z, cg_all[:, r:]], 1))
+        info["coefficients"] = (torch.cat([ca * sign, z, ca_all[:, r:]], 1),
+                                torch.cat([cg * sign, z, cg_all[:, r:]], 1))
     if r < rank:
         A_new = torch.cat([A_new, A_new.new_zeros(rank - r, *A_new.shape[1:])])
         G_new = torch.cat([G_new, G_new.new_zeros(rank - r, *G_new.shape[1:])])

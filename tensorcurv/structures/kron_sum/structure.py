@@ -54,14 +54,16 @@ converged one). Resume is exact: ``state_dict`` carries the factors and the gene
   Running averages (``update``): see below.
 * small blocks (``n·m ≤ DENSE_PROOF_MAX_DIM`` = 1024, what ``auto`` takes there at every rank ≥ 2;
   ``psd_proof="dense"`` up to ``n·m ≤ 4096``, ≈ 2 s): the *exact* largest ``t`` from one dense
-  ``eigvalsh`` of the whitened ``Q = Σ_{k≥2} Ã_k ⊗ G̃_k`` on the ranges of ``A_1``, ``G_1`` (which may be singular: the g-side
+  ``eigvalsh`` of the whitened ``Q = Σ_{k≥2} Ã_k ⊗ G̃_k`` on the ranges of ``A_1``, ``G_1`` (which may be singular:
+  the g-side
   factors of a cross-entropy GGN share the softmax null vector ``1``, constant input features give
   ``A`` a null space — the spectral proof then collapses to ``t ≈ 0``). On the digits logistic
   regression (65 x 10) the certified bounds gave ``t`` = 0.16 / 0.07 / 0.03 / 2e-8 at rank
   4 / 8 / 32 / 55 against the exact 0.58 / 0.64 / 0.94 / 1.
 
 ``factors`` (opt-in): every ``A_k, G_k ⪰ 0`` (so ``Ĉ ⪰ 0``), least squares on ``R(C)`` from the rank-1 fit, one
-term added at a time (error non-increasing in r): :mod:`tensorcurv.structures.kron_sum.psd_factors`. ``update`` refits the batch,
+term added at a time (error non-increasing in r): :mod:`tensorcurv.structures.kron_sum.psd_factors`. ``update`` refits
+the batch,
 then fits the mix ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` on its 2r PSD factors as atoms.
 
 ``none`` keeps the pure Eckart–Young fit (accuracy studies, floor tests).
@@ -210,10 +212,13 @@ class KronSumHparams:
             raise ValueError(f"kron_sum.tol and kron_sum.pcg_tol must be > 0, got {self.tol}, {self.pcg_tol}")
         if self.max_iter < 1 or self.pcg_max_iter < 1 or (self.warm_max_iter is not None and self.warm_max_iter < 1):
             raise ValueError("kron_sum.max_iter, kron_sum.pcg_max_iter and kron_sum.warm_max_iter must be >= 1")
-        if self.psd_svd_max_iter is not None and not (isinstance(self.psd_svd_max_iter, int) and self.psd_svd_max_iter >= 1):
-            raise ValueError(f"kron_sum.psd_svd_max_iter must be None or an integer >= 1, got {self.psd_svd_max_iter!r}")
-        if not (isinstance(self.psd_atoms, int) and self.psd_atoms >= 1) or self.psd_max_iter < 1 or not self.psd_tol > 0:
-            raise ValueError("kron_sum.psd_atoms and kron_sum.psd_max_iter must be integers >= 1 and kron_sum.psd_tol > 0, "
+        svd_iter = self.psd_svd_max_iter
+        if svd_iter is not None and not (isinstance(svd_iter, int) and svd_iter >= 1):
+            raise ValueError(f"kron_sum.psd_svd_max_iter must be None or an integer >= 1, got {svd_iter!r}")
+        atoms_ok = isinstance(self.psd_atoms, int) and self.psd_atoms >= 1
+        if not atoms_ok or self.psd_max_iter < 1 or not self.psd_tol > 0:
+            raise ValueError("kron_sum.psd_atoms and kron_sum.psd_max_iter must be integers >= 1 and "
+                             "kron_sum.psd_tol > 0, "
                              f"got {self.psd_atoms!r}, {self.psd_max_iter!r}, {self.psd_tol!r}")
         if self.oversample is not None and self.oversample < 0:
             raise ValueError(f"kron_sum.oversample must be >= 0 or None, got {self.oversample}")

@@ -37,8 +37,8 @@ from tensorcurv.structures.split import dense_fit as dtf
 from tensorcurv.linalg.krylov import kron_eig_solve
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import register
-from tensorcurv.structures.split.tucker import (SplitFormat, SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
-                                          sym_shift, _sweeps)
+from tensorcurv.structures.split.tucker import (SplitFormat, SplitHparams, SplitTensor, _sweeps, as_tensor, contract,
+                                                from_tensor, sym_shift)
 
 
 @dataclass
@@ -64,7 +64,8 @@ class TensorTrain(SplitFormat):
         caps = [min(math.prod(sq[:l + 1]), math.prod(sq[l + 1:])) for l in range(D - 1)]
         if isinstance(hp.ranks, (list, tuple)):
             if len(hp.ranks) != D - 1:
-                raise ValueError(f"tt.ranks has {len(hp.ranks)} entries for {D - 1} bonds of modes {self.sin + self.sout}")
+                raise ValueError(f"tt.ranks has {len(hp.ranks)} entries for {D - 1} bonds of modes "
+                                 f"{self.sin + self.sout}")
             if any(r > c for r, c in zip(hp.ranks, caps)):
                 raise ValueError(f"tt.ranks {list(hp.ranks)} exceed the maximal TT-ranks {caps}")
             self.ranks = list(hp.ranks)

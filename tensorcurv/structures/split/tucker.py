@@ -372,7 +372,8 @@ class Tucker(SplitFormat):
         D, sizes = T.D, T.sizes
         dt = stats.a.dtype
         if init is None:
-            U = [torch.linalg.qr(torch.randn(x * x, p, generator=self.generator, dtype=torch.float64).to(dt).to(stats.a.device))[0]
+            U = [torch.linalg.qr(torch.randn(x * x, p, generator=self.generator, dtype=torch.float64)
+                                 .to(dt).to(stats.a.device))[0]
                  for x, p in zip(sizes, self.ranks)]
         else:
             U = [u.clone() for u in init]
@@ -383,7 +384,8 @@ class Tucker(SplitFormat):
             for l in range(D):
                 if self.ranks[l] == sizes[l] ** 2 and it > 1:
                     continue
-                ops = [(U[k].reshape(sizes[k], sizes[k], -1), T.rows[k] + T.cols[k] + ps[k]) for k in range(D) if k != l]
+                ops = [(U[k].reshape(sizes[k], sizes[k], -1), T.rows[k] + T.cols[k] + ps[k])
+                       for k in range(D) if k != l]
                 Y = T.contract(ops, T.rows[l] + T.cols[l] + "".join(ps[k] for k in range(D) if k != l))
                 Y = Y.reshape(sizes[l] ** 2, -1)
                 if self.ranks[l] == sizes[l] ** 2:
@@ -479,7 +481,7 @@ class Tucker(SplitFormat):
             w = self.core
             for k in reversed(range(D)):
                 if k != l:
-                    w = torch.tensordot(w, tr[k], dims=([k], [0])) if k > l else torch.tensordot(w, tr[k], dims=([k], [0]))
+                    w = torch.tensordot(w, tr[k], dims=([k], [0]))
             P.append(torch.tensordot(mats[l], w, dims=([2], [0])))
         total = torch.trace(P[0])
         return P, total
