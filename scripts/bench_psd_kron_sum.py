@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from tensorcurv import structures
-from tensorcurv.linalg.rearrange import sample_grams
-from tensorcurv.linalg.rearrange import RearrangedOperator, dense_rearranged
 from tensorcurv.experiments.reference_layers import reference_stats
+from tensorcurv.linalg.rearrange import RearrangedOperator, dense_rearranged, sample_grams
 
 LAYERS = [("mlp", "1"), ("mlp", "3"), ("mlp", "5"), ("autoencoder", "3"), ("cnn", "features.3")]
 

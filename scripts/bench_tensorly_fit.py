@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_structures import digits, mlp  # noqa: E402
+
 import tensorcurv  # noqa: E402
-from tensorcurv.structures.split import dense_fit as dtf  # noqa: E402
 from tensorcurv import structures  # noqa: E402
 from tensorcurv.core.stats import LayerStats  # noqa: E402
-from bench_structures import digits, mlp  # noqa: E402
+from tensorcurv.structures.split import dense_fit as dtf  # noqa: E402
 
 CONFIGS = [("tucker r=4", "tucker", dict(ranks=4, tol=1e-6, max_iter=20)),
            ("tucker r=16", "tucker", dict(ranks=16, tol=1e-6, max_iter=20)),

@@ -41,8 +41,15 @@ from tensorcurv.core.capture import CaptureResult, capture, check_kind
 from tensorcurv.core.layers import LayerAdapter, adapter_for
 from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.core.stats import SUPPORTED_DTYPES, NonFiniteError
-from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, check_damping, check_decay,
-                                        check_state_finite, fit_blocks, nonfinite)
+from tensorcurv.structures.base import (
+    NOT_FITTED,
+    NotFittedError,
+    check_damping,
+    check_decay,
+    check_state_finite,
+    fit_blocks,
+    nonfinite,
+)
 
 FALLBACKS = ("identity", "diagonal")
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

@@ -197,7 +197,7 @@ def ranks(tmp_path_factory):
     return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _single_cached(name):
     return _single(name)
 

@@ -6,14 +6,14 @@ Dense reference (float64, 256 samples): for ``T = 1`` ``R(C) = scale Uᵀ W`` wi
 the error from ``‖X Yᵀ‖² = tr(XᵀX YᵀY)``); ``T > 1``: ``dense_rearranged`` and ``svdvals``. The
 first test checks this reference against ``to_dense`` and ``dense_rearranged`` on a small layer.
 """
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 
 from tensorcurv import structures
-from tensorcurv.linalg.rearrange import dense_rearranged, rearrange
 from tensorcurv.experiments.reference_layers import reference_stats
+from tensorcurv.linalg.rearrange import dense_rearranged, rearrange
 
 GAP = 1e-3
 LAYERS = [("mlp", "1"), ("mlp", "5"), ("autoencoder", "3")]
@@ -26,7 +26,7 @@ def sample_rows(st):
     return torch.einsum("si,sj->sij", a, a).flatten(1), torch.einsum("ski,skj->sij", g, g).flatten(1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def layer(net, name, trained, kind):
     """(stats, singular values of R(C), error function of a fitted block)."""
     st = reference_stats(net, trained, kind)[name]

@@ -6,8 +6,8 @@ from torch import nn
 
 import tensorcurv
 from tensorcurv import structures
-from tensorcurv.linalg.rearrange import dense_rearranged, gram_warm_side, kronecker_svd
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg.rearrange import dense_rearranged, gram_warm_side, kronecker_svd
 
 RANK_ONLY_SIDE = {"a": lambda A, G: (A, None), "g": lambda A, G: G}  # a pair with A only; the bare G stack
 

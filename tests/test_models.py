@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from tensorcurv import Curvature
-
 from tensorcurv.experiments import models as models
 
 CASES = [  # (name, input_shape, kwargs)

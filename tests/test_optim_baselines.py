@@ -11,8 +11,6 @@ from torch import nn
 import tensorcurv.optim as O
 from tensorcurv.optim.lion import Lion
 
-
-
 pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to float64 here
 
 # f(θ) = θ1² + ½ θ2² (the course's Nesterov example) as mean-MSE of a bias-free linear model:

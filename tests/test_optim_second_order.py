@@ -11,10 +11,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import tensorcurv.optim as O
-from tensorcurv.optim.damping import LevenbergMarquardt
 from optim_problems import cls_batch, losses_with_resume, mlp
-
-
+from tensorcurv.optim.damping import LevenbergMarquardt
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to float64 here
 

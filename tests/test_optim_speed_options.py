@@ -10,9 +10,9 @@ from torch import nn
 
 import tensorcurv
 import tensorcurv.optim as O
+from optim_problems import cls_batch, losses_with_resume, mlp
 from tensorcurv import structures
 from tensorcurv.linalg import vec
-from optim_problems import cls_batch, losses_with_resume, mlp
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 

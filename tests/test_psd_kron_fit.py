@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv.structures.kron_sum import psd_factors as P
 from tensorcurv.linalg.rearrange import kronecker_svd
+from tensorcurv.structures.kron_sum import psd_factors as P
 from test_rearrange import tiny_batch, tiny_model
 
 

@@ -4,9 +4,18 @@ import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv.linalg.rearrange import (RearrangedOperator, dense_rearranged, gram_operator, kronecker_svd, rearrange,
-                                  sample_grams, sym_gram, sym_quadratic_forms, weighted_covariances)
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg.rearrange import (
+    RearrangedOperator,
+    dense_rearranged,
+    gram_operator,
+    kronecker_svd,
+    rearrange,
+    sample_grams,
+    sym_gram,
+    sym_quadratic_forms,
+    weighted_covariances,
+)
 
 KINDS = ["empirical", "mc", "ggn"]
 

@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv import structures
-from tensorcurv.linalg import unvec, vec
 from models_tiny import MODELS, batch
 from reference import layer_block
+from tensorcurv.linalg import vec
 
 CORE = ["dense", "diagonal", "kfac", "ekfac"]
 

@@ -6,9 +6,20 @@ import torch
 from torch import nn
 
 from tensorcurv import Curvature, structures
-from tensorcurv.linalg import unvec, vec
-from tensorcurv.study.metrics import (ExactBlock, ExactModel, asymmetry, exact_solve, frobenius_error, frobenius_sq,
-                                      inner_with_exact, inverse_quality, kronecker_floor, lanczos, spectral_error)
+from tensorcurv.linalg import vec
+from tensorcurv.study.metrics import (
+    ExactBlock,
+    ExactModel,
+    asymmetry,
+    exact_solve,
+    frobenius_error,
+    frobenius_sq,
+    inner_with_exact,
+    inverse_quality,
+    kronecker_floor,
+    lanczos,
+    spectral_error,
+)
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to float64 here
 

@@ -4,8 +4,8 @@ import csv
 import pytest
 import torch
 
-from tensorcurv.study.report import write_report
 from tensorcurv.study.metrics import checkpoint_steps, make_variants, run_study
+from tensorcurv.study.report import write_report
 
 TINY = {"seed": 0, "dtype": "float64", "data": {"name": "digits", "limit": 200},
         "model": {"name": "mlp", "hidden_sizes": [6]},

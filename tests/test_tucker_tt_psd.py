@@ -2,20 +2,20 @@
 solve is a real damped inverse (no fallback), equal to the dense ``(Ĉ + λI)^{-1} v``; and the library
 leaves torch's thread count alone. Dense reference: ``to_dense`` and ``eigvalsh`` (float64, trained
 layers, GGN, 256 samples; blocks of 1168 and 1290 rows)."""
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 
 from tensorcurv import structures
-from tensorcurv.linalg import unvec, vec
 from tensorcurv.experiments.reference_layers import reference_stats
+from tensorcurv.linalg import unvec, vec
 
 LAYERS = [("mlp", "5"), ("cnn", "features.3")]  # the autoencoder's 4128-row block: scripts/tucker_tt_psd.py
 STRUCTURES = ["tucker", "tt"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def fitted(net, name, structure, psd="shift"):
     st = reference_stats(net, True, "ggn")[name]
     block = structures.create(structure, st.shape, psd=psd).fit(st)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv.structures.split import dense_fit as dtf
 from tensorcurv import structures
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.structures.split import dense_fit as dtf
 from tensorcurv.structures.split.tucker import SplitTensor
 from test_rearrange import rel
 from test_tucker_tt import SPLIT, model, split_for

@@ -13,12 +13,11 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import tensorcurv
+from models_tiny import cnn
+from reference import full_block, layer_index
 from tensorcurv import structures
 from tensorcurv.linalg import vec
 from tensorcurv.structures.two_level import leading_eigenvectors
-
-from models_tiny import cnn
-from reference import full_block, layer_index
 
 RTOL = 1e-10  # float64, all operators O(1)-conditioned after damping λ = 0.1·tr(C)/D
 

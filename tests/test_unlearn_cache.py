@@ -27,7 +27,7 @@ def _requests(X, y):
 KINDS = ["removal", "relabel", "features"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _theta_star(model_fn):
     X, y = data()
     return trained(model_fn(), X, y, MU).theta()

@@ -43,6 +43,7 @@ def test_deflation_by_zero_vectors_is_the_damped_kfac_solve():
 
 def test_study_rejects_a_rank_beyond_the_block_and_multi_layer_models():
     import pytest
+
     from unlearn_problems import mlp
     X, y = data()
     model = logreg()

@@ -4,9 +4,9 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from reference import full_block, layer_block
+from tensorcurv.core.losses import CrossEntropy, MeanSquaredError
 from tensorcurv.curvature import Curvature
 from tensorcurv.linalg import unvec
-from tensorcurv.core.losses import CrossEntropy, MeanSquaredError
 from tensorcurv.unlearn import ExactSolver, StructureSolver
 from tensorcurv.unlearn.stats_ggn import ParamLayout, StatsGGN, output_coefficients, stats_gradient
 from unlearn_problems import data, logreg, mlp, trained_problem

@@ -1,11 +1,18 @@
 """Unlearning updates: influence formula, first order, exactness on quadratics, failure safety, errors."""
 import pytest
 import torch
-from torch.autograd.functional import hessian
 import torch.nn.functional as F
+from torch.autograd.functional import hessian
 
-from tensorcurv.unlearn import (AffectedSet, CGSolver, ExactSolver, StructureSolver, first_order_update,
-                                gradient_difference, second_order_update)
+from tensorcurv.unlearn import (
+    AffectedSet,
+    CGSolver,
+    ExactSolver,
+    StructureSolver,
+    first_order_update,
+    gradient_difference,
+    second_order_update,
+)
 from unlearn_problems import data, logreg, mlp, trained
 
 MU = 0.5

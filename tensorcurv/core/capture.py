@@ -85,7 +85,7 @@ class _Recorder:
             self.outputs[name] = output
         return hook
 
-    def __enter__(self) -> "_Recorder":
+    def __enter__(self) -> _Recorder:
         for name, adapter in self.adapters.items():
             self._handles.append(adapter.module.register_forward_hook(self._hook(name, adapter)))
         return self

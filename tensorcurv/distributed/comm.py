@@ -31,7 +31,7 @@ def default_backend(device: str | torch.device | None = None) -> str:
 
 
 def init(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, *, rank: int | None = None,
-         world_size: int | None = None, init_method: str | None = None, **comm_options: Any) -> "Comm":
+         world_size: int | None = None, init_method: str | None = None, **comm_options: Any) -> Comm:
     """Initialise the default process group (idempotent) and return a :class:`Comm` for it.
 
     Without ``rank``/``world_size`` the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.distributed.comm import Comm
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.distributed.comm import Comm
 from tensorcurv.structures.base import Structure, sym_eig
 from tensorcurv.structures.ekfac import projected_core
 

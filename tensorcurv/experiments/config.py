@@ -251,7 +251,7 @@ class TrainConfig:
 TRAIN_GROUPS = ("data", "model", "curvature", "optim", "logger", "schedule", "distributed")
 
 
-def resolve_device(name: str) -> "torch.device":
+def resolve_device(name: str) -> torch.device:
     """Map the ``device`` field to a :class:`torch.device`; a clear error when CUDA is asked for but absent."""
     import torch
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.linalg.krylov import orthonormalize
-from tensorcurv.linalg import gram, summed_outer_products, symmetric_part
 from tensorcurv.core.stats import LayerStats, NonFiniteError
+from tensorcurv.linalg import gram, summed_outer_products, symmetric_part
+from tensorcurv.linalg.krylov import orthonormalize
 
 METHODS = ("auto", "power", "gram")
 

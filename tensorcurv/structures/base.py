@@ -36,7 +36,7 @@ from torch import Tensor
 
 from tensorcurv.core.stats import LayerStats, NonFiniteError
 
-_REGISTRY: dict[str, type["Structure"]] = {}
+_REGISTRY: dict[str, type[Structure]] = {}
 
 NOT_FITTED = "no statistics yet: call update() first"
 
@@ -82,10 +82,10 @@ class Structure(ABC):
 
     # ------------------------------------------------------------------ fitting
     @abstractmethod
-    def fit(self, stats: LayerStats) -> "Structure":
+    def fit(self, stats: LayerStats) -> Structure:
         """Fit ``Ĉ`` to the block of one batch (replaces any previous state)."""
 
-    def update(self, stats: LayerStats, decay: float) -> "Structure":
+    def update(self, stats: LayerStats, decay: float) -> Structure:
         """Running estimate: exponential moving average ``Ĉ ← decay·Ĉ + (1−decay)·Ĉ_batch``
         of the structure's statistics (subclasses say what exactly is averaged)."""
         check_decay(decay)
@@ -93,7 +93,7 @@ class Structure(ABC):
             return self.fit(stats)
         return self._update(stats, decay)
 
-    def _update(self, stats: LayerStats, decay: float) -> "Structure":
+    def _update(self, stats: LayerStats, decay: float) -> Structure:
         raise NotImplementedError(f"{self.name} has no running average; call fit()")
 
     # ------------------------------------------------------------------ operator
@@ -168,7 +168,7 @@ class Structure(ABC):
         return f"{type(self).__name__}(shape={self.shape}, {self.hparams})"
 
 
-def fit_blocks(blocks: dict[str, "Structure"], stats, decay: float | None) -> None:
+def fit_blocks(blocks: dict[str, Structure], stats, decay: float | None) -> None:
     """Fit (``decay=None``) or running-average every block from its layer's statistics, timing each.
 
     A decomposition that fails inside a fit (``torch.linalg.LinAlgError``: in practice factors that
@@ -226,7 +226,7 @@ def nonfinite(named: Iterable[tuple[Any, Tensor]]) -> list[Any]:
             if not f and not bool(torch.isfinite(t).all())]
 
 
-def check_state_finite(structures: dict[str, "Structure"]) -> None:
+def check_state_finite(structures: dict[str, Structure]) -> None:
     """Raise ``NonFiniteError`` naming the layers whose fitted state holds NaN/±Inf (e.g. ``A = aᵀa``
     overflowing in float32 for finite but huge inputs)."""
     bad = nonfinite(((name, k), t) for name, s in structures.items() for k, t in s.tensors().items())

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from tensorcurv.linalg import unvec, vec
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures.base import Structure, register, sym_eig
 
 
@@ -47,7 +46,7 @@ class Dense(Structure):
     def _batch_block(self, stats: LayerStats) -> Tensor:
         return self.contribution(stats)
 
-    def fit(self, stats: LayerStats) -> "Dense":
+    def fit(self, stats: LayerStats) -> Dense:
         self._check_stats(stats)
         self.C = self._batch_block(stats)
         self.fitted, self._eig = True, None

@@ -253,7 +253,7 @@ class KFAC(Structure):
         return out
 
     @staticmethod
-    def _refresh_inverses(blocks: list["KFAC"], damping: float) -> None:
+    def _refresh_inverses(blocks: list[KFAC], damping: float) -> None:
         traces = torch.stack([torch.trace(M) for b in blocks for M in (b.A, b.G)]).tolist()  # one sync
         sq = math.sqrt(damping)
         mats, shifts, pis = [], [], []
@@ -287,7 +287,7 @@ class KFAC(Structure):
                                    Ai[:-1], Ai[-1])
 
     @staticmethod
-    def _refresh_eigs(blocks: list["KFAC"]) -> None:
+    def _refresh_eigs(blocks: list[KFAC]) -> None:
         mats = [M for b in blocks for M in (b.A, b.G)]
         res: list[tuple[Tensor, Tensor] | None] = [None] * len(mats)
         for idx in KFAC._groups(mats).values():

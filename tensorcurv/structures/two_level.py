@@ -58,11 +58,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.linalg import unvec, vec
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures import base as _base
-from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, Structure, check_damping, check_decay,
-                                        fit_blocks, register, sym_eig)
+from tensorcurv.structures.base import (
+    NOT_FITTED,
+    NotFittedError,
+    Structure,
+    check_damping,
+    check_decay,
+    fit_blocks,
+    register,
+    sym_eig,
+)
 from tensorcurv.structures.diagonal import Diagonal
 from tensorcurv.structures.ekfac import EKFAC
 from tensorcurv.structures.kfac import KFAC
@@ -271,7 +279,7 @@ class TwoLevel(Structure):
     def _fit_blocks(self, stats, decay):
         fit_blocks(self.blocks, stats, decay)
 
-    def fit(self, stats: Mapping[str, LayerStats]) -> "TwoLevel":
+    def fit(self, stats: Mapping[str, LayerStats]) -> TwoLevel:
         """Fit every base block and the coarse level to one batch (replaces any previous state)."""
         self._check_stats_dict(stats)
         t0 = time.perf_counter()
@@ -285,7 +293,7 @@ class TwoLevel(Structure):
         self.fit_time = time.perf_counter() - t0
         return self
 
-    def update(self, stats: Mapping[str, LayerStats], decay: float) -> "TwoLevel":
+    def update(self, stats: Mapping[str, LayerStats], decay: float) -> TwoLevel:
         """Running average: base blocks by their own ``update``; coarse level as in the module doc."""
         check_decay(decay)
         if not self.fitted:

@@ -36,10 +36,10 @@ from torch import Tensor
 
 from tensorcurv import structures
 from tensorcurv.core.capture import check_kind
-from tensorcurv.curvature import Curvature
-from tensorcurv.linalg import unvec, vec
 from tensorcurv.core.losses import as_loss_spec
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.curvature import Curvature
+from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures.base import Structure
 
 #: Blocks with ``m n`` up to this size may use dense matrices of size ``(mn, mn)`` (auto paths).

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from tensorcurv.core.losses import CrossEntropy, LossSpec, MeanSquaredError
-from tensorcurv.linalg import summed_outer_products
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg import summed_outer_products
 
 COUPLINGS = ("full", "block")
 

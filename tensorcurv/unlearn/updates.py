@@ -58,11 +58,11 @@ class AffectedSet:
                                  f"Z and Z̃ must have the same size for a correction (use removal to delete)")
 
     @classmethod
-    def removal(cls, indices) -> "AffectedSet":
+    def removal(cls, indices) -> AffectedSet:
         return cls(indices)
 
     @classmethod
-    def relabel(cls, indices, y_new: Tensor) -> "AffectedSet":
+    def relabel(cls, indices, y_new: Tensor) -> AffectedSet:
         return cls(indices, y_new=y_new)
 
     @property
@@ -114,7 +114,7 @@ class AffectedSet:
         Xt[self.indices], yt[self.indices] = Xz, yz
         return Xt, yt
 
-    def subset(self, positions: Tensor) -> "AffectedSet":
+    def subset(self, positions: Tensor) -> AffectedSet:
         """The affected points at ``positions`` (0..k−1) of this set."""
         return AffectedSet(self.indices[positions],
                            None if self.X_new is None else self.X_new[positions],

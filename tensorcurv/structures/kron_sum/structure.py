@@ -113,7 +113,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg.krylov import pcg_or_fallback
+from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
+from tensorcurv.structures.base import Structure, register
 from tensorcurv.structures.kron_sum.certificates import (
     DENSE_PROOF_MAX_DIM,
     SPECTRAL_MAX_DIM,
@@ -133,9 +136,6 @@ from tensorcurv.structures.kron_sum.certificates import (
     spectral_psd,
 )
 from tensorcurv.structures.kron_sum.psd_factors import fit_factors, fit_samples, psd_part, recompress_psd
-from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
-from tensorcurv.core.stats import LayerStats
-from tensorcurv.structures.base import Structure, register
 
 PSD_MODES = ("shrink", "factors", "none")
 PSD_PROOFS = ("auto", "samples", "spectral", "dense")
@@ -285,7 +285,7 @@ class KronSum(Structure):
         self.last_fit = info
         return A, G
 
-    def fit(self, stats: LayerStats) -> "KronSum":
+    def fit(self, stats: LayerStats) -> KronSum:
         self._check_stats(stats)
         if self.hparams.psd == "factors":
             self._store(*self._fit_psd_factors(stats), None)

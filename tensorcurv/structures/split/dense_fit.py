@@ -29,8 +29,8 @@ import torch
 from tensorly.decomposition import tensor_train, tucker
 from torch import Tensor
 
-from tensorcurv.linalg import summed_outer_products
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg import summed_outer_products
 
 MAX_ENTRIES = 2 ** 23
 """Largest formed ``𝒯`` (``(mn)²`` entries; 64 MiB in float64) that ``method="tensorly"`` accepts."""

@@ -33,12 +33,20 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
-from tensorcurv.structures.split import dense_fit as dtf
-from tensorcurv.linalg.krylov import kron_eig_solve
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg.krylov import kron_eig_solve
 from tensorcurv.structures.base import register
-from tensorcurv.structures.split.tucker import (SplitFormat, SplitHparams, SplitTensor, _sweeps, as_tensor, contract,
-                                                from_tensor, sym_shift)
+from tensorcurv.structures.split import dense_fit as dtf
+from tensorcurv.structures.split.tucker import (
+    SplitFormat,
+    SplitHparams,
+    SplitTensor,
+    _sweeps,
+    as_tensor,
+    contract,
+    from_tensor,
+    sym_shift,
+)
 
 
 @dataclass
