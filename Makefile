@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-all bench bench-setup bench-capture clean
+.PHONY: setup demo lint test test-all bench bench-setup bench-capture clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -19,10 +19,18 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VPY) scripts/demo.py
 
-test: setup
+# Lint (ruff) and type check (mypy, the library) before the tests. FORMAT_CHECK=1 adds `ruff format --check`;
+# it becomes the default once the tree has been through `ruff format` (pyproject's [tool.ruff.format]).
+FORMAT_CHECK ?= 0
+lint: setup
+	$(VPY) -m ruff check .
+	if [ "$(FORMAT_CHECK)" = 1 ]; then $(VPY) -m ruff format --check .; fi
+	$(VPY) -m mypy tensorcurv
+
+test: lint
 	$(VPY) -m pytest -q -m "not slow"
 
-test-all: setup
+test-all: lint
 	$(VPY) -m pytest -q
 
 # The peer libraries of bench_capture (pyproject's `bench` extra) without their dependencies, so torch stays

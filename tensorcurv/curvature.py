@@ -205,6 +205,7 @@ class Curvature:
                       self.generator, grad_params=self.params if accumulate_grad else None)
         self._batch_scale = spec.batch_scale(inputs.shape[0])
         if accumulate_grad:
+            assert res.grads is not None
             for p, g in zip(self.params, res.grads):
                 p.grad = g if p.grad is None else p.grad + g
         self.last_capture_time = time.perf_counter() - t0
@@ -226,7 +227,7 @@ class Curvature:
         try:
             self.fit_capture(inputs, res, decay)
         except NonFiniteError:
-            if gen_state is not None:
+            if self.generator is not None and gen_state is not None:
                 self.generator.set_state(gen_state)
             raise
         return res.loss
@@ -315,7 +316,7 @@ class Curvature:
             missing = [n for n, p in self.named_params if p.grad is None]
             if missing:
                 raise ValueError(f"no .grad for {missing}; run backward first or pass grads")
-            return [p.grad for p in self.params]
+            return [p.grad for p in self.params]  # type: ignore[misc]  # checked above
         if isinstance(grads, Mapping):
             names = [n for n, _ in self.named_params]
             missing, unknown = [n for n in names if n not in grads], sorted(set(grads) - set(names))
@@ -399,7 +400,7 @@ class Curvature:
             return {n: t for (n, _), t in zip(self.named_params, res)}
         return res
 
-    def _split_plan(self) -> tuple[list[tuple[Any, int, int | None, tuple[int, int] | None]], list]:
+    def _split_plan(self) -> tuple[list[tuple[Any, int, int | None, tuple[int, ...] | None]], list]:
         """Built once: ``(block.solve_split, weight index, bias index or None, 2-D view shape or None)``
         for every layer whose block has ``solve_split`` and whose adapter has a
         ``weight_matrix_shape``; the other layers (``_layout`` rows) take the ``[W, b]`` path."""

@@ -21,6 +21,7 @@ Samples must not interact inside the model (e.g. no BatchNorm in training mode),
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,7 @@ def _vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
     ``⟨outputs, v⟩`` (a tensor ``grad_outputs`` would make autograd's shape check import sympy on first use);
     several: one backward batched over the columns, or one per column for an op without a batching rule."""
     K = cotangents.shape[0]
+    res: Sequence[Tensor | None]
     if K == 1:
         res = torch.autograd.grad((outputs * cotangents[0]).sum(), zs, allow_unused=True)
         res = [None if r is None else r.unsqueeze(0) for r in res]
@@ -124,7 +126,7 @@ def capture(
     kind: str = "ggn",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    grad_params: list[Tensor] | None = None,
+    grad_params: Sequence[Tensor] | None = None,
 ) -> CaptureResult:
     """Run one forward/backward and return the statistics of every covered layer.
 

@@ -163,6 +163,7 @@ class Comm:
         self._account(t0, buf.numel() * buf.element_size() if self.rank != dst else 0)
         if self.rank != dst:
             return None
+        assert bufs is not None
         return torch.cat([b[:n] for b, n in zip(bufs, sizes)])
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -189,7 +189,7 @@ def _plain(cfg: Any) -> dict[str, Any]:
         from omegaconf import DictConfig, OmegaConf
         from omegaconf.errors import OmegaConfBaseException
     except ImportError:  # pragma: no cover
-        DictConfig = None
+        DictConfig = None  # type: ignore[misc, assignment]
     if DictConfig is not None and isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=False)
         cfg.pop("hydra", None)  # Hydra's own node: its ${hydra:...} values are set when the job starts

@@ -313,6 +313,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
             epoch, b = divmod(step, spe)
             if perm_epoch != epoch:
                 perm, perm_epoch = _epoch_permutation(t.seed, epoch, n), epoch
+            assert perm is not None
             idx = perm[b * bs:(b + 1) * bs]
             t0 = time.perf_counter()
             with warnings.catch_warnings():  # skipped steps are reported below, outside the progress bar

@@ -71,10 +71,10 @@ def first_nonfinite(named: Sequence[tuple[str, Tensor | None]]) -> list[str]:
     """Names whose tensor holds NaN/Inf. Fast path: one fused norm over all tensors, summed into one
     host number (norms are >= 0, so the sum is finite iff every tensor is, barring overflow, which
     only triggers the exact per-tensor check)."""
-    named = [(n, t) for n, t in named if t is not None]
-    if not named or math.isfinite(float(torch.stack(torch._foreach_norm([t for _, t in named])).sum())):
+    present = [(n, t) for n, t in named if t is not None]
+    if not present or math.isfinite(float(torch.stack(torch._foreach_norm([t for _, t in present])).sum())):
         return []
-    return [n for n, t in named if not bool(torch.isfinite(t).all())]
+    return [n for n, t in present if not bool(torch.isfinite(t).all())]
 
 
 class Preconditioner:
@@ -182,7 +182,7 @@ class Preconditioner:
         if any_rank_bad and not bad:
             bad.append("statistics on another rank")
         if bad:
-            if gen is not None:
+            if gen is not None and gen_state is not None:
                 gen.set_state(gen_state)
             self._skip(f"non-finite values in {bad} (loss={float(loss):.4g})")
             return loss
@@ -191,7 +191,7 @@ class Preconditioner:
             try:  # e.g. finite statistics whose fitted factors overflow: every block is left unchanged
                 self.curvature.fit_capture(inputs, res, decay)
             except NonFiniteError as e:
-                if gen is not None:
+                if gen is not None and gen_state is not None:
                     gen.set_state(gen_state)
                 self._skip(str(e))
                 return loss
@@ -212,12 +212,10 @@ class Preconditioner:
         lam = self.damping.value(self.steps)
         t0 = time.perf_counter()
         params = self._params
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]  # every grad set above
         gPg = None
         try:
             # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
@@ -238,7 +236,7 @@ class Preconditioner:
                 self._skip(f"non-finite preconditioned gradient for {bad} (damping={lam:.3g})")
                 return False
         nu = 1.0
-        if gPg is not None:
+        if gPg is not None and self.kl_clip is not None:
             vg = lr * lr * gPg
             nu = min(1.0, math.sqrt(self.kl_clip / vg)) if 0 < vg < math.inf else 1.0
             if nu != 1.0:

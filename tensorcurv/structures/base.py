@@ -58,7 +58,7 @@ class Structure(ABC):
 
     name: ClassVar[str] = ""
     #: True when :meth:`solve` is an exact inverse of ``Ĉ + λI`` (closed form, no iteration).
-    exact_solve: ClassVar[bool] = True
+    exact_solve: bool = True  # a class default; a structure may set it per instance (kron_sum)
     #: "layer": one instance per covered layer; "model": one instance for the whole model.
     scope: ClassVar[str] = "layer"
     Hparams: ClassVar[type] = NoHparams

@@ -29,7 +29,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -294,7 +294,8 @@ def lanczos(op: Callable[[Tensor], Tensor], dim: int, *, max_iter: int = 200, to
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(dim, generator=gen, dtype=dtype)
     Q = [q / q.norm()]
-    alphas, betas = [], []
+    alphas: list[float] = []
+    betas: list[float] = []
     steps = min(max_iter, dim)
     for k in range(steps):
         w = op(Q[-1])
@@ -394,8 +395,8 @@ def cg(op: Callable[[Tensor], Tensor], b: Tensor, *, tol: float = 1e-10, max_ite
     return x, {"iters": it, "rel_residual": math.sqrt(rr) / bnorm if bnorm > 0 else 0.0}
 
 
-def woodbury_solve(gram: Tensor, scale: float, coefficients: Callable[[Tensor], Tensor],
-                   combine: Callable[[Tensor], Tensor], V, damping: float, eig=None):
+def woodbury_solve(gram: Tensor, scale: float, coefficients: Callable[[Any], Tensor],
+                   combine: Callable[[Tensor], Any], V, damping: float, eig=None):
     """``(scale PᵀP + λI)⁻¹ v = (v − Pᵀ (λ/scale I + P Pᵀ)⁻¹ P v) / λ`` with ``P`` the stacked per-sample
     gradients (never formed): ``P Pᵀ`` is the ``(J, J)`` Gram matrix, ``P v`` = ``coefficients(V)``,
     ``Pᵀ w`` = ``combine(w) / scale``. Exact; ``eig``: a cached ``eigh(gram)``."""
@@ -516,7 +517,7 @@ class ExactModel:
 
     def gram(self) -> Tensor:
         """``⟨G_j, G_j'⟩`` summed over layers (``J x J``); cached ``eigh`` in :meth:`gram_eigh`."""
-        return sum(b.gram() for b in self.blocks.values())
+        return cast(Tensor, sum(b.gram() for b in self.blocks.values()))
 
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
         if getattr(self, "_eigh", None) is None:
@@ -524,7 +525,7 @@ class ExactModel:
         return self._eigh
 
     def coefficients(self, V: Mapping[str, Tensor]) -> Tensor:
-        return sum(b.coefficients(V[k]) for k, b in self.blocks.items())
+        return cast(Tensor, sum(b.coefficients(V[k]) for k, b in self.blocks.items()))
 
     def combine(self, w: Tensor) -> dict[str, Tensor]:
         return {k: b.combine(w) for k, b in self.blocks.items()}

@@ -176,11 +176,11 @@ def fig_error_vs_rank(metrics, floor, path: Path) -> None:
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel("‖C−Ĉ‖_F / ‖C‖_F")
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(7, len(handles)), fontsize=8,
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(7, len(handles)), fontsize=8,
                bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"Frobenius error vs rank at step {step}  (x: kron_sum rank; Tucker/TT: their ranks)",
                  fontsize=10)

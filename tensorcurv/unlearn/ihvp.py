@@ -328,7 +328,7 @@ class StructureSolver(IHVPSolver):
             raise ValueError(f"structure: fit_batch_size must be None or an integer >= 1, got {fit_batch_size!r}")
         self.structure, self.kind, self.fit_batch_size, self.seed = structure, kind, fit_batch_size, seed
         self.hparams = hparams
-        self.curv = None
+        self.curv: Any = None  # the fitted Curvature, once prepared
 
     def _prepare(self) -> None:
         from tensorcurv.curvature import Curvature
@@ -360,6 +360,7 @@ class StructureSolver(IHVPSolver):
 
     def matvec(self, v: Tensor) -> Tensor:
         """``(N/B · C_B + δI) v`` with the exact ``C_B`` from the statistics (needs ``refine > 0``)."""
+        assert self.op is not None, "matvec needs refine > 0"
         mats = self.op.mv_mats(self.layout.to_mats(v))
         return self.layout.to_flat(mats) / self.ratio + (self.obj.mu + self.damping) * v
 

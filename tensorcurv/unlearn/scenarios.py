@@ -107,6 +107,7 @@ def load_digits_scenario(name: str, *, seed: int = 0, dtype=torch.float64, **kwa
     """``tensorcurv.experiments.data.load("digits")`` (train + val pooled as training data, test kept) + scenario."""
     from tensorcurv.experiments import data as data
     splits = data.load("digits", val_fraction=0.1, test_fraction=0.2, seed=seed, dtype=dtype)
+    assert splits.num_classes is not None  # digits: 10 classes
     X = torch.cat([splits.train[0], splits.val[0]])
     y = torch.cat([splits.train[1], splits.val[1]])
     return make(name, X, y, splits.test[0], splits.test[1], splits.num_classes, seed=seed, **kwargs)

@@ -17,6 +17,7 @@ The same columns give per-sample gradients in closed form: if ``S_s c_s = ∇_z 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -60,7 +61,7 @@ class ParamLayout:
         for name, ad, idx in self.layers:
             for i, t in zip(idx, ad.from_matrix(mats[name])):
                 parts[i] = t.reshape(-1)
-        return torch.cat(parts)
+        return torch.cat(parts)  # type: ignore[arg-type]  # the layers cover every parameter
 
 
 class StatsGGN:
@@ -109,7 +110,7 @@ class StatsGGN:
             return out
         ws = {k: self._weights(st, mats[k]) for k, st in self.stats.items()}
         if self.coupling == "full":
-            w = sum(ws.values())
+            w = cast(Tensor, sum(ws.values()))
             return {k: self._spread(st, w) for k, st in self.stats.items()}
         return {k: self._spread(st, ws[k]) for k, st in self.stats.items()}
 

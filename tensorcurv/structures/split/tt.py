@@ -32,6 +32,7 @@ from typing import Any
 
 import opt_einsum as oe
 import torch
+from torch import Tensor
 
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg.krylov import kron_eig_solve
@@ -63,6 +64,7 @@ class TensorTrain(SplitFormat):
     """Tensor-train (MPO) approximation of the split rearranged block; ALS fit."""
 
     Hparams = TTHparams
+    cores: list[Tensor]
 
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)

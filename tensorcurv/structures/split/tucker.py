@@ -216,6 +216,7 @@ class SplitTensor:
             part = contract(expr, *[t for t, _ in ops])
             res = part if res is None else res + part
         self._next -= 2
+        assert res is not None  # N >= 1
         return res * st.scale
 
 
