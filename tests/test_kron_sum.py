@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 import tensorcurv
+from structure_problems import KINDS, rel, tiny_batch, tiny_model
 from tensorcurv import structures
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.linalg.rearrange import rearrange
-from test_rearrange import KINDS, rel, tiny_batch, tiny_model
 
 TIGHT = dict(psd="none", tol=1e-15, max_iter=3000, warm_max_iter=None, oversample=4)
 
@@ -235,8 +235,8 @@ def test_certified_rank_two_shrink_is_within_one_percent_of_the_largest_psd_scal
 
 @pytest.mark.parametrize("kind", ["empirical", "ggn"])
 def test_gram_fit_terms_are_sample_pair_combinations_of_rank_one_kronecker_products(kind):
+    from structure_problems import curvature
     from tensorcurv.linalg.rearrange import kronecker_svd
-    from test_rearrange import curvature
     st = curvature("linear", kind)[1]["0"]
     info = {}
     sigma, A, G = kronecker_svd(st, 3, method="gram", tol=1e-12, info=info)

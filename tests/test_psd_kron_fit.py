@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import tensorcurv
+from structure_problems import tiny_batch, tiny_model
 from tensorcurv.linalg.rearrange import kronecker_svd
 from tensorcurv.structures.kron_sum import psd_factors as P
-from test_rearrange import tiny_batch, tiny_model
 
 
 def block_and_stats(model_name, kind="ggn", layer="0", n=10):

@@ -1,9 +1,8 @@
 """Facts about the implicit Van Loan rearrangement R(C) and its truncated SVD (float64, tiny layers)."""
 import pytest
 import torch
-from torch import nn
 
-import tensorcurv
+from structure_problems import KINDS, curvature, rel
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg.rearrange import (
     RearrangedOperator,
@@ -16,44 +15,6 @@ from tensorcurv.linalg.rearrange import (
     sym_quadratic_forms,
     weighted_covariances,
 )
-
-KINDS = ["empirical", "mc", "ggn"]
-
-
-def tiny_model(name: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    if name == "linear":
-        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
-    if name == "conv":
-        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2),
-                             nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
-    raise ValueError(name)
-
-
-def tiny_batch(name: str, n: int = 10, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    shape = {"linear": (n, 6), "conv": (n, 2, 4, 4)}[name]
-    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g) % 3
-
-
-def curvature(model_name: str, kind: str, structure: str = "dense", n: int = 10, **hp):
-    """A fitted ``Curvature`` on a tiny model; returns ``(curv, stats)`` of the same batch."""
-    model = tiny_model(model_name)
-    x, y = tiny_batch(model_name, n)
-    curv = tensorcurv.Curvature(model, structure, kind, seed=0, **hp)
-    stats = curv.capture(x, y, nn.CrossEntropyLoss()).stats
-    curv.fit_stats(stats)
-    return curv, stats
-
-
-def dense_block(model_name: str, kind: str, layer: str, n: int = 10) -> torch.Tensor:
-    """The exact block from the ``dense`` structure (tested against torch.func by the core suite)."""
-    curv, _ = curvature(model_name, kind, "dense", n)
-    return curv.blocks[layer].to_dense()
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def test_rearranged_kronecker_product_is_the_outer_product_of_the_vectorized_factors():

@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 import tensorcurv
+from structure_problems import rel
 from tensorcurv import structures
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures.split.tucker import auto_split
-from test_rearrange import rel
 
 TIGHT = dict(tol=1e-14, max_iter=400)
 

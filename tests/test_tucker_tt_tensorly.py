@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import tensorcurv
+from structure_problems import rel
 from tensorcurv import structures
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.split import dense_fit as dtf
 from tensorcurv.structures.split.tucker import SplitTensor
-from test_rearrange import rel
 from test_tucker_tt import SPLIT, model, split_for
 
 TIGHT = dict(tol=1e-14, max_iter=400)
