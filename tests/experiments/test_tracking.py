@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from tensorcurv.experiments import tracking as tracking
 from tensorcurv.experiments.runner import run_training
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 TINY = ["data.limit=120", "batch_size=40", "epochs=2", "progress=false", "threads=1"]
 
 

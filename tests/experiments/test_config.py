@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from tensorcurv import structures
 from tensorcurv.experiments.config import ConfigError, validate_study, validate_train, validate_unlearn
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 

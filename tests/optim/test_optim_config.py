@@ -13,7 +13,7 @@ from torch import nn
 import tensorcurv.optim as O
 from tensorcurv.optim import schedules
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "optim"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "optim"
 
 
 def test_factory_names_are_the_agreed_ones():

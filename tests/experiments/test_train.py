@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from tensorcurv.experiments.runner import run_training
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 TINY = ["data.limit=120", "batch_size=40", "epochs=2", "progress=false", "threads=1"]
 

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from tensorcurv.experiments.cli import RUN_FAILED_EXIT, report_errors, validate_or_exit
 from tensorcurv.experiments.config import ConfigError, validate_study, validate_train, validate_unlearn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 VALIDATORS = {"train": validate_train, "study": validate_study, "unlearn": validate_unlearn}
 
