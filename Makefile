@@ -4,13 +4,13 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-all docs bench bench-setup bench-capture clean
+.PHONY: setup demo lint test test-all docs bench bench-setup bench-capture clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e ".[test,mnist1d,slurm,docs]"
+	$(VPY) -m pip install -q -e ".[experiments,test,mnist1d,slurm,docs]"
 	$(VPY) -c "import torch; print('torch', torch.__version__)"
 	touch $@
 
@@ -19,11 +19,19 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VPY) scripts/demo.py
 
-test: setup
+# Lint (ruff) and type check (mypy, the library) before the tests. FORMAT_CHECK=1 adds `ruff format --check`;
+# it becomes the default once the tree has been through `ruff format` (pyproject's [tool.ruff.format]).
+FORMAT_CHECK ?= 0
+lint: setup
+	$(VPY) -m ruff check .
+	if [ "$(FORMAT_CHECK)" = 1 ]; then $(VPY) -m ruff format --check .; fi
+	$(VPY) -m mypy tensorcurv
+
+test: lint
 	$(VPY) -m pytest -q -m "not slow"
 	$(MAKE) --no-print-directory docs
 
-test-all: setup
+test-all: lint
 	$(VPY) -m pytest -q
 
 # The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link, anchor or include, or a docstring

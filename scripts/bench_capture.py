@@ -167,7 +167,8 @@ def _call_floor(model, x, y, products: bool):
 
 
 IMPORTS = {"tensorcurv": ["tensorcurv"], "curvlinops": ["curvlinops"], "backpack": ["backpack", "backpack.extensions"],
-           "nngeometry": ["nngeometry.metrics", "nngeometry.object", "nngeometry.backend", "nngeometry.layercollection"],
+           "nngeometry": ["nngeometry.metrics", "nngeometry.object", "nngeometry.backend",
+                          "nngeometry.layercollection"],
            "floor": []}
 
 
@@ -270,7 +271,8 @@ def summarize(cond: dict) -> dict:
     out = {}
     for key, runs in cond["results"].items():
         firsts = [r["first"] for r in runs]
-        out[key] = {"firsts": firsts, "first": statistics.mean(firsts), "import": statistics.mean(r["import"] for r in runs),
+        out[key] = {"firsts": firsts, "first": statistics.mean(firsts),
+                    "import": statistics.mean(r["import"] for r in runs),
                     "next": statistics.median(t for r in runs for t in r["next"])}
     return out
 
@@ -359,7 +361,8 @@ def main() -> None:
     if args.worker:
         lib, kind = args.worker
         if lib == "interleaved":
-            out = interleaved_worker(kind, args.libraries, args.width, args.batch, args.threads, args.repeats, args.data)
+            out = interleaved_worker(kind, args.libraries, args.width, args.batch, args.threads, args.repeats,
+                                     args.data)
         else:
             out = worker(lib, kind, args.width, args.batch, args.threads, args.repeats, args.data)
         print(json.dumps(out))

@@ -1,6 +1,7 @@
 """Scaling of the data-parallel second-order step, 1 -> W processes on CPU (gloo).
 
-    .venv/bin/python scripts/bench_distributed.py [--world 2] [--batch 512] [--steps 10] [--structures kfac ekfac kron_sum]
+    .venv/bin/python scripts/bench_distributed.py [--world 2] [--batch 512] [--steps 10] \
+        [--structures kfac ekfac kron_sum]
 
 For each structure: time per Gauss-Newton step (global batch fixed, split over the ranks), the
 share of it spent inside collectives (``Comm.seconds``, waiting included) and the bytes each rank
@@ -103,7 +104,8 @@ def main():
             r = rs[s]
             lines.append(f"| {s} | {world} | {1e3 * r['step']:.1f} | {base / r['step']:.2f} | "
                          f"{100 * r['comm'] / r['step']:.0f}% | {r['bytes'] / 1024:.1f} |")
-    lines += ["", "per-layer numbers per fit: gather N·(n+Km) | implicit products 2·5·4·(n²+m²) | K-FAC moments n²+m²", ""]
+    lines += ["", "per-layer numbers per fit: gather N·(n+Km) | implicit products 2·5·4·(n²+m²) | "
+              "K-FAC moments n²+m²", ""]
     for name, shape, g, p, k in volumes(args.width, args.batch):
         lines.append(f"- layer {name} {shape}: {g} | {p} | {k}")
     text = "\n".join(lines)

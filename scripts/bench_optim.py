@@ -7,8 +7,8 @@ Problems: the digits MLP classifier (64-64-10, tanh, cross-entropy) and the digi
 (64-128-32-128-64, sigmoid hidden layers, linear code and output, MSE), mini-batches from the
 training split, float32, CPU.
 
-(a) time per step / time per SGD step (at each of --batches, separate rows), for every structure (dense only where every block has
-    mn ≤ --dense-max), at statistics+inverse interval 1 and 10; NaturalGradient (kind mc, one
+(a) time per step / time per SGD step (at each of --batches, separate rows), for every structure (dense only
+    where every block has mn ≤ --dense-max), at statistics+inverse interval 1 and 10; NaturalGradient (kind mc, one
     backward column) and GaussNewton (kind ggn, one column per output) for kfac. Configurations
     are run in interleaved rounds and the median per-step time of each is taken, so the ratios
     come from the same (shared, noisy) machine state; "× SGD" is the ratio of the medians, the
@@ -93,7 +93,7 @@ def step_cost(args) -> list[dict]:
             configs.append(("GN-ggn kfac", "gauss_newton",
                             dict(structure="kfac", lr=0.1, damping=1e-2, stats_interval=k, inverse_interval=k), k))
         opts, data_it = [], []
-        for label, name, kw, k in configs:
+        for _label, name, kw, _k in configs:
             model = models.mlp((64,), 10, hidden_sizes=(64,)) if prob == "mlp" else \
                 models.autoencoder((64,), hidden_sizes=[128, 32])
             model.load_state_dict(model0.state_dict())
@@ -111,7 +111,7 @@ def step_cost(args) -> list[dict]:
                     times[i].append((time.perf_counter() - t0) / args.steps_per_round)
         print(f"  {prob} batch {batch}: timed {len(configs)} configurations", flush=True)
         sgd = statistics.median(times[0])
-        for (label, name, kw, k), ts in zip(configs, times):
+        for (label, name, _kw, k), ts in zip(configs, times):
             if name == "sgd":
                 continue
             med = statistics.median(ts)

@@ -2,7 +2,8 @@
 
     python scripts/bench_psd_kron_sum.py [--ranks 1 2 3 4 5 6 7 8] [--skip-cost] [--out reports/bench_psd_kron_sum.md]
 
-Part 1 (float64; trained digits MLP / autoencoder / CNN, GGN, :func:`tensorcurv.experiments.reference_layers.reference_stats`):
+Part 1 (float64; trained digits MLP / autoencoder / CNN, GGN,
+:func:`tensorcurv.experiments.reference_layers.reference_stats`):
 relative Frobenius error ``‖C − Ĉ‖/‖C‖`` of ``kron_sum`` with ``psd="factors"`` (every factor PSD) and with
 ``psd="shrink"`` at each rank, next to the unconstrained Eckart–Young floor (singular values of ``R(C)``: for
 ``T = 1`` the eigenvalues of ``scale² Ka Kg`` from the sample Grams, else a dense SVD of ``R(C)``). Errors are
@@ -21,9 +22,8 @@ from pathlib import Path
 import torch
 
 from tensorcurv import structures
-from tensorcurv.linalg.rearrange import sample_grams
-from tensorcurv.linalg.rearrange import RearrangedOperator, dense_rearranged
 from tensorcurv.experiments.reference_layers import reference_stats
+from tensorcurv.linalg.rearrange import RearrangedOperator, dense_rearranged, sample_grams
 
 LAYERS = [("mlp", "1"), ("mlp", "3"), ("mlp", "5"), ("autoencoder", "3"), ("cnn", "features.3")]
 
@@ -62,8 +62,10 @@ def error(op: RearrangedOperator, total: float, A, G) -> float:
 
 
 def accuracy_table(ranks) -> list[str]:
-    rows = ["### PSD Kronecker sums on the reference layers (trained, GGN, batch 256, float64): relative error by rank\n",
-            "| layer | r | floor (Eckart–Young) | psd=factors | ratio | psd=shrink | ratio |", "|---|---|---|---|---|---|---|"]
+    rows = ["### PSD Kronecker sums on the reference layers (trained, GGN, batch 256, float64): "
+            "relative error by rank\n",
+            "| layer | r | floor (Eckart–Young) | psd=factors | ratio | psd=shrink | ratio |",
+            "|---|---|---|---|---|---|---|"]
     for net, name in LAYERS:
         st = reference_stats(net, True, "ggn")[name]
         op = RearrangedOperator(st)

@@ -152,7 +152,8 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                         f"{_cell(svd)} | "
                         f"{_cell(psd) if 'psd_time' in winfo else '-'} | {_cell(floor) if floor else '-'} | "
                         f"{block.nbytes / kfac.nbytes:.2f} | {info.get('iterations')} / {winfo.get('iterations')} | "
-                        f"{info.get('products', '-')} / {winfo.get('products', '-')} | {info.get('method', 'als/hooi')} | "
+                        f"{info.get('products', '-')} / {winfo.get('products', '-')} | "
+                        f"{info.get('method', 'als/hooi')} | "
                         f"{winfo.get('psd_method', '-')}{f' ({t:.3f})' if t is not None else ''}"
                         f"{_interval_note(winfo)} |")
         if kfac_times:

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_structures import digits, mlp  # noqa: E402
+
 import tensorcurv  # noqa: E402
-from tensorcurv.structures.split import dense_fit as dtf  # noqa: E402
 from tensorcurv import structures  # noqa: E402
 from tensorcurv.core.stats import LayerStats  # noqa: E402
-from bench_structures import digits, mlp  # noqa: E402
+from tensorcurv.structures.split import dense_fit as dtf  # noqa: E402
 
 CONFIGS = [("tucker r=4", "tucker", dict(ranks=4, tol=1e-6, max_iter=20)),
            ("tucker r=16", "tucker", dict(ranks=16, tol=1e-6, max_iter=20)),
@@ -51,12 +52,14 @@ def break_even(repeats):
     dtf.MAX_ENTRIES = 2 ** 25  # this study only: form tensors above the library's bound
     g = torch.Generator().manual_seed(0)
     N, K = 512, 10
-    print(f"synthetic Linear blocks, N={N}, K={K}, float64, min fit time of {repeats} (s); auto bounds {dtf.AUTO_ENTRIES}\n")
+    print(f"synthetic Linear blocks, N={N}, K={K}, float64, min fit time of {repeats} (s); "
+          f"auto bounds {dtf.AUTO_ENTRIES}\n")
     print("| config | block (m x n) | (mn)² | implicit s | tensorly s | speed-up |")
     print("|---|---|---|---|---|---|")
     for m, n in [(16, 33), (16, 65), (24, 65), (32, 65), (44, 65), (64, 65)]:
         a = torch.randn(N, 1, n, generator=g, dtype=torch.float64)
-        gg = torch.randn(N, K, 1, m, generator=g, dtype=torch.float64) * torch.rand(1, 1, 1, m, generator=g, dtype=torch.float64)
+        gg = (torch.randn(N, K, 1, m, generator=g, dtype=torch.float64)
+              * torch.rand(1, 1, 1, m, generator=g, dtype=torch.float64))
         st = LayerStats(a, gg, 1.0 / N)
         for label, sname, hp in [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[4]]:
             t = {k: min(v) for k, v in timed_pair(sname, (m, n), st, hp, repeats).items()}

@@ -111,7 +111,8 @@ def main(extra: list[str], out: Path = OUT, runs_dir: Path = ROOT / "outputs" / 
     out.mkdir(parents=True, exist_ok=True)
     loss_curves_figure({key: _evals(s) for key, s in results.items()}, out / "loss_curves.png")
 
-    cpu = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    cpu = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+           f"{torch.get_num_threads()} thread(s)")
     exps = ", ".join(f"`{exp}`" + (f" ({' '.join(own)})" if own else "") for exp, own in RACES.values())
     md = ["# Demo: natural gradient with K-FAC vs Adam on digits", "",
           f"`make demo` (= `python scripts/demo.py`): experiments {exps} (conf/experiment/); within a problem the "

@@ -48,7 +48,8 @@ def run(label: str, dtype: torch.dtype, steps: int, comm=None, reverse: bool = F
             idx = idx.flip(0)
         xb, yb = X[idx], y[idx]
         if comm is not None:
-            xb, yb = tdist.world_batch(xb, comm.rank, comm.world_size), tdist.world_batch(yb, comm.rank, comm.world_size)
+            xb = tdist.world_batch(xb, comm.rank, comm.world_size)
+            yb = tdist.world_batch(yb, comm.rank, comm.world_size)
         losses.append(float(opt.step(xb, yb)))
         params.append([p.detach().clone() for p in model.parameters()])
     return losses, params

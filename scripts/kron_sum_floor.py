@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from tensorcurv import structures
-from tensorcurv.linalg.rearrange import dense_rearranged
 from tensorcurv.experiments.reference_layers import reference_stats
+from tensorcurv.linalg.rearrange import dense_rearranged
 
 LAYERS = [("mlp", "1"), ("mlp", "3"), ("mlp", "5"), ("autoencoder", "3"), ("cnn", "features.3")]
 

@@ -35,13 +35,11 @@ def command_line() -> str:
 def main(cfg: DictConfig) -> None:
     import torch
 
-    from tensorcurv.study import report as report
-
-    from tensorcurv.study.runner import run_study
-
     from tensorcurv.experiments import tracking as tracking
     from tensorcurv.experiments.cli import CONFIG_ERROR_EXIT, fail, report_errors, validate_or_exit
     from tensorcurv.experiments.config import check_study_data
+    from tensorcurv.study import report as report
+    from tensorcurv.study.runner import run_study
 
     plain = validate_or_exit("study", cfg)  # one line and exit 2 before any work
     out = Path(cfg.report_dir or ROOT / "reports" / cfg.name)

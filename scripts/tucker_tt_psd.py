@@ -51,7 +51,8 @@ def main() -> None:
                                 lmin=float(torch.linalg.eigvalsh(M)[0]) / lmax, mu=block.shift / lmax,
                                 fallback=block.last_solve["fallback"], method=block.last_fit.get("method"))
             n, s = row["none"], row["shift"]
-            line = (f"| {net} {name} {tuple(st.shape)} | {structure} | {s['method']} | {n['fro']:.3f} / {s['fro']:.3f} | "
+            line = (f"| {net} {name} {tuple(st.shape)} | {structure} | {s['method']} | "
+                    f"{n['fro']:.3f} / {s['fro']:.3f} | "
                     f"{n['spec']:.3f} / {s['spec']:.3f} | {n['lmin']:.2e} | {s['mu']:.2e} | {s['lmin']:.1e} | "
                     f"{n['fallback']} / {s['fallback']} | {row['shift_time']:.2f} |")
             lines.append(line)

@@ -45,7 +45,8 @@ def run(scenario: str, seeds: list[int], mu: float, ranks: list[int], deflation:
                                     build_solver("lissa", curvature="ggn", depth=lissa_depth, batch_size=128),
                                     mu=mu, inplace=False)
         rel = float((lissa.theta - ref.theta_retrain).norm() / (ref.theta_star - ref.theta_retrain).norm())
-        rows.append({"seed": seed, "family": "lissa", "size": lissa_depth, "rel_dist": rel, "solve_error": float("nan")})
+        rows.append({"seed": seed, "family": "lissa", "size": lissa_depth, "rel_dist": rel,
+                     "solve_error": float("nan")})
         print(f"seed {seed}: exact step {seed_rows[0]['rel_dist']:.3f}, lissa {rel:.3f}", flush=True)
     return rows
 

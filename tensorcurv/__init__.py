@@ -4,8 +4,8 @@ Data flows one way: model + batch → ``capture`` → ``LayerStats`` → ``struc
 optimizers / unlearning / studies.
 """
 from tensorcurv import structures
-from tensorcurv.curvature import Curvature
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.curvature import Curvature
 
 __all__ = ["Curvature", "LayerStats", "structures"]
 __version__ = "0.1.0"

@@ -53,4 +53,5 @@ def batch(kind: str, loss: str, n: int = 6, seed: int = 1):
     return x, y
 
 
-MODELS = {"mlp": mlp, "mlp_nobias": lambda: mlp(bias=False), "cnn": cnn, "deconv": deconv, "sequence": lambda: Sequence().double()}
+MODELS = {"mlp": mlp, "mlp_nobias": lambda: mlp(bias=False), "cnn": cnn, "deconv": deconv,
+          "sequence": lambda: Sequence().double()}

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv import structures
 from models_tiny import MODELS, batch
 from reference import full_block
+from tensorcurv import structures
 
 
 class Mixed(nn.Module):

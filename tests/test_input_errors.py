@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 import tensorcurv
-from tensorcurv import structures
-from tensorcurv.optim.preconditioner import NonFiniteStepWarning, Preconditioner
-from tensorcurv.core.stats import LayerStats, NonFiniteError
-from tensorcurv.structures.base import NotFittedError
-
 from reference import full_block, layer_index
+from tensorcurv import structures
+from tensorcurv.core.stats import LayerStats, NonFiniteError
+from tensorcurv.optim.preconditioner import NonFiniteStepWarning, Preconditioner
+from tensorcurv.structures.base import NotFittedError
 
 LAYER_STRUCTURES = ["dense", "diagonal", "kfac", "ekfac", "kron_sum", "tucker", "tt"]
 ALL_STRUCTURES = LAYER_STRUCTURES + ["two_level"]

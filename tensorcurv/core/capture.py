@@ -21,6 +21,7 @@ Samples must not interact inside the model (e.g. no BatchNorm in training mode),
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,8 @@ def check_batch(inputs: Tensor, targets: Tensor) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"empty batch: inputs of shape {tuple(inputs.shape)} hold no samples (need N >= 1 along dim 0)")
+        raise ValueError(f"empty batch: inputs of shape {tuple(inputs.shape)} hold no samples "
+                         "(need N >= 1 along dim 0)")
     if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not match the {inputs.shape[0]} samples of "
                          f"inputs {tuple(inputs.shape)}")
@@ -84,7 +86,7 @@ class _Recorder:
             self.outputs[name] = output
         return hook
 
-    def __enter__(self) -> "_Recorder":
+    def __enter__(self) -> _Recorder:
         for name, adapter in self.adapters.items():
             self._handles.append(adapter.module.register_forward_hook(self._hook(name, adapter)))
         return self
@@ -101,6 +103,7 @@ def _vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
     ``⟨outputs, v⟩`` (a tensor ``grad_outputs`` would make autograd's shape check import sympy on first use);
     several: one backward batched over the columns, or one per column for an op without a batching rule."""
     K = cotangents.shape[0]
+    res: Sequence[Tensor | None]
     if K == 1:
         res = torch.autograd.grad((outputs * cotangents[0]).sum(), zs, allow_unused=True)
         res = [None if r is None else r.unsqueeze(0) for r in res]
@@ -123,7 +126,7 @@ def capture(
     kind: str = "ggn",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    grad_params: list[Tensor] | None = None,
+    grad_params: Sequence[Tensor] | None = None,
 ) -> CaptureResult:
     """Run one forward/backward and return the statistics of every covered layer.
 

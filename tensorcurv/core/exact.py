@@ -233,7 +233,7 @@ class ExactModel:
         self._eigh: tuple[Tensor, Tensor] | None = None
 
     @classmethod
-    def from_stats(cls, stats: Mapping[str, LayerStats], coupling: str = "full", chunk: int = 128) -> "ExactModel":
+    def from_stats(cls, stats: Mapping[str, LayerStats], coupling: str = "full", chunk: int = 128) -> ExactModel:
         """The operator of ``stats``; where every product stays inside a layer (``block``, or one layer)
         the layers cache their output GGNs (:class:`ExactBlock`'s ``cache_output_ggn``)."""
         per_layer = coupling == "block" or len(stats) == 1

@@ -8,6 +8,7 @@ module's parameters and the matrix ``[W, b]``. See ``stats.py`` for the conventi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ class LayerAdapter:
 
     def params(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters the Kronecker block covers, in matrix-column order (weight, then bias)."""
-        out = [("weight", self.module.weight)]
+        out: list[tuple[str, Any]] = [("weight", self.module.weight)]
         if getattr(self.module, "bias", None) is not None:
             out.append(("bias", self.module.bias))
         return out
@@ -223,6 +224,7 @@ def adapter_for(name: str, module: nn.Module) -> Coverage:
                 return Coverage(name, kind, None, "weight is frozen")
             adapter = cls(module)
             if any(not p.requires_grad for _, p in adapter.params()):
-                return Coverage(name, kind, None, "bias is frozen while the weight trains (the [W, b] block needs both)")
+                return Coverage(name, kind, None,
+                                "bias is frozen while the weight trains (the [W, b] block needs both)")
             return Coverage(name, kind, adapter, "kronecker block")
     return Coverage(name, kind, None, "no Kronecker adapter for this layer type")

@@ -31,7 +31,7 @@ def default_backend(device: str | torch.device | None = None) -> str:
 
 
 def init(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, *, rank: int | None = None,
-         world_size: int | None = None, init_method: str | None = None, **comm_options: Any) -> "Comm":
+         world_size: int | None = None, init_method: str | None = None, **comm_options: Any) -> Comm:
     """Initialise the default process group (idempotent) and return a :class:`Comm` for it.
 
     Without ``rank``/``world_size`` the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,
@@ -163,6 +163,7 @@ class Comm:
         self._account(t0, buf.numel() * buf.element_size() if self.rank != dst else 0)
         if self.rank != dst:
             return None
+        assert bufs is not None
         return torch.cat([b[:n] for b, n in zip(bufs, sizes)])
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -35,18 +35,18 @@ different (equally valid) Monte-Carlo estimate.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from tensorcurv.core.capture import CaptureResult
+from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.curvature import Curvature
 from tensorcurv.distributed import reduce as R
 from tensorcurv.distributed.assignment import assign
 from tensorcurv.distributed.comm import Comm
-from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.structures.base import check_damping, check_decay
 
 SOLVE_MODES = ("owner", "local")

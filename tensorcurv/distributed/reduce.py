@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.distributed.comm import Comm
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.distributed.comm import Comm
 
 
 def infer_reduction(stats: LayerStats) -> str:

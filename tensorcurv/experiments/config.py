@@ -25,9 +25,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tensorcurv.experiments.schema import ConfigError, check, check_keys, check_value, one_line, signature_schema, spec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ConfigError", "DataConfig", "LoggerConfig", "ScheduleConfig", "StudyConfig", "TrainConfig",
            "UnlearnConfig", "Validated", "check_blocks", "resolve_device", "validate_model", "validate_structure",
@@ -186,7 +189,7 @@ def _plain(cfg: Any) -> dict[str, Any]:
         from omegaconf import DictConfig, OmegaConf
         from omegaconf.errors import OmegaConfBaseException
     except ImportError:  # pragma: no cover
-        DictConfig = None
+        DictConfig = None  # type: ignore[misc, assignment]
     if DictConfig is not None and isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=False)
         cfg.pop("hydra", None)  # Hydra's own node: its ${hydra:...} values are set when the job starts
@@ -248,7 +251,7 @@ class TrainConfig:
 TRAIN_GROUPS = ("data", "model", "curvature", "optim", "logger", "schedule", "distributed")
 
 
-def resolve_device(name: str) -> "torch.device":
+def resolve_device(name: str) -> torch.device:
     """Map the ``device`` field to a :class:`torch.device`; a clear error when CUDA is asked for but absent."""
     import torch
 

@@ -60,9 +60,10 @@ import shutil
 import tarfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,7 +167,7 @@ def _missing_error(name: str, folder: Path, files: list[str], why: str) -> FileN
 
 
 # ---------------------------------------------------------------------- file formats
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -257,7 +258,9 @@ def _cifar10(data_dir: Path, download_ok: bool) -> _Raw:
             members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in files]
             for m in members:  # extract only the expected regular files, flattened into bdir
                 bdir.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as src, open(bdir / Path(m.name).name, "wb") as dst:
+                src_file = tar.extractfile(m)
+                assert src_file is not None  # m.isfile()
+                with src_file as src, open(bdir / Path(m.name).name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
     xs, ys = zip(*(read_cifar_batch(bdir / f) for f in files[:5]))
     xt, yt = read_cifar_batch(bdir / files[5])

@@ -42,7 +42,6 @@ import math
 from collections.abc import Sequence
 from typing import TypeVar
 
-import torch
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,

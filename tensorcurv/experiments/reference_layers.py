@@ -15,16 +15,15 @@ covered layer for one fixed batch, for any curvature kind. Everything is determi
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
 
-from tensorcurv.experiments import data as data
-
-from tensorcurv.experiments import models as models
-from tensorcurv.curvature import Curvature
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.curvature import Curvature
+from tensorcurv.experiments import data as data
+from tensorcurv.experiments import models as models
 
 NETWORKS = ("mlp", "autoencoder", "cnn")
 TRAIN_STEPS = 300  # Adam, lr 1e-3, batch 128: a few seconds on 2 CPU cores for each network
@@ -45,7 +44,7 @@ def _loss_fn(loss: str) -> nn.Module:
     return nn.CrossEntropyLoss() if loss == "cross_entropy" else nn.MSELoss()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _digits(image: bool):
     splits = data.load("digits", seed=0, dtype=torch.float64)
     x, y = splits.train
@@ -56,7 +55,7 @@ def _targets(loss: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x.flatten(1) if loss == "mse" else y
 
 
-@lru_cache(maxsize=None)
+@cache
 def _state(net: str, trained: bool) -> dict[str, torch.Tensor]:
     """float64 weights of ``net``: seeded init, then (if ``trained``) ``TRAIN_STEPS`` seeded Adam steps."""
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global generator

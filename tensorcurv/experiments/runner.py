@@ -45,13 +45,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tensorcurv.experiments import data as data_mod
 from tensorcurv import optim
+from tensorcurv.distributed import launch
+from tensorcurv.experiments import data as data_mod
 from tensorcurv.experiments import models as models
 from tensorcurv.experiments import tracking as tracking
-from tensorcurv.distributed import launch
-from tensorcurv.experiments.config import SECOND_ORDER, ConfigError, Validated, check_blocks, resolve_device, validate_train
+from tensorcurv.experiments.config import (
+    SECOND_ORDER,
+    ConfigError,
+    Validated,
+    check_blocks,
+    resolve_device,
+    validate_train,
+)
 from tensorcurv.experiments.schema import one_line
+
 
 class RunFailed(RuntimeError):
     """A run that started and failed (diverged, or skipped more than ``max_skip_fraction`` of its
@@ -306,6 +314,7 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
             epoch, b = divmod(step, spe)
             if perm_epoch != epoch:
                 perm, perm_epoch = _epoch_permutation(t.seed, epoch, n), epoch
+            assert perm is not None
             idx = perm[b * bs:(b + 1) * bs]
             t0 = time.perf_counter()
             with warnings.catch_warnings():  # skipped steps are reported below, outside the progress bar

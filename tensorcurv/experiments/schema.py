@@ -22,7 +22,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,7 @@ def spec(default: Any = dataclasses.MISSING, *, choices: Sequence | Callable[[],
     meta = {"choices": choices, "what": what, "ge": ge, "gt": gt, "le": le, "lt": lt, "length": length,
             "nonempty": nonempty, "doc": doc}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)  # type: ignore[misc]
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -67,7 +67,7 @@ def _split_optional(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) < len(typing.get_args(tp))
-        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), optional
+        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), optional  # noqa: UP007 (built at run time)
     return tp, False
 
 
@@ -118,7 +118,7 @@ def check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any] | None = 
         if not isinstance(value, Mapping):
             keys = ", ".join(f.name for f in dataclasses.fields(tp))
             raise ConfigError(f"{key}={value!r} must be a group of keys ({keys})")
-        return check(key, tp, value)
+        return check(key, cast(type, tp), value)
     origin = typing.get_origin(tp) or tp
     if origin in (list, tuple, Sequence):
         (item,) = typing.get_args(tp) or (Any,)
@@ -191,7 +191,7 @@ def signature_schema(name: str, fn: Callable, skip: Sequence[str] = (),
     annotations and defaults, plus ``rules[param]`` (``spec`` keywords) for allowed values."""
     import inspect
 
-    target = fn.__init__ if isinstance(fn, type) else fn
+    target = fn.__init__ if isinstance(fn, type) else fn  # type: ignore[misc]
     hints = typing.get_type_hints(target)
     rules = rules or {}
     fields = []

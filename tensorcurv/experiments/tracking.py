@@ -178,7 +178,7 @@ class WandbLogger(Logger):
                 shutil.rmtree(stale)
         self.run = wandb.init(
             project=project, entity=entity, name=name, group=group, tags=list(tags or []),
-            config=_json_safe(dict(config or {})), dir=str(self.dir), mode=mode,
+            config=_json_safe(dict(config or {})), dir=str(self.dir), mode=mode,  # type: ignore[arg-type]
             id=run_id, resume="allow" if server_resume else None, reinit="create_new",
             settings=wandb.Settings(silent=True, console="off", init_timeout=300),  # slow start on loaded CPUs
         )

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.linalg.krylov import orthonormalize
-from tensorcurv.linalg import gram, summed_outer_products, symmetric_part
 from tensorcurv.core.stats import LayerStats, NonFiniteError
+from tensorcurv.linalg import gram, summed_outer_products, symmetric_part
+from tensorcurv.linalg.krylov import orthonormalize
 
 METHODS = ("auto", "power", "gram")
 
@@ -506,7 +506,8 @@ def _check_finite_ritz(values: Tensor, stats: LayerStats) -> None:
     stop at once instead of iterating on NaN (which a normalization would turn into zero factors)."""
     if not bool(torch.isfinite(values).all()):
         raise NonFiniteError(f"layer {stats.name!r}: the Kronecker-sum fit overflowed in {stats.a.dtype} "
-                             f"(max |a| = {float(stats.a.abs().max()):.3g}, max |g| = {float(stats.g.abs().max()):.3g})")
+                             f"(max |a| = {float(stats.a.abs().max()):.3g}, "
+                             f"max |g| = {float(stats.g.abs().max()):.3g})")
 
 
 def _orth(X: Tensor) -> Tensor:

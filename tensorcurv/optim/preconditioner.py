@@ -35,22 +35,21 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 import warnings
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from tensorcurv.core.losses import as_loss_spec
+from tensorcurv.core.stats import NonFiniteError
 from tensorcurv.curvature import Curvature
 from tensorcurv.distributed import DistributedCurvature
 from tensorcurv.distributed import resolve as resolve_distributed
 from tensorcurv.distributed.reduce import sync_step
-from tensorcurv.core.losses import as_loss_spec
-from tensorcurv.core.stats import NonFiniteError
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt
-
 
 DECAY_SCHEDULES = ("constant", "average")
 

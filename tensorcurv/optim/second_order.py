@@ -103,7 +103,7 @@ class SecondOrderOptimizer:
             return loss
         lm_due = getattr(pre.damping, "adaptive", False) and t % c.lm_interval == 0
         if lm_due:
-            g = [p.grad.detach().clone() for p in self.params]
+            g = [p.grad.detach().clone() for p in self.params]  # type: ignore[union-attr]  # set by backward
             theta = [p.detach().clone() for p in self.params]
         grad_norm = None
         if c.grad_clip is not None:

@@ -97,10 +97,10 @@ class Structure(ABC):
 
     # ------------------------------------------------------------------ fitting
     @abstractmethod
-    def fit(self, stats: LayerStats) -> "Structure":
+    def fit(self, stats: LayerStats) -> Structure:
         """Fit ``Ĉ`` to the block of one batch (replaces any previous state)."""
 
-    def update(self, stats: LayerStats, decay: float) -> "Structure":
+    def update(self, stats: LayerStats, decay: float) -> Structure:
         """Running estimate: exponential moving average ``Ĉ ← decay·Ĉ + (1−decay)·Ĉ_batch``
         of the structure's statistics (subclasses say what exactly is averaged)."""
         check_decay(decay)
@@ -108,7 +108,7 @@ class Structure(ABC):
             return self.fit(stats)
         return self._update(stats, decay)
 
-    def _update(self, stats: LayerStats, decay: float) -> "Structure":
+    def _update(self, stats: LayerStats, decay: float) -> Structure:
         raise NotImplementedError(f"{self.name} has no running average; call fit()")
 
     # ------------------------------------------------------------------ operator
@@ -199,7 +199,7 @@ class Structure(ABC):
 
     # unlearning (tensorcurv.unlearn.cache): the block of a modified data set
     def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
-                 corrected: LayerStats) -> "Structure":
+                 corrected: LayerStats) -> Structure:
         """A new structure fitted to ``corrected`` = the rows of ``full`` (to which ``self`` was fitted)
         without ``removed`` and with ``added`` (``None``: none added). Default: a fresh fit on
         ``corrected``; structures additive in the samples subtract and add the affected rows only."""
@@ -222,7 +222,7 @@ class Structure(ABC):
         out_b.copy_(X[:, -1])
 
     @classmethod
-    def refresh(cls, blocks: Iterable["Structure"], damping: float) -> None:
+    def refresh(cls, blocks: Iterable[Structure], damping: float) -> None:
         """Build the solve caches of many blocks of this class at once for ``damping``, before their
         solves (default: nothing; each block builds its cache inside its own :meth:`solve`)."""
 
@@ -292,7 +292,7 @@ def restore_attributes(obj: Any, snap: dict[str, Any]) -> None:
         obj.__dict__[k].set_state(state)
 
 
-def fit_blocks(blocks: dict[str, "Structure"], stats, decay: float | None) -> None:
+def fit_blocks(blocks: dict[str, Structure], stats, decay: float | None) -> None:
     """Fit (``decay=None``) or running-average every block from its layer's statistics, timing each.
 
     A decomposition that fails inside a fit (``torch.linalg.LinAlgError``: in practice factors that
@@ -350,7 +350,7 @@ def nonfinite(named: Iterable[tuple[Any, Tensor]]) -> list[Any]:
             if not f and not bool(torch.isfinite(t).all())]
 
 
-def check_state_finite(structures: dict[str, "Structure"]) -> None:
+def check_state_finite(structures: dict[str, Structure]) -> None:
     """Raise ``NonFiniteError`` naming the layers whose fitted state holds NaN/±Inf (e.g. ``A = aᵀa``
     overflowing in float32 for finite but huge inputs)."""
     bad = nonfinite(((name, k), t) for name, s in structures.items() for k, t in s.tensors().items())

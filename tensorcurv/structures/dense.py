@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from tensorcurv.linalg import unvec, vec
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures.base import Structure, register, sym_eig
 from tensorcurv.structures.generic import per_sample_grad_chunks
 
@@ -48,7 +47,7 @@ class Dense(Structure):
     def _batch_block(self, stats: LayerStats) -> Tensor:
         return self.contribution(stats)
 
-    def fit(self, stats: LayerStats) -> "Dense":
+    def fit(self, stats: LayerStats) -> Dense:
         self._check_stats(stats)
         self.C = self._batch_block(stats)
         self.fitted, self._eig = True, None
@@ -91,7 +90,7 @@ class Dense(Structure):
         return {"C": self.contribution(stats)}
 
     def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
-                 corrected: LayerStats) -> "Dense":
+                 corrected: LayerStats) -> Dense:
         """``C − C_removed + C_added`` (additive in the samples at one loss scale; sum reduction)."""
         C = self.C - self.contribution(removed)
         out = Dense(self.shape, self.hparams)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tensorcurv.linalg import vec
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg import vec
 from tensorcurv.structures.base import Structure, register
 from tensorcurv.structures.generic import per_sample_grad_chunks, top_entries
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tensorcurv.linalg import vec
 from tensorcurv.core.stats import WEIGHT_SHARING, LayerStats
+from tensorcurv.linalg import vec
 from tensorcurv.structures.base import Structure, register, sym_eig
 from tensorcurv.structures.generic import top_entries
 

@@ -86,7 +86,7 @@ class KFAC(Structure):
 
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
-        self._eigs = None
+        self._eigs: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._denom: _EigenSolveCache | None = None  # of the last eigenbasis solve
         self._inv: _InverseCache | None = None  # inverse="cholesky"
 
@@ -109,6 +109,7 @@ class KFAC(Structure):
         """``(λ_A, Q_A, λ_G, Q_G)``, cached until the factors change."""
         if self._eigs is None:
             KFAC._refresh_eigs([self])
+        assert self._eigs is not None
         return self._eigs
 
     def mv(self, V):
@@ -139,6 +140,7 @@ class KFAC(Structure):
             if c is None or c.damping != damping:
                 self._inverses(damping)
                 c = self._inv
+                assert c is not None
             self.last_solve = c.info
             if b is None:
                 torch.mm(c.Gi, torch.mm(W, c.Ai), out=out_W)
@@ -149,19 +151,20 @@ class KFAC(Structure):
             torch.mm(c.Gi, X[:, :k], out=out_W)
             torch.mv(c.Gi, X[:, k], out=out_b)
             return
-        c = self._denom  # Q_G ((Q_Gᵀ V Q_A) / D) Q_Aᵀ
-        if c is None or c.eigs is not self._eigs or c.kind != self.hparams.damping_kind or c.damping != damping:
+        e = self._denom  # Q_G ((Q_Gᵀ V Q_A) / D) Q_Aᵀ
+        if e is None or e.eigs is not self._eigs or e.kind != self.hparams.damping_kind or e.damping != damping:
             self._denominator(damping)
-            c = self._denom
-        self.last_solve = c.info
+            e = self._denom
+            assert e is not None
+        self.last_solve = e.info
         if b is None:
-            torch.mm(c.QG @ (c.QGt @ W @ c.QA).div_(c.D), c.QAt, out=out_W)
+            torch.mm(e.QG @ (e.QGt @ W @ e.QA).div_(e.D), e.QAt, out=out_W)
             return
-        X = torch.mm(W, c.QA_top)
-        X.addr_(b, c.QA_last)
-        Z = c.QG @ (c.QGt @ X).div_(c.D)
-        torch.mm(Z, c.QAt_left, out=out_W)
-        torch.mv(Z, c.QA_last, out=out_b)
+        X = torch.mm(W, e.QA_top)
+        X.addr_(b, e.QA_last)
+        Z = e.QG @ (e.QGt @ X).div_(e.D)
+        torch.mm(Z, e.QAt_left, out=out_W)
+        torch.mv(Z, e.QA_last, out=out_b)
 
     def _check_split(self, W: Tensor, b: Tensor | None, damping: float) -> None:
         m, n = self.shape
@@ -198,6 +201,7 @@ class KFAC(Structure):
         if c is None or c.damping != damping:
             KFAC._refresh_inverses([self], damping)
             c = self._inv
+            assert c is not None
         return c.Gi, c.Ai, dict(c.info)
 
     def pi(self) -> float:
@@ -234,7 +238,7 @@ class KFAC(Structure):
         return out
 
     @staticmethod
-    def _refresh_inverses(blocks: list["KFAC"], damping: float) -> None:
+    def _refresh_inverses(blocks: list[KFAC], damping: float) -> None:
         traces = torch.stack([torch.trace(M) for b in blocks for M in (b.A, b.G)]).tolist()  # one sync
         mats, shifts, pis = [], [], []
         for i, b in enumerate(blocks):
@@ -263,12 +267,13 @@ class KFAC(Structure):
             inv[i] = (Q / (lam + shifts[i])) @ Q.T
         for i, b in enumerate(blocks):
             method = "kron-cholesky+eigh-fallback" if (2 * i in failed or 2 * i + 1 in failed) else "kron-cholesky"
-            Ai = inv[2 * i + 1]  # with its row blocks (A + π√λ I)^{-1}[:n-1], [n-1] for solve_split
-            b._inv = _InverseCache(damping, inv[2 * i], Ai, {"method": method, "damping": "pi", "pi": pis[i]},
+            Gi, Ai = inv[2 * i], inv[2 * i + 1]  # with Ai's row blocks [:n-1], [n-1] for solve_split
+            assert Gi is not None and Ai is not None
+            b._inv = _InverseCache(damping, Gi, Ai, {"method": method, "damping": "pi", "pi": pis[i]},
                                    Ai[:-1], Ai[-1])
 
     @staticmethod
-    def _refresh_eigs(blocks: list["KFAC"]) -> None:
+    def _refresh_eigs(blocks: list[KFAC]) -> None:
         mats = [M for b in blocks for M in (b.A, b.G)]
         res: list[tuple[Tensor, Tensor] | None] = [None] * len(mats)
         for idx in KFAC._groups(mats).values():
@@ -278,7 +283,9 @@ class KFAC(Structure):
             for j, i in enumerate(idx):
                 res[i] = (evals[j], evecs[j])
         for i, b in enumerate(blocks):
-            b._eigs = (*res[2 * i], *res[2 * i + 1])
+            eig_A, eig_G = res[2 * i], res[2 * i + 1]
+            assert eig_A is not None and eig_G is not None
+            b._eigs = (*eig_A, *eig_G)
 
     def to_dense(self):
         return torch.kron(self.A, self.G)
@@ -303,7 +310,7 @@ class KFAC(Structure):
         return {"A": A * weight, "G": G}
 
     def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
-                 corrected: LayerStats) -> "KFAC":
+                 corrected: LayerStats) -> KFAC:
         """``Σ aaᵀ − Σ_removed aaᵀ + Σ_added aaᵀ`` (``A`` is a mean over the rows), likewise for ``G``."""
         ws = self.hparams.weight_sharing
         t_eff = removed.T if (ws == "expand" or removed.T == 1) else 1

@@ -31,8 +31,15 @@ import torch
 from torch import Tensor
 
 from tensorcurv.core.stats import LayerStats, NonFiniteError
-from tensorcurv.structures.base import (NoHparams, Structure, check_state_finite, fit_blocks, nonfinite,
-                                        restore_attributes, snapshot_attributes)
+from tensorcurv.structures.base import (
+    NoHparams,
+    Structure,
+    check_state_finite,
+    fit_blocks,
+    nonfinite,
+    restore_attributes,
+    snapshot_attributes,
+)
 
 
 class ModelStructure(ABC):
@@ -61,17 +68,17 @@ class ModelStructure(ABC):
         return True
 
     @classmethod
-    def for_model(cls, shapes: Mapping[str, tuple[int, int]], hparams: Any = None) -> "ModelStructure":
+    def for_model(cls, shapes: Mapping[str, tuple[int, int]], hparams: Any = None) -> ModelStructure:
         """The registry's entry point (as ``Structure.for_model``): a model structure is its own operator."""
         return cls(shapes, hparams)
 
     # ------------------------------------------------------------------ fitting
     @abstractmethod
-    def fit(self, stats: Mapping[str, LayerStats]) -> "ModelStructure":
+    def fit(self, stats: Mapping[str, LayerStats]) -> ModelStructure:
         """Fit to one capture (replaces any previous state)."""
 
     @abstractmethod
-    def update(self, stats: Mapping[str, LayerStats], decay: float) -> "ModelStructure":
+    def update(self, stats: Mapping[str, LayerStats], decay: float) -> ModelStructure:
         """Running average ``decay·old + (1−decay)·batch`` (what exactly is averaged: the subclass)."""
 
     # ------------------------------------------------------------------ operator
@@ -157,14 +164,14 @@ class BlockDiagonal(ModelStructure):
         return all(b.exact_solve for b in self.blocks.values())
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, stats: Mapping[str, LayerStats]) -> "BlockDiagonal":
+    def fit(self, stats: Mapping[str, LayerStats]) -> BlockDiagonal:
         """Fit every block to its layer's statistics (each block's ``fit_time`` is measured)."""
         t0 = time.perf_counter()
         fit_blocks(self.blocks, stats, None)
         self.fit_time = time.perf_counter() - t0
         return self
 
-    def update(self, stats: Mapping[str, LayerStats], decay: float) -> "BlockDiagonal":
+    def update(self, stats: Mapping[str, LayerStats], decay: float) -> BlockDiagonal:
         """Every block's own running average (``Structure.update``)."""
         t0 = time.perf_counter()
         fit_blocks(self.blocks, stats, decay)

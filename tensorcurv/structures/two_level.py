@@ -25,11 +25,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.linalg import unvec, vec
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures import base as _base
-from tensorcurv.structures.base import (NOT_FITTED, NotFittedError, check_damping, check_decay, register,
-                                        restore_attributes, snapshot_attributes, sym_eig)
+from tensorcurv.structures.base import (
+    NOT_FITTED,
+    NotFittedError,
+    check_damping,
+    check_decay,
+    register,
+    restore_attributes,
+    snapshot_attributes,
+    sym_eig,
+)
 from tensorcurv.structures.model import ModelStructure
 
 VARIANTS = ("additive", "balanced")
@@ -171,7 +179,7 @@ class TwoLevel(ModelStructure):
         U = {name: self._times_samples(stats[name], P) for name in self.shapes}
         return C0, U
 
-    def fit(self, stats: Mapping[str, LayerStats]) -> "TwoLevel":
+    def fit(self, stats: Mapping[str, LayerStats]) -> TwoLevel:
         """Fit every base block and the coarse level to one batch (replaces any previous state)."""
         self._check_stats_dict(stats)
         t0 = time.perf_counter()
@@ -185,7 +193,7 @@ class TwoLevel(ModelStructure):
         self.fit_time = time.perf_counter() - t0
         return self
 
-    def update(self, stats: Mapping[str, LayerStats], decay: float) -> "TwoLevel":
+    def update(self, stats: Mapping[str, LayerStats], decay: float) -> TwoLevel:
         """Running average: base blocks by their own ``update``; coarse level as in the module doc."""
         check_decay(decay)
         if not self.fitted:

@@ -5,12 +5,24 @@
     res = second_order_update(model, X, y, aff, build_solver("kfac"), mu=mu)
     res.status, res.theta, res.time                             # model updated only if res.ok
 """
-from tensorcurv.unlearn.ihvp import (CGSolver, ExactSolver, IHVPResult, IHVPSolver, LiSSASolver,
-                                     StructureSolver, build_solver)
+from tensorcurv.unlearn.ihvp import (
+                                     CGSolver,
+                                     ExactSolver,
+                                     IHVPResult,
+                                     IHVPSolver,
+                                     LiSSASolver,
+                                     StructureSolver,
+                                     build_solver,
+)
 from tensorcurv.unlearn.objective import Objective
 from tensorcurv.unlearn.training import TrainResult, train_lbfgs
-from tensorcurv.unlearn.updates import (AffectedSet, UpdateResult, first_order_update, gradient_difference,
-                                        second_order_update)
+from tensorcurv.unlearn.updates import (
+                                     AffectedSet,
+                                     UpdateResult,
+                                     first_order_update,
+                                     gradient_difference,
+                                     second_order_update,
+)
 
 __all__ = [
     "AffectedSet", "CGSolver", "ExactSolver", "IHVPResult", "IHVPSolver", "LiSSASolver", "Objective",

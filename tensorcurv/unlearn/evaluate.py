@@ -55,6 +55,7 @@ class MethodSpec:
     def run(self, model: nn.Module, X: Tensor, y: Tensor, affected: AffectedSet, loss, mu: float) -> UpdateResult:
         if self.order == 1:
             return first_order_update(model, X, y, affected, loss=loss, mu=mu, tau=self.tau, inplace=False)
+        assert self.solver is not None  # checked in __post_init__
         kwargs = dict(self.solver_kwargs)
         if self.cached:
             from tensorcurv.unlearn.cache import CurvatureCache
@@ -130,8 +131,8 @@ def evaluate_methods(model: nn.Module, X: Tensor, y: Tensor, affected: AffectedS
     X_rem, y_rem = affected.apply(X, y)
     Zc = affected.corrected(X, y)
     Z_eval = Zc if len(Zc[0]) else affected.original(X, y)
-    kw = dict(X_rem=X_rem, y_rem=y_rem, X_test=X_test, y_test=y_test, Z_eval=Z_eval, extra=extra)
-    rows = [
+    kw: dict[str, Any] = dict(X_rem=X_rem, y_rem=y_rem, X_test=X_test, y_test=y_test, Z_eval=Z_eval, extra=extra)
+    rows: list[dict[str, Any]] = [
         {"method": "original", "status": "ok", "time": 0.0, **metrics(obj, ref.theta_star, ref, **kw)},
         {"method": "retrain", "status": "ok", "time": ref.retrain_time, **metrics(obj, ref.theta_retrain, ref, **kw)},
     ]

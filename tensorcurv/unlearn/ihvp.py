@@ -52,7 +52,7 @@ class IHVPSolver(ABC):
         self.prepared = False
         self.prepare_time = 0.0
 
-    def prepare(self, obj: Objective, theta: Tensor, X: Tensor, y: Tensor) -> "IHVPSolver":
+    def prepare(self, obj: Objective, theta: Tensor, X: Tensor, y: Tensor) -> IHVPSolver:
         t0 = time.perf_counter()
         self.obj, self.theta, self.X, self.y = obj, theta.detach(), X, y
         self._prepare()
@@ -131,7 +131,7 @@ class CGSolver(IHVPSolver):
     name = "cg"
 
     def __init__(self, curvature: str = "hessian", damping: float = 0.0, tol: float = 1e-8,
-                 max_iters: int = 500, preconditioner: "IHVPSolver | None" = None) -> None:
+                 max_iters: int = 500, preconditioner: IHVPSolver | None = None) -> None:
         super().__init__(damping)
         check_curvature(curvature)
         if not (tol > 0):

@@ -37,7 +37,7 @@ def summarize(rows: list[dict[str, Any]], extra_cols: list[str] | None = None) -
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         groups[r.get("scenario", "")][r["method"]].append(r)
-    out = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     keys = [c for c, _, _ in COLUMNS] + (extra_cols or [])
     for scen, methods in groups.items():
         out[scen] = []
@@ -51,11 +51,12 @@ def summarize(rows: list[dict[str, Any]], extra_cols: list[str] | None = None) -
 
 
 def markdown_table(entries: list[dict[str, Any]], extra_cols: list[str] | None = None) -> str:
-    cols = COLUMNS + [(c, c.replace("_acc", " success" if c == "backdoor_acc" else " acc"), 3) for c in extra_cols or []]
+    cols = COLUMNS + [(c, c.replace("_acc", " success" if c == "backdoor_acc" else " acc"), 3)
+                      for c in extra_cols or []]
     head = "| method | " + " | ".join(h for _, h, _ in cols) + " | ok |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for e in entries:
-        cells = [_fmt(*e[k], d) for k, _, d in cols]
+        cells = [_fmt(e[k][0], e[k][1], d) for k, _, d in cols]  # e[k]: (mean, std)
         ok = f"{e['n'] - e['failed']}/{e['n']}"
         lines.append(f"| {e['method']} | " + " | ".join(cells) + f" | {ok} |")
     return "\n".join(lines)

@@ -56,7 +56,8 @@ def label_flip(X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes
     y_pois = y.clone()
     y_pois[idx] = (y[idx] + shift) % num_classes
     return Scenario("label_flip", X, y_pois, AffectedSet.relabel(idx, y[idx].clone()), X_test, y_test, num_classes,
-                    description=f"{len(idx)} of {len(y)} training labels ({100 * fraction:.0f} %) flipped to another class")
+                    description=f"{len(idx)} of {len(y)} training labels ({100 * fraction:.0f} %) flipped to "
+                                "another class")
 
 
 def stamp(X: Tensor, patch: int = 2, value: float = 5.0) -> Tensor:
@@ -106,6 +107,7 @@ def load_digits_scenario(name: str, *, seed: int = 0, dtype=torch.float64, **kwa
     """``tensorcurv.experiments.data.load("digits")`` (train + val pooled as training data, test kept) + scenario."""
     from tensorcurv.experiments import data as data
     splits = data.load("digits", val_fraction=0.1, test_fraction=0.2, seed=seed, dtype=dtype)
+    assert splits.num_classes is not None  # digits: 10 classes
     X = torch.cat([splits.train[0], splits.val[0]])
     y = torch.cat([splits.train[1], splits.val[1]])
     return make(name, X, y, splits.test[0], splits.test[1], splits.num_classes, seed=seed, **kwargs)

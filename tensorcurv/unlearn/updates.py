@@ -58,11 +58,11 @@ class AffectedSet:
                                  f"Z and Z̃ must have the same size for a correction (use removal to delete)")
 
     @classmethod
-    def removal(cls, indices) -> "AffectedSet":
+    def removal(cls, indices) -> AffectedSet:
         return cls(indices)
 
     @classmethod
-    def relabel(cls, indices, y_new: Tensor) -> "AffectedSet":
+    def relabel(cls, indices, y_new: Tensor) -> AffectedSet:
         return cls(indices, y_new=y_new)
 
     @property
@@ -83,7 +83,8 @@ class AffectedSet:
         if self.X_new is not None and self.X_new.shape[1:] != X.shape[1:]:
             raise ValueError(f"X_new rows have shape {tuple(self.X_new.shape[1:])}, training rows {tuple(X.shape[1:])}")
         if self.y_new is not None and self.y_new.shape[1:] != y.shape[1:]:
-            raise ValueError(f"y_new rows have shape {tuple(self.y_new.shape[1:])}, training targets {tuple(y.shape[1:])}")
+            raise ValueError(f"y_new rows have shape {tuple(self.y_new.shape[1:])}, "
+                             f"training targets {tuple(y.shape[1:])}")
         if self.y_new is not None and self.y_new.dtype != y.dtype:
             raise ValueError(f"y_new has dtype {self.y_new.dtype}, training targets {y.dtype}")
 
@@ -113,7 +114,7 @@ class AffectedSet:
         Xt[self.indices], yt[self.indices] = Xz, yz
         return Xt, yt
 
-    def subset(self, positions: Tensor) -> "AffectedSet":
+    def subset(self, positions: Tensor) -> AffectedSet:
         """The affected points at ``positions`` (0..k−1) of this set."""
         return AffectedSet(self.indices[positions],
                            None if self.X_new is None else self.X_new[positions],

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -151,7 +153,8 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
     ``(A, G, t, how)``.
 
     Rank ≥ 2, blocks with ``n·m ≤ DENSE_PROOF_MAX_DIM`` and ``proof`` ``auto`` (or ``≤ DENSE_PROOF_EXPLICIT_MAX_DIM``
-    and ``proof="dense"``): the exact largest ``t`` (:func:`dense_psd_scale`; no ``bounds``). Otherwise, with the Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
+    and ``proof="dense"``): the exact largest ``t`` (:func:`dense_psd_scale`; no ``bounds``). Otherwise, with the
+    Gram route's sample ``coefficients`` (``ca (N, r)``, ``cg (N, r)``, see
     :func:`sample_psd_scale`) and ``proof`` ``samples`` (or ``auto`` at rank ≥ 3): ``t`` is the largest
     scale that keeps every sample-pair weight nonnegative, no factorization at all; ``auto`` also runs
     the spectral proof when both factors are at most ``SPECTRAL_MAX_DIM`` wide and keeps the larger
@@ -198,6 +201,7 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
         A, G = A.clone(), G.clone()
         A[0], G[0] = _psd_clip(A[0]), _psd_clip(G[0])
         return A, G, 1.0, "eigh clip"
+    fallback: Callable[[], Any] | None
     if proof != "spectral" and coefficients is not None and t_s is None:
         def fallback():  # the certified spectra failed: the sample-space proof before any eigh
             t = sample_psd_scale(*coefficients)
@@ -243,7 +247,7 @@ def dense_psd_scale(A: Tensor, G: Tensor, max_dim: int = DENSE_PROOF_MAX_DIM) ->
                   for Ak, Gk in zip(Ad[1:], Gd[1:]))
     if outside > rel * lead:
         return None
-    Q = sum(torch.kron(Wa.T @ Ak @ Wa, Wg.T @ Gk @ Wg) for Ak, Gk in zip(Ad[1:], Gd[1:]))
+    Q = cast(Tensor, sum(torch.kron(Wa.T @ Ak @ Wa, Wg.T @ Gk @ Wg) for Ak, Gk in zip(Ad[1:], Gd[1:])))
     ev = torch.linalg.eigvalsh(0.5 * (Q + Q.T))
     lo = float(ev.min()) - Q.shape[0] * torch.finfo(torch.float64).eps * float(ev.abs().max())
     return 1.0 if lo >= -1.0 else -1.0 / lo
@@ -351,7 +355,8 @@ def _certified_spectra(A: Tensor, G: Tensor):
     pa, pg = _pd_factor(A[0]), _pd_factor(G[0])
     if pa is None or pg is None:
         return None
-    ea, eg = [], []
+    ea: list[Tensor] = []
+    eg: list[Tensor] = []
     for F, (B, L), out in ((A, pa, ea), (G, pg, eg)):
         for M in F[1:]:
             iv = _pencil_interval(B, L, M)
@@ -397,7 +402,8 @@ def recompress(A: Tensor, G: Tensor, rank: int, info: dict | None = None) -> tup
     A_new, G_new = A_new.mul_(sign[:, None, None]), G_new.mul_(sign[:, None, None])
     if info is not None:
         z = ca.new_zeros(ca.shape[0], rank - r)
-        info["coefficients"] = (torch.cat([ca * sign, z, ca_all[:, r:]], 1), torch.cat([cg * sign, z, cg_all[:, r:]], 1))
+        info["coefficients"] = (torch.cat([ca * sign, z, ca_all[:, r:]], 1),
+                                torch.cat([cg * sign, z, cg_all[:, r:]], 1))
     if r < rank:
         A_new = torch.cat([A_new, A_new.new_zeros(rank - r, *A_new.shape[1:])])
         G_new = torch.cat([G_new, G_new.new_zeros(rank - r, *G_new.shape[1:])])

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import summed_outer_products
 from tensorcurv.linalg.rearrange import RearrangedOperator, sym_quadratic_forms, weighted_covariances
-from tensorcurv.core.stats import LayerStats
 
 INNER_STEPS = 10  # projected gradient steps per half-step of the atom fit
 POWER_STEPS = 3  # projected power steps that start each new term

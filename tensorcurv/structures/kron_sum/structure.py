@@ -16,7 +16,6 @@ The mathematics (fit routes, stopping rule, PSD certificates, interval proofs): 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg.krylov import pcg_or_fallback
+from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
+from tensorcurv.structures.base import Structure, register
+from tensorcurv.structures.damping import factored_shifts, pi_ratio
+from tensorcurv.structures.generic import batched_mv, per_sample_grad_chunks
 from tensorcurv.structures.kron_sum.certificates import (
     DENSE_PROOF_MAX_DIM,
     SPECTRAL_MAX_DIM,
@@ -44,11 +48,6 @@ from tensorcurv.structures.kron_sum.certificates import (
     spectral_psd,
 )
 from tensorcurv.structures.kron_sum.psd_factors import fit_factors, fit_samples, psd_part, recompress_psd
-from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
-from tensorcurv.core.stats import LayerStats
-from tensorcurv.structures.base import Structure, register
-from tensorcurv.structures.damping import factored_shifts, pi_ratio
-from tensorcurv.structures.generic import batched_mv, per_sample_grad_chunks
 
 PSD_MODES = ("shrink", "factors", "none")
 PSD_PROOFS = ("auto", "samples", "spectral", "dense")
@@ -195,7 +194,7 @@ class KronSum(Structure):
         self.last_fit = info
         return A, G
 
-    def fit(self, stats: LayerStats) -> "KronSum":
+    def fit(self, stats: LayerStats) -> KronSum:
         self._check_stats(stats)
         if self.hparams.psd == "factors":
             self._store(*self._fit_psd_factors(stats), None)

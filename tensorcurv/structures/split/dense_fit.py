@@ -29,16 +29,16 @@ import torch
 from tensorly.decomposition import tensor_train, tucker
 from torch import Tensor
 
-from tensorcurv.linalg import summed_outer_products
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg import summed_outer_products
 
 MAX_ENTRIES = 2 ** 23
 """Largest formed ``𝒯`` (``(mn)²`` entries; 64 MiB in float64) that ``method="tensorly"`` accepts."""
 AUTO_ENTRIES = {"tucker": 2 ** 21, "tt": 2 ** 23}
 """``method="auto"`` forms ``𝒯`` up to this many entries per structure and fits implicitly above. Measured
-(2 shared CPU cores, N = 512, K = 10; ``scripts/bench_tensorly_fit.py --break-even``, README): TT-SVD on the formed tensor beats the implicit
-ALS up to ~8M entries (1.0-1.7x at 8.2M, 0.5x at 17M); tensorly's HOOI makes full passes over ``𝒯`` per sweep,
-so its break-even is lower and rank-dependent (1.3-2.8x at 1.1M entries, 0.65-2.3x at 2.4M)."""
+(2 shared CPU cores, N = 512, K = 10; ``scripts/bench_tensorly_fit.py --break-even``, README): TT-SVD on the formed
+tensor beats the implicit ALS up to ~8M entries (1.0-1.7x at 8.2M, 0.5x at 17M); tensorly's HOOI makes full passes
+over ``𝒯`` per sweep, so its break-even is lower and rank-dependent (1.3-2.8x at 1.1M entries, 0.65-2.3x at 2.4M)."""
 METHODS = ("auto", "implicit", "tensorly")
 
 
@@ -107,7 +107,8 @@ def gram_svd(matrix: Tensor, n_eigenvecs: int | None = None, **_) -> tuple[Tenso
     (tensorly's ``svd=`` callable). The unfoldings of ``𝒯`` are very wide (e.g. 169 x 25600): one ``eigh``
     of the 169 x 169 Gram is ~20x faster than the SVD (measured, README "Small blocks through tensorly").
     Singular values below ``sqrt(eps)·σ_1`` lose relative accuracy, which only affects directions that carry a
-    negligible share of the Frobenius norm. ``S·Vᵀ = Uᵀ M`` (wide) and ``U·S = M V`` (tall) hold to rounding, as TT-SVD needs."""
+    negligible share of the Frobenius norm. ``S·Vᵀ = Uᵀ M`` (wide) and ``U·S = M V`` (tall) hold to rounding, as
+    TT-SVD needs."""
     rows, cols = matrix.shape
     k = min(rows, cols) if n_eigenvecs is None else min(n_eigenvecs, rows, cols)
     tiny = torch.finfo(matrix.dtype).tiny

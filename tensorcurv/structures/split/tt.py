@@ -17,13 +17,22 @@ from typing import Any
 
 import opt_einsum as oe
 import torch
+from torch import Tensor
 
-from tensorcurv.structures.split import dense_fit as dtf
-from tensorcurv.linalg.krylov import kron_eig_solve
 from tensorcurv.core.stats import LayerStats
+from tensorcurv.linalg.krylov import kron_eig_solve
 from tensorcurv.structures.base import register
-from tensorcurv.structures.split.tucker import (SplitFormat, SplitHparams, SplitTensor, as_tensor, contract, from_tensor,
-                                          sym_shift, _sweeps)
+from tensorcurv.structures.split import dense_fit as dtf
+from tensorcurv.structures.split.tucker import (
+    SplitFormat,
+    SplitHparams,
+    SplitTensor,
+    _sweeps,
+    as_tensor,
+    contract,
+    from_tensor,
+    sym_shift,
+)
 
 
 @dataclass
@@ -40,6 +49,7 @@ class TensorTrain(SplitFormat):
     """Tensor-train (MPO) approximation of the split rearranged block; ALS fit."""
 
     Hparams = TTHparams
+    cores: list[Tensor]
 
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)
@@ -49,7 +59,8 @@ class TensorTrain(SplitFormat):
         caps = [min(math.prod(sq[:l + 1]), math.prod(sq[l + 1:])) for l in range(D - 1)]
         if isinstance(hp.ranks, (list, tuple)):
             if len(hp.ranks) != D - 1:
-                raise ValueError(f"tt.ranks has {len(hp.ranks)} entries for {D - 1} bonds of modes {self.sin + self.sout}")
+                raise ValueError(f"tt.ranks has {len(hp.ranks)} entries for {D - 1} bonds of modes "
+                                 f"{self.sin + self.sout}")
             if any(r > c for r, c in zip(hp.ranks, caps)):
                 raise ValueError(f"tt.ranks {list(hp.ranks)} exceed the maximal TT-ranks {caps}")
             self.ranks = list(hp.ranks)

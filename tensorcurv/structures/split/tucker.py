@@ -22,12 +22,12 @@ import opt_einsum as oe
 import torch
 from torch import Tensor
 
-from tensorcurv.structures.split import dense_fit as dtf
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.linalg.krylov import kron_eig_solve, pcg_or_fallback
 from tensorcurv.linalg.lanczos import lanczos
-from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.base import Structure, register
+from tensorcurv.structures.split import dense_fit as dtf
 
 
 # ---------------------------------------------------------------------- splits
@@ -134,7 +134,7 @@ def contract(expr: str, *operands: Tensor) -> Tensor:
     return fn(*operands)
 
 
-def _sweeps(hp: "SplitHparams", warm: bool) -> int:
+def _sweeps(hp: SplitHparams, warm: bool) -> int:
     """Sweep budget: ``max_iter`` cold, ``min(max_iter, warm_max_iter)`` warm-started."""
     return hp.max_iter if not warm or hp.warm_max_iter is None else min(hp.max_iter, hp.warm_max_iter)
 
