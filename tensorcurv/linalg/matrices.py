@@ -36,3 +36,18 @@ def gram(X: Tensor, scale: float = 1.0) -> Tensor:
     Symmetric to rounding (bitwise with MKL, whose two triangles sum the same products in the same order);
     use :func:`symmetric_part` where exact symmetry is required."""
     return torch.addmm(X.new_zeros(()), X.mT, X, beta=0, alpha=scale)
+
+
+def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric part ``(M + Mᵀ)/2`` (ascending eigenvalues, orthonormal eigenvectors).
+
+    LAPACK's float32 divide-and-conquer can return NaN without raising on finite, nearly singular input
+    (seen on a 785 x 785 K-FAC input factor of image data with a bias column); then the decomposition is
+    recomputed in float64 and cast back, so a finite input never yields a non-finite result."""
+    S = 0.5 * (M + M.mT)
+    evals, evecs = torch.linalg.eigh(S)
+    if S.dtype != torch.float64 and not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()) \
+            and torch.isfinite(S).all():
+        evals, evecs = torch.linalg.eigh(S.double())
+        evals, evecs = evals.to(S.dtype), evecs.to(S.dtype)
+    return evals, evecs

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.core.stats import LayerStats, NonFiniteError
+from tensorcurv.linalg import symmetric_eigh
 from tensorcurv.structures import generic
 
 _REGISTRY: dict[str, type] = {}  # layer structures and model-level ones (``two_level``)
@@ -420,6 +421,7 @@ def create(name: str, shape: tuple[int, int], **hparams: Any) -> Structure:
 
 
 def sym_eig(M: Tensor, floor: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric matrix with eigenvalues clamped at ``floor`` (PSD)."""
-    evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
+    """Eigen-decomposition of a symmetric matrix with eigenvalues clamped at ``floor`` (PSD); see
+    :func:`tensorcurv.linalg.symmetric_eigh` for the float64 retry when float32 LAPACK returns NaN."""
+    evals, evecs = symmetric_eigh(M)
     return evals.clamp_min(floor), evecs

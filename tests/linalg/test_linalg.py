@@ -117,3 +117,34 @@ def test_lanczos_stops_when_the_extreme_ritz_pairs_converge():
     res = lanczos(lambda v: A @ v, torch.randn(200), tol=1e-8)
     assert res.steps < 200 and not res.exhausted
     assert float(res.residuals[[0, -1]].max()) <= 1e-8 * float(res.ritz_values.abs().max())
+
+
+def test_symmetric_eigh_retries_in_float64_when_float32_lapack_returns_nan(monkeypatch):
+    from tensorcurv.linalg import symmetric_eigh
+    M = torch.randn(6, 6, dtype=torch.float32)
+    M = M @ M.T
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky_eigh(S):  # float32 LAPACK's silent failure, reproduced
+        calls.append(S.dtype)
+        evals, evecs = real_eigh(S)
+        return (torch.full_like(evals, float("nan")), evecs) if S.dtype == torch.float32 else (evals, evecs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
+    evals, evecs = symmetric_eigh(M)
+    assert calls == [torch.float32, torch.float64]
+    assert evals.dtype == torch.float32 and torch.isfinite(evals).all()
+    assert torch.allclose(evecs @ torch.diag(evals) @ evecs.T, M, atol=1e-4 * float(M.norm()))
+
+
+def test_kfac_on_a_nearly_singular_float32_image_factor_has_finite_eigenpairs():
+    """The CURVES-like input factor (785 x 785 with the bias column) on which float32 eigh returned NaN."""
+    from tensorcurv.experiments.data import make_curves_synthetic
+    from tensorcurv.linalg import symmetric_eigh
+    out = make_curves_synthetic(64, seed=0)
+    X = torch.as_tensor(out[0] if isinstance(out, tuple) else out, dtype=torch.float32).reshape(64, -1)
+    a = torch.cat([X, torch.ones(64, 1)], 1)
+    evals, evecs = symmetric_eigh(a.T @ a / 64)
+    assert torch.isfinite(evals).all() and torch.isfinite(evecs).all()
+    assert float(evals.max()) == pytest.approx(float(torch.linalg.eigvalsh((a.T @ a / 64).double()).max()), rel=1e-5)
