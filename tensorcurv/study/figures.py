@@ -40,7 +40,7 @@ def _variant_styles(rows) -> dict[str, dict]:
 
 def fig_error_vs_rank(metrics, floor, path: Path):
     """One panel per (kind, layer): relative Frobenius error vs rank for the ranked structures, the
-    optimal rank-r floor (black dashes), K-FAC at rank 1 and the rank-free structures as dotted lines."""
+    optimal rank-r floor (black dashes), and the structures without a rank (K-FAC, EK-FAC, ...) as dotted levels."""
     rows = valid_rows(metrics)
     step = final_step(rows)
     kinds = kinds_of(rows)
@@ -66,12 +66,9 @@ def fig_error_vs_rank(metrics, floor, path: Path):
                     y = [as_float(r["fro_rel"]) for r in sel if r["structure"] == s]
                     if len(pts) > 1:
                         ax.plot(*zip(*pts), color=st["color"], marker=st["marker"], ms=4, label=s)
-                    elif s == "kfac" and y:
-                        ax.plot([1], [y[0]], ls="none", color=st["color"], marker=st["marker"], ms=6,
-                                label="kfac (rank 1)")
                     elif len(pts) == 1:
                         ax.plot(*pts[0], ls="none", color=st["color"], marker=st["marker"], ms=6, label=s)
-                    elif y and s in ("diagonal", "ekfac"):
+                    elif y:  # no rank hyperparameter (kfac, ekfac, diagonal, dense, two_level): a level
                         ax.axhline(min(y), color=st["color"], ls=":", lw=1.4, label=f"{s} (no rank)")
                 r0 = sel[0] if sel else {}
                 ax.set_title(f"{kind} · layer {layer} ({r0.get('m', '')}×{r0.get('n', '')})", fontsize=9)
