@@ -2,10 +2,11 @@
 
 torch's implementations (SGD, heavy-ball momentum, Nesterov, AdaGrad, RMSProp, Adam, AdamW),
 :class:`~tensorcurv.optim.lion.Lion`, Muon with AdamW (:mod:`tensorcurv.optim.muon`), and SOAP, Shampoo
-and PSGD-Kron from the optional ``pytorch-optimizer`` package (:mod:`tensorcurv.optim.packaged`). One step: forward, backward, optional clipping of the
-global gradient norm, ``optimizer.step()``. A non-finite loss or gradient skips the step
-(parameters, moments and counters untouched except ``skipped``) with a warning naming the
-parameter. Recursions (torch conventions; see ``config.py`` for the mapping to the course's):
+and PSGD-Kron from the optional ``pytorch-optimizer`` package (:mod:`tensorcurv.optim.packaged`).
+One step: forward, backward, optional clipping of the global gradient norm, ``optimizer.step()``.
+A non-finite loss or gradient skips the step (parameters, moments and counters untouched except
+``skipped``) with a warning naming the parameter. Recursions (torch conventions; see ``config.py``
+for the mapping to the course's, and for the recursions of Muon, SOAP, Shampoo and PSGD-Kron):
 
 * momentum: ``b ← γ b + g``, ``θ ← θ − η b``  (course: ``v ← γ v + (1−γ) g``, ``θ ← θ − η' v``, ``η = (1−γ)η'``)
 * nesterov: ``b ← γ b + g``, ``θ ← θ − η (g + γ b)`` (iterates = look-ahead points of the course's form)

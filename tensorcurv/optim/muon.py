@@ -63,7 +63,7 @@ class MuonAdamW(torch.optim.Optimizer):
         return [g for o in self._inners() for g in o.param_groups]
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -72,11 +72,11 @@ class MuonAdamW(torch.optim.Optimizer):
             o.step()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         return {"muon": self.muon.state_dict() if self.muon is not None else None,
                 "adamw": self.adamw.state_dict() if self.adamw is not None else None}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key, o in (("muon", self.muon), ("adamw", self.adamw)):
             if (state_dict.get(key) is None) != (o is None):
                 raise ValueError(f"MuonAdamW state has {key}={'none' if state_dict.get(key) is None else 'some'} "
@@ -91,7 +91,7 @@ def build(model: nn.Module, c: Any) -> MuonAdamW:
     muon, adamw = split_parameters(model, c.adamw_first_layer, c.adamw_last_layer)
     if not muon:
         warnings.warn("tensorcurv.optim: muon found no hidden weight matrix in the model; every parameter is "
-                      "on AdamW", UserWarning, stacklevel=3)
+                      "on AdamW", UserWarning, stacklevel=4)
     return MuonAdamW(muon, adamw, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, ns_steps=c.ns_steps,
                      adjust_lr=c.adjust_lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr,
                      adamw_betas=(c.adamw_beta1, c.adamw_beta2), adamw_eps=c.adamw_eps,
