@@ -192,8 +192,8 @@ class MuonConfig:
     adamw_weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     adamw_first_layer: bool = False
-    """Give the first weight matrix to AdamW too (the input layer; Jordan's convention keeps it on Muon
-    unless it is an embedding)."""
+    """Give the first weight matrix (the input layer) to AdamW too; Jordan et al. exclude input embeddings,
+    which are always on AdamW, so a dense input layer stays on Muon by default."""
     adamw_last_layer: bool = True
     """Give the last weight matrix (the output layer) to AdamW, as Jordan et al. recommend."""
     grad_clip: float | None = None
