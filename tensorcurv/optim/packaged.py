@@ -38,8 +38,21 @@ def make_packaged_optimizer(name: str, params: list[torch.nn.Parameter], c: Any)
                           preconditioning_compute_steps=c.update_interval, matrix_eps=c.eps)
     if name == "psgd_kron":
         dtype = None if c.precondition_dtype == "param" else getattr(torch, c.precondition_dtype)
-        return po.Kron(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, weight_decouple=True,
+        kron = po.Kron(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, weight_decouple=True,
                        pre_conditioner_update_probability=c.precondition_update_probability,
                        max_size_triangular=c.max_size_triangular, memory_save_mode=c.memory_save_mode,
                        precondition_dtype=dtype)
+        kron.register_load_state_dict_post_hook(_restore_precondition_dtype)
+        return kron
     raise ValueError(f"unknown packaged optimizer {name!r}; valid: {list(PACKAGED)}")
+
+
+def _restore_precondition_dtype(optimizer: torch.optim.Optimizer) -> None:
+    """torch's ``load_state_dict`` casts every floating state tensor to its parameter's dtype; PSGD-Kron's
+    factors ``Q`` must keep ``precondition_dtype`` (float32 factors of float64 parameters, say)."""
+    for group in optimizer.param_groups:
+        dtype = group.get("precondition_dtype")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if dtype is not None and "Q" in state:
+                state["Q"] = [q.to(dtype) for q in state["Q"]]

@@ -3,9 +3,11 @@ descending on a least-squares and a classification problem, one-line errors for 
 a one-line error naming the ``baselines`` extra when pytorch-optimizer is missing."""
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -104,3 +106,45 @@ def test_psgd_kron_param_dtype_keeps_the_preconditioner_in_float64():
     opt = O.build("psgd_kron", model, nn.MSELoss(), precondition_dtype="param")
     opt.step(torch.randn(8, 3), torch.randn(8, 2))
     assert all(q.dtype == torch.float64 for q in opt.optimizer.state[model[0].weight]["Q"])
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_resume_from_state_dict_is_exact(name):
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(32, 4, generator=g), torch.randn(32, 2, generator=g)
+    torch.manual_seed(0)
+    init = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).state_dict()
+    kw = {"lr": 0.01, "precondition_frequency": 2} if name == "soap" else {"lr": 0.01}
+
+    def fresh():
+        with torch.random.fork_rng():  # the layers' initialization must not consume the probes' generator
+            model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+        model.load_state_dict(init)
+        return model, O.build(name, model, nn.MSELoss(), **kw)
+
+    def run(split):
+        torch.manual_seed(1)  # PSGD-Kron draws probes from torch's generator and balancing from NumPy's
+        np.random.seed(1)
+        model, opt = fresh()
+        losses = [float(opt.step(X, y)) for _ in range(split)]
+        if split < 6:
+            buf = io.BytesIO()
+            torch.save({"o": opt.state_dict(), "m": model.state_dict()}, buf)
+            buf.seek(0)
+            state = torch.load(buf, weights_only=False)
+            model, opt = fresh()
+            model.load_state_dict(state["m"])
+            opt.load_state_dict(state["o"])
+            losses += [float(opt.step(X, y)) for _ in range(6 - split)]
+        return losses
+
+    assert run(3) == run(6)
+
+
+def test_psgd_kron_factors_keep_float32_after_load_state_dict_of_float64_parameters():
+    # torch's load_state_dict casts floating state to the parameter dtype; the factors must stay float32
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = O.build("psgd_kron", model, nn.MSELoss())
+    opt.step(torch.randn(8, 3), torch.randn(8, 2))
+    opt.load_state_dict(opt.state_dict())
+    assert all(q.dtype == torch.float32 for q in opt.optimizer.state[model[0].weight]["Q"])
