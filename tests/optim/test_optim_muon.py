@@ -43,6 +43,12 @@ def test_first_layer_option_moves_the_input_layer_to_adamw():
     assert ids(muon) == ids([model[2].weight]) and id(model[0].weight) in ids(adamw)
 
 
+def test_last_layer_option_moves_the_output_layer_to_muon():
+    model = mlp()
+    muon, _ = split_parameters(model, adamw_last_layer=False)
+    assert ids(muon) == ids([model[0].weight, model[2].weight, model[4].weight])
+
+
 def test_embedding_tables_and_convolution_kernels_stay_on_adamw():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(8, 6), nn.Linear(6, 2))
     muon, adamw = split_parameters(model)
