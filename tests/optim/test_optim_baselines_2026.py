@@ -148,3 +148,33 @@ def test_psgd_kron_factors_keep_float32_after_load_state_dict_of_float64_paramet
     opt.step(torch.randn(8, 3), torch.randn(8, 2))
     opt.load_state_dict(opt.state_dict())
     assert all(q.dtype == torch.float32 for q in opt.optimizer.state[model[0].weight]["Q"])
+
+
+def inverse_root(M, p):
+    w, V = torch.linalg.eigh(M)
+    return V @ torch.diag(w ** (-1.0 / p)) @ V.T
+
+
+def test_shampoo_steps_are_gupta_et_al_preconditioned_gradients():
+    # W ← W − η L^{-1/4} G R^{-1/4}, L = εI + Σ G Gᵀ, R = εI + Σ GᵀG (Gupta et al. 2018, Algorithm 1)
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(16, 4, generator=g), torch.randn(16, 3, generator=g)
+    model = nn.Linear(4, 3, bias=False)
+    lr, eps = 0.1, 1e-4
+    opt = O.build("shampoo", model, nn.MSELoss(), lr=lr, eps=eps)
+    W, L, R = model.weight.detach().clone(), eps * torch.eye(3), eps * torch.eye(4)
+    for _ in range(3):
+        G = 2 * ((X @ W.T - y).T @ X) / y.numel()
+        L, R = L + G @ G.T, R + G.T @ G
+        W = W - lr * inverse_root(L, 4) @ G @ inverse_root(R, 4)
+        opt.step(X, y)
+        # eigh here, an SVD in the package: float64 rounding only (observed below 1e-15)
+        torch.testing.assert_close(model.weight.detach(), W, rtol=1e-12, atol=1e-13)
+
+
+def test_soap_first_step_only_initializes_its_factors():
+    model = nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = O.build("soap", model, nn.MSELoss())
+    opt.step(torch.randn(8, 4), torch.randn(8, 3))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
