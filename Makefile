@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e ".[experiments,test,mnist1d,slurm,docs]"
+	$(VPY) -m pip install -q -e ".[experiments,test,mnist1d,slurm,docs,baselines]"
 	$(VPY) -c "import torch; print('torch', torch.__version__)"
 	touch $@
 

@@ -2,6 +2,8 @@
 
     opt = tensorcurv.optim.build("gauss_newton", model, loss_fn, structure="kfac", damping=1e-3)
     opt = tensorcurv.optim.build("adam", model, loss_fn, lr=1e-3)
+    opt = tensorcurv.optim.build("muon", model, loss_fn, lr=0.02, adamw_lr=1e-3)  # Muon + AdamW, one optimizer
+    opt = tensorcurv.optim.build("soap", model, loss_fn)  # also shampoo, psgd_kron: the `baselines` extra
     loss = opt.step(inputs, targets)   # every optimizer; .optimizer is the torch one (for schedulers)
     opt.info                           # last step's metrics (damping, skipped, timings, rho, ...)
     opt.state_dict() / opt.load_state_dict(state)
@@ -18,6 +20,7 @@ from tensorcurv.optim import config, damping, schedules
 from tensorcurv.optim.baselines import BASELINES, FirstOrder
 from tensorcurv.optim.config import CONFIGS, make_config
 from tensorcurv.optim.lion import Lion
+from tensorcurv.optim.muon import MuonAdamW
 from tensorcurv.optim.preconditioner import NonFiniteStepWarning, Preconditioner
 from tensorcurv.optim.second_order import GaussNewton, NaturalGradient, SecondOrderOptimizer
 
@@ -28,7 +31,7 @@ def names() -> list[str]:
     """Every optimizer :func:`build` knows.
 
     Returns:
-        ``natural_gradient``, ``gauss_newton`` and the first-order baselines.
+        ``natural_gradient``, ``gauss_newton`` and the baselines (first-order, Muon, SOAP, Shampoo, PSGD-Kron).
     """
     return list(_SECOND_ORDER) + list(BASELINES)
 
@@ -56,6 +59,6 @@ def build(name: str, model: nn.Module, loss_fn: Any, **kwargs: Any) -> SecondOrd
     raise ValueError(f"unknown optimizer {name!r}; valid: {names()}")
 
 
-__all__ = ["CONFIGS", "FirstOrder", "GaussNewton", "Lion", "NaturalGradient", "NonFiniteStepWarning",
+__all__ = ["CONFIGS", "FirstOrder", "GaussNewton", "Lion", "MuonAdamW", "NaturalGradient", "NonFiniteStepWarning",
            "Preconditioner", "SecondOrderOptimizer", "build", "config", "damping", "make_config", "names",
            "schedules"]

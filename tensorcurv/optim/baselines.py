@@ -1,10 +1,12 @@
 """First-order baselines with the same ``step(inputs, targets)`` API as the second-order optimizers.
 
-torch's implementations (SGD, heavy-ball momentum, Nesterov, AdaGrad, RMSProp, Adam, AdamW) and
-:class:`~tensorcurv.optim.lion.Lion`. One step: forward, backward, optional clipping of the
-global gradient norm, ``optimizer.step()``. A non-finite loss or gradient skips the step
-(parameters, moments and counters untouched except ``skipped``) with a warning naming the
-parameter. Recursions (torch conventions; see ``config.py`` for the mapping to the course's):
+torch's implementations (SGD, heavy-ball momentum, Nesterov, AdaGrad, RMSProp, Adam, AdamW),
+:class:`~tensorcurv.optim.lion.Lion`, Muon with AdamW (:mod:`tensorcurv.optim.muon`), and SOAP, Shampoo
+and PSGD-Kron from the optional ``pytorch-optimizer`` package (:mod:`tensorcurv.optim.packaged`).
+One step: forward, backward, optional clipping of the global gradient norm, ``optimizer.step()``.
+A non-finite loss or gradient skips the step (parameters, moments and counters untouched except
+``skipped``) with a warning naming the parameter. Recursions (torch conventions; see ``config.py``
+for the mapping to the course's, and for the recursions of Muon, SOAP, Shampoo and PSGD-Kron):
 
 * momentum: ``b ← γ b + g``, ``θ ← θ − η b``  (course: ``v ← γ v + (1−γ) g``, ``θ ← θ − η' v``, ``η = (1−γ)η'``)
 * nesterov: ``b ← γ b + g``, ``θ ← θ − η (g + γ b)`` (iterates = look-ahead points of the course's form)
@@ -21,12 +23,20 @@ from torch import Tensor, nn
 
 from tensorcurv.core.losses import as_loss_spec
 from tensorcurv.optim import config as cfgs
+from tensorcurv.optim import muon
 from tensorcurv.optim.lion import Lion
+from tensorcurv.optim.packaged import PACKAGED, make_packaged_optimizer
 from tensorcurv.optim.preconditioner import NonFiniteStepWarning, first_nonfinite
 
 
-def make_torch_optimizer(name: str, params, c: Any) -> torch.optim.Optimizer:
-    """The torch optimizer of baseline ``name`` from its validated config ``c``."""
+def make_torch_optimizer(name: str, params, c: Any, model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """The torch optimizer of baseline ``name`` from its validated config ``c`` (``muon`` needs ``model``)."""
+    if name == "muon":
+        if model is None:
+            raise ValueError("muon splits the parameters by layer: pass the model")
+        return muon.build(model, c)
+    if name in PACKAGED:
+        return make_packaged_optimizer(name, list(params), c)
     lr = c.lr(0) if callable(c.lr) else c.lr
     wd = c.weight_decay
     if name == "sgd":
@@ -46,7 +56,7 @@ def make_torch_optimizer(name: str, params, c: Any) -> torch.optim.Optimizer:
     raise ValueError(f"unknown baseline {name!r}; valid: {list(BASELINES)}")
 
 
-BASELINES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lion")
+BASELINES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lion", "muon") + PACKAGED
 
 
 class FirstOrder:
@@ -60,7 +70,7 @@ class FirstOrder:
         self.model, self.loss = model, as_loss_spec(loss_fn)
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
-        self.optimizer = make_torch_optimizer(name, self.params, self.config)
+        self.optimizer = make_torch_optimizer(name, self.params, self.config, model)
         self.steps = 0
         self.skipped = 0
         self.info: dict[str, Any] = {}

@@ -18,7 +18,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf" / "optim"
 
 def test_factory_names_are_the_agreed_ones():
     assert sorted(O.names()) == sorted(["natural_gradient", "gauss_newton", "sgd", "momentum", "nesterov",
-                                        "adagrad", "rmsprop", "adam", "adamw", "lion"])
+                                        "adagrad", "rmsprop", "adam", "adamw", "lion", "muon", "soap", "shampoo",
+                                        "psgd_kron"])
 
 
 @pytest.mark.parametrize("name", O.names())
