@@ -211,13 +211,13 @@ class SecondOrderConfig:
     seed: int | None = None
     """Seed of the MC label sampler (None: ``torch.initial_seed()``); saved in ``state_dict``."""
     refine: int = 0
-    """Krylov refinement: at most k PCG steps on the exact batch ``(C + λI) d = g`` (structure as preconditioner; 0: off)."""
+    """Krylov refinement: at most k PCG steps on the exact batch ``(C + λI) d = g``, preconditioner ``Ĉ`` (0: off)."""
     refine_tol: float = 1e-6
     """Under ``refine``: stop early when ``‖g − (C + λI) d‖ ≤ refine_tol ‖g‖``."""
     refine_coupling: str = "full"
     """Under ``refine``: ``full`` (C with its cross-layer blocks) or ``block`` (its block diagonal)."""
     refine_operator: str = "stats"
-    """Under ``refine``: ``C v`` from the captured per-sample factors (``stats``) or the GGN by torch.func (``func``)."""
+    """Under ``refine``: ``C v`` from the captured per-sample factors (``stats``) or the GGN by torch.func."""
 
     def __post_init__(self) -> None:
         from tensorcurv import structures

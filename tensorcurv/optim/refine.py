@@ -65,14 +65,14 @@ def ggn_operator(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], inp
         out = functional_call(model, dict(zip(names, ps)), (inputs,))
         return out.flatten(1) if out.dim() != 2 else out
 
-    z, pullback = vjp(outputs, *primals)
+    z, pullback = vjp(outputs, *primals)  # type: ignore[misc]  # (torch.func's stubs: a 2-tuple here)
     z = z.detach()
     loss_grad = grad(lambda zz: loss(zz, targets))
 
     def product(v: Tensor) -> Tensor:
         tangents = tuple(t.view_as(p) for t, p in zip(v.split(numels), primals))
-        _, Jv = jvp(outputs, primals, tangents)
-        _, HJv = jvp(loss_grad, (z,), (Jv,))
+        _, Jv = jvp(outputs, primals, tangents)  # type: ignore[misc]
+        _, HJv = jvp(loss_grad, (z,), (Jv,))  # type: ignore[misc]
         return torch.cat([t.reshape(-1) for t in pullback(HJv)])
 
     if coupling == "full":
@@ -86,7 +86,13 @@ def ggn_operator(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], inp
         for i in idx:
             mask[offsets[i]:offsets[i + 1]] = True
         masks.append(mask)
-    return lambda v: sum(torch.where(m, product(torch.where(m, v, 0.0)), 0.0) for m in masks)
+
+    def block_product(v: Tensor) -> Tensor:
+        out = torch.zeros_like(v)
+        for m in masks:
+            out = torch.where(m, product(torch.where(m, v, 0.0)), out)
+        return out
+    return block_product
 
 
 class Refinement:
@@ -129,6 +135,8 @@ class Refinement:
             if stats is None:
                 raise ValueError("refine_operator='stats' needs the statistics of this step (stats_interval=1)")
             return stats_operator(stats, self.layout, self.coupling)
+        if model is None or inputs is None or targets is None:
+            raise ValueError("refine_operator='func' needs the model, the loss and the batch")
         return ggn_operator(model, loss, inputs, targets, self.named, self.layout, self.coupling)
 
     def __call__(self, grads: Sequence[Tensor], directions: Sequence[Tensor], damping: float,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
 from tensorcurv.core.exact import ParamLayout, weighted_gradient_sum
