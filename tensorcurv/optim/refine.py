@@ -60,9 +60,10 @@ def ggn_operator(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], inp
     names = [n for n, _ in named_params]
     primals = tuple(p.detach() for _, p in named_params)
     numels = [p.numel() for p in primals]
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in set(names)}  # held constant
 
     def outputs(*ps: Tensor) -> Tensor:
-        out = functional_call(model, dict(zip(names, ps)), (inputs,))
+        out = functional_call(model, {**fixed, **dict(zip(names, ps))}, (inputs,))
         return out.flatten(1) if out.dim() != 2 else out
 
     z, pullback = vjp(outputs, *primals)  # type: ignore[misc]  # (torch.func's stubs: a 2-tuple here)

@@ -163,3 +163,19 @@ def test_func_operator_refines_steps_without_statistics():
     opt.step(X, y)
     opt.step(X, y)
     assert opt.info["stats"] is False and opt.info["refine_iterations"] == 3
+
+
+@pytest.mark.parametrize("operator", ["stats", "func"])
+def test_uncovered_parameters_keep_their_unrefined_direction(operator):
+    X, y = batch()
+
+    def directions(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+        before = [p.detach().clone() for p in model.parameters()]
+        O.GaussNewton(model, nn.CrossEntropyLoss(), damping=LAM, **kw).step(X, y)
+        return [b - p.detach() for b, p in zip(before, model.parameters())]
+
+    d0, d = directions(), directions(refine=3, refine_operator=operator)
+    same = [torch.equal(a, b) for a, b in zip(d0, d)]
+    assert same == [False, False, True, True, False, False]  # the LayerNorm's weight and bias are uncovered
