@@ -5,8 +5,8 @@
 Trained digits reference network (tensorcurv.experiments.reference_layers), batch 256, GGN,
 λ = ratio·tr(C)/D (default 1e-3). The exact direction is ``(C + λI)⁻¹ g`` of the whole model (cross-layer GGN,
 Woodbury on the per-sample factors). The direction of one step is ``θ₀ − θ₁`` (lr 1, no momentum,
-no KL clip); ``(checked)`` is ``‖g − (C + λI)d‖/‖g‖`` recomputed here; the time per step is the median
-of ``--repeats`` further steps on the same batch.
+no KL clip); ``(checked)`` is ``‖g − (C + λI)d‖/‖g‖`` recomputed here; the time per step is the minimum and
+the median of ``--repeats`` further steps on the same batch.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def main() -> None:
     g = torch.cat([p.grad.reshape(-1) for p in curv.params])
     exact = layout.to_flat(op.solve(layout.to_mats(g), lam)[0])
     print(f"{args.net}, {args.structure}, D = {op.dim}, λ = {lam:.3g}, coupling of the refinement: {args.coupling}")
-    print(f"{'k':>3} {'cos(d, exact)':>14} {'residual':>10} {'(checked)':>10} {'cos(d, d0)':>11} {'ms/step':>8}")
+    print(f"{'k':>3} {'cos(d, exact)':>14} {'residual':>10} {'(checked)':>10} {'cos(d, d0)':>11} "
+          f"{'ms/step min':>11} {'median':>7}")
     for k in args.ks:
         m = reference_model(args.net, dtype=dtype)
         opt = GaussNewton(m, loss_fn, structure=args.structure, lr=1.0, damping=lam, decay=None, refine=k,
@@ -64,7 +65,8 @@ def main() -> None:
         cos = float(d @ exact / (d.norm() * exact.norm()))
         checked = float((g - layout.to_flat(op.mv(layout.to_mats(d))) - lam * d).norm() / g.norm())
         print(f"{k:>3} {cos:>14.4f} {info.get('refine_residual', float('nan')):>10.3g} {checked:>10.3g} "
-              f"{info.get('refine_cosine', 1.0):>11.4f} {1e3 * statistics.median(times):>8.1f}")
+              f"{info.get('refine_cosine', 1.0):>11.4f} {1e3 * min(times):>11.1f} "
+              f"{1e3 * statistics.median(times):>7.1f}")
 
 
 if __name__ == "__main__":
