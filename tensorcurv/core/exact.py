@@ -297,6 +297,37 @@ class ExactModel:
         return out
 
 
+class ParamLayout:
+    """Flat ``θ`` (trainable parameters in ``named_parameters()`` order) ↔ one ``[W, b]`` matrix per layer.
+
+    Built from ``Curvature.adapters``; every parameter of ``named_params`` must belong to a covered layer
+    (otherwise the stats operator would not be the GGN of all of ``θ``). ``vec`` of ``θ``: the parameters'
+    row-major flattenings concatenated in ``named_params`` order.
+    """
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], adapters: Mapping) -> None:
+        by_id = {id(p): i for i, (_, p) in enumerate(named_params)}
+        self.numels = [p.numel() for _, p in named_params]
+        self.shapes = [p.shape for _, p in named_params]
+        self.layers = [(name, ad, [by_id[id(p)] for _, p in ad.params()]) for name, ad in adapters.items()]
+        covered = {i for _, _, idx in self.layers for i in idx}
+        missing = [n for i, (n, _) in enumerate(named_params) if i not in covered]
+        if missing:
+            raise ValueError(f"parameters {missing} are not in a covered layer; the stats GGN operator needs "
+                             "every trainable parameter inside a Linear/Conv2d block")
+
+    def to_mats(self, v: Tensor) -> dict[str, Tensor]:
+        parts = [t.view(s) for t, s in zip(v.split(self.numels), self.shapes)]
+        return {name: ad.to_matrix([parts[i] for i in idx]) for name, ad, idx in self.layers}
+
+    def to_flat(self, mats: Mapping[str, Tensor]) -> Tensor:
+        parts: list[Tensor | None] = [None] * len(self.numels)
+        for name, ad, idx in self.layers:
+            for i, t in zip(idx, ad.from_matrix(mats[name])):
+                parts[i] = t.reshape(-1)
+        return torch.cat(parts)
+
+
 def _woodbury(op: ExactBlock | ExactModel, V, damping: float) -> tuple[Any, dict[str, Any]]:
     """:func:`woodbury_solve` through ``op``'s cached Gram eigendecomposition."""
     x = woodbury_solve(op.gram(), op.scale, op.coefficients, op.combine, V, damping, eig=op.gram_eigh())

@@ -325,7 +325,8 @@ def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str |
             step += 1
             info = opt.info
             m = {"loss": loss, "step_time": dt, "lr": float(opt.optimizer.param_groups[0]["lr"])}
-            for key in ("damping", "curvature_fit_time", "solve_time", "skipped", "kl_scale"):
+            for key in ("damping", "curvature_fit_time", "solve_time", "skipped", "kl_scale", "refine_iterations",
+                        "refine_residual", "refine_cosine", "refine_time"):
                 if key in info:
                     m[key] = float(info[key]) if not isinstance(info[key], bool) else int(info[key])
             logger.log(m, step)

@@ -3,6 +3,9 @@
 * :func:`pcg` — the conjugate gradient solver of the package (preconditioner optional), on tensors of
   any shape (inner product ``⟨X, Y⟩ = Σ X∘Y``), with a *relative* residual stopping rule and an
   iteration/residual report.
+* :func:`preconditioned_refinement` — a budget of :func:`pcg` steps on an exact operator,
+  preconditioned by an approximate damped solve (a fitted structure), with the cosine of the result
+  to that solve's own answer: the one refinement the optimizers and the unlearning solvers share.
 * :func:`pcg_or_fallback` — :func:`pcg` that never returns a non-finite or negative-curvature
   answer: it falls back to the (damped, PSD) preconditioner solve and says why (``fallback``).
 * :func:`orthonormalize` — orthonormal basis of the columns of a tall matrix (QR, rank-revealing
@@ -25,6 +28,7 @@ def pcg(
     tol: float = 1e-8,
     max_iter: int | None = None,
     x0: Tensor | None = None,
+    precond_b: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Solve ``M x = b`` for symmetric positive definite ``M`` by (preconditioned) conjugate gradients.
 
@@ -32,6 +36,8 @@ def pcg(
     map tensors of that shape to tensors of that shape, and the inner product is ``⟨X, Y⟩ = Σ X∘Y``.
     ``precond`` applies ``P⁻¹ ≈ M⁻¹`` (symmetric positive definite); None: plain CG.
     ``max_iter`` None: ``10·b.numel() + 10``. Stops when ``‖b − M x‖_F ≤ tol · ‖b‖_F``.
+    ``precond_b``: ``precond(b)`` when the caller has it already (used only with ``x0`` None, where
+    the first residual is ``b``; saves one preconditioner application).
 
     Returns ``x`` and an info dict: ``iterations`` (completed steps), ``residual`` (relative, of the
     returned ``x``), ``residuals`` (its history, the start included), ``converged``,
@@ -47,7 +53,12 @@ def pcg(
         return torch.zeros_like(b), info
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - matvec(x) if x0 is not None else b.clone()
-    z = precond(r) if precond is not None else r
+    if precond is None:
+        z = r
+    elif x0 is None and precond_b is not None:
+        z = precond_b
+    else:
+        z = precond(r)
     p = z.clone()
     rz = float((r * z).sum())
     res = float(torch.linalg.norm(r)) / bnorm
@@ -73,13 +84,42 @@ def pcg(
             res = history[-1]
             break
         history.append(res)
-        if res <= tol:
+        if res <= tol or it >= max_iter:  # (no preconditioner application that no step would use)
             break
         z = precond(r) if precond is not None else r
         rz_new = float((r * z).sum())
         p = z + (rz_new / rz) * p
         rz = rz_new
     info.update(iterations=it, residual=res, residuals=history, converged=res <= tol)
+    return x, info
+
+
+def preconditioned_refinement(
+    matvec: Callable[[Tensor], Tensor],
+    precond: Callable[[Tensor], Tensor],
+    b: Tensor,
+    max_iter: int,
+    tol: float,
+    unrefined: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """At most ``max_iter`` steps of :func:`pcg` on ``M x = b`` from ``x0 = 0``, preconditioned by ``P⁻¹``.
+
+    ``M`` is the exact (damped) operator, ``P⁻¹ ≈ M⁻¹`` an approximate damped solve, e.g. a fitted
+    structure's ``(Ĉ + λI)⁻¹`` (symmetric positive definite): Martens' Hessian-free step with the
+    structure as preconditioner. The unrefined answer is ``d₀ = P⁻¹ b`` (``unrefined`` when the
+    caller has it; then ``P⁻¹`` is applied ``max_iter − 1`` times, otherwise ``max_iter`` times).
+    The first iterate is ``d₀`` scaled by the exact line search on ``½xᵀMx − bᵀx``; each further
+    one minimizes that quadratic over the next Krylov space ``span{P⁻¹b, (P⁻¹M)P⁻¹b, …}``. Cost:
+    ``max_iter`` products with ``M`` at most.
+
+    Returns ``x`` and :func:`pcg`'s info (``iterations``, ``residual`` = ``‖b − Mx‖/‖b‖``,
+    ``residuals``, ``converged``, ``negative_curvature``, ``non_finite``) plus ``cosine``:
+    ``⟨x, d₀⟩ / (‖x‖ ‖d₀‖)`` (1.0 when either is zero).
+    """
+    d0 = precond(b) if unrefined is None else unrefined
+    x, info = pcg(matvec, b, precond, tol=tol, max_iter=max_iter, precond_b=d0)
+    nx, nd = float(torch.linalg.norm(x)), float(torch.linalg.norm(d0))
+    info["cosine"] = float((x * d0).sum()) / (nx * nd) if nx > 0 and nd > 0 else 1.0
     return x, info
 
 

@@ -371,9 +371,19 @@ class SecondOrderConfig:
     """Parameters without a Kronecker adapter: identity (raw gradient) or diagonal (exact diagonal block)."""
     seed: int | None = None
     """Seed of the MC label sampler (None: ``torch.initial_seed()``); saved in ``state_dict``."""
+    refine: int = 0
+    """Krylov refinement: at most k PCG steps on the exact batch ``(C + λI) d = g``, preconditioner ``Ĉ`` (0: off)."""
+    refine_tol: float = 1e-6
+    """Under ``refine``: stop early when ``‖g − (C + λI) d‖ ≤ refine_tol ‖g‖``."""
+    refine_coupling: str = "full"
+    """Under ``refine``: ``full`` (C with its cross-layer blocks) or ``block`` (its block diagonal)."""
+    refine_operator: str = "stats"
+    """Under ``refine``: ``C v`` from the captured per-sample factors (``stats``) or the GGN by torch.func."""
 
     def __post_init__(self) -> None:
         from tensorcurv import structures
+        from tensorcurv.core.exact import COUPLINGS
+        from tensorcurv.optim.refine import OPERATORS
 
         _positive("lr", self.lr, allow_callable=True)
         _positive("damping", self.damping, allow_callable=True)
@@ -408,6 +418,19 @@ class SecondOrderConfig:
             raise ValueError(f"min_damping ({self.min_damping}) must be <= max_damping ({self.max_damping})")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback={self.fallback!r} is not one of {list(FALLBACKS)}")
+        if not (isinstance(self.refine, int) and not isinstance(self.refine, bool) and self.refine >= 0):
+            raise ValueError(f"refine must be an integer >= 0 (PCG steps per step; 0: off), got {self.refine!r}")
+        _positive("refine_tol", self.refine_tol)
+        if self.refine_coupling not in COUPLINGS:
+            raise ValueError(f"refine_coupling={self.refine_coupling!r} is not one of {list(COUPLINGS)}")
+        if self.refine_operator not in OPERATORS:
+            raise ValueError(f"refine_operator={self.refine_operator!r} is not one of {list(OPERATORS)}")
+        if self.refine and self.refine_operator == "stats" and self.stats_interval != 1:
+            raise ValueError(f"refine_operator='stats' needs the statistics of every step (stats_interval=1, got "
+                             f"{self.stats_interval}); use refine_operator='func'")
+        if self.refine and self.refine_operator == "func" and self.kind == "empirical":
+            raise ValueError("refine_operator='func' products are the GGN (the true Fisher), not the empirical "
+                             "Fisher of kind='empirical'; use refine_operator='stats'")
 
 
 @dataclass

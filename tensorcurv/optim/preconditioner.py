@@ -120,6 +120,9 @@ class Preconditioner:
         self.skipped = 0
         self.last_skipped = False
         self.info: dict[str, Any] = {}
+        #: keep the per-sample statistics of the last capture in ``last_stats`` (exact-curvature refinement)
+        self.keep_stats = False
+        self.last_stats: dict[str, Any] | None = None
         self._params = self.curvature.params  # listed once (the hot path reads them every step)
         self._names = [n for n, _ in self.curvature.named_params]
 
@@ -151,6 +154,7 @@ class Preconditioner:
         statistics captured and fitted when due. Returns the detached loss."""
         self._zero_grad()
         self.last_skipped = False
+        self.last_stats = None
         t = self.steps
         stats_due = t % self.stats_interval == 0 or self.curvature.num_updates == 0
         gen = self.curvature.generator if stats_due else None  # only a capture draws MC samples
@@ -191,6 +195,8 @@ class Preconditioner:
                     gen.set_state(gen_state)
                 self._skip(str(e))
                 return loss
+        if res is not None and self.keep_stats:
+            self.last_stats = res.stats
         if self.solver is not self.curvature and t % self.inverse_interval == 0:
             self.solver.load_state_dict(self.curvature.state_dict())
         self.info = {"skipped": False, "loss": float(loss), "stats": stats_due,
@@ -200,9 +206,13 @@ class Preconditioner:
         return loss
 
     # ------------------------------------------------------------------ solve
-    def precondition(self, lr: float = 1.0) -> bool:
+    def precondition(self, lr: float = 1.0, refine: Callable[..., tuple[list[Tensor], dict[str, Any]]] | None = None
+                     ) -> bool:
         """``p.grad ← ν (Ĉ + λI)^{-1} p.grad`` for every trainable parameter (uncovered ones get the
-        curvature's fallback). Returns False (step skipped, grads cleared) if the solve is non-finite."""
+        curvature's fallback). Returns False (step skipped, grads cleared) if the solve is non-finite.
+
+        ``refine(grads, directions, λ) -> (directions, info)``: applied to the solved directions before
+        the KL clip (e.g. :class:`tensorcurv.optim.refine.Refinement`); its info joins :attr:`info`."""
         if self.last_skipped:
             return False
         lam = self.damping.value(self.steps)
@@ -216,13 +226,16 @@ class Preconditioner:
             grads = [p.grad for p in params]
         gPg = None
         try:
-            if self.kl_clip is None:  # nothing else needs g: solve in place, p.grad ← (Ĉ + λI)^{-1} p.grad
+            if self.kl_clip is None and refine is None:  # nothing else needs g: p.grad ← (Ĉ + λI)^{-1} p.grad
                 pg = self.solver.solve(grads, damping=lam, out=grads)
             else:
                 pg = self.solver.solve(grads, damping=lam)
         except NonFiniteError as e:  # Curvature.solve checks its result
             self._skip(str(e))
             return False
+        refine_info: dict[str, Any] = {}
+        if refine is not None:
+            pg, refine_info = refine(grads, pg, lam)
         if self.kl_clip is not None:
             # ⟨g, Δ⟩ doubles as the finiteness check of Δ: g is finite, so a NaN/Inf entry of Δ makes the sum
             # non-finite (NaN, or ±Inf); only then are the parameters scanned one by one to name them
@@ -243,6 +256,7 @@ class Preconditioner:
                 p.grad = d
         info = self.info
         info["damping"], info["kl_scale"], info["solve_time"] = lam, nu, time.perf_counter() - t0
+        info.update(refine_info)
         self.steps += 1
         return True
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.linalg.krylov import pcg
+from tensorcurv.linalg.krylov import pcg, preconditioned_refinement
 from tensorcurv.structures.base import check_damping
 from tensorcurv.unlearn.objective import Objective, check_curvature
 
@@ -331,8 +331,7 @@ class StructureSolver(IHVPSolver):
             self.curv.fit_capture(X, res)
         self.op = None
         if self.refine:
-            from tensorcurv.core.exact import ExactModel
-            from tensorcurv.unlearn.stats_ggn import ParamLayout
+            from tensorcurv.core.exact import ExactModel, ParamLayout
             self.layout = ParamLayout(self.curv.named_params, self.curv.adapters)
             self.op = ExactModel.from_stats(res.stats, self.coupling)
 
@@ -366,13 +365,14 @@ class StructureSolver(IHVPSolver):
 
 
 def refine_solve(matvec, precond, v: Tensor, max_iter: int, tol: float, name: str, info: dict) -> IHVPResult:
-    """PCG on ``matvec`` preconditioned by ``precond`` (a structure solve); an IHVPResult that reports
-    iterations and the relative residual, and fails unless ``‖Ax − v‖ ≤ tol‖v‖``."""
-    x, it = pcg(matvec, v, precond, tol=tol, max_iter=max_iter)
+    """:func:`~tensorcurv.linalg.krylov.preconditioned_refinement` of ``matvec`` by ``precond`` (a structure
+    solve) as an IHVPResult that reports iterations, the relative residual and the cosine to the unrefined
+    solve (``info["cosine"]``), and fails unless ``‖Ax − v‖ ≤ tol‖v‖``."""
+    x, it = preconditioned_refinement(matvec, precond, v, max_iter, tol)
     ok = bool(it["converged"])
     msg = "" if ok else (f"refinement: relative residual {it['residual']:.3g} > tol {tol:g} after "
                          f"{it['iterations']} PCG iterations" + (" (negative curvature)" if it["negative_curvature"] else ""))
-    return IHVPResult(x, ok, name, it["iterations"], it["residual"], msg, info=info)
+    return IHVPResult(x, ok, name, it["iterations"], it["residual"], msg, info={**info, "cosine": it["cosine"]})
 
 
 SOLVERS = {"exact": ExactSolver, "cg": CGSolver, "lissa": LiSSASolver, "structure": StructureSolver}

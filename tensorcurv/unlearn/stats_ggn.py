@@ -2,8 +2,9 @@
 
 The exact GGN of the covered parameters as an operator on the factors is
 :class:`tensorcurv.core.exact.ExactModel` (``coupling="full"``: cross-layer, ``"block"``: block diagonal;
-for a one-layer model such as logistic regression both are the exact GGN = Hessian). :class:`ParamLayout`
-maps the flat parameter vector of the unlearning objective onto its layer matrices.
+for a one-layer model such as logistic regression both are the exact GGN = Hessian).
+:class:`~tensorcurv.core.exact.ParamLayout` (re-exported here) maps the flat parameter vector of the unlearning
+objective onto its layer matrices.
 
 With ``g`` captured as the columns of ``J_sᵀ S_s`` (capture kind ``ggn``, ``S_s S_sᵀ = ∇²_z ℓ_s``), the same
 columns give per-sample gradients in closed form: if ``S_s c_s = ∇_z ℓ_s`` then ``Σ_k c_sk G_sk = ∇_W ℓ_s``
@@ -13,42 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
-from tensorcurv.core.exact import weighted_gradient_sum
+from tensorcurv.core.exact import ParamLayout, weighted_gradient_sum
 from tensorcurv.core.losses import CrossEntropy, LossSpec, MeanSquaredError
 from tensorcurv.core.stats import LayerStats
-
-
-class ParamLayout:
-    """Flat ``θ`` (trainable parameters in ``named_parameters()`` order) ↔ one ``[W, b]`` matrix per layer.
-
-    Built from ``Curvature.adapters``; every trainable parameter must belong to a covered layer
-    (otherwise the stats operator would not be the GGN of all of ``θ``).
-    """
-
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], adapters: Mapping) -> None:
-        by_id = {id(p): i for i, (_, p) in enumerate(named_params)}
-        self.numels = [p.numel() for _, p in named_params]
-        self.shapes = [p.shape for _, p in named_params]
-        self.layers = [(name, ad, [by_id[id(p)] for _, p in ad.params()]) for name, ad in adapters.items()]
-        covered = {i for _, _, idx in self.layers for i in idx}
-        missing = [n for i, (n, _) in enumerate(named_params) if i not in covered]
-        if missing:
-            raise ValueError(f"parameters {missing} are not in a covered layer; the stats GGN operator needs "
-                             "every trainable parameter inside a Linear/Conv2d block")
-
-    def to_mats(self, v: Tensor) -> dict[str, Tensor]:
-        parts = [t.view(s) for t, s in zip(v.split(self.numels), self.shapes)]
-        return {name: ad.to_matrix([parts[i] for i in idx]) for name, ad, idx in self.layers}
-
-    def to_flat(self, mats: Mapping[str, Tensor]) -> Tensor:
-        parts: list[Tensor | None] = [None] * len(self.numels)
-        for name, ad, idx in self.layers:
-            for i, t in zip(idx, ad.from_matrix(mats[name])):
-                parts[i] = t.reshape(-1)
-        return torch.cat(parts)
 
 
 def output_coefficients(loss: LossSpec, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -75,3 +45,6 @@ def stats_gradient(stats: Mapping[str, LayerStats], coeffs: Tensor) -> dict[str,
     """``Σ_{s,k} c_sk G_sk`` per layer (no scale): with :func:`output_coefficients` the summed
     per-sample gradient ``Σ_s ∇_W ℓ_s`` of every layer's ``[W, b]``."""
     return {k: weighted_gradient_sum(st, coeffs) for k, st in stats.items()}
+
+
+__all__ = ["ParamLayout", "output_coefficients", "stats_gradient"]

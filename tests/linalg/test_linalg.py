@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tensorcurv.linalg import gram, symmetric_part, unvec, vec
-from tensorcurv.linalg.krylov import pcg
+from tensorcurv.linalg.krylov import pcg, preconditioned_refinement
 from tensorcurv.linalg.lanczos import lanczos
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -84,6 +84,31 @@ def test_cg_stops_at_max_iter_unconverged():
     M, b = _spd(30), torch.randn(30)
     _, info = pcg(lambda v: M @ v, b, tol=1e-14, max_iter=3)
     assert info["iterations"] == 3 and not info["converged"] and info["residual"] > 1e-14
+
+
+def test_cg_applies_the_preconditioner_once_per_step_that_uses_it():
+    M, b = _spd(30, seed=3).double(), torch.randn(30, dtype=torch.float64)
+    calls = []
+    _, info = pcg(lambda v: M @ v, b, lambda r: calls.append(1) or r / M.diagonal(), tol=1e-14, max_iter=4)
+    assert info["iterations"] == 4 and len(calls) == 4
+
+
+def test_cg_given_the_preconditioned_right_hand_side_takes_the_same_steps():
+    M, b = _spd(30, seed=3).double(), torch.randn(30, dtype=torch.float64)
+    P = lambda r: r / M.diagonal()
+    x, _ = pcg(lambda v: M @ v, b, P, tol=1e-14, max_iter=6)
+    y, _ = pcg(lambda v: M @ v, b, P, tol=1e-14, max_iter=6, precond_b=P(b))
+    assert torch.equal(x, y)
+
+
+def test_refinement_cosine_is_one_after_one_step_and_reported_after_more():
+    M, b = _spd(30, seed=4).double(), torch.randn(30, dtype=torch.float64)
+    P = lambda r: r / M.diagonal()
+    x1, info1 = preconditioned_refinement(lambda v: M @ v, P, b, max_iter=1, tol=1e-14)
+    x5, info5 = preconditioned_refinement(lambda v: M @ v, P, b, max_iter=5, tol=1e-14)
+    d0 = P(b)
+    assert info1["cosine"] == pytest.approx(1.0, abs=1e-14)
+    assert info5["cosine"] == pytest.approx(float(x5 @ d0 / (x5.norm() * d0.norm())), abs=1e-14)
 
 
 def test_lanczos_run_to_full_dimension_gives_all_eigenvalues():
