@@ -79,9 +79,9 @@ def _schedules() -> list[str]:
 
 
 def _kinds() -> list[str]:
-    from tensorcurv.core.capture import KINDS
+    from tensorcurv.core.capture import CurvatureKind
 
-    return list(KINDS)
+    return CurvatureKind.values()
 
 
 def _structure_names() -> list[str]:
