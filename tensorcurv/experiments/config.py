@@ -57,25 +57,25 @@ def _datasets() -> list[str]:
 def _normalizations() -> list[str]:
     from tensorcurv.experiments import data as data
 
-    return list(data.NORMALIZATIONS)
+    return data.Normalization.values()
 
 
 def _loggers() -> list[str]:
     from tensorcurv.experiments import tracking as tracking
 
-    return list(tracking.KINDS)
+    return tracking.LoggerKind.values()
 
 
 def _wandb_modes() -> list[str]:
     from tensorcurv.experiments import tracking as tracking
 
-    return list(tracking.WANDB_MODES)
+    return tracking.WandbMode.values()
 
 
 def _schedules() -> list[str]:
     from tensorcurv.optim import schedules
 
-    return list(schedules.NAMES)
+    return schedules.Schedule.values()
 
 
 def _kinds() -> list[str]:
@@ -143,7 +143,7 @@ def _model_rules(name: str) -> dict[str, dict[str, Any]]:
     positive = {"ge": 1}
     rules: dict[str, dict[str, Any]] = {
         "activation": {"choices": list(models.ACTIVATIONS), "what": "an activation"},
-        "norm": {"choices": list(models.NORMS), "what": "a norm"},
+        "norm": {"choices": models.Norm.values(), "what": "a norm"},
         "preset": {"choices": list(models.AUTOENCODER_PRESETS), "what": "an autoencoder preset"},
         "hidden_sizes": positive, "channels": positive, "hidden": positive, "groups": positive,
         "blocks_per_stage": positive, "widths": {"ge": 1, "nonempty": True},
