@@ -3,7 +3,9 @@
 An option is a ``(str, Enum)``: each member *is* its string value (``DampingKind.PI == "pi"``), so
 configs and user code keep passing plain strings, and ``str``, ``repr`` and f-strings give the value. Each enum
 lives next to the concept it names; :meth:`Option.parse` turns a user's string into the member or
-raises a ``ValueError`` that names the key and lists the valid values.
+raises a ``ValueError`` that names the key and lists the valid values. Dataclass fields holding an
+option are annotated ``str`` with a member as default (``damping_kind: str = DampingKind.TIKHONOV``) and
+parsed in ``__post_init__``, so OmegaConf structured configs take the plain strings too.
 """
 from __future__ import annotations
 

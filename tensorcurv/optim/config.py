@@ -172,13 +172,13 @@ class SecondOrderConfig:
     """Tikhonov damping λ > 0 of ``(Ĉ + λI)`` (initial value under ``damping_rule=lm``; or a callable)."""
     structure: str = "kfac"
     """Curvature structure: any name in ``tensorcurv.structures.names()``."""
-    kind: CurvatureKind = CurvatureKind.GGN
+    kind: str = CurvatureKind.GGN
     """Curvature kind: ggn (Gauss-Newton), mc or empirical (Fisher)."""
     mc_samples: int = 1
     """Label samples per input for ``kind=mc``."""
     decay: float | None = 0.95
     """Running-average decay of the curvature statistics (None: refit from each batch)."""
-    decay_schedule: DecaySchedule = DecaySchedule.CONSTANT
+    decay_schedule: str = DecaySchedule.CONSTANT
     """``constant`` (``decay`` from the 2nd update) or ``average`` (``min(1 − 1/k, decay)`` at the k-th update)."""
     stats_interval: int = 1
     """Capture statistics every k steps (other steps: one plain backward)."""
@@ -192,7 +192,7 @@ class SecondOrderConfig:
     """Clip the global norm of the raw gradient before preconditioning (None: off)."""
     kl_clip: float | None = None
     """KL / trust-region clip κ: scale the step by ``min(1, sqrt(κ / (η² Σ gᵀ P g)))`` (None: off)."""
-    damping_rule: DampingRule = DampingRule.FIXED
+    damping_rule: str = DampingRule.FIXED
     """``fixed`` (λ, or λ(step)) or ``lm`` (Levenberg–Marquardt from the reduction ratio ρ)."""
     lm_interval: int = 1
     """Under ``lm``: adapt λ every k steps (one extra forward pass on the same batch)."""
@@ -206,7 +206,7 @@ class SecondOrderConfig:
     """Under ``lm``: lower bound of λ (> 0)."""
     max_damping: float = 1e4
     """Under ``lm``: upper bound of λ."""
-    fallback: Fallback = Fallback.IDENTITY
+    fallback: str = Fallback.IDENTITY
     """Parameters without a Kronecker adapter: identity (raw gradient) or diagonal (exact diagonal block)."""
     seed: int | None = None
     """Seed of the MC label sampler (None: ``torch.initial_seed()``); saved in ``state_dict``."""
@@ -249,7 +249,7 @@ class SecondOrderConfig:
 class NaturalGradientConfig(SecondOrderConfig):
     """Natural gradient: the Fisher (``mc`` by default, or ``empirical``) as curvature."""
 
-    kind: CurvatureKind = CurvatureKind.MC
+    kind: str = CurvatureKind.MC
     """Fisher kind: mc (sampled labels, the true Fisher) or empirical (true labels); ggn is accepted."""
 
 

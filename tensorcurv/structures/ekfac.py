@@ -23,7 +23,7 @@ from tensorcurv.structures.generic import top_entries
 
 @dataclass
 class EKFACHparams:
-    weight_sharing: WeightSharing = WeightSharing.EXPAND
+    weight_sharing: str = WeightSharing.EXPAND
     """Weight-sharing treatment for the K-FAC factors that define the eigenbasis."""
     chunk: int = 256
     """Samples per chunk when projecting per-sample gradients of weight-shared layers."""

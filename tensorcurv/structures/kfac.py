@@ -63,11 +63,11 @@ class _InverseCache(NamedTuple):
 
 @dataclass
 class KFACHparams:
-    damping_kind: DampingKind = DampingKind.TIKHONOV
+    damping_kind: str = DampingKind.TIKHONOV
     """``tikhonov``: exact (A⊗G + λI)^{-1}; ``pi``: factored (A + π√λI)^{-1} ⊗ (G + √λ/π I)^{-1}."""
-    weight_sharing: WeightSharing = WeightSharing.EXPAND
+    weight_sharing: str = WeightSharing.EXPAND
     """Conv / sequence layers: ``expand`` (positions as samples) or ``reduce`` (positions summed)."""
-    inverse: Inverse = Inverse.EIGH
+    inverse: str = Inverse.EIGH
     """``eigh`` (4 matmuls per solve) or ``cholesky`` (explicit π-damped inverses, 2 matmuls; needs ``pi``)."""
 
     def __post_init__(self) -> None:

@@ -62,11 +62,11 @@ class TwoLevelHparams:
     """Layer structure of the diagonal blocks ``B_l`` (``kfac``, ``ekfac``, ``dense``, ...)."""
     base_hparams: dict = field(default_factory=dict)
     """Hyper-parameters passed to every base block (validated by the base's own ``Hparams``)."""
-    coarse_space: CoarseSpace = CoarseSpace.NICOLAIDES
+    coarse_space: str = CoarseSpace.NICOLAIDES
     """``nicolaides``: one normalized indicator per layer; ``spectral``: leading eigenvectors of ``B_l``."""
     coarse_vectors_per_layer: int = 1
     """Coarse vectors per layer (``spectral``; ``nicolaides`` has exactly 1)."""
-    variant: Variant = Variant.ADDITIVE
+    variant: str = Variant.ADDITIVE
     """``additive``: ``M^{-1} + Z E^{-1} Zᵀ``; ``balanced``: balancing Neumann–Neumann (deflated) form."""
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ class KronSumHparams:
     """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``factors``: every A_k, G_k ⪰ 0
     (:mod:`tensorcurv.structures.kron_sum.psd_factors`: T = 1 nonnegative combinations of
     sample atoms, else projected HALS; from the rank-1 fit, monotone in r); ``none``: pure truncated SVD."""
-    damping_kind: DampingKind = DampingKind.TIKHONOV
+    damping_kind: str = DampingKind.TIKHONOV
     """``tikhonov``: (Ĉ + λI)^{-1}; ``pi``: π-damping on the dominant term (exact for r ≤ 2)."""
     method: str = "auto"
     """Fit: ``power`` (implicit block subspace iteration), ``gram`` (sample space, T = 1) or ``auto``."""
