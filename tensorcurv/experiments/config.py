@@ -480,9 +480,9 @@ def check_study_data(raw: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------ scripts/unlearn.py
 def _scenarios() -> list[str]:
-    from tensorcurv.unlearn.scenarios import SCENARIOS
+    from tensorcurv.unlearn.scenarios import ScenarioName
 
-    return list(SCENARIOS)
+    return ScenarioName.values()
 
 
 @dataclass
