@@ -44,11 +44,19 @@ from tensorcurv import structures
 from tensorcurv.core.capture import CaptureResult, capture, check_kind
 from tensorcurv.core.layers import LayerAdapter, adapter_for
 from tensorcurv.core.losses import LossSpec, as_loss_spec
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import SUPPORTED_DTYPES, NonFiniteError
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, check_damping, check_decay, nonfinite
 from tensorcurv.structures.model import ModelStructure
 
-FALLBACKS = ("identity", "diagonal")
+
+class Fallback(Option):
+    """Parameters without a Kronecker adapter: ``identity`` (raw gradient) or ``diagonal`` (exact diagonal block)."""
+
+    IDENTITY = "identity"
+    DIAGONAL = "diagonal"
+
+
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -103,8 +111,8 @@ class Curvature:
     ) -> None:
         check_kind(kind, mc_samples)
         check_model(model)
-        if fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {fallback!r}; valid: {list(FALLBACKS)}")
+        if fallback not in Fallback.values():
+            raise ValueError(f"unknown fallback {fallback!r}; valid: {Fallback.values()}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         cls = structures.get(structure)

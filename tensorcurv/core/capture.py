@@ -29,14 +29,21 @@ from torch import Tensor, nn
 
 from tensorcurv.core.layers import LayerAdapter
 from tensorcurv.core.losses import LossSpec
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import SUPPORTED_DTYPES, LayerStats
 
-KINDS = ("empirical", "mc", "ggn")
+
+class CurvatureKind(Option):
+    """Which matrix the statistics estimate: empirical Fisher (true labels), MC Fisher (sampled labels) or GGN."""
+
+    EMPIRICAL = "empirical"
+    MC = "mc"
+    GGN = "ggn"
 
 
 def check_kind(kind: str, mc_samples: int = 1) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown curvature kind {kind!r}; valid kinds: {list(KINDS)}")
+    if kind not in CurvatureKind.values():
+        raise ValueError(f"unknown curvature kind {kind!r}; valid kinds: {CurvatureKind.values()}")
     if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
         raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
 

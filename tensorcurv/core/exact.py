@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import summed_outer_products, unvec, vec
 from tensorcurv.linalg.krylov import pcg
@@ -36,12 +37,17 @@ from tensorcurv.linalg.krylov import pcg
 DENSE_MAX_DIM = 2048
 #: Automatic choices form and eigendecompose the ``J x J`` Gram matrix up to this ``J`` (Woodbury solve, spectrum).
 GRAM_MAX_TERMS = 4096
-COUPLINGS = ("full", "block")
+
+
+class Coupling(Option):
+    """The exact operator's layer coupling: ``full`` (cross-layer blocks kept) or ``block`` (block diagonal)."""
+
+    FULL = "full"
+    BLOCK = "block"
 
 
 def check_coupling(coupling: str) -> None:
-    if coupling not in COUPLINGS:
-        raise ValueError(f"coupling={coupling!r} is not one of {list(COUPLINGS)}")
+    Coupling.parse(coupling, "coupling")
 
 
 def weighted_gradient_sum(stats: LayerStats, w: Tensor) -> Tensor:

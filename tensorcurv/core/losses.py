@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-REDUCTIONS = ("mean", "sum")
+from tensorcurv.core.options import Option
+
+
+class Reduction(Option):
+    """How a loss combines its samples: ``mean`` (``c = 1/N``) or ``sum`` (``c = 1``)."""
+
+    MEAN = "mean"
+    SUM = "sum"
 
 
 class LossSpec(ABC):
@@ -34,8 +41,8 @@ class LossSpec(ABC):
     name: str = ""
 
     def __init__(self, reduction: str = "mean") -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"loss reduction {reduction!r} is not supported; use one of {list(REDUCTIONS)}")
+        if reduction not in Reduction.values():
+            raise ValueError(f"loss reduction {reduction!r} is not supported; use one of {Reduction.values()}")
         self.reduction = reduction
 
     def batch_scale(self, n_samples: int) -> float:

@@ -24,10 +24,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tensorcurv.core.options import Option
 from tensorcurv.linalg import gram
 
-WEIGHT_SHARING = ("expand", "reduce")
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+class WeightSharing(Option):
+    """Conv / sequence layers' ``T`` positions: ``expand`` (positions as samples) or ``reduce`` (summed)."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
 
 
 class NonFiniteError(ValueError):
@@ -141,5 +148,4 @@ def _rows(g: Tensor) -> Tensor:
 
 
 def check_weight_sharing(value: str) -> None:
-    if value not in WEIGHT_SHARING:
-        raise ValueError(f"weight_sharing={value!r} is not one of {list(WEIGHT_SHARING)}")
+    WeightSharing.parse(value, "weight_sharing")

@@ -13,13 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-STRATEGIES = ("cost", "round_robin")
+from tensorcurv.core.options import Option
+
+
+class Strategy(Option):
+    """How layers get their owner rank: ``cost`` (balanced estimated cost) or ``round_robin``."""
+
+    COST = "cost"
+    ROUND_ROBIN = "round_robin"
 
 
 def assign(costs: Mapping[str, float], world_size: int, strategy: str = "cost") -> dict[str, int]:
     """Owner rank of every layer (``costs``: layer name -> estimated cost, in model order)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"assignment strategy {strategy!r} is not one of {list(STRATEGIES)}")
+    if strategy not in Strategy.values():
+        raise ValueError(f"assignment strategy {strategy!r} is not one of {Strategy.values()}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     names = list(costs)

@@ -43,13 +43,19 @@ from torch import Tensor, nn
 
 from tensorcurv.core.capture import CaptureResult
 from tensorcurv.core.losses import LossSpec, as_loss_spec
+from tensorcurv.core.options import Option
 from tensorcurv.curvature import Curvature
 from tensorcurv.distributed import reduce as R
 from tensorcurv.distributed.assignment import assign
 from tensorcurv.distributed.comm import Comm
 from tensorcurv.structures.base import check_damping, check_decay
 
-SOLVE_MODES = ("owner", "local")
+
+class SolveMode(Option):
+    """Where a layer's solve runs: on its ``owner`` rank (then broadcast) or ``local``ly on every rank."""
+
+    OWNER = "owner"
+    LOCAL = "local"
 
 
 class DistributedCurvature(Curvature):
@@ -59,8 +65,7 @@ class DistributedCurvature(Curvature):
                  assignment: str | None = None, solve_mode: str | None = None, **kwargs: Any) -> None:
         assignment = assignment or comm.assignment
         solve_mode = solve_mode or comm.solve_mode
-        if solve_mode not in SOLVE_MODES:
-            raise ValueError(f"solve_mode={solve_mode!r} is not one of {list(SOLVE_MODES)}")
+        solve_mode = SolveMode.parse(solve_mode, "solve_mode")
         super().__init__(model, structure, kind, **kwargs)
         self.comm, self.solve_mode, self.assignment = comm, solve_mode, assignment
         costs = {name: b.fit_flops() for name, b in self.blocks.items()}

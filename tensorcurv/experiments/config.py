@@ -57,31 +57,31 @@ def _datasets() -> list[str]:
 def _normalizations() -> list[str]:
     from tensorcurv.experiments import data as data
 
-    return list(data.NORMALIZATIONS)
+    return data.Normalization.values()
 
 
 def _loggers() -> list[str]:
     from tensorcurv.experiments import tracking as tracking
 
-    return list(tracking.KINDS)
+    return tracking.LoggerKind.values()
 
 
 def _wandb_modes() -> list[str]:
     from tensorcurv.experiments import tracking as tracking
 
-    return list(tracking.WANDB_MODES)
+    return tracking.WandbMode.values()
 
 
 def _schedules() -> list[str]:
     from tensorcurv.optim import schedules
 
-    return list(schedules.NAMES)
+    return schedules.Schedule.values()
 
 
 def _kinds() -> list[str]:
-    from tensorcurv.core.capture import KINDS
+    from tensorcurv.core.capture import CurvatureKind
 
-    return list(KINDS)
+    return CurvatureKind.values()
 
 
 def _structure_names() -> list[str]:
@@ -143,7 +143,7 @@ def _model_rules(name: str) -> dict[str, dict[str, Any]]:
     positive = {"ge": 1}
     rules: dict[str, dict[str, Any]] = {
         "activation": {"choices": list(models.ACTIVATIONS), "what": "an activation"},
-        "norm": {"choices": list(models.NORMS), "what": "a norm"},
+        "norm": {"choices": models.Norm.values(), "what": "a norm"},
         "preset": {"choices": list(models.AUTOENCODER_PRESETS), "what": "an autoencoder preset"},
         "hidden_sizes": positive, "channels": positive, "hidden": positive, "groups": positive,
         "blocks_per_stage": positive, "widths": {"ge": 1, "nonempty": True},
@@ -480,9 +480,9 @@ def check_study_data(raw: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------ scripts/unlearn.py
 def _scenarios() -> list[str]:
-    from tensorcurv.unlearn.scenarios import SCENARIOS
+    from tensorcurv.unlearn.scenarios import ScenarioName
 
-    return list(SCENARIOS)
+    return ScenarioName.values()
 
 
 @dataclass

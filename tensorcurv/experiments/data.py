@@ -69,7 +69,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-NORMALIZATIONS = ("standard", "unit", "none")
+from tensorcurv.core.options import Option
+
+
+class Normalization(Option):
+    """Input normalization: ``standard`` (zero mean, unit variance per feature), ``unit`` ([0, 1]) or ``none``."""
+
+    STANDARD = "standard"
+    UNIT = "unit"
+    NONE = "none"
 
 
 @dataclass
@@ -464,8 +472,7 @@ def load(
     """Load ``name`` and return its seeded, normalized train / val / test splits (see module doc)."""
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(names())}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize={normalize!r} is not one of {list(NORMALIZATIONS)}")
+    Normalization.parse(normalize, "normalize")
     _fraction("val_fraction", val_fraction)
     _fraction("test_fraction", test_fraction)
     if limit is not None and limit < 1:

@@ -44,12 +44,27 @@ from typing import TypeVar
 
 from torch import nn
 
+from tensorcurv.core.options import Option
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,
                "softplus": nn.Softplus}
-NORMS = ("none", "group", "batch")
+
+
+class Norm(Option):
+    """Normalization layers of the CNNs: ``none``, ``group`` or ``batch``."""
+
+    NONE = "none"
+    GROUP = "group"
+    BATCH = "batch"
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 #: weight initializations of :func:`initialize` (``torch``: keep PyTorch's default)
-INITS = ("torch", "xavier_uniform")
+
+
+class Init(Option):
+    """Weight initialization: torch's default or ``xavier_uniform`` (zero biases)."""
+
+    TORCH = "torch"
+    XAVIER_UNIFORM = "xavier_uniform"
 AUTOENCODER_PRESETS: dict[str, list[int]] = {
     "mnist": [1000, 500, 250, 30],
     "curves": [400, 200, 100, 50, 25, 6],
@@ -81,14 +96,14 @@ def mlp(input_shape, num_outputs, hidden_sizes: Sequence[int] = (64, 64), activa
 
 
 def initialize(model: ModuleT, init: str = "torch", bias_init: float | None = None) -> ModuleT:
-    """Re-initialize every ``Linear`` / ``Conv2d`` of ``model`` in place (see :data:`INITS`); returns it.
+    """Re-initialize every ``Linear`` / ``Conv2d`` of ``model`` in place (see :class:`Init`); returns it.
 
     ``xavier_uniform``: weights ``U(−a, a)``, ``a = √(6/(fan_in + fan_out))`` (gain 1), biases 0.
     ``bias_init``: then every bias is this constant (the thesis code uses 0.01). Draws from torch's
     global generator, like the default initialization.
     """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; valid: {list(INITS)}")
+    if init not in Init.values():
+        raise ValueError(f"unknown init {init!r}; valid: {Init.values()}")
     for m in model.modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
@@ -111,8 +126,8 @@ def autoencoder(input_shape, num_outputs=None, hidden_sizes: Sequence[int] | Non
         hidden_sizes = AUTOENCODER_PRESETS[preset]
     if hidden_sizes is None:
         hidden_sizes = [2 * d, max(2, d // 2)]
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; valid: {list(INITS)}")
+    if init not in Init.values():
+        raise ValueError(f"unknown init {init!r}; valid: {Init.values()}")
     widths = [d, *[int(h) for h in hidden_sizes]]
     layers: list[nn.Module] = [nn.Flatten()]
     enc = list(zip(widths[:-1], widths[1:]))
@@ -198,8 +213,8 @@ class ResNet(nn.Module):
                  norm: str = "none", groups: int = 8, activation: str = "relu") -> None:
         super().__init__()
         c, _, _ = _image_shape("resnet", input_shape)
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; valid: {list(NORMS)}")
+        if norm not in Norm.values():
+            raise ValueError(f"unknown norm {norm!r}; valid: {Norm.values()}")
         w0 = int(widths[0])
         self.stem = nn.Sequential(nn.Conv2d(c, w0, 3, padding=1, bias=norm == "none"), _norm(norm, w0, groups),
                                   _act(activation))

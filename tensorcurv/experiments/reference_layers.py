@@ -20,12 +20,21 @@ from functools import cache
 import torch
 from torch import nn
 
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.curvature import Curvature
 from tensorcurv.experiments import data as data
 from tensorcurv.experiments import models as models
 
-NETWORKS = ("mlp", "autoencoder", "cnn")
+
+class ReferenceNetwork(Option):
+    """The small trained networks whose layers the structure tests and benchmarks use."""
+
+    MLP = "mlp"
+    AUTOENCODER = "autoencoder"
+    CNN = "cnn"
+
+
 TRAIN_STEPS = 300  # Adam, lr 1e-3, batch 128: a few seconds on 2 CPU cores for each network
 
 
@@ -37,7 +46,7 @@ def _build(net: str) -> tuple[nn.Module, str, bool]:
         return models.autoencoder((64,), hidden_sizes=(128, 32), activation="sigmoid"), "mse", False
     if net == "cnn":
         return models.CNN((1, 8, 8), 10, channels=(8, 16), hidden=32, activation="relu"), "cross_entropy", True
-    raise ValueError(f"unknown reference network {net!r}; valid: {list(NETWORKS)}")
+    raise ValueError(f"unknown reference network {net!r}; valid: {ReferenceNetwork.values()}")
 
 
 def _loss_fn(loss: str) -> nn.Module:

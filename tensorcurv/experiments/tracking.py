@@ -33,8 +33,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-KINDS = ("wandb", "csv", "none")
-WANDB_MODES = ("offline", "online", "disabled")
+from tensorcurv.core.options import Option
+
+
+class LoggerKind(Option):
+    """Where metrics go: ``wandb``, ``csv`` files, or ``none``."""
+
+    WANDB = "wandb"
+    CSV = "csv"
+    NONE = "none"
+
+
+class WandbMode(Option):
+    """W&B's run mode."""
+
+    OFFLINE = "offline"
+    ONLINE = "online"
+    DISABLED = "disabled"
 
 
 def _plain(v: Any) -> Any:
@@ -164,8 +179,7 @@ class WandbLogger(Logger):
                  mode: str = "offline", project: str = "tensorcurv", entity: str | None = None,
                  name: str | None = None, group: str | None = None, tags: list[str] | None = None,
                  run_id: str | None = None, history: list[Mapping[str, Any]] | tuple = ()) -> None:
-        if mode not in WANDB_MODES:
-            raise ValueError(f"logger.mode={mode!r} is not one of {list(WANDB_MODES)}")
+        WandbMode.parse(mode, "logger.mode")
         import wandb
 
         self._wandb = wandb
@@ -262,8 +276,7 @@ def build(cfg: Mapping[str, Any] | None, run_dir: str | os.PathLike, config: Map
     """
     cfg = dict(cfg or {"kind": "csv"})
     kind = cfg.pop("kind", "csv")
-    if kind not in KINDS:
-        raise ValueError(f"logger.kind={kind!r} is not one of {list(KINDS)}")
+    LoggerKind.parse(kind, "logger.kind")
     if kind == "csv":
         return CsvLogger(run_dir)
     if kind == "none":

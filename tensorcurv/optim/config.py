@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tensorcurv.core.capture import KINDS
+from tensorcurv.core.capture import CurvatureKind
+from tensorcurv.curvature import Fallback
+from tensorcurv.optim.damping import DampingRule
+from tensorcurv.optim.preconditioner import DecaySchedule
 
 Number = float | Callable[[int], float]
 
@@ -313,9 +316,6 @@ class PSGDKronConfig(SGDConfig):
 
 
 # ---------------------------------------------------------------------------- second order
-DAMPING_RULES = ("fixed", "lm")
-DECAY_SCHEDULES = ("constant", "average")
-FALLBACKS = ("identity", "diagonal")
 
 
 @dataclass
@@ -333,13 +333,13 @@ class SecondOrderConfig:
     """Tikhonov damping λ > 0 of ``(Ĉ + λI)`` (initial value under ``damping_rule=lm``; or a callable)."""
     structure: str = "kfac"
     """Curvature structure: any name in ``tensorcurv.structures.names()``."""
-    kind: str = "ggn"
+    kind: str = CurvatureKind.GGN
     """Curvature kind: ggn (Gauss-Newton), mc or empirical (Fisher)."""
     mc_samples: int = 1
     """Label samples per input for ``kind=mc``."""
     decay: float | None = 0.95
     """Running-average decay of the curvature statistics (None: refit from each batch)."""
-    decay_schedule: str = "constant"
+    decay_schedule: str = DecaySchedule.CONSTANT
     """``constant`` (``decay`` from the 2nd update) or ``average`` (``min(1 − 1/k, decay)`` at the k-th update)."""
     stats_interval: int = 1
     """Capture statistics every k steps (other steps: one plain backward)."""
@@ -353,7 +353,7 @@ class SecondOrderConfig:
     """Clip the global norm of the raw gradient before preconditioning (None: off)."""
     kl_clip: float | None = None
     """KL / trust-region clip κ: scale the step by ``min(1, sqrt(κ / (η² Σ gᵀ P g)))`` (None: off)."""
-    damping_rule: str = "fixed"
+    damping_rule: str = DampingRule.FIXED
     """``fixed`` (λ, or λ(step)) or ``lm`` (Levenberg–Marquardt from the reduction ratio ρ)."""
     lm_interval: int = 1
     """Under ``lm``: adapt λ every k steps (one extra forward pass on the same batch)."""
@@ -367,7 +367,7 @@ class SecondOrderConfig:
     """Under ``lm``: lower bound of λ (> 0)."""
     max_damping: float = 1e4
     """Under ``lm``: upper bound of λ."""
-    fallback: str = "identity"
+    fallback: str = Fallback.IDENTITY
     """Parameters without a Kronecker adapter: identity (raw gradient) or diagonal (exact diagonal block)."""
     seed: int | None = None
     """Seed of the MC label sampler (None: ``torch.initial_seed()``); saved in ``state_dict``."""
@@ -382,28 +382,25 @@ class SecondOrderConfig:
 
     def __post_init__(self) -> None:
         from tensorcurv import structures
-        from tensorcurv.core.exact import COUPLINGS
-        from tensorcurv.optim.refine import OPERATORS
+        from tensorcurv.core.exact import Coupling
+        from tensorcurv.optim.refine import RefineOperator
 
         _positive("lr", self.lr, allow_callable=True)
         _positive("damping", self.damping, allow_callable=True)
         if self.structure not in structures.names():
             raise ValueError(f"structure={self.structure!r} is not one of {structures.names()}")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r} is not one of {list(KINDS)}")
+        self.kind = CurvatureKind.parse(self.kind, "kind")
         _interval("mc_samples", self.mc_samples)
         if self.decay is not None:
             _in_unit("decay", self.decay)
-        if self.decay_schedule not in DECAY_SCHEDULES:
-            raise ValueError(f"decay_schedule={self.decay_schedule!r} is not one of {list(DECAY_SCHEDULES)}")
+        self.decay_schedule = DecaySchedule.parse(self.decay_schedule, "decay_schedule")
         _interval("stats_interval", self.stats_interval)
         _interval("inverse_interval", self.inverse_interval)
         _in_unit("momentum", self.momentum)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _optional_positive("grad_clip", self.grad_clip)
         _optional_positive("kl_clip", self.kl_clip)
-        if self.damping_rule not in DAMPING_RULES:
-            raise ValueError(f"damping_rule={self.damping_rule!r} is not one of {list(DAMPING_RULES)}")
+        self.damping_rule = DampingRule.parse(self.damping_rule, "damping_rule")
         if self.damping_rule == "lm" and callable(self.damping):
             raise ValueError("damping: a callable damping cannot be combined with damping_rule='lm'")
         _interval("lm_interval", self.lm_interval)
@@ -416,15 +413,12 @@ class SecondOrderConfig:
         _positive("max_damping", self.max_damping)
         if self.min_damping > self.max_damping:
             raise ValueError(f"min_damping ({self.min_damping}) must be <= max_damping ({self.max_damping})")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"fallback={self.fallback!r} is not one of {list(FALLBACKS)}")
+        self.fallback = Fallback.parse(self.fallback, "fallback")
         if not (isinstance(self.refine, int) and not isinstance(self.refine, bool) and self.refine >= 0):
             raise ValueError(f"refine must be an integer >= 0 (PCG steps per step; 0: off), got {self.refine!r}")
         _positive("refine_tol", self.refine_tol)
-        if self.refine_coupling not in COUPLINGS:
-            raise ValueError(f"refine_coupling={self.refine_coupling!r} is not one of {list(COUPLINGS)}")
-        if self.refine_operator not in OPERATORS:
-            raise ValueError(f"refine_operator={self.refine_operator!r} is not one of {list(OPERATORS)}")
+        self.refine_coupling = Coupling.parse(self.refine_coupling, "refine_coupling")
+        self.refine_operator = RefineOperator.parse(self.refine_operator, "refine_operator")
         if self.refine and self.refine_operator == "stats" and self.stats_interval != 1:
             raise ValueError(f"refine_operator='stats' needs the statistics of every step (stats_interval=1, got "
                              f"{self.stats_interval}); use refine_operator='func'")
@@ -437,7 +431,7 @@ class SecondOrderConfig:
 class NaturalGradientConfig(SecondOrderConfig):
     """Natural gradient: the Fisher (``mc`` by default, or ``empirical``) as curvature."""
 
-    kind: str = "mc"
+    kind: str = CurvatureKind.MC
     """Fisher kind: mc (sampled labels, the true Fisher) or empirical (true labels); ggn is accepted."""
 
 

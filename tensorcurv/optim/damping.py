@@ -16,6 +16,15 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from tensorcurv.core.options import Option
+
+
+class DampingRule(Option):
+    """How λ moves in training: ``fixed`` (:class:`FixedDamping`) or ``lm`` (:class:`LevenbergMarquardt`)."""
+
+    FIXED = "fixed"
+    LM = "lm"
+
 
 class FixedDamping:
     """λ constant (or ``λ(step)`` for a callable); :meth:`observe` does nothing."""

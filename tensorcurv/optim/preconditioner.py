@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from tensorcurv.core.losses import as_loss_spec
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import NonFiniteError
 from tensorcurv.curvature import Curvature
 from tensorcurv.distributed import DistributedCurvature
@@ -51,7 +52,12 @@ from tensorcurv.distributed import resolve as resolve_distributed
 from tensorcurv.distributed.reduce import sync_step
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt
 
-DECAY_SCHEDULES = ("constant", "average")
+
+class DecaySchedule(Option):
+    """Running-average decay over updates: ``constant`` or ``average`` (``min(1 − 1/k, decay)``)."""
+
+    CONSTANT = "constant"
+    AVERAGE = "average"
 
 
 def scheduled_decay(decay: float | None, schedule: str, k: int) -> float | None:
@@ -102,8 +108,7 @@ class Preconditioner:
         for key, v in (("stats_interval", stats_interval), ("inverse_interval", inverse_interval)):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
-        if decay_schedule not in DECAY_SCHEDULES:
-            raise ValueError(f"decay_schedule={decay_schedule!r} is not one of {list(DECAY_SCHEDULES)}")
+        decay_schedule = DecaySchedule.parse(decay_schedule, "decay_schedule")
         # data parallel (tensorcurv.distributed): a DDP model is unwrapped; statistics, gradients and
         # loss are reduced across the process group so every rank takes the global-batch step
         model, self.comm = resolve_distributed(model, comm)

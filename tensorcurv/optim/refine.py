@@ -33,15 +33,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
 from tensorcurv.core.exact import ExactModel, ParamLayout, check_coupling
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg.krylov import preconditioned_refinement
 
-OPERATORS = ("stats", "func")
+class RefineOperator(Option):
+    """Where the refinement's ``C v`` comes from: the captured per-sample factors, or torch.func GGN products."""
+
+    STATS = "stats"
+    FUNC = "func"
 
 
 def check_operator(operator: str) -> None:
-    if operator not in OPERATORS:
-        raise ValueError(f"refine_operator={operator!r} is not one of {list(OPERATORS)}")
+    RefineOperator.parse(operator, "refine_operator")
 
 
 def stats_operator(stats: Mapping[str, LayerStats], layout: ParamLayout, coupling: str) -> Callable[[Tensor], Tensor]:
@@ -162,4 +166,4 @@ class Refinement:
         return out, report
 
 
-__all__ = ["OPERATORS", "Refinement", "check_operator", "ggn_operator", "stats_operator"]
+__all__ = ["RefineOperator", "Refinement", "check_operator", "ggn_operator", "stats_operator"]

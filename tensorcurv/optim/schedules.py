@@ -17,11 +17,20 @@ from typing import Any
 
 from torch.optim import Optimizer, lr_scheduler
 
-NAMES = ("constant", "step", "cosine_warmup", "cosine_restarts")
+from tensorcurv.core.options import Option
+
+
+class Schedule(Option):
+    """Learning-rate schedules of :func:`build`."""
+
+    CONSTANT = "constant"
+    STEP = "step"
+    COSINE_WARMUP = "cosine_warmup"
+    COSINE_RESTARTS = "cosine_restarts"
 
 
 def names() -> list[str]:
-    return list(NAMES)
+    return Schedule.values()
 
 
 def _only(name: str, kw: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -56,4 +65,4 @@ def build(optimizer: Optimizer, name: str, total_steps: int, **kw: Any) -> lr_sc
         _only(name, kw, ("T_0", "T_mult", "eta_min"))
         return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=kw.get("T_0", max(1, total_steps // 4)),
                                                         T_mult=kw.get("T_mult", 1), eta_min=kw.get("eta_min", 0.0))
-    raise ValueError(f"unknown schedule {name!r}; valid: {list(NAMES)}")
+    raise ValueError(f"unknown schedule {name!r}; valid: {Schedule.values()}")

@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from tensorcurv.core.options import plain_options
 from tensorcurv.core.stats import LayerStats, NonFiniteError
 from tensorcurv.linalg import symmetric_eigh
 from tensorcurv.structures import generic
@@ -230,7 +231,7 @@ class Structure(ABC):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"tensors": {k: v.clone() for k, v in self.tensors().items()},
-                "hparams": dataclasses.asdict(self.hparams), "fitted": self.fitted}
+                "hparams": plain_options(dataclasses.asdict(self.hparams)), "fitted": self.fitted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state["tensors"].items():

@@ -13,6 +13,15 @@ from __future__ import annotations
 
 import math
 
+from tensorcurv.core.options import Option
+
+
+class DampingKind(Option):
+    """How ``λ`` enters a Kronecker solve: exact Tikhonov ``(Ĉ + λI)^{-1}`` or π-damped factors."""
+
+    TIKHONOV = "tikhonov"
+    PI = "pi"
+
 
 def pi_ratio(trace_A: float, trace_G: float, shape: tuple[int, int]) -> float:
     """``π = sqrt((tr A / n) / (tr G / m))`` for a block of ``shape = (m, n)``; 1 if a trace is ``≤ 0``."""

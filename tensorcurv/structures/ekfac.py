@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tensorcurv.core.stats import WEIGHT_SHARING, LayerStats
+from tensorcurv.core.stats import LayerStats, WeightSharing
 from tensorcurv.linalg import vec
 from tensorcurv.structures.base import Structure, register, sym_eig
 from tensorcurv.structures.generic import top_entries
@@ -23,14 +23,13 @@ from tensorcurv.structures.generic import top_entries
 
 @dataclass
 class EKFACHparams:
-    weight_sharing: str = "expand"
+    weight_sharing: str = WeightSharing.EXPAND
     """Weight-sharing treatment for the K-FAC factors that define the eigenbasis."""
     chunk: int = 256
     """Samples per chunk when projecting per-sample gradients of weight-shared layers."""
 
     def __post_init__(self) -> None:
-        if self.weight_sharing not in WEIGHT_SHARING:
-            raise ValueError(f"weight_sharing={self.weight_sharing!r} is not one of {list(WEIGHT_SHARING)}")
+        self.weight_sharing = WeightSharing.parse(self.weight_sharing, "weight_sharing")
         if self.chunk < 1:
             raise ValueError(f"ekfac.chunk must be >= 1, got {self.chunk}")
 

@@ -73,8 +73,8 @@ def top_entries(vals: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return top, idx // vals.shape[1], idx % vals.shape[1]
 
 
-def subspace_iteration(structure: Any, k: int, ref: Tensor, maxiter: int = 200,
-                       rtol: float = 1e-10) -> tuple[Tensor, Tensor]:
+def subspace_iteration(structure: Any, k: int, ref: Tensor, max_iter: int = 200,
+                       tol: float = 1e-10) -> tuple[Tensor, Tensor]:
     """Leading ``k`` eigenpairs of a PSD block through its ``mv`` (block power method + Rayleigh–Ritz)."""
     m, n = structure.shape
     d, p = m * n, min(m * n, k + 8)
@@ -85,11 +85,11 @@ def subspace_iteration(structure: Any, k: int, ref: Tensor, maxiter: int = 200,
     def apply(X):
         return torch.stack([vec(structure.mv(unvec(x, m, n))) for x in X.T], dim=1)
 
-    for _ in range(maxiter):
+    for _ in range(max_iter):
         Y = apply(Q)
         evals, W = torch.linalg.eigh(0.5 * ((Q.T @ Y) + (Q.T @ Y).T))
         top = evals.flip(0)[:k]
-        if prev is not None and (top - prev).abs().max() <= rtol * top.abs().max().clamp_min(1e-300):
+        if prev is not None and (top - prev).abs().max() <= tol * top.abs().max().clamp_min(1e-300):
             break
         prev = top
         Q, _ = torch.linalg.qr(Y)

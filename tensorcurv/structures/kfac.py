@@ -19,13 +19,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tensorcurv.core.stats import WEIGHT_SHARING, LayerStats
+from tensorcurv.core.options import Option
+from tensorcurv.core.stats import LayerStats, WeightSharing
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, Structure, check_damping, register, sym_eig
-from tensorcurv.structures.damping import factored_shifts, pi_ratio
+from tensorcurv.structures.damping import DampingKind, factored_shifts, pi_ratio
 from tensorcurv.structures.generic import per_sample_grad_chunks, top_entries
 
-DAMPING_KINDS = ("tikhonov", "pi")
-INVERSES = ("eigh", "cholesky")
+
+class Inverse(Option):
+    """How a kfac solve applies the damped inverse: eigenbasis (any damping kind) or explicit π-damped inverses."""
+
+    EIGH = "eigh"
+    CHOLESKY = "cholesky"
 
 
 class _EigenSolveCache(NamedTuple):
@@ -58,23 +63,20 @@ class _InverseCache(NamedTuple):
 
 @dataclass
 class KFACHparams:
-    damping_kind: str = "tikhonov"
+    damping_kind: str = DampingKind.TIKHONOV
     """``tikhonov``: exact (A⊗G + λI)^{-1}; ``pi``: factored (A + π√λI)^{-1} ⊗ (G + √λ/π I)^{-1}."""
-    weight_sharing: str = "expand"
+    weight_sharing: str = WeightSharing.EXPAND
     """Conv / sequence layers: ``expand`` (positions as samples) or ``reduce`` (positions summed)."""
-    inverse: str = "eigh"
+    inverse: str = Inverse.EIGH
     """``eigh`` (4 matmuls per solve) or ``cholesky`` (explicit π-damped inverses, 2 matmuls; needs ``pi``)."""
 
     def __post_init__(self) -> None:
-        if self.damping_kind not in DAMPING_KINDS:
-            raise ValueError(f"damping_kind={self.damping_kind!r} is not one of {list(DAMPING_KINDS)}")
-        if self.inverse not in INVERSES:
-            raise ValueError(f"inverse={self.inverse!r} is not one of {list(INVERSES)}")
+        self.damping_kind = DampingKind.parse(self.damping_kind, "damping_kind")
+        self.inverse = Inverse.parse(self.inverse, "inverse")
         if self.inverse == "cholesky" and self.damping_kind != "pi":
             raise ValueError("inverse='cholesky' needs damping_kind='pi' (exact Tikhonov damping has no "
                              "2-factor inverse; use inverse='eigh')")
-        if self.weight_sharing not in WEIGHT_SHARING:
-            raise ValueError(f"weight_sharing={self.weight_sharing!r} is not one of {list(WEIGHT_SHARING)}")
+        self.weight_sharing = WeightSharing.parse(self.weight_sharing, "weight_sharing")
 
 
 @register("kfac")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures import base as _base
@@ -40,8 +41,19 @@ from tensorcurv.structures.base import (
 )
 from tensorcurv.structures.model import ModelStructure
 
-VARIANTS = ("additive", "balanced")
-COARSE_SPACES = ("nicolaides", "spectral")
+
+class Variant(Option):
+    """How the coarse correction combines with the block solve: ``additive`` or ``balanced`` (deflated)."""
+
+    ADDITIVE = "additive"
+    BALANCED = "balanced"
+
+
+class CoarseSpace(Option):
+    """The coarse vectors ``Z``: ``nicolaides`` (one indicator per layer) or ``spectral`` (leading eigenvectors)."""
+
+    NICOLAIDES = "nicolaides"
+    SPECTRAL = "spectral"
 
 
 @dataclass
@@ -50,11 +62,11 @@ class TwoLevelHparams:
     """Layer structure of the diagonal blocks ``B_l`` (``kfac``, ``ekfac``, ``dense``, ...)."""
     base_hparams: dict = field(default_factory=dict)
     """Hyper-parameters passed to every base block (validated by the base's own ``Hparams``)."""
-    coarse_space: str = "nicolaides"
+    coarse_space: str = CoarseSpace.NICOLAIDES
     """``nicolaides``: one normalized indicator per layer; ``spectral``: leading eigenvectors of ``B_l``."""
     coarse_vectors_per_layer: int = 1
     """Coarse vectors per layer (``spectral``; ``nicolaides`` has exactly 1)."""
-    variant: str = "additive"
+    variant: str = Variant.ADDITIVE
     """``additive``: ``M^{-1} + Z E^{-1} Zᵀ``; ``balanced``: balancing Neumann–Neumann (deflated) form."""
 
     def __post_init__(self) -> None:
@@ -66,10 +78,8 @@ class TwoLevelHparams:
             _base.make_hparams(self.base, **self.base_hparams)
         except (ValueError, TypeError) as e:
             raise ValueError(f"two_level.base_hparams: {e}") from None
-        if self.coarse_space not in COARSE_SPACES:
-            raise ValueError(f"two_level.coarse_space={self.coarse_space!r} is not one of {list(COARSE_SPACES)}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"two_level.variant={self.variant!r} is not one of {list(VARIANTS)}")
+        self.coarse_space = CoarseSpace.parse(self.coarse_space, "two_level.coarse_space")
+        self.variant = Variant.parse(self.variant, "two_level.variant")
         k = self.coarse_vectors_per_layer
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"two_level.coarse_vectors_per_layer must be an integer >= 1, got {k!r}")

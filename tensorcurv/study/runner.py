@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tensorcurv.core.capture import check_kind
+from tensorcurv.core.capture import CurvatureKind, check_kind
 from tensorcurv.core.exact import ExactBlock
 from tensorcurv.core.losses import as_loss_spec
 from tensorcurv.curvature import Curvature
@@ -17,9 +17,6 @@ from tensorcurv.study.variants import make_variants
 #: The keys of the ``study`` config passed through to :func:`~tensorcurv.study.evaluate.evaluate`.
 EVALUATE_KEYS = ("damping_rel", "floor_ranks", "spectral", "spectral_max_iter", "spectral_tol", "spectrum_layer",
                  "spectrum_k", "chunk", "solve_repeats")
-
-
-KINDS = ("empirical", "mc", "ggn")
 
 
 def checkpoint_steps(total: int, fractions: Sequence[float]) -> list[int]:
@@ -76,7 +73,7 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
     splits, model = _build_model_and_data(cfg, dtype)
     loss = as_loss_spec(str(cfg.get("loss", "cross_entropy")))
     variants = make_variants(scfg.get("structures", "all"), scfg.get("hparams"), scfg.get("sweeps"))
-    kinds = list(scfg.get("kinds", KINDS))
+    kinds = list(scfg.get("kinds", CurvatureKind.values()))
     for kd in kinds:
         check_kind(kd, int(scfg.get("mc_samples", 1)))
     Xtr, ytr = splits.train

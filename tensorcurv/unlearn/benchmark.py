@@ -25,9 +25,9 @@ def default_methods(quick: bool = False, lissa_depth: int | None = None) -> list
     ms = [
         MethodSpec("first_order", order=1, tau="cauchy"),
         MethodSpec("exact", solver="exact", solver_kwargs={"curvature": "ggn"}),
-        MethodSpec("cg", solver="cg", solver_kwargs={"curvature": "ggn", "tol": 1e-6, "max_iters": 500}),
+        MethodSpec("cg", solver="cg", solver_kwargs={"curvature": "ggn", "tol": 1e-6, "max_iter": 500}),
         MethodSpec("lissa", solver="lissa", solver_kwargs={"curvature": "ggn", "depth": depth, "batch_size": 128}),
-        MethodSpec("pcg:kfac", solver="cg", solver_kwargs={"curvature": "ggn", "tol": 1e-6, "max_iters": 500,
+        MethodSpec("pcg:kfac", solver="cg", solver_kwargs={"curvature": "ggn", "tol": 1e-6, "max_iter": 500,
                                                            "preconditioner": {"structure": "kfac"}}),
     ]
     per_structure = {"kfac": {}, "ekfac": {}, "kron_sum": {"rank": 2}, "tt": {}, "two_level": {}, "dense": {}}

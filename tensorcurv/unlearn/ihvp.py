@@ -120,7 +120,7 @@ class ExactSolver(IHVPSolver):
 class CGSolver(IHVPSolver):
     """Conjugate gradients on matrix-free ``(H + λI) p`` (``torch.func`` JVP/VJP, full data).
 
-    Stops when ``‖r‖ ≤ tol ‖v‖`` (:func:`tensorcurv.linalg.krylov.pcg`); fails on ``max_iters`` without
+    Stops when ``‖r‖ ≤ tol ‖v‖`` (:func:`tensorcurv.linalg.krylov.pcg`); fails on ``max_iter`` without
     convergence or on non-positive curvature ``pᵀ(H + λI)p ≤ 0`` (possible for the Hessian of a
     non-convex model).
     ``preconditioner``: an optional :class:`IHVPSolver` (e.g. a :class:`StructureSolver` with K-FAC),
@@ -131,14 +131,14 @@ class CGSolver(IHVPSolver):
     name = "cg"
 
     def __init__(self, curvature: str = "hessian", damping: float = 0.0, tol: float = 1e-8,
-                 max_iters: int = 500, preconditioner: IHVPSolver | None = None) -> None:
+                 max_iter: int = 500, preconditioner: IHVPSolver | None = None) -> None:
         super().__init__(damping)
         check_curvature(curvature)
         if not (tol > 0):
             raise ValueError(f"cg: tol must be > 0, got {tol!r}")
-        if not (isinstance(max_iters, int) and max_iters >= 1):
-            raise ValueError(f"cg: max_iters must be an integer >= 1, got {max_iters!r}")
-        self.curvature, self.tol, self.max_iters = curvature, tol, max_iters
+        if not (isinstance(max_iter, int) and max_iter >= 1):
+            raise ValueError(f"cg: max_iter must be an integer >= 1, got {max_iter!r}")
+        self.curvature, self.tol, self.max_iter = curvature, tol, max_iter
         self.preconditioner = preconditioner
         if preconditioner is not None:
             self.name = f"pcg:{getattr(preconditioner, 'structure', preconditioner.name)}"
@@ -156,7 +156,7 @@ class CGSolver(IHVPSolver):
 
     def _solve(self, v: Tensor) -> IHVPResult:
         x, info = pcg(self.matvec, v, None if self.preconditioner is None else self._precond,
-                      tol=self.tol, max_iter=self.max_iters)
+                      tol=self.tol, max_iter=self.max_iter)
         it, res = info["iterations"], info["residual"]
         if info["converged"]:
             return IHVPResult(x, True, self.name, it, res)
@@ -167,7 +167,7 @@ class CGSolver(IHVPSolver):
                           f"no convergence in {it} iterations (relative residual {res:.3g} > tol {self.tol:g})")
 
     def describe(self):
-        out = {**super().describe(), "curvature": self.curvature, "tol": self.tol, "max_iters": self.max_iters}
+        out = {**super().describe(), "curvature": self.curvature, "tol": self.tol, "max_iter": self.max_iter}
         if self.preconditioner is not None:
             out["preconditioner"] = self.preconditioner.describe()
         return out

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from tensorcurv.core.losses import LossSpec, as_loss_spec
+from tensorcurv.core.options import Option
 
 
 class Objective:
@@ -154,9 +155,13 @@ class Objective:
         return G
 
 
-CURVATURES = ("hessian", "ggn")
+class ObjectiveCurvature(Option):
+    """The curvature of an unlearning objective: its exact ``hessian`` or its Gauss-Newton ``ggn``."""
+
+    HESSIAN = "hessian"
+    GGN = "ggn"
 
 
 def check_curvature(curvature: str) -> None:
-    if curvature not in CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; valid: {list(CURVATURES)}")
+    if curvature not in ObjectiveCurvature.values():
+        raise ValueError(f"unknown curvature {curvature!r}; valid: {ObjectiveCurvature.values()}")

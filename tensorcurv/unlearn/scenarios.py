@@ -16,9 +16,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tensorcurv.core.options import Option
 from tensorcurv.unlearn.updates import AffectedSet
 
-SCENARIOS = ("label_flip", "backdoor", "deletion")
+
+class ScenarioName(Option):
+    """The unlearning scenarios of :func:`make`."""
+
+    LABEL_FLIP = "label_flip"
+    BACKDOOR = "backdoor"
+    DELETION = "deletion"
 
 
 @dataclass
@@ -99,7 +106,7 @@ def deletion(X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: 
 def make(name: str, X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: int, **kwargs) -> Scenario:
     builders = {"label_flip": label_flip, "backdoor": backdoor, "deletion": deletion}
     if name not in builders:
-        raise ValueError(f"unknown scenario {name!r}; valid: {list(SCENARIOS)}")
+        raise ValueError(f"unknown scenario {name!r}; valid: {ScenarioName.values()}")
     return builders[name](X, y, X_test, y_test, num_classes, **kwargs)
 
 

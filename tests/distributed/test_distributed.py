@@ -135,7 +135,7 @@ def _main(rank, port, out_dir):
     res = {"ggn": _fit_all(comm), "empirical": {"kfac": _fit_all_kind(comm, "empirical")}}
     res["train_gn_kfac"] = _train(comm, "gauss_newton", structure="kfac", damping=1e-2, decay=0.9)
     res["train_ng_kron_sum"] = _train(comm, "gauss_newton", structure="kron_sum", rank=2, damping=1e-2,
-                                      decay=0.9, inverse_interval=2, damping_kind="factored", max_iter=10)
+                                      decay=0.9, inverse_interval=2, damping_kind="pi", max_iter=10)
     res["train_adam"] = _train(comm, "adam", lr=1e-2)
     res["train_all"] = _train_all(comm)
     comm32 = tdist.Comm(comm_dtype=torch.float32)
@@ -295,7 +295,7 @@ def _single_train(name, steps=3, **kw):
 @pytest.mark.parametrize("key,name,kw", [
     ("train_gn_kfac", "gauss_newton", dict(structure="kfac", damping=1e-2, decay=0.9)),
     ("train_ng_kron_sum", "gauss_newton", dict(structure="kron_sum", rank=2, damping=1e-2, decay=0.9,
-                                               inverse_interval=2, damping_kind="factored", max_iter=10)),
+                                               inverse_interval=2, damping_kind="pi", max_iter=10)),
     ("train_adam", "adam", dict(lr=1e-2)),
 ])
 def test_ddp_training_steps_give_single_process_parameters(ranks, key, name, kw):

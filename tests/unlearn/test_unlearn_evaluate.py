@@ -58,7 +58,7 @@ def test_retraining_row_has_zero_distance_and_full_agreement():
 def test_failed_method_is_reported_and_scored_as_the_original_model():
     X, y = data()
     aff = AffectedSet.removal([4, 5])
-    spec = MethodSpec("cg1", solver="cg", solver_kwargs={"curvature": "ggn", "tol": 1e-14, "max_iters": 1})
+    spec = MethodSpec("cg1", solver="cg", solver_kwargs={"curvature": "ggn", "tol": 1e-14, "max_iter": 1})
     rows, _ = evaluate_methods(logreg(), X, y, aff, X[:10], y[:10], [spec], mu=0.5)
     row = rows[-1]
     assert row["status"].startswith("ihvp not converged") and row["rel_dist"] == pytest.approx(1.0)

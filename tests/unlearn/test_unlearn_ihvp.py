@@ -39,7 +39,7 @@ def test_cg_matches_exact_to_its_tolerance(curvature):
 
 def test_cg_reports_failure_when_not_converged():
     obj, th, X, y, v = _setup(mlp)
-    res = CGSolver("ggn", tol=1e-14, max_iters=2).prepare(obj, th, X, y).solve(v)
+    res = CGSolver("ggn", tol=1e-14, max_iter=2).prepare(obj, th, X, y).solve(v)
     assert not res.converged and res.iterations == 2 and res.residual > 1e-14
 
 

@@ -123,7 +123,7 @@ def test_model_unchanged_when_cg_does_not_converge():
     model = mlp()
     trained(model, X, y, MU)
     before = [p.detach().clone() for p in model.parameters()]
-    res = second_order_update(model, X, y, AffectedSet.removal([1, 2]), CGSolver("ggn", tol=1e-14, max_iters=1), mu=MU)
+    res = second_order_update(model, X, y, AffectedSet.removal([1, 2]), CGSolver("ggn", tol=1e-14, max_iter=1), mu=MU)
     assert not res.ok and not res.applied and "not converged" in res.status
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)

@@ -8,7 +8,7 @@ Rank r reaches the Eckart–Young optimum ``sqrt(Σ_{i>r} σ_i²)`` of the rearr
 * ``psd``: ``shrink`` (default; terms ``k ≥ 2`` scaled by a proven ``t ≤ 1``, proofs in
   :mod:`tensorcurv.structures.kron_sum.certificates`), ``factors`` (``A_k, G_k ⪰ 0``,
   :mod:`tensorcurv.structures.kron_sum.psd_factors`) or ``none`` (pure Eckart–Young);
-* solve (``damping_kind``): ``tikhonov`` ``(Ĉ + λI)^{-1}`` (rank 1 exact, else PCG) or ``factored``
+* solve (``damping_kind``): ``tikhonov`` ``(Ĉ + λI)^{-1}`` (rank 1 exact, else PCG) or ``pi``
   (π-damping of the dominant term; exact for rank ≤ 2);
 * ``update``: refit the batch, then re-truncate ``decay·Ĉ_old + (1−decay)·Ĉ_batch`` to rank r.
 
@@ -27,7 +27,7 @@ from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg.krylov import pcg_or_fallback
 from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.structures.base import Structure, register
-from tensorcurv.structures.damping import factored_shifts, pi_ratio
+from tensorcurv.structures.damping import DampingKind, factored_shifts, pi_ratio
 from tensorcurv.structures.generic import batched_mv, per_sample_grad_chunks
 from tensorcurv.structures.kron_sum.certificates import (
     DENSE_PROOF_MAX_DIM,
@@ -54,7 +54,6 @@ PSD_PROOFS = ("auto", "samples", "spectral", "dense")
 INTERVAL_PROOF = "interval certificate (old state's intervals, batch sample weights)"
 #: ``update``: the free interval certificate is used when its t is at least this fraction of the current t
 INTERVAL_ACCEPT = 0.5
-DAMPING_KINDS = ("tikhonov", "factored")
 
 
 @dataclass
@@ -65,8 +64,8 @@ class KronSumHparams:
     """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``factors``: every A_k, G_k ⪰ 0
     (:mod:`tensorcurv.structures.kron_sum.psd_factors`: T = 1 nonnegative combinations of
     sample atoms, else projected HALS; from the rank-1 fit, monotone in r); ``none``: pure truncated SVD."""
-    damping_kind: str = "tikhonov"
-    """``tikhonov``: (Ĉ + λI)^{-1}; ``factored``: π-damping on the dominant term (exact for r ≤ 2)."""
+    damping_kind: str = DampingKind.TIKHONOV
+    """``tikhonov``: (Ĉ + λI)^{-1}; ``pi``: π-damping on the dominant term (exact for r ≤ 2)."""
     method: str = "auto"
     """Fit: ``power`` (implicit block subspace iteration), ``gram`` (sample space, T = 1) or ``auto``."""
     tol: float = 1e-4
@@ -116,8 +115,7 @@ class KronSumHparams:
             raise ValueError(f"kron_sum.psd={self.psd!r} is not one of {list(PSD_MODES)}")
         if self.psd_proof not in PSD_PROOFS:
             raise ValueError(f"kron_sum.psd_proof={self.psd_proof!r} is not one of {list(PSD_PROOFS)}")
-        if self.damping_kind not in DAMPING_KINDS:
-            raise ValueError(f"kron_sum.damping_kind={self.damping_kind!r} is not one of {list(DAMPING_KINDS)}")
+        self.damping_kind = DampingKind.parse(self.damping_kind, "kron_sum.damping_kind")
         if self.method not in METHODS:
             raise ValueError(f"kron_sum.method={self.method!r} is not one of {list(METHODS)}")
         if not self.tol > 0 or not self.pcg_tol > 0:
@@ -147,7 +145,7 @@ class KronSum(Structure):
         if r > min(n * n, m * m):
             raise ValueError(f"kron_sum.rank={r} exceeds min(n², m²) = {min(n * n, m * m)} "
                              f"for a block of weight shape {self.shape}")
-        self.exact_solve = r == 1 or (r == 2 and self.hparams.damping_kind == "factored")
+        self.exact_solve = r == 1 or (r == 2 and self.hparams.damping_kind == "pi")
         self.generator = torch.Generator().manual_seed(self.hparams.seed)
         self.last_fit: dict[str, Any] = {}
         self._cache: dict[Any, Any] = {}
@@ -289,7 +287,7 @@ class KronSum(Structure):
         self.A, self.G, self._bounds, self._psd_scale = A, G, bounds, t
         self.fitted, self._cache = True, {}
         skew = bool(A.shape[0] > 1 and antisymmetric(A[1:2]).any())
-        self.exact_solve = self.hparams.rank == 1 or (self.hparams.rank == 2 and self.hparams.damping_kind == "factored"
+        self.exact_solve = self.hparams.rank == 1 or (self.hparams.rank == 2 and self.hparams.damping_kind == "pi"
                                                        and not skew)
 
     def _set(self, A: Tensor, G: Tensor, certified: bool = False, coefficients=None, factors=None) -> None:
@@ -322,7 +320,7 @@ class KronSum(Structure):
     def _rank1_solver(self, damping: float, kind: str):
         key = ("r1", damping, kind)
         if key not in self._cache:
-            if kind == "factored":
+            if kind == "pi":
                 Ba, Bg = self._factored_terms(damping)
                 la, Qa = torch.linalg.eigh(Ba)
                 lg, Qg = torch.linalg.eigh(Bg)
@@ -360,7 +358,7 @@ class KronSum(Structure):
         if r == 1:
             self.last_solve = {"method": "kron-eigh", "damping": kind, "exact": True}
             return self._rank1_solver(damping, kind)(V)
-        if r == 2 and kind == "factored" and self.exact_solve:
+        if r == 2 and kind == "pi" and self.exact_solve:
             f, dmin = self._rank2_solver(damping)
             self.last_solve = {"method": "simultaneous-diagonalization", "damping": kind, "exact": True,
                                "min_eigen_denominator": dmin}
@@ -424,7 +422,7 @@ class KronSum(Structure):
         if self.fitted:
             skew = bool(self.A.shape[0] > 1 and antisymmetric(self.A[1:2]).any())
             self.exact_solve = self.hparams.rank == 1 or (self.hparams.rank == 2
-                                                           and self.hparams.damping_kind == "factored" and not skew)
+                                                           and self.hparams.damping_kind == "pi" and not skew)
 
 
 # ---------------------------------------------------------------------- interval certificates (running averages)

@@ -29,6 +29,7 @@ import torch
 from tensorly.decomposition import tensor_train, tucker
 from torch import Tensor
 
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import summed_outer_products
 
@@ -39,12 +40,19 @@ AUTO_ENTRIES = {"tucker": 2 ** 21, "tt": 2 ** 23}
 (2 shared CPU cores, N = 512, K = 10; ``scripts/bench_tensorly_fit.py --break-even``, README): TT-SVD on the formed
 tensor beats the implicit ALS up to ~8M entries (1.0-1.7x at 8.2M, 0.5x at 17M); tensorly's HOOI makes full passes
 over ``𝒯`` per sweep, so its break-even is lower and rank-dependent (1.3-2.8x at 1.1M entries, 0.65-2.3x at 2.4M)."""
-METHODS = ("auto", "implicit", "tensorly")
+
+
+class FitMethod(Option):
+    """How tucker / tt fit ``𝒯``: ``implicit`` contractions, ``tensorly`` on the formed tensor, or ``auto``."""
+
+    AUTO = "auto"
+    IMPLICIT = "implicit"
+    TENSORLY = "tensorly"
 
 
 def check_method(name: str, method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"{name}.method={method!r} is not one of {', '.join(map(repr, METHODS))}")
+    if method not in FitMethod.values():
+        raise ValueError(f"{name}.method={method!r} is not one of {', '.join(map(repr, FitMethod.values()))}")
 
 
 def entries(shape: tuple[int, int]) -> int:

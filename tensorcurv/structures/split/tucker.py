@@ -22,6 +22,7 @@ import opt_einsum as oe
 import torch
 from torch import Tensor
 
+from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import unvec, vec
 from tensorcurv.linalg.krylov import kron_eig_solve, pcg_or_fallback
@@ -56,7 +57,13 @@ def resolve_splits(name: str, key: str, split: list[int] | None, size: int, part
     return split
 
 
-PSD_MODES = ("shift", "none")
+class SplitPsd(Option):
+    """tucker / tt PSD mode: ``shift`` (``½(Ĉ + Ĉᵀ) + μI``, PSD) or ``none`` (the unconstrained fit)."""
+
+    SHIFT = "shift"
+    NONE = "none"
+
+
 LANCZOS_STEPS = 60
 
 
@@ -106,8 +113,8 @@ class SplitHparams:
 
     def _check_common(self, name: str) -> None:
         dtf.check_method(name, self.method)
-        if self.psd not in PSD_MODES:
-            raise ValueError(f"{name}.psd={self.psd!r} is not one of {list(PSD_MODES)}")
+        if self.psd not in SplitPsd.values():
+            raise ValueError(f"{name}.psd={self.psd!r} is not one of {SplitPsd.values()}")
         if (self.num_factors < 1 or self.max_iter < 1 or self.pcg_max_iter < 1 or self.chunk < 1
                 or (self.warm_max_iter is not None and self.warm_max_iter < 1)):
             raise ValueError(f"{name}: num_factors, max_iter, warm_max_iter, pcg_max_iter and chunk must be >= 1")

@@ -69,7 +69,7 @@ def test_kpsvd_is_the_rank_one_kron_sum():
 
 
 def test_weight_sharing_blocks_can_have_an_antisymmetric_second_pair_that_mv_applies_correctly():
-    block = fit("conv", "empirical", "kron_sum", rank=2, damping_kind="factored").blocks["0"]
+    block = fit("conv", "empirical", "kron_sum", rank=2, damping_kind="pi").blocks["0"]
     A1 = block.A[1]
     assert torch.allclose(A1, -A1.T) and torch.allclose(block.G[1], -block.G[1].T)
     assert not block.exact_solve  # simultaneous diagonalization needs symmetric pairs: PCG instead
@@ -93,8 +93,8 @@ def test_rank_one_solve_is_exact(rank, psd):
     assert rel(vec(X), torch.linalg.solve(M, vec(V))) < 1e-10
 
 
-def test_rank_two_factored_solve_is_exact_simultaneous_diagonalization():
-    block = fit("linear", "ggn", "kron_sum", rank=2, damping_kind="factored").blocks["0"]
+def test_rank_two_pi_damped_solve_is_exact_simultaneous_diagonalization():
+    block = fit("linear", "ggn", "kron_sum", rank=2, damping_kind="pi").blocks["0"]
     assert block.exact_solve
     V, lam = torch.randn(block.shape, dtype=torch.float64), 1e-3
     X = block.solve(V, lam)
