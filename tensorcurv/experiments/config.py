@@ -6,7 +6,8 @@
 :func:`~tensorcurv.experiments.unlearn_config.validate_unlearn`) checks the whole composed config *before
 any work starts* against its schemas (:mod:`tensorcurv.experiments.schema`: every key's type, range and
 allowed values, taken from the live registries of datasets, models, activations, structures, optimizers,
-scenarios...; unknown keys refused with the closest valid key) and raises :class:`ConfigError` (a ``ValueError``) with one line::
+scenarios...; unknown keys refused with the closest valid key) and raises :class:`ConfigError`
+(a ``ValueError``) with one line::
 
     curvature.name='kfca' is not a structure (did you mean 'kfac'?); valid: dense, diagonal, ekfac, ...
     unknown key 'lissa_dept'; did you mean 'lissa_depth'? valid keys: name, scenario, fraction, ...
