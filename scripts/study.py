@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
 
     from tensorcurv.experiments import tracking as tracking
     from tensorcurv.experiments.cli import CONFIG_ERROR_EXIT, fail, report_errors, validate_or_exit
-    from tensorcurv.experiments.config import check_study_data
+    from tensorcurv.experiments.study_config import check_study_data
     from tensorcurv.study import report as report
     from tensorcurv.study.runner import run_study
 

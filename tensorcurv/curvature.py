@@ -42,10 +42,17 @@ from torch.func import functional_call, grad, vmap
 
 from tensorcurv import structures
 from tensorcurv.core.capture import CaptureResult, capture, check_kind
-from tensorcurv.core.layers import LayerAdapter, adapter_for
+from tensorcurv.core.layers import LayerAdapter
 from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.core.options import Option
-from tensorcurv.core.stats import SUPPORTED_DTYPES, NonFiniteError
+from tensorcurv.core.parameters import (
+    assign_parameters,
+    check_dtypes,
+    check_model,
+    coverage_table,
+    gradient_list,
+)
+from tensorcurv.core.stats import NonFiniteError
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, check_damping, check_decay, nonfinite
 from tensorcurv.structures.model import ModelStructure
 
@@ -63,34 +70,6 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 class CoupledSamplesWarning(UserWarning):
     """A layer mixes the samples of a batch (BatchNorm in training mode): the captured per-sample
     statistics, hence every block, are not the GGN/Fisher of the model."""
-
-
-def check_model(model: nn.Module) -> None:
-    """A model the curvature can be computed for: real data (not ``meta``), float32/float64 parameters."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if meta:
-        raise ValueError(f"the model is on the 'meta' device ({meta[0]!r} has no data); materialize it first, "
-                         "e.g. model.to_empty(device='cpu') and initialize its parameters")
-    check_dtypes(model.named_parameters())
-
-
-def check_dtypes(named_params) -> None:
-    for n, p in named_params:
-        if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"parameter {n!r} is {p.dtype}; supported dtypes are float32 and float64 "
-                             "(convert with model.float() or model.double())")
-
-
-def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
-    """``id(p) -> [every name of p]`` for parameters reachable under more than one module name
-    (one ``nn.Parameter`` assigned to two modules, or one module registered twice)."""
-    names: dict[int, list[str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pn, p in module.named_parameters(recurse=False):
-            names.setdefault(id(p), []).append(f"{mname}.{pn}" if mname else pn)
-    return {k: v for k, v in names.items() if len(v) > 1}
 
 
 class Curvature:
@@ -121,43 +100,7 @@ class Curvature:
         self.mc_samples, self.fallback = mc_samples, fallback
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-        with_params = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-        unknown = sorted(set(exclude) - set(with_params))
-        if isinstance(exclude, str) or unknown:
-            raise ValueError(f"exclude must be a list of module names with parameters; unknown: "
-                             f"{[exclude] if isinstance(exclude, str) else unknown}; valid: {with_params}")
-        shared = shared_parameters(model)
-        self.adapters: dict[str, LayerAdapter] = {}
-        self._coverage: list[dict[str, str]] = []
-        covered: set[int] = set()
-        listed: set[int] = set()  # one coverage row per parameter, under its first name
-        for name, module in model.named_modules():
-            own = [(pn, p) for pn, p in module.named_parameters(recurse=False)
-                   if p.requires_grad and id(p) not in listed]
-            listed.update(id(p) for _, p in own)
-            if not own:
-                continue
-            cov = adapter_for(name, module)
-            if name in exclude:
-                cov.adapter, cov.reason = None, "excluded by the user"
-            tied = [] if cov.adapter is None else [shared[id(p)] for _, p in cov.adapter.params() if id(p) in shared]
-            if tied:
-                cov.adapter, cov.reason = None, f"shared parameter {tied[0]} (tied/shared parameters are not covered)"
-            if cov.adapter is not None:
-                self.adapters[name] = cov.adapter
-                covered.update(id(p) for _, p in cov.adapter.params())
-            for pn, p in own:
-                full = f"{name}.{pn}" if name else pn
-                if id(p) in covered:
-                    row = {"param": full, "module": cov.module_type, "handled_by": f"{structure} block",
-                           "why": cov.reason}
-                else:
-                    why = cov.reason if cov.adapter is None else f"{pn} of {cov.module_type} cannot be folded"
-                    if id(p) in shared:
-                        why = f"shared parameter {shared[id(p)]} (tied/shared parameters are not covered)"
-                    row = {"param": full, "module": cov.module_type, "handled_by": f"fallback: {fallback}",
-                           "why": why}
-                self._coverage.append(row)
+        self.adapters, self._coverage, covered = assign_parameters(model, structure, fallback, exclude)
 
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
@@ -185,12 +128,8 @@ class Curvature:
         return [dict(r) for r in self._coverage]
 
     def coverage_table(self) -> str:
-        rows = self.coverage()
-        w = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h)
-             for h, k in (("parameter", "param"), ("module", "module"), ("handled by", "handled_by"))]
-        lines = [f"{'parameter':<{w[0]}}  {'module':<{w[1]}}  {'handled by':<{w[2]}}  why"]
-        lines += [f"{r['param']:<{w[0]}}  {r['module']:<{w[1]}}  {r['handled_by']:<{w[2]}}  {r['why']}" for r in rows]
-        return "\n".join(lines)
+        """:meth:`coverage` as an aligned text table."""
+        return coverage_table(self.coverage())
 
     # ------------------------------------------------------------------ statistics
     def capture(self, inputs: Tensor, targets: Tensor, loss_fn: LossSpec | nn.Module | str,
@@ -306,30 +245,7 @@ class Curvature:
 
     # ------------------------------------------------------------------ operators
     def _as_list(self, grads) -> list[Tensor]:
-        if grads is None:
-            missing = [n for n, p in self.named_params if p.grad is None]
-            if missing:
-                raise ValueError(f"no .grad for {missing}; run backward first or pass grads")
-            return [p.grad for p in self.params]
-        if isinstance(grads, Mapping):
-            names = [n for n, _ in self.named_params]
-            missing, unknown = [n for n in names if n not in grads], sorted(set(grads) - set(names))
-            if missing or unknown:
-                raise ValueError(f"gradient dict: missing {missing}, unknown {unknown}; keys must be the "
-                                 f"trainable parameter names {names}")
-            grads = [grads[n] for n in names]
-        grads = list(grads)
-        if len(grads) != len(self.params):
-            raise ValueError(f"expected {len(self.params)} gradient tensors (one per trainable parameter), "
-                             f"got {len(grads)}")
-        for (n, p), g in zip(self.named_params, grads):
-            if not isinstance(g, Tensor):
-                raise TypeError(f"gradient for {n} must be a tensor, got {type(g).__name__}")
-            if g.shape != p.shape:
-                raise ValueError(f"gradient for {n} has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
-            if g.dtype != p.dtype:
-                raise ValueError(f"gradient for {n} is {g.dtype}, parameter is {p.dtype}")
-        return grads
+        return gradient_list(self.named_params, grads)
 
     def _layout(self) -> tuple[list[tuple[str, LayerAdapter, list[int]]], list[tuple[str, int]]]:
         """Index maps into ``self.params`` (built once): ``(layer, adapter, param indices)`` per

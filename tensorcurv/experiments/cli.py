@@ -19,7 +19,9 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from tensorcurv.experiments.config import ConfigError, validate_study, validate_train, validate_unlearn
+from tensorcurv.experiments.config import ConfigError, validate_train
+from tensorcurv.experiments.study_config import validate_study
+from tensorcurv.experiments.unlearn_config import validate_unlearn
 
 #: primary config name -> its validator
 VALIDATORS: dict[str, Callable[[Any], Any]] = {"train": validate_train, "study": validate_study,

@@ -1,11 +1,13 @@
-"""The configs of the three command lines (``train``, ``study``, ``unlearn``) and their validation.
+"""The config of the ``train`` command line, the groups the three command lines share, and their validation.
 
 ``conf/<primary>.yaml`` composes groups (``data``, ``model``, ``curvature``, ``optim``, ``logger``,
-...) plus top-level fields. Each validator (:func:`validate_train`, :func:`validate_study`,
-:func:`validate_unlearn`) checks the whole composed config *before any work starts* against the
-schemas below (:mod:`tensorcurv.experiments.schema`: every key's type, range and allowed values, taken from the
-live registries of datasets, models, activations, structures, optimizers, scenarios...; unknown keys
-refused with the closest valid key) and raises :class:`ConfigError` (a ``ValueError``) with one line::
+...) plus top-level fields. Each validator (:func:`validate_train` here,
+:func:`~tensorcurv.experiments.study_config.validate_study`,
+:func:`~tensorcurv.experiments.unlearn_config.validate_unlearn`) checks the whole composed config *before
+any work starts* against its schemas (:mod:`tensorcurv.experiments.schema`: every key's type, range and
+allowed values, taken from the live registries of datasets, models, activations, structures, optimizers,
+scenarios...; unknown keys refused with the closest valid key) and raises :class:`ConfigError`
+(a ``ValueError``) with one line::
 
     curvature.name='kfca' is not a structure (did you mean 'kfac'?); valid: dense, diagonal, ekfac, ...
     unknown key 'lissa_dept'; did you mean 'lissa_depth'? valid keys: name, scenario, fraction, ...
@@ -32,9 +34,8 @@ from tensorcurv.experiments.schema import ConfigError, check, check_keys, check_
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ConfigError", "DataConfig", "LoggerConfig", "ScheduleConfig", "StudyConfig", "TrainConfig",
-           "UnlearnConfig", "Validated", "check_blocks", "resolve_device", "validate_model", "validate_structure",
-           "check_study_data", "validate_study", "validate_train", "validate_unlearn"]
+__all__ = ["ConfigError", "DataConfig", "LoggerConfig", "ScheduleConfig", "TrainConfig", "Validated", "check_blocks",
+           "kind_names", "plain_config", "resolve_device", "validate_model", "validate_structure", "validate_train"]
 
 DTYPES = ("float32", "float64")
 TASKS = ("auto", "classify", "autoencode")
@@ -78,7 +79,7 @@ def _schedules() -> list[str]:
     return schedules.Schedule.values()
 
 
-def _kinds() -> list[str]:
+def kind_names() -> list[str]:
     from tensorcurv.core.capture import CurvatureKind
 
     return CurvatureKind.values()
@@ -173,7 +174,7 @@ def validate_structure(curv: Mapping[str, Any], key: str = "curvature") -> Any:
     if "name" not in curv:
         raise ConfigError(f"{key}.name is missing; valid: {', '.join(structures.names())}")
     check_value(f"{key}.name", curv["name"], str, {"choices": structures.names(), "what": "a structure"})
-    check_value(f"{key}.kind", curv.get("kind"), str | None, {"choices": _kinds(), "what": "a curvature kind"})
+    check_value(f"{key}.kind", curv.get("kind"), str | None, {"choices": kind_names(), "what": "a curvature kind"})
     d = curv.get("damping")
     check_value(f"{key}.damping", d, float | None, {"gt": 0})
     hp = {k: v for k, v in curv.items() if k not in CURVATURE_KEYS}
@@ -183,7 +184,7 @@ def validate_structure(curv: Mapping[str, Any], key: str = "curvature") -> Any:
         raise ConfigError(f"{key} ({curv['name']}): {one_line(e)}") from None
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
+def plain_config(cfg: Any) -> dict[str, Any]:
     """A composed config as plain containers, without Hydra's own ``hydra`` node."""
     try:
         from omegaconf import DictConfig, OmegaConf
@@ -325,7 +326,7 @@ def validate_train(cfg: Any) -> Validated:
     from tensorcurv import optim
     from tensorcurv.optim import config as optim_config
 
-    raw = _plain(cfg)
+    raw = plain_config(cfg)
     train = check("", TrainConfig, _groups(raw, TrainConfig, TRAIN_GROUPS))
     resolve_device(train.device)
     data = check("data", DataConfig, dict(raw.get("data") or {}))
@@ -364,161 +365,3 @@ def check_blocks(model: Any, curvature: Mapping[str, Any]) -> None:
         Curvature(model, curvature["name"], kind, **hp)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"curvature ({curvature['name']}): {one_line(e)}") from None
-
-
-# ------------------------------------------------------------------ scripts/study.py
-@dataclass
-class StudyTrainConfig:
-    """``train`` group of ``conf/study.yaml``: Adam on the mean loss before/between the checkpoints."""
-
-    steps: int = spec(300, ge=0)
-    batch_size: int = spec(64, ge=1)
-    lr: float = spec(1e-3, gt=0)
-
-
-@dataclass
-class StudySettings:
-    """``study`` group of ``conf/study.yaml`` (see :func:`tensorcurv.study.runner.run_study`)."""
-
-    kinds: list[str] = spec(["empirical", "mc", "ggn"], choices=_kinds, what="a curvature kind", nonempty=True)
-    mc_samples: int = spec(1, ge=1)
-    batch_size: int = spec(128, ge=1)
-    checkpoints: list[float] = spec([0, 0.1, 0.5, 1.0], ge=0, le=1, nonempty=True)
-    structures: Any = spec("all")
-    """``all`` or a list of structure names (checked in :func:`validate_study`)."""
-    hparams: dict[str, Any] = spec({})
-    sweeps: dict[str, Any] = spec({})
-    damping_rel: list[float] = spec([1e-4, 1e-3, 1e-2, 1e-1, 1.0], gt=0, nonempty=True)
-    floor_ranks: list[int] = spec([1, 2, 3, 4, 6, 8], ge=1)
-    spectral: bool = spec(True)
-    spectral_max_iter: int = spec(80, ge=1)
-    spectral_tol: float = spec(1e-6, gt=0)
-    spectrum_layer: str | int | None = spec(None)
-    """Layer (module name) of the eigenvalue plot; None: the first covered layer."""
-    spectrum_k: int = spec(60, ge=1)
-    chunk: int = spec(128, ge=1)
-    solve_repeats: int = spec(1, ge=1)
-
-
-@dataclass
-class StudyConfig:
-    """``conf/study.yaml``."""
-
-    name: str = spec("study")
-    seed: int = spec(0, ge=0)
-    dtype: str = spec("float64", choices=DTYPES, what="a dtype")
-    threads: int | None = spec(1, ge=1)
-    loss: str = spec("cross_entropy", choices=("cross_entropy",), what="a loss of the study (a classifier)")
-    report_dir: str | None = spec(None)
-    title: str | None = spec(None)
-    render_only: bool = spec(False)
-    data: DataConfig = spec(None)
-    model: dict[str, Any] = spec({})
-    logger: LoggerConfig = spec(None)
-    train: StudyTrainConfig = spec(None)
-    study: StudySettings = spec(None)
-
-
-def validate_study(cfg: Any) -> dict[str, Any]:
-    """Validate a composed ``conf/study.yaml``; returns it as plain containers. Raises :class:`ConfigError`."""
-    from tensorcurv import structures
-    from tensorcurv.experiments import models as models
-    from tensorcurv.study.variants import make_variants
-
-    raw = _plain(cfg)
-    s = check("", StudyConfig, {**raw, **{g: raw.get(g) or {} for g in ("data", "logger", "train", "study")}})
-    validate_model(s.model, valid_names=[n for n in models.names() if n not in models.AUTOENCODERS],
-                   what="a classifier (the study trains on labels)")
-    names = structures.names()
-    picked = s.study.structures
-    if picked != "all":
-        check_value("study.structures", picked, list[str], {"choices": names, "what": "a structure", "nonempty": True})
-    for group in ("hparams", "sweeps"):
-        entries = getattr(s.study, group)
-        check_keys(f"study.{group}", entries, names)
-        for name, hp in entries.items():
-            check_value(f"study.{group}.{name}", hp, dict)
-        if group == "sweeps":
-            for name, grid in entries.items():
-                for k, values in grid.items():
-                    check_value(f"study.sweeps.{name}.{k}", values, list, {"nonempty": True})
-    try:
-        make_variants(picked, s.study.hparams, s.study.sweeps)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"study.hparams/sweeps: {one_line(e)}") from None
-    if s.study.spectrum_layer is not None:  # layer names are module names ("1", "features.0"): keep them strings
-        raw["study"]["spectrum_layer"] = str(s.study.spectrum_layer)
-    return raw
-
-
-def check_study_data(raw: Mapping[str, Any]) -> None:
-    """What a validated study config can only show with its data: the dataset loads and has labels, the
-    model fits its inputs, and ``study.spectrum_layer`` names a covered layer. Raises :class:`ConfigError`."""
-    from tensorcurv import Curvature
-    from tensorcurv.experiments import data as data
-    from tensorcurv.experiments import models as models
-
-    d = dict(raw["data"])
-    name = d.pop("name")
-    try:
-        splits = data.load(name, seed=raw["seed"], **d)
-    except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
-        raise ConfigError(f"data ({name}): {one_line(e)}") from None
-    if splits.num_classes is None:
-        raise ConfigError(f"data.name={name!r} has no labels, and the study trains a classifier; choose a labelled "
-                          f"dataset")
-    m = dict(raw["model"])
-    try:
-        model = models.build(m.pop("name"), splits.input_shape, splits.num_classes, **m)
-    except ValueError as e:
-        raise ConfigError(f"model ({raw['model']['name']}) on {name}: {one_line(e)}") from None
-    layer = raw["study"].get("spectrum_layer")
-    if layer is not None:
-        layers = list(Curvature(model, "diagonal", "ggn").adapters)
-        check_value("study.spectrum_layer", str(layer), str, {"choices": layers, "what": "a covered layer"})
-
-
-# ------------------------------------------------------------------ scripts/unlearn.py
-def _scenarios() -> list[str]:
-    from tensorcurv.unlearn.scenarios import ScenarioName
-
-    return ScenarioName.values()
-
-
-@dataclass
-class UnlearnConfig:
-    """``conf/unlearn.yaml``: the digits unlearning benchmark (``tensorcurv.unlearn.benchmark.run``)."""
-
-    name: str = spec("unlearn")
-    scenario: str = spec("label_flip", choices=_scenarios, what="a scenario")
-    fraction: float = spec(0.05, gt=0, lt=1)
-    """Fraction of the training points affected, in (0, 1)."""
-    scenario_kwargs: dict[str, Any] = spec({})
-    """Extra keyword arguments of the scenario (backdoor: ``target``, ``patch``, ``trigger_value``)."""
-    seeds: list[int] = spec([0], ge=0, nonempty=True)
-    mu: float = spec(20.0, gt=0)
-    """L2 regularization μ > 0 of ``Σ_i CE_i + (μ/2)‖θ‖²`` (the curvature gets μ·I)."""
-    hidden: list[int] = spec([], ge=1)
-    methods: list[str] | None = spec(None)
-    quick: bool = spec(False)
-    lissa_depth: int | None = spec(None, ge=1)
-    threads: int | None = spec(1, ge=1)
-    report_dir: str | None = spec(None)
-
-
-#: digits: 10 classes of 8x8 images
-_SCENARIO_RULES = {"target": {"ge": 0, "le": 9}, "patch": {"ge": 1, "le": 8}}
-
-
-def validate_unlearn(cfg: Any) -> UnlearnConfig:
-    """Validate a composed ``conf/unlearn.yaml``. Raises :class:`ConfigError`."""
-    from tensorcurv.unlearn import benchmark, scenarios
-
-    u = check("", UnlearnConfig, _plain(cfg))
-    schema = signature_schema(u.scenario, getattr(scenarios, u.scenario), rules=_SCENARIO_RULES,
-                              skip=("X", "y", "X_test", "y_test", "num_classes", "fraction", "seed"))
-    check("scenario_kwargs", schema, u.scenario_kwargs)
-    if u.methods is not None:
-        known = [m.name for m in benchmark.default_methods(u.quick, u.lissa_depth)]
-        check_value("methods", u.methods, list[str], {"choices": known, "what": "a method", "nonempty": True})
-    return u

@@ -37,6 +37,7 @@ from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg.krylov import preconditioned_refinement
 
+
 class RefineOperator(Option):
     """Where the refinement's ``C v`` comes from: the captured per-sample factors, or torch.func GGN products."""
 

@@ -11,7 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tensorcurv.experiments.cli import RUN_FAILED_EXIT, report_errors, validate_or_exit
-from tensorcurv.experiments.config import ConfigError, validate_study, validate_train, validate_unlearn
+from tensorcurv.experiments.config import ConfigError, validate_train
+from tensorcurv.experiments.study_config import validate_study
+from tensorcurv.experiments.unlearn_config import validate_unlearn
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -106,7 +108,7 @@ def test_default_config_is_valid(primary):
 
 
 def study_data_error(*overrides) -> str:
-    from tensorcurv.experiments.config import check_study_data
+    from tensorcurv.experiments.study_config import check_study_data
 
     with pytest.raises(ConfigError) as e:
         check_study_data(validate_study(compose_cfg("study", overrides)))
@@ -128,7 +130,7 @@ def test_study_dataset_without_its_files_is_refused(tmp_path):
 
 
 def test_study_data_check_accepts_the_default_and_a_numeric_layer_name():
-    from tensorcurv.experiments.config import check_study_data
+    from tensorcurv.experiments.study_config import check_study_data
 
     raw = validate_study(compose_cfg("study", ["study.spectrum_layer=3"]))
     assert raw["study"]["spectrum_layer"] == "3"

@@ -8,7 +8,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tensorcurv import structures
-from tensorcurv.experiments.config import ConfigError, validate_study, validate_train, validate_unlearn
+from tensorcurv.experiments.config import ConfigError, validate_train
+from tensorcurv.experiments.study_config import validate_study
+from tensorcurv.experiments.unlearn_config import validate_unlearn
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

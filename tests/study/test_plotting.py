@@ -336,7 +336,7 @@ def test_demo_figure_axes_contain_every_data_point(demo_figure):
 
 
 def test_training_run_figure_draws_test_loss_in_another_line_style_than_train_loss():
-    from tensorcurv.experiments.runner import loss_figure
+    from tensorcurv.experiments.run_records import loss_figure
 
     rows = [{"step": s, "loss": 1.0 / (1 + s), "step_time": 0.01} for s in range(5)]
     rows += [{"step": s, "train_loss": 1.0 / (1 + s), "test_loss": 1.0 / (1 + s)} for s in (0, 4)]

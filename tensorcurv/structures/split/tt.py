@@ -1,4 +1,4 @@
-"""``tt``: the split rearranged block (see ``tucker.py``) in tensor-train / MPO form.
+"""``tt``: the split rearranged block (see ``base.py``) in tensor-train / MPO form.
 
     Ĉ[(r_1..r_D), (c_1..c_D)] = Σ_b Π_l core_l[b_{l-1}, r_l, c_l, b_l],   core_l: (ρ_{l-1}, x_l, x_l, ρ_l)
 
@@ -23,14 +23,14 @@ from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg.krylov import kron_eig_solve
 from tensorcurv.structures.base import register
 from tensorcurv.structures.split import dense_fit as dtf
-from tensorcurv.structures.split.tucker import (
+from tensorcurv.structures.split.base import (
     SplitFormat,
     SplitHparams,
     SplitTensor,
-    _sweeps,
     as_tensor,
     contract,
     from_tensor,
+    sweep_budget,
     sym_shift,
 )
 
@@ -101,7 +101,7 @@ class TensorTrain(SplitFormat):
             if energy_prev is not None:
                 change = abs(energy - energy_prev) / max(energy, 1e-300)
             energy_prev = energy
-            if change <= hp.tol or it >= _sweeps(hp, init is not None):
+            if change <= hp.tol or it >= sweep_budget(hp, init is not None):
                 break
         if self.exact_solve:  # remove the rounding-level asymmetry: Ĉ = ⊗F_l is then exactly symmetric
             cores = [_sym(c) for c in cores]
@@ -281,7 +281,7 @@ class _StatsTarget:
         ops += [(torch.ones(1, dtype=self.dtype, device=self.device), b[0]),
                 (torch.ones(1, dtype=self.dtype, device=self.device), b[D])]
         out = T.contract(ops, b[l] + T.rows[l] + T.cols[l] + b[l + 1])
-        T._next -= D + 1
+        T.release(D + 1)
         return out
 
 

@@ -7,7 +7,7 @@ import tensorcurv
 from structure_problems import rel
 from tensorcurv import structures
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.structures.split.tucker import auto_split
+from tensorcurv.structures.split.base import auto_split
 
 TIGHT = dict(tol=1e-14, max_iter=400)
 

@@ -12,7 +12,7 @@ from structure_problems import rel
 from tensorcurv import structures
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.structures.split import dense_fit as dtf
-from tensorcurv.structures.split.tucker import SplitTensor
+from tensorcurv.structures.split.base import SplitTensor
 from test_tucker_tt import SPLIT, model, split_for
 
 TIGHT = dict(tol=1e-14, max_iter=400)

@@ -1,0 +1,134 @@
+"""What a training run records and restores: evaluation metrics, the summary, the loss figure, the
+checkpoint file with the random generators' states, the batch order, and the config's fingerprint."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tensorcurv.experiments.config import SECOND_ORDER, Validated
+
+#: keys that may change between a run and its resumption
+RESUME_FREE = ("resume", "progress", "logger", "threads", "run_dir")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: Tensor, Y: Tensor, task: str, chunk: int = 2048) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) of ``model`` on ``(X, Y)``."""
+    if len(X) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for i in range(0, len(X), chunk):
+        out = model(X[i:i + chunk])
+        y = Y[i:i + chunk]
+        if task == "classify":
+            total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        else:
+            total += float(nn.functional.mse_loss(out, y, reduction="sum")) / y[0].numel()
+    model.train(was_training)
+    res = {"loss": total / len(X)}
+    if task == "classify":
+        res["acc"] = correct / len(X)
+    return res
+
+
+def rng_state() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"].cpu())
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def loss_figure(rows: Sequence[dict[str, Any]], title: str = ""):
+    """Training loss per step and evaluation losses per epoch (a matplotlib Figure in the report style of
+    :mod:`tensorcurv.plotting`, drawn off-screen); the evaluation curves differ in colour, marker and
+    line style, so a test curve on top of a train curve stays visible."""
+    from tensorcurv import plotting
+
+    keys = ("train_loss", "val_loss", "test_loss")
+    styles = plotting.series_styles(keys)
+    with plotting.style():
+        fig, axes = plotting.subplots(1, 1, figsize=(6.4, 4))
+        ax = axes[0][0]
+        tr = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step_time" in r]
+        if tr:
+            ax.plot(*zip(*tr), lw=0.8, alpha=0.5, color="grey", label="train (mini-batch)")
+        for k, (key, st) in enumerate(styles.items()):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), ms=4, label=key.replace("_", " "), **{**st, "linestyle": ("-", "--", ":")[k]})
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        plotting.legend_outside(fig, [ax])
+    return fig
+
+
+def skip_reason(info: dict[str, Any]) -> str:
+    if "reason" in info:
+        return str(info["reason"])
+    return f"non-finite loss or gradient (loss={info.get('loss', float('nan')):.4g})"
+
+
+def run_summary(v: Validated, rows: Sequence[dict[str, Any]], *, device: torch.device, task: str, step: int, spe: int,
+             bs: int, model: nn.Module, elapsed: float, skipped: int, failure: str | None, rdir: Path
+             ) -> dict[str, Any]:
+    """``summary.json``: the run's identity, its final evaluation, timings and skipped steps."""
+    t = v.train
+    step_times = [r["step_time"] for r in rows if "step_time" in r]
+    final = next(r for r in reversed(rows) if "train_loss" in r)
+    return {
+        "name": t.name, "dataset": v.data.name, "model": v.model["name"], "optimizer": v.optim["name"],
+        "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None, "task": task,
+        "seed": t.seed, "dtype": t.dtype, "device": str(device), "steps": step, "epochs": step / spe, "batch_size": bs,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        **{k: val for k, val in final.items() if k not in ("step", "epoch", "wall_time")},
+        "wall_time": elapsed, "time_per_step": float(np.mean(step_times)) if step_times else None,
+        "skipped_steps": skipped, "status": "ok" if failure is None else f"failed: {failure}",
+        "run_dir": str(rdir),
+    }
+
+
+def config_fingerprint(raw: dict[str, Any]) -> str:
+    import hashlib
+
+    kept = {k: val for k, val in raw.items() if k not in RESUME_FREE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_yaml(raw: dict[str, Any]) -> str:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(OmegaConf.create(raw))
+    except ImportError:  # pragma: no cover
+        return json.dumps(raw, indent=2)
