@@ -19,12 +19,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VPY) scripts/demo.py
 
-# Lint (ruff) and type check (mypy, the library) before the tests. FORMAT_CHECK=1 adds `ruff format --check`;
-# it becomes the default once the tree has been through `ruff format` (pyproject's [tool.ruff.format]).
-FORMAT_CHECK ?= 0
+# Lint and format check (ruff) and type check (mypy, the library) before the tests. `ruff format .` fixes the format.
 lint: setup
 	$(VPY) -m ruff check .
-	if [ "$(FORMAT_CHECK)" = 1 ]; then $(VPY) -m ruff format --check .; fi
+	$(VPY) -m ruff format --check .
 	$(VPY) -m mypy tensorcurv
 
 test: lint

@@ -4,6 +4,7 @@ A results page ``docs/results/<dir>/index.md`` includes ``reports/<dir>/<report>
 extension; that report's relative image links (``loss_curves.png``) then resolve to
 ``results/<dir>/loss_curves.png``, which this hook adds to the site from ``reports/<dir>/`` (no copies in git).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

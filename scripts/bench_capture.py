@@ -25,6 +25,7 @@ orders. Two conditions: ``quiet`` (whatever else the machine runs: see the load 
 ``--busy`` busy-loop processes that this script starts and kills itself. Ratios are to the fastest peer of
 the same kind and condition in this run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,15 @@ def _call_curvlinops(model, x, y, kind):
     from torch import nn
 
     fisher = {"empirical": "empirical", "mc": "mc", "ggn": "type-2"}[kind]
-    K = KFACLinearOperator(model, nn.CrossEntropyLoss(), [p for p in model.parameters()], [(x, y)],
-                           fisher_type=fisher, mc_samples=1, check_deterministic=False)
+    K = KFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        [p for p in model.parameters()],
+        [(x, y)],
+        fisher_type=fisher,
+        mc_samples=1,
+        check_deterministic=False,
+    )
     K.compute_kronecker_factors()
     return K.compute_kronecker_factors
 
@@ -108,8 +116,9 @@ def _call_nngeometry(model, x, y, kind):
             return FIM(model, loader, PMatKFAC, variant="classif_logits")
         if kind == "mc":
             return FIM_MonteCarlo(model, loader, PMatKFAC, variant="classif_logits", trials=1)
-        backend = TorchHooksJacobianBackend(model=model, function=log_likelihood,
-                                            layer_collection=LayerCollection.from_model(model))
+        backend = TorchHooksJacobianBackend(
+            model=model, function=log_likelihood, layer_collection=LayerCollection.from_model(model)
+        )
         return PMatKFAC(generator=backend, examples=loader)
 
     torch.manual_seed(0)
@@ -166,10 +175,13 @@ def _call_floor(model, x, y, products: bool):
     return fit
 
 
-IMPORTS = {"tensorcurv": ["tensorcurv"], "curvlinops": ["curvlinops"], "backpack": ["backpack", "backpack.extensions"],
-           "nngeometry": ["nngeometry.metrics", "nngeometry.object", "nngeometry.backend",
-                          "nngeometry.layercollection"],
-           "floor": []}
+IMPORTS = {
+    "tensorcurv": ["tensorcurv"],
+    "curvlinops": ["curvlinops"],
+    "backpack": ["backpack", "backpack.extensions"],
+    "nngeometry": ["nngeometry.metrics", "nngeometry.object", "nngeometry.backend", "nngeometry.layercollection"],
+    "floor": [],
+}
 
 
 def worker(lib: str, kind: str, width: int, batch: int, threads: int, repeats: int, data: str) -> dict:
@@ -202,7 +214,7 @@ def interleaved_worker(kind: str, libraries, width: int, batch: int, threads: in
     fns = {lib: globals()[f"_call_{lib}"](copy.deepcopy(model), x.clone(), y.clone(), kind) for lib in libs}
     times: dict = {lib: [] for lib in libs}
     for r in range(repeats):
-        for lib in (libs if r % 2 == 0 else libs[::-1]):
+        for lib in libs if r % 2 == 0 else libs[::-1]:
             t0 = time.perf_counter()
             fns[lib]()
             times[lib].append(time.perf_counter() - t0)
@@ -216,9 +228,25 @@ def _busy() -> None:
 
 
 def run_one(lib: str, kind: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, kind, "--width", str(args.width),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--data", args.data, "--libraries", *args.libraries]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        lib,
+        kind,
+        "--width",
+        str(args.width),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--data",
+        args.data,
+        "--libraries",
+        *args.libraries,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if out.returncode != 0:
         raise RuntimeError(f"worker {lib} {kind} failed:\n{out.stderr[-3000:]}")
@@ -249,15 +277,20 @@ def run_condition(name: str, args) -> dict:
             for kind in args.kinds:
                 r = run_one("interleaved", kind, args)
                 results[("interleaved", kind)] = r
-                print(f"  [{name}, interleaved] {kind}: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in r.items()),
-                      flush=True)
+                print(
+                    f"  [{name}, interleaved] {kind}: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in r.items()),
+                    flush=True,
+                )
             return {"load_before": load_before, "results": results}
         for label, seq in (("tensorcurv first", order), ("peers first", order[::-1])):
             for lib, kind in seq:
                 r = run_one(lib, kind, args)
                 results.setdefault((lib, kind), []).append(r)
-                print(f"  [{name}, {label}] {lib:10s} {kind:16s} first {1e3 * r['first']:8.1f} ms   "
-                      f"next {1e3 * statistics.median(r['next']):8.1f} ms", flush=True)
+                print(
+                    f"  [{name}, {label}] {lib:10s} {kind:16s} first {1e3 * r['first']:8.1f} ms   "
+                    f"next {1e3 * statistics.median(r['next']):8.1f} ms",
+                    flush=True,
+                )
     finally:
         for p in procs:
             p.kill()
@@ -271,9 +304,12 @@ def summarize(cond: dict) -> dict:
     out = {}
     for key, runs in cond["results"].items():
         firsts = [r["first"] for r in runs]
-        out[key] = {"firsts": firsts, "first": statistics.mean(firsts),
-                    "import": statistics.mean(r["import"] for r in runs),
-                    "next": statistics.median(t for r in runs for t in r["next"])}
+        out[key] = {
+            "firsts": firsts,
+            "first": statistics.mean(firsts),
+            "import": statistics.mean(r["import"] for r in runs),
+            "next": statistics.median(t for r in runs for t in r["next"]),
+        }
     return out
 
 
@@ -284,40 +320,54 @@ def _fastest_peer(s: dict, kind: str, libraries, field: str) -> tuple[str, float
 
 def tables(conditions: dict, args) -> str:
     ms = lambda t: f"{1e3 * t:.0f}"  # noqa: E731
-    head = ["| condition (load before) | kind | tensorcurv first call / fastest peer | next calls / fastest peer |",
-            "|---|---|---|---|"]
-    full = ["| condition (load before) | kind | library | first call [ms] (tc first / peers first) | next calls [ms] "
-            "| first / fastest peer | next / fastest peer | first / fwd+bwd | import [ms] |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    head = [
+        "| condition (load before) | kind | tensorcurv first call / fastest peer | next calls / fastest peer |",
+        "|---|---|---|---|",
+    ]
+    full = [
+        "| condition (load before) | kind | library | first call [ms] (tc first / peers first) | next calls [ms] "
+        "| first / fastest peer | next / fastest peer | first / fwd+bwd | import [ms] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, cond in conditions.items():
         s = summarize(cond)
         label = f"{name} ({cond['load_before']:.2f})"
         fb = s[("floor", FLOORS[0])]["first"]
         for floor in FLOORS:
             v = s[("floor", floor)]
-            full.append(f"| {label} | floor | {floor} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
-                        f"| {ms(v['next'])} | | | {v['first'] / fb:.2f} | |")
+            full.append(
+                f"| {label} | floor | {floor} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
+                f"| {ms(v['next'])} | | | {v['first'] / fb:.2f} | |"
+            )
         for kind in args.kinds:
             pf, best_first = _fastest_peer(s, kind, args.libraries, "first")
             pn, best_next = _fastest_peer(s, kind, args.libraries, "next")
             tc = s[("tensorcurv", kind)]
-            head.append(f"| {label} | {kind} | **{tc['first'] / best_first:.2f}** ({ms(tc['first'])} vs {pf} "
-                        f"{ms(best_first)} ms) | {tc['next'] / best_next:.2f} ({ms(tc['next'])} vs {pn} "
-                        f"{ms(best_next)} ms) |")
+            head.append(
+                f"| {label} | {kind} | **{tc['first'] / best_first:.2f}** ({ms(tc['first'])} vs {pf} "
+                f"{ms(best_first)} ms) | {tc['next'] / best_next:.2f} ({ms(tc['next'])} vs {pn} "
+                f"{ms(best_next)} ms) |"
+            )
             for lib in args.libraries:
                 if (lib, kind) in UNSUPPORTED:
                     full.append(f"| {label} | {kind} | {lib} | n/a | n/a | | | | |")
                     continue
                 v = s[(lib, kind)]
-                full.append(f"| {label} | {kind} | {lib} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
-                            f"| {ms(v['next'])} | {v['first'] / best_first:.2f} | {v['next'] / best_next:.2f} "
-                            f"| {v['first'] / fb:.2f} | {ms(v['import'])} |")
+                full.append(
+                    f"| {label} | {kind} | {lib} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
+                    f"| {ms(v['next'])} | {v['first'] / best_first:.2f} | {v['next'] / best_next:.2f} "
+                    f"| {v['first'] / fb:.2f} | {ms(v['import'])} |"
+                )
     return "\n".join(head) + "\n\nAll figures:\n\n" + "\n".join(full)
 
 
 def interleaved_table(conditions: dict, args) -> str:
-    rows = ["| condition (load before) | kind | " + " | ".join(f"{lib} [ms]" for lib in args.libraries)
-            + " | tensorcurv / fastest peer |", "|---|---|" + "---|" * (len(args.libraries) + 1)]
+    rows = [
+        "| condition (load before) | kind | "
+        + " | ".join(f"{lib} [ms]" for lib in args.libraries)
+        + " | tensorcurv / fastest peer |",
+        "|---|---|" + "---|" * (len(args.libraries) + 1),
+    ]
     for name, cond in conditions.items():
         for kind in args.kinds:
             r = cond["results"][("interleaved", kind)]
@@ -350,9 +400,12 @@ def main() -> None:
     ap.add_argument("--conditions", nargs="+", default=["quiet", "contended"], choices=["quiet", "contended"])
     ap.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--interleaved", action="store_true",
-                    help="instead: all libraries in one process per kind, calls alternating (steady state, no drift "
-                         "between processes); --repeats calls each")
+    ap.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="instead: all libraries in one process per kind, calls alternating (steady state, no drift "
+        "between processes); --repeats calls each",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke test: width 128, batch 256, 1 repeat")
     ap.add_argument("--out", default=None, help="write the table as Markdown to this file")
     ap.add_argument("--worker", nargs=2, metavar=("LIB", "KIND"), help=argparse.SUPPRESS)
@@ -361,8 +414,9 @@ def main() -> None:
     if args.worker:
         lib, kind = args.worker
         if lib == "interleaved":
-            out = interleaved_worker(kind, args.libraries, args.width, args.batch, args.threads, args.repeats,
-                                     args.data)
+            out = interleaved_worker(
+                kind, args.libraries, args.width, args.batch, args.threads, args.repeats, args.data
+            )
         else:
             out = worker(lib, kind, args.width, args.batch, args.threads, args.repeats, args.data)
         print(json.dumps(out))
@@ -382,16 +436,20 @@ def main() -> None:
             print(f"{name}: load average {os.getloadavg()[0]:.2f}", flush=True)
             conditions[name] = run_condition(name, args)
     cmd = "python " + " ".join(["scripts/bench_capture.py"] + sys.argv[1:])
-    header = (f"MLP 64-{args.width}-{args.width}-10 (tanh, float32), batch {args.batch} of digits, cross-entropy; "
-              f"{args.threads} torch threads; {versions()}; {os.cpu_count()} CPUs; a fresh process per "
-              f"(library, kind), both orders; next = median of {args.repeats} further calls per process and order; "
-              f"contended = {args.busy} busy-loop processes; load average (1 min) before each condition; "
-              f"total {time.time() - t0:.0f} s.\n\n")
+    header = (
+        f"MLP 64-{args.width}-{args.width}-10 (tanh, float32), batch {args.batch} of digits, cross-entropy; "
+        f"{args.threads} torch threads; {versions()}; {os.cpu_count()} CPUs; a fresh process per "
+        f"(library, kind), both orders; next = median of {args.repeats} further calls per process and order; "
+        f"contended = {args.busy} busy-loop processes; load average (1 min) before each condition; "
+        f"total {time.time() - t0:.0f} s.\n\n"
+    )
     if args.interleaved:
-        header = header.replace("a fresh process per (library, kind), both orders; next = median of "
-                                f"{args.repeats} further calls per process and order",
-                                f"interleaved: all libraries in one process per kind, median of {args.repeats} "
-                                "alternating calls each after the first")
+        header = header.replace(
+            "a fresh process per (library, kind), both orders; next = median of "
+            f"{args.repeats} further calls per process and order",
+            f"interleaved: all libraries in one process per kind, median of {args.repeats} "
+            "alternating calls each after the first",
+        )
         text = header + interleaved_table(conditions, args)
     else:
         text = header + tables(conditions, args)

@@ -8,6 +8,7 @@ share of it spent inside collectives (``Comm.seconds``, waiting included) and th
 sent per step. Each rank runs one thread. Also prints, per layer, the communication volume of the
 two plans for implicit fits (gather per-sample factors vs all-reduce every implicit product).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,11 @@ def worker(rank, world, port, args, out):
         for _ in range(args.steps):
             opt.step(xs, ys)
         dt = (time.perf_counter() - t0) / args.steps
-        res[s] = {"step": dt, "comm": (comm.seconds / args.steps) if comm else 0.0,
-                  "bytes": (comm.bytes / args.steps) if comm else 0}
+        res[s] = {
+            "step": dt,
+            "comm": (comm.seconds / args.steps) if comm else 0.0,
+            "bytes": (comm.bytes / args.steps) if comm else 0,
+        }
     torch.save(res, Path(out) / f"w{world}_r{rank}.pt")
     if comm is not None:
         tdist.shutdown()
@@ -92,20 +96,29 @@ def main():
             port = s.getsockname()[1]
         mp.start_processes(worker, args=(world, port, args, out), nprocs=world, join=True, start_method="fork")
         per_rank = [torch.load(Path(out) / f"w{world}_r{r}.pt") for r in range(world)]
-        results[world] = {s: {k: max(r[s][k] for r in per_rank) for k in ("step", "comm", "bytes")}
-                          for s in args.structures}
-    lines = [f"MLP 64-{args.width}-{args.width}-10, Gauss-Newton (GGN, K=10), global batch {args.batch}, "
-             f"{args.steps} steps, 1 thread per rank, gloo, CPUs: {os.cpu_count()}", "",
-             "| structure | processes | time/step (ms) | speed-up | comm share | sent/rank/step (KiB) |",
-             "|---|---|---|---|---|---|"]
+        results[world] = {
+            s: {k: max(r[s][k] for r in per_rank) for k in ("step", "comm", "bytes")} for s in args.structures
+        }
+    lines = [
+        f"MLP 64-{args.width}-{args.width}-10, Gauss-Newton (GGN, K=10), global batch {args.batch}, "
+        f"{args.steps} steps, 1 thread per rank, gloo, CPUs: {os.cpu_count()}",
+        "",
+        "| structure | processes | time/step (ms) | speed-up | comm share | sent/rank/step (KiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in args.structures:
         base = results[1][s]["step"]
         for world, rs in results.items():
             r = rs[s]
-            lines.append(f"| {s} | {world} | {1e3 * r['step']:.1f} | {base / r['step']:.2f} | "
-                         f"{100 * r['comm'] / r['step']:.0f}% | {r['bytes'] / 1024:.1f} |")
-    lines += ["", "per-layer numbers per fit: gather N·(n+Km) | implicit products 2·5·4·(n²+m²) | "
-              "K-FAC moments n²+m²", ""]
+            lines.append(
+                f"| {s} | {world} | {1e3 * r['step']:.1f} | {base / r['step']:.2f} | "
+                f"{100 * r['comm'] / r['step']:.0f}% | {r['bytes'] / 1024:.1f} |"
+            )
+    lines += [
+        "",
+        "per-layer numbers per fit: gather N·(n+Km) | implicit products 2·5·4·(n²+m²) | K-FAC moments n²+m²",
+        "",
+    ]
     for name, shape, g, p, k in volumes(args.width, args.batch):
         lines.append(f"- layer {name} {shape}: {g} | {p} | {k}")
     text = "\n".join(lines)

@@ -11,6 +11,7 @@ computed from the implicit ``R(C)`` (``‖C‖² − 2 Σ_k ⟨A_k, R(C) vec(G_k
 Part 2 (float32): the whole ``Curvature.update`` (capture + fit) on the MLP 64-1024-1024-10 (tanh, batch 2048,
 digits), empirical Fisher, each timing in its own fresh process, divided by K-FAC's update in a fresh process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,41 +42,52 @@ t0 = time.perf_counter()
 curv.update(x, y, nn.CrossEntropyLoss())
 print(time.perf_counter() - t0)
 """
-COSTS = [("kfac", "kfac", {}), ("kron_sum r=1 psd=factors", "kron_sum", dict(rank=1, psd="factors")),
-         ("kron_sum r=4 psd=factors", "kron_sum", dict(rank=4, psd="factors")),
-         ("kron_sum r=4 psd=shrink", "kron_sum", dict(rank=4, psd="shrink"))]
+COSTS = [
+    ("kfac", "kfac", {}),
+    ("kron_sum r=1 psd=factors", "kron_sum", dict(rank=1, psd="factors")),
+    ("kron_sum r=4 psd=factors", "kron_sum", dict(rank=4, psd="factors")),
+    ("kron_sum r=4 psd=shrink", "kron_sum", dict(rank=4, psd="shrink")),
+]
 
 
 def floors(st, ranks) -> list[float]:
     if st.T == 1:
         Ka, Kg = sample_grams(st)
-        ev = torch.linalg.eigvals(Ka @ Kg).real.clamp_min(0).sort(descending=True).values * st.scale ** 2
+        ev = torch.linalg.eigvals(Ka @ Kg).real.clamp_min(0).sort(descending=True).values * st.scale**2
     else:
         ev = torch.linalg.svdvals(dense_rearranged(st)).pow(2)
     return [math.sqrt(float(ev[r:].sum() / ev.sum())) for r in ranks]
 
 
 def error(op: RearrangedOperator, total: float, A, G) -> float:
-    fitted = 2 * float((op.rmatvec(A) * G).sum()) - float(((A.flatten(1) @ A.flatten(1).T)
-                                                            * (G.flatten(1) @ G.flatten(1).T)).sum())
+    fitted = 2 * float((op.rmatvec(A) * G).sum()) - float(
+        ((A.flatten(1) @ A.flatten(1).T) * (G.flatten(1) @ G.flatten(1).T)).sum()
+    )
     return math.sqrt(max(total - fitted, 0.0) / total)
 
 
 def accuracy_table(ranks) -> list[str]:
-    rows = ["### PSD Kronecker sums on the reference layers (trained, GGN, batch 256, float64): "
-            "relative error by rank\n",
-            "| layer | r | floor (Eckart–Young) | psd=factors | ratio | psd=shrink | ratio |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "### PSD Kronecker sums on the reference layers (trained, GGN, batch 256, float64): relative error by rank\n",
+        "| layer | r | floor (Eckart–Young) | psd=factors | ratio | psd=shrink | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for net, name in LAYERS:
         st = reference_stats(net, True, "ggn")[name]
         op = RearrangedOperator(st)
         total = op.frobenius_sq()
         fl = floors(st, ranks)
         for r, f in zip(ranks, fl):
-            errs = [error(op, total, b.A, b.G) for b in
-                    (structures.create("kron_sum", st.shape, rank=r, psd=psd).fit(st) for psd in ("factors", "shrink"))]
-            rows.append(f"| {net} {name} ({st.m}x{st.n}, T={st.T}) | {r} | {f:.4f} | {errs[0]:.4f} | {errs[0] / f:.3f} "
-                        f"| {errs[1]:.4f} | {errs[1] / f:.3f} |")
+            errs = [
+                error(op, total, b.A, b.G)
+                for b in (
+                    structures.create("kron_sum", st.shape, rank=r, psd=psd).fit(st) for psd in ("factors", "shrink")
+                )
+            ]
+            rows.append(
+                f"| {net} {name} ({st.m}x{st.n}, T={st.T}) | {r} | {f:.4f} | {errs[0]:.4f} | {errs[0] / f:.3f} "
+                f"| {errs[1]:.4f} | {errs[1] / f:.3f} |"
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -84,13 +96,17 @@ def cost_table(repeats: int) -> list[str]:
     times = {}
     for _ in range(repeats):  # interleaved, each in a fresh process
         for label, structure, hp in COSTS:
-            out = subprocess.run([sys.executable, "-c", COST_SNIPPET, structure, repr(hp)], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", COST_SNIPPET, structure, repr(hp)], capture_output=True, text=True, check=True
+            )
             times.setdefault(label, []).append(float(out.stdout.strip().splitlines()[-1]))
     base = sorted(times["kfac"])[len(times["kfac"]) // 2]
-    rows = [f"### Whole `Curvature.update` (capture + fit), MLP 64-1024-1024-10 tanh, batch 2048, float32, empirical "
-            f"Fisher, {torch.get_num_threads()} threads, fresh process each; median of {repeats}\n",
-            "| structure | seconds (median, min-max) | / K-FAC update |", "|---|---|---|"]
+    rows = [
+        f"### Whole `Curvature.update` (capture + fit), MLP 64-1024-1024-10 tanh, batch 2048, float32, empirical "
+        f"Fisher, {torch.get_num_threads()} threads, fresh process each; median of {repeats}\n",
+        "| structure | seconds (median, min-max) | / K-FAC update |",
+        "|---|---|---|",
+    ]
     for label, _, _ in COSTS:
         t = sorted(times[label])
         med = t[len(t) // 2]

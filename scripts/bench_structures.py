@@ -16,6 +16,7 @@ ratios are like for like.
 Part 2 (float64): digits MLP 64-32-16-10, GGN: relative Frobenius error vs the exact block and
 memory for every registered layer structure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,14 +98,16 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
     curv = tensorcurv.Curvature(model, "kfac", "empirical", seed=0)
     stats = curv.capture(*digits(batch, torch.float32), nn.CrossEntropyLoss()).stats
     nxt = curv.capture(*digits(batch, torch.float32, seed=1), nn.CrossEntropyLoss()).stats  # the next step's batch
-    rows = [f"### Fit cost vs K-FAC factors: MLP 64-{width}-{width}-10, batch {batch}, float32, empirical Fisher, "
-            f"{torch.get_num_threads()} threads; median (min-max) of {repeats} repeats, each ratio against the "
-            "K-FAC factor time measured right before it\n",
-            "| layer (m x n) | structure | cold fit / K-FAC | warm refit (next batch) / K-FAC "
-            "| of which SVD (warm) / K-FAC "
-            "| of which PSD (warm) / K-FAC | floor (Gram + r covariances, plain gemms) / K-FAC "
-            "| memory / K-FAC | iterations cold / warm | products cold / warm | method | PSD (t) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"### Fit cost vs K-FAC factors: MLP 64-{width}-{width}-10, batch {batch}, float32, empirical Fisher, "
+        f"{torch.get_num_threads()} threads; median (min-max) of {repeats} repeats, each ratio against the "
+        "K-FAC factor time measured right before it\n",
+        "| layer (m x n) | structure | cold fit / K-FAC | warm refit (next batch) / K-FAC "
+        "| of which SVD (warm) / K-FAC "
+        "| of which PSD (warm) / K-FAC | floor (Gram + r covariances, plain gemms) / K-FAC "
+        "| memory / K-FAC | iterations cold / warm | products cold / warm | method | PSD (t) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, st in stats.items():
         kfac = structures.create("kfac", st.shape).fit(st)
         kfac_times = []
@@ -148,18 +151,22 @@ def cost_table(width: int, batch: int, repeats: int, only: list[str] | None = No
                     floor.append(floor_time(st, rank, weights) / (t6 - t5))
                     kfac_times.append(t6 - t5)
             t = winfo.get("psd_scale")
-            rows.append(f"| {name} ({st.m}x{st.n}) | {label} | {_cell(cold)} | {_cell(warm)} | "
-                        f"{_cell(svd)} | "
-                        f"{_cell(psd) if 'psd_time' in winfo else '-'} | {_cell(floor) if floor else '-'} | "
-                        f"{block.nbytes / kfac.nbytes:.2f} | {info.get('iterations')} / {winfo.get('iterations')} | "
-                        f"{info.get('products', '-')} / {winfo.get('products', '-')} | "
-                        f"{info.get('method', 'als/hooi')} | "
-                        f"{winfo.get('psd_method', '-')}{f' ({t:.3f})' if t is not None else ''}"
-                        f"{_interval_note(winfo)} |")
+            rows.append(
+                f"| {name} ({st.m}x{st.n}) | {label} | {_cell(cold)} | {_cell(warm)} | "
+                f"{_cell(svd)} | "
+                f"{_cell(psd) if 'psd_time' in winfo else '-'} | {_cell(floor) if floor else '-'} | "
+                f"{block.nbytes / kfac.nbytes:.2f} | {info.get('iterations')} / {winfo.get('iterations')} | "
+                f"{info.get('products', '-')} / {winfo.get('products', '-')} | "
+                f"{info.get('method', 'als/hooi')} | "
+                f"{winfo.get('psd_method', '-')}{f' ({t:.3f})' if t is not None else ''}"
+                f"{_interval_note(winfo)} |"
+            )
         if kfac_times:
-            rows.append(f"| {name} | (K-FAC factor time median {_med(kfac_times) * 1e3:.1f} ms, "
-                        f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}) "
-                        "| 1 | 1 | | | | 1 | | | | |")
+            rows.append(
+                f"| {name} | (K-FAC factor time median {_med(kfac_times) * 1e3:.1f} ms, "
+                f"{min(kfac_times) * 1e3:.1f}-{max(kfac_times) * 1e3:.1f}) "
+                "| 1 | 1 | | | | 1 | | | | |"
+            )
     return rows
 
 
@@ -170,22 +177,29 @@ def accuracy_table(batch: int) -> list[str]:
     dense = tensorcurv.Curvature(model, "dense", "ggn", seed=0)
     stats = dense.capture(x, y, nn.CrossEntropyLoss()).stats
     dense.fit_stats(stats)
-    configs = [("dense", "dense", {}), ("diagonal", "diagonal", {}), ("kfac", "kfac", {}), ("ekfac", "ekfac", {}),
-               ("kpsvd", "kpsvd", dict(tol=1e-10, max_iter=500)),
-               ("kron_sum r=2", "kron_sum", dict(rank=2, tol=1e-10, max_iter=500)),
-               ("kron_sum r=2 psd=none", "kron_sum", dict(rank=2, psd="none", tol=1e-10, max_iter=500)),
-               ("kron_sum r=4", "kron_sum", dict(rank=4, tol=1e-10, max_iter=500)),
-               ("kron_sum r=4 psd_proof=dense", "kron_sum", dict(rank=4, psd_proof="dense", tol=1e-10, max_iter=500)),
-               ("kron_sum r=4 psd=none", "kron_sum", dict(rank=4, psd="none", tol=1e-10, max_iter=500)),
-               ("tucker r=4", "tucker", dict(ranks=4, tol=1e-6, max_iter=20)),
-               ("tucker r=16", "tucker", dict(ranks=16, tol=1e-6, max_iter=20)),
-               ("tt r=2", "tt", dict(ranks=2, tol=1e-6, max_iter=20)),
-               ("tt r=8", "tt", dict(ranks=8, tol=1e-6, max_iter=20))]
+    configs = [
+        ("dense", "dense", {}),
+        ("diagonal", "diagonal", {}),
+        ("kfac", "kfac", {}),
+        ("ekfac", "ekfac", {}),
+        ("kpsvd", "kpsvd", dict(tol=1e-10, max_iter=500)),
+        ("kron_sum r=2", "kron_sum", dict(rank=2, tol=1e-10, max_iter=500)),
+        ("kron_sum r=2 psd=none", "kron_sum", dict(rank=2, psd="none", tol=1e-10, max_iter=500)),
+        ("kron_sum r=4", "kron_sum", dict(rank=4, tol=1e-10, max_iter=500)),
+        ("kron_sum r=4 psd_proof=dense", "kron_sum", dict(rank=4, psd_proof="dense", tol=1e-10, max_iter=500)),
+        ("kron_sum r=4 psd=none", "kron_sum", dict(rank=4, psd="none", tol=1e-10, max_iter=500)),
+        ("tucker r=4", "tucker", dict(ranks=4, tol=1e-6, max_iter=20)),
+        ("tucker r=16", "tucker", dict(ranks=16, tol=1e-6, max_iter=20)),
+        ("tt r=2", "tt", dict(ranks=2, tol=1e-6, max_iter=20)),
+        ("tt r=8", "tt", dict(ranks=8, tol=1e-6, max_iter=20)),
+    ]
     names = list(stats)
-    rows = [f"### Accuracy / memory: digits MLP 64-32-16-10, batch {batch}, float64, GGN "
-            "(relative Frobenius error vs the exact block; memory in KiB)\n",
-            "| structure | " + " | ".join(f"{n} ({stats[n].m}x{stats[n].n}) err" for n in names) + " | memory KiB |",
-            "|---|" + "---|" * (len(names) + 1)]
+    rows = [
+        f"### Accuracy / memory: digits MLP 64-32-16-10, batch {batch}, float64, GGN "
+        "(relative Frobenius error vs the exact block; memory in KiB)\n",
+        "| structure | " + " | ".join(f"{n} ({stats[n].m}x{stats[n].n}) err" for n in names) + " | memory KiB |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
     for label, sname, hp in configs:
         errs, mem = [], 0
         for n in names:

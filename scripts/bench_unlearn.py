@@ -1,9 +1,10 @@
 """Unlearning benchmark on digits: fidelity (vs retraining) and time of every method, 3 seeds.
 
-    python scripts/bench_unlearn.py --quick                       # label flip, 1 seed, short LiSSA
-    python scripts/bench_unlearn.py --out reports/unlearning      # the committed report (all scenarios)
-    python scripts/bench_unlearn.py --replot reports/unlearning   # re-draw its figures from results.csv
+python scripts/bench_unlearn.py --quick                       # label flip, 1 seed, short LiSSA
+python scripts/bench_unlearn.py --out reports/unlearning      # the committed report (all scenarios)
+python scripts/bench_unlearn.py --replot reports/unlearning   # re-draw its figures from results.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,13 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="1 seed, shallow LiSSA")
     p.add_argument("--methods", nargs="+", default=None, help="keep only these method names (default: all)")
     p.add_argument("--out", type=str, default=None, help="write report.md, results.csv and plots here")
-    p.add_argument("--replot", type=str, default=None, metavar="DIR",
-                   help="only re-draw the figures of DIR from DIR/results.csv (no rerun, report.md untouched)")
+    p.add_argument(
+        "--replot",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help="only re-draw the figures of DIR from DIR/results.csv (no rerun, report.md untouched)",
+    )
     a = p.parse_args(argv)
     if a.replot:
         for path in report.write_figures(report.read_csv(Path(a.replot) / "results.csv"), a.replot):
@@ -46,8 +52,9 @@ def main(argv=None) -> None:
         methods = [m for m in methods if m.name in set(a.methods)]
     rows, desc = [], {}
     for scen in a.scenarios:
-        r, d = benchmark.run(scen, seeds, mu=a.mu, hidden=a.hidden, methods=methods,
-                             scenario_kwargs={"fraction": a.fraction})
+        r, d = benchmark.run(
+            scen, seeds, mu=a.mu, hidden=a.hidden, methods=methods, scenario_kwargs={"fraction": a.fraction}
+        )
         rows += r
         desc.update(d)
     for scen, entries in report.summarize(rows, ["backdoor_acc"]).items():

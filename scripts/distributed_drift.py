@@ -9,6 +9,7 @@ relative loss and parameter difference over the steps (data parallel vs single p
 same for a single process fed each batch in reversed order (summation order only: the drift a
 structure shows without any process group).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,19 @@ def run(label: str, dtype: torch.dtype, steps: int, comm=None, reverse: bool = F
     X = X.flatten(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(dtype)
-    opt = optim.build("natural_gradient", model, "cross_entropy", comm=comm, structure=structure_of(label),
-                      kind="ggn", damping=1e-3, decay=0.95, kl_clip=1e-3, lr=1.0, **HPARAMS.get(label, {}))
+    opt = optim.build(
+        "natural_gradient",
+        model,
+        "cross_entropy",
+        comm=comm,
+        structure=structure_of(label),
+        kind="ggn",
+        damping=1e-3,
+        decay=0.95,
+        kl_clip=1e-3,
+        lr=1.0,
+        **HPARAMS.get(label, {}),
+    )
     losses, params = [], []
     for t in range(steps):
         idx = torch.arange(t * BATCH, (t + 1) * BATCH) % X.shape[0]
@@ -81,8 +93,10 @@ def main():
     text = "\n\n".join(table(getattr(torch, name), name, args) for name in args.dtypes)
     print(text)
     if args.out:
-        Path(args.out).write_text(f"# Data-parallel drift\n\n`python scripts/distributed_drift.py --dtypes "
-                                  f"{' '.join(args.dtypes)} --steps {args.steps}`\n\n{text}\n")
+        Path(args.out).write_text(
+            f"# Data-parallel drift\n\n`python scripts/distributed_drift.py --dtypes "
+            f"{' '.join(args.dtypes)} --steps {args.steps}`\n\n{text}\n"
+        )
 
 
 def table(dtype: torch.dtype, dtype_name: str, args) -> str:
@@ -90,13 +104,18 @@ def table(dtype: torch.dtype, dtype_name: str, args) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(worker, args=(port, args.structures, dtype, args.steps, out), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        worker, args=(port, args.structures, dtype, args.steps, out), nprocs=2, join=True, start_method="fork"
+    )
     parallel = torch.load(Path(out) / "rank0.pt", weights_only=False)
-    lines = [f"digits MLP 64-64-64-10, natural gradient (GGN, λ 1e-3, decay 0.95, kl_clip 1e-3), batch {BATCH}, "
-             f"{args.steps} steps, {dtype_name}; max over the steps of the relative difference from one process", "",
-             "| structure | data parallel (2 gloo processes): loss | parameters | one process, batches reversed: loss "
-             "| parameters |", "|---|---|---|---|---|"]
+    lines = [
+        f"digits MLP 64-64-64-10, natural gradient (GGN, λ 1e-3, decay 0.95, kl_clip 1e-3), batch {BATCH}, "
+        f"{args.steps} steps, {dtype_name}; max over the steps of the relative difference from one process",
+        "",
+        "| structure | data parallel (2 gloo processes): loss | parameters | one process, batches reversed: loss "
+        "| parameters |",
+        "|---|---|---|---|---|",
+    ]
     for label in args.structures:
         single = run(label, dtype, args.steps)
         dp, rev = drift(parallel[label], single), drift(run(label, dtype, args.steps, reverse=True), single)

@@ -9,6 +9,7 @@ one cold ``fit`` with the structure's default settings, and the fit's route and 
 reference: ``T = 1``: ``R(C) = scale Uᵀ W`` with the explicit rows ``U_s = vec(a_s a_sᵀ)``,
 ``W_s = vec(Σ_k g_sk g_skᵀ)``; ``T > 1``: ``dense_rearranged``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,25 +37,32 @@ def reference(st):
             X = torch.cat([U.T, -block.A.flatten(1).T], 1)
             Y = torch.cat([st.scale * W.T, block.G.flatten(1).T], 1)
             return float(((X.T @ X) * (Y.T @ Y)).sum().clamp_min(0).sqrt())
+
         return s, error
     R = dense_rearranged(st)
 
     def error(block):
         return float((R - block.A.flatten(1).T @ block.G.flatten(1)).norm())
+
     return torch.linalg.svdvals(R), error
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=list(range(2, 9)))
-    ap.add_argument("--layers", nargs="+", default=[f"{n}:{l}" for n, l in LAYERS],
-                    help="net:layer pairs, e.g. mlp:1 autoencoder:3")
+    ap.add_argument(
+        "--layers", nargs="+", default=[f"{n}:{l}" for n, l in LAYERS], help="net:layer pairs, e.g. mlp:1 autoencoder:3"
+    )
     ap.add_argument("--label", default="", help="a note for the table title (e.g. the code version)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     head = "| layer | state | kind | " + " | ".join(f"r={r}" for r in args.ranks) + " | route | iterations | fit s |"
-    lines = [f"### Relative gap to the Eckart–Young floor {args.label}".rstrip(), "", head,
-             "|" + "---|" * (len(args.ranks) + 6)]
+    lines = [
+        f"### Relative gap to the Eckart–Young floor {args.label}".rstrip(),
+        "",
+        head,
+        "|" + "---|" * (len(args.ranks) + 6),
+    ]
     worst = 0.0
     for spec in args.layers:
         net, name = spec.split(":")
@@ -73,14 +81,23 @@ def main() -> None:
                     routes.add(block.last_fit["method"])
                     its.append(block.last_fit["iterations"])
                 worst = max(worst, max(gaps))
-                row = (f"| {net} {name} {tuple(st.shape)} | {'trained' if trained else 'init'} | {kind} | "
-                       + " | ".join(f"{g:.1e}" for g in gaps)
-                       + f" | {'/'.join(sorted(routes))} | {min(its)}-{max(its)} | {secs:.2f} |")
+                row = (
+                    f"| {net} {name} {tuple(st.shape)} | {'trained' if trained else 'init'} | {kind} | "
+                    + " | ".join(f"{g:.1e}" for g in gaps)
+                    + f" | {'/'.join(sorted(routes))} | {min(its)}-{max(its)} | {secs:.2f} |"
+                )
                 lines.append(row)
                 print(row, flush=True)
-    lines += ["", f"Largest gap: {worst:.1e}. Command: `python scripts/kron_sum_floor.py "
-              + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                         for k, v in vars(args).items() if k in ("ranks",)) + "`"]
+    lines += [
+        "",
+        f"Largest gap: {worst:.1e}. Command: `python scripts/kron_sum_floor.py "
+        + " ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k in ("ranks",)
+        )
+        + "`",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -8,6 +8,7 @@ Woodbury on the per-sample factors). The direction of one step is ``θ₀ − θ
 no KL clip); ``(checked)`` is ``‖g − (C + λI)d‖/‖g‖`` recomputed here; the time per step is the minimum and
 the median of ``--repeats`` further steps on the same batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,23 @@ def main() -> None:
     g = torch.cat([p.grad.reshape(-1) for p in curv.params])
     exact = layout.to_flat(op.solve(layout.to_mats(g), lam)[0])
     print(f"{args.net}, {args.structure}, D = {op.dim}, λ = {lam:.3g}, coupling of the refinement: {args.coupling}")
-    print(f"{'k':>3} {'cos(d, exact)':>14} {'residual':>10} {'(checked)':>10} {'cos(d, d0)':>11} "
-          f"{'ms/step min':>11} {'median':>7}")
+    print(
+        f"{'k':>3} {'cos(d, exact)':>14} {'residual':>10} {'(checked)':>10} {'cos(d, d0)':>11} "
+        f"{'ms/step min':>11} {'median':>7}"
+    )
     for k in args.ks:
         m = reference_model(args.net, dtype=dtype)
-        opt = GaussNewton(m, loss_fn, structure=args.structure, lr=1.0, damping=lam, decay=None, refine=k,
-                          refine_tol=1e-12, refine_coupling=args.coupling)
+        opt = GaussNewton(
+            m,
+            loss_fn,
+            structure=args.structure,
+            lr=1.0,
+            damping=lam,
+            decay=None,
+            refine=k,
+            refine_tol=1e-12,
+            refine_coupling=args.coupling,
+        )
         before = flat(m)
         opt.step(x, t)
         d = before - flat(m)
@@ -64,9 +76,11 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         cos = float(d @ exact / (d.norm() * exact.norm()))
         checked = float((g - layout.to_flat(op.mv(layout.to_mats(d))) - lam * d).norm() / g.norm())
-        print(f"{k:>3} {cos:>14.4f} {info.get('refine_residual', float('nan')):>10.3g} {checked:>10.3g} "
-              f"{info.get('refine_cosine', 1.0):>11.4f} {1e3 * min(times):>11.1f} "
-              f"{1e3 * statistics.median(times):>7.1f}")
+        print(
+            f"{k:>3} {cos:>14.4f} {info.get('refine_residual', float('nan')):>10.3g} {checked:>10.3g} "
+            f"{info.get('refine_cosine', 1.0):>11.4f} {1e3 * min(times):>11.1f} "
+            f"{1e3 * statistics.median(times):>7.1f}"
+        )
 
 
 if __name__ == "__main__":

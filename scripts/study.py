@@ -12,6 +12,7 @@ reports/<name>). With logger=wandb the same figures and tables go to W&B (offlin
 A bad config value or an unknown key stops with one line (``error: ...``, exit status 2) before
 anything is trained or written.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,7 @@ CONF = str(ROOT / "conf")
 
 
 def command_line() -> str:
-    return "python scripts/study.py " + " ".join(a for a in sys.argv[1:]
-                                                 if not a.startswith(("hydra.", "render_only")))
+    return "python scripts/study.py " + " ".join(a for a in sys.argv[1:] if not a.startswith(("hydra.", "render_only")))
 
 
 @hydra.main(config_path=CONF, config_name="study", version_base="1.3")
@@ -46,8 +46,10 @@ def main(cfg: DictConfig) -> None:
     if not out.is_absolute():
         out = ROOT / out
     if cfg.render_only and not (out / "metrics.csv").exists():
-        fail(f"render_only=true but {out} has no metrics.csv; run the study first (without render_only)",
-             CONFIG_ERROR_EXIT)
+        fail(
+            f"render_only=true but {out} has no metrics.csv; run the study first (without render_only)",
+            CONFIG_ERROR_EXIT,
+        )
     if not cfg.render_only:
         with report_errors():
             check_study_data(plain)  # the dataset loads and has labels, the model fits it, spectrum_layer exists
@@ -69,11 +71,13 @@ def main(cfg: DictConfig) -> None:
         path = report.write_report(result, out, command=command, title=title, description=desc)
         print(f"report re-rendered: {path}")
         return
-    desc = (f"Model `{cfg.model.name}` ({', '.join(f'{k}={v}' for k, v in plain['model'].items() if k != 'name')}) "
-            f"on `{cfg.data.name}`, trained with Adam (lr {cfg.train.lr}, batch {cfg.train.batch_size}) for "
-            f"{cfg.train.steps} steps; metrics on a fixed batch of {cfg.study.batch_size} training samples at steps "
-            f"{sorted({r['step'] for r in result['training']})}, {cfg.dtype}. Study time {elapsed:.0f} s "
-            f"({cfg.threads} thread(s)).")
+    desc = (
+        f"Model `{cfg.model.name}` ({', '.join(f'{k}={v}' for k, v in plain['model'].items() if k != 'name')}) "
+        f"on `{cfg.data.name}`, trained with Adam (lr {cfg.train.lr}, batch {cfg.train.batch_size}) for "
+        f"{cfg.train.steps} steps; metrics on a fixed batch of {cfg.study.batch_size} training samples at steps "
+        f"{sorted({r['step'] for r in result['training']})}, {cfg.dtype}. Study time {elapsed:.0f} s "
+        f"({cfg.threads} thread(s))."
+    )
     path = report.write_report(result, out, command=command_line(), title=title, description=desc, logger=logger)
     logger.finish()
     print(f"report: {path} ({elapsed:.0f} s)")

@@ -11,6 +11,7 @@ line (``error: <key>=<value> ...; valid: ...``, exit status 2) before anything i
 that fails (diverged, or more than ``max_skip_fraction`` of its steps skipped) writes its
 ``summary.json`` and stops with one line and exit status 1.
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,8 +32,13 @@ def main(cfg: DictConfig) -> float:
 
     with report_errors():
         summary = run_training(cfg)
-    print(" ".join(f"{k}={summary[k]:.4g}" for k in ("train_loss", "test_loss", "test_acc", "wall_time")
-                   if isinstance(summary.get(k), (int, float))))
+    print(
+        " ".join(
+            f"{k}={summary[k]:.4g}"
+            for k in ("train_loss", "test_loss", "test_acc", "wall_time")
+            if isinstance(summary.get(k), (int, float))
+        )
+    )
     return float(summary.get("val_loss", summary["train_loss"]))  # objective for sweepers
 
 

@@ -9,6 +9,7 @@ negative eigenvalue of the unconstrained ``Ĉ`` and the shift ``μ`` (both relat
 the least eigenvalue of the shifted ``Ĉ``, and whether a damped solve (``λ = 1e-3 λ_max(C)``) falls back.
 Dense reference ``C`` from the per-sample gradients (``eigvalsh`` on ``mn x mn``: small blocks only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,11 @@ def main() -> None:
     ap.add_argument("--layers", nargs="+", default=["mlp:5", "autoencoder:3", "cnn:features.3"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    lines = ["| layer | structure | fit | Frobenius error none / shift | spectral error none / shift | "
-             "λ_min(none)/λ_max | μ/λ_max | λ_min(shift)/λ_max | fallback none / shift | shift s |",
-             "|" + "---|" * 10]
+    lines = [
+        "| layer | structure | fit | Frobenius error none / shift | spectral error none / shift | "
+        "λ_min(none)/λ_max | μ/λ_max | λ_min(shift)/λ_max | fallback none / shift | shift s |",
+        "|" + "---|" * 10,
+    ]
     for spec in args.layers:
         net, name = spec.split(":")
         st = reference_stats(net, True, "ggn")[name]
@@ -46,15 +49,21 @@ def main() -> None:
                 row[psd + "_time"] = time.perf_counter() - t0
                 M = block.to_dense()
                 block.solve(V, 1e-3 * lmax)
-                row[psd] = dict(fro=float((M - C).norm() / C.norm()),
-                                spec=float(torch.linalg.matrix_norm(M - C, 2)) / lmax,
-                                lmin=float(torch.linalg.eigvalsh(M)[0]) / lmax, mu=block.shift / lmax,
-                                fallback=block.last_solve["fallback"], method=block.last_fit.get("method"))
+                row[psd] = dict(
+                    fro=float((M - C).norm() / C.norm()),
+                    spec=float(torch.linalg.matrix_norm(M - C, 2)) / lmax,
+                    lmin=float(torch.linalg.eigvalsh(M)[0]) / lmax,
+                    mu=block.shift / lmax,
+                    fallback=block.last_solve["fallback"],
+                    method=block.last_fit.get("method"),
+                )
             n, s = row["none"], row["shift"]
-            line = (f"| {net} {name} {tuple(st.shape)} | {structure} | {s['method']} | "
-                    f"{n['fro']:.3f} / {s['fro']:.3f} | "
-                    f"{n['spec']:.3f} / {s['spec']:.3f} | {n['lmin']:.2e} | {s['mu']:.2e} | {s['lmin']:.1e} | "
-                    f"{n['fallback']} / {s['fallback']} | {row['shift_time']:.2f} |")
+            line = (
+                f"| {net} {name} {tuple(st.shape)} | {structure} | {s['method']} | "
+                f"{n['fro']:.3f} / {s['fro']:.3f} | "
+                f"{n['spec']:.3f} / {s['spec']:.3f} | {n['lmin']:.2e} | {s['mu']:.2e} | {s['lmin']:.1e} | "
+                f"{n['fallback']} / {s['fallback']} | {row['shift_time']:.2f} |"
+            )
             lines.append(line)
             print(line, flush=True)
     lines += ["", "Command: `python scripts/tucker_tt_psd.py --layers " + " ".join(args.layers) + "`"]

@@ -8,6 +8,7 @@ Writes report.md, results.csv and a fidelity-vs-time plot into the run directory
 A bad config value or an unknown key (``+lissa_dept=5``) stops with one line (``error: ...``, exit
 status 2, with the closest valid key) before anything is computed or written.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,14 +34,23 @@ def main(cfg: DictConfig) -> float:
     methods = benchmark.default_methods(u.quick, u.lissa_depth)
     if u.methods is not None:
         methods = [m for m in methods if m.name in set(u.methods)]
-    rows, desc = benchmark.run(u.scenario, u.seeds, mu=u.mu, hidden=u.hidden, methods=methods, quick=u.quick,
-                               scenario_kwargs={"fraction": u.fraction, **u.scenario_kwargs})
+    rows, desc = benchmark.run(
+        u.scenario,
+        u.seeds,
+        mu=u.mu,
+        hidden=u.hidden,
+        methods=methods,
+        quick=u.quick,
+        scenario_kwargs={"fraction": u.fraction, **u.scenario_kwargs},
+    )
     out = u.report_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
-    path = report.write_report(rows, out, command="python scripts/unlearn.py " + " ".join(sys.argv[1:]),
-                               descriptions=desc)
+    path = report.write_report(
+        rows, out, command="python scripts/unlearn.py " + " ".join(sys.argv[1:]), descriptions=desc
+    )
     print(f"wrote {path}")
     ok = [r["rel_dist"] for r in rows if r["method"] not in ("original", "retrain") and r["status"] == "ok"]
     return float(min(ok)) if ok else float("nan")
+
 
 if __name__ == "__main__":
     main()

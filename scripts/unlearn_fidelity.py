@@ -8,6 +8,7 @@ DIR/fidelity.md.
 
     python scripts/unlearn_fidelity.py --out reports/unlearning/structure_fidelity
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,19 @@ def run(scenario: str, seeds: list[int], mu: float, ranks: list[int], deflation:
         seed_rows = structure_fidelity(cache, sc.affected, ref.theta_retrain, ranks=ranks, deflation=deflation)
         rows += [{"seed": seed, **r} for r in seed_rows]
         torch.manual_seed(seed)
-        lissa = second_order_update(model, sc.X, sc.y, sc.affected,
-                                    build_solver("lissa", curvature="ggn", depth=lissa_depth, batch_size=128),
-                                    mu=mu, inplace=False)
+        lissa = second_order_update(
+            model,
+            sc.X,
+            sc.y,
+            sc.affected,
+            build_solver("lissa", curvature="ggn", depth=lissa_depth, batch_size=128),
+            mu=mu,
+            inplace=False,
+        )
         rel = float((lissa.theta - ref.theta_retrain).norm() / (ref.theta_star - ref.theta_retrain).norm())
-        rows.append({"seed": seed, "family": "lissa", "size": lissa_depth, "rel_dist": rel,
-                     "solve_error": float("nan")})
+        rows.append(
+            {"seed": seed, "family": "lissa", "size": lissa_depth, "rel_dist": rel, "solve_error": float("nan")}
+        )
         print(f"seed {seed}: exact step {seed_rows[0]['rel_dist']:.3f}, lissa {rel:.3f}", flush=True)
     return rows
 
@@ -65,8 +73,10 @@ def summarize(rows):
 
 
 def table(summary) -> str:
-    lines = ["| approximation | size (rank r / deflated k / LiSSA depth) | ‖θ−θ_r‖/‖θ*−θ_r‖ | ‖x−x_exact‖/‖x_exact‖ |",
-             "|---|---|---|---|"]
+    lines = [
+        "| approximation | size (rank r / deflated k / LiSSA depth) | ‖θ−θ_r‖/‖θ*−θ_r‖ | ‖x−x_exact‖/‖x_exact‖ |",
+        "|---|---|---|---|",
+    ]
     for family, size, m, sd, e in summary:
         err = "—" if e != e else f"{e:.3f}"
         lines.append(f"| {family} | {size} | {m:.3f} ± {sd:.3f} | {err} |")
@@ -84,20 +94,30 @@ def plot(summary, path: Path, title: str):
     bars = [(m, sd) for f, _, m, sd, _ in summary if f in families]
     with plotting.style():
         fig, axes = plotting.subplots(1, 2, figsize=(10, 4.0), sharey=True)
-        for ax, fams, xlabel in ((axes[0][0], families[:2], "kron_sum rank r"),
-                                 (axes[0][1], families[2:], "K-FAC + k generalized eigenvectors")):
+        for ax, fams, xlabel in (
+            (axes[0][0], families[:2], "kron_sum rank r"),
+            (axes[0][1], families[2:], "K-FAC + k generalized eigenvectors"),
+        ):
             for fam in fams:
                 pts = sorted((s, m, sd) for f, s, m, sd, _ in summary if f == fam)
                 st = styles[fam]
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=st["color"],
-                            marker=st["marker"], ls=st["linestyle"], label=fam)
+                ax.errorbar(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    yerr=[p[2] for p in pts],
+                    color=st["color"],
+                    marker=st["marker"],
+                    ls=st["linestyle"],
+                    label=fam,
+                )
             for name, style in (("exact", "--"), ("lissa", ":")):
                 if name in ref:
-                    ax.axhline(ref[name], ls=style, color=plotting.REFERENCE, lw=1.2,
-                               label=f"{name} ({ref[name]:.3f})")
+                    ax.axhline(ref[name], ls=style, color=plotting.REFERENCE, lw=1.2, label=f"{name} ({ref[name]:.3f})")
             ax.set_xlabel(xlabel)
-        plotting.log_limits(axes[0][0], [m - sd for m, sd in bars] + [m + sd for m, sd in bars]
-                            + [m for m, _ in bars] + list(ref.values()))
+        plotting.log_limits(
+            axes[0][0],
+            [m - sd for m, sd in bars] + [m + sd for m, sd in bars] + [m for m, _ in bars] + list(ref.values()),
+        )
         axes[0][0].set_ylabel("‖θ−θ_r‖ / ‖θ*−θ_r‖ (lower is better)")
         plotting.legend_outside(fig, axes)
         fig.suptitle(title)
@@ -127,8 +147,13 @@ def main(argv=None) -> None:
     p.add_argument("--deflation", type=int, nargs="+", default=[0, 10, 20, 40, 80, 160, 320, 650])
     p.add_argument("--lissa-depth", type=int, default=300)
     p.add_argument("--out", type=str, default=None)
-    p.add_argument("--replot", type=str, default=None, metavar="DIR",
-                   help="only re-draw DIR/fidelity.png from the table in DIR/fidelity.md (no rerun)")
+    p.add_argument(
+        "--replot",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help="only re-draw DIR/fidelity.png from the table in DIR/fidelity.md (no rerun)",
+    )
     a = p.parse_args(argv)
     if a.replot:
         md = Path(a.replot) / "fidelity.md"
@@ -154,7 +179,8 @@ def main(argv=None) -> None:
             "in general); `psd=shrink`: the default PSD fit; `kfac deflated`: K-FAC made exact on the k generalized "
             "eigenvectors of (C+μI, K+μI) with the largest |log λ|. `lissa`: the benchmark's LiSSA "
             "(depth 300, batch 128).\n\n"
-            f"Command: `{cmd}`\n\n{text}\n\n![fidelity](fidelity.png)\n")
+            f"Command: `{cmd}`\n\n{text}\n\n![fidelity](fidelity.png)\n"
+        )
         print(f"wrote {out / 'fidelity.md'}")
 
 

@@ -3,6 +3,7 @@
 Data flows one way: model + batch → ``capture`` → ``LayerStats`` → ``structures`` → ``solve`` →
 optimizers / unlearning / studies.
 """
+
 from tensorcurv import structures
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.curvature import Curvature

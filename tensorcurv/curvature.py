@@ -28,6 +28,7 @@ in float32) are non-finite, :class:`~tensorcurv.core.stats.NonFiniteError` (a ``
 layer and every block is left bit-identical to before. ``solve`` raises the same error, naming
 the layer, instead of returning NaN/Inf.
 """
+
 from __future__ import annotations
 
 import time
@@ -132,18 +133,31 @@ class Curvature:
         return coverage_table(self.coverage())
 
     # ------------------------------------------------------------------ statistics
-    def capture(self, inputs: Tensor, targets: Tensor, loss_fn: LossSpec | nn.Module | str,
-                accumulate_grad: bool = False) -> CaptureResult:
+    def capture(
+        self, inputs: Tensor, targets: Tensor, loss_fn: LossSpec | nn.Module | str, accumulate_grad: bool = False
+    ) -> CaptureResult:
         """Forward + backward; statistics of every covered layer (no fitting)."""
         spec = as_loss_spec(loss_fn)
         check_dtypes(self.named_params)  # (the model may have been converted since construction)
         if any(m.training for m in self._batch_norms):
-            warnings.warn("BatchNorm in training mode couples the samples of a batch: the per-sample statistics, "
-                          "and every block, are not the model's GGN/Fisher (capture in eval mode, or use GroupNorm)",
-                          CoupledSamplesWarning, stacklevel=3)
+            warnings.warn(
+                "BatchNorm in training mode couples the samples of a batch: the per-sample statistics, "
+                "and every block, are not the model's GGN/Fisher (capture in eval mode, or use GroupNorm)",
+                CoupledSamplesWarning,
+                stacklevel=3,
+            )
         t0 = time.perf_counter()
-        res = capture(self.model, self.adapters, inputs, targets, spec, self.kind, self.mc_samples,
-                      self.generator, grad_params=self.params if accumulate_grad else None)
+        res = capture(
+            self.model,
+            self.adapters,
+            inputs,
+            targets,
+            spec,
+            self.kind,
+            self.mc_samples,
+            self.generator,
+            grad_params=self.params if accumulate_grad else None,
+        )
         self._batch_scale = spec.batch_scale(inputs.shape[0])
         if accumulate_grad:
             for p, g in zip(self.params, res.grads):
@@ -151,8 +165,14 @@ class Curvature:
         self.last_capture_time = time.perf_counter() - t0
         return res
 
-    def update(self, inputs: Tensor, targets: Tensor, loss_fn: LossSpec | nn.Module | str,
-               decay: float | None = None, accumulate_grad: bool = False) -> Tensor:
+    def update(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossSpec | nn.Module | str,
+        decay: float | None = None,
+        accumulate_grad: bool = False,
+    ) -> Tensor:
         """Capture one batch and fit every block (``decay=None``) or update its running average.
 
         With ``accumulate_grad=True`` the gradient of the loss is also added to ``p.grad`` (for
@@ -365,8 +385,11 @@ class Curvature:
         why = "non-finite gradients, or a block that is not positive definite at this damping"
         if grads is not None:  # not in place: the input tells which
             bad_in = {where[i] for i in nonfinite(enumerate(self._as_list(grads)))}
-            why = ("their gradients are non-finite" if set(names) <= bad_in else
-                   "the damped block is not invertible (an indefinite structure?); raise the damping")
+            why = (
+                "their gradients are non-finite"
+                if set(names) <= bad_in
+                else "the damped block is not invertible (an indefinite structure?); raise the damping"
+            )
         raise NonFiniteError(f"solve(damping={damping:g}) is non-finite for layer(s) {names}: {why}")
 
     def mv(self, vectors):
@@ -388,10 +411,14 @@ class Curvature:
         return self.model_structure.nbytes
 
     def state_dict(self) -> dict[str, Any]:
-        return {"structure": self.structure, "kind": self.kind, "num_updates": self.num_updates,
-                "fallback_diag": {k: v.clone() for k, v in self.fallback_diag.items()},
-                "generator": self.generator.get_state() if self.generator is not None else None,
-                "model_structure": self.model_structure.state_dict()}
+        return {
+            "structure": self.structure,
+            "kind": self.kind,
+            "num_updates": self.num_updates,
+            "fallback_diag": {k: v.clone() for k, v in self.fallback_diag.items()},
+            "generator": self.generator.get_state() if self.generator is not None else None,
+            "model_structure": self.model_structure.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = ("structure", "kind", "num_updates", "fallback_diag", "generator", "model_structure")
@@ -399,11 +426,15 @@ class Curvature:
         if missing:
             raise ValueError(f"not a Curvature.state_dict(): missing {missing}")
         if set(state["model_structure"].get("blocks", {})) != set(self.blocks):
-            raise ValueError(f"state is for the layers {sorted(state['model_structure'].get('blocks', {}))}; "
-                             f"this curvature covers {sorted(self.blocks)} (another model?)")
+            raise ValueError(
+                f"state is for the layers {sorted(state['model_structure'].get('blocks', {}))}; "
+                f"this curvature covers {sorted(self.blocks)} (another model?)"
+            )
         if state["structure"] != self.structure or state["kind"] != self.kind:
-            raise ValueError(f"state is for structure={state['structure']!r}, kind={state['kind']!r}; "
-                             f"this curvature is {self.structure!r}, {self.kind!r}")
+            raise ValueError(
+                f"state is for structure={state['structure']!r}, kind={state['kind']!r}; "
+                f"this curvature is {self.structure!r}, {self.kind!r}"
+            )
         self.num_updates = state["num_updates"]
         self.fallback_diag = {k: v.clone() for k, v in state["fallback_diag"].items()}
         if state["generator"] is not None and self.generator is not None:
@@ -411,5 +442,7 @@ class Curvature:
         self.model_structure.load_state_dict(state["model_structure"])
 
     def __repr__(self) -> str:
-        return (f"Curvature(structure={self.structure!r}, kind={self.kind!r}, "
-                f"blocks={list(self.blocks)}, uncovered={[n for n, _ in self._uncovered]})")
+        return (
+            f"Curvature(structure={self.structure!r}, kind={self.kind!r}, "
+            f"blocks={list(self.blocks)}, uncovered={[n for n, _ in self._uncovered]})"
+        )

@@ -13,6 +13,7 @@ here changes matplotlib's global state: figures are drawn inside :func:`style` (
 * log axes: :func:`log_limits` sets limits that contain every positive value given (with a small margin),
   instead of fixed limits that clip.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,9 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
-def series_styles(labels: Iterable[Label], groups: Mapping[Label, Hashable] | None = None
-                  ) -> dict[Label, dict[str, Any]]:
+def series_styles(
+    labels: Iterable[Label], groups: Mapping[Label, Hashable] | None = None
+) -> dict[Label, dict[str, Any]]:
     """``{label: {"color", "marker", "linestyle"}}`` with a distinct (colour, marker) pair for each of the
     first 63 labels (first-seen order).
 
@@ -92,8 +94,10 @@ def series_styles(labels: Iterable[Label], groups: Mapping[Label, Hashable] | No
     that colour (groups past the ninth share a colour with an earlier group but not a marker)."""
     labels = list(dict.fromkeys(labels))
     if groups is None:
-        return {lab: {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)], "linestyle": "-"}
-                for i, lab in enumerate(labels)}
+        return {
+            lab: {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)], "linestyle": "-"}
+            for i, lab in enumerate(labels)
+        }
     group_index: dict[Hashable, int] = {}
     members: dict[Hashable, int] = {}
     used: set[tuple[str, str]] = set()
@@ -110,8 +114,9 @@ def series_styles(labels: Iterable[Label], groups: Mapping[Label, Hashable] | No
     return out
 
 
-def legend_outside(fig, axes: Sequence | Any, *, where: str = "right", ncols: int | None = None,
-                   title: str | None = None):
+def legend_outside(
+    fig, axes: Sequence | Any, *, where: str = "right", ncols: int | None = None, title: str | None = None
+):
     """One figure legend with the unique labels of all ``axes`` (first-seen order), placed outside them:
     ``where="right"`` (a column to the right) or ``"bottom"`` (rows under the panels). Needs the constrained
     layout of :func:`subplots`, which makes room for it. Returns it."""

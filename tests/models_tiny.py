@@ -1,4 +1,5 @@
 """Tiny float64 models and batches shared by the core tests."""
+
 from __future__ import annotations
 
 import torch
@@ -13,17 +14,22 @@ def mlp(bias: bool = True, seed: int = 0) -> nn.Module:
 def cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1, dilation=1), nn.Tanh(),
-        nn.Conv2d(3, 2, kernel_size=2, stride=1, padding=0, dilation=2, bias=False), nn.Tanh(),
-        nn.Flatten(), nn.Linear(2 * 1 * 1, 3),
+        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1, dilation=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, kernel_size=2, stride=1, padding=0, dilation=2, bias=False),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 1 * 1, 3),
     ).double()
 
 
 def deconv(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.ConvTranspose2d(2, 3, kernel_size=3, stride=2, padding=1, output_padding=1), nn.Tanh(),
-        nn.Flatten(), nn.Linear(3 * 6 * 6, 3),
+        nn.ConvTranspose2d(2, 3, kernel_size=3, stride=2, padding=1, output_padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 3),
     ).double()
 
 
@@ -53,5 +59,10 @@ def batch(kind: str, loss: str, n: int = 6, seed: int = 1):
     return x, y
 
 
-MODELS = {"mlp": mlp, "mlp_nobias": lambda: mlp(bias=False), "cnn": cnn, "deconv": deconv,
-          "sequence": lambda: Sequence().double()}
+MODELS = {
+    "mlp": mlp,
+    "mlp_nobias": lambda: mlp(bias=False),
+    "cnn": cnn,
+    "deconv": deconv,
+    "sequence": lambda: Sequence().double(),
+}

@@ -1,4 +1,5 @@
 """Tiny models, batches and the resume protocol shared by the optimizer tests."""
+
 from __future__ import annotations
 
 import io

@@ -4,6 +4,7 @@ Built only from ``torch.func`` (per-sample Jacobians, per-sample gradients and l
 by automatic differentiation) — none of tensorcurv's capture, losses or structures is used,
 so agreement with tensorcurv is evidence, not tautology.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Tiny float64 layers (a linear and a conv MLP) shared by the rearrangement, kron_sum and tucker/tt tests."""
+
 import torch
 from torch import nn
 
@@ -12,8 +13,13 @@ def tiny_model(name: str, seed: int = 0) -> nn.Module:
     if name == "linear":
         return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
     if name == "conv":
-        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2),
-                             nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, 2, stride=2),
+            nn.Flatten(),
+            nn.Linear(2 * 2 * 2, 3),
+        ).double()
     raise ValueError(name)
 
 

@@ -12,6 +12,7 @@ Tolerances (float64): identities of the same operator computed two ways, 1e-10 r
 of sums over at most a few hundred terms; iterative fits such as ``tucker``'s HOOI stop at their own
 tolerance, which is why the fits are compared through the operator they define, not their factors).
 """
+
 from __future__ import annotations
 
 import os

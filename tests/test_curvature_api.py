@@ -1,4 +1,5 @@
 """Model-level Curvature: coverage, fallbacks, whole-model solve and clear errors."""
+
 import pytest
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ def test_diagonal_fallback_is_the_exact_diagonal_of_uncovered_parameters(kind):
     diag, o = {}, 0
     for n, s in zip(names, shapes):
         k = torch.Size(s).numel()
-        diag[n] = torch.diagonal(C)[o:o + k].reshape(s)
+        diag[n] = torch.diagonal(C)[o : o + k].reshape(s)
         o += k
     for n in ("norm.weight", "norm.bias", "up.bias"):
         assert torch.allclose(curv.fallback_diag[n], diag[n], rtol=1e-10, atol=1e-14)

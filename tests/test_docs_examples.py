@@ -3,6 +3,7 @@
 A fresh process per script keeps the tutorial's own registrations (the custom structure) out of the
 test session's structure registry.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,8 @@ def test_every_tutorial_script_is_found():
 def test_tutorial_script_runs_on_tiny_settings(script):
     pytest.importorskip("sklearn")  # the study and unlearning tutorials load scikit-learn's digits
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), "--tiny"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip(), "a tutorial prints what it shows"

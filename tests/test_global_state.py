@@ -8,6 +8,7 @@ thread counts, default dtype, deterministic mode, float32 matmul precision, the 
 numpy/python global seeding. Compared before/after: the same, plus the global torch/numpy/python
 RNG states, warnings filters, environment variables and grad mode.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,19 +32,35 @@ from tensorcurv.unlearn import AffectedSet, build_solver, second_order_update
 from unlearn_problems import data, logreg, trained
 
 HPARAMS = {"kron_sum": {"rank": 2}, "two_level": {}}
-SETTERS = [(torch, "set_num_threads"), (torch, "set_num_interop_threads"), (torch, "set_default_dtype"),
-           (torch, "set_default_tensor_type"), (torch, "use_deterministic_algorithms"),
-           (torch, "set_float32_matmul_precision"), (tensorly, "set_backend"), (np.random, "seed"), (random, "seed")]
+SETTERS = [
+    (torch, "set_num_threads"),
+    (torch, "set_num_interop_threads"),
+    (torch, "set_default_dtype"),
+    (torch, "set_default_tensor_type"),
+    (torch, "use_deterministic_algorithms"),
+    (torch, "set_float32_matmul_precision"),
+    (tensorly, "set_backend"),
+    (np.random, "seed"),
+    (random, "seed"),
+]
 
 
 def _snapshot() -> dict:
-    return {"threads": torch.get_num_threads(), "interop threads": torch.get_num_interop_threads(),
-            "opt_einsum": (torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy),
-            "default dtype": torch.get_default_dtype(), "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "matmul precision": torch.get_float32_matmul_precision(), "tensorly backend": tensorly.get_backend(),
-            "torch rng": torch.get_rng_state().tolist(), "numpy rng": str(np.random.get_state()),
-            "python rng": random.getstate(), "warnings filters": list(warnings.filters),
-            "environment": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}, "grad enabled": torch.is_grad_enabled()}
+    return {
+        "threads": torch.get_num_threads(),
+        "interop threads": torch.get_num_interop_threads(),
+        "opt_einsum": (torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy),
+        "default dtype": torch.get_default_dtype(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "matmul precision": torch.get_float32_matmul_precision(),
+        "tensorly backend": tensorly.get_backend(),
+        "torch rng": torch.get_rng_state().tolist(),
+        "numpy rng": str(np.random.get_state()),
+        "python rng": random.getstate(),
+        "warnings filters": list(warnings.filters),
+        "environment": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
+        "grad enabled": torch.is_grad_enabled(),
+    }
 
 
 @pytest.fixture
@@ -103,11 +120,23 @@ def test_curvature_update_and_solve_leave_global_state_alone(watched, name):
 
 
 def test_a_study_run_leaves_global_state_alone(watched):
-    cfg = {"seed": 0, "dtype": "float64", "data": {"name": "digits", "limit": 120},
-           "model": {"name": "mlp", "hidden_sizes": [5]}, "train": {"steps": 2, "batch_size": 16, "lr": 1e-2},
-           "study": {"kinds": ["ggn"], "batch_size": 12, "checkpoints": [0, 1.0],
-                     "structures": ["kfac", "kron_sum"], "damping_rel": [1e-2], "floor_ranks": [1, 2],
-                     "spectral_max_iter": 20, "spectrum_k": 4}}
+    cfg = {
+        "seed": 0,
+        "dtype": "float64",
+        "data": {"name": "digits", "limit": 120},
+        "model": {"name": "mlp", "hidden_sizes": [5]},
+        "train": {"steps": 2, "batch_size": 16, "lr": 1e-2},
+        "study": {
+            "kinds": ["ggn"],
+            "batch_size": 12,
+            "checkpoints": [0, 1.0],
+            "structures": ["kfac", "kron_sum"],
+            "damping_rel": [1e-2],
+            "floor_ranks": [1, 2],
+            "spectral_max_iter": 20,
+            "spectrum_k": 4,
+        },
+    }
     result = run_study(cfg, log=lambda msg: None)
     assert result["metrics"]
 
@@ -123,9 +152,15 @@ def test_an_unlearning_request_leaves_global_state_alone(unlearning_problem, wat
     obj, X, y = unlearning_problem
     idx = torch.tensor([2, 5, 11])
     for method, kw in (("kfac", {}), ("lissa", {"seed": 0})):  # a structure solver, a stochastic one
-        res = second_order_update(obj.model, X, y, AffectedSet.relabel(idx, (y[idx] + 1) % 3),
-                                  build_solver(method, depth=50, **kw) if method == "lissa" else build_solver(method),
-                                  mu=0.5, inplace=False)
+        res = second_order_update(
+            obj.model,
+            X,
+            y,
+            AffectedSet.relabel(idx, (y[idx] + 1) % 3),
+            build_solver(method, depth=50, **kw) if method == "lissa" else build_solver(method),
+            mu=0.5,
+            inplace=False,
+        )
         assert res.status
 
 
@@ -146,8 +181,7 @@ def test_a_training_run_applies_threads_and_seed_for_the_run_only(tmp_path):
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=["data.limit=120", "batch_size=40", "epochs=1", "progress=false",
-                                          "threads=1"])
+        cfg = compose("train", overrides=["data.limit=120", "batch_size=40", "epochs=1", "progress=false", "threads=1"])
     user_threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -167,16 +201,25 @@ def test_importing_the_library_leaves_global_state_alone():
     import subprocess
     import sys
 
-    probe = ("import numpy, random, tensorly, torch\n"
-             "def state():\n"
-             "    return (torch.get_num_threads(), torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy,\n"
-             "            torch.get_default_dtype(), torch.get_rng_state().tolist(), str(numpy.random.get_state()),\n"
-             "            random.getstate(), tensorly.get_backend(), torch.are_deterministic_algorithms_enabled())\n"
-             "before = state()\n"
-             "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study.runner, tensorcurv.unlearn\n"
-             "import tensorcurv.optim, tensorcurv.distributed, tensorcurv.experiments.runner, tensorcurv.experiments.reference_layers\n"
-             "print(before == state())\n")
+    probe = (
+        "import numpy, random, tensorly, torch\n"
+        "def state():\n"
+        "    return (torch.get_num_threads(), torch.backends.opt_einsum.enabled, torch.backends.opt_einsum.strategy,\n"
+        "            torch.get_default_dtype(), torch.get_rng_state().tolist(), str(numpy.random.get_state()),\n"
+        "            random.getstate(), tensorly.get_backend(), torch.are_deterministic_algorithms_enabled())\n"
+        "before = state()\n"
+        "import tensorcurv, tensorcurv.curvature, tensorcurv.structures, tensorcurv.study.runner, tensorcurv.unlearn\n"
+        "import tensorcurv.optim, tensorcurv.distributed, tensorcurv.experiments.runner\n"
+        "import tensorcurv.experiments.reference_layers\n"
+        "print(before == state())\n"
+    )
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=120,
+    )
     assert out.stdout.strip() == "True", out.stderr[-2000:]

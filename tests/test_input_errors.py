@@ -1,5 +1,6 @@
 """User mistakes and numerical edge cases of the library API: a one-line error before any work,
 never a silent NaN/Inf or a wrong curvature, never a state corrupted by a failed update."""
+
 from __future__ import annotations
 
 import warnings
@@ -177,7 +178,7 @@ def test_diagonal_fallback_of_a_shared_parameter_is_the_exact_ggn_diagonal(float
     curv.update(x, y, CE)
     C, names, shapes = full_block(model, x, y, "cross_entropy", "ggn")
     start = sum(torch.Size(s).numel() for s in shapes[: names.index("a.weight")])
-    ref = C.diagonal()[start:start + 16].reshape(4, 4)
+    ref = C.diagonal()[start : start + 16].reshape(4, 4)
     assert torch.allclose(curv.fallback_diag["a.weight"], ref, rtol=1e-12, atol=1e-14)
 
 
@@ -473,12 +474,14 @@ def bn_mlp() -> nn.Sequential:
 
 def test_batchnorm_in_training_mode_warns_that_samples_are_coupled():
     from tensorcurv.curvature import CoupledSamplesWarning
+
     with pytest.warns(CoupledSamplesWarning, match="BatchNorm in training mode"):
         tensorcurv.Curvature(bn_mlp().train()).update(*data(), CE)
 
 
 def test_batchnorm_in_eval_mode_captures_without_warning():
     from tensorcurv.curvature import CoupledSamplesWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", CoupledSamplesWarning)
         tensorcurv.Curvature(bn_mlp().eval()).update(*data(), CE)

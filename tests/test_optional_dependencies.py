@@ -4,6 +4,7 @@ Each check runs in a fresh interpreter where the harness packages look uninstall
 ``import matplotlib`` (or hydra, omegaconf, wandb, sklearn, tqdm) in a library module fails the test even
 where the package is installed.
 """
+
 import subprocess
 import sys
 import textwrap
@@ -24,8 +25,14 @@ for name in BLOCKED:
 
 def run_without_harness_packages(code: str) -> str:
     """Run ``code`` after the blocker in a fresh interpreter; return its stdout (the test fails on a nonzero exit)."""
-    proc = subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -1,4 +1,5 @@
 """Tiny float64 problems shared by the unlearning tests (logistic regression, tiny MLP, ridge)."""
+
 from __future__ import annotations
 
 import torch

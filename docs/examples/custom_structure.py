@@ -6,6 +6,7 @@ off the per-sample factors; the damped solve is ``V / (τ + λ)`` (exact Tikhono
 
 Run: ``python docs/examples/custom_structure.py`` (add ``--tiny`` for the quick version the tests run).
 """
+
 from __future__ import annotations
 
 import sys
@@ -83,8 +84,10 @@ def main(tiny: bool = False) -> dict[str, float]:
     C = dense.blocks["0"].to_dense()
     # τ is the trace of the exact block divided by its size
     assert torch.allclose(block.tau, C.trace() / C.shape[0], rtol=1e-10)
-    print(f"layer 0: tau = {block.tau.item():.4g} = tr(C)/mn, relative Frobenius error "
-          f"{((C - block.to_dense()).norm() / C.norm()).item():.3f}")
+    print(
+        f"layer 0: tau = {block.tau.item():.4g} = tr(C)/mn, relative Frobenius error "
+        f"{((C - block.to_dense()).norm() / C.norm()).item():.3f}"
+    )
 
     # 2. an optimizer preconditions with it (natural gradient with Ĉ = τ I is a per-layer scaled SGD)
     opt = NaturalGradient(model, nn.CrossEntropyLoss(), structure="isotropic", lr=0.1, damping=1e-1)

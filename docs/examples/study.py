@@ -10,6 +10,7 @@ statistics, and measures each one against the exact block, which is never formed
 Run: ``python docs/examples/study.py`` (``--tiny`` for the quick version the tests run). The full study
 harness, with training checkpoints, every kind and the figures, is ``scripts/study.py``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -37,13 +38,15 @@ def main(tiny: bool = False) -> dict[str, float]:
     curv = tensorcurv.Curvature(model, structure="kfac", kind="ggn")
     res = curv.capture(X, y, nn.CrossEntropyLoss(), accumulate_grad=True)
     layer = "0"
-    stats = res.stats[layer]                       # per-sample factors a (N, T, n), g (N, K, T, m)
-    block = ExactBlock(stats)              # the exact block C as an implicit operator
-    grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], dim=1)   # [W, b], shape (m, n)
+    stats = res.stats[layer]  # per-sample factors a (N, T, n), g (N, K, T, m)
+    block = ExactBlock(stats)  # the exact block C as an implicit operator
+    grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], dim=1)  # [W, b], shape (m, n)
 
     floors = kronecker_floor(block, ranks=[1, 2])
-    print(f"layer {layer} ({stats.shape[0]}x{stats.shape[1]}): optimal Kronecker-sum error "
-          f"rank 1 {floors[1]:.4f}, rank 2 {floors[2]:.4f}")
+    print(
+        f"layer {layer} ({stats.shape[0]}x{stats.shape[1]}): optimal Kronecker-sum error "
+        f"rank 1 {floors[1]:.4f}, rank 2 {floors[2]:.4f}"
+    )
     print(f"{'structure':>14} | {'rel. Frobenius error':>20} | {'cosine to exact direction':>25}")
     out = {}
     for label, hparams in VARIANTS.items():

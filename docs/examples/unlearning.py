@@ -8,6 +8,7 @@ and the retrained one ``θ_r`` (L-BFGS from the same initialization on the corre
 Run: ``python docs/examples/unlearning.py`` (``--tiny`` for the quick version the tests run). The benchmark
 with every method and scenario is ``scripts/bench_unlearn.py``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,7 +26,7 @@ def main(tiny: bool = False) -> dict[str, float]:
     n = 300 if tiny else len(X)
     X = torch.tensor(X[:n] / 16.0, dtype=torch.float64)
     y_true = torch.tensor(y[:n])
-    mu = 20.0                                                   # L(D; θ) = Σ_i ℓ_i + (μ/2)‖θ‖²
+    mu = 20.0  # L(D; θ) = Σ_i ℓ_i + (μ/2)‖θ‖²
 
     # the training labels with 5 % flipped to another class
     flipped = torch.randperm(n)[: n // 20]
@@ -35,7 +36,7 @@ def main(tiny: bool = False) -> dict[str, float]:
     model = nn.Linear(64, 10).double()
     obj = Objective(model, "cross_entropy", mu)
     theta0 = obj.theta().detach().clone()
-    theta_star = train_lbfgs(obj, X, y_noisy, theta0).theta      # trained on the noisy labels
+    theta_star = train_lbfgs(obj, X, y_noisy, theta0).theta  # trained on the noisy labels
     theta_retrained = train_lbfgs(obj, X, y_true, theta0).theta  # the reference: retrained on corrected data
     obj.load(theta_star)
 
@@ -47,8 +48,10 @@ def main(tiny: bool = False) -> dict[str, float]:
         return float((theta - theta_retrained).norm() / (theta_star - theta_retrained).norm())
 
     out = {"original": distance(theta_star), "unlearned": distance(result.theta)}
-    print(f"relative distance to retraining: original {out['original']:.3f}, "
-          f"K-FAC + refine {out['unlearned']:.3f} ({result.time * 1e3:.1f} ms)")
+    print(
+        f"relative distance to retraining: original {out['original']:.3f}, "
+        f"K-FAC + refine {out['unlearned']:.3f} ({result.time * 1e3:.1f} ms)"
+    )
     return out
 
 

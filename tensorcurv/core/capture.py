@@ -18,6 +18,7 @@ over the VJP).
 Samples must not interact inside the model (e.g. no BatchNorm in training mode), otherwise
 ``∂L/∂z_s`` is not a per-sample quantity.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,11 +56,14 @@ def check_batch(inputs: Tensor, targets: Tensor) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"empty batch: inputs of shape {tuple(inputs.shape)} hold no samples "
-                         "(need N >= 1 along dim 0)")
+        raise ValueError(
+            f"empty batch: inputs of shape {tuple(inputs.shape)} hold no samples (need N >= 1 along dim 0)"
+        )
     if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
-        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match the {inputs.shape[0]} samples of "
-                         f"inputs {tuple(inputs.shape)}")
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match the {inputs.shape[0]} samples of "
+            f"inputs {tuple(inputs.shape)}"
+        )
     if inputs.is_floating_point() and inputs.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"inputs are {inputs.dtype}; supported dtypes are float32 and float64")
 
@@ -91,6 +95,7 @@ class _Recorder:
                 )
             self.inputs[name] = adapter.inputs(args[0].detach())
             self.outputs[name] = output
+
         return hook
 
     def __enter__(self) -> _Recorder:
@@ -116,8 +121,9 @@ def _vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
         res = [None if r is None else r.unsqueeze(0) for r in res]
     else:
         try:
-            res = torch.autograd.grad(outputs, zs, cotangents, is_grads_batched=True, retain_graph=True,
-                                      allow_unused=True)
+            res = torch.autograd.grad(
+                outputs, zs, cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
         except RuntimeError:  # an op without a batching rule: one backward per column
             cols = [torch.autograd.grad(outputs, zs, v, retain_graph=True, allow_unused=True) for v in cotangents]
             res = [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
@@ -159,7 +165,7 @@ def capture(
     if kind == "empirical" and wanted:  # one backward for the parameter gradients and the statistics
         res = torch.autograd.grad(value, wanted + zs, allow_unused=True)
         grads = [torch.zeros_like(p) if r is None else r for r, p in zip(res[: len(wanted)], wanted)]
-        gz = [torch.zeros_like(z) if r is None else r / c for r, z in zip(res[len(wanted):], zs)]
+        gz = [torch.zeros_like(z) if r is None else r / c for r, z in zip(res[len(wanted) :], zs)]
         gz = [r.unsqueeze(0) for r in gz]  # K = 1
         V = loss.output_gradient(outputs_2d, targets).unsqueeze(0)
     else:
@@ -169,8 +175,9 @@ def capture(
         if kind == "empirical":
             V = loss.output_gradient(outputs_2d, targets).unsqueeze(0)  # (1, N, C)
         elif kind == "mc":
-            cols = [loss.output_gradient(outputs_2d, loss.sample_targets(outputs_2d, generator))
-                    for _ in range(mc_samples)]
+            cols = [
+                loss.output_gradient(outputs_2d, loss.sample_targets(outputs_2d, generator)) for _ in range(mc_samples)
+            ]
             V = torch.stack(cols) / math.sqrt(mc_samples)  # (k, N, C)
         else:
             V = loss.hessian_factor(outputs_2d).permute(2, 0, 1)  # (K, N, C)
@@ -178,9 +185,7 @@ def capture(
 
     stats = {}
     for name, g in zip(names, gz):
-        stats[name] = LayerStats(a=rec.inputs[name], g=adapters[name].output_grads(g.detach()),
-                                 scale=c, name=name)
+        stats[name] = LayerStats(a=rec.inputs[name], g=adapters[name].output_grads(g.detach()), scale=c, name=name)
     rec.inputs.clear()
     rec.outputs.clear()
-    return CaptureResult(loss=value.detach(), outputs=outputs.detach(), stats=stats, grads=grads,
-                         cotangents=V.detach())
+    return CaptureResult(loss=value.detach(), outputs=outputs.detach(), stats=stats, grads=grads, cotangents=V.detach())

@@ -20,6 +20,7 @@ the stacked ``u_j = (vec G_j^{(l)})_l`` give the curvature of all covered parame
 up over layers); ``coupling="block"`` keeps each layer's own ``w`` (the block diagonal a per-layer
 structure approximates).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
@@ -56,8 +57,15 @@ def weighted_gradient_sum(stats: LayerStats, w: Tensor) -> Tensor:
     return h.T @ stats.a.reshape(-1, stats.n)
 
 
-def woodbury_solve(gram: Tensor, scale: float, coefficients: Callable[[Any], Tensor],
-                   combine: Callable[[Tensor], Any], V, damping: float, eig=None):
+def woodbury_solve(
+    gram: Tensor,
+    scale: float,
+    coefficients: Callable[[Any], Tensor],
+    combine: Callable[[Tensor], Any],
+    V,
+    damping: float,
+    eig=None,
+):
     """``(c PᵀP + λI)⁻¹ v = (v − Pᵀ (λ/c I + P Pᵀ)⁻¹ P v) / λ`` with ``P`` the stacked per-sample
     gradients (never formed): ``P Pᵀ`` is the ``(J, J)`` Gram matrix, ``P v`` = ``coefficients(V)``,
     ``Pᵀ w`` = ``combine(w) / c``. ``V``: a matrix or a dict of layer matrices. ``eig``: a cached
@@ -144,8 +152,9 @@ class ExactBlock:
         """The full ``(J, J)`` Gram matrix (cached); ``C`` and ``c·Gram`` share their nonzero eigenvalues."""
         if self._gram is None:
             N = self.stats.N
-            self._gram = torch.cat([self.gram_rows(s0, min(s0 + self.chunk, N))
-                                    for s0 in range(0, N, self.chunk)], dim=0)
+            self._gram = torch.cat(
+                [self.gram_rows(s0, min(s0 + self.chunk, N)) for s0 in range(0, N, self.chunk)], dim=0
+            )
         return self._gram
 
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
@@ -158,11 +167,11 @@ class ExactBlock:
     def frobenius_sq(self) -> float:
         """``‖C‖_F² = c² Σ_{j,j'} ⟨G_j, G_j'⟩²`` (row chunks of the Gram matrix; exact)."""
         if self._gram is not None:
-            return self.scale ** 2 * float(self._gram.pow(2).sum())
+            return self.scale**2 * float(self._gram.pow(2).sum())
         N, total = self.stats.N, 0.0
         for s0 in range(0, N, self.chunk):
             total += float(self.gram_rows(s0, min(s0 + self.chunk, N)).pow(2).sum())
-        return self.scale ** 2 * total
+        return self.scale**2 * total
 
     def trace(self) -> float:
         """``tr C = c Σ_j ‖G_j‖²``."""
@@ -189,8 +198,9 @@ class ExactBlock:
         return self.scale * C
 
     # ------------------------------------------------------------------ damped solve
-    def solve(self, V: Tensor, damping: float, *, method: str = "auto",
-              tol: float = 1e-10) -> tuple[Tensor, dict[str, Any]]:
+    def solve(
+        self, V: Tensor, damping: float, *, method: str = "auto", tol: float = 1e-10
+    ) -> tuple[Tensor, dict[str, Any]]:
         """``(C + λI)⁻¹ vec(V)`` reshaped to ``(m, n)``, exact by one of
 
         * ``woodbury``: the ``J x J`` Gram system of the per-sample gradients (:func:`woodbury_solve`);
@@ -231,8 +241,10 @@ class ExactModel:
         for name, b in self.blocks.items():
             st = b.stats
             if (st.N, st.K) != (first.N, first.K) or st.scale != first.scale:
-                raise ValueError(f"layer {name!r}: statistics of {st.N} samples x {st.K} columns (scale {st.scale}) "
-                                 f"do not match {first.N} x {first.K} (scale {first.scale}); one capture is needed")
+                raise ValueError(
+                    f"layer {name!r}: statistics of {st.N} samples x {st.K} columns (scale {st.scale}) "
+                    f"do not match {first.N} x {first.K} (scale {first.scale}); one capture is needed"
+                )
         self.coupling = coupling
         self.scale = float(first.scale)
         self.dim = sum(b.dim for b in self.blocks.values())
@@ -273,13 +285,14 @@ class ExactModel:
 
     def frobenius_sq(self) -> float:
         """``c² ‖Σ_l Gram_l‖_F²`` (full coupling: the Gram matrices of the layers add up)."""
-        return self.scale ** 2 * float(self.gram().pow(2).sum())
+        return self.scale**2 * float(self.gram().pow(2).sum())
 
     def trace(self) -> float:
         return sum(b.trace() for b in self.blocks.values())
 
-    def solve(self, V: Mapping[str, Tensor], damping: float, *, method: str = "woodbury",
-              tol: float = 1e-10) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def solve(
+        self, V: Mapping[str, Tensor], damping: float, *, method: str = "woodbury", tol: float = 1e-10
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """``(C + λI)⁻¹ V`` (full coupling) over the dict of layer matrices: ``woodbury`` (exact,
         ``J x J`` Gram system) or ``cg`` (conjugate gradients on implicit products, to ``tol``)."""
         if self.coupling != "full":
@@ -298,7 +311,7 @@ class ExactModel:
     def unflatten(self, x: Tensor) -> dict[str, Tensor]:
         out, i = {}, 0
         for k, b in self.blocks.items():
-            out[k] = unvec(x[i:i + b.dim], b.m, b.n)
+            out[k] = unvec(x[i : i + b.dim], b.m, b.n)
             i += b.dim
         return out
 
@@ -319,8 +332,10 @@ class ParamLayout:
         covered = {i for _, _, idx in self.layers for i in idx}
         missing = [n for i, (n, _) in enumerate(named_params) if i not in covered]
         if missing:
-            raise ValueError(f"parameters {missing} are not in a covered layer; the stats GGN operator needs "
-                             "every trainable parameter inside a Linear/Conv2d block")
+            raise ValueError(
+                f"parameters {missing} are not in a covered layer; the stats GGN operator needs "
+                "every trainable parameter inside a Linear/Conv2d block"
+            )
 
     def to_mats(self, v: Tensor) -> dict[str, Tensor]:
         parts = [t.view(s) for t, s in zip(v.split(self.numels), self.shapes)]

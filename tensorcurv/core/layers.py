@@ -5,6 +5,7 @@ module input into ``a`` of shape ``(N, T, n)`` (bias folded as a trailing 1), ho
 (batched) output gradients into ``g`` of shape ``(N, K, T, m)``, and how to move between the
 module's parameters and the matrix ``[W, b]``. See ``stats.py`` for the conventions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,7 +92,6 @@ class LinearAdapter(LayerAdapter):
 
     module_type = nn.Linear
 
-
     def shape(self):
         m, d = self.module.weight.shape
         return (m, d + (self.module.bias is not None))
@@ -127,7 +127,6 @@ class Conv2dAdapter(LayerAdapter):
         c = self.module
         padding = 0 if c.padding == "valid" else c.padding
         return dict(kernel_size=c.kernel_size, dilation=c.dilation, padding=padding, stride=c.stride)
-
 
     def shape(self):
         w = self.module.weight
@@ -182,7 +181,10 @@ class ConvTranspose2dAdapter(LayerAdapter):
         K, N = gz.shape[:2]
         patches = extract_patches(
             gz.reshape(K * N, *gz.shape[2:]),
-            kernel_size=c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride,
+            kernel_size=c.kernel_size,
+            dilation=c.dilation,
+            padding=c.padding,
+            stride=c.stride,
         )  # (K*N, T, C_out*kh*kw)
         return patches.reshape(K, N, *patches.shape[1:]).transpose(0, 1)
 
@@ -224,7 +226,8 @@ def adapter_for(name: str, module: nn.Module) -> Coverage:
                 return Coverage(name, kind, None, "weight is frozen")
             adapter = cls(module)
             if any(not p.requires_grad for _, p in adapter.params()):
-                return Coverage(name, kind, None,
-                                "bias is frozen while the weight trains (the [W, b] block needs both)")
+                return Coverage(
+                    name, kind, None, "bias is frozen while the weight trains (the [W, b] block needs both)"
+                )
             return Coverage(name, kind, adapter, "kronecker block")
     return Coverage(name, kind, None, "no Kronecker adapter for this layer type")

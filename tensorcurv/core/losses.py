@@ -16,6 +16,7 @@ Convention: the user's loss is ``L = c Σ_s ℓ_s`` with ``c = 1/N`` (``reductio
   draws ``b ~ Bernoulli(p)``; the returned target is ``ŷ = p + (b − p)/√ρ`` (``= b`` for
   ``"sum"``), so that ``∇ℓ = √ρ (p − b)`` and ``E[∇ℓ ∇ℓᵀ] = ρ diag(p(1 − p)) = H``.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,10 @@ class CrossEntropy(LossSpec):
 
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         if targets.shape != outputs.shape[:1] or targets.is_floating_point() or targets.is_complex():
-            raise ValueError(f"cross-entropy targets must be integer class indices of shape ({outputs.shape[0]},), "
-                             f"got {targets.dtype} of shape {tuple(targets.shape)} (soft labels are not supported)")
+            raise ValueError(
+                f"cross-entropy targets must be integer class indices of shape ({outputs.shape[0]},), "
+                f"got {targets.dtype} of shape {tuple(targets.shape)} (soft labels are not supported)"
+            )
         return F.cross_entropy(outputs, targets, reduction="none")
 
     def hessian_factor(self, outputs: Tensor) -> Tensor:
@@ -114,8 +117,10 @@ class MeanSquaredError(LossSpec):
             return targets
         if targets.dim() >= 1 and targets.shape[0] == outputs.shape[0] and targets.numel() == outputs.numel():
             return targets.reshape(outputs.shape)
-        raise ValueError(f"MSE targets of shape {tuple(targets.shape)} do not match the model outputs of shape "
-                         f"{tuple(outputs.shape)} (broadcasting would silently change the loss)")
+        raise ValueError(
+            f"MSE targets of shape {tuple(targets.shape)} do not match the model outputs of shape "
+            f"{tuple(outputs.shape)} (broadcasting would silently change the loss)"
+        )
 
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return self.rho(outputs) * (outputs - self.matched(outputs, targets)).pow(2).flatten(1).sum(1)
@@ -147,8 +152,10 @@ class BinaryCrossEntropyWithLogits(LossSpec):
     def matched(outputs: Tensor, targets: Tensor) -> Tensor:
         """Float ``targets`` in the layout of ``outputs`` (same shape, or flattened per sample)."""
         if not targets.is_floating_point():
-            raise ValueError(f"binary cross-entropy targets must be floating point (0/1 or soft labels in [0, 1]), "
-                             f"got {targets.dtype}")
+            raise ValueError(
+                f"binary cross-entropy targets must be floating point (0/1 or soft labels in [0, 1]), "
+                f"got {targets.dtype}"
+            )
         return MeanSquaredError.matched(outputs, targets)
 
     def per_sample(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -180,8 +187,11 @@ class BinaryCrossEntropyWithLogits(LossSpec):
         return (self.rho(outputs) * (torch.sigmoid(z) - self.matched(outputs, targets))).flatten(1)
 
 
-LOSSES: dict[str, type[LossSpec]] = {"cross_entropy": CrossEntropy, "mse": MeanSquaredError,
-                                     "bce_with_logits": BinaryCrossEntropyWithLogits}
+LOSSES: dict[str, type[LossSpec]] = {
+    "cross_entropy": CrossEntropy,
+    "mse": MeanSquaredError,
+    "bce_with_logits": BinaryCrossEntropyWithLogits,
+}
 
 
 def as_loss_spec(loss_fn: LossSpec | nn.Module | str) -> LossSpec:

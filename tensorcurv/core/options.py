@@ -7,6 +7,7 @@ raises a ``ValueError`` that names the key and lists the valid values. Dataclass
 option are annotated ``str`` with a member as default (``damping_kind: str = DampingKind.TIKHONOV``) and
 parsed in ``__post_init__``, so OmegaConf structured configs take the plain strings too.
 """
+
 from __future__ import annotations
 
 from enum import Enum

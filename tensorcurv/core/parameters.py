@@ -7,6 +7,7 @@ is not excluded, and is not shared by several modules (tied weights, or one modu
 would get its own block and the curvature would count it twice). Every other trainable parameter goes to
 the fallback.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -23,16 +24,20 @@ def check_model(model: nn.Module) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if meta:
-        raise ValueError(f"the model is on the 'meta' device ({meta[0]!r} has no data); materialize it first, "
-                         "e.g. model.to_empty(device='cpu') and initialize its parameters")
+        raise ValueError(
+            f"the model is on the 'meta' device ({meta[0]!r} has no data); materialize it first, "
+            "e.g. model.to_empty(device='cpu') and initialize its parameters"
+        )
     check_dtypes(model.named_parameters())
 
 
 def check_dtypes(named_params) -> None:
     for n, p in named_params:
         if p.requires_grad and p.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"parameter {n!r} is {p.dtype}; supported dtypes are float32 and float64 "
-                             "(convert with model.float() or model.double())")
+            raise ValueError(
+                f"parameter {n!r} is {p.dtype}; supported dtypes are float32 and float64 "
+                "(convert with model.float() or model.double())"
+            )
 
 
 def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
@@ -45,24 +50,26 @@ def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in names.items() if len(v) > 1}
 
 
-def assign_parameters(model: nn.Module, structure: str, fallback: str, exclude: Sequence[str]
-                      ) -> tuple[dict[str, LayerAdapter], list[dict[str, str]], set[int]]:
+def assign_parameters(
+    model: nn.Module, structure: str, fallback: str, exclude: Sequence[str]
+) -> tuple[dict[str, LayerAdapter], list[dict[str, str]], set[int]]:
     """The adapters of the covered modules (by module name), one coverage row per trainable parameter
     (under its first name: ``param``, ``module``, ``handled_by``, ``why``) and the ids of the covered
     parameters."""
     with_params = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     unknown = sorted(set(exclude) - set(with_params))
     if isinstance(exclude, str) or unknown:
-        raise ValueError(f"exclude must be a list of module names with parameters; unknown: "
-                         f"{[exclude] if isinstance(exclude, str) else unknown}; valid: {with_params}")
+        raise ValueError(
+            f"exclude must be a list of module names with parameters; unknown: "
+            f"{[exclude] if isinstance(exclude, str) else unknown}; valid: {with_params}"
+        )
     shared = shared_parameters(model)
     adapters: dict[str, LayerAdapter] = {}
     rows: list[dict[str, str]] = []
     covered: set[int] = set()
     listed: set[int] = set()  # one coverage row per parameter, under its first name
     for name, module in model.named_modules():
-        own = [(pn, p) for pn, p in module.named_parameters(recurse=False)
-               if p.requires_grad and id(p) not in listed]
+        own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in listed]
         listed.update(id(p) for _, p in own)
         if not own:
             continue
@@ -78,22 +85,22 @@ def assign_parameters(model: nn.Module, structure: str, fallback: str, exclude: 
         for pn, p in own:
             full = f"{name}.{pn}" if name else pn
             if id(p) in covered:
-                row = {"param": full, "module": cov.module_type, "handled_by": f"{structure} block",
-                       "why": cov.reason}
+                row = {"param": full, "module": cov.module_type, "handled_by": f"{structure} block", "why": cov.reason}
             else:
                 why = cov.reason if cov.adapter is None else f"{pn} of {cov.module_type} cannot be folded"
                 if id(p) in shared:
                     why = f"shared parameter {shared[id(p)]} (tied/shared parameters are not covered)"
-                row = {"param": full, "module": cov.module_type, "handled_by": f"fallback: {fallback}",
-                       "why": why}
+                row = {"param": full, "module": cov.module_type, "handled_by": f"fallback: {fallback}", "why": why}
             rows.append(row)
     return adapters, rows, covered
 
 
 def coverage_table(rows: Sequence[dict[str, str]]) -> str:
     """The coverage rows as an aligned text table."""
-    w = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h)
-         for h, k in (("parameter", "param"), ("module", "module"), ("handled by", "handled_by"))]
+    w = [
+        max(len(h), *(len(r[k]) for r in rows)) if rows else len(h)
+        for h, k in (("parameter", "param"), ("module", "module"), ("handled by", "handled_by"))
+    ]
     lines = [f"{'parameter':<{w[0]}}  {'module':<{w[1]}}  {'handled by':<{w[2]}}  why"]
     lines += [f"{r['param']:<{w[0]}}  {r['module']:<{w[1]}}  {r['handled_by']:<{w[2]}}  {r['why']}" for r in rows]
     return "\n".join(lines)
@@ -112,13 +119,16 @@ def gradient_list(named_params: Sequence[tuple[str, Tensor]], grads) -> list[Ten
         names = [n for n, _ in named_params]
         missing, unknown = [n for n in names if n not in grads], sorted(set(grads) - set(names))
         if missing or unknown:
-            raise ValueError(f"gradient dict: missing {missing}, unknown {unknown}; keys must be the "
-                             f"trainable parameter names {names}")
+            raise ValueError(
+                f"gradient dict: missing {missing}, unknown {unknown}; keys must be the "
+                f"trainable parameter names {names}"
+            )
         grads = [grads[n] for n in names]
     grads = list(grads)
     if len(grads) != len(named_params):
-        raise ValueError(f"expected {len(named_params)} gradient tensors (one per trainable parameter), "
-                         f"got {len(grads)}")
+        raise ValueError(
+            f"expected {len(named_params)} gradient tensors (one per trainable parameter), got {len(grads)}"
+        )
     for (n, p), g in zip(named_params, grads):
         if not isinstance(g, Tensor):
             raise TypeError(f"gradient for {n} must be a tensor, got {type(g).__name__}")

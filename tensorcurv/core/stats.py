@@ -17,6 +17,7 @@ Conventions (one place; the documentation's design page, docs/concepts/design.md
   ``G_sk = sum_t g_skt a_st^T`` (``m x n``) and ``scale = 1/N`` for a mean-reduced loss, ``1`` for
   a sum-reduced one. So ``C`` is the GGN/Fisher of exactly the loss the user passed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -9,6 +9,7 @@
 
 ``resolve(model, comm)`` lets the optimizers accept a ``DistributedDataParallel``-wrapped model.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -40,5 +41,14 @@ def resolve(model: nn.Module, comm: Any = None) -> tuple[nn.Module, Comm | None]
     return model, comm
 
 
-__all__ = ["Comm", "DistributedCurvature", "assign", "default_backend", "env_world_size", "init",
-           "resolve", "shutdown", "world_batch"]
+__all__ = [
+    "Comm",
+    "DistributedCurvature",
+    "assign",
+    "default_backend",
+    "env_world_size",
+    "init",
+    "resolve",
+    "shutdown",
+    "world_batch",
+]

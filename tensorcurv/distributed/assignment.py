@@ -9,6 +9,7 @@
 The costs depend only on shapes and hyper-parameters, so every rank computes the same map without
 communicating: ``Structure.fit_flops`` is the flop estimate of one fit + decomposition of a block.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -8,6 +8,7 @@ died or took another code path raises ``RuntimeError`` on the others instead of 
 Flat buffers: many small tensors are concatenated into one 1-D buffer so that one step costs one
 collective (latency) and the volume is exactly the sum of the tensor sizes.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -30,8 +31,15 @@ def default_backend(device: str | torch.device | None = None) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def init(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, *, rank: int | None = None,
-         world_size: int | None = None, init_method: str | None = None, **comm_options: Any) -> Comm:
+def init(
+    backend: str = "auto",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+    **comm_options: Any,
+) -> Comm:
     """Initialise the default process group (idempotent) and return a :class:`Comm` for it.
 
     Without ``rank``/``world_size`` the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,
@@ -77,11 +85,18 @@ class Comm:
     :class:`~tensorcurv.distributed.DistributedCurvature` built on this group.
     """
 
-    def __init__(self, group: Any = None, comm_dtype: torch.dtype | str | None = None,
-                 assignment: str = "cost", solve_mode: str = "owner") -> None:
+    def __init__(
+        self,
+        group: Any = None,
+        comm_dtype: torch.dtype | str | None = None,
+        assignment: str = "cost",
+        solve_mode: str = "owner",
+    ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("torch.distributed is not initialised; call tensorcurv.distributed.init() "
-                               "(or torch.distributed.init_process_group) first")
+            raise RuntimeError(
+                "torch.distributed is not initialised; call tensorcurv.distributed.init() "
+                "(or torch.distributed.init_process_group) first"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -186,7 +201,7 @@ class Comm:
 def _split(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     out, i = [], 0
     for t in like:
-        out.append(flat[i:i + t.numel()].view(t.shape).clone())
+        out.append(flat[i : i + t.numel()].view(t.shape).clone())
         i += t.numel()
     return out
 

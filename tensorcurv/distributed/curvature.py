@@ -28,10 +28,12 @@ the rounded values, so the ranks stay identical.
 Exactness: for ``kind`` ``ggn`` and ``empirical`` every rank's structure equals the single-process
 fit on the concatenated global batch up to rounding. Over training steps that rounding (the global
 gradient is a sum of per-rank partial sums) is carried on by each structure's own conditioning:
-rounding level for most, far more for ``kron_sum``'s spectral PSD certificate (docs/results/distributed_drift.md). ``mc`` draws its labels per rank, from the
+rounding level for most, far more for ``kron_sum``'s spectral PSD certificate
+(docs/results/distributed_drift.md). ``mc`` draws its labels per rank, from the
 curvature's generator (the same seed on each rank unless the caller seeds per rank), so it is a
 different (equally valid) Monte-Carlo estimate.
 """
+
 from __future__ import annotations
 
 import time
@@ -61,8 +63,17 @@ class SolveMode(Option):
 class DistributedCurvature(Curvature):
     """Data-parallel :class:`Curvature` (see module docstring)."""
 
-    def __init__(self, model: nn.Module, structure: str = "kfac", kind: str = "ggn", *, comm: Comm,
-                 assignment: str | None = None, solve_mode: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        structure: str = "kfac",
+        kind: str = "ggn",
+        *,
+        comm: Comm,
+        assignment: str | None = None,
+        solve_mode: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         assignment = assignment or comm.assignment
         solve_mode = solve_mode or comm.solve_mode
         solve_mode = SolveMode.parse(solve_mode, "solve_mode")
@@ -81,12 +92,15 @@ class DistributedCurvature(Curvature):
         every = self.comm.all_gather_object(mine)
         for r, other in enumerate(every):
             if other != mine:
-                raise RuntimeError(f"rank {self.comm.rank} and rank {r} disagree on the curvature: "
-                                   f"{mine} vs {other}; every rank must build the same model and structure")
+                raise RuntimeError(
+                    f"rank {self.comm.rank} and rank {r} disagree on the curvature: "
+                    f"{mine} vs {other}; every rank must build the same model and structure"
+                )
 
     # ------------------------------------------------------------------ capture & fit
-    def capture(self, inputs: Tensor, targets: Tensor, loss_fn: LossSpec | nn.Module | str,
-                accumulate_grad: bool = False) -> CaptureResult:
+    def capture(
+        self, inputs: Tensor, targets: Tensor, loss_fn: LossSpec | nn.Module | str, accumulate_grad: bool = False
+    ) -> CaptureResult:
         self._reduction = as_loss_spec(loss_fn).reduction
         return super().capture(inputs, targets, loss_fn, accumulate_grad)
 
@@ -220,8 +234,9 @@ class DistributedCurvature(Curvature):
         rank, blocks, owner = self.comm.rank, self.blocks, self.owner
 
         def owned(mats):
-            return {k: blocks[k].solve(M, damping) if owner[k] == rank else torch.zeros_like(M)
-                    for k, M in mats.items()}
+            return {
+                k: blocks[k].solve(M, damping) if owner[k] == rank else torch.zeros_like(M) for k, M in mats.items()
+            }
 
         def fb(n, v):
             return v / (self.fallback_diag[n] + damping) if self.fallback == "diagonal" else v

@@ -10,6 +10,7 @@ Second-order optimizers get ``comm=`` (statistics, gradients and loss reduced by
 first-order baselines get the model wrapped in ``DistributedDataParallel`` (torch's own gradient
 averaging, which assumes equal shards: keep ``batch_size`` divisible by the world size).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -40,10 +41,12 @@ class DistributedConfig:
     """Lower precision for broadcast results (``float32``, ``bfloat16``); null: working precision."""
 
     def __post_init__(self) -> None:
-        for key, val, valid in (("backend", self.backend, ("auto", "gloo", "nccl", "mpi")),
-                                ("assignment", self.assignment, ("cost", "round_robin")),
-                                ("solve_mode", self.solve_mode, ("owner", "local")),
-                                ("comm_dtype", self.comm_dtype, (None, "float32", "float16", "bfloat16", "float64"))):
+        for key, val, valid in (
+            ("backend", self.backend, ("auto", "gloo", "nccl", "mpi")),
+            ("assignment", self.assignment, ("cost", "round_robin")),
+            ("solve_mode", self.solve_mode, ("owner", "local")),
+            ("comm_dtype", self.comm_dtype, (None, "float32", "float16", "bfloat16", "float64")),
+        ):
             if val not in valid:
                 raise ValueError(f"distributed.{key}={val!r} is not one of {list(valid)}")
         if not self.timeout_s > 0:
@@ -101,6 +104,5 @@ def setup(raw: Any = None, device: str | torch.device = "cpu") -> Session:
     if not cfg.enabled:
         return Session(None)
     backend = default_backend(device) if cfg.backend == "auto" else cfg.backend
-    comm = init(backend, cfg.timeout_s, comm_dtype=cfg.comm_dtype, assignment=cfg.assignment,
-                solve_mode=cfg.solve_mode)
+    comm = init(backend, cfg.timeout_s, comm_dtype=cfg.comm_dtype, assignment=cfg.assignment, solve_mode=cfg.solve_mode)
     return Session(comm)

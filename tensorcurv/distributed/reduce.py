@@ -18,8 +18,8 @@ layer per fit; weight ``(m, n)``, ``T`` positions, ``K`` backward columns, ``W``
   makes the basis identical on all ranks by construction; the statistics projected on it
   (``ekfac``'s core ``S``, ``mn``) are all-reduced in a second round (``additive_projection``).
 * ``gather`` (every other structure: ``kron_sum``/``kpsvd``, ``tucker``, ``tt``, and model-level
-  structures that couple the layers, ``two_level``): the per-sample factors are gathered on the layer's owner (``N·T·(n + K·m)``
-  numbers), the owner runs the structure's own ``fit``/``update`` on the global statistics (so any
+  structures that couple the layers, ``two_level``): the per-sample factors are gathered on the layer's owner
+  (``N·T·(n + K·m)`` numbers), the owner runs the structure's own ``fit``/``update`` on the global statistics (so any
   fit — power iteration, Gram form, ALS, warm starts — is the single-process computation), and
   broadcasts the structure's whole ``state_dict()`` (tensors: ``r(n² + m²)`` for ``kron_sum``; plus
   its start generator and certified PSD intervals, so that every rank, and rank 0's checkpoint,
@@ -33,6 +33,7 @@ layer per fit; weight ``(m, n)``, ``T`` positions, ``K`` backward columns, ``W``
 to the reduced tensors (``Structure.load_reduced``; ``ekfac`` re-projects the old core into the new
 basis as its ``_update`` does); ``gather`` calls the structure's own ``update``.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,9 @@ def infer_reduction(stats: LayerStats) -> str:
         return "mean"
     if stats.scale == 1.0:
         return "sum"
-    raise ValueError(f"layer {stats.name!r}: scale {stats.scale} is neither 1/N nor 1; pass the loss "
-                     "reduction explicitly")
+    raise ValueError(
+        f"layer {stats.name!r}: scale {stats.scale} is neither 1/N nor 1; pass the loss reduction explicitly"
+    )
 
 
 def global_scale(reduction: str, n_global: int) -> float:
@@ -82,7 +84,7 @@ def pack_stats(st: LayerStats) -> Tensor:
 def unpack_stats(rows: Tensor, like: LayerStats, scale: float) -> LayerStats:
     T, n, K, m = like.T, like.n, like.K, like.m
     a = rows[:, : T * n].reshape(-1, T, n)
-    g = rows[:, T * n:].reshape(-1, K, T, m)
+    g = rows[:, T * n :].reshape(-1, K, T, m)
     return LayerStats(a=a.contiguous(), g=g.contiguous(), scale=scale, name=like.name)
 
 
@@ -93,8 +95,9 @@ def gather_stats(comm: Comm, st: LayerStats, owner: int, sizes: Sequence[int]) -
 
 
 # ---------------------------------------------------------------------- gradients
-def reduce_gradients(comm: Comm, grads: Sequence[Tensor | None], loss: Tensor, n_local: int,
-                     reduction: str, flag: bool = False) -> tuple[list[Tensor | None], Tensor, bool]:
+def reduce_gradients(
+    comm: Comm, grads: Sequence[Tensor | None], loss: Tensor, n_local: int, reduction: str, flag: bool = False
+) -> tuple[list[Tensor | None], Tensor, bool]:
     """Global-batch gradient and loss from per-rank ones, in one all-reduce.
 
     Mean loss: ``∇L = Σ_r (N_r/N) ∇L_r`` (the plain average when shards are equal); sum: ``Σ_r ∇L_r``.
@@ -103,8 +106,9 @@ def reduce_gradients(comm: Comm, grads: Sequence[Tensor | None], loss: Tensor, n
     w = float(n_local) if reduction == "mean" else 1.0
     present = [g for g in grads if g is not None]
     like = loss.detach().reshape(1)
-    extra = torch.stack([loss.detach().to(like.dtype) * w, like.new_tensor(float(n_local)),
-                         like.new_tensor(1.0 if flag else 0.0)])
+    extra = torch.stack(
+        [loss.detach().to(like.dtype) * w, like.new_tensor(float(n_local)), like.new_tensor(1.0 if flag else 0.0)]
+    )
     parts = [g.to(extra.dtype) * w for g in present] + [extra]
     red = comm.all_reduce(parts)
     n_global = float(red[-1][1])
@@ -114,14 +118,16 @@ def reduce_gradients(comm: Comm, grads: Sequence[Tensor | None], loss: Tensor, n
     return out, red[-1][0] / div, bool(red[-1][2] > 0)
 
 
-def sync_step(comm: Comm, named_params: Sequence[tuple[str, Any]], loss: Tensor, n_local: int,
-              reduction: str, res: Any = None) -> tuple[Tensor, bool]:
+def sync_step(
+    comm: Comm, named_params: Sequence[tuple[str, Any]], loss: Tensor, n_local: int, reduction: str, res: Any = None
+) -> tuple[Tensor, bool]:
     """One training step's agreement across ranks: ``p.grad`` ← global-batch gradient, the global
     loss, and whether *any* rank captured non-finite statistics (so all ranks skip together)."""
     bad_stats = False
     if res is not None:
-        bad_stats = any(not (bool(torch.isfinite(st.a.sum())) and bool(torch.isfinite(st.g.sum())))
-                        for st in res.stats.values())
+        bad_stats = any(
+            not (bool(torch.isfinite(st.a.sum())) and bool(torch.isfinite(st.g.sum()))) for st in res.stats.values()
+        )
     params = [p for _, p in named_params]
     grads, loss, any_bad = reduce_gradients(comm, [p.grad for p in params], loss, n_local, reduction, bad_stats)
     for p, g in zip(params, grads):

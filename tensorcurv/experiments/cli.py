@@ -10,6 +10,7 @@ composed config before anything is written, and one-line errors with a nonzero e
   the compose API (exit 2), or a failed run (:class:`~tensorcurv.experiments.runner.RunFailed`, exit 1),
   raised by the script's body into that one line.
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,8 +25,11 @@ from tensorcurv.experiments.study_config import validate_study
 from tensorcurv.experiments.unlearn_config import validate_unlearn
 
 #: primary config name -> its validator
-VALIDATORS: dict[str, Callable[[Any], Any]] = {"train": validate_train, "study": validate_study,
-                                                "unlearn": validate_unlearn}
+VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "train": validate_train,
+    "study": validate_study,
+    "unlearn": validate_unlearn,
+}
 CONFIG_ERROR_EXIT = 2
 RUN_FAILED_EXIT = 1
 

@@ -21,6 +21,7 @@ constraints that need the layer size — an index split that does not divide it,
 block's — fail before the first step too. :mod:`tensorcurv.experiments.cli` runs the validator as a Hydra
 callback, before Hydra creates the run directory.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,21 @@ from tensorcurv.experiments.schema import ConfigError, check, check_keys, check_
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ConfigError", "DataConfig", "LoggerConfig", "ScheduleConfig", "TrainConfig", "Validated", "check_blocks",
-           "kind_names", "plain_config", "resolve_device", "validate_model", "validate_structure", "validate_train"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LoggerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "Validated",
+    "check_blocks",
+    "kind_names",
+    "plain_config",
+    "resolve_device",
+    "validate_model",
+    "validate_structure",
+    "validate_train",
+]
 
 DTYPES = ("float32", "float64")
 TASKS = ("auto", "classify", "autoencode")
@@ -146,23 +160,32 @@ def _model_rules(name: str) -> dict[str, dict[str, Any]]:
         "activation": {"choices": list(models.ACTIVATIONS), "what": "an activation"},
         "norm": {"choices": models.Norm.values(), "what": "a norm"},
         "preset": {"choices": list(models.AUTOENCODER_PRESETS), "what": "an autoencoder preset"},
-        "hidden_sizes": positive, "channels": positive, "hidden": positive, "groups": positive,
-        "blocks_per_stage": positive, "widths": {"ge": 1, "nonempty": True},
+        "hidden_sizes": positive,
+        "channels": positive,
+        "hidden": positive,
+        "groups": positive,
+        "blocks_per_stage": positive,
+        "widths": {"ge": 1, "nonempty": True},
     }
     if name == "conv_autoencoder":
         rules["channels"] = {"ge": 1, "length": 2}
     return rules
 
 
-def validate_model(model: Mapping[str, Any], key: str = "model", valid_names: list[str] | None = None,
-                   what: str = "a model") -> dict:
+def validate_model(
+    model: Mapping[str, Any], key: str = "model", valid_names: list[str] | None = None, what: str = "a model"
+) -> dict:
     """Check ``{name, **builder kwargs}`` against the builder's signature and the allowed values."""
     from tensorcurv.experiments import models as models
 
     valid_names = valid_names or models.names()
     check_value(f"{key}.name", model.get("name"), str, {"choices": valid_names, "what": what})
-    schema = signature_schema(model["name"], models.builder(model["name"]), skip=("input_shape", "num_outputs"),
-                              rules=_model_rules(model["name"]))
+    schema = signature_schema(
+        model["name"],
+        models.builder(model["name"]),
+        skip=("input_shape", "num_outputs"),
+        rules=_model_rules(model["name"]),
+    )
     check(key, schema, {k: v for k, v in model.items() if k != "name"})
     return dict(model)
 
@@ -263,8 +286,10 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r} but torch.cuda.is_available() is False (torch {torch.__version__}); "
-                              f"use device=cpu or device=auto")
+            raise ConfigError(
+                f"device={name!r} but torch.cuda.is_available() is False (torch {torch.__version__}); "
+                f"use device=cpu or device=auto"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
@@ -280,8 +305,10 @@ def validate_distributed(raw: Any) -> Any:
 
         missing = [k for k in TORCHRUN_ENV if k not in os.environ]
         if missing and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise ConfigError(f"distributed=ddp needs the torchrun environment ({', '.join(missing)} not set); launch "
-                              f"it as: torchrun --nproc_per_node=<processes> scripts/train.py distributed=ddp ...")
+            raise ConfigError(
+                f"distributed=ddp needs the torchrun environment ({', '.join(missing)} not set); launch "
+                f"it as: torchrun --nproc_per_node=<processes> scripts/train.py distributed=ddp ..."
+            )
     return dist
 
 
@@ -339,8 +366,10 @@ def validate_train(cfg: Any) -> Validated:
     schedule = check("schedule", ScheduleConfig, dict(raw.get("schedule") or {}))
     validate_distributed(raw.get("distributed"))
     if opt["name"] in SECOND_ORDER and opt.get("structure", curvature["name"]) != curvature["name"]:
-        raise ConfigError(f"optim.structure={opt['structure']!r} differs from curvature.name={curvature['name']!r}; "
-                          f"choose the structure with curvature=<name> (valid: {', '.join(_structure_names())})")
+        raise ConfigError(
+            f"optim.structure={opt['structure']!r} differs from curvature.name={curvature['name']!r}; "
+            f"choose the structure with curvature=<name> (valid: {', '.join(_structure_names())})"
+        )
     v = Validated(train, data, model, curvature, opt, logger, schedule, raw)
     kw = v.optimizer_kwargs()
     try:

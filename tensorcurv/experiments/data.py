@@ -50,6 +50,7 @@ Normalization uses training-set statistics only: ``standard`` — per feature (e
 [0, 1] (the choice for sigmoid autoencoders); ``none`` — raw values as float. Autoencoding
 targets (curves, faces, curves_synthetic) are normalized like the inputs.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -109,8 +110,7 @@ class _Raw:
 # ---------------------------------------------------------------------- downloads
 #: Standard files, their MD5 and mirrors (tried in order). Tests point the mirrors at file:// URLs.
 MIRRORS: dict[str, list[str]] = {
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
-              "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"],
     "fashion_mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
     "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
 }
@@ -319,7 +319,7 @@ def _faces(data_dir: Path, download_ok: bool) -> _Raw:
     ntrain, ntest = faces_split(a.shape[0])
     side = int(round(np.sqrt(a.shape[1])))
     a = a.reshape(-1, 1, side, side)
-    return _Raw(a[:ntrain], None, a[a.shape[0] - ntest:], None, None)
+    return _Raw(a[:ntrain], None, a[a.shape[0] - ntest :], None, None)
 
 
 def _mnist_all(data_dir: Path, download_ok: bool) -> _Raw:
@@ -360,17 +360,23 @@ def natural_spline_through_3_points(points: np.ndarray, t: np.ndarray) -> np.nda
     first = s <= h0[:, None, :]
     # segment 0 on [0, h0] (M0 = 0), segment 1 on [h0, h0 + h1] (M2 = 0); standard cubic-spline form
     u0 = s
-    seg0 = (m1[:, None] * u0 ** 3 / (6 * h0[:, None]) + (p0[:, None] / h0[:, None]) * (h0[:, None] - u0)
-            + (p1[:, None] / h0[:, None] - m1[:, None] * h0[:, None] / 6) * u0)
+    seg0 = (
+        m1[:, None] * u0**3 / (6 * h0[:, None])
+        + (p0[:, None] / h0[:, None]) * (h0[:, None] - u0)
+        + (p1[:, None] / h0[:, None] - m1[:, None] * h0[:, None] / 6) * u0
+    )
     u1 = s - h0[:, None]
-    seg1 = (m1[:, None] * (h1[:, None] - u1) ** 3 / (6 * h1[:, None])
-            + (p1[:, None] / h1[:, None] - m1[:, None] * h1[:, None] / 6) * (h1[:, None] - u1)
-            + (p2[:, None] / h1[:, None]) * u1)
+    seg1 = (
+        m1[:, None] * (h1[:, None] - u1) ** 3 / (6 * h1[:, None])
+        + (p1[:, None] / h1[:, None] - m1[:, None] * h1[:, None] / 6) * (h1[:, None] - u1)
+        + (p2[:, None] / h1[:, None]) * u1
+    )
     return np.where(first, seg0, seg1)
 
 
-def draw_curves(ctrl: np.ndarray, side: int = 28, line_width: float = 1.5, curve_samples: int = 320,
-                chunk: int = 1024) -> np.ndarray:
+def draw_curves(
+    ctrl: np.ndarray, side: int = 28, line_width: float = 1.5, curve_samples: int = 320, chunk: int = 1024
+) -> np.ndarray:
     """Images ``(B, side, side)`` (float32 in [0, 1]) of the splines through ``ctrl`` (B, 3, 2) ``(x, y)``.
 
     A stroke of width ``w = line_width`` pixels, anti-aliased by its box-filter coverage
@@ -391,18 +397,24 @@ def draw_curves(ctrl: np.ndarray, side: int = 28, line_width: float = 1.5, curve
     n = len(ctrl)
     out = torch.zeros(n, side * side, dtype=torch.float32)
     for lo in range(0, n, chunk):
-        pts = torch.as_tensor(natural_spline_through_3_points(ctrl[lo:lo + chunk], t), dtype=torch.float32)
+        pts = torch.as_tensor(natural_spline_through_3_points(ctrl[lo : lo + chunk], t), dtype=torch.float32)
         pix = torch.floor(pts)[:, :, None, :] + window  # (B, T, K, 2) candidate pixel centres
         value = (reach - (pix - pts[:, :, None, :]).norm(dim=-1)).clamp(0.0, 1.0)
         inside = ((pix >= 0) & (pix <= side - 1)).all(-1)
         index = (pix[..., 1] * side + pix[..., 0]).clamp(0, side * side - 1).long()
         value = torch.where(inside, value, torch.zeros(()))
-        out[lo:lo + chunk].scatter_reduce_(1, index.reshape(len(pts), -1), value.reshape(len(pts), -1), "amax")
+        out[lo : lo + chunk].scatter_reduce_(1, index.reshape(len(pts), -1), value.reshape(len(pts), -1), "amax")
     return out.reshape(n, side, side).numpy()
 
 
-def make_curves_synthetic(n: int, seed: int = CURVES_SYNTHETIC_SEED, side: int = 28, line_width: float = 1.5,
-                          margin: float = 2.0, chunk: int = 1024) -> np.ndarray:
+def make_curves_synthetic(
+    n: int,
+    seed: int = CURVES_SYNTHETIC_SEED,
+    side: int = 28,
+    line_width: float = 1.5,
+    margin: float = 2.0,
+    chunk: int = 1024,
+) -> np.ndarray:
     """``n`` CURVES-like images ``(n, side, side)`` (float32 in [0, 1]), deterministic in ``seed``.
 
     Three control points uniform in ``[margin, side − 1 − margin]²`` (NumPy's PCG64), so that each
@@ -418,8 +430,9 @@ def make_curves_synthetic(n: int, seed: int = CURVES_SYNTHETIC_SEED, side: int =
 def _curves_synthetic(data_dir: Path, download_ok: bool) -> _Raw:
     n_train, n_test = CURVES_SYNTHETIC_SIZES
     folder = data_dir / "curves_synthetic"
-    cache = folder / (f"curves_synthetic_v{CURVES_SYNTHETIC_VERSION}_seed{CURVES_SYNTHETIC_SEED}"
-                      f"_{n_train}x{n_test}.npz")
+    cache = folder / (
+        f"curves_synthetic_v{CURVES_SYNTHETIC_VERSION}_seed{CURVES_SYNTHETIC_SEED}_{n_train}x{n_test}.npz"
+    )
     if cache.exists():
         with np.load(cache) as f:
             x, xt = f["train"], f["test"]
@@ -491,9 +504,11 @@ def load(
         tperm = rng.permutation(len(raw.x_test))
         xt, yt = raw.x_test[tperm], (raw.y_test[tperm] if raw.y_test is not None else None)
     n_val = int(round(val_fraction * len(x)))
-    parts = {"train": (x[n_val:], None if y is None else y[n_val:]),
-             "val": (x[:n_val], None if y is None else y[:n_val]),
-             "test": (xt, yt)}
+    parts = {
+        "train": (x[n_val:], None if y is None else y[n_val:]),
+        "val": (x[:n_val], None if y is None else y[:n_val]),
+        "test": (xt, yt),
+    }
     if limit is not None:
         parts = {k: (a[:limit], None if b is None else b[:limit]) for k, (a, b) in parts.items()}
 

@@ -36,6 +36,7 @@ weight and bias and every ConvTranspose2d weight is a Kronecker block. Not cover
 to the fallback: ConvTranspose2d biases (``conv_autoencoder``) and normalization-layer affine
 parameters (``resnet`` with ``norm="group"``/``"batch"``).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,14 @@ from torch import nn
 
 from tensorcurv.core.options import Option
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU,
-               "softplus": nn.Softplus}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+}
 
 
 class Norm(Option):
@@ -56,6 +63,8 @@ class Norm(Option):
     NONE = "none"
     GROUP = "group"
     BATCH = "batch"
+
+
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 #: weight initializations of :func:`initialize` (``torch``: keep PyTorch's default)
 
@@ -65,6 +74,8 @@ class Init(Option):
 
     TORCH = "torch"
     XAVIER_UNIFORM = "xavier_uniform"
+
+
 AUTOENCODER_PRESETS: dict[str, list[int]] = {
     "mnist": [1000, 500, 250, 30],
     "curves": [400, 200, 100, 50, 25, 6],
@@ -84,8 +95,9 @@ def _image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(s) for s in input_shape)  # type: ignore[return-value]
 
 
-def mlp(input_shape, num_outputs, hidden_sizes: Sequence[int] = (64, 64), activation: str = "tanh",
-        bias: bool = True) -> nn.Sequential:
+def mlp(
+    input_shape, num_outputs, hidden_sizes: Sequence[int] = (64, 64), activation: str = "tanh", bias: bool = True
+) -> nn.Sequential:
     d = math.prod(input_shape)
     layers: list[nn.Module] = [nn.Flatten()]
     for h in hidden_sizes:
@@ -116,9 +128,16 @@ def initialize(model: ModuleT, init: str = "torch", bias_init: float | None = No
     return model
 
 
-def autoencoder(input_shape, num_outputs=None, hidden_sizes: Sequence[int] | None = None,
-                preset: str | None = None, activation: str = "sigmoid", code_activation: str | None = None,
-                init: str = "torch", bias_init: float | None = None) -> nn.Sequential:
+def autoencoder(
+    input_shape,
+    num_outputs=None,
+    hidden_sizes: Sequence[int] | None = None,
+    preset: str | None = None,
+    activation: str = "sigmoid",
+    code_activation: str | None = None,
+    init: str = "torch",
+    bias_init: float | None = None,
+) -> nn.Sequential:
     d = math.prod(input_shape)
     if preset is not None:
         if preset not in AUTOENCODER_PRESETS:
@@ -144,8 +163,9 @@ def autoencoder(input_shape, num_outputs=None, hidden_sizes: Sequence[int] | Non
 
 
 class CNN(nn.Module):
-    def __init__(self, input_shape, num_outputs, channels: Sequence[int] = (16, 32), hidden: int = 64,
-                 activation: str = "relu") -> None:
+    def __init__(
+        self, input_shape, num_outputs, channels: Sequence[int] = (16, 32), hidden: int = 64, activation: str = "relu"
+    ) -> None:
         super().__init__()
         c, h, w = _image_shape("cnn", input_shape)
         feats: list[nn.Module] = []
@@ -155,26 +175,34 @@ class CNN(nn.Module):
         if h < 1 or w < 1:
             raise ValueError(f"cnn: input {tuple(input_shape)} is too small for {len(channels)} pooling stages")
         self.features = nn.Sequential(*feats)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), _act(activation),
-                                  nn.Linear(hidden, num_outputs))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * h * w, hidden), _act(activation), nn.Linear(hidden, num_outputs)
+        )
 
     def forward(self, x):
         return self.head(self.features(x))
 
 
 class ConvAutoencoder(nn.Module):
-    def __init__(self, input_shape, num_outputs=None, channels: Sequence[int] = (16, 32),
-                 activation: str = "relu") -> None:
+    def __init__(
+        self, input_shape, num_outputs=None, channels: Sequence[int] = (16, 32), activation: str = "relu"
+    ) -> None:
         super().__init__()
         c, h, w = _image_shape("conv_autoencoder", input_shape)
         if h % 4 or w % 4:
             raise ValueError(f"conv_autoencoder needs H and W divisible by 4, got {(h, w)}")
         c1, c2 = (int(x) for x in channels)
-        self.encoder = nn.Sequential(nn.Conv2d(c, c1, 3, stride=2, padding=1), _act(activation),
-                                     nn.Conv2d(c1, c2, 3, stride=2, padding=1), _act(activation))
+        self.encoder = nn.Sequential(
+            nn.Conv2d(c, c1, 3, stride=2, padding=1),
+            _act(activation),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+            _act(activation),
+        )
         self.decoder = nn.Sequential(
-            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), _act(activation),
-            nn.ConvTranspose2d(c1, c, 3, stride=2, padding=1, output_padding=1))
+            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1),
+            _act(activation),
+            nn.ConvTranspose2d(c1, c, 3, stride=2, padding=1, output_padding=1),
+        )
 
     def forward(self, x):
         return self.decoder(self.encoder(x)).flatten(1)
@@ -199,8 +227,9 @@ class BasicBlock(nn.Module):
         self.act1 = _act(activation)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
         self.norm2 = _norm(norm, cout, groups)
-        self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride, bias=bias)
-                         if stride != 1 or cin != cout else nn.Identity())
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=bias) if stride != 1 or cin != cout else nn.Identity()
+        )
         self.act2 = _act(activation)
 
     def forward(self, x):
@@ -209,15 +238,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, input_shape, num_outputs, widths: Sequence[int] = (16, 32), blocks_per_stage: int = 1,
-                 norm: str = "none", groups: int = 8, activation: str = "relu") -> None:
+    def __init__(
+        self,
+        input_shape,
+        num_outputs,
+        widths: Sequence[int] = (16, 32),
+        blocks_per_stage: int = 1,
+        norm: str = "none",
+        groups: int = 8,
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
         c, _, _ = _image_shape("resnet", input_shape)
         if norm not in Norm.values():
             raise ValueError(f"unknown norm {norm!r}; valid: {Norm.values()}")
         w0 = int(widths[0])
-        self.stem = nn.Sequential(nn.Conv2d(c, w0, 3, padding=1, bias=norm == "none"), _norm(norm, w0, groups),
-                                  _act(activation))
+        self.stem = nn.Sequential(
+            nn.Conv2d(c, w0, 3, padding=1, bias=norm == "none"), _norm(norm, w0, groups), _act(activation)
+        )
         blocks, cin = [], w0
         for i, w in enumerate(widths):
             for j in range(blocks_per_stage):
@@ -232,8 +270,7 @@ class ResNet(nn.Module):
         return self.fc(self.pool(self.blocks(self.stem(x))))
 
 
-_BUILDERS = {"mlp": mlp, "autoencoder": autoencoder, "cnn": CNN, "conv_autoencoder": ConvAutoencoder,
-             "resnet": ResNet}
+_BUILDERS = {"mlp": mlp, "autoencoder": autoencoder, "cnn": CNN, "conv_autoencoder": ConvAutoencoder, "resnet": ResNet}
 #: models whose output reconstructs the input (trained with MSE against the input)
 AUTOENCODERS = ("autoencoder", "conv_autoencoder")
 

@@ -13,6 +13,7 @@ its seeded initialization (``trained=False``) or after a fixed, seeded Adam run 
 :func:`reference_stats` returns the per-sample factors (:class:`~tensorcurv.core.stats.LayerStats`) of every
 covered layer for one fixed batch, for any curvature kind. Everything is deterministic in a fresh process.
 """
+
 from __future__ import annotations
 
 from functools import cache
@@ -100,8 +101,14 @@ def reference_batch(net: str, batch: int = 256, dtype: torch.dtype = torch.float
     return x, _targets(loss, x, y), _loss_fn(loss)
 
 
-def reference_stats(net: str, trained: bool = True, kind: str = "ggn", batch: int = 256,
-                    dtype: torch.dtype = torch.float64, seed: int = 0) -> dict[str, LayerStats]:
+def reference_stats(
+    net: str,
+    trained: bool = True,
+    kind: str = "ggn",
+    batch: int = 256,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> dict[str, LayerStats]:
     """Per-sample factors of every covered layer of ``net`` on one fixed batch (``kind``: ggn | empirical | mc)."""
     model = reference_model(net, trained, dtype)
     x, t, fn = reference_batch(net, batch, dtype)

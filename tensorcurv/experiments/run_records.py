@@ -1,5 +1,6 @@
 """What a training run records and restores: evaluation metrics, the summary, the loss figure, the
 checkpoint file with the random generators' states, the batch order, and the config's fingerprint."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,8 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, task: str, chunk: int = 204
     model.eval()
     total, correct = 0.0, 0
     for i in range(0, len(X), chunk):
-        out = model(X[i:i + chunk])
-        y = Y[i:i + chunk]
+        out = model(X[i : i + chunk])
+        y = Y[i : i + chunk]
         if task == "classify":
             total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
@@ -99,21 +100,44 @@ def skip_reason(info: dict[str, Any]) -> str:
     return f"non-finite loss or gradient (loss={info.get('loss', float('nan')):.4g})"
 
 
-def run_summary(v: Validated, rows: Sequence[dict[str, Any]], *, device: torch.device, task: str, step: int, spe: int,
-             bs: int, model: nn.Module, elapsed: float, skipped: int, failure: str | None, rdir: Path
-             ) -> dict[str, Any]:
+def run_summary(
+    v: Validated,
+    rows: Sequence[dict[str, Any]],
+    *,
+    device: torch.device,
+    task: str,
+    step: int,
+    spe: int,
+    bs: int,
+    model: nn.Module,
+    elapsed: float,
+    skipped: int,
+    failure: str | None,
+    rdir: Path,
+) -> dict[str, Any]:
     """``summary.json``: the run's identity, its final evaluation, timings and skipped steps."""
     t = v.train
     step_times = [r["step_time"] for r in rows if "step_time" in r]
     final = next(r for r in reversed(rows) if "train_loss" in r)
     return {
-        "name": t.name, "dataset": v.data.name, "model": v.model["name"], "optimizer": v.optim["name"],
-        "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None, "task": task,
-        "seed": t.seed, "dtype": t.dtype, "device": str(device), "steps": step, "epochs": step / spe, "batch_size": bs,
+        "name": t.name,
+        "dataset": v.data.name,
+        "model": v.model["name"],
+        "optimizer": v.optim["name"],
+        "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None,
+        "task": task,
+        "seed": t.seed,
+        "dtype": t.dtype,
+        "device": str(device),
+        "steps": step,
+        "epochs": step / spe,
+        "batch_size": bs,
         "num_params": sum(p.numel() for p in model.parameters()),
         **{k: val for k, val in final.items() if k not in ("step", "epoch", "wall_time")},
-        "wall_time": elapsed, "time_per_step": float(np.mean(step_times)) if step_times else None,
-        "skipped_steps": skipped, "status": "ok" if failure is None else f"failed: {failure}",
+        "wall_time": elapsed,
+        "time_per_step": float(np.mean(step_times)) if step_times else None,
+        "skipped_steps": skipped,
+        "status": "ok" if failure is None else f"failed: {failure}",
         "run_dir": str(rdir),
     }
 

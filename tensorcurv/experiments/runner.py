@@ -27,6 +27,7 @@ A step the optimizer skips (non-finite loss, gradient, statistics or solve) is r
 outside the progress bar, with the running count. A run that skips more than ``max_skip_fraction``
 of its steps, or diverges, stops: its summary is written and :class:`RunFailed` is raised.
 """
+
 from __future__ import annotations
 
 import functools
@@ -105,6 +106,7 @@ def resolve_task(v: Validated, num_classes: int | None) -> str:
 def _restores_process_state(run: Callable[..., Any]) -> Callable[..., Any]:
     """A run applies the config's ``threads`` and seeds the torch/numpy/python generators (its explicit
     settings); the caller gets its own thread count and generator states back afterwards, also on error."""
+
     @functools.wraps(run)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         threads, py_state, np_state = torch.get_num_threads(), random.getstate(), np.random.get_state()
@@ -116,12 +118,14 @@ def _restores_process_state(run: Callable[..., Any]) -> Callable[..., Any]:
             torch.set_num_threads(threads)
             random.setstate(py_state)
             np.random.set_state(np_state)
+
     return wrapper
 
 
 @_restores_process_state
-def run_training(cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str | os.PathLike | None = None
-                 ) -> dict[str, Any]:
+def run_training(
+    cfg: Any, *, callbacks: Sequence[Callback] = (), run_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Train as configured by ``cfg`` (a composed ``conf/train.yaml``, DictConfig or dict).
 
     ``callbacks``: called as ``cb(step, metrics)`` after every step (tests use one to interrupt a
@@ -162,8 +166,10 @@ class _TrainingRun:
         state = torch.load(ckpt, weights_only=False, map_location=device) if (t.resume and ckpt.exists()) else None
         self.fingerprint = fingerprint = config_fingerprint(v.raw)
         if state is not None and state.get("fingerprint", fingerprint) != fingerprint:  # before anything is written
-            raise ConfigError(f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
-                              f"or choose another run directory")
+            raise ConfigError(
+                f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
+                f"or choose another run directory"
+            )
         self.state = state
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -173,9 +179,17 @@ class _TrainingRun:
         """The dataset's splits on the device, the task, and the targets (labels, or the flattened input)."""
         d, t, device = self.v.data, self.t, self.device
         try:
-            splits = data_mod.load(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction,
-                                   test_fraction=d.test_fraction, normalize=d.normalize, seed=t.seed, dtype=self.dtype,
-                                   download=d.download, limit=d.limit)
+            splits = data_mod.load(
+                d.name,
+                data_dir=d.data_dir,
+                val_fraction=d.val_fraction,
+                test_fraction=d.test_fraction,
+                normalize=d.normalize,
+                seed=t.seed,
+                dtype=self.dtype,
+                download=d.download,
+                limit=d.limit,
+            )
         except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
             raise ConfigError(f"data ({d.name}): {one_line(e)}") from None
         task = resolve_task(self.v, splits.num_classes)
@@ -197,8 +211,9 @@ class _TrainingRun:
         mkw = {k: val for k, val in v.model.items() if k != "name"}
         try:  # the input shape is known only now (e.g. a cnn on non-image data)
             classes = splits.num_classes if task == "classify" else None
-            model = models.build(v.model["name"], splits.input_shape, classes, **mkw).to(device=self.device,
-                                                                                        dtype=self.dtype)
+            model = models.build(v.model["name"], splits.input_shape, classes, **mkw).to(
+                device=self.device, dtype=self.dtype
+            )
         except ValueError as e:
             raise ConfigError(f"model ({v.model['name']}) on {v.data.name}: {one_line(e)}") from None
         if v.optim["name"] in SECOND_ORDER:
@@ -228,8 +243,13 @@ class _TrainingRun:
         if v.logger.kind != "csv" and session.is_main:
             lcfg = {k: val for k, val in vars(v.logger).items()}
             lcfg["name"] = lcfg.get("name") or t.name
-            self.ext = tracking.build(lcfg, rdir, v.raw, state=(state or {}).get("logger_ext"),
-                                      history=(state or {}).get("logger", {}).get("rows", ()))
+            self.ext = tracking.build(
+                lcfg,
+                rdir,
+                v.raw,
+                state=(state or {}).get("logger_ext"),
+                history=(state or {}).get("logger", {}).get("rows", ()),
+            )
         self.logger = tracking.MultiLogger(self.record, self.ext) if self.ext is not None else self.record
 
     def _resume(self) -> None:
@@ -263,11 +283,22 @@ class _TrainingRun:
         """``checkpoints/last.pt`` (rank 0): everything a restarted run needs to continue bit for bit."""
         if not self.session.is_main:
             return
-        save_checkpoint(self.ckpt, {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                          "scheduler": self.sched.state_dict(), "rng": rng_state(), "fingerprint": self.fingerprint,
-                          "step": self.step, "elapsed": self.elapsed, "last_eval": self.last_eval,
-                          "skipped_steps": self.skipped, "logger": self.record.state_dict(),
-                          "logger_ext": self.ext.state_dict() if self.ext is not None else None})
+        save_checkpoint(
+            self.ckpt,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "rng": rng_state(),
+                "fingerprint": self.fingerprint,
+                "step": self.step,
+                "elapsed": self.elapsed,
+                "last_eval": self.last_eval,
+                "skipped_steps": self.skipped,
+                "logger": self.record.state_dict(),
+                "logger_ext": self.ext.state_dict() if self.ext is not None else None,
+            },
+        )
 
     def note(self, msg: str) -> None:
         """A message on stderr, outside the progress bar (rank 0)."""
@@ -282,8 +313,9 @@ class _TrainingRun:
         exit (exit code 1 when killed, crashed or failed, then :class:`RunFailed` is raised)."""
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.total, initial=self.step, disable=not self.t.progress, desc=self.t.name,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.total, initial=self.step, disable=not self.t.progress, desc=self.t.name, dynamic_ncols=True
+        )
         self.model.train()
         try:
             if self.state is None:
@@ -312,7 +344,7 @@ class _TrainingRun:
             if perm_epoch != epoch:
                 perm, perm_epoch = epoch_permutation(t.seed, epoch, self.n), epoch
             assert perm is not None
-            loss, info, m = self._train_step(perm[b * bs:(b + 1) * bs])
+            loss, info, m = self._train_step(perm[b * bs : (b + 1) * bs])
             if self.step % spe == 0 and (self.step // spe) % t.eval_every == 0:
                 self.evaluate_and_log()
                 self.last_eval = self.step
@@ -340,15 +372,26 @@ class _TrainingRun:
         self.step += 1
         info = self.opt.info
         m = {"loss": loss, "step_time": dt, "lr": float(self.opt.optimizer.param_groups[0]["lr"])}
-        for key in ("damping", "curvature_fit_time", "solve_time", "skipped", "kl_scale", "refine_iterations",
-                    "refine_residual", "refine_cosine", "refine_time"):
+        for key in (
+            "damping",
+            "curvature_fit_time",
+            "solve_time",
+            "skipped",
+            "kl_scale",
+            "refine_iterations",
+            "refine_residual",
+            "refine_cosine",
+            "refine_time",
+        ):
             if key in info:
                 m[key] = float(info[key]) if not isinstance(info[key], bool) else int(info[key])
         self.logger.log(m, self.step)
         if info.get("skipped"):
             self.skipped += 1
-            self.note(f"{self.t.name}: step {self.step} skipped: {skip_reason(info)} "
-                      f"({self.skipped} of {self.step} steps skipped so far)")
+            self.note(
+                f"{self.t.name}: step {self.step} skipped: {skip_reason(info)} "
+                f"({self.skipped} of {self.step} steps skipped so far)"
+            )
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4g}", step_ms=f"{1e3 * dt:.1f}", skipped=self.skipped)
         return loss, info, m
@@ -357,11 +400,12 @@ class _TrainingRun:
         """Why the run must stop after this step (too many skipped steps, or divergence), or None."""
         t, step = self.t, self.step
         if self.skipped > t.max_skip_fraction * self.total:
-            return (f"{self.skipped} of the run's {self.total} steps skipped by step {step} (more than "
-                    f"max_skip_fraction={t.max_skip_fraction:g}); last: {skip_reason(info)}")
+            return (
+                f"{self.skipped} of the run's {self.total} steps skipped by step {step} (more than "
+                f"max_skip_fraction={t.max_skip_fraction:g}); last: {skip_reason(info)}"
+            )
         if bad_steps >= 10 or not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            return (f"training diverged at step {step} (loss={loss}); lower the learning rate or raise "
-                    f"the damping")
+            return f"training diverged at step {step} (loss={loss}); lower the learning rate or raise the damping"
         return None
 
     def _conclude(self, failure: str | None) -> dict[str, Any]:
@@ -379,14 +423,23 @@ class _TrainingRun:
         else:
             self.note(f"{self.t.name}: FAILED: {failure}")
         v, record = self.v, self.record
-        summary = run_summary(v, record.rows, device=self.device, task=self.task, step=self.step, spe=self.spe,
-                           bs=self.bs, model=self.model, elapsed=self.elapsed, skipped=self.skipped, failure=failure,
-                           rdir=self.rdir)
+        summary = run_summary(
+            v,
+            record.rows,
+            device=self.device,
+            task=self.task,
+            step=self.step,
+            spe=self.spe,
+            bs=self.bs,
+            model=self.model,
+            elapsed=self.elapsed,
+            skipped=self.skipped,
+            failure=failure,
+            rdir=self.rdir,
+        )
         fig = loss_figure(record.rows, f"{self.t.name}: {v.model['name']} on {v.data.name}, {v.optim['name']}")
         record.log_figure("loss_curve", fig)
         if self.ext is not None:
             self.ext.log_figure("loss_curve", record.dir / "figures" / "loss_curve.png")
         self.logger.summary(summary)
         return summary
-
-

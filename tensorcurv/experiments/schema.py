@@ -14,6 +14,7 @@ names the key, the value and what is valid, e.g.::
     resume='no' must be true or false
     model.activation='relu6' is not an activation; valid: relu, tanh, sigmoid, gelu, elu, softplus
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,12 +35,31 @@ def one_line(e: Exception | str) -> str:
     return " ".join(str(e).split())
 
 
-def spec(default: Any = dataclasses.MISSING, *, choices: Sequence | Callable[[], Sequence] | None = None,
-         what: str = "", ge: float | None = None, gt: float | None = None, le: float | None = None,
-         lt: float | None = None, length: int | None = None, nonempty: bool = False, doc: str = "") -> Any:
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    choices: Sequence | Callable[[], Sequence] | None = None,
+    what: str = "",
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    length: int | None = None,
+    nonempty: bool = False,
+    doc: str = "",
+) -> Any:
     """A dataclass field with constraints (see the module docstring); list/dict defaults are copied."""
-    meta = {"choices": choices, "what": what, "ge": ge, "gt": gt, "le": le, "lt": lt, "length": length,
-            "nonempty": nonempty, "doc": doc}
+    meta = {
+        "choices": choices,
+        "what": what,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "lt": lt,
+        "length": length,
+        "nonempty": nonempty,
+        "doc": doc,
+    }
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)  # type: ignore[misc]
     return dataclasses.field(default=default, metadata=meta)
@@ -72,8 +92,11 @@ def _split_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _bounds(meta: Mapping[str, Any]) -> str:
-    parts = [f"{op} {meta[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-             if meta.get(k) is not None]
+    parts = [
+        f"{op} {meta[k]:g}"
+        for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if meta.get(k) is not None
+    ]
     return " and ".join(parts)
 
 
@@ -96,8 +119,12 @@ _NOUNS = {int: "integers", float: "finite numbers", str: "strings", bool: "boole
 
 
 def _in_range(v: Any, meta: Mapping[str, Any]) -> bool:
-    return ((meta.get("ge") is None or v >= meta["ge"]) and (meta.get("gt") is None or v > meta["gt"])
-            and (meta.get("le") is None or v <= meta["le"]) and (meta.get("lt") is None or v < meta["lt"]))
+    return (
+        (meta.get("ge") is None or v >= meta["ge"])
+        and (meta.get("gt") is None or v > meta["gt"])
+        and (meta.get("le") is None or v <= meta["le"])
+        and (meta.get("lt") is None or v < meta["lt"])
+    )
 
 
 def _choices(meta: Mapping[str, Any]) -> list | None:
@@ -149,8 +176,9 @@ def _check_choice(head: str, value: Any, meta: Mapping[str, Any]) -> None:
     if valid is not None and value not in valid:
         close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close and close[0] != str(value) else ""
-        raise ConfigError(f"{head} is not {meta.get('what') or 'a valid choice'}{hint}; "
-                          f"valid: {', '.join(map(str, valid))}")
+        raise ConfigError(
+            f"{head} is not {meta.get('what') or 'a valid choice'}{hint}; valid: {', '.join(map(str, valid))}"
+        )
 
 
 def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
@@ -185,8 +213,9 @@ def check(prefix: str, cls: type, values: Mapping[str, Any]) -> Any:
         raise ConfigError(msg if prefix and msg.startswith(prefix) else f"{prefix or cls.__name__}: {msg}") from None
 
 
-def signature_schema(name: str, fn: Callable, skip: Sequence[str] = (),
-                     rules: Mapping[str, Mapping[str, Any]] | None = None) -> type:
+def signature_schema(
+    name: str, fn: Callable, skip: Sequence[str] = (), rules: Mapping[str, Mapping[str, Any]] | None = None
+) -> type:
     """A schema from the keyword parameters of ``fn`` (a function or a class's ``__init__``): their
     annotations and defaults, plus ``rules[param]`` (``spec`` keywords) for allowed values."""
     import inspect

@@ -4,6 +4,7 @@ Same rules as :mod:`tensorcurv.experiments.config`: every key checked before any
 :class:`~tensorcurv.experiments.schema.ConfigError`; :func:`check_study_data` then checks what needs the data
 (the dataset has labels, the model fits it, ``spectrum_layer`` is a covered layer).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -81,8 +82,11 @@ def validate_study(cfg: Any) -> dict[str, Any]:
 
     raw = plain_config(cfg)
     s = check("", StudyConfig, {**raw, **{g: raw.get(g) or {} for g in ("data", "logger", "train", "study")}})
-    validate_model(s.model, valid_names=[n for n in models.names() if n not in models.AUTOENCODERS],
-                   what="a classifier (the study trains on labels)")
+    validate_model(
+        s.model,
+        valid_names=[n for n in models.names() if n not in models.AUTOENCODERS],
+        what="a classifier (the study trains on labels)",
+    )
     names = structures.names()
     picked = s.study.structures
     if picked != "all":
@@ -119,8 +123,9 @@ def check_study_data(raw: Mapping[str, Any]) -> None:
     except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
         raise ConfigError(f"data ({name}): {one_line(e)}") from None
     if splits.num_classes is None:
-        raise ConfigError(f"data.name={name!r} has no labels, and the study trains a classifier; choose a labelled "
-                          f"dataset")
+        raise ConfigError(
+            f"data.name={name!r} has no labels, and the study trains a classifier; choose a labelled dataset"
+        )
     m = dict(raw["model"])
     try:
         model = models.build(m.pop("name"), splits.input_shape, splits.num_classes, **m)

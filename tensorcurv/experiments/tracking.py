@@ -22,6 +22,7 @@ run continues the same record.
 ``tensorcurv.experiments.runner.run_training`` always keeps a :class:`CsvLogger` and adds the configured
 logger when it is not ``csv``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -175,10 +176,20 @@ class WandbLogger(Logger):
 
     kind = "wandb"
 
-    def __init__(self, run_dir: str | os.PathLike, config: Mapping[str, Any] | None = None, *,
-                 mode: str = "offline", project: str = "tensorcurv", entity: str | None = None,
-                 name: str | None = None, group: str | None = None, tags: list[str] | None = None,
-                 run_id: str | None = None, history: list[Mapping[str, Any]] | tuple = ()) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: Mapping[str, Any] | None = None,
+        *,
+        mode: str = "offline",
+        project: str = "tensorcurv",
+        entity: str | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        run_id: str | None = None,
+        history: list[Mapping[str, Any]] | tuple = (),
+    ) -> None:
         WandbMode.parse(mode, "logger.mode")
         import wandb
 
@@ -191,9 +202,17 @@ class WandbLogger(Logger):
             for stale in (self.dir / "wandb").glob(f"offline-run-*-{run_id}"):
                 shutil.rmtree(stale)
         self.run = wandb.init(
-            project=project, entity=entity, name=name, group=group, tags=list(tags or []),
-            config=_json_safe(dict(config or {})), dir=str(self.dir), mode=mode,  # type: ignore[arg-type]
-            id=run_id, resume="allow" if server_resume else None, reinit="create_new",
+            project=project,
+            entity=entity,
+            name=name,
+            group=group,
+            tags=list(tags or []),
+            config=_json_safe(dict(config or {})),
+            dir=str(self.dir),
+            mode=mode,  # type: ignore[arg-type]
+            id=run_id,
+            resume="allow" if server_resume else None,
+            reinit="create_new",
             settings=wandb.Settings(silent=True, console="off", init_timeout=300),  # slow start on loaded CPUs
         )
         self.run_id = self.run.id if mode != "disabled" else None
@@ -267,8 +286,13 @@ class MultiLogger(Logger):
             lg.load_state_dict(state.get(str(i), {}))
 
 
-def build(cfg: Mapping[str, Any] | None, run_dir: str | os.PathLike, config: Mapping[str, Any] | None = None,
-          state: Mapping[str, Any] | None = None, history: list[Mapping[str, Any]] | tuple = ()) -> Logger:
+def build(
+    cfg: Mapping[str, Any] | None,
+    run_dir: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+    state: Mapping[str, Any] | None = None,
+    history: list[Mapping[str, Any]] | tuple = (),
+) -> Logger:
     """Logger from a config node ``{kind: wandb|csv|none, ...}`` (``conf/logger/*.yaml``).
 
     ``state``: a previous :meth:`Logger.state_dict` (resume: the W&B run id is re-used);

@@ -1,5 +1,6 @@
 """The config of the ``unlearn`` command line (``conf/unlearn.yaml``, ``scripts/unlearn.py``) and its validation
 (every key checked before any work starts, one-line :class:`~tensorcurv.experiments.schema.ConfigError`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,12 @@ def validate_unlearn(cfg: Any) -> UnlearnConfig:
     from tensorcurv.unlearn import benchmark, scenarios
 
     u = check("", UnlearnConfig, plain_config(cfg))
-    schema = signature_schema(u.scenario, getattr(scenarios, u.scenario), rules=_SCENARIO_RULES,
-                              skip=("X", "y", "X_test", "y_test", "num_classes", "fraction", "seed"))
+    schema = signature_schema(
+        u.scenario,
+        getattr(scenarios, u.scenario),
+        rules=_SCENARIO_RULES,
+        skip=("X", "y", "X_test", "y_test", "num_classes", "fraction", "seed"),
+    )
     check("scenario_kwargs", schema, u.scenario_kwargs)
     if u.methods is not None:
         known = [m.name for m in benchmark.default_methods(u.quick, u.lissa_depth)]

@@ -11,6 +11,7 @@
 * :func:`orthonormalize` — orthonormal basis of the columns of a tall matrix (QR, rank-revealing
   enough for subspace iteration).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,14 @@ def pcg(
     """
     max_iter = 10 * b.numel() + 10 if max_iter is None else max_iter
     bnorm = float(torch.linalg.norm(b))
-    info: dict[str, Any] = {"iterations": 0, "residual": 0.0, "residuals": [0.0], "converged": True,
-                            "negative_curvature": False, "non_finite": False}
+    info: dict[str, Any] = {
+        "iterations": 0,
+        "residual": 0.0,
+        "residuals": [0.0],
+        "converged": True,
+        "negative_curvature": False,
+        "non_finite": False,
+    }
     if bnorm == 0.0:
         return torch.zeros_like(b), info
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -158,8 +165,12 @@ def pcg_or_fallback(
     res_y = float(torch.linalg.norm(b - matvec(y))) / bnorm if bnorm > 0 else 0.0
     if reason == "not converged" and not res_y < info["residual"]:
         return x, info  # the unconverged PCG iterate is the better answer: keep it (reported unconverged)
-    info.update(fallback=reason, pcg_residual=info["residual"], residual=res_y if math.isfinite(res_y) else math.inf,
-                converged=False)
+    info.update(
+        fallback=reason,
+        pcg_residual=info["residual"],
+        residual=res_y if math.isfinite(res_y) else math.inf,
+        converged=False,
+    )
     return y, info
 
 
@@ -179,8 +190,9 @@ def mode_apply(mats: list[Tensor], X: Tensor) -> Tensor:
     return X
 
 
-def kron_eig_solve(evals: list[Tensor], evecs: list[Tensor], X: Tensor, damping: float,
-                   floor: float | None = 0.0) -> Tensor:
+def kron_eig_solve(
+    evals: list[Tensor], evecs: list[Tensor], X: Tensor, damping: float, floor: float | None = 0.0
+) -> Tensor:
     """``(⊗_k Q_k Λ_k Q_kᵀ + λI)^{-1} vec(X)`` from per-factor eigendecompositions (exact).
 
     The eigenvalues of the product are ``Π_k λ_k``; with ``floor`` not None they are clamped at

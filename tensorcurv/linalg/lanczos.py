@@ -8,6 +8,7 @@ distance of ``θ_i``. The extreme ``θ`` converge first and lie inside the spect
 bounds). Every new vector is re-orthogonalized against the whole basis (twice, which is enough in
 floating point), so there are no spurious copies of converged Ritz values.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,13 +31,20 @@ class LanczosResult:
     exhausted: bool
 
 
-def lanczos(matvec: Callable[[Tensor], Tensor], start: Tensor, *, max_iter: int = 200, tol: float = 0.0,
-            breakdown_tol: float = 1e-14) -> LanczosResult:
+def lanczos(
+    matvec: Callable[[Tensor], Tensor],
+    start: Tensor,
+    *,
+    max_iter: int = 200,
+    tol: float = 0.0,
+    breakdown_tol: float = 1e-14,
+) -> LanczosResult:
     """Lanczos with full re-orthogonalization for the symmetric ``matvec`` on vectors shaped like ``start``.
 
     ``start`` is a flat ``(d,)`` vector or a ``(d, 1)`` column; ``matvec`` maps that shape to itself.
     Runs ``min(max_iter, d)`` steps from ``start`` (normalized here; vectors keep its dtype, ``T_k`` is
-    float64). The Ritz values come from ``eigvalsh(T_k)``, the residuals from ``eigh(T_k)``. Stops early when ``β_k ≤ breakdown_tol · max|θ|`` (invariant subspace), or, for
+    float64). The Ritz values come from ``eigvalsh(T_k)``, the residuals from ``eigh(T_k)``. Stops early when
+    ``β_k ≤ breakdown_tol · max|θ|`` (invariant subspace), or, for
     ``tol > 0``, from step 3 on when the residuals of both extreme Ritz pairs are ``≤ tol · max|θ|``.
     """
     d = start.numel()
@@ -49,7 +57,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], start: Tensor, *, max_iter: int 
         Q[:, k] = q.reshape(d)
         w = matvec(q)
         alphas.append(float((q * w).sum()))
-        basis = Q[:, :k + 1]
+        basis = Q[:, : k + 1]
         for _ in range(2):
             w = w - basis @ (basis.T @ w)
         beta = float(w.norm())

@@ -3,6 +3,7 @@
 ``vec`` is column-major throughout: for ``V`` of shape ``(m, n)``, ``vec(V)[j*m + i] = V[i, j]``,
 so that ``vec(G V Aᵀ) = (A ⊗ G) vec(V)`` and ``torch.kron(A, G)`` is the matching dense matrix.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,11 @@ def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     recomputed in float64 and cast back, so a finite input never yields a non-finite result."""
     S = 0.5 * (M + M.mT)
     evals, evecs = torch.linalg.eigh(S)
-    if S.dtype != torch.float64 and not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()) \
-            and torch.isfinite(S).all():
+    if (
+        S.dtype != torch.float64
+        and not (torch.isfinite(evals).all() and torch.isfinite(evecs).all())
+        and torch.isfinite(S).all()
+    ):
         evals, evecs = torch.linalg.eigh(S.double())
         evals, evecs = evals.to(S.dtype), evecs.to(S.dtype)
     return evals, evecs

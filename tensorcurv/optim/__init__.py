@@ -10,6 +10,7 @@
 
 :class:`Preconditioner` composes the curvature solve with any ``torch.optim`` optimizer.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -59,6 +60,20 @@ def build(name: str, model: nn.Module, loss_fn: Any, **kwargs: Any) -> SecondOrd
     raise ValueError(f"unknown optimizer {name!r}; valid: {names()}")
 
 
-__all__ = ["CONFIGS", "FirstOrder", "GaussNewton", "Lion", "MuonAdamW", "NaturalGradient", "NonFiniteStepWarning",
-           "Preconditioner", "SecondOrderOptimizer", "build", "config", "damping", "make_config", "names",
-           "schedules"]
+__all__ = [
+    "CONFIGS",
+    "FirstOrder",
+    "GaussNewton",
+    "Lion",
+    "MuonAdamW",
+    "NaturalGradient",
+    "NonFiniteStepWarning",
+    "Preconditioner",
+    "SecondOrderOptimizer",
+    "build",
+    "config",
+    "damping",
+    "make_config",
+    "names",
+    "schedules",
+]

@@ -13,6 +13,7 @@ for the mapping to the course's, and for the recursions of Muon, SOAP, Shampoo a
 * adagrad: ``s ← s + g²``, ``θ ← θ − η g/(√s + ε)``; rmsprop: ``s ← α s + (1−α) g²``, ``θ ← θ − η g/(√s + ε)``
 * adam/adamw: bias-corrected moments, ``θ ← θ − η m̂/(√v̂ + ε)`` (adamw: ``θ ← θ(1 − η wd)`` first)
 """
+
 from __future__ import annotations
 
 import warnings
@@ -87,10 +88,14 @@ class FirstOrder:
         value.backward()
         loss = value.detach()
         bad = ([] if bool(torch.isfinite(loss)) else ["loss"]) + first_nonfinite(
-            [(n, p.grad) for n, p in self.named_params])
+            [(n, p.grad) for n, p in self.named_params]
+        )
         if bad:
-            warnings.warn(f"tensorcurv.optim: non-finite values in {bad} (loss={float(loss):.4g}); "
-                          f"step {self.steps} skipped", NonFiniteStepWarning, stacklevel=2)
+            warnings.warn(
+                f"tensorcurv.optim: non-finite values in {bad} (loss={float(loss):.4g}); step {self.steps} skipped",
+                NonFiniteStepWarning,
+                stacklevel=2,
+            )
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             self.info = {"skipped": True, "step": self.steps, "lr": lr, "loss": float(loss)}
@@ -107,8 +112,12 @@ class FirstOrder:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "optimizer": self.optimizer.state_dict(), "steps": self.steps,
-                "skipped": self.skipped}
+        return {
+            "name": self.name,
+            "optimizer": self.optimizer.state_dict(),
+            "steps": self.steps,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:

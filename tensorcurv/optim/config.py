@@ -5,6 +5,7 @@ these fields. A bad value or an unknown key raises a one-line ``ValueError`` tha
 and the valid choices. ``lr`` and ``damping`` may also be callables of the step counter
 (``lr=lambda t: 0.1 / (1 + t)``); a torch LR scheduler is the other way to vary ``lr``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -311,8 +312,9 @@ class PSGDKronConfig(SGDConfig):
         if self.memory_save_mode not in KRON_MEMORY_SAVE_MODES:
             raise ValueError(f"memory_save_mode={self.memory_save_mode!r} is not one of {list(KRON_MEMORY_SAVE_MODES)}")
         if self.precondition_dtype not in KRON_PRECONDITION_DTYPES:
-            raise ValueError(f"precondition_dtype={self.precondition_dtype!r} is not one of "
-                             f"{list(KRON_PRECONDITION_DTYPES)}")
+            raise ValueError(
+                f"precondition_dtype={self.precondition_dtype!r} is not one of {list(KRON_PRECONDITION_DTYPES)}"
+            )
 
 
 # ---------------------------------------------------------------------------- second order
@@ -406,8 +408,11 @@ class SecondOrderConfig:
         _interval("lm_interval", self.lm_interval)
         if not (isinstance(self.lm_factor, (int, float)) and self.lm_factor > 1):
             raise ValueError(f"lm_factor must be > 1, got {self.lm_factor!r}")
-        if not (isinstance(self.rho_low, (int, float)) and isinstance(self.rho_high, (int, float))
-                and self.rho_low < self.rho_high):
+        if not (
+            isinstance(self.rho_low, (int, float))
+            and isinstance(self.rho_high, (int, float))
+            and self.rho_low < self.rho_high
+        ):
             raise ValueError(f"rho_low must be < rho_high, got {self.rho_low!r} and {self.rho_high!r}")
         _positive("min_damping", self.min_damping)
         _positive("max_damping", self.max_damping)
@@ -420,11 +425,15 @@ class SecondOrderConfig:
         self.refine_coupling = Coupling.parse(self.refine_coupling, "refine_coupling")
         self.refine_operator = RefineOperator.parse(self.refine_operator, "refine_operator")
         if self.refine and self.refine_operator == "stats" and self.stats_interval != 1:
-            raise ValueError(f"refine_operator='stats' needs the statistics of every step (stats_interval=1, got "
-                             f"{self.stats_interval}); use refine_operator='func'")
+            raise ValueError(
+                f"refine_operator='stats' needs the statistics of every step (stats_interval=1, got "
+                f"{self.stats_interval}); use refine_operator='func'"
+            )
         if self.refine and self.refine_operator == "func" and self.kind == "empirical":
-            raise ValueError("refine_operator='func' products are the GGN (the true Fisher), not the empirical "
-                             "Fisher of kind='empirical'; use refine_operator='stats'")
+            raise ValueError(
+                "refine_operator='func' products are the GGN (the true Fisher), not the empirical "
+                "Fisher of kind='empirical'; use refine_operator='stats'"
+            )
 
 
 @dataclass
@@ -485,5 +494,10 @@ def split_structure_hparams(name: str, kwargs: dict[str, Any]) -> tuple[dict[str
     return ({k: v for k, v in kwargs.items() if k in valid}, {k: v for k, v in kwargs.items() if k not in valid})
 
 
-__all__ = [n for n in dir() if n.endswith("Config")] + ["CONFIGS", "make_config", "config_class", "field_names",
-                                                       "split_structure_hparams"]
+__all__ = [n for n in dir() if n.endswith("Config")] + [
+    "CONFIGS",
+    "make_config",
+    "config_class",
+    "field_names",
+    "split_structure_hparams",
+]

@@ -10,6 +10,7 @@
   ``λ ← λ/factor``; λ stays in ``[min_damping, max_damping]``. A skipped (non-finite) step counts
   as a failed one: ``λ ← λ·factor``.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,15 @@ class LevenbergMarquardt:
 
     adaptive = True
 
-    def __init__(self, damping: float, factor: float = 1.5, rho_low: float = 0.25, rho_high: float = 0.75,
-                 min_damping: float = 1e-8, max_damping: float = 1e4) -> None:
+    def __init__(
+        self,
+        damping: float,
+        factor: float = 1.5,
+        rho_low: float = 0.25,
+        rho_high: float = 0.75,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e4,
+    ) -> None:
         if not factor > 1:
             raise ValueError(f"lm_factor must be > 1, got {factor!r}")
         if not rho_low < rho_high:

@@ -7,6 +7,7 @@ decoupled weight decay ``wd``:
     θ ← θ − η (sign(c) + wd θ)
     m ← β2 m + (1 − β2) g
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ from torch.optim import Optimizer
 class Lion(Optimizer):
     """Sign-momentum optimizer (defaults of the paper: ``lr=1e-4``, ``betas=(0.9, 0.99)``)."""
 
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
+    ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if not all(0.0 <= b < 1.0 for b in betas):

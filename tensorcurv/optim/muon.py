@@ -13,6 +13,7 @@ layers only. The split (:func:`split_parameters`), following Jordan et al.:
 :class:`MuonAdamW` holds both optimizers; its ``param_groups`` are theirs (Muon's first), so an LR
 scheduler scales both learning rates, and ``step``, ``zero_grad``, ``state_dict`` cover both.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 
 
-def split_parameters(model: nn.Module, adamw_first_layer: bool = False,
-                     adamw_last_layer: bool = True) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def split_parameters(
+    model: nn.Module, adamw_first_layer: bool = False, adamw_last_layer: bool = True
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(muon, adamw)``: the trainable parameters of ``model`` split by the rule of the module docstring."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -44,16 +46,44 @@ class MuonAdamW(torch.optim.Optimizer):
     Either list may be empty (not both). ``muon`` / ``adamw`` are the inner optimizers (None when empty).
     """
 
-    def __init__(self, muon_params: list[nn.Parameter], adamw_params: list[nn.Parameter], *, lr: float,
-                 momentum: float, nesterov: bool, ns_steps: int, adjust_lr: str, weight_decay: float,
-                 adamw_lr: float, adamw_betas: tuple[float, float], adamw_eps: float,
-                 adamw_weight_decay: float) -> None:
+    def __init__(
+        self,
+        muon_params: list[nn.Parameter],
+        adamw_params: list[nn.Parameter],
+        *,
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        ns_steps: int,
+        adjust_lr: str,
+        weight_decay: float,
+        adamw_lr: float,
+        adamw_betas: tuple[float, float],
+        adamw_eps: float,
+        adamw_weight_decay: float,
+    ) -> None:
         if not muon_params and not adamw_params:
             raise ValueError("MuonAdamW: no parameters to optimize")
-        self.muon = torch.optim.Muon(muon_params, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                     adjust_lr_fn=adjust_lr, weight_decay=weight_decay) if muon_params else None
-        self.adamw = torch.optim.AdamW(adamw_params, lr=adamw_lr, betas=adamw_betas, eps=adamw_eps,
-                                       weight_decay=adamw_weight_decay) if adamw_params else None
+        self.muon = (
+            torch.optim.Muon(
+                muon_params,
+                lr=lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                adjust_lr_fn=adjust_lr,
+                weight_decay=weight_decay,
+            )
+            if muon_params
+            else None
+        )
+        self.adamw = (
+            torch.optim.AdamW(
+                adamw_params, lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
+            )
+            if adamw_params
+            else None
+        )
         super().__init__(self._inner_groups(), {})
 
     def _inners(self) -> list[torch.optim.Optimizer]:
@@ -73,14 +103,18 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict() if self.muon is not None else None,
-                "adamw": self.adamw.state_dict() if self.adamw is not None else None}
+        return {
+            "muon": self.muon.state_dict() if self.muon is not None else None,
+            "adamw": self.adamw.state_dict() if self.adamw is not None else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key, o in (("muon", self.muon), ("adamw", self.adamw)):
             if (state_dict.get(key) is None) != (o is None):
-                raise ValueError(f"MuonAdamW state has {key}={'none' if state_dict.get(key) is None else 'some'} "
-                                 f"parameters, this optimizer the opposite")
+                raise ValueError(
+                    f"MuonAdamW state has {key}={'none' if state_dict.get(key) is None else 'some'} "
+                    f"parameters, this optimizer the opposite"
+                )
             if o is not None:
                 o.load_state_dict(state_dict[key])
         self.param_groups = self._inner_groups()  # load_state_dict replaces the inner group dicts
@@ -90,9 +124,22 @@ def build(model: nn.Module, c: Any) -> MuonAdamW:
     """The optimizer of a validated :class:`~tensorcurv.optim.config.MuonConfig` ``c`` for ``model``."""
     muon, adamw = split_parameters(model, c.adamw_first_layer, c.adamw_last_layer)
     if not muon:
-        warnings.warn("tensorcurv.optim: muon found no hidden weight matrix in the model; every parameter is "
-                      "on AdamW", UserWarning, stacklevel=4)
-    return MuonAdamW(muon, adamw, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, ns_steps=c.ns_steps,
-                     adjust_lr=c.adjust_lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr,
-                     adamw_betas=(c.adamw_beta1, c.adamw_beta2), adamw_eps=c.adamw_eps,
-                     adamw_weight_decay=c.adamw_weight_decay)
+        warnings.warn(
+            "tensorcurv.optim: muon found no hidden weight matrix in the model; every parameter is on AdamW",
+            UserWarning,
+            stacklevel=4,
+        )
+    return MuonAdamW(
+        muon,
+        adamw,
+        lr=c.lr,
+        momentum=c.momentum,
+        nesterov=c.nesterov,
+        ns_steps=c.ns_steps,
+        adjust_lr=c.adjust_lr,
+        weight_decay=c.weight_decay,
+        adamw_lr=c.adamw_lr,
+        adamw_betas=(c.adamw_beta1, c.adamw_beta2),
+        adamw_eps=c.adamw_eps,
+        adamw_weight_decay=c.adamw_weight_decay,
+    )

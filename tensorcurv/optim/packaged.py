@@ -5,6 +5,7 @@ requirements are torch and numpy only, so installing it leaves the installed tor
 building one of these optimizers raises a one-line ``ImportError`` that names the extra; nothing else in
 tensorcurv imports it. The recursions are in the configs' docstrings (``tensorcurv.optim.config``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,8 +22,9 @@ def _package(name: str) -> Any:
     try:
         return importlib.import_module(PACKAGE)
     except ImportError:
-        raise ImportError(f"optimizer {name!r} needs the pytorch-optimizer package: "
-                          f"pip install 'tensorcurv[{EXTRA}]' (or make setup)") from None
+        raise ImportError(
+            f"optimizer {name!r} needs the pytorch-optimizer package: pip install 'tensorcurv[{EXTRA}]' (or make setup)"
+        ) from None
 
 
 def make_packaged_optimizer(name: str, params: list[torch.nn.Parameter], c: Any) -> torch.optim.Optimizer:
@@ -30,18 +32,40 @@ def make_packaged_optimizer(name: str, params: list[torch.nn.Parameter], c: Any)
     lr = c.lr(0) if callable(c.lr) else c.lr
     po = _package(name)
     if name == "soap":
-        return po.SOAP(params, lr=lr, betas=(c.beta1, c.beta2), shampoo_beta=c.shampoo_beta,
-                       weight_decay=c.weight_decay, precondition_frequency=c.precondition_frequency,
-                       max_precondition_dim=c.max_precondition_dim, precondition_1d=c.precondition_1d, eps=c.eps)
+        return po.SOAP(
+            params,
+            lr=lr,
+            betas=(c.beta1, c.beta2),
+            shampoo_beta=c.shampoo_beta,
+            weight_decay=c.weight_decay,
+            precondition_frequency=c.precondition_frequency,
+            max_precondition_dim=c.max_precondition_dim,
+            precondition_1d=c.precondition_1d,
+            eps=c.eps,
+        )
     if name == "shampoo":
-        return po.Shampoo(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, weight_decouple=False,
-                          preconditioning_compute_steps=c.update_interval, matrix_eps=c.eps)
+        return po.Shampoo(
+            params,
+            lr=lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            weight_decouple=False,
+            preconditioning_compute_steps=c.update_interval,
+            matrix_eps=c.eps,
+        )
     if name == "psgd_kron":
         dtype = None if c.precondition_dtype == "param" else getattr(torch, c.precondition_dtype)
-        kron = po.Kron(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, weight_decouple=True,
-                       pre_conditioner_update_probability=c.precondition_update_probability,
-                       max_size_triangular=c.max_size_triangular, memory_save_mode=c.memory_save_mode,
-                       precondition_dtype=dtype)
+        kron = po.Kron(
+            params,
+            lr=lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            weight_decouple=True,
+            pre_conditioner_update_probability=c.precondition_update_probability,
+            max_size_triangular=c.max_size_triangular,
+            memory_save_mode=c.memory_save_mode,
+            precondition_dtype=dtype,
+        )
         kron.register_load_state_dict_post_hook(_restore_precondition_dtype)
         return kron
     raise ValueError(f"unknown packaged optimizer {name!r}; valid: {list(PACKAGED)}")

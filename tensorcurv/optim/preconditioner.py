@@ -31,6 +31,7 @@ overflowing ``aᵀa``; ``Curvature`` has rolled every block back). A non-finite 
 possible for an indefinite structure) also skips the step and warns; the statistics of that
 step are kept.
 """
+
 from __future__ import annotations
 
 import math
@@ -176,7 +177,9 @@ class Preconditioner:
             loss = value.detach()
         any_rank_bad = False
         if self.comm is not None:
-            loss, any_rank_bad = sync_step(self.comm, self.named_params, loss, inputs.shape[0], self.loss.reduction, res)
+            loss, any_rank_bad = sync_step(
+                self.comm, self.named_params, loss, inputs.shape[0], self.loss.reduction, res
+            )
         bad = first_nonfinite([("loss", loss)] + [(n, p.grad) for n, p in self.named_params])  # one reduction
         if res is not None and not bad:  # one fused reduction over every layer's a and g
             layers = first_nonfinite([(name, t) for name, st in res.stats.items() for t in (st.a, st.g)])
@@ -204,15 +207,20 @@ class Preconditioner:
             self.last_stats = res.stats
         if self.solver is not self.curvature and t % self.inverse_interval == 0:
             self.solver.load_state_dict(self.curvature.state_dict())
-        self.info = {"skipped": False, "loss": float(loss), "stats": stats_due,
-                     "capture_time": self.curvature.last_capture_time if stats_due else 0.0,
-                     "curvature_fit_time": self.curvature.last_fit_time if stats_due else 0.0,
-                     "backward_time": time.perf_counter() - t0}
+        self.info = {
+            "skipped": False,
+            "loss": float(loss),
+            "stats": stats_due,
+            "capture_time": self.curvature.last_capture_time if stats_due else 0.0,
+            "curvature_fit_time": self.curvature.last_fit_time if stats_due else 0.0,
+            "backward_time": time.perf_counter() - t0,
+        }
         return loss
 
     # ------------------------------------------------------------------ solve
-    def precondition(self, lr: float = 1.0, refine: Callable[..., tuple[list[Tensor], dict[str, Any]]] | None = None
-                     ) -> bool:
+    def precondition(
+        self, lr: float = 1.0, refine: Callable[..., tuple[list[Tensor], dict[str, Any]]] | None = None
+    ) -> bool:
         """``p.grad ← ν (Ĉ + λI)^{-1} p.grad`` for every trainable parameter (uncovered ones get the
         curvature's fallback). Returns False (step skipped, grads cleared) if the solve is non-finite.
 
@@ -267,9 +275,13 @@ class Preconditioner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"curvature": self.curvature.state_dict(),
-                "solver": None if self.solver is self.curvature else self.solver.state_dict(),
-                "damping": self.damping.state_dict(), "steps": self.steps, "skipped": self.skipped}
+        return {
+            "curvature": self.curvature.state_dict(),
+            "solver": None if self.solver is self.curvature else self.solver.state_dict(),
+            "damping": self.damping.state_dict(),
+            "steps": self.steps,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.curvature.load_state_dict(state["curvature"])

@@ -21,6 +21,7 @@ Products ``v ↦ C v`` (``k`` per step at most):
 ``coupling="full"``: ``C`` of all covered parameters with its cross-layer blocks; ``"block"``: its
 block diagonal (the matrix a per-layer structure approximates; under ``func`` one product per layer).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,15 @@ def stats_operator(stats: Mapping[str, LayerStats], layout: ParamLayout, couplin
     return lambda v: layout.to_flat(op.mv(layout.to_mats(v)))
 
 
-def ggn_operator(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
-                 named_params: Sequence[tuple[str, Tensor]], layout: ParamLayout,
-                 coupling: str) -> Callable[[Tensor], Tensor]:
+def ggn_operator(
+    model: nn.Module,
+    loss: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    named_params: Sequence[tuple[str, Tensor]],
+    layout: ParamLayout,
+    coupling: str,
+) -> Callable[[Tensor], Tensor]:
     """``v ↦ Jᵀ ∇²_z L J v`` (GGN of ``loss`` on the batch) on flat vectors of ``named_params`` by torch.func.
 
     ``coupling="block"``: ``Σ_l P_l C P_l v`` with ``P_l`` the projection on layer ``l`` (one product per layer).
@@ -90,7 +97,7 @@ def ggn_operator(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], inp
     for _, _, idx in layout.layers:
         mask = torch.zeros(offsets[-1], dtype=torch.bool, device=primals[0].device)
         for i in idx:
-            mask[offsets[i]:offsets[i + 1]] = True
+            mask[offsets[i] : offsets[i + 1]] = True
         masks.append(mask)
 
     def block_product(v: Tensor) -> Tensor:
@@ -98,6 +105,7 @@ def ggn_operator(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], inp
         for m in masks:
             out = torch.where(m, product(torch.where(m, v, 0.0)), out)
         return out
+
     return block_product
 
 
@@ -134,9 +142,14 @@ class Refinement:
             full[i] = part.view_as(full[i])
         return self.flat(self.solver.solve(full, damping=damping))
 
-    def operator_for(self, stats: Mapping[str, LayerStats] | None, model: nn.Module | None = None,
-                     loss: Any = None, inputs: Tensor | None = None,
-                     targets: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    def operator_for(
+        self,
+        stats: Mapping[str, LayerStats] | None,
+        model: nn.Module | None = None,
+        loss: Any = None,
+        inputs: Tensor | None = None,
+        targets: Tensor | None = None,
+    ) -> Callable[[Tensor], Tensor]:
         if self.operator == "stats":
             if stats is None:
                 raise ValueError("refine_operator='stats' needs the statistics of this step (stats_interval=1)")
@@ -145,25 +158,40 @@ class Refinement:
             raise ValueError("refine_operator='func' needs the model, the loss and the batch")
         return ggn_operator(model, loss, inputs, targets, self.named, self.layout, self.coupling)
 
-    def __call__(self, grads: Sequence[Tensor], directions: Sequence[Tensor], damping: float,
-                 curvature_mv: Callable[[Tensor], Tensor]) -> tuple[list[Tensor], dict[str, Any]]:
+    def __call__(
+        self,
+        grads: Sequence[Tensor],
+        directions: Sequence[Tensor],
+        damping: float,
+        curvature_mv: Callable[[Tensor], Tensor],
+    ) -> tuple[list[Tensor], dict[str, Any]]:
         """The refined directions (a new list aligned with ``solver.params``) and the step's report:
         ``refine_iterations``, ``refine_residual`` (``‖g − (C + λI)d‖/‖g‖``), ``refine_residuals`` (its
         history), ``refine_cosine`` (to the unrefined ``d₀``), ``refine_time``, ``refine_fallback``
         (True when the refined direction was not finite and ``d₀`` was kept)."""
         t0 = time.perf_counter()
         b, d0 = self.flat(grads), self.flat(directions)
-        x, info = preconditioned_refinement(lambda v: curvature_mv(v) + damping * v,
-                                            lambda r: self.precondition(r, damping), b, self.steps, self.tol,
-                                            unrefined=d0)
+        x, info = preconditioned_refinement(
+            lambda v: curvature_mv(v) + damping * v,
+            lambda r: self.precondition(r, damping),
+            b,
+            self.steps,
+            self.tol,
+            unrefined=d0,
+        )
         fallback = not (bool(torch.isfinite(x).all()) and math.isfinite(info["residual"]))
         out = list(directions)
         if not fallback:
             for i, part in zip(self.index, x.split([p.numel() for _, p in self.named])):
                 out[i] = part.view_as(directions[i])
-        report = {"refine_iterations": info["iterations"], "refine_residual": info["residual"],
-                  "refine_residuals": info["residuals"], "refine_cosine": 1.0 if fallback else info["cosine"],
-                  "refine_time": time.perf_counter() - t0, "refine_fallback": fallback}
+        report = {
+            "refine_iterations": info["iterations"],
+            "refine_residual": info["residual"],
+            "refine_residuals": info["residuals"],
+            "refine_cosine": 1.0 if fallback else info["cosine"],
+            "refine_time": time.perf_counter() - t0,
+            "refine_fallback": fallback,
+        }
         return out, report
 
 

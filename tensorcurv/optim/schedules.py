@@ -11,6 +11,7 @@
 * ``cosine_restarts``: SGDR (Loshchilov & Hutter 2017), period ``T_0`` growing by ``T_mult``
   (``CosineAnnealingWarmRestarts``; ``T_0`` defaults to ``total_steps // 4``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -58,11 +59,16 @@ def build(optimizer: Optimizer, name: str, total_steps: int, **kw: Any) -> lr_sc
         cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warm, eta_min=kw.get("eta_min", 0.0))
         if warm == 0:
             return cosine
-        linear = lr_scheduler.LinearLR(optimizer, start_factor=kw.get("warmup_start", 1e-3), end_factor=1.0,
-                                       total_iters=warm)
+        linear = lr_scheduler.LinearLR(
+            optimizer, start_factor=kw.get("warmup_start", 1e-3), end_factor=1.0, total_iters=warm
+        )
         return lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
     if name == "cosine_restarts":
         _only(name, kw, ("T_0", "T_mult", "eta_min"))
-        return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=kw.get("T_0", max(1, total_steps // 4)),
-                                                        T_mult=kw.get("T_mult", 1), eta_min=kw.get("eta_min", 0.0))
+        return lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer,
+            T_0=kw.get("T_0", max(1, total_steps // 4)),
+            T_mult=kw.get("T_mult", 1),
+            eta_min=kw.get("eta_min", 0.0),
+        )
     raise ValueError(f"unknown schedule {name!r}; valid: {Schedule.values()}")

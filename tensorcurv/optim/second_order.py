@@ -25,6 +25,7 @@ is ``(2/N) X̃ᵀX̃`` (exact for a linear model), so one step with ``lr=1`` fro
 Structure hyper-parameters (``rank=2``, ``damping_kind="pi"``, ...) are forwarded to
 ``tensorcurv.Curvature(model, structure, kind, **hparams)``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -55,18 +56,46 @@ class SecondOrderOptimizer:
             structures.make_hparams(self.config.structure, **struct_kw)
         except ValueError as e:
             if struct_kw and "does not take" in str(e):
-                raise ValueError(f"{self.name}: unknown key(s) {sorted(struct_kw)}; optimizer keys: "
-                                 f"{cfgs.field_names(self.name)}; {e}") from None
+                raise ValueError(
+                    f"{self.name}: unknown key(s) {sorted(struct_kw)}; optimizer keys: "
+                    f"{cfgs.field_names(self.name)}; {e}"
+                ) from None
             raise
         c = self.config
-        damping = build_damping(c.damping_rule, c.damping, **(dict(
-            factor=c.lm_factor, rho_low=c.rho_low, rho_high=c.rho_high, min_damping=c.min_damping,
-            max_damping=c.max_damping) if c.damping_rule == "lm" else {}))
+        damping = build_damping(
+            c.damping_rule,
+            c.damping,
+            **(
+                dict(
+                    factor=c.lm_factor,
+                    rho_low=c.rho_low,
+                    rho_high=c.rho_high,
+                    min_damping=c.min_damping,
+                    max_damping=c.max_damping,
+                )
+                if c.damping_rule == "lm"
+                else {}
+            ),
+        )
         self.model = model
         self.preconditioner = Preconditioner(
-            model, loss_fn, c.structure, c.kind, damping, decay=c.decay, decay_schedule=c.decay_schedule,
-            stats_interval=c.stats_interval, inverse_interval=c.inverse_interval, kl_clip=c.kl_clip,
-            mc_samples=c.mc_samples, seed=c.seed, fallback=c.fallback, exclude=exclude, comm=comm, **struct_kw)
+            model,
+            loss_fn,
+            c.structure,
+            c.kind,
+            damping,
+            decay=c.decay,
+            decay_schedule=c.decay_schedule,
+            stats_interval=c.stats_interval,
+            inverse_interval=c.inverse_interval,
+            kl_clip=c.kl_clip,
+            mc_samples=c.mc_samples,
+            seed=c.seed,
+            fallback=c.fallback,
+            exclude=exclude,
+            comm=comm,
+            **struct_kw,
+        )
         self.model = self.preconditioner.model  # unwrapped if DDP
         self.curvature = self.preconditioner.curvature
         self.loss = self.preconditioner.loss
@@ -78,8 +107,9 @@ class SecondOrderOptimizer:
         if c.refine:
             if self.preconditioner.comm is not None:
                 raise ValueError(f"{self.name}: refine is not supported with data parallelism (comm)")
-            self.refinement = Refinement(self.preconditioner.solver, c.refine, c.refine_tol, c.refine_coupling,
-                                         c.refine_operator)
+            self.refinement = Refinement(
+                self.preconditioner.solver, c.refine, c.refine_tol, c.refine_coupling, c.refine_operator
+            )
             self.preconditioner.keep_stats = c.refine_operator == "stats"
 
     @property
@@ -145,6 +175,7 @@ class SecondOrderOptimizer:
         def refine(grads, directions, damping):
             mv = refinement.operator_for(pre.last_stats, self.model, self.loss, inputs, targets)
             return refinement(grads, directions, damping, mv)
+
         return refine
 
     @torch.no_grad()
@@ -158,8 +189,7 @@ class SecondOrderOptimizer:
             loss_after = reduce_loss(self.preconditioner.comm, loss_after, inputs.shape[0], self.loss.reduction)
         rho = reduction_ratio(loss_before, loss_after, model_decrease)
         self.preconditioner.damping.observe(rho)
-        return {"rho": rho, "loss_after": loss_after, "model_decrease": model_decrease,
-                "damping_next": self.damping}
+        return {"rho": rho, "loss_after": loss_after, "model_decrease": model_decrease, "damping_next": self.damping}
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -168,8 +198,11 @@ class SecondOrderOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """Curvature (statistics, factors, RNG of MC sampling), solver copy, damping, counters,
         and the inner torch optimizer (momentum buffers, lr)."""
-        return {"name": self.name, "preconditioner": self.preconditioner.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+        return {
+            "name": self.name,
+            "preconditioner": self.preconditioner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
@@ -196,8 +229,15 @@ class GaussNewton(SecondOrderOptimizer):
 
     name = "gauss_newton"
 
-    def __init__(self, model: nn.Module, loss_fn: Any, structure: str = "kfac", lr: Any = 1.0,
-                 damping: Any = 1e-3, **hparams: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        structure: str = "kfac",
+        lr: Any = 1.0,
+        damping: Any = 1e-3,
+        **hparams: Any,
+    ) -> None:
         super().__init__(model, loss_fn, structure=structure, lr=lr, damping=damping, **hparams)
 
 
@@ -217,8 +257,16 @@ class NaturalGradient(SecondOrderOptimizer):
 
     name = "natural_gradient"
 
-    def __init__(self, model: nn.Module, loss_fn: Any, structure: str = "kfac", kind: str = "mc",
-                 lr: Any = 1.0, damping: Any = 1e-3, **hparams: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        structure: str = "kfac",
+        kind: str = "mc",
+        lr: Any = 1.0,
+        damping: Any = 1e-3,
+        **hparams: Any,
+    ) -> None:
         super().__init__(model, loss_fn, structure=structure, kind=kind, lr=lr, damping=damping, **hparams)
 
 

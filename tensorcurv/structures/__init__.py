@@ -3,6 +3,7 @@
 
 Importing this package registers every built-in structure.
 """
+
 from tensorcurv.structures import dense, diagonal, ekfac, kfac, kron_sum  # noqa: F401  (registration)
 from tensorcurv.structures.base import Structure, create, get, layer_names, make_hparams, names, register, unregister
 from tensorcurv.structures.model import BlockDiagonal, ModelStructure
@@ -11,5 +12,15 @@ from tensorcurv.structures.split import tt, tucker  # noqa: F401  (registration)
 # isort: split
 from tensorcurv.structures import two_level  # noqa: F401  (model level: registered after the layer structures)
 
-__all__ = ["BlockDiagonal", "ModelStructure", "Structure", "create", "get", "layer_names", "make_hparams", "names",
-           "register", "unregister"]
+__all__ = [
+    "BlockDiagonal",
+    "ModelStructure",
+    "Structure",
+    "create",
+    "get",
+    "layer_names",
+    "make_hparams",
+    "names",
+    "register",
+    "unregister",
+]

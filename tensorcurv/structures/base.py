@@ -36,6 +36,7 @@ Contract every structure keeps (relied on by ``Curvature``'s all-or-nothing fit)
 * before the first fit, reading the state (``to_dense``, ``mv``, ``solve``, ...) raises
   :class:`NotFittedError`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -163,7 +164,7 @@ class Structure(ABC):
         ``rank`` hyper-parameter where it has an integer one."""
         m, n = self.shape
         rank = getattr(self.hparams, "rank", 1)
-        return 9.0 * (n ** 3 + m ** 3) * max(1, int(rank) if isinstance(rank, int) else 1)
+        return 9.0 * (n**3 + m**3) * max(1, int(rank) if isinstance(rank, int) else 1)
 
     # data-parallel fits (tensorcurv.distributed): statistics that add up over the samples. A batch is
     # split in shards; every rank calls additive_statistics on its shard, the results are summed over
@@ -189,8 +190,9 @@ class Structure(ABC):
         """This shard's part of the statistics that need the shared basis (summed over ranks); default: none."""
         return {}
 
-    def load_reduced(self, reduced: dict[str, Tensor], basis: dict[str, Tensor], projected: dict[str, Tensor],
-                     decay: float | None) -> None:
+    def load_reduced(
+        self, reduced: dict[str, Tensor], basis: dict[str, Tensor], projected: dict[str, Tensor], decay: float | None
+    ) -> None:
         """Set the state from the summed statistics: the batch's (``decay=None`` or first fit), else the
         running average ``decay·old + (1−decay)·batch`` of every tensor. The default suits structures
         whose state is their additive statistics (the state is replaced by ``reduced``)."""
@@ -200,8 +202,9 @@ class Structure(ABC):
         self.load_state_dict({"tensors": dict(reduced), "fitted": True})
 
     # unlearning (tensorcurv.unlearn.cache): the block of a modified data set
-    def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
-                 corrected: LayerStats) -> Structure:
+    def downdate(
+        self, full: LayerStats, removed: LayerStats, added: LayerStats | None, corrected: LayerStats
+    ) -> Structure:
         """A new structure fitted to ``corrected`` = the rows of ``full`` (to which ``self`` was fitted)
         without ``removed`` and with ``added`` (``None``: none added). Default: a fresh fit on
         ``corrected``; structures additive in the samples subtract and add the affected rows only."""
@@ -211,8 +214,9 @@ class Structure(ABC):
     #: (``Curvature.solve`` then takes it on views of the parameter tensors)
     has_split_solve: ClassVar[bool] = False
 
-    def solve_split(self, W: Tensor, b: Tensor | None, damping: float, out_W: Tensor,
-                    out_b: Tensor | None, check: bool = True) -> None:
+    def solve_split(
+        self, W: Tensor, b: Tensor | None, damping: float, out_W: Tensor, out_b: Tensor | None, check: bool = True
+    ) -> None:
         """:meth:`solve` of ``V = [W, b]`` (``b=None``: ``V = W``) written into ``out_W``, ``out_b``.
         Default: forms ``V`` and splits the result; ``check`` is the fast path's switch (unused here)."""
         X = self.solve(W if b is None else torch.cat([W, b[:, None]], dim=1), damping)
@@ -230,8 +234,11 @@ class Structure(ABC):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"tensors": {k: v.clone() for k, v in self.tensors().items()},
-                "hparams": plain_options(dataclasses.asdict(self.hparams)), "fitted": self.fitted}
+        return {
+            "tensors": {k: v.clone() for k, v in self.tensors().items()},
+            "hparams": plain_options(dataclasses.asdict(self.hparams)),
+            "fitted": self.fitted,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state["tensors"].items():
@@ -257,6 +264,7 @@ class Structure(ABC):
         """The model-level operator of this structure: one instance per layer of ``shapes``, side by
         side in a :class:`~tensorcurv.structures.model.BlockDiagonal`."""
         from tensorcurv.structures.model import BlockDiagonal  # (model.py builds on this module)
+
         return BlockDiagonal({name: cls(shape, hparams) for name, shape in shapes.items()})
 
     # ------------------------------------------------------------------ helpers
@@ -348,8 +356,7 @@ def nonfinite(named: Iterable[tuple[Any, Tensor]]) -> list[Any]:
     sums = torch.stack([t.sum().to(named[0][1].device, torch.float64) for _, t in named])
     if math.isfinite(float(sums.sum())):
         return []
-    return [k for (k, t), f in zip(named, torch.isfinite(sums).tolist())
-            if not f and not bool(torch.isfinite(t).all())]
+    return [k for (k, t), f in zip(named, torch.isfinite(sums).tolist()) if not f and not bool(torch.isfinite(t).all())]
 
 
 def check_state_finite(structures: dict[str, Structure]) -> None:
@@ -358,9 +365,11 @@ def check_state_finite(structures: dict[str, Structure]) -> None:
     bad = nonfinite(((name, k), t) for name, s in structures.items() for k, t in s.tensors().items())
     if bad:
         layers = list(dict.fromkeys(name for name, _ in bad))
-        raise NonFiniteError(f"the fitted curvature of layer(s) {layers} is non-finite (in "
-                             f"{sorted({k for _, k in bad})}; e.g. an overflow of finite but huge inputs "
-                             "or gradients); the update was undone")
+        raise NonFiniteError(
+            f"the fitted curvature of layer(s) {layers} is non-finite (in "
+            f"{sorted({k for _, k in bad})}; e.g. an overflow of finite but huge inputs "
+            "or gradients); the update was undone"
+        )
 
 
 # ---------------------------------------------------------------------- registry

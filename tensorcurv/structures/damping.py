@@ -9,6 +9,7 @@ for ``A`` (``n x n``, input side) and ``G`` (``m x m``, output side) of an ``(m,
 balances the shifts by the factors' mean eigenvalues; it is 1 when either trace is not positive.
 The product is ``A ⊗ G + λI`` plus the cross terms ``π√λ I ⊗ G + √λ/π A ⊗ I``, so it over-damps.
 """
+
 from __future__ import annotations
 
 import math

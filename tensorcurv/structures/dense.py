@@ -1,4 +1,5 @@
 """``dense``: the exact block ``C = scale Σ_{s,k} vec(G_sk) vec(G_sk)ᵀ`` (ground truth; small layers)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,8 +77,9 @@ class Dense(Structure):
 
     def inner_with_exact(self, stats: LayerStats, chunk: int = 128) -> float:
         """``⟨C_stats, C⟩ = scale Σ_j vec(G_j)ᵀ C vec(G_j)``."""
-        return float(stats.scale) * sum(float(((vec(G) @ self.C) * vec(G)).sum())
-                                        for G in per_sample_grad_chunks(stats, chunk))
+        return float(stats.scale) * sum(
+            float(((vec(G) @ self.C) * vec(G)).sum()) for G in per_sample_grad_chunks(stats, chunk)
+        )
 
     def frobenius_sq(self, dense_max_dim: int = 0) -> float:
         return float(self.C.pow(2).sum())
@@ -89,8 +91,7 @@ class Dense(Structure):
     def additive_statistics(self, stats: LayerStats, weight: float) -> dict[str, Tensor]:
         return {"C": self.contribution(stats)}
 
-    def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
-                 corrected: LayerStats) -> Dense:
+    def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None, corrected: LayerStats) -> Dense:
         """``C − C_removed + C_added`` (additive in the samples at one loss scale; sum reduction)."""
         C = self.C - self.contribution(removed)
         out = Dense(self.shape, self.hparams)

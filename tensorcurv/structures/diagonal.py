@@ -1,4 +1,5 @@
 """``diagonal``: ``Ĉ = diag(C)``, ``diag(C) = scale Σ_{s,k} vec(G_sk)²`` (stored as an ``(m, n)`` matrix)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,7 @@ def _diag(stats: LayerStats, chunk: int = 256) -> Tensor:
         return (g2.T @ stats.a[:, 0].pow(2)) * stats.scale
     D = stats.a.new_zeros(stats.shape)
     for i in range(0, stats.N, chunk):  # per-sample grads in chunks: memory O(chunk·K·m·n)
-        G = torch.einsum("sktm,stn->skmn", stats.g[i:i + chunk], stats.a[i:i + chunk])
+        G = torch.einsum("sktm,stn->skmn", stats.g[i : i + chunk], stats.a[i : i + chunk])
         D += G.pow(2).sum((0, 1))
     return D * stats.scale
 

@@ -8,6 +8,7 @@ diagonal of ``C`` in the Kronecker eigenbasis, the Frobenius-optimal diagonal co
 ``update`` averages ``A``, ``G`` and ``S`` with the same decay; ``S`` is re-projected into the new
 eigenbasis of the averaged factors at every call (the batch's projected core is averaged in).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ def projected_core(stats: LayerStats, QA: Tensor, QG: Tensor, chunk: int) -> Ten
         return (g[:, :, 0].pow(2).sum(1).T @ a[:, 0].pow(2)) * stats.scale
     S = a.new_zeros(stats.shape)
     for i in range(0, stats.N, chunk):
-        S += torch.einsum("sktm,stn->skmn", g[i:i + chunk], a[i:i + chunk]).pow(2).sum((0, 1))
+        S += torch.einsum("sktm,stn->skmn", g[i : i + chunk], a[i : i + chunk]).pow(2).sum((0, 1))
     return S * stats.scale
 
 

@@ -11,6 +11,7 @@ these are what every other structure (a new one included) gets:
 
 Vectors are ``(m, n)`` matrices (column-major ``vec``), as everywhere in ``structures``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -73,8 +74,9 @@ def top_entries(vals: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return top, idx // vals.shape[1], idx % vals.shape[1]
 
 
-def subspace_iteration(structure: Any, k: int, ref: Tensor, max_iter: int = 200,
-                       tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+def subspace_iteration(
+    structure: Any, k: int, ref: Tensor, max_iter: int = 200, tol: float = 1e-10
+) -> tuple[Tensor, Tensor]:
     """Leading ``k`` eigenpairs of a PSD block through its ``mv`` (block power method + Rayleigh–Ritz)."""
     m, n = structure.shape
     d, p = m * n, min(m * n, k + 8)

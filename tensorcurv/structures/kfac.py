@@ -11,6 +11,7 @@
 Eigenvalues are clamped at 0 (``Ĉ`` PSD). :meth:`KFAC.refresh` builds the caches of many blocks in
 batched calls. Details: docs/structures/kfac.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ class KFACHparams:
         self.damping_kind = DampingKind.parse(self.damping_kind, "damping_kind")
         self.inverse = Inverse.parse(self.inverse, "inverse")
         if self.inverse == "cholesky" and self.damping_kind != "pi":
-            raise ValueError("inverse='cholesky' needs damping_kind='pi' (exact Tikhonov damping has no "
-                             "2-factor inverse; use inverse='eigh')")
+            raise ValueError(
+                "inverse='cholesky' needs damping_kind='pi' (exact Tikhonov damping has no "
+                "2-factor inverse; use inverse='eigh')"
+            )
         self.weight_sharing = WeightSharing.parse(self.weight_sharing, "weight_sharing")
 
 
@@ -127,8 +130,9 @@ class KFAC(Structure):
         _, QA, _, QG = self._eigs
         return QG @ (QGt @ V @ QA).div_(D) @ QAt
 
-    def solve_split(self, W: Tensor, b: Tensor | None, damping: float, out_W: Tensor,
-                    out_b: Tensor | None, check: bool = True) -> None:
+    def solve_split(
+        self, W: Tensor, b: Tensor | None, damping: float, out_W: Tensor, out_b: Tensor | None, check: bool = True
+    ) -> None:
         """:meth:`solve` of ``V = [W, b]`` (``W`` ``(m, n-1)``, ``b`` ``(m,)``; ``b=None``: ``V = W``)
         written into ``out_W``, ``out_b`` without forming ``V`` or splitting the result:
         ``V M = W M[:n-1] + b M[n-1]ᵀ`` (one matmul + one rank-1 update, on cached row blocks of the
@@ -173,8 +177,10 @@ class KFAC(Structure):
         if not self.fitted:
             raise NotFittedError(f"{self.name}: {NOT_FITTED}")
         if tuple(W.shape) != (m, n - (b is not None)) or (b is not None and tuple(b.shape) != (m,)):
-            raise ValueError(f"{self.name}: solve_split W {tuple(W.shape)}, b "
-                             f"{None if b is None else tuple(b.shape)} do not split a ({m}, {n}) block")
+            raise ValueError(
+                f"{self.name}: solve_split W {tuple(W.shape)}, b "
+                f"{None if b is None else tuple(b.shape)} do not split a ({m}, {n}) block"
+            )
         check_damping(damping)
 
     def _denominator(self, damping: float) -> tuple[Tensor, Tensor, Tensor, dict]:
@@ -271,8 +277,7 @@ class KFAC(Structure):
             method = "kron-cholesky+eigh-fallback" if (2 * i in failed or 2 * i + 1 in failed) else "kron-cholesky"
             Gi, Ai = inv[2 * i], inv[2 * i + 1]  # with Ai's row blocks [:n-1], [n-1] for solve_split
             assert Gi is not None and Ai is not None
-            b._inv = _InverseCache(damping, Gi, Ai, {"method": method, "damping": "pi", "pi": pis[i]},
-                                   Ai[:-1], Ai[-1])
+            b._inv = _InverseCache(damping, Gi, Ai, {"method": method, "damping": "pi", "pi": pis[i]}, Ai[:-1], Ai[-1])
 
     @staticmethod
     def _refresh_eigs(blocks: list[KFAC]) -> None:
@@ -311,8 +316,7 @@ class KFAC(Structure):
         A, G = stats.kron_factors(self.hparams.weight_sharing)
         return {"A": A * weight, "G": G}
 
-    def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None,
-                 corrected: LayerStats) -> KFAC:
+    def downdate(self, full: LayerStats, removed: LayerStats, added: LayerStats | None, corrected: LayerStats) -> KFAC:
         """``Σ aaᵀ − Σ_removed aaᵀ + Σ_added aaᵀ`` (``A`` is a mean over the rows), likewise for ``G``."""
         ws = self.hparams.weight_sharing
         t_eff = removed.T if (ws == "expand" or removed.T == 1) else 1

@@ -20,6 +20,7 @@ The fit contract of the layer structures holds here too (``λ > 0``; fits assign
 :meth:`ModelStructure.snapshot` can undo a failed fit; reading before the first fit raises
 :class:`~tensorcurv.structures.base.NotFittedError`).
 """
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,10 @@ class ModelStructure(ABC):
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], hparams: Any = None) -> None:
         if not isinstance(shapes, Mapping):
-            raise TypeError(f"{self.name or type(self).__name__}: pass the layer shapes as a dict "
-                            f"{{layer name: (m, n)}}, got {type(shapes).__name__}")
+            raise TypeError(
+                f"{self.name or type(self).__name__}: pass the layer shapes as a dict "
+                f"{{layer name: (m, n)}}, got {type(shapes).__name__}"
+            )
         self.shapes = {name: (int(m), int(n)) for name, (m, n) in shapes.items()}
         self.hparams = hparams if hparams is not None else self.Hparams()
         self.last_solve: dict[str, Any] = {}
@@ -121,17 +124,17 @@ class ModelStructure(ABC):
         check_state_finite(self.blocks)
         bad = nonfinite(self.tensors().items())
         if bad:
-            raise NonFiniteError(f"the fitted {self.name} curvature shared by the layers is non-finite (in "
-                                 f"{sorted(bad)}); the update was undone")
+            raise NonFiniteError(
+                f"the fitted {self.name} curvature shared by the layers is non-finite (in "
+                f"{sorted(bad)}); the update was undone"
+            )
 
     # ------------------------------------------------------------------ state
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        ...
+    def state_dict(self) -> dict[str, Any]: ...
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def snapshot(self) -> dict[str, Any]:
         """Everything :meth:`restore` needs to undo a later ``fit``/``update`` bit for bit: this
@@ -220,8 +223,10 @@ class BlockDiagonal(ModelStructure):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["blocks"]) != set(self.blocks):
-            raise ValueError(f"state is for the layers {sorted(state['blocks'])}; this curvature covers "
-                             f"{sorted(self.blocks)} (another model?)")
+            raise ValueError(
+                f"state is for the layers {sorted(state['blocks'])}; this curvature covers "
+                f"{sorted(self.blocks)} (another model?)"
+            )
         for k, b in self.blocks.items():
             b.load_state_dict(state["blocks"][k])
 

@@ -14,6 +14,7 @@ Both are SPD for ``λ > 0``; ``solve`` applies ``P^{-1}`` (a preconditioner: ``e
 layer structures; spectral coarse vectors are each block's ``leading_eigenpairs``. The mathematics
 and the running average: docs/structures/two_level.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -149,8 +150,10 @@ class TwoLevel(ModelStructure):
             if st.shape != shape:
                 raise ValueError(f"two_level: statistics of shape {st.shape} for layer {name!r} of shape {shape}")
             if (st.N, st.K) != (ref.N, ref.K) or st.scale != ref.scale:
-                raise ValueError("two_level: layers disagree on samples N, backward columns K or scale; "
-                                 "the coarse level needs statistics from one capture")
+                raise ValueError(
+                    "two_level: layers disagree on samples N, backward columns K or scale; "
+                    "the coarse level needs statistics from one capture"
+                )
             st.check_finite()
 
     def _coarse_vectors(self, like: Tensor) -> dict[str, Tensor]:
@@ -167,8 +170,8 @@ class TwoLevel(ModelStructure):
             st = stats[name]
             parts = []
             for i in range(0, st.N, chunk):
-                Va = torch.einsum("jmn,stn->stjm", V, st.a[i:i + chunk])
-                parts.append(torch.einsum("sktm,stjm->skj", st.g[i:i + chunk], Va))
+                Va = torch.einsum("jmn,stn->stjm", V, st.a[i : i + chunk])
+                parts.append(torch.einsum("sktm,stjm->skj", st.g[i : i + chunk], Va))
             cols.append(torch.cat(parts).reshape(-1, V.shape[0]))
         return torch.cat(cols, dim=1)
 
@@ -178,8 +181,8 @@ class TwoLevel(ModelStructure):
         W = P.reshape(stats.N, stats.K, -1)
         out = P.new_zeros(P.shape[1], stats.m, stats.n)
         for i in range(0, stats.N, chunk):
-            h = torch.einsum("skj,sktm->jstm", W[i:i + chunk], stats.g[i:i + chunk])
-            out += torch.einsum("jstm,stn->jmn", h, stats.a[i:i + chunk])
+            h = torch.einsum("skj,sktm->jstm", W[i : i + chunk], stats.g[i : i + chunk])
+            out += torch.einsum("jstm,stn->jmn", h, stats.a[i : i + chunk])
         return out * stats.scale
 
     def _batch_coarse(self, stats, Z):
@@ -242,7 +245,7 @@ class TwoLevel(ModelStructure):
         out, i = {}, 0
         for nm in self.shapes:
             q = self.Z[nm].shape[0]
-            out[nm] = torch.einsum("jmn,j->mn", self.Z[nm], y[i:i + q])
+            out[nm] = torch.einsum("jmn,j->mn", self.Z[nm], y[i : i + q])
             i += q
         return out
 
@@ -281,15 +284,20 @@ class TwoLevel(ModelStructure):
             out = {nm: fine[nm] + coarse[nm] for nm in self.shapes}
         else:  # balanced: A Z y = U y + λ Z y and Zᵀ A x = Uᵀ x + λ Zᵀ x, never forming C
             Zy1 = self._prolong(y1)
-            w = {nm: mats[nm] - torch.einsum("jmn,j->mn", self.U[nm], y1) - lam * Zy1[nm]
-                 for nm in self.shapes}  # (I − A Z E^{-1} Zᵀ) r
+            w = {
+                nm: mats[nm] - torch.einsum("jmn,j->mn", self.U[nm], y1) - lam * Zy1[nm] for nm in self.shapes
+            }  # (I − A Z E^{-1} Zᵀ) r
             x = self.base.solve(w, lam)  # M^{-1} w
             zAx = sum(torch.einsum("jmn,mn->j", self.U[nm], x[nm]) for nm in self.shapes) + lam * self._restrict(x)
             corr = self._prolong(y1 - self._coarse_solve(zAx, lam))
             out = {nm: x[nm] + corr[nm] for nm in self.shapes}
-        self.last_solve = {"method": f"two-level-{self.hparams.variant}", "coarse_space": self.hparams.coarse_space,
-                           "coarse_dim": self.coarse_dim, "damping": "tikhonov (coarse); base as its own",
-                           "base": {nm: dict(b.last_solve) for nm, b in self.blocks.items()}}
+        self.last_solve = {
+            "method": f"two-level-{self.hparams.variant}",
+            "coarse_space": self.hparams.coarse_space,
+            "coarse_dim": self.coarse_dim,
+            "damping": "tikhonov (coarse); base as its own",
+            "base": {nm: dict(b.last_solve) for nm, b in self.blocks.items()},
+        }
         return out
 
     # ------------------------------------------------------------------ dense views (small models)
@@ -299,7 +307,7 @@ class TwoLevel(ModelStructure):
     def _split(self, v: Tensor) -> dict[str, Tensor]:
         out, i = {}, 0
         for nm, (m, n) in self.shapes.items():
-            out[nm] = unvec(v[i:i + m * n], m, n)
+            out[nm] = unvec(v[i : i + m * n], m, n)
             i += m * n
         return out
 
@@ -338,21 +346,29 @@ class TwoLevel(ModelStructure):
     def solve_flops(self) -> int:
         """Base solves plus the coarse level: ``Zᵀ``/``Z`` cost ``Σ q_l m_l n_l``, ``(A Z)ᵀ``/``A Z`` cost ``q D``."""
         q, D = self.coarse_dim, self.dim
-        zd = 2 * sum(self.Z[nm].numel() if self.Z else (q // len(self.shapes)) * m * n
-                     for nm, (m, n) in self.shapes.items())
+        zd = 2 * sum(
+            self.Z[nm].numel() if self.Z else (q // len(self.shapes)) * m * n for nm, (m, n) in self.shapes.items()
+        )
         base = sum(b.solve_flops() for b in self.blocks.values())
         if self.hparams.variant == "additive":
             return base + 2 * zd + 4 * q * q + D
         return base + 2 * zd + 4 * q * D + 8 * q * q + 3 * D
 
     def state_dict(self) -> dict[str, Any]:
-        return {"blocks": {nm: b.state_dict() for nm, b in self.blocks.items()},
-                "Z": {k: v.clone() for k, v in self.Z.items()}, "U": {k: v.clone() for k, v in self.U.items()},
-                "C0": None if self.C0 is None else self.C0.clone(), "fitted": self.fitted,
-                "hparams": {"base": self.hparams.base, "base_hparams": dict(self.hparams.base_hparams),
-                            "coarse_space": self.hparams.coarse_space,
-                            "coarse_vectors_per_layer": self.hparams.coarse_vectors_per_layer,
-                            "variant": self.hparams.variant}}
+        return {
+            "blocks": {nm: b.state_dict() for nm, b in self.blocks.items()},
+            "Z": {k: v.clone() for k, v in self.Z.items()},
+            "U": {k: v.clone() for k, v in self.U.items()},
+            "C0": None if self.C0 is None else self.C0.clone(),
+            "fitted": self.fitted,
+            "hparams": {
+                "base": self.hparams.base,
+                "base_hparams": dict(self.hparams.base_hparams),
+                "coarse_space": self.hparams.coarse_space,
+                "coarse_vectors_per_layer": self.hparams.coarse_vectors_per_layer,
+                "variant": self.hparams.variant,
+            },
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """This object's attributes (coarse level) and the base's snapshot (its blocks)."""

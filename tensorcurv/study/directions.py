@@ -4,6 +4,7 @@ The damping is relative, ``λ = ρ tr(C)/(mn)`` (``ρ`` in ``damping_rel``), so 
 the exact directions come from :meth:`tensorcurv.core.exact.ExactBlock.solve` and are shared by every
 structure compared. Reported: the cosine and the relative error ``‖x̂ − x‖/‖x‖``.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -26,18 +27,30 @@ def direction_quality(exact: Tensor, approx: Tensor) -> dict[str, float]:
     return {"cos": cos, "rel_err": float((approx - exact).norm()) / en if en > 0 else float("nan")}
 
 
-def exact_directions(block: ExactBlock, grad: Tensor, damping_rel: Sequence[float], *, method: str = "auto",
-                     ) -> dict[float, tuple[float, Tensor, dict[str, Any]]]:
+def exact_directions(
+    block: ExactBlock,
+    grad: Tensor,
+    damping_rel: Sequence[float],
+    *,
+    method: str = "auto",
+) -> dict[float, tuple[float, Tensor, dict[str, Any]]]:
     """``{ρ: (λ, (C + λI)⁻¹g, info)}`` with ``λ = ρ tr(C)/(mn)`` (shared by every structure compared)."""
     base = block.trace() / block.dim
-    return {float(rho): (float(rho) * base, *block.solve(grad, float(rho) * base, method=method))
-            for rho in damping_rel}
+    return {
+        float(rho): (float(rho) * base, *block.solve(grad, float(rho) * base, method=method)) for rho in damping_rel
+    }
 
 
-def inverse_quality(structure: Structure, block: ExactBlock, grad: Tensor, damping_rel: Sequence[float],
-                    *, method: str = "auto", repeats: int = 3,
-                    exact: Mapping[float, tuple[float, Tensor, dict[str, Any]]] | None = None,
-                    ) -> list[dict[str, float]]:
+def inverse_quality(
+    structure: Structure,
+    block: ExactBlock,
+    grad: Tensor,
+    damping_rel: Sequence[float],
+    *,
+    method: str = "auto",
+    repeats: int = 3,
+    exact: Mapping[float, tuple[float, Tensor, dict[str, Any]]] | None = None,
+) -> list[dict[str, float]]:
     """For each ``ρ`` in ``damping_rel``: ``λ = ρ tr(C)/(mn)``, compare ``x̂ = (Ĉ + λI)⁻¹g`` to the exact
     ``x = (C + λI)⁻¹g`` (cosine, relative error), with the median solve time of ``Ĉ``.
     ``exact``: precomputed :func:`exact_directions` (else computed here with ``method``)."""
@@ -50,8 +63,15 @@ def inverse_quality(structure: Structure, block: ExactBlock, grad: Tensor, dampi
             t0 = time.perf_counter()
             xh = structure.solve(grad, lam)
             times.append(time.perf_counter() - t0)
-        rows.append({"damping_rel": float(rho), "damping": lam, **direction_quality(x, xh),
-                     "solve_time": statistics.median(times), "exact_iters": info["iterations"]})
+        rows.append(
+            {
+                "damping_rel": float(rho),
+                "damping": lam,
+                **direction_quality(x, xh),
+                "solve_time": statistics.median(times),
+                "exact_iters": info["iterations"],
+            }
+        )
     return rows
 
 

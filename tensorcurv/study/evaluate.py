@@ -5,6 +5,7 @@ quality of the damped solve (:mod:`.directions`); per variant a model row with t
 the full (cross-layer) error and the whole-model solve; per layer the rank-r Kronecker floors; the
 spectra of one layer. The exact side comes from :mod:`tensorcurv.core.exact`.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ class ExactReference:
     model_directions: dict[float, tuple[float, dict[str, Tensor], dict[str, Any]]]
 
 
-def exact_reference(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], damping_rel: Sequence[float],
-                    chunk: int = 128) -> ExactReference:
+def exact_reference(
+    stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], damping_rel: Sequence[float], chunk: int = 128
+) -> ExactReference:
     """:class:`ExactReference` of ``stats``; the model directions use ``λ = ρ tr(C)/dim`` of the whole model."""
     blocks = {k: ExactBlock(st, chunk=chunk) for k, st in stats.items()}
     model = ExactModel(blocks)
@@ -77,17 +79,40 @@ def _floor_rows(ref: ExactReference, ranks: Sequence[int]) -> list[dict[str, Any
 
 
 def _variant_columns(var: Variant) -> dict[str, Any]:
-    return {"structure": var.structure, "variant": var.label, "hparams": json.dumps(var.hparams, sort_keys=True),
-            **_swept(var)}
+    return {
+        "structure": var.structure,
+        "variant": var.label,
+        "hparams": json.dumps(var.hparams, sort_keys=True),
+        **_swept(var),
+    }
 
 
-def _layer_row(var: Variant, k: str, S, ref: ExactReference, grad: Tensor, fit_time: float, *,
-               damping_rel: Sequence[float], spectral: bool, spectral_max_iter: int, spectral_tol: float,
-               solve_repeats: int) -> dict[str, Any]:
+def _layer_row(
+    var: Variant,
+    k: str,
+    S,
+    ref: ExactReference,
+    grad: Tensor,
+    fit_time: float,
+    *,
+    damping_rel: Sequence[float],
+    spectral: bool,
+    spectral_max_iter: int,
+    spectral_tol: float,
+    solve_repeats: int,
+) -> dict[str, Any]:
     """One (variant, layer) row: Frobenius, spectral (optional) and inverse-quality columns."""
     b = ref.blocks[k]
-    row = {"layer": k, "m": b.m, "n": b.n, "T": b.stats.T, **_variant_columns(var), "nbytes": S.nbytes,
-           "fit_time": fit_time, "c_frob": math.sqrt(ref.layer_frob_sq[k])}
+    row = {
+        "layer": k,
+        "m": b.m,
+        "n": b.n,
+        "T": b.stats.T,
+        **_variant_columns(var),
+        "nbytes": S.nbytes,
+        "fit_time": fit_time,
+        "c_frob": math.sqrt(ref.layer_frob_sq[k]),
+    }
     fe = frobenius_error(S, b, ref.layer_frob_sq[k])
     row.update(fro_rel=fe["fro_rel"], fro_abs=fe["fro_abs"])
     if spectral:
@@ -98,16 +123,32 @@ def _layer_row(var: Variant, k: str, S, ref: ExactReference, grad: Tensor, fit_t
     return row
 
 
-def _model_row(var: Variant, ref: ExactReference, err_sq_total: float, nbytes_total: int, fit_total: float,
-               model_solve, grads: Mapping[str, Tensor], damping_rel: Sequence[float]) -> dict[str, Any]:
+def _model_row(
+    var: Variant,
+    ref: ExactReference,
+    err_sq_total: float,
+    nbytes_total: int,
+    fit_total: float,
+    model_solve,
+    grads: Mapping[str, Tensor],
+    damping_rel: Sequence[float],
+) -> dict[str, Any]:
     """The ``layer="(model)"`` row: block-diagonal and full errors, and the whole-model solve."""
     cc_sum, offdiag_sq = sum(ref.layer_frob_sq.values()), ref.offdiag_sq
-    mrow = {"layer": "(model)", "m": None, "n": None, "T": None, **_variant_columns(var), "nbytes": nbytes_total,
-            "fit_time": fit_total, "c_frob": math.sqrt(cc_sum),
-            "fro_rel": math.sqrt((err_sq_total - offdiag_sq) / cc_sum),
-            "fro_abs": math.sqrt(err_sq_total - offdiag_sq),
-            "fro_rel_full": math.sqrt(err_sq_total / ref.model_frob_sq),
-            "offdiag_share": math.sqrt(offdiag_sq / ref.model_frob_sq)}
+    mrow = {
+        "layer": "(model)",
+        "m": None,
+        "n": None,
+        "T": None,
+        **_variant_columns(var),
+        "nbytes": nbytes_total,
+        "fit_time": fit_total,
+        "c_frob": math.sqrt(cc_sum),
+        "fro_rel": math.sqrt((err_sq_total - offdiag_sq) / cc_sum),
+        "fro_abs": math.sqrt(err_sq_total - offdiag_sq),
+        "fro_rel_full": math.sqrt(err_sq_total / ref.model_frob_sq),
+        "offdiag_share": math.sqrt(offdiag_sq / ref.model_frob_sq),
+    }
     iq = []
     for rho in damping_rel:
         lam, x, _ = ref.model_directions[float(rho)]
@@ -118,11 +159,23 @@ def _model_row(var: Variant, ref: ExactReference, err_sq_total: float, nbytes_to
     return mrow
 
 
-def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], variants: Sequence[Variant], *,
-             damping_rel: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), floor_ranks: Sequence[int] = (1, 2, 3, 4),
-             spectral: bool = True, spectral_max_iter: int = 60, spectral_tol: float = 1e-6,
-             spectrum: bool = True, spectrum_layer: str | None = None, spectrum_k: int = 60, chunk: int = 128,
-             solve_repeats: int = 1, log: Callable[[str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
+def evaluate(
+    stats: Mapping[str, LayerStats],
+    grads: Mapping[str, Tensor],
+    variants: Sequence[Variant],
+    *,
+    damping_rel: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    floor_ranks: Sequence[int] = (1, 2, 3, 4),
+    spectral: bool = True,
+    spectral_max_iter: int = 60,
+    spectral_tol: float = 1e-6,
+    spectrum: bool = True,
+    spectrum_layer: str | None = None,
+    spectrum_k: int = 60,
+    chunk: int = 128,
+    solve_repeats: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
     """All metrics of every variant on one capture (one checkpoint, one curvature kind).
 
     Returns ``{"metrics": rows, "floor": rows, "spectra": rows}``. ``metrics`` has one row per
@@ -136,10 +189,21 @@ def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], varia
     ref = exact_reference(stats, grads, damping_rel, chunk)
     floor_rows = _floor_rows(ref, floor_ranks)
     spectrum_layer = spectrum_layer if spectrum_layer in ref.blocks else next(iter(ref.blocks))
-    spectra = [{"layer": spectrum_layer, "structure": "exact", "index": i, "eigenvalue": float(v)}
-               for i, v in enumerate(ref.blocks[spectrum_layer].eigenvalues()[:spectrum_k])] if spectrum else []
-    layer_kw = {"damping_rel": damping_rel, "spectral": spectral, "spectral_max_iter": spectral_max_iter,
-                "spectral_tol": spectral_tol, "solve_repeats": solve_repeats}
+    spectra = (
+        [
+            {"layer": spectrum_layer, "structure": "exact", "index": i, "eigenvalue": float(v)}
+            for i, v in enumerate(ref.blocks[spectrum_layer].eigenvalues()[:spectrum_k])
+        ]
+        if spectrum
+        else []
+    )
+    layer_kw = {
+        "damping_rel": damping_rel,
+        "spectral": spectral,
+        "spectral_max_iter": spectral_max_iter,
+        "spectral_tol": spectral_tol,
+        "solve_repeats": solve_repeats,
+    }
     rows = []
     for var in variants:
         try:
@@ -154,8 +218,10 @@ def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], varia
             err_sq_total += row["fro_abs"] ** 2
             rows.append(row)
             if spectrum and k == spectrum_layer:
-                spectra += [{"layer": k, "structure": var.label, "index": i, "eigenvalue": float(v)}
-                            for i, v in enumerate(structure_spectrum(fitted[k], spectrum_k))]
+                spectra += [
+                    {"layer": k, "structure": var.label, "index": i, "eigenvalue": float(v)}
+                    for i, v in enumerate(structure_spectrum(fitted[k], spectrum_k))
+                ]
         mrow = _model_row(var, ref, err_sq_total, nbytes_total, fit_total, model_solve, grads, damping_rel)
         rows.append(mrow)
         log(f"  {var.label:<28s} model fro_rel={mrow['fro_rel']:.4f} nbytes={nbytes_total}")
@@ -164,7 +230,10 @@ def evaluate(stats: Mapping[str, LayerStats], grads: Mapping[str, Tensor], varia
 
 def _swept(var: Variant) -> dict[str, Any]:
     rank = var.hparams.get("rank", var.hparams.get("ranks", ""))
-    return {"rank": format_value(rank) if rank != "" else "", "swept": json.dumps(var.swept, sort_keys=True) if var.swept else ""}
+    return {
+        "rank": format_value(rank) if rank != "" else "",
+        "swept": json.dumps(var.swept, sort_keys=True) if var.swept else "",
+    }
 
 
 def _inverse_columns(iq: Sequence[Mapping[str, float]]) -> dict[str, float]:

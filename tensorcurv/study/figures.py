@@ -3,6 +3,7 @@
 
     python -m tensorcurv.study.figures reports/study_digits_mlp   # re-draw from the CSVs, report.md untouched
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ FIGURES = {
     "error_over_training": "Block-diagonal relative Frobenius error at the checkpoints of the run",
     "spectrum": "Eigenvalues of the exact block vs each structure (chosen layer, final checkpoint)",
     "inverse_vs_damping": "Cosine between (Ĉ+λI)⁻¹g and (C+λI)⁻¹g vs damping λ/(tr C/dim): whole model (top), "
-                          "the spectrum layer (bottom)",
+    "the spectrum layer (bottom)",
 }
 
 
@@ -48,17 +49,27 @@ def fig_error_vs_rank(metrics, floor, path: Path):
     structures = list(dict.fromkeys(r["structure"] for r in rows))
     styles = plotting.series_styles(structures)
     with plotting.style():
-        fig, axes = plotting.subplots(len(kinds), len(layers), sharex=True,
-                                      figsize=(3.4 * len(layers), 2.7 * len(kinds) + 0.8))
+        fig, axes = plotting.subplots(
+            len(kinds), len(layers), sharex=True, figsize=(3.4 * len(layers), 2.7 * len(kinds) + 0.8)
+        )
         for i, kind in enumerate(kinds):
             for j, layer in enumerate(layers):
                 ax = axes[i][j]
                 sel = [r for r in rows if r["step"] == step and r["kind"] == kind and r["layer"] == layer]
-                fl = sorted((r["rank"], r["floor"]) for r in floor if r["step"] == step and r["kind"] == kind
-                            and r["layer"] == layer)
+                fl = sorted(
+                    (r["rank"], r["floor"])
+                    for r in floor
+                    if r["step"] == step and r["kind"] == kind and r["layer"] == layer
+                )
                 if fl:
-                    ax.plot([x for x, _ in fl], [y for _, y in fl], ls="--", color=plotting.REFERENCE, lw=1.5,
-                            label="floor (optimal rank-r)")
+                    ax.plot(
+                        [x for x, _ in fl],
+                        [y for _, y in fl],
+                        ls="--",
+                        color=plotting.REFERENCE,
+                        lw=1.5,
+                        label="floor (optimal rank-r)",
+                    )
                 for s in dict.fromkeys(r["structure"] for r in sel):
                     st = styles[s]
                     pts = sorted((rank_value(r), as_float(r["fro_rel"])) for r in sel if r["structure"] == s)
@@ -98,12 +109,30 @@ def fig_error_vs_memory(metrics, path: Path):
                 fx = [as_float(sel[i]["nbytes"]) for i in front]
                 fy = [as_float(sel[i]["fro_rel"]) for i in front]
                 ax.step(fx, fy, where="post", color=plotting.REFERENCE, lw=1.1, zorder=2, label="Pareto front")
-                ax.plot(fx, fy, ls="none", marker="o", ms=11, mfc="none", mec=plotting.REFERENCE, mew=1.0, zorder=2,
-                        label="on the front")
+                ax.plot(
+                    fx,
+                    fy,
+                    ls="none",
+                    marker="o",
+                    ms=11,
+                    mfc="none",
+                    mec=plotting.REFERENCE,
+                    mew=1.0,
+                    zorder=2,
+                    label="on the front",
+                )
             for r in sel:
                 st = styles[r["variant"]]
-                ax.plot(as_float(r["nbytes"]), as_float(r["fro_rel"]), ls="none", marker=st["marker"],
-                        color=st["color"], ms=6, zorder=3, label=r["variant"])
+                ax.plot(
+                    as_float(r["nbytes"]),
+                    as_float(r["fro_rel"]),
+                    ls="none",
+                    marker=st["marker"],
+                    color=st["color"],
+                    ms=6,
+                    zorder=3,
+                    label=r["variant"],
+                )
             plotting.log_limits(ax, [as_float(r["nbytes"]) for r in sel], axis="x")
             ax.set_xlabel("memory of Ĉ (bytes, all layers)")
             ax.set_title(f"{kind}, step {step}")
@@ -122,8 +151,9 @@ def fig_error_over_training(metrics, path: Path):
         fig, axes = plotting.subplots(1, len(kinds), figsize=(4.2 * len(kinds) + 1.8, 3.8), sharey=True)
         for ax, kind in zip(axes[0], kinds):
             for v, st in styles.items():
-                pts = sorted((r["step"], as_float(r["fro_rel"])) for r in rows
-                             if r["kind"] == kind and r["variant"] == v)
+                pts = sorted(
+                    (r["step"], as_float(r["fro_rel"])) for r in rows if r["kind"] == kind and r["variant"] == v
+                )
                 if pts:
                     ax.plot(*zip(*pts), ms=4, label=v, **st)
             ax.set_title(kind)
@@ -147,16 +177,22 @@ def fig_spectrum(spectra, path: Path):
         fig, axes = plotting.subplots(1, len(kinds), figsize=(4.4 * len(kinds) + 1.8, 3.8))
         for ax, kind in zip(axes[0], kinds):
             shown = []
-            ex = [e for e in (r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == "exact")
-                  if e > 0]
-            ax.plot(range(1, len(ex) + 1), ex, color=plotting.REFERENCE, lw=3.2, alpha=0.45, zorder=2,
-                    label="exact C")
+            ex = [e for e in (r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == "exact") if e > 0]
+            ax.plot(range(1, len(ex) + 1), ex, color=plotting.REFERENCE, lw=3.2, alpha=0.45, zorder=2, label="exact C")
             shown += ex
             for v in labels:
                 ev = [e for e in (r["eigenvalue"] for r in sel if r["kind"] == kind and r["structure"] == v) if e > 0]
                 if ev:
-                    ax.plot(range(1, len(ev) + 1), ev, lw=1.0, ms=3.5, markevery=max(1, len(ev) // 8), zorder=3,
-                            label=v, **styles[v])
+                    ax.plot(
+                        range(1, len(ev) + 1),
+                        ev,
+                        lw=1.0,
+                        ms=3.5,
+                        markevery=max(1, len(ev) // 8),
+                        zorder=3,
+                        label=v,
+                        **styles[v],
+                    )
                     shown += ev
             if shown:
                 plotting.log_limits(ax, shown)
@@ -180,8 +216,9 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
     damp = damping_columns(ok)
     panels = [(MODEL, "whole model")] + ([(layer, f"layer {layer}")] if layer else [])
     with plotting.style():
-        fig, axes = plotting.subplots(len(panels), len(kinds), sharey=True, sharex=True,
-                                      figsize=(4.2 * len(kinds) + 1.8, 3.4 * len(panels)))
+        fig, axes = plotting.subplots(
+            len(panels), len(kinds), sharey=True, sharex=True, figsize=(4.2 * len(kinds) + 1.8, 3.4 * len(panels))
+        )
         for i, (lay, what) in enumerate(panels):
             for ax, kind in zip(axes[i], kinds):
                 for v, st in styles.items():
@@ -195,8 +232,11 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
                     ax.set_xlabel("λ / (tr C / dim)")
             axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
         plotting.legend_outside(fig, axes)
-        fig.suptitle("top: whole model against the full (C+λI)⁻¹g, cross-layer blocks in C"
-                     + (f"; bottom: layer {layer} against its exact block" if layer else ""), fontsize=9.5)
+        fig.suptitle(
+            "top: whole model against the full (C+λI)⁻¹g, cross-layer blocks in C"
+            + (f"; bottom: layer {layer} against its exact block" if layer else ""),
+            fontsize=9.5,
+        )
         plotting.save(fig, path)
     return fig
 
@@ -231,4 +271,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

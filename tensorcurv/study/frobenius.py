@@ -5,6 +5,7 @@
 * the floor: the optimal rank-r Kronecker-sum error ``sqrt(‖C‖² − Σ_{i≤r} σ_i²) / ‖C‖`` from the leading
   singular values of the rearranged block ``R(C)`` (``tensorcurv.linalg.rearrange``, Eckart–Young).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,12 +24,18 @@ def frobenius_error(structure: Structure, block: ExactBlock, c_frob_sq: float | 
     ch = inner_with_exact(structure, block)
     hh = frobenius_sq(structure)
     err_sq = max(cc - 2.0 * ch + hh, 0.0)
-    return {"c_frob_sq": cc, "inner": ch, "approx_frob_sq": hh, "fro_abs": math.sqrt(err_sq),
-            "fro_rel": math.sqrt(err_sq / cc) if cc > 0 else float("nan")}
+    return {
+        "c_frob_sq": cc,
+        "inner": ch,
+        "approx_frob_sq": hh,
+        "fro_abs": math.sqrt(err_sq),
+        "fro_rel": math.sqrt(err_sq / cc) if cc > 0 else float("nan"),
+    }
 
 
-def kronecker_floor(block: ExactBlock, ranks: Sequence[int], c_frob_sq: float | None = None,
-                    **svd_kw) -> dict[int, float]:
+def kronecker_floor(
+    block: ExactBlock, ranks: Sequence[int], c_frob_sq: float | None = None, **svd_kw
+) -> dict[int, float]:
     """``floor_r = sqrt(‖C‖² − Σ_{i≤r} σ_i²) / ‖C‖``: the smallest relative Frobenius error of any
     sum of ``r`` Kronecker products (Eckart–Young on ``R(C)``; singular values by
     ``tensorcurv.linalg.rearrange.kronecker_svd``, by default to a relative energy change of 1e-10)."""

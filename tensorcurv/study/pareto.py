@@ -4,6 +4,7 @@ A point ``p = (cost, error)`` is dominated when some ``q`` has ``q.cost ≤ p.co
 ``q.error ≤ p.error`` with at least one strict; both axes are minimized. Non-finite points are
 never on the front.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ Input: the tables of :func:`tensorcurv.study.runner.run_study` (``metrics``, ``f
 ``training``; every row has ``step`` and ``kind``). ``metrics`` rows with ``layer="(model)"`` are the
 model-level numbers (all covered layers, cross-layer blocks included in ``C``).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,7 @@ def _num(v: Any, digits: int = 4) -> str:
     x = as_float(v)
     if not math.isfinite(x):
         return "–"
-    return f"{x:.{digits}f}" if (10 ** -digits <= abs(x) < 1e4) or x == 0 else f"{x:.2e}"
-
+    return f"{x:.{digits}f}" if (10**-digits <= abs(x) < 1e4) or x == 0 else f"{x:.2e}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -62,12 +62,31 @@ def summary_table(metrics, kind: str, step: int, damping: str) -> str:
     for r in sorted(rows, key=lambda r: as_float(r["fro_rel"])):
         lr = [x for x in layer_rows if x["variant"] == r["variant"]]
         spec = max((as_float(x.get("spec_rel")) for x in lr), default=math.nan)
-        out.append([f"**{r['variant']}**" if r["variant"] in on_front else r["variant"],
-                    _fmt_bytes(as_float(r["nbytes"])), f"{1e3 * as_float(r['fit_time']):.1f}",
-                    f"{1e3 * as_float(r['solve_time']):.2f}", _num(r["fro_rel"]),
-                    _num(spec), _num(r.get(f"cos@{damping}")), _num(r.get(f"relerr@{damping}"))])
-    return _table(["variant (bold: Pareto front)", "memory", "fit ms", "solve ms", "block-diag. Frobenius rel.",
-                   "max layer spectral rel.", f"cos @ λ={damping}", f"rel. err @ λ={damping}"], out)
+        out.append(
+            [
+                f"**{r['variant']}**" if r["variant"] in on_front else r["variant"],
+                _fmt_bytes(as_float(r["nbytes"])),
+                f"{1e3 * as_float(r['fit_time']):.1f}",
+                f"{1e3 * as_float(r['solve_time']):.2f}",
+                _num(r["fro_rel"]),
+                _num(spec),
+                _num(r.get(f"cos@{damping}")),
+                _num(r.get(f"relerr@{damping}")),
+            ]
+        )
+    return _table(
+        [
+            "variant (bold: Pareto front)",
+            "memory",
+            "fit ms",
+            "solve ms",
+            "block-diag. Frobenius rel.",
+            "max layer spectral rel.",
+            f"cos @ λ={damping}",
+            f"rel. err @ λ={damping}",
+        ],
+        out,
+    )
 
 
 def layer_table(metrics, floor, step: int) -> str:
@@ -82,8 +101,17 @@ def layer_table(metrics, floor, step: int) -> str:
                 cells.append(_num(r["fro_rel"]) if r else "–")
             r0 = next(r for r in rows if r["layer"] == layer)
             out.append([f"{layer} ({r0['m']}×{r0['n']}, T={r0['T']})", v, *cells])
-        fl = [next((f["floor"] for f in floor if f["layer"] == layer and f["kind"] == k and f["step"] == step
-                    and f["rank"] == 1), math.nan) for k in kinds]
+        fl = [
+            next(
+                (
+                    f["floor"]
+                    for f in floor
+                    if f["layer"] == layer and f["kind"] == k and f["step"] == step and f["rank"] == 1
+                ),
+                math.nan,
+            )
+            for k in kinds
+        ]
         if any(math.isfinite(as_float(x)) for x in fl):
             out.append(["", "*floor, rank 1*", *[_num(x) for x in fl]])
     return _table(["layer (m×n, positions)", "variant", *kinds], out)
@@ -103,15 +131,30 @@ def floor_table(floor, step: int) -> str:
 def training_table(metrics, training, kind: str) -> str:
     rows = [r for r in valid_rows(metrics) if r["layer"] == MODEL and r["kind"] == kind]
     steps = sorted({r["step"] for r in rows})
-    out = [[v, *[_num(next((r["fro_rel"] for r in rows if r["variant"] == v and r["step"] == s), math.nan))
-                 for s in steps]] for v in variants_of(rows)]
+    out = [
+        [
+            v,
+            *[
+                _num(next((r["fro_rel"] for r in rows if r["variant"] == v and r["step"] == s), math.nan))
+                for s in steps
+            ],
+        ]
+        for v in variants_of(rows)
+    ]
     acc = {t["step"]: t for t in training}
     out.append(["*val. accuracy*", *[_num(acc.get(s, {}).get("val_accuracy"), 3) for s in steps]])
     return _table(["variant", *[f"step {s}" for s in steps]], out)
 
 
-def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, command: str, title: str = "Study",
-                 description: str = "", logger: Any = None) -> Path:
+def write_report(
+    result: Mapping[str, list[dict]],
+    out_dir: str | Path,
+    *,
+    command: str,
+    title: str = "Study",
+    description: str = "",
+    logger: Any = None,
+) -> Path:
     """Write ``report.md``, ``metrics.csv``, ``floor.csv``, ``spectra.csv``, ``training.csv`` and the
     PNG figures into ``out_dir``; log the same figures/tables to ``logger``
     (``tensorcurv.experiments.tracking``) if given."""
@@ -131,30 +174,47 @@ def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, comma
     md = [f"# {title}", "", "Regenerate with:", "", "```bash", command, "```", ""]
     if description:
         md += [description, ""]
-    md += ["How the numbers are computed: Frobenius errors exactly (up to rounding) from Gram-matrix "
-           "identities over the per-sample factors (no `C` formed); spectral errors by Lanczos on implicit "
-           "products (stopped at a relative Ritz residual of `study.spectral_tol`); exact damped inverses `(C+λI)⁻¹g` from the Woodbury identity on the per-sample Gram "
-           "matrix, floors from the truncated SVD of the rearranged block `R(C)`. Model-level Frobenius errors "
-           "are block-diagonal, `sqrt(Σ_l ‖C_ll−Ĉ_l‖² / Σ_l ‖C_ll‖²)`; `metrics.csv` also has `fro_rel_full` "
-           "against the curvature of all covered layers together (cross-layer blocks included, "
-           "`offdiag_share` = ‖off-diagonal part‖/‖C‖). Model-level inverse quality compares with the full "
-           "`(C+λI)⁻¹g`, cross-layer blocks included (where `two_level`'s coarse space can help). "
-           "λ is given relative to `tr(C)/dim`; g is the mini-batch gradient of the loss.", ""]
+    md += [
+        "How the numbers are computed: Frobenius errors exactly (up to rounding) from Gram-matrix "
+        "identities over the per-sample factors (no `C` formed); spectral errors by Lanczos on implicit "
+        "products (stopped at a relative Ritz residual of `study.spectral_tol`); exact damped inverses `(C+λI)⁻¹g` "
+        "from the Woodbury identity on the per-sample Gram "
+        "matrix, floors from the truncated SVD of the rearranged block `R(C)`. Model-level Frobenius errors "
+        "are block-diagonal, `sqrt(Σ_l ‖C_ll−Ĉ_l‖² / Σ_l ‖C_ll‖²)`; `metrics.csv` also has `fro_rel_full` "
+        "against the curvature of all covered layers together (cross-layer blocks included, "
+        "`offdiag_share` = ‖off-diagonal part‖/‖C‖). Model-level inverse quality compares with the full "
+        "`(C+λI)⁻¹g`, cross-layer blocks included (where `two_level`'s coarse space can help). "
+        "λ is given relative to `tr(C)/dim`; g is the mini-batch gradient of the loss.",
+        "",
+    ]
     for kind in kinds:
         md += [f"## {kind}: summary at step {step}", "", summary_table(ok, kind, step, mid), ""]
     for name, caption in FIGURES.items():
         md += [f"## {caption}", "", f"![{name}]({name}.png)", ""]
     md += [f"## Per-layer relative Frobenius error at step {step}", "", layer_table(ok, floor, step), ""]
     if floor:
-        md += [f"## Floor: optimal rank-r Kronecker-sum relative error at step {step}", "",
-               floor_table(floor, step), ""]
+        md += [
+            f"## Floor: optimal rank-r Kronecker-sum relative error at step {step}",
+            "",
+            floor_table(floor, step),
+            "",
+        ]
     for kind in kinds:
-        md += [f"## Block-diagonal relative Frobenius error over training ({kind})", "",
-               training_table(ok, result.get("training", []), kind), ""]
+        md += [
+            f"## Block-diagonal relative Frobenius error over training ({kind})",
+            "",
+            training_table(ok, result.get("training", []), kind),
+            "",
+        ]
     if skipped:
         md += ["## Skipped", "", *[f"- {v}: {why}" for v, why in skipped], ""]
-    md += ["## Files", "", "`metrics.csv` (one row per step, kind, layer, variant; `cos@ρ`/`relerr@ρ` at "
-           "λ = ρ·tr(C)/dim), `floor.csv`, `spectra.csv`, `training.csv`.", ""]
+    md += [
+        "## Files",
+        "",
+        "`metrics.csv` (one row per step, kind, layer, variant; `cos@ρ`/`relerr@ρ` at "
+        "λ = ρ·tr(C)/dim), `floor.csv`, `spectra.csv`, `training.csv`.",
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(md))
     if logger is not None:
@@ -163,6 +223,11 @@ def write_report(result: Mapping[str, list[dict]], out_dir: str | Path, *, comma
         logger.log_table("metrics", metrics)
         if floor:
             logger.log_table("floor", floor)
-        logger.summary({f"fro_rel/{r['kind']}/{r['variant']}": as_float(r["fro_rel"])
-                        for r in ok if r["layer"] == MODEL and r["step"] == step})
+        logger.summary(
+            {
+                f"fro_rel/{r['kind']}/{r['variant']}": as_float(r["fro_rel"])
+                for r in ok
+                if r["layer"] == MODEL and r["step"] == step
+            }
+        )
     return path

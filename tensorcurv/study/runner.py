@@ -1,5 +1,6 @@
 """A study over training: train a model with Adam and evaluate every structure variant at checkpoints,
 for every curvature kind (:func:`tensorcurv.study.evaluate.evaluate`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -15,8 +16,17 @@ from tensorcurv.study.evaluate import evaluate
 from tensorcurv.study.variants import make_variants
 
 #: The keys of the ``study`` config passed through to :func:`~tensorcurv.study.evaluate.evaluate`.
-EVALUATE_KEYS = ("damping_rel", "floor_ranks", "spectral", "spectral_max_iter", "spectral_tol", "spectrum_layer",
-                 "spectrum_k", "chunk", "solve_repeats")
+EVALUATE_KEYS = (
+    "damping_rel",
+    "floor_ranks",
+    "spectral",
+    "spectral_max_iter",
+    "spectral_tol",
+    "spectrum_layer",
+    "spectrum_k",
+    "chunk",
+    "solve_repeats",
+)
 
 
 def checkpoint_steps(total: int, fractions: Sequence[float]) -> list[int]:
@@ -42,8 +52,19 @@ def _val_accuracy(model, X, y) -> float:
         return float((model(X).argmax(1) == y).double().mean())
 
 
-def _evaluate_checkpoint(model, Xs, ys, loss, kinds: Sequence[str], variants, step: int, last: bool,
-                         cfg: Mapping[str, Any], scfg: Mapping[str, Any], log) -> dict[str, list[dict[str, Any]]]:
+def _evaluate_checkpoint(
+    model,
+    Xs,
+    ys,
+    loss,
+    kinds: Sequence[str],
+    variants,
+    step: int,
+    last: bool,
+    cfg: Mapping[str, Any],
+    scfg: Mapping[str, Any],
+    log,
+) -> dict[str, list[dict[str, Any]]]:
     """Every table of :func:`evaluate` at one checkpoint, for every kind; rows carry ``step`` and ``kind``.
     The gradients compared are the empirical ones of the study batch."""
     grads_curv = Curvature(model, "diagonal", "empirical")
@@ -52,8 +73,9 @@ def _evaluate_checkpoint(model, Xs, ys, loss, kinds: Sequence[str], variants, st
     out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": []}
     for kd in kinds:
         log(f" kind {kd}")
-        curv = Curvature(model, "diagonal", kd, mc_samples=int(scfg.get("mc_samples", 1)),
-                         seed=int(cfg.get("seed", 0)) + step)
+        curv = Curvature(
+            model, "diagonal", kd, mc_samples=int(scfg.get("mc_samples", 1)), seed=int(cfg.get("seed", 0)) + step
+        )
         stats = curv.capture(Xs, ys, loss).stats
         res = evaluate(stats, grads, variants, log=log, spectrum=last, **ev_kw)
         for table, rows in res.items():
@@ -84,8 +106,10 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
     gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     bs = int(tcfg.get("batch_size", 64))
     out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": [], "training": []}
-    log(f"study: {len(variants)} variants x {len(kinds)} kinds at steps {checkpoints}; "
-        f"structures {sorted({v.structure for v in variants})}")
+    log(
+        f"study: {len(variants)} variants x {len(kinds)} kinds at steps {checkpoints}; "
+        f"structures {sorted({v.structure for v in variants})}"
+    )
     train_loss = float("nan")
     for step in range(steps + 1):
         if step in checkpoints:
@@ -93,8 +117,9 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
             acc = _val_accuracy(model, *splits.val) if splits.val[0].shape[0] else float("nan")
             out["training"].append({"step": step, "train_loss": train_loss, "val_accuracy": acc})
             log(f"step {step}: train loss {train_loss:.4f}, val accuracy {acc:.3f}")
-            res = _evaluate_checkpoint(model, Xtr[:nb], ytr[:nb], loss, kinds, variants, step,
-                                       step == checkpoints[-1], cfg, scfg, log)
+            res = _evaluate_checkpoint(
+                model, Xtr[:nb], ytr[:nb], loss, kinds, variants, step, step == checkpoints[-1], cfg, scfg, log
+            )
             for table, rows in res.items():
                 out[table] += rows
             model.train()

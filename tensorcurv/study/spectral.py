@@ -4,6 +4,7 @@
 non-symmetric ``Ĉ`` needs the normal operator ``(C − Ĉ)ᵀ(C − Ĉ)``. Lanczos:
 :func:`tensorcurv.linalg.lanczos.lanczos` (full re-orthogonalization).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ from tensorcurv.structures.base import Structure
 from tensorcurv.study.structure_norms import frobenius_sq
 
 
-def ritz_values(op: Callable[[Tensor], Tensor], dim: int, *, max_iter: int = 200, tol: float = 1e-10,
-                seed: int = 0) -> LanczosResult:
+def ritz_values(
+    op: Callable[[Tensor], Tensor], dim: int, *, max_iter: int = 200, tol: float = 1e-10, seed: int = 0
+) -> LanczosResult:
     """:func:`tensorcurv.linalg.lanczos.lanczos` on ``op`` from a seeded float64 Gaussian start."""
     start = torch.randn(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return lanczos(op, start, max_iter=max_iter, tol=tol)
@@ -45,8 +47,9 @@ def asymmetry(structure: Structure, probes: int = 3, seed: int = 0) -> float:
     return worst / norm if norm > 0 else 0.0
 
 
-def spectral_error(structure: Structure, block: ExactBlock, *, asym_tol: float = 1e-8,
-                   dense_max_dim: int = 8192, **kw) -> dict[str, float]:
+def spectral_error(
+    structure: Structure, block: ExactBlock, *, asym_tol: float = 1e-8, dense_max_dim: int = 8192, **kw
+) -> dict[str, float]:
     """``‖C − Ĉ‖_2`` (largest singular value) and ``‖C − Ĉ‖_2 / ‖C‖_2``.
 
     Symmetric ``Ĉ``: Lanczos on ``v ↦ C v − Ĉ v`` (never formed), ``max |λ|``. A non-symmetric ``Ĉ``

@@ -1,9 +1,11 @@
-"""``⟨C, Ĉ⟩_F`` and ``‖Ĉ‖_F²`` for a structure ``Ĉ`` against the exact block ``C`` (:class:`~tensorcurv.core.exact.ExactBlock`).
+"""``⟨C, Ĉ⟩_F`` and ``‖Ĉ‖_F²`` for a structure ``Ĉ`` against the exact block ``C``
+(:class:`~tensorcurv.core.exact.ExactBlock`).
 
 Both are capabilities of the structure (``Structure.inner_with_exact`` / ``Structure.frobenius_sq``: closed forms
 from its factors where it has them, else batched ``Ĉ.mv``), so ``‖C − Ĉ‖_F² = ‖C‖² − 2⟨C, Ĉ⟩ + ‖Ĉ‖²`` is exact for
 any size (:func:`tensorcurv.study.frobenius.frobenius_error`).
 """
+
 from __future__ import annotations
 
 from tensorcurv.core.exact import DENSE_MAX_DIM, ExactBlock

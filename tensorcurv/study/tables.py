@@ -5,6 +5,7 @@ Rows are dicts with ``step`` and ``kind``; ``metrics`` rows with ``layer == MODE
 numbers (all covered layers, cross-layer blocks included in ``C``); a row with a non-empty ``skipped``
 is a variant that did not run.
 """
+
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
 """The structure configurations a study compares: registry name, hyper-parameters, sweeps."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,8 +20,11 @@ class Variant:
     swept: dict[str, Any] = field(default_factory=dict)
 
 
-def make_variants(names: str | Sequence[str] = "all", hparams: Mapping[str, Mapping] | None = None,
-                  sweeps: Mapping[str, Mapping[str, Sequence]] | None = None) -> list[Variant]:
+def make_variants(
+    names: str | Sequence[str] = "all",
+    hparams: Mapping[str, Mapping] | None = None,
+    sweeps: Mapping[str, Mapping[str, Sequence]] | None = None,
+) -> list[Variant]:
     """Variants for ``names`` (``"all"``: every registered structure once, aliases dropped), each with
     fixed ``hparams[name]`` and the cartesian product of ``sweeps[name]`` (``{key: [values]}``).
     Every combination is validated by the structure's ``Hparams`` (clear error on a bad key);
@@ -41,7 +45,9 @@ def make_variants(names: str | Sequence[str] = "all", hparams: Mapping[str, Mapp
             swept = dict(zip(keys, combo))
             hp = {**base, **swept}
             structures.make_hparams(name, **hp)
-            label = name if not swept else f"{name}(" + ",".join(f"{k}={format_value(v)}" for k, v in swept.items()) + ")"
+            label = (
+                name if not swept else f"{name}(" + ",".join(f"{k}={format_value(v)}" for k, v in swept.items()) + ")"
+            )
             out.append(Variant(name, hp, label, swept))
     return out
 

@@ -9,6 +9,7 @@ structure-preconditioned refinement on the exact GGN from the statistics (``+ref
 per-request time is ``time``, the one-off capture at ``θ*`` is ``time_oneoff``); ``dense (cached)`` is
 the exact block factorized once — the reference for what a cached *exact* solve costs per request.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,14 +22,18 @@ from tensorcurv.unlearn.scenarios import load_digits_scenario
 
 def default_methods(quick: bool = False, lissa_depth: int | None = None) -> list[MethodSpec]:
     from tensorcurv import structures
+
     depth = lissa_depth or (100 if quick else 300)
     ms = [
         MethodSpec("first_order", order=1, tau="cauchy"),
         MethodSpec("exact", solver="exact", solver_kwargs={"curvature": "ggn"}),
         MethodSpec("cg", solver="cg", solver_kwargs={"curvature": "ggn", "tol": 1e-6, "max_iter": 500}),
         MethodSpec("lissa", solver="lissa", solver_kwargs={"curvature": "ggn", "depth": depth, "batch_size": 128}),
-        MethodSpec("pcg:kfac", solver="cg", solver_kwargs={"curvature": "ggn", "tol": 1e-6, "max_iter": 500,
-                                                           "preconditioner": {"structure": "kfac"}}),
+        MethodSpec(
+            "pcg:kfac",
+            solver="cg",
+            solver_kwargs={"curvature": "ggn", "tol": 1e-6, "max_iter": 500, "preconditioner": {"structure": "kfac"}},
+        ),
     ]
     per_structure = {"kfac": {}, "ekfac": {}, "kron_sum": {"rank": 2}, "tt": {}, "two_level": {}, "dense": {}}
     for name, hp in per_structure.items():
@@ -48,14 +53,23 @@ def default_methods(quick: bool = False, lissa_depth: int | None = None) -> list
 
 def build_model(input_shape, num_classes: int, hidden: list[int] | tuple[int, ...] = (), seed: int = 0):
     from tensorcurv.experiments import models as models
+
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global generator
         torch.manual_seed(seed)
         return models.build("mlp", input_shape, num_classes, hidden_sizes=list(hidden), activation="tanh").double()
 
 
-def run(scenario: str, seeds: list[int], *, mu: float = 20.0, hidden=(), methods: list[MethodSpec] | None = None,
-        quick: bool = False, scenario_kwargs: dict[str, Any] | None = None, log=print
-        ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def run(
+    scenario: str,
+    seeds: list[int],
+    *,
+    mu: float = 20.0,
+    hidden=(),
+    methods: list[MethodSpec] | None = None,
+    quick: bool = False,
+    scenario_kwargs: dict[str, Any] | None = None,
+    log=print,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Rows for every (seed, method) of one scenario, plus the scenario description."""
     methods = methods if methods is not None else default_methods(quick)
     rows: list[dict[str, Any]] = []
@@ -63,15 +77,20 @@ def run(scenario: str, seeds: list[int], *, mu: float = 20.0, hidden=(), methods
     for seed in seeds:
         sc = load_digits_scenario(scenario, seed=seed, **(scenario_kwargs or {}))
         model = build_model(tuple(sc.X.shape[1:]), sc.num_classes, hidden, seed)
-        res, ref = evaluate_methods(model, sc.X, sc.y, sc.affected, sc.X_test, sc.y_test, methods, mu=mu,
-                                    extra=sc.extra)
-        desc = (f"{sc.description}; {len(sc.y)} training / {len(sc.y_test)} test digits; model: "
-                f"{'logistic regression' if not hidden else f'MLP {list(hidden)} tanh'} "
-                f"({sum(p.numel() for p in model.parameters())} parameters), μ = {mu}; "
-                f"θ* and retraining: full-batch L-BFGS from the same init "
-                f"(train {ref.train_time:.2f} s, retrain {ref.retrain_time:.2f} s for seed {seed}).")
+        res, ref = evaluate_methods(
+            model, sc.X, sc.y, sc.affected, sc.X_test, sc.y_test, methods, mu=mu, extra=sc.extra
+        )
+        desc = (
+            f"{sc.description}; {len(sc.y)} training / {len(sc.y_test)} test digits; model: "
+            f"{'logistic regression' if not hidden else f'MLP {list(hidden)} tanh'} "
+            f"({sum(p.numel() for p in model.parameters())} parameters), μ = {mu}; "
+            f"θ* and retraining: full-batch L-BFGS from the same init "
+            f"(train {ref.train_time:.2f} s, retrain {ref.retrain_time:.2f} s for seed {seed})."
+        )
         for r in res:
             rows.append({"scenario": scenario, "seed": seed, **r})
-            log(f"{scenario:10s} seed={seed} {r['method']:12s} {r['status'][:40]:40s} rel_dist={r['rel_dist']:.4f} "
-                f"agree={r['agreement']:.3f} time={r['time']:.3f}s")
+            log(
+                f"{scenario:10s} seed={seed} {r['method']:12s} {r['status'][:40]:40s} rel_dist={r['rel_dist']:.4f} "
+                f"agree={r['agreement']:.3f} time={r['time']:.3f}s"
+            )
     return rows, {scenario: desc}

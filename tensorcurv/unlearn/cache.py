@@ -21,6 +21,7 @@ iterations on :class:`~tensorcurv.core.exact.ExactModel`; ``refine=0``: the stru
 The result equals the non-cached ``second_order_update`` with ``StructureSolver(..., refine=...)``.
 A request is relative to ``(D, θ*)``; after applying one, build a new cache for the next.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,25 +48,45 @@ def _rows(st: LayerStats, idx: Tensor) -> LayerStats:
 class CurvatureCache:
     """GGN statistics of ``D`` at the model's current parameters ``θ*`` plus the fitted structure."""
 
-    def __init__(self, model: nn.Module, X: Tensor, y: Tensor, *, loss="cross_entropy", mu: float = 0.0,
-                 structure: str = "kfac", damping: float = 0.0, refine: int = 50, refine_tol: float = 1e-3,
-                 coupling: str = "full", **hparams: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        X: Tensor,
+        y: Tensor,
+        *,
+        loss="cross_entropy",
+        mu: float = 0.0,
+        structure: str = "kfac",
+        damping: float = 0.0,
+        refine: int = 50,
+        refine_tol: float = 1e-3,
+        coupling: str = "full",
+        **hparams: Any,
+    ) -> None:
         from tensorcurv.curvature import Curvature
+
         t0 = time.perf_counter()
         self.obj = Objective(model, loss, mu)
         if not (isinstance(refine, int) and refine >= 0):
             raise ValueError(f"cache: refine must be an integer >= 0, got {refine!r}")
         check_coupling(coupling)
-        self.structure, self.damping, self.refine, self.refine_tol, self.coupling = \
-            structure, float(damping), refine, float(refine_tol), coupling
+        self.structure, self.damping, self.refine, self.refine_tol, self.coupling = (
+            structure,
+            float(damping),
+            refine,
+            float(refine_tol),
+            coupling,
+        )
         self.hparams = hparams
         self.X, self.y = X, y
         self.theta_star = self.obj.theta()
         self.spec = type(self.obj.loss)("sum")
         self.curv = Curvature(model, structure=structure, kind="ggn", **hparams)
         if not self.curv.model_structure.block_diagonal:
-            raise ValueError(f"cache: structure {structure!r} couples the layers; the cache serves "
-                             "block-diagonal structures only (per-layer blocks)")
+            raise ValueError(
+                f"cache: structure {structure!r} couples the layers; the cache serves "
+                "block-diagonal structures only (per-layer blocks)"
+            )
         self.layout = ParamLayout(self.curv.named_params, self.curv.adapters)
         res = self.curv.capture(X, y, self.spec)
         self.stats, self.outputs = res.stats, res.outputs.flatten(1)
@@ -74,8 +95,9 @@ class CurvatureCache:
         self.curv.fit_stats(self.stats)
         delta = self.obj.mu + self.damping
         for name, block in self.curv.blocks.items():  # factorize now (eigh, ...): a relabel reuses it as is
-            block.solve(torch.zeros(block.shape, dtype=self.stats[name].a.dtype, device=self.stats[name].a.device),
-                        delta)
+            block.solve(
+                torch.zeros(block.shape, dtype=self.stats[name].a.dtype, device=self.stats[name].a.device), delta
+            )
         self.fit_time = time.perf_counter() - t1
         self.oneoff_time = time.perf_counter() - t0
 
@@ -128,15 +150,22 @@ class CurvatureCache:
             return self.obj.data_grad(th, Zx_new, Zy_new) - self.obj.data_grad(th, Zx, Zy)
 
     # ------------------------------------------------------------------ structure of D̃
-    def corrected_blocks(self, affected: AffectedSet, stats: dict[str, LayerStats],
-                         new_rows: dict[str, LayerStats] | None) -> dict[str, structures.Structure]:
+    def corrected_blocks(
+        self, affected: AffectedSet, stats: dict[str, LayerStats], new_rows: dict[str, LayerStats] | None
+    ) -> dict[str, structures.Structure]:
         """The structure of ``D̃``: the cached blocks (relabel), else each block's ``downdate`` (exact
         for structures additive in the samples, a refit on the rows of ``D̃`` otherwise)."""
         if stats is self.stats:
             return self.curv.blocks
-        return {k: block.downdate(self.stats[k], _rows(self.stats[k], affected.indices),
-                                  None if new_rows is None else new_rows[k], stats[k])
-                for k, block in self.curv.blocks.items()}
+        return {
+            k: block.downdate(
+                self.stats[k],
+                _rows(self.stats[k], affected.indices),
+                None if new_rows is None else new_rows[k],
+                stats[k],
+            )
+            for k, block in self.curv.blocks.items()
+        }
 
     # ------------------------------------------------------------------ the request
     def update(self, affected: AffectedSet, *, tau: float = 1.0, inplace: bool = False) -> UpdateResult:
@@ -162,8 +191,9 @@ class CurvatureCache:
             def matvec(v: Tensor) -> Tensor:
                 return self.layout.to_flat(op.mv(self.layout.to_mats(v))) + delta * v
 
-            r = refine_solve(matvec, precond, dg, self.refine, self.refine_tol, f"{name}+refine",
-                             {"coupling": self.coupling})
+            r = refine_solve(
+                matvec, precond, dg, self.refine, self.refine_tol, f"{name}+refine", {"coupling": self.coupling}
+            )
         else:
             r = IHVPResult(precond(dg), True, name)
         t3 = time.perf_counter()
@@ -171,11 +201,20 @@ class CurvatureCache:
         times = {"grad_diff": t1 - t0, "prepare": t2 - t1, "solve": t3 - t2}
         info = {"oneoff_time": self.oneoff_time, "capture_time": self.capture_time, "fit_time": self.fit_time}
         if not r.converged:
-            res = UpdateResult(r.method, f"ihvp not converged: {r.message}", self.theta_star.clone(), self.theta_star,
-                               tau=tau, times=times, ihvp=[r], info=info)
+            res = UpdateResult(
+                r.method,
+                f"ihvp not converged: {r.message}",
+                self.theta_star.clone(),
+                self.theta_star,
+                tau=tau,
+                times=times,
+                ihvp=[r],
+                info=info,
+            )
             return _finish(self.obj, res, False, t0)
         if not (isinstance(tau, (int, float)) and math.isfinite(tau)):
             raise ValueError(f"tau must be a finite number, got {tau!r}")
-        res = UpdateResult(r.method, "ok", self.theta_star - tau * r.x, self.theta_star, tau=tau, times=times,
-                           ihvp=[r], info=info)
+        res = UpdateResult(
+            r.method, "ok", self.theta_star - tau * r.x, self.theta_star, tau=tau, times=times, ihvp=[r], info=info
+        )
         return _finish(self.obj, res, inplace, t0)

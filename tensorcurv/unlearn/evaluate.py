@@ -15,6 +15,7 @@ Per method (one row each):
 * ``<name>_acc`` for every extra evaluation set (e.g. ``backdoor_acc``: the backdoor success rate,
   triggered test images labelled with the target class).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,14 +60,16 @@ class MethodSpec:
         kwargs = dict(self.solver_kwargs)
         if self.cached:
             from tensorcurv.unlearn.cache import CurvatureCache
+
             cache = CurvatureCache(model, X, y, loss=loss, mu=mu, structure=self.solver, **kwargs)
             return cache.update(affected, tau=float(self.tau))
         pre = kwargs.pop("preconditioner", None)
         if pre is not None:  # {"structure": "kfac", ...} -> StructureSolver
             kwargs["preconditioner"] = build_solver("structure", **pre)
         solver = build_solver(self.solver, **kwargs)
-        return second_order_update(model, X, y, affected, solver, loss=loss, mu=mu, tau=float(self.tau),
-                                   steps=self.steps, inplace=False)
+        return second_order_update(
+            model, X, y, affected, solver, loss=loss, mu=mu, tau=float(self.tau), steps=self.steps, inplace=False
+        )
 
 
 @dataclass
@@ -85,9 +88,18 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(1) == y).double().mean()) if len(y) else math.nan
 
 
-def metrics(obj: Objective, theta: Tensor, ref: Reference, *, X_rem: Tensor, y_rem: Tensor, X_test: Tensor,
-            y_test: Tensor, Z_eval: tuple[Tensor, Tensor], extra: dict[str, tuple[Tensor, Tensor]] | None = None
-            ) -> dict[str, float]:
+def metrics(
+    obj: Objective,
+    theta: Tensor,
+    ref: Reference,
+    *,
+    X_rem: Tensor,
+    y_rem: Tensor,
+    X_test: Tensor,
+    y_test: Tensor,
+    Z_eval: tuple[Tensor, Tensor],
+    extra: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, float]:
     """The per-method fidelity and utility numbers of the module docstring (no timing)."""
     with torch.no_grad():
         out_t = obj.outputs(theta, X_test)
@@ -107,8 +119,15 @@ def metrics(obj: Objective, theta: Tensor, ref: Reference, *, X_rem: Tensor, y_r
     return row
 
 
-def train_reference(obj: Objective, X: Tensor, y: Tensor, affected: AffectedSet, theta0: Tensor,
-                    gtol: float = 1e-9, max_iter: int = 2000) -> Reference:
+def train_reference(
+    obj: Objective,
+    X: Tensor,
+    y: Tensor,
+    affected: AffectedSet,
+    theta0: Tensor,
+    gtol: float = 1e-9,
+    max_iter: int = 2000,
+) -> Reference:
     """Train ``θ*`` on ``D`` and retrain ``θ_r`` on ``D̃``, both from ``theta0``; timed."""
     tr = train_lbfgs(obj, X, y, theta0, gtol=gtol, max_iter=max_iter)
     Xr, yr = affected.apply(X, y)
@@ -116,10 +135,21 @@ def train_reference(obj: Objective, X: Tensor, y: Tensor, affected: AffectedSet,
     return Reference(theta0.clone(), tr.theta, rt.theta, tr.time, rt.time, rt.grad_norm)
 
 
-def evaluate_methods(model: nn.Module, X: Tensor, y: Tensor, affected: AffectedSet, X_test: Tensor, y_test: Tensor,
-                     methods: list[MethodSpec], *, loss="cross_entropy", mu: float = 1.0,
-                     extra: dict[str, tuple[Tensor, Tensor]] | None = None, reference: Reference | None = None,
-                     gtol: float = 1e-9) -> tuple[list[dict[str, Any]], Reference]:
+def evaluate_methods(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    affected: AffectedSet,
+    X_test: Tensor,
+    y_test: Tensor,
+    methods: list[MethodSpec],
+    *,
+    loss="cross_entropy",
+    mu: float = 1.0,
+    extra: dict[str, tuple[Tensor, Tensor]] | None = None,
+    reference: Reference | None = None,
+    gtol: float = 1e-9,
+) -> tuple[list[dict[str, Any]], Reference]:
     """Run every method from ``θ*`` and compare with retraining. The model ends holding ``θ*``.
 
     Rows: ``original`` (``θ*``), ``retrain`` (``θ_r``), then one per method (failed methods keep
@@ -147,8 +177,13 @@ def evaluate_methods(model: nn.Module, X: Tensor, y: Tensor, affected: AffectedS
         elapsed = time.perf_counter() - t0
         oneoff = res.info.get("oneoff_time", 0.0) if res is not None else 0.0
         theta = res.theta if (res is not None and res.ok) else ref.theta_star
-        row = {"method": spec.name, "status": status, "time": elapsed - oneoff, "time_oneoff": oneoff,
-               **metrics(obj, theta, ref, **kw)}
+        row = {
+            "method": spec.name,
+            "status": status,
+            "time": elapsed - oneoff,
+            "time_oneoff": oneoff,
+            **metrics(obj, theta, ref, **kw),
+        }
         if res is not None:
             row.update({f"time_{k}": v for k, v in res.times.items()})
             row["ihvp_iterations"] = sum(r.iterations for r in res.ihvp)

@@ -14,6 +14,7 @@ measured is the approximation, not an iterative solver:
 Fidelity is ``‖θ − θ_r‖ / ‖θ* − θ_r‖`` against retraining ``θ_r``, next to the exact Newton step and LiSSA
 (the benchmark's settings). ``scripts/unlearn_fidelity.py`` runs it on the digits scenarios.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +32,7 @@ def _single_block(cache: CurvatureCache, affected: AffectedSet):
     stats, _ = cache.corrected_stats(affected)
     if len(stats) != 1:
         raise ValueError(f"the fidelity study needs a one-layer model (one GGN block), got {len(stats)} blocks")
-    (name, st), = stats.items()
+    ((name, st),) = stats.items()
     return name, st
 
 
@@ -54,8 +55,9 @@ def deflated_kfac_solves(C: Tensor, K: Tensor, mu: float, b: Tensor, ks: list[in
     return out
 
 
-def structure_fidelity(cache: CurvatureCache, affected: AffectedSet, theta_retrain: Tensor, *,
-                       ranks: list[int], deflation: list[int]) -> list[dict[str, Any]]:
+def structure_fidelity(
+    cache: CurvatureCache, affected: AffectedSet, theta_retrain: Tensor, *, ranks: list[int], deflation: list[int]
+) -> list[dict[str, Any]]:
     """Rows ``{family, size, rel_dist, solve_error}`` for one request served from ``cache`` (fitted at θ*):
     ``family`` in ``exact``, ``kron_sum psd=none``, ``kron_sum psd=shrink``, ``kfac deflated``; ``solve_error``
     is ``‖x − x_exact‖ / ‖x_exact‖`` with ``x_exact = (C + μI)⁻¹ Δg``."""
@@ -72,8 +74,12 @@ def structure_fidelity(cache: CurvatureCache, affected: AffectedSet, theta_retra
 
     def row(family: str, size: int, x: Tensor) -> dict[str, Any]:
         theta = theta_star - cache.layout.to_flat({name: unvec(x, *dg_mat.shape)})
-        return {"family": family, "size": size, "rel_dist": float((theta - theta_retrain).norm() / base),
-                "solve_error": float((x - x_exact).norm() / x_exact.norm())}
+        return {
+            "family": family,
+            "size": size,
+            "rel_dist": float((theta - theta_retrain).norm() / base),
+            "solve_error": float((x - x_exact).norm() / x_exact.norm()),
+        }
 
     rows = [row("exact", C.shape[0], x_exact)]
     max_rank = min(st.n * (st.n + 1) // 2, st.m * (st.m + 1) // 2)  # symmetric factors: rank of R(C) at most this

@@ -11,6 +11,7 @@ Solvers: ``exact`` (dense matrix, Cholesky), ``cg`` (conjugate gradients on matr
 ``lissa`` (Agarwal et al. 2017 stochastic Neumann recursion) and ``structure`` (any tensorcurv
 curvature structure fitted on the data: ``(Ĉ + (μ + λ)I)^{-1} v`` per layer block).
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,7 @@ class IHVPSolver(ABC):
         return res
 
     @abstractmethod
-    def _solve(self, v: Tensor) -> IHVPResult:
-        ...
+    def _solve(self, v: Tensor) -> IHVPResult: ...
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "damping": self.damping}
@@ -107,8 +107,12 @@ class ExactSolver(IHVPSolver):
 
     def _solve(self, v: Tensor) -> IHVPResult:
         if not self.pd:
-            return IHVPResult(torch.full_like(v, math.nan), False, self.name,
-                              message=f"{self.curvature} + damping is not positive definite")
+            return IHVPResult(
+                torch.full_like(v, math.nan),
+                False,
+                self.name,
+                message=f"{self.curvature} + damping is not positive definite",
+            )
         x = torch.cholesky_solve(v.unsqueeze(1), self.chol).squeeze(1)
         r = float((self.matrix @ x - v).norm() / v.norm().clamp_min(1e-300))
         return IHVPResult(x, True, self.name, residual=r, info={"curvature": self.curvature})
@@ -130,8 +134,14 @@ class CGSolver(IHVPSolver):
 
     name = "cg"
 
-    def __init__(self, curvature: str = "hessian", damping: float = 0.0, tol: float = 1e-8,
-                 max_iter: int = 500, preconditioner: IHVPSolver | None = None) -> None:
+    def __init__(
+        self,
+        curvature: str = "hessian",
+        damping: float = 0.0,
+        tol: float = 1e-8,
+        max_iter: int = 500,
+        preconditioner: IHVPSolver | None = None,
+    ) -> None:
         super().__init__(damping)
         check_curvature(curvature)
         if not (tol > 0):
@@ -155,16 +165,23 @@ class CGSolver(IHVPSolver):
         return mv(self.theta, self.X, self.y, p) + self.damping * p
 
     def _solve(self, v: Tensor) -> IHVPResult:
-        x, info = pcg(self.matvec, v, None if self.preconditioner is None else self._precond,
-                      tol=self.tol, max_iter=self.max_iter)
+        x, info = pcg(
+            self.matvec, v, None if self.preconditioner is None else self._precond, tol=self.tol, max_iter=self.max_iter
+        )
         it, res = info["iterations"], info["residual"]
         if info["converged"]:
             return IHVPResult(x, True, self.name, it, res)
         if info["negative_curvature"] or info["non_finite"]:
             what = "non-positive" if info["negative_curvature"] else "non-finite"
             return IHVPResult(x, False, self.name, it, res, f"{what} curvature pᵀ(H + λI)p at iteration {it + 1}")
-        return IHVPResult(x, False, self.name, it, res,
-                          f"no convergence in {it} iterations (relative residual {res:.3g} > tol {self.tol:g})")
+        return IHVPResult(
+            x,
+            False,
+            self.name,
+            it,
+            res,
+            f"no convergence in {it} iterations (relative residual {res:.3g} > tol {self.tol:g})",
+        )
 
     def describe(self):
         out = {**super().describe(), "curvature": self.curvature, "tol": self.tol, "max_iter": self.max_iter}
@@ -189,18 +206,32 @@ class LiSSASolver(IHVPSolver):
 
     name = "lissa"
 
-    def __init__(self, curvature: str = "hessian", d: float = 0.0, scale: float | None = None,
-                 depth: int = 1000, repetitions: int = 1, batch_size: int | None = 128,
-                 scale_factor: float = 1.5, power_iters: int = 20, power_batches: int = 5,
-                 tol: float | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        curvature: str = "hessian",
+        d: float = 0.0,
+        scale: float | None = None,
+        depth: int = 1000,
+        repetitions: int = 1,
+        batch_size: int | None = 128,
+        scale_factor: float = 1.5,
+        power_iters: int = 20,
+        power_batches: int = 5,
+        tol: float | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__(0.0)
         check_curvature(curvature)
         if not (0.0 <= d < 1.0):
             raise ValueError(f"lissa: damping d must be in [0, 1), got {d!r}")
         if scale is not None and not (scale > 0):
             raise ValueError(f"lissa: scale must be > 0, got {scale!r}")
-        for key, val in (("depth", depth), ("repetitions", repetitions), ("power_iters", power_iters),
-                         ("power_batches", power_batches)):
+        for key, val in (
+            ("depth", depth),
+            ("repetitions", repetitions),
+            ("power_iters", power_iters),
+            ("power_batches", power_batches),
+        ):
             if not (isinstance(val, int) and val >= 1):
                 raise ValueError(f"lissa: {key} must be an integer >= 1, got {val!r}")
         if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
@@ -251,20 +282,34 @@ class LiSSASolver(IHVPSolver):
                 Xb, yb, w = self._batch(self.gen)
                 u = v + (1.0 - d) * u - self._mv(Xb, yb, w, u) / s
                 if not bool(torch.isfinite(u).all()):
-                    return IHVPResult(u / s, False, self.name, self.depth,
-                                      message=f"diverged (scale s={s:.4g} too small?)")
+                    return IHVPResult(
+                        u / s, False, self.name, self.depth, message=f"diverged (scale s={s:.4g} too small?)"
+                    )
             total = total + u / s
         x = total / self.repetitions
         Hx = self.obj.curvature_vp(self.curvature)(self.theta, self.X, self.y, x) + d * s * x
         res = float((Hx - v).norm() / v.norm().clamp_min(1e-300))
         ok = self.tol is None or res <= self.tol
         msg = "" if ok else f"relative residual {res:.3g} > tol {self.tol:g}"
-        return IHVPResult(x, ok, self.name, self.depth * self.repetitions, res, msg,
-                          info={"scale": s, "lambda_max": self.lambda_max, "effective_damping": d * s})
+        return IHVPResult(
+            x,
+            ok,
+            self.name,
+            self.depth * self.repetitions,
+            res,
+            msg,
+            info={"scale": s, "lambda_max": self.lambda_max, "effective_damping": d * s},
+        )
 
     def describe(self):
-        return {**super().describe(), "curvature": self.curvature, "d": self.d, "depth": self.depth,
-                "repetitions": self.repetitions, "batch_size": self.batch_size}
+        return {
+            **super().describe(),
+            "curvature": self.curvature,
+            "d": self.d,
+            "depth": self.depth,
+            "repetitions": self.repetitions,
+            "batch_size": self.batch_size,
+        }
 
 
 class StructureSolver(IHVPSolver):
@@ -290,11 +335,21 @@ class StructureSolver(IHVPSolver):
 
     name = "structure"
 
-    def __init__(self, structure: str = "kfac", damping: float = 0.0, kind: str = "ggn",
-                 fit_batch_size: int | None = None, seed: int = 0, refine: int = 0, refine_tol: float = 1e-3,
-                 coupling: str = "full", **hparams: Any) -> None:
+    def __init__(
+        self,
+        structure: str = "kfac",
+        damping: float = 0.0,
+        kind: str = "ggn",
+        fit_batch_size: int | None = None,
+        seed: int = 0,
+        refine: int = 0,
+        refine_tol: float = 1e-3,
+        coupling: str = "full",
+        **hparams: Any,
+    ) -> None:
         super().__init__(damping)
         from tensorcurv.core.exact import check_coupling
+
         if not (isinstance(refine, int) and refine >= 0):
             raise ValueError(f"structure: refine must be an integer >= 0 (max PCG iterations), got {refine!r}")
         if not (isinstance(refine_tol, (int, float)) and refine_tol > 0):
@@ -304,6 +359,7 @@ class StructureSolver(IHVPSolver):
             raise ValueError(f"structure: refine needs kind='ggn' statistics (the GGN columns), got kind={kind!r}")
         self.refine, self.refine_tol, self.coupling = refine, float(refine_tol), coupling
         from tensorcurv import structures
+
         structures.get(structure)  # clear error for an unknown name
         structures.make_hparams(structure, **hparams)
         if fit_batch_size is not None and not (isinstance(fit_batch_size, int) and fit_batch_size >= 1):
@@ -314,6 +370,7 @@ class StructureSolver(IHVPSolver):
 
     def _prepare(self) -> None:
         from tensorcurv.curvature import Curvature
+
         X, y = self.X, self.y
         N = X.shape[0]
         if N == 0:
@@ -324,14 +381,21 @@ class StructureSolver(IHVPSolver):
             X, y = X[idx], y[idx]
         self.ratio = B / N
         spec = type(self.obj.loss)("sum")
-        self.curv = Curvature(self.obj.model, structure=self.structure, kind=self.kind, fallback="diagonal",
-                              seed=self.seed, **self.hparams)
+        self.curv = Curvature(
+            self.obj.model,
+            structure=self.structure,
+            kind=self.kind,
+            fallback="diagonal",
+            seed=self.seed,
+            **self.hparams,
+        )
         with self.obj.loaded(self.theta):
             res = self.curv.capture(X, y, spec)
             self.curv.fit_capture(X, res)
         self.op = None
         if self.refine:
             from tensorcurv.core.exact import ExactModel, ParamLayout
+
             self.layout = ParamLayout(self.curv.named_params, self.curv.adapters)
             self.op = ExactModel.from_stats(res.stats, self.coupling)
 
@@ -353,12 +417,24 @@ class StructureSolver(IHVPSolver):
         name = f"structure:{self.structure}"
         if not self.refine:
             return IHVPResult(x, not failed, name, message=msg, info={"blocks": blocks})
-        return refine_solve(self.matvec, self._precond, v, self.refine, self.refine_tol, f"{name}+refine",
-                            {"blocks": blocks, "coupling": self.coupling})
+        return refine_solve(
+            self.matvec,
+            self._precond,
+            v,
+            self.refine,
+            self.refine_tol,
+            f"{name}+refine",
+            {"blocks": blocks, "coupling": self.coupling},
+        )
 
     def describe(self):
-        out = {**super().describe(), "structure": self.structure, "kind": self.kind,
-               "fit_batch_size": self.fit_batch_size, **self.hparams}
+        out = {
+            **super().describe(),
+            "structure": self.structure,
+            "kind": self.kind,
+            "fit_batch_size": self.fit_batch_size,
+            **self.hparams,
+        }
         if self.refine:
             out.update(refine=self.refine, refine_tol=self.refine_tol, coupling=self.coupling)
         return out
@@ -370,8 +446,14 @@ def refine_solve(matvec, precond, v: Tensor, max_iter: int, tol: float, name: st
     solve (``info["cosine"]``), and fails unless ``‖Ax − v‖ ≤ tol‖v‖``."""
     x, it = preconditioned_refinement(matvec, precond, v, max_iter, tol)
     ok = bool(it["converged"])
-    msg = "" if ok else (f"refinement: relative residual {it['residual']:.3g} > tol {tol:g} after "
-                         f"{it['iterations']} PCG iterations" + (" (negative curvature)" if it["negative_curvature"] else ""))
+    msg = (
+        ""
+        if ok
+        else (
+            f"refinement: relative residual {it['residual']:.3g} > tol {tol:g} after "
+            f"{it['iterations']} PCG iterations" + (" (negative curvature)" if it["negative_curvature"] else "")
+        )
+    )
     return IHVPResult(x, ok, name, it["iterations"], it["residual"], msg, info={**info, "cosine": it["cosine"]})
 
 
@@ -395,7 +477,10 @@ def build_solver(method: str, **kwargs: Any) -> IHVPSolver:
     if method in SOLVERS:
         return SOLVERS[method](**kwargs)
     from tensorcurv import structures
+
     if method in structures.names():
         return StructureSolver(structure=method, **kwargs)
-    raise ValueError(f"unknown inverse-HVP method {method!r}; valid: {sorted(SOLVERS)} or a structure "
-                     f"name ({', '.join(structures.names())})")
+    raise ValueError(
+        f"unknown inverse-HVP method {method!r}; valid: {sorted(SOLVERS)} or a structure "
+        f"name ({', '.join(structures.names())})"
+    )

@@ -9,6 +9,7 @@ generalized Gauss-Newton ``G = Σ_i J_iᵀ ∇²_z ℓ_i J_i + μI``; both are p
 model (logistic regression). Everything here is functional (``torch.func``): the model's own
 parameters are never read except by :meth:`Objective.theta` and written only by :meth:`load`.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,7 @@ from tensorcurv.core.options import Option
 class Objective:
     """``L(D; θ) = Σ_i ℓ(f(x_i; θ), y_i) + (μ/2)‖θ‖²`` for a model and a per-sample loss."""
 
-    def __init__(self, model: nn.Module, loss: LossSpec | nn.Module | str = "cross_entropy",
-                 mu: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, loss: LossSpec | nn.Module | str = "cross_entropy", mu: float = 0.0) -> None:
         if not (isinstance(mu, (int, float)) and math.isfinite(mu) and mu >= 0):
             raise ValueError(f"regularization mu must be a finite number >= 0, got {mu!r}")
         self.model, self.loss, self.mu = model, as_loss_spec(loss), float(mu)
@@ -147,7 +147,7 @@ class Objective:
             return self.outputs(t, x.unsqueeze(0))[0]
 
         for start in range(0, X.shape[0], chunk):
-            Xc = X[start:start + chunk]
+            Xc = X[start : start + chunk]
             J = vmap(jacrev(out1), in_dims=(None, 0))(theta, Xc)  # (n, C, P)
             S = self.loss.hessian_factor(self.outputs(theta, Xc).detach()).to(J.dtype)  # (n, C, K)
             JS = torch.einsum("ncp,nck->nkp", J, S).reshape(-1, self.dim)

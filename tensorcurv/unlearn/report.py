@@ -1,5 +1,6 @@
 """Report of an unlearning benchmark: CSV of all rows, Markdown tables (mean ± std over seeds) and
 one PNG per scenario of fidelity (``rel_dist``) against wall-clock time per method."""
+
 from __future__ import annotations
 
 import csv
@@ -8,11 +9,19 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [("rel_dist", "‖θ−θ_r‖/‖θ*−θ_r‖", 3), ("agreement", "agree", 3), ("test_acc", "test acc", 3),
-           ("affected_acc", "affected acc", 3), ("grad_residual", "‖∇L(D̃;θ)‖", 2),
-           ("time", "time per request [s]", 4), ("time_oneoff", "one-off capture at θ* [s]", 4),
-           ("speedup", "× vs retrain (per request)", 1), ("speedup_incl_oneoff", "× vs retrain (incl. one-off)", 1),
-           ("time_vs_lissa", "time/LiSSA", 3), ("ihvp_iterations", "iters", 1)]
+COLUMNS = [
+    ("rel_dist", "‖θ−θ_r‖/‖θ*−θ_r‖", 3),
+    ("agreement", "agree", 3),
+    ("test_acc", "test acc", 3),
+    ("affected_acc", "affected acc", 3),
+    ("grad_residual", "‖∇L(D̃;θ)‖", 2),
+    ("time", "time per request [s]", 4),
+    ("time_oneoff", "one-off capture at θ* [s]", 4),
+    ("speedup", "× vs retrain (per request)", 1),
+    ("speedup_incl_oneoff", "× vs retrain (incl. one-off)", 1),
+    ("time_vs_lissa", "time/LiSSA", 3),
+    ("ihvp_iterations", "iters", 1),
+]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -42,8 +51,12 @@ def summarize(rows: list[dict[str, Any]], extra_cols: list[str] | None = None) -
     for scen, methods in groups.items():
         out[scen] = []
         for name, rs in methods.items():
-            entry = {"method": name, "n": len(rs), "failed": sum(r["status"] != "ok" for r in rs),
-                     "status": next((r["status"] for r in rs if r["status"] != "ok"), "ok")}
+            entry = {
+                "method": name,
+                "n": len(rs),
+                "failed": sum(r["status"] != "ok" for r in rs),
+                "status": next((r["status"] for r in rs if r["status"] != "ok"), "ok"),
+            }
             for k in keys:
                 entry[k] = _stats([r.get(k, math.nan) for r in rs])
             out[scen].append(entry)
@@ -51,8 +64,9 @@ def summarize(rows: list[dict[str, Any]], extra_cols: list[str] | None = None) -
 
 
 def markdown_table(entries: list[dict[str, Any]], extra_cols: list[str] | None = None) -> str:
-    cols = COLUMNS + [(c, c.replace("_acc", " success" if c == "backdoor_acc" else " acc"), 3)
-                      for c in extra_cols or []]
+    cols = COLUMNS + [
+        (c, c.replace("_acc", " success" if c == "backdoor_acc" else " acc"), 3) for c in extra_cols or []
+    ]
     head = "| method | " + " | ".join(h for _, h, _ in cols) + " | ok |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for e in entries:
@@ -74,10 +88,16 @@ def plot_fidelity_vs_time(entries: list[dict[str, Any]], path: Path, title: str)
     original model (``rel_dist`` 1) the horizontal dotted line. Returns the saved figure."""
     from tensorcurv import plotting
 
-    shown = [e for e in entries if e["method"] not in ("original", "retrain")
-             and math.isfinite(e["time"][0]) and math.isfinite(e["rel_dist"][0])]
-    styles = plotting.series_styles([e["method"] for e in shown], {e["method"]: method_family(e["method"])
-                                                                    for e in shown})
+    shown = [
+        e
+        for e in entries
+        if e["method"] not in ("original", "retrain")
+        and math.isfinite(e["time"][0])
+        and math.isfinite(e["rel_dist"][0])
+    ]
+    styles = plotting.series_styles(
+        [e["method"] for e in shown], {e["method"]: method_family(e["method"]) for e in shown}
+    )
     retrain = next((e for e in entries if e["method"] == "retrain" and math.isfinite(e["time"][0])), None)
     with plotting.style():
         fig, axes = plotting.subplots(1, 1, figsize=(8.0, 4.8))
@@ -85,16 +105,31 @@ def plot_fidelity_vs_time(entries: list[dict[str, Any]], path: Path, title: str)
         for e in shown:
             (t, tsd), (d, dsd) = e["time"], e["rel_dist"]
             st = styles[e["method"]]
-            ax.errorbar(t, d, xerr=tsd or None, yerr=dsd or None, ls="none", marker=st["marker"], color=st["color"],
-                        ms=7, elinewidth=0.9, label=e["method"])
+            ax.errorbar(
+                t,
+                d,
+                xerr=tsd or None,
+                yerr=dsd or None,
+                ls="none",
+                marker=st["marker"],
+                color=st["color"],
+                ms=7,
+                elinewidth=0.9,
+                label=e["method"],
+            )
         ax.axhline(1.0, color=plotting.REFERENCE, ls=":", lw=1.0, label="original θ* (rel. dist. 1)")
         times = [e["time"][0] for e in shown]
         if retrain is not None:
             t = retrain["time"][0]
             ax.axvline(t, color=plotting.REFERENCE, ls="--", lw=1.2, label=f"retrain (rel. dist. 0), {t:.3g} s")
             times.append(t)
-        plotting.log_limits(ax, [e["rel_dist"][0] - e["rel_dist"][1] for e in shown] + [1.0]
-                            + [e["rel_dist"][0] + e["rel_dist"][1] for e in shown] + [e["rel_dist"][0] for e in shown])
+        plotting.log_limits(
+            ax,
+            [e["rel_dist"][0] - e["rel_dist"][1] for e in shown]
+            + [1.0]
+            + [e["rel_dist"][0] + e["rel_dist"][1] for e in shown]
+            + [e["rel_dist"][0] for e in shown],
+        )
         plotting.log_limits(ax, times, axis="x")
         ax.set_xlabel("wall-clock time per request [s]")
         ax.set_ylabel("‖θ − θ_r‖ / ‖θ* − θ_r‖  (lower is better)")
@@ -120,8 +155,10 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
     without rerunning the benchmark."""
     text = {"scenario", "method", "status"}
     with open(path, newline="") as f:
-        return [{k: v if k in text else (float(v) if v != "" else math.nan) for k, v in r.items()}
-                for r in csv.DictReader(f)]
+        return [
+            {k: v if k in text else (float(v) if v != "" else math.nan) for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -134,15 +171,29 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         w.writerows(rows)
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: str | Path, *, command: str, header: str = "",
-                 descriptions: dict[str, str] | None = None) -> Path:
+def write_report(
+    rows: list[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    command: str,
+    header: str = "",
+    descriptions: dict[str, str] | None = None,
+) -> Path:
     """Write ``report.md``, ``results.csv`` and ``fidelity_vs_time_<scenario>.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
     write_figures(rows, out)
-    lines = ["# Unlearning: approximate retraining vs retraining", "",
-             "Regenerate (a few minutes on 2 CPU cores):", "", "```", command, "```", ""]
+    lines = [
+        "# Unlearning: approximate retraining vs retraining",
+        "",
+        "Regenerate (a few minutes on 2 CPU cores):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+    ]
     if header:
         lines += [header, ""]
     for scen, entries in summarize(rows, ["backdoor_acc"]).items():

@@ -9,6 +9,7 @@
   ``target``, so its accuracy is the backdoor success rate.
 * ``deletion``: a random ``fraction`` of the training points is removed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,17 +55,25 @@ def _choose(n: int, fraction: float, gen: torch.Generator, pool: Tensor | None =
     return pool[torch.randperm(len(pool), generator=gen)[:k]].sort().values
 
 
-def label_flip(X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: int, *, fraction: float = 0.05,
-               seed: int = 0) -> Scenario:
+def label_flip(
+    X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: int, *, fraction: float = 0.05, seed: int = 0
+) -> Scenario:
     _check_fraction(fraction)
     gen = torch.Generator().manual_seed(seed)
     idx = _choose(len(y), fraction, gen)
     shift = torch.randint(1, num_classes, (len(idx),), generator=gen)
     y_pois = y.clone()
     y_pois[idx] = (y[idx] + shift) % num_classes
-    return Scenario("label_flip", X, y_pois, AffectedSet.relabel(idx, y[idx].clone()), X_test, y_test, num_classes,
-                    description=f"{len(idx)} of {len(y)} training labels ({100 * fraction:.0f} %) flipped to "
-                                "another class")
+    return Scenario(
+        "label_flip",
+        X,
+        y_pois,
+        AffectedSet.relabel(idx, y[idx].clone()),
+        X_test,
+        y_test,
+        num_classes,
+        description=f"{len(idx)} of {len(y)} training labels ({100 * fraction:.0f} %) flipped to another class",
+    )
 
 
 def stamp(X: Tensor, patch: int = 2, value: float = 5.0) -> Tensor:
@@ -76,8 +85,19 @@ def stamp(X: Tensor, patch: int = 2, value: float = 5.0) -> Tensor:
     return out
 
 
-def backdoor(X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: int, *, fraction: float = 0.05,
-             target: int = 0, patch: int = 2, trigger_value: float = 5.0, seed: int = 0) -> Scenario:
+def backdoor(
+    X: Tensor,
+    y: Tensor,
+    X_test: Tensor,
+    y_test: Tensor,
+    num_classes: int,
+    *,
+    fraction: float = 0.05,
+    target: int = 0,
+    patch: int = 2,
+    trigger_value: float = 5.0,
+    seed: int = 0,
+) -> Scenario:
     _check_fraction(fraction)
     if not (0 <= target < num_classes):
         raise ValueError(f"target class {target} is not in 0..{num_classes - 1}")
@@ -89,18 +109,36 @@ def backdoor(X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: 
     aff = AffectedSet(idx, X_new=X[idx].clone(), y_new=y[idx].clone())
     other = y_test != target
     extra = {"backdoor": (stamp(X_test[other], patch, trigger_value), torch.full_like(y_test[other], target))}
-    return Scenario("backdoor", Xp, yp, aff, X_test, y_test, num_classes, extra,
-                    description=f"{len(idx)} of {len(y)} training images ({100 * fraction:.0f} %) stamped with a "
-                                f"{patch}x{patch} trigger (value {trigger_value}) and labelled {target}")
+    return Scenario(
+        "backdoor",
+        Xp,
+        yp,
+        aff,
+        X_test,
+        y_test,
+        num_classes,
+        extra,
+        description=f"{len(idx)} of {len(y)} training images ({100 * fraction:.0f} %) stamped with a "
+        f"{patch}x{patch} trigger (value {trigger_value}) and labelled {target}",
+    )
 
 
-def deletion(X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: int, *, fraction: float = 0.05,
-             seed: int = 0) -> Scenario:
+def deletion(
+    X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: int, *, fraction: float = 0.05, seed: int = 0
+) -> Scenario:
     _check_fraction(fraction)
     gen = torch.Generator().manual_seed(seed)
     idx = _choose(len(y), fraction, gen)
-    return Scenario("deletion", X, y, AffectedSet.removal(idx), X_test, y_test, num_classes,
-                    description=f"{len(idx)} of {len(y)} training points ({100 * fraction:.0f} %) deleted")
+    return Scenario(
+        "deletion",
+        X,
+        y,
+        AffectedSet.removal(idx),
+        X_test,
+        y_test,
+        num_classes,
+        description=f"{len(idx)} of {len(y)} training points ({100 * fraction:.0f} %) deleted",
+    )
 
 
 def make(name: str, X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_classes: int, **kwargs) -> Scenario:
@@ -113,6 +151,7 @@ def make(name: str, X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, num_cl
 def load_digits_scenario(name: str, *, seed: int = 0, dtype=torch.float64, **kwargs) -> Scenario:
     """``tensorcurv.experiments.data.load("digits")`` (train + val pooled as training data, test kept) + scenario."""
     from tensorcurv.experiments import data as data
+
     splits = data.load("digits", val_fraction=0.1, test_fraction=0.2, seed=seed, dtype=dtype)
     assert splits.num_classes is not None  # digits: 10 classes
     X = torch.cat([splits.train[0], splits.val[0]])

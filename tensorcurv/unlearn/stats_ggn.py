@@ -10,6 +10,7 @@ With ``g`` captured as the columns of ``J_sᵀ S_s`` (capture kind ``ggn``, ``S_
 columns give per-sample gradients in closed form: if ``S_s c_s = ∇_z ℓ_s`` then ``Σ_k c_sk G_sk = ∇_W ℓ_s``
 (:func:`output_coefficients`, :func:`stats_gradient`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -4,6 +4,7 @@
 minimizer is unique and retraining is a well-defined reference; for an MLP it is a local minimizer
 reached from the same initialization. Stops when ``‖∇L‖ ≤ gtol · max(1, ‖∇L(θ_0)‖)``.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,15 +25,23 @@ class TrainResult:
     converged: bool
 
 
-def train_lbfgs(obj: Objective, X: Tensor, y: Tensor, theta0: Tensor, *, gtol: float = 1e-9,
-                max_iter: int = 2000, history: int = 20) -> TrainResult:
+def train_lbfgs(
+    obj: Objective, X: Tensor, y: Tensor, theta0: Tensor, *, gtol: float = 1e-9, max_iter: int = 2000, history: int = 20
+) -> TrainResult:
     """Minimize ``L(D; θ)`` from ``theta0`` (strong-Wolfe L-BFGS, full batch). The model is untouched."""
     t0 = time.perf_counter()
     theta = theta0.detach().clone().requires_grad_(True)
     g0 = float(obj.grad(theta0.detach(), X, y).norm())
     target = gtol * max(1.0, g0)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=history,
-                            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=history,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
     state = {"evals": 0}
 
     def closure():

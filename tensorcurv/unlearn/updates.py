@@ -19,6 +19,7 @@ recomputing ``Δg`` and the inverse-HVP solver at the current ``θ`` on the data
 Updates never touch the model unless they succeed: the result carries a ``status``;
 ``inplace=True`` writes ``θ`` into the model only when ``status == "ok"``.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,10 @@ class AffectedSet:
             raise ValueError("affected indices contain duplicates")
         for label, t in (("X_new", self.X_new), ("y_new", self.y_new)):
             if t is not None and t.shape[0] != k:
-                raise ValueError(f"{label} has {t.shape[0]} rows but there are {k} affected indices; "
-                                 f"Z and Z̃ must have the same size for a correction (use removal to delete)")
+                raise ValueError(
+                    f"{label} has {t.shape[0]} rows but there are {k} affected indices; "
+                    f"Z and Z̃ must have the same size for a correction (use removal to delete)"
+                )
 
     @classmethod
     def removal(cls, indices) -> AffectedSet:
@@ -83,8 +86,9 @@ class AffectedSet:
         if self.X_new is not None and self.X_new.shape[1:] != X.shape[1:]:
             raise ValueError(f"X_new rows have shape {tuple(self.X_new.shape[1:])}, training rows {tuple(X.shape[1:])}")
         if self.y_new is not None and self.y_new.shape[1:] != y.shape[1:]:
-            raise ValueError(f"y_new rows have shape {tuple(self.y_new.shape[1:])}, "
-                             f"training targets {tuple(y.shape[1:])}")
+            raise ValueError(
+                f"y_new rows have shape {tuple(self.y_new.shape[1:])}, training targets {tuple(y.shape[1:])}"
+            )
         if self.y_new is not None and self.y_new.dtype != y.dtype:
             raise ValueError(f"y_new has dtype {self.y_new.dtype}, training targets {y.dtype}")
 
@@ -116,9 +120,11 @@ class AffectedSet:
 
     def subset(self, positions: Tensor) -> AffectedSet:
         """The affected points at ``positions`` (0..k−1) of this set."""
-        return AffectedSet(self.indices[positions],
-                           None if self.X_new is None else self.X_new[positions],
-                           None if self.y_new is None else self.y_new[positions])
+        return AffectedSet(
+            self.indices[positions],
+            None if self.X_new is None else self.X_new[positions],
+            None if self.y_new is None else self.y_new[positions],
+        )
 
 
 def gradient_difference(obj: Objective, theta: Tensor, X: Tensor, y: Tensor, affected: AffectedSet) -> Tensor:
@@ -159,9 +165,17 @@ def _finish(obj: Objective, res: UpdateResult, inplace: bool, t0: float) -> Upda
     return res
 
 
-def first_order_update(model: nn.Module, X: Tensor, y: Tensor, affected: AffectedSet, *,
-                       loss="cross_entropy", mu: float = 0.0, tau: float | str = "cauchy",
-                       inplace: bool = True) -> UpdateResult:
+def first_order_update(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    affected: AffectedSet,
+    *,
+    loss="cross_entropy",
+    mu: float = 0.0,
+    tau: float | str = "cauchy",
+    inplace: bool = True,
+) -> UpdateResult:
     """First-order unlearning update ``θ = θ* − τ Δg``.
 
     Args:
@@ -192,17 +206,39 @@ def first_order_update(model: nn.Module, X: Tensor, y: Tensor, affected: Affecte
     else:
         raise ValueError(f"tau must be a number or 'cauchy', got {tau!r}")
     if not math.isfinite(tau_v):
-        return _finish(obj, UpdateResult("first_order", "non-positive curvature along Δg", theta_star.clone(),
-                                         theta_star, tau=tau_v), inplace, t0)
+        return _finish(
+            obj,
+            UpdateResult("first_order", "non-positive curvature along Δg", theta_star.clone(), theta_star, tau=tau_v),
+            inplace,
+            t0,
+        )
     theta = theta_star - tau_v * dg
-    res = UpdateResult("first_order", "ok", theta, theta_star, tau=tau_v,
-                       times={"grad_diff": t_grad}, info={"grad_diff_norm": float(dg.norm())})
+    res = UpdateResult(
+        "first_order",
+        "ok",
+        theta,
+        theta_star,
+        tau=tau_v,
+        times={"grad_diff": t_grad},
+        info={"grad_diff_norm": float(dg.norm())},
+    )
     return _finish(obj, res, inplace, t0)
 
 
-def second_order_update(model: nn.Module, X: Tensor, y: Tensor, affected: AffectedSet, solver: IHVPSolver, *,
-                        loss="cross_entropy", mu: float = 0.0, tau: float = 1.0, steps: int = 1,
-                        hessian_on: str = "remaining", inplace: bool = True) -> UpdateResult:
+def second_order_update(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    affected: AffectedSet,
+    solver: IHVPSolver,
+    *,
+    loss="cross_entropy",
+    mu: float = 0.0,
+    tau: float = 1.0,
+    steps: int = 1,
+    hessian_on: str = "remaining",
+    inplace: bool = True,
+) -> UpdateResult:
     """Second-order unlearning update ``θ = θ* − τ (H + λI)^{-1} Δg``.
 
     Args:
@@ -253,12 +289,29 @@ def second_order_update(model: nn.Module, X: Tensor, y: Tensor, affected: Affect
         times["solve"] += r.time
         results.append(r)
         if not r.converged:
-            res = UpdateResult(f"second_order:{r.method}", f"ihvp not converged: {r.message}", theta, theta_star,
-                               steps=steps, tau=tau, times=times, ihvp=results)
+            res = UpdateResult(
+                f"second_order:{r.method}",
+                f"ihvp not converged: {r.message}",
+                theta,
+                theta_star,
+                steps=steps,
+                tau=tau,
+                times=times,
+                ihvp=results,
+            )
             return _finish(obj, res, False, t0)
         theta = theta - tau * r.x
-    res = UpdateResult(f"second_order:{results[0].method}", "ok", theta, theta_star, steps=steps, tau=tau,
-                       times=times, ihvp=results, info={"solver": solver.describe()})
+    res = UpdateResult(
+        f"second_order:{results[0].method}",
+        "ok",
+        theta,
+        theta_star,
+        steps=steps,
+        tau=tau,
+        times=times,
+        ihvp=results,
+        info={"solver": solver.describe()},
+    )
     return _finish(obj, res, inplace, t0)
 
 

@@ -1,4 +1,5 @@
 """`dense` (from captured statistics) equals the torch.func reference block, for every kind and layer type."""
+
 import pytest
 import torch
 from torch import nn
@@ -88,10 +89,12 @@ def test_hooks_are_removed_after_update():
     assert all(len(m._forward_hooks) == 0 and len(m._backward_hooks) == 0 for m in model.modules())
 
 
-@pytest.mark.parametrize("kernel,stride,padding,dilation",
-                         [(3, 1, 0, 1), (3, 2, 1, 1), (2, 1, 2, 2), ((2, 3), (1, 2), (1, 0), (2, 1))])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation", [(3, 1, 0, 1), (3, 2, 1, 1), (2, 1, 2, 2), ((2, 3), (1, 2), (1, 0), (2, 1))]
+)
 def test_patch_extraction_matches_torch_unfold(kernel, stride, padding, dilation):
     from tensorcurv.core.layers import extract_patches
+
     x = torch.randn(3, 2, 7, 6, dtype=torch.float64)
     ref = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
     assert torch.equal(extract_patches(x, kernel, dilation, padding, stride), ref)
@@ -99,6 +102,7 @@ def test_patch_extraction_matches_torch_unfold(kernel, stride, padding, dilation
 
 def test_patch_extraction_with_ones_appends_the_bias_column():
     from tensorcurv.core.layers import extract_patches
+
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     plain = extract_patches(x, 3, 1, 1, 2)
     with_ones = extract_patches(x, 3, 1, 1, 2, ones=True)

@@ -4,6 +4,7 @@ The references (tests/reference.py) use only torch.func, none of tensorcurv's ca
 Tolerances: both sides are float64 sums of a few hundred products of O(1) numbers, so they agree to
 ~1e-13 relative; 1e-10 leaves room for the different summation orders.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -46,8 +47,9 @@ def test_cached_output_ggn_product_equals_the_coefficient_product(layer):
     model, X, y = _problem()
     st = _stats(model, X, y, "ggn")[layer]
     V = torch.randn(st.shape)
-    torch.testing.assert_close(ExactBlock(st, cache_output_ggn=True).mv(V), ExactBlock(st).mv(V),
-                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        ExactBlock(st, cache_output_ggn=True).mv(V), ExactBlock(st).mv(V), rtol=1e-12, atol=1e-14
+    )
 
 
 def test_to_dense_equals_the_dense_curvature_block():

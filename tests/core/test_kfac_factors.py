@@ -1,4 +1,5 @@
 """The K-FAC factors and the captured vectors they come from, against their definitions (float64, tiny models)."""
+
 import pytest
 import torch
 from torch import nn

@@ -6,6 +6,7 @@ logits, and the empirical Fisher from per-sample autodiff gradients. Both sides 
 differ only by summation order, so agreement to 1e-10 (relative, Frobenius) is round-off with
 several orders of margin; a wrong ``ρ`` or a missing square root is off by >= 2/3.
 """
+
 import math
 
 import pytest
@@ -116,7 +117,9 @@ def test_loss_value_equals_torch_bce_with_logits_for_both_reductions():
     z, y = logits_and_targets()
     for reduction in ("mean", "sum"):
         ref = nn.BCEWithLogitsLoss(reduction=reduction)(z, y)
-        assert float(as_loss_spec(nn.BCEWithLogitsLoss(reduction=reduction))(z, y)) == pytest.approx(float(ref), rel=1e-14)
+        assert float(as_loss_spec(nn.BCEWithLogitsLoss(reduction=reduction))(z, y)) == pytest.approx(
+            float(ref), rel=1e-14
+        )
 
 
 def test_sum_reduction_draws_are_bernoulli_zero_one_labels_with_mean_p():

@@ -1,4 +1,5 @@
 """String options: a member is its string, configs pass plain strings, errors list the valid values."""
+
 import io
 
 import pytest

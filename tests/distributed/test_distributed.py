@@ -21,6 +21,7 @@ Tolerances (float64, docs/guide/distributed.md):
   the data-parallel code; the bound ``ILL_CONDITIONED_REL`` is the measured float64 drift on the
   digits MLP (2.5e-6 after 20 steps, ``scripts/distributed_drift.py``) with a margin.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,19 +53,28 @@ TRAIN_STEPS = 4
 SOLVE_REL = {"tucker": 1e-8}
 # label -> (structure, hparams); every registered structure, plus kron_sum's running-average paths
 VARIANTS = {
-    "kfac": ("kfac", {}), "ekfac": ("ekfac", {}), "dense": ("dense", {}), "diagonal": ("diagonal", {}),
+    "kfac": ("kfac", {}),
+    "ekfac": ("ekfac", {}),
+    "dense": ("dense", {}),
+    "diagonal": ("diagonal", {}),
     "kron_sum": ("kron_sum", {"rank": 2, "tol": 1e-12, "max_iter": 30}),
     # rank 3 with the sample certificate: update() uses the PSD intervals the owner's previous fit stored
-    "kron_sum rank 3 interval certificate": ("kron_sum", {"rank": 3, "psd_proof": "samples", "tol": 1e-12,
-                                                          "max_iter": 30}),
-    "tt": ("tt", {"ranks": 1}), "tucker": ("tucker", {}), "two_level": ("two_level", {}),
+    "kron_sum rank 3 interval certificate": (
+        "kron_sum",
+        {"rank": 3, "psd_proof": "samples", "tol": 1e-12, "max_iter": 30},
+    ),
+    "tt": ("tt", {"ranks": 1}),
+    "tucker": ("tucker", {}),
+    "two_level": ("two_level", {}),
 }
 VARIANTS = {k: v for k, v in VARIANTS.items() if v[0] in structures.names()}
 STRUCTS = list(VARIANTS)
 # training runs: label -> (model width, structure, hparams, tolerance); width 33 makes the middle layer
 # 32 x 34 (n·m = 1088 > 1024), where kron_sum's PSD repair takes the spectral (Lanczos) certificate
-TRAIN_VARIANTS = {label: (6, name, hp, ILL_CONDITIONED_REL if name == "tucker" else TRAIN_REL)
-                  for label, (name, hp) in VARIANTS.items()}
+TRAIN_VARIANTS = {
+    label: (6, name, hp, ILL_CONDITIONED_REL if name == "tucker" else TRAIN_REL)
+    for label, (name, hp) in VARIANTS.items()
+}
 TRAIN_VARIANTS["kron_sum spectral PSD certificate"] = (33, "kron_sum", {"rank": 2}, ILL_CONDITIONED_REL)
 TRAIN_VARIANTS["kron_sum spectral width, psd=none"] = (33, "kron_sum", {"rank": 2, "psd": "none"}, TRAIN_REL)
 TRAIN_KW = dict(damping=1e-2, decay=0.9, kl_clip=1e-3)  # the training default kl_clip: a stable regime
@@ -74,8 +84,9 @@ def _model(seed: int = 0, width: int = 6) -> nn.Module:
     torch.manual_seed(seed)
     if width == 6:
         return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
-    return nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, width - 1), nn.Tanh(),
-                         nn.Linear(width - 1, 4)).double()
+    return nn.Sequential(
+        nn.Linear(5, width), nn.Tanh(), nn.Linear(width, width - 1), nn.Tanh(), nn.Linear(width - 1, 4)
+    ).double()
 
 
 def _batch(seed: int, n: int = N):
@@ -108,10 +119,15 @@ def _fit_all(comm, kind="ggn"):
         curv = tdist.DistributedCurvature(_model(), name, kind, comm=comm, **hp)
         curv.update(tdist.world_batch(x1, comm.rank, WORLD), tdist.world_batch(y1, comm.rank, WORLD), "cross_entropy")
         fit = curv.state_dict()
-        curv.update(tdist.world_batch(x2, comm.rank, WORLD), tdist.world_batch(y2, comm.rank, WORLD), "cross_entropy",
-                    decay=0.7)
-        out[label] = {"fit": fit, "ema": curv.state_dict(), "solve": curv.solve(_vectors(curv.model), damping=1e-2),
-                     "owner": dict(curv.owner)}
+        curv.update(
+            tdist.world_batch(x2, comm.rank, WORLD), tdist.world_batch(y2, comm.rank, WORLD), "cross_entropy", decay=0.7
+        )
+        out[label] = {
+            "fit": fit,
+            "ema": curv.state_dict(),
+            "solve": curv.solve(_vectors(curv.model), damping=1e-2),
+            "owner": dict(curv.owner),
+        }
     return out
 
 
@@ -126,24 +142,38 @@ def _train(comm, name, steps=3, width=6, **kw):
 
 
 def _train_all(comm):
-    return {label: _train(comm, "gauss_newton", TRAIN_STEPS, width, structure=name, **hp, **TRAIN_KW)
-            for label, (width, name, hp, _) in TRAIN_VARIANTS.items()}
+    return {
+        label: _train(comm, "gauss_newton", TRAIN_STEPS, width, structure=name, **hp, **TRAIN_KW)
+        for label, (width, name, hp, _) in TRAIN_VARIANTS.items()
+    }
 
 
 def _main(rank, port, out_dir):
     comm = _init(rank, port, 30.0)
     res = {"ggn": _fit_all(comm), "empirical": {"kfac": _fit_all_kind(comm, "empirical")}}
     res["train_gn_kfac"] = _train(comm, "gauss_newton", structure="kfac", damping=1e-2, decay=0.9)
-    res["train_ng_kron_sum"] = _train(comm, "gauss_newton", structure="kron_sum", rank=2, damping=1e-2,
-                                      decay=0.9, inverse_interval=2, damping_kind="pi", max_iter=10)
+    res["train_ng_kron_sum"] = _train(
+        comm,
+        "gauss_newton",
+        structure="kron_sum",
+        rank=2,
+        damping=1e-2,
+        decay=0.9,
+        inverse_interval=2,
+        damping_kind="pi",
+        max_iter=10,
+    )
     res["train_adam"] = _train(comm, "adam", lr=1e-2)
     res["train_all"] = _train_all(comm)
     comm32 = tdist.Comm(comm_dtype=torch.float32)
     curv = tdist.DistributedCurvature(_model(), "kron_sum", "ggn", comm=comm32, rank=2, tol=1e-12, max_iter=30)
     x, y = _batch(1)
     curv.update(tdist.world_batch(x, rank, WORLD), tdist.world_batch(y, rank, WORLD), "cross_entropy")
-    res["fp32"] = {"state": curv.state_dict(), "solve": curv.solve(_vectors(curv.model), damping=1e-2),
-                   "bytes": curv.last_comm_bytes}
+    res["fp32"] = {
+        "state": curv.state_dict(),
+        "solve": curv.solve(_vectors(curv.model), damping=1e-2),
+        "bytes": curv.last_comm_bytes,
+    }
     try:
         tdist.DistributedCurvature(_model(), "kfac" if rank == 0 else "diagonal", "ggn", comm=comm)
         res["mismatch"] = "no error"
@@ -292,12 +322,26 @@ def _single_train(name, steps=3, **kw):
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("key,name,kw", [
-    ("train_gn_kfac", "gauss_newton", dict(structure="kfac", damping=1e-2, decay=0.9)),
-    ("train_ng_kron_sum", "gauss_newton", dict(structure="kron_sum", rank=2, damping=1e-2, decay=0.9,
-                                               inverse_interval=2, damping_kind="pi", max_iter=10)),
-    ("train_adam", "adam", dict(lr=1e-2)),
-])
+@pytest.mark.parametrize(
+    "key,name,kw",
+    [
+        ("train_gn_kfac", "gauss_newton", dict(structure="kfac", damping=1e-2, decay=0.9)),
+        (
+            "train_ng_kron_sum",
+            "gauss_newton",
+            dict(
+                structure="kron_sum",
+                rank=2,
+                damping=1e-2,
+                decay=0.9,
+                inverse_interval=2,
+                damping_kind="pi",
+                max_iter=10,
+            ),
+        ),
+        ("train_adam", "adam", dict(lr=1e-2)),
+    ],
+)
 def test_ddp_training_steps_give_single_process_parameters(ranks, key, name, kw):
     want = _single_train(name, **kw)
     for r in range(WORLD):
@@ -391,12 +435,14 @@ def test_unknown_assignment_strategy_is_rejected():
 # ---------------------------------------------------------------------- tests: config (no processes)
 def test_unknown_distributed_config_key_names_the_valid_keys():
     from tensorcurv.distributed.launch import make_config
+
     with pytest.raises(ValueError, match="valid keys"):
         make_config({"enabled": True, "bakend": "gloo"})
 
 
 def test_disabled_distributed_session_is_a_single_process_no_op():
     from tensorcurv.distributed.launch import setup
+
     s = setup({"enabled": False})
     x = torch.arange(6)
     assert s.is_main and s.world_size == 1 and torch.equal(s.shard(x), x)

@@ -1,5 +1,6 @@
 """The three command lines refuse bad input with one line naming the key and the valid values,
 before any work and before any file is written (validators in-process, a few scripts end to end)."""
+
 from __future__ import annotations
 
 import os
@@ -94,8 +95,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("primary,overrides,expected", BAD_INPUTS,
-                         ids=[f"{p}:{' '.join(o)}" for p, o, _ in BAD_INPUTS])
+@pytest.mark.parametrize("primary,overrides,expected", BAD_INPUTS, ids=[f"{p}:{' '.join(o)}" for p, o, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_naming_key_and_valid_values(primary, overrides, expected):
     msg = error_of(primary, *overrides)
     for part in expected:
@@ -117,7 +117,8 @@ def study_data_error(*overrides) -> str:
 
 def test_study_spectrum_layer_must_be_a_covered_layer():
     assert study_data_error("study.spectrum_layer=2") == (
-        "study.spectrum_layer='2' is not a covered layer; valid: 1, 3, 5")
+        "study.spectrum_layer='2' is not a covered layer; valid: 1, 3, 5"
+    )
 
 
 def test_study_model_that_does_not_fit_the_data_is_refused():
@@ -174,15 +175,25 @@ def run_script(script, args, cwd):
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT)}
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("script,args,line", [
-    ("study.py", ["train.steps=-1", "report_dir={tmp}/report"], "error: train.steps=-1 must be an integer >= 0"),
-    ("unlearn.py", ["+lissa_dept=5"], "error: unknown key 'lissa_dept'; did you mean 'lissa_depth'? valid keys: "),
-    ("train.py", ["distributed=ddp"], "error: distributed=ddp needs the torchrun environment"),
-], ids=["study", "unlearn", "train-ddp"])
+@pytest.mark.parametrize(
+    "script,args,line",
+    [
+        ("study.py", ["train.steps=-1", "report_dir={tmp}/report"], "error: train.steps=-1 must be an integer >= 0"),
+        ("unlearn.py", ["+lissa_dept=5"], "error: unknown key 'lissa_dept'; did you mean 'lissa_depth'? valid keys: "),
+        ("train.py", ["distributed=ddp"], "error: distributed=ddp needs the torchrun environment"),
+    ],
+    ids=["study", "unlearn", "train-ddp"],
+)
 def test_script_refuses_bad_input_before_hydra_writes_the_run_directory(tmp_path, script, args, line):
     r = run_script(script, [*(a.format(tmp=tmp_path) for a in args), f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]

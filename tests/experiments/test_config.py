@@ -1,4 +1,5 @@
 """Config composition for every experiment file, and one-line validation errors before any work."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,7 +56,11 @@ def test_experiment_composes_with_its_primary_config(experiment):
 def test_default_train_config_is_valid():
     v = validate_train(compose_cfg())
     assert (v.data.name, v.model["name"], v.optim["name"], v.curvature["name"]) == (
-        "digits", "mlp", "natural_gradient", "kfac")
+        "digits",
+        "mlp",
+        "natural_gradient",
+        "kfac",
+    )
 
 
 def test_second_order_optimizer_takes_structure_kind_damping_from_curvature_group():
@@ -174,8 +179,13 @@ def test_index_split_that_does_not_divide_the_layer_fails_before_training(monkey
                 raise ValueError(f"in_split={list(self.hparams.in_split)} does not divide the layer's n={shape[1]}")
 
     monkeypatch.setitem(base._REGISTRY, "split_probe", SplitProbe)
-    cfg = train_cfg("curvature=diagonal", "curvature.name=split_probe", "+curvature.in_split=[4,16]",
-                    f"run_dir={tmp_path}", "progress=false")
+    cfg = train_cfg(
+        "curvature=diagonal",
+        "curvature.name=split_probe",
+        "+curvature.in_split=[4,16]",
+        f"run_dir={tmp_path}",
+        "progress=false",
+    )
     with pytest.raises(ConfigError, match=r"curvature \(split_probe\): in_split=\[4, 16\] does not divide"):
         run_training(cfg)
     assert not (tmp_path / "metrics.csv").exists()  # no training happened
@@ -211,6 +221,7 @@ def test_unknown_device_names_the_valid_forms():
 
 def test_cuda_device_without_cuda_is_a_config_error(monkeypatch):
     import torch
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "torch.cuda.is_available() is False" in _error(train_cfg("device=cuda"))
 
@@ -219,6 +230,7 @@ def test_auto_device_falls_back_to_cpu_without_cuda(monkeypatch):
     import torch
 
     from tensorcurv.experiments.config import resolve_device
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     validate_train(train_cfg("device=auto"))

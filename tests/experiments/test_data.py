@@ -1,4 +1,5 @@
 """Dataset loaders on tiny generated files (never the network)."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,18 +22,29 @@ def write_idx(path, arr: np.ndarray, compress: bool) -> None:
 def make_idx_dataset(folder, n_train=30, n_test=10, compress=True, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
     for stem, arr in arrays.items():
         write_idx(folder / (stem + (".gz" if compress else "")), arr, compress)
     return arrays
 
 
 def test_names_lists_every_dataset():
-    assert data.names() == ["digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "curves", "faces",
-                            "mnist_all", "curves_synthetic"]
+    assert data.names() == [
+        "digits",
+        "mnist1d",
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+        "curves",
+        "faces",
+        "mnist_all",
+        "curves_synthetic",
+    ]
 
 
 def test_digits_splits_have_requested_sizes_and_image_shape():
@@ -63,8 +75,9 @@ def test_standard_normalization_uses_training_statistics():
     X = s.train[0].flatten(1)
     varying = X.std(0) > 0
     torch.testing.assert_close(X.mean(0), torch.zeros(64, dtype=torch.float64), atol=1e-12, rtol=0)
-    torch.testing.assert_close(X[:, varying].std(0, unbiased=False),
-                               torch.ones(int(varying.sum()), dtype=torch.float64))
+    torch.testing.assert_close(
+        X[:, varying].std(0, unbiased=False), torch.ones(int(varying.sum()), dtype=torch.float64)
+    )
 
 
 def test_unit_normalization_maps_training_set_to_zero_one():
@@ -187,8 +200,11 @@ def write_mnist_all(path, n_train=3, n_test=2, seed=0):
     from scipy.io import savemat
 
     rng = np.random.default_rng(seed)
-    arrays = {f"{split}{d}": rng.integers(0, 256, (n + d % 2, 784), dtype=np.uint8)
-              for split, n in (("train", n_train), ("test", n_test)) for d in range(10)}
+    arrays = {
+        f"{split}{d}": rng.integers(0, 256, (n + d % 2, 784), dtype=np.uint8)
+        for split, n in (("train", n_train), ("test", n_test))
+        for d in range(10)
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     savemat(path, arrays)
     return arrays
@@ -241,7 +257,11 @@ def test_synthetic_curves_are_images_in_zero_one_with_antialiased_strokes():
 
 
 def test_synthetic_curves_are_deterministic_in_the_seed():
-    a, b, c = data.make_curves_synthetic(20, seed=1), data.make_curves_synthetic(20, seed=1), data.make_curves_synthetic(20, seed=2)
+    a, b, c = (
+        data.make_curves_synthetic(20, seed=1),
+        data.make_curves_synthetic(20, seed=1),
+        data.make_curves_synthetic(20, seed=2),
+    )
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
@@ -255,7 +275,7 @@ def test_the_spline_passes_through_its_three_points_at_their_chord_length_knots(
     h1 = np.linalg.norm(pts[:, 2] - pts[:, 1], axis=1)
     for b in range(2):
         t = np.array([0.0, h0[b] / (h0[b] + h1[b]), 1.0])
-        np.testing.assert_allclose(data.natural_spline_through_3_points(pts[b:b + 1], t)[0], pts[b], atol=1e-6)
+        np.testing.assert_allclose(data.natural_spline_through_3_points(pts[b : b + 1], t)[0], pts[b], atol=1e-6)
 
 
 def test_the_spline_is_straight_through_collinear_points():

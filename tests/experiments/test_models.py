@@ -1,4 +1,5 @@
 """Model shapes, forward/backward, and curvature coverage of every model."""
+
 from __future__ import annotations
 
 import pytest
@@ -87,8 +88,12 @@ def test_curvature_covers_every_layer_except_documented(name, shape, kw):
     uncovered = {r["param"] for r in curv.coverage() if r["handled_by"].startswith("fallback")}
     expected = set(UNCOVERED.get(name, set()))
     if kw.get("norm") in ("group", "batch"):
-        expected |= {n for n, mod in m.named_modules() if isinstance(mod, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))
-                     for n in (f"{n}.weight", f"{n}.bias")}
+        expected |= {
+            n
+            for n, mod in m.named_modules()
+            if isinstance(mod, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))
+            for n in (f"{n}.weight", f"{n}.bias")
+        }
     assert uncovered == expected
     x = _batch(shape)
     y = x.flatten(1) if name in models.AUTOENCODERS else torch.randint(0, 10, (4,))

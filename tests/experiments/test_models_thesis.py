@@ -1,4 +1,5 @@
 """The thesis's autoencoders (CURVES, MNIST, FACES): architecture, activations, initialization, curvature."""
+
 from __future__ import annotations
 
 import math
@@ -132,8 +133,9 @@ def test_natural_gradient_kfac_with_bce_lowers_the_loss_of_a_small_curves_autoen
     x, y = x.unsqueeze(1), x.flatten(1)
     torch.manual_seed(0)
     m = models.build("autoencoder", (1, 12, 12), hidden_sizes=[32, 6], **THESIS).double()
-    opt = optim.build("natural_gradient", m, nn.BCEWithLogitsLoss(), structure="kfac", lr=0.3, damping=1e-2,
-                      inverse_interval=5)
+    opt = optim.build(
+        "natural_gradient", m, nn.BCEWithLogitsLoss(), structure="kfac", lr=0.3, damping=1e-2, inverse_interval=5
+    )
     losses = [float(opt.step(x, y)) for _ in range(15)]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.6 * losses[0]

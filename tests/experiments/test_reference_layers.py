@@ -1,4 +1,5 @@
 """The reference layers are fixed: the same factors in every process, and training changes them."""
+
 import torch
 
 from tensorcurv.experiments.reference_layers import reference_stats

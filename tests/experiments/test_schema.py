@@ -1,4 +1,5 @@
 """tensorcurv.experiments.schema: types are strict, ranges and choices are enforced, typos get the closest key."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,9 @@ def test_a_choice_suggests_the_closest_valid_value():
 
 
 def test_unknown_key_suggests_the_closest_key_and_lists_all():
-    assert error(sises=[3]) == ("unknown key 'probe.sises'; did you mean 'probe.sizes'? valid keys: flag, count, rate, "
-                                "mode, sizes, limit")
+    assert error(sises=[3]) == (
+        "unknown key 'probe.sises'; did you mean 'probe.sizes'? valid keys: flag, count, rate, mode, sizes, limit"
+    )
 
 
 def test_optional_field_takes_null_and_checks_a_value():

@@ -1,4 +1,5 @@
 """Loggers: the CSV record, the real wandb package in offline mode, and the none logger."""
+
 from __future__ import annotations
 
 import csv
@@ -84,8 +85,8 @@ def offline_records(path: Path) -> list:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             pos += block - pos % block if pos % block else 0
         elif kind in (1, 4):

@@ -1,4 +1,5 @@
 """The training entry point: tiny real runs (compose API and subprocess), multirun, resume equality."""
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,14 @@ def read_csv(path):
 
 def test_tiny_run_writes_config_metrics_checkpoint_figure_and_summary(tmp_path):
     s = run_training(cfg_for("curvature.damping=0.03", "optim.lr=0.2"), run_dir=tmp_path)
-    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "summary.json", "checkpoints/last.pt",
-                 "figures/loss_curve.png"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/last.pt",
+        "figures/loss_curve.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = read_csv(tmp_path / "metrics.csv")
     steps = [r for r in rows if r["step_time"]]
@@ -55,8 +62,15 @@ def test_autoencoder_run_uses_mse_to_the_input(tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_final_metrics(tmp_path):
     """Killed after step 7 (last checkpoint at step 5), restarted with the same config: same end."""
-    over = ["dtype=float64", "epochs=4", "checkpoint_every=5", "curvature.kind=mc", "optim.lr=0.2",
-            "curvature.damping=0.03", "optim.momentum=0.5"]
+    over = [
+        "dtype=float64",
+        "epochs=4",
+        "checkpoint_every=5",
+        "curvature.kind=mc",
+        "optim.lr=0.2",
+        "curvature.damping=0.03",
+        "optim.momentum=0.5",
+    ]
     ref = run_training(cfg_for(*over), run_dir=tmp_path / "ref")
 
     class Killed(Exception):
@@ -87,8 +101,14 @@ def test_resume_false_starts_afresh(tmp_path):
 
 def _script(args, cwd, timeout=240):
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_train_script_bad_value_fails_with_one_line(tmp_path):
@@ -167,8 +187,11 @@ def test_a_run_is_checkpointed_after_its_first_evaluation(tmp_path):
 
 
 def test_two_job_multirun(tmp_path):
-    r = _script(["-m", "curvature=kfac,diagonal", *TINY, "epochs=1", f"hydra.sweep.dir={tmp_path}/sweep"],
-                cwd=tmp_path, timeout=400)
+    r = _script(
+        ["-m", "curvature=kfac,diagonal", *TINY, "epochs=1", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json"))
     assert len(jobs) == 2 and any("curvature=kfac" in j for j in jobs) and any("curvature=diagonal" in j for j in jobs)
@@ -210,8 +233,11 @@ def test_demo_prints_table_and_writes_png_and_markdown(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    res = demo.main(["data.limit=100", "batch_size=50", "epochs=1", "progress=false"], out=tmp_path / "report",
-                    runs_dir=tmp_path / "runs")
+    res = demo.main(
+        ["data.limit=100", "batch_size=50", "epochs=1", "progress=false"],
+        out=tmp_path / "report",
+        runs_dir=tmp_path / "runs",
+    )
     assert {label for _, label in res} == {"NaturalGradient + K-FAC", "Adam"} and len(res) == 4
     table = capsys.readouterr().out
     assert "optimizer" in table and "time/step [ms]" in table and "autoencoder" in table

@@ -1,4 +1,5 @@
 """Column-major vec, the symmetric Gram product every K-FAC factor is computed with, and the Krylov solvers."""
+
 from __future__ import annotations
 
 import math
@@ -146,6 +147,7 @@ def test_lanczos_stops_when_the_extreme_ritz_pairs_converge():
 
 def test_symmetric_eigh_retries_in_float64_when_float32_lapack_returns_nan(monkeypatch):
     from tensorcurv.linalg import symmetric_eigh
+
     M = torch.randn(6, 6, dtype=torch.float32)
     M = M @ M.T
     real_eigh = torch.linalg.eigh
@@ -167,6 +169,7 @@ def test_kfac_on_a_nearly_singular_float32_image_factor_has_finite_eigenpairs():
     """The CURVES-like input factor (785 x 785 with the bias column) on which float32 eigh returned NaN."""
     from tensorcurv.experiments.data import make_curves_synthetic
     from tensorcurv.linalg import symmetric_eigh
+
     out = make_curves_synthetic(64, seed=0)
     X = torch.as_tensor(out[0] if isinstance(out, tuple) else out, dtype=torch.float32).reshape(64, -1)
     a = torch.cat([X, torch.ones(64, 1)], 1)

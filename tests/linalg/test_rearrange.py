@@ -1,4 +1,5 @@
 """Facts about the implicit Van Loan rearrangement R(C) and its truncated SVD (float64, tiny layers)."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """First-order baselines: recursions of the course notes, Lion's published rule, loss decrease, state."""
+
 from __future__ import annotations
 
 import io
@@ -89,8 +90,7 @@ def test_adagrad_and_rmsprop_and_adam_match_the_course_recursions():
         g = grad_f(th)
         s = alpha * s + (1 - alpha) * g * g
         th = th - eta * g / (s.sqrt() + eps)  # torch puts ε outside the root (the course: inside)
-    torch.testing.assert_close(run_iterates("rmsprop", 5, lr=eta, alpha=alpha, eps=eps)[-1], th,
-                               rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(run_iterates("rmsprop", 5, lr=eta, alpha=alpha, eps=eps)[-1], th, rtol=1e-13, atol=1e-15)
 
     b1, b2 = 0.9, 0.999
     th, m, v = THETA0.clone(), torch.zeros(2), torch.zeros(2)
@@ -119,8 +119,16 @@ def test_lion_matches_its_published_update_rule():
 
 
 # ---------------------------------------------------------------- every baseline descends
-LRS = {"sgd": 0.2, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.1, "rmsprop": 0.01, "adam": 0.02,
-       "adamw": 0.02, "lion": 0.05}
+LRS = {
+    "sgd": 0.2,
+    "momentum": 0.05,
+    "nesterov": 0.05,
+    "adagrad": 0.1,
+    "rmsprop": 0.01,
+    "adam": 0.02,
+    "adamw": 0.02,
+    "lion": 0.05,
+}
 
 
 def test_every_baseline_has_a_learning_rate_here():

@@ -1,6 +1,7 @@
 """The 2026 baselines (Muon, SOAP, Shampoo, PSGD-Kron): built through the factory and the Hydra ``optim`` group,
 descending on a least-squares and a classification problem, one-line errors for a mistyped key or value, and
 a one-line error naming the ``baselines`` extra when pytorch-optimizer is missing."""
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,12 @@ pytestmark = pytest.mark.usefixtures("float64_default")
 CONF = Path(__file__).resolve().parents[2] / "conf"
 NEW = ("muon", "soap", "shampoo", "psgd_kron")
 # Learning rates that make 40 full-batch steps clearly descend (not tuned beyond that).
-LEAST_SQUARES_KW = {"muon": {"lr": 0.02, "adamw_lr": 0.02}, "soap": {"lr": 0.02}, "shampoo": {"lr": 0.05},
-                    "psgd_kron": {"lr": 0.02}}
+LEAST_SQUARES_KW = {
+    "muon": {"lr": 0.02, "adamw_lr": 0.02},
+    "soap": {"lr": 0.02},
+    "shampoo": {"lr": 0.05},
+    "psgd_kron": {"lr": 0.02},
+}
 
 
 def compose_train(*overrides):
@@ -70,18 +75,28 @@ def test_reduces_a_classification_loss(name):
     assert losses[-1] < 0.7 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("name,typo", [("muon", "adam_lr"), ("soap", "precondition_freq"), ("shampoo", "epsilon"),
-                                       ("psgd_kron", "update_probability")])
+@pytest.mark.parametrize(
+    "name,typo",
+    [("muon", "adam_lr"), ("soap", "precondition_freq"), ("shampoo", "epsilon"), ("psgd_kron", "update_probability")],
+)
 def test_a_mistyped_key_gives_one_line_naming_the_valid_keys(name, typo):
     with pytest.raises(ValueError, match=rf"does not take \['{typo}'\]; valid keys: .*lr") as e:
         O.build(name, nn.Linear(2, 1), nn.MSELoss(), **{typo: 1})
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("name,key,value", [("muon", "adjust_lr", "rms"), ("muon", "ns_steps", 0),
-                                            ("soap", "beta2", 1.0), ("soap", "precondition_frequency", 0),
-                                            ("shampoo", "eps", 0.0), ("psgd_kron", "memory_save_mode", "diag"),
-                                            ("psgd_kron", "precondition_update_probability", 0.0)])
+@pytest.mark.parametrize(
+    "name,key,value",
+    [
+        ("muon", "adjust_lr", "rms"),
+        ("muon", "ns_steps", 0),
+        ("soap", "beta2", 1.0),
+        ("soap", "precondition_frequency", 0),
+        ("shampoo", "eps", 0.0),
+        ("psgd_kron", "memory_save_mode", "diag"),
+        ("psgd_kron", "precondition_update_probability", 0.0),
+    ],
+)
 def test_a_bad_value_gives_one_line_naming_the_key(name, key, value):
     with pytest.raises(ValueError, match=key) as e:
         O.make_config(name, **{key: value})

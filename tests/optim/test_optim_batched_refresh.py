@@ -1,6 +1,7 @@
 """Facts about ``KFAC.refresh``: the solve caches of many K-FAC blocks built at once (factors of
 equal size in one batched ``cholesky_ex``/``cholesky_inverse`` or ``eigh`` call) equal the
 per-block ones and the dense damped inverses; float64."""
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,10 @@ def blocks(**hp):
 def dense_pi_inverses(b, lam):
     m, n = b.shape
     pi = math.sqrt((torch.trace(b.A) / n) / (torch.trace(b.G) / m))
-    return (torch.linalg.inv(b.G + math.sqrt(lam) / pi * torch.eye(m)),
-            torch.linalg.inv(b.A + pi * math.sqrt(lam) * torch.eye(n)))
+    return (
+        torch.linalg.inv(b.G + math.sqrt(lam) / pi * torch.eye(m)),
+        torch.linalg.inv(b.A + pi * math.sqrt(lam) * torch.eye(n)),
+    )
 
 
 def rhs(b, seed=7):

@@ -1,4 +1,5 @@
 """Factory, Hydra configs and learning-rate schedules of tensorcurv.optim."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,24 @@ CONF = Path(__file__).resolve().parents[2] / "conf" / "optim"
 
 
 def test_factory_names_are_the_agreed_ones():
-    assert sorted(O.names()) == sorted(["natural_gradient", "gauss_newton", "sgd", "momentum", "nesterov",
-                                        "adagrad", "rmsprop", "adam", "adamw", "lion", "muon", "soap", "shampoo",
-                                        "psgd_kron"])
+    assert sorted(O.names()) == sorted(
+        [
+            "natural_gradient",
+            "gauss_newton",
+            "sgd",
+            "momentum",
+            "nesterov",
+            "adagrad",
+            "rmsprop",
+            "adam",
+            "adamw",
+            "lion",
+            "muon",
+            "soap",
+            "shampoo",
+            "psgd_kron",
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", O.names())
@@ -39,8 +55,9 @@ def test_unknown_optimizer_and_key_give_one_line_errors_naming_valid_choices():
         O.build("adam", nn.Linear(2, 1), nn.MSELoss(), betas=(0.9, 0.99))
 
 
-@pytest.mark.parametrize("key,value", [("lr", -1.0), ("momentum", 1.0), ("stats_interval", 0),
-                                       ("kind", "fisher"), ("damping_rule", "trust")])
+@pytest.mark.parametrize(
+    "key,value", [("lr", -1.0), ("momentum", 1.0), ("stats_interval", 0), ("kind", "fisher"), ("damping_rule", "trust")]
+)
 def test_invalid_second_order_values_are_rejected_naming_the_key(key, value):
     with pytest.raises(ValueError, match=key):
         O.make_config("natural_gradient", **{key: value})

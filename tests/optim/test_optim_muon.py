@@ -1,5 +1,6 @@
 """Muon on the hidden matrices and AdamW on the rest, as one optimizer: the split, the equivalence with the two
 torch optimizers run side by side, schedules, state, and loss decrease."""
+
 from __future__ import annotations
 
 import io

@@ -3,6 +3,7 @@
 The reference is the dense damped solve ``(C + λI)⁻¹ g`` with ``C`` from ``torch.func`` (tests/reference.py).
 One step from a fresh optimizer with ``lr = 1``, no momentum and no KL clip moves ``θ`` by exactly ``−d``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -68,8 +69,7 @@ def test_refinement_with_enough_steps_equals_the_dense_exact_damped_solve(operat
     X, y = batch()
     model = mlp3()
     A, g = exact_system(model, X, y, coupling)
-    d, info = one_step(model, X, y, refine=300, refine_tol=1e-12, refine_operator=operator,
-                       refine_coupling=coupling)
+    d, info = one_step(model, X, y, refine=300, refine_tol=1e-12, refine_operator=operator, refine_coupling=coupling)
     assert info["refine_residual"] <= 1e-12
     bound = 1e-12 * float(g.norm()) / float(torch.linalg.eigvalsh(A)[0])  # ‖d − d*‖ ≤ ‖r‖ / λ_min(A)
     assert float((d - torch.linalg.solve(A, g)).norm()) <= bound
@@ -144,13 +144,16 @@ def test_refinement_composes_with_kl_clipping_and_scales_the_refined_direction()
     torch.testing.assert_close(dc, infoc["kl_scale"] * d, rtol=1e-10, atol=1e-15)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(refine=-1), "refine must be"),
-    (dict(refine=2, refine_coupling="cross"), "refine_coupling"),
-    (dict(refine=2, refine_operator="hvp"), "refine_operator"),
-    (dict(refine=2, stats_interval=2), "stats_interval"),
-    (dict(refine=2, refine_operator="func", kind="empirical"), "empirical"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(refine=-1), "refine must be"),
+        (dict(refine=2, refine_coupling="cross"), "refine_coupling"),
+        (dict(refine=2, refine_operator="hvp"), "refine_operator"),
+        (dict(refine=2, stats_interval=2), "stats_interval"),
+        (dict(refine=2, refine_operator="func", kind="empirical"), "empirical"),
+    ],
+)
 def test_invalid_refinement_options_are_rejected_naming_the_key(kw, match):
     with pytest.raises(ValueError, match=match):
         O.make_config("natural_gradient", **kw)
@@ -158,8 +161,7 @@ def test_invalid_refinement_options_are_rejected_naming_the_key(kw, match):
 
 def test_func_operator_refines_steps_without_statistics():
     X, y = batch()
-    opt = O.GaussNewton(mlp3(), nn.CrossEntropyLoss(), damping=LAM, stats_interval=2, refine=3,
-                        refine_operator="func")
+    opt = O.GaussNewton(mlp3(), nn.CrossEntropyLoss(), damping=LAM, stats_interval=2, refine=3, refine_operator="func")
     opt.step(X, y)
     opt.step(X, y)
     assert opt.info["stats"] is False and opt.info["refine_iterations"] == 3

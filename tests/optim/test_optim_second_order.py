@@ -1,4 +1,5 @@
 """GaussNewton / NaturalGradient / Preconditioner facts, float64, against independent references."""
+
 from __future__ import annotations
 
 import copy
@@ -186,8 +187,9 @@ def test_lm_rule_increases_damping_when_rho_is_small_and_decreases_when_large():
 
 def test_lm_reduction_ratio_is_one_on_least_squares_so_damping_decreases():
     X, y = random_ls()
-    opt = O.GaussNewton(linear_from_zero(X.shape[1]), nn.MSELoss(), structure="dense", damping=0.3,
-                        damping_rule="lm", lm_factor=2.0)
+    opt = O.GaussNewton(
+        linear_from_zero(X.shape[1]), nn.MSELoss(), structure="dense", damping=0.3, damping_rule="lm", lm_factor=2.0
+    )
     opt.step(X, y[:, None])
     assert opt.info["rho"] == pytest.approx(1.0, abs=1e-10)  # the GGN model is exact for a linear model
     assert opt.damping == pytest.approx(0.15)
@@ -214,8 +216,17 @@ def test_non_finite_batch_skips_the_step_and_leaves_all_state_untouched(where):
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     X, y = cls_batch()
     Y = torch.randn(16, 2)
-    opt = O.NaturalGradient(model, nn.MSELoss(), kind="mc", lr=0.3, damping=1e-2, momentum=0.9, seed=0,
-                            damping_rule="lm", inverse_interval=2)
+    opt = O.NaturalGradient(
+        model,
+        nn.MSELoss(),
+        kind="mc",
+        lr=0.3,
+        damping=1e-2,
+        momentum=0.9,
+        seed=0,
+        damping_rule="lm",
+        inverse_interval=2,
+    )
     opt.step(X, Y)
     before = full_state(opt, model)
     Xb, Yb = X.clone(), Y.clone()
@@ -246,11 +257,26 @@ def test_singular_factor_and_tiny_damping_never_produce_nan():
 
 
 # ---------------------------------------------------------------- state
-@pytest.mark.parametrize("name,kw", [
-    ("natural_gradient", dict(kind="mc", structure="kfac", lr=0.2, damping=1e-2, momentum=0.5,
-                              damping_rule="lm", stats_interval=2, inverse_interval=2, seed=3)),
-    ("gauss_newton", dict(structure="ekfac", lr=0.5, damping=1e-2, decay=0.9, weight_decay=1e-3)),
-])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        (
+            "natural_gradient",
+            dict(
+                kind="mc",
+                structure="kfac",
+                lr=0.2,
+                damping=1e-2,
+                momentum=0.5,
+                damping_rule="lm",
+                stats_interval=2,
+                inverse_interval=2,
+                seed=3,
+            ),
+        ),
+        ("gauss_newton", dict(structure="ekfac", lr=0.5, damping=1e-2, decay=0.9, weight_decay=1e-3)),
+    ],
+)
 def test_resume_from_state_dict_reproduces_an_uninterrupted_run(name, kw):
     batches = [cls_batch(seed=s) for s in range(6)]
     run = lambda split: losses_with_resume(name, kw, batches, split)  # noqa: E731
@@ -277,10 +303,10 @@ def test_invalid_structure_hparam_is_rejected_by_the_structure():
 
 def test_callable_lr_and_damping_are_evaluated_at_each_step():
     X, y = cls_batch()
-    opt = O.GaussNewton(mlp(), nn.CrossEntropyLoss(), lr=lambda t: 0.1 * (t + 1), damping=lambda t: 10.0 ** -t)
+    opt = O.GaussNewton(mlp(), nn.CrossEntropyLoss(), lr=lambda t: 0.1 * (t + 1), damping=lambda t: 10.0**-t)
     for t in range(3):
         opt.step(X, y)
-        assert opt.info["lr"] == pytest.approx(0.1 * (t + 1)) and opt.info["damping"] == 10.0 ** -t
+        assert opt.info["lr"] == pytest.approx(0.1 * (t + 1)) and opt.info["damping"] == 10.0**-t
 
 
 def test_preconditioner_skip_clears_grads_so_a_torch_optimizer_step_is_a_no_op():

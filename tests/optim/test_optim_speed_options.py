@@ -1,5 +1,6 @@
 """Facts about the speed options of the optimizers: the early-average decay schedule and the
 K-FAC Cholesky (explicit π-damped inverse) path; float64, against independent dense formulas."""
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ def test_unknown_decay_schedule_is_rejected_with_the_valid_choices():
 
 
 def test_resume_with_the_average_schedule_reproduces_an_uninterrupted_run():
-    kw = dict(structure="kfac", lr=0.3, damping=1e-2, decay_schedule="average", stats_interval=2,
-              inverse_interval=2, seed=1)
+    kw = dict(
+        structure="kfac", lr=0.3, damping=1e-2, decay_schedule="average", stats_interval=2, inverse_interval=2, seed=1
+    )
     batches = [cls_batch(seed=s) for s in range(6)]
     run = lambda split: losses_with_resume("natural_gradient", kw, batches, split)  # noqa: E731
     assert run(3) == run(6)
@@ -82,8 +84,9 @@ def test_kfac_cholesky_solve_equals_the_dense_pi_damped_inverse():
     m, n = block.shape
     lam = 3e-2
     pi = math.sqrt((torch.trace(block.A) / n) / (torch.trace(block.G) / m))
-    dense = torch.linalg.inv(torch.kron(block.A + pi * math.sqrt(lam) * torch.eye(n),
-                                        block.G + math.sqrt(lam) / pi * torch.eye(m)))
+    dense = torch.linalg.inv(
+        torch.kron(block.A + pi * math.sqrt(lam) * torch.eye(n), block.G + math.sqrt(lam) / pi * torch.eye(m))
+    )
     V = torch.randn(m, n)
     assert rel(vec(block.solve(V, lam)), dense @ vec(V)) < 1e-12
     assert block.last_solve["method"] == "kron-cholesky" and block.last_solve["damping"] == "pi"
@@ -136,8 +139,17 @@ def test_kfac_cholesky_inverse_needs_pi_damping():
 
 
 def test_natural_gradient_takes_the_cholesky_path_through_structure_hparams():
-    opt = O.NaturalGradient(mlp(), nn.CrossEntropyLoss(), structure="kfac", lr=0.1, damping=1e-2,
-                            damping_kind="pi", inverse="cholesky", inverse_interval=2, stats_interval=2)
+    opt = O.NaturalGradient(
+        mlp(),
+        nn.CrossEntropyLoss(),
+        structure="kfac",
+        lr=0.1,
+        damping=1e-2,
+        damping_kind="pi",
+        inverse="cholesky",
+        inverse_interval=2,
+        stats_interval=2,
+    )
     for s in range(3):
         opt.step(*cls_batch(seed=s))
     assert all(b.last_solve["method"] == "kron-cholesky" for b in opt.preconditioner.solver.blocks.values())

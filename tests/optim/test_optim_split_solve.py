@@ -1,6 +1,7 @@
 """Facts about the copy-free K-FAC solve (``KFAC.solve_split``, used by ``Curvature.solve``): it reads
 ``W``/``b`` and writes the result without forming ``[W, b]``; float64, against the dense Kronecker
 inverse and against the concatenated path (``Curvature.split_solve = False``)."""
+
 from __future__ import annotations
 
 import math
@@ -15,16 +16,25 @@ from tensorcurv.linalg import unvec, vec
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
-PATHS = {"tikhonov+eigh": {}, "pi+eigh": {"damping_kind": "pi"},
-         "pi+cholesky": {"damping_kind": "pi", "inverse": "cholesky"}}
+PATHS = {
+    "tikhonov+eigh": {},
+    "pi+eigh": {"damping_kind": "pi"},
+    "pi+cholesky": {"damping_kind": "pi", "inverse": "cholesky"},
+}
 LAM = 1e-2
 
 
 def model(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "conv":  # conv weight (C_out, C_in, kh, kw) seen as a (C_out, C_in kh kw) view; bias and none
-        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, bias=False),
-                             nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, 2, bias=False),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(2 * 3 * 3, 3),
+        )
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3))
 
 
@@ -109,8 +119,19 @@ def test_training_steps_match_the_concatenated_path_to_1e_12(path, kl_clip):
     runs = []
     for split in (True, False):
         m = model("mlp")
-        opt = O.NaturalGradient(m, nn.CrossEntropyLoss(), structure="kfac", lr=0.3, damping=LAM, momentum=0.9,
-                                kl_clip=kl_clip, stats_interval=2, inverse_interval=2, seed=0, **PATHS[path])
+        opt = O.NaturalGradient(
+            m,
+            nn.CrossEntropyLoss(),
+            structure="kfac",
+            lr=0.3,
+            damping=LAM,
+            momentum=0.9,
+            kl_clip=kl_clip,
+            stats_interval=2,
+            inverse_interval=2,
+            seed=0,
+            **PATHS[path],
+        )
         opt.preconditioner.solver.split_solve = opt.preconditioner.curvature.split_solve = split
         for s in range(5):
             opt.step(*batch("mlp", seed=s))

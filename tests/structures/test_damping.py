@@ -1,4 +1,5 @@
 """K-FAC's factored (π) damping: the one implementation shared by kfac and kron_sum."""
+
 import math
 
 import pytest
@@ -26,7 +27,7 @@ def test_pi_is_one_when_a_trace_is_not_positive(traces):
 
 def test_shifts_multiply_to_the_damping():
     shift_A, shift_G = factored_shifts(pi=2.5, damping=0.04)
-    assert shift_A * shift_G == pytest.approx(0.04, rel=1e-15) and shift_A / shift_G == pytest.approx(2.5 ** 2)
+    assert shift_A * shift_G == pytest.approx(0.04, rel=1e-15) and shift_A / shift_G == pytest.approx(2.5**2)
 
 
 def test_factored_damping_is_invariant_to_rescaling_the_factors():

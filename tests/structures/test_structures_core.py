@@ -1,4 +1,5 @@
 """Facts about the exact-solve structures dense, diagonal, kfac, ekfac."""
+
 import math
 
 import pytest
@@ -92,8 +93,10 @@ def test_kfac_pi_damping_is_the_factored_inverse():
     m, n = block.shape
     pi = math.sqrt((torch.trace(block.A) / n) / (torch.trace(block.G) / m))
     eye = lambda k: torch.eye(k, dtype=torch.float64)
-    dense = torch.kron(torch.linalg.inv(block.A + pi * math.sqrt(lam) * eye(n)),
-                       torch.linalg.inv(block.G + math.sqrt(lam) / pi * eye(m)))
+    dense = torch.kron(
+        torch.linalg.inv(block.A + pi * math.sqrt(lam) * eye(n)),
+        torch.linalg.inv(block.G + math.sqrt(lam) / pi * eye(m)),
+    )
     V = torch.randn(m, n, dtype=torch.float64)
     assert rel(vec(block.solve(V, lam)), dense @ vec(V)) < 1e-10
     assert block.last_solve["damping"] == "pi"

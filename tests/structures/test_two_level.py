@@ -5,6 +5,7 @@ The dense whole-model curvature ``C`` (cross-layer blocks included) comes from `
 for ``empirical``; for ``mc`` the sampled output cotangents of the capture are pushed through
 ``torch.func`` Jacobians). ``B`` is each base block's ``to_dense()``, ``R0`` the coarse vectors.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,11 @@ def net(seed: int = 0) -> nn.Module:
 def data(loss: str, n: int = 12, seed: int = 1, shape=(6,)):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *shape), generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (n,), generator=g) if loss == "cross_entropy" else \
-        torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = (
+        torch.randint(0, 3, (n,), generator=g)
+        if loss == "cross_entropy"
+        else torch.randn(n, 3, generator=g, dtype=torch.float64)
+    )
     return x, y
 
 
@@ -42,8 +46,10 @@ def fitted(model, x, y, loss, kind, **hp):
     params = {n: p.detach() for n, p in model.named_parameters()}
     names, shapes = list(params), [p.shape for p in params.values()]
     if kind == "mc":  # C = c Σ_{s,k} J_sᵀ v_sk v_skᵀ J_s with the capture's sampled cotangents v
+
         def f(p, xs):
             return functional_call(model, p, (xs.unsqueeze(0),)).flatten()
+
         Jd = vmap(jacrev(f), in_dims=(None, 0))(params, x)
         J = torch.cat([Jd[n].reshape(x.shape[0], -1, params[n].numel()) for n in names], -1)  # (N, C, P)
         Jv = torch.einsum("knc,ncp->knp", res.cotangents, J).reshape(-1, J.shape[-1])
@@ -67,7 +73,7 @@ def nicolaides_R0(curv) -> torch.Tensor:
     R0 = torch.zeros(len(sizes), sum(sizes), dtype=torch.float64)
     o = 0
     for i, s in enumerate(sizes):
-        R0[i, o:o + s] = s ** -0.5
+        R0[i, o : o + s] = s**-0.5
         o += s
     return R0
 
@@ -92,8 +98,12 @@ def flat_solve(curv, v: torch.Tensor, lam: float) -> torch.Tensor:
         for (_, p), t in zip(ad.params(), ad.from_matrix(M)):
             grads[by_id[id(p)]] = t
     out = curv.solve(grads, lam)
-    return torch.cat([vec(curv.adapters[nm].to_matrix([out[by_id[id(p)]] for _, p in curv.adapters[nm].params()]))
-                      for nm in ms.shapes])
+    return torch.cat(
+        [
+            vec(curv.adapters[nm].to_matrix([out[by_id[id(p)]] for _, p in curv.adapters[nm].params()]))
+            for nm in ms.shapes
+        ]
+    )
 
 
 def rel(a, b):
@@ -152,8 +162,17 @@ def test_nicolaides_solve_equals_dense_formula(kind, loss, variant):
 def test_spectral_solve_equals_dense_formula(base, variant):
     model = net()
     x, y = data("cross_entropy")
-    curv, C = fitted(model, x, y, "cross_entropy", "ggn", base=base, coarse_space="spectral",
-                     coarse_vectors_per_layer=3, variant=variant)
+    curv, C = fitted(
+        model,
+        x,
+        y,
+        "cross_entropy",
+        "ggn",
+        base=base,
+        coarse_space="spectral",
+        coarse_vectors_per_layer=3,
+        variant=variant,
+    )
     lam = damping_for(C)
     v = torch.randn(C.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref = reference_preconditioner(C, dense_B(curv), curv.model_structure.restriction(), lam, variant) @ v
@@ -177,8 +196,13 @@ def test_solve_accepts_a_dict_of_named_gradients():
     g = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     out = curv.solve(g, 0.01)
     assert set(out) == set(g) and all(out[n].shape == g[n].shape for n in g)
-    assert rel(torch.cat([t.flatten() for t in curv.solve(list(g.values()), 0.01)]),
-               torch.cat([out[n].flatten() for n in g])) < 1e-14
+    assert (
+        rel(
+            torch.cat([t.flatten() for t in curv.solve(list(g.values()), 0.01)]),
+            torch.cat([out[n].flatten() for n in g]),
+        )
+        < 1e-14
+    )
 
 
 # ---------------------------------------------------------------------- facts of the preconditioners
@@ -186,8 +210,9 @@ def test_solve_accepts_a_dict_of_named_gradients():
 def test_preconditioner_is_symmetric_positive_definite(variant):
     model = net()
     x, y = data("cross_entropy")
-    curv, C = fitted(model, x, y, "cross_entropy", "empirical", coarse_space="spectral",
-                     coarse_vectors_per_layer=2, variant=variant)
+    curv, C = fitted(
+        model, x, y, "cross_entropy", "empirical", coarse_space="spectral", coarse_vectors_per_layer=2, variant=variant
+    )
     P = curv.model_structure.dense_preconditioner(damping_for(C))
     assert rel(P, P.T) < 1e-12
     assert torch.linalg.eigvalsh(0.5 * (P + P.T)).min() > 0
@@ -196,8 +221,7 @@ def test_preconditioner_is_symmetric_positive_definite(variant):
 def test_balanced_preconditioner_is_exact_on_the_coarse_space():
     model = net()
     x, y = data("mse")
-    curv, C = fitted(model, x, y, "mse", "ggn", coarse_space="spectral", coarse_vectors_per_layer=2,
-                     variant="balanced")
+    curv, C = fitted(model, x, y, "mse", "ggn", coarse_space="spectral", coarse_vectors_per_layer=2, variant="balanced")
     lam = damping_for(C)
     R0 = curv.model_structure.restriction()
     A = C + lam * torch.eye(C.shape[0], dtype=C.dtype)
@@ -220,8 +244,17 @@ def condition_ratio(base, coarse_space, k, variant, seed=0):
     """κ(P^{1/2} A P^{1/2}) with the two-level ``P`` over the same with ``(B+λI)^{-1}`` alone; A = C+λI."""
     model = net(seed)
     x, y = data("cross_entropy", n=32)
-    curv, C = fitted(model, x, y, "cross_entropy", "ggn", base=base, coarse_space=coarse_space,
-                     coarse_vectors_per_layer=k, variant=variant)
+    curv, C = fitted(
+        model,
+        x,
+        y,
+        "cross_entropy",
+        "ggn",
+        base=base,
+        coarse_space=coarse_space,
+        coarse_vectors_per_layer=k,
+        variant=variant,
+    )
     lam = damping_for(C)
     eye = torch.eye(C.shape[0], dtype=C.dtype)
 
@@ -275,6 +308,7 @@ def test_spectral_coarse_vectors_are_leading_eigenvectors_of_base_blocks(base):
 
 def test_generic_base_spectral_vectors_by_subspace_iteration_match_eigh():
     from tensorcurv.structures.generic import subspace_iteration
+
     model = net()
     x, y = data("cross_entropy")
     curv, _ = fitted(model, x, y, "cross_entropy", "ggn", base="dense")
@@ -312,8 +346,9 @@ def test_spectral_running_average_of_a_repeated_batch_equals_its_fit():
     carried ``C Z_old (Z_oldᵀ Z)`` is exact (eigenvector signs/order may differ between calls)."""
     model = net()
     x, y = data("mse")
-    hp = dict(structure="two_level", kind="ggn", coarse_space="spectral", coarse_vectors_per_layer=2,
-              variant="balanced")
+    hp = dict(
+        structure="two_level", kind="ggn", coarse_space="spectral", coarse_vectors_per_layer=2, variant="balanced"
+    )
     once, twice = tensorcurv.Curvature(model, **hp), tensorcurv.Curvature(model, **hp)
     once.update(x, y, "mse")
     twice.update(x, y, "mse")
@@ -326,10 +361,15 @@ def test_spectral_running_average_of_a_repeated_batch_equals_its_fit():
 def test_state_dict_round_trip_reproduces_the_solve():
     model = net()
     x, y = data("mse")
-    curv, C = fitted(model, x, y, "mse", "ggn", coarse_space="spectral", coarse_vectors_per_layer=2,
-                     variant="balanced")
-    other = tensorcurv.Curvature(model, structure="two_level", kind="ggn", coarse_space="spectral",
-                                 coarse_vectors_per_layer=2, variant="balanced")
+    curv, C = fitted(model, x, y, "mse", "ggn", coarse_space="spectral", coarse_vectors_per_layer=2, variant="balanced")
+    other = tensorcurv.Curvature(
+        model,
+        structure="two_level",
+        kind="ggn",
+        coarse_space="spectral",
+        coarse_vectors_per_layer=2,
+        variant="balanced",
+    )
     other.load_state_dict(curv.state_dict())
     g = [torch.randn_like(p) for p in model.parameters()]
     for a, b in zip(curv.solve(g, 0.05), other.solve(g, 0.05)):
@@ -362,15 +402,18 @@ def test_nbytes_counts_base_blocks_and_coarse_level():
 
 
 # ---------------------------------------------------------------------- validation
-@pytest.mark.parametrize("hp,key", [
-    ({"base": "nope"}, "two_level.base"),
-    ({"base": "two_level"}, "two_level.base"),
-    ({"base_hparams": {"rank": 2}}, "two_level.base_hparams"),
-    ({"coarse_space": "krylov"}, "two_level.coarse_space"),
-    ({"variant": "multiplicative"}, "two_level.variant"),
-    ({"coarse_space": "spectral", "coarse_vectors_per_layer": 0}, "two_level.coarse_vectors_per_layer"),
-    ({"coarse_vectors_per_layer": 2}, "two_level.coarse_vectors_per_layer"),
-])
+@pytest.mark.parametrize(
+    "hp,key",
+    [
+        ({"base": "nope"}, "two_level.base"),
+        ({"base": "two_level"}, "two_level.base"),
+        ({"base_hparams": {"rank": 2}}, "two_level.base_hparams"),
+        ({"coarse_space": "krylov"}, "two_level.coarse_space"),
+        ({"variant": "multiplicative"}, "two_level.variant"),
+        ({"coarse_space": "spectral", "coarse_vectors_per_layer": 0}, "two_level.coarse_vectors_per_layer"),
+        ({"coarse_vectors_per_layer": 2}, "two_level.coarse_vectors_per_layer"),
+    ],
+)
 def test_invalid_hyperparameters_name_the_key(hp, key):
     with pytest.raises(ValueError, match=key):
         tensorcurv.Curvature(net(), structure="two_level", **hp)

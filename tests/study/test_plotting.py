@@ -1,6 +1,7 @@
 """The report plotting style (tensorcurv.plotting) and every report figure drawn with it, on tiny tables:
 each figure writes a PNG, has a legend, keeps every data point inside its axes limits, and tells its
 series apart."""
+
 import importlib.util
 import math
 import subprocess
@@ -57,10 +58,16 @@ def load_script(name):
 
 # ----------------------------------------------------------------------------- tiny tables
 #: 14 variants of 8 structures, as in the committed studies.
-VARIANTS = [("dense", "dense", ""), ("diagonal", "diagonal", ""), ("ekfac", "ekfac", ""), ("kfac", "kfac", ""),
-            *[(f"kron_sum(rank={r})", "kron_sum", str(r)) for r in (1, 2, 3, 4)],
-            *[(f"tt(ranks={r})", "tt", str(r)) for r in (1, 2)],
-            *[(f"tucker(ranks={r})", "tucker", str(r)) for r in (2, 4, 8)], ("two_level", "two_level", "")]
+VARIANTS = [
+    ("dense", "dense", ""),
+    ("diagonal", "diagonal", ""),
+    ("ekfac", "ekfac", ""),
+    ("kfac", "kfac", ""),
+    *[(f"kron_sum(rank={r})", "kron_sum", str(r)) for r in (1, 2, 3, 4)],
+    *[(f"tt(ranks={r})", "tt", str(r)) for r in (1, 2)],
+    *[(f"tucker(ranks={r})", "tucker", str(r)) for r in (2, 4, 8)],
+    ("two_level", "two_level", ""),
+]
 KINDS = ("empirical", "ggn")
 LAYERS = ("1", "3")
 STEPS = (0, 10)
@@ -77,16 +84,39 @@ def study_tables():
         for kind in KINDS:
             for layer in (*LAYERS, MODEL):
                 for i, (variant, structure, rank) in enumerate(VARIANTS):
-                    metrics.append({"step": step, "kind": kind, "layer": layer, "structure": structure,
-                                    "variant": variant, "rank": rank, "m": 4, "n": 5, "T": 1,
-                                    "nbytes": 10.0 ** (2 + 0.3 * i), "fro_rel": _error(i, kind, step),
-                                    "cos@0.01": 0.1 + 0.05 * i, "cos@1": 0.3 + 0.04 * i, "skipped": ""})
+                    metrics.append(
+                        {
+                            "step": step,
+                            "kind": kind,
+                            "layer": layer,
+                            "structure": structure,
+                            "variant": variant,
+                            "rank": rank,
+                            "m": 4,
+                            "n": 5,
+                            "T": 1,
+                            "nbytes": 10.0 ** (2 + 0.3 * i),
+                            "fro_rel": _error(i, kind, step),
+                            "cos@0.01": 0.1 + 0.05 * i,
+                            "cos@1": 0.3 + 0.04 * i,
+                            "skipped": "",
+                        }
+                    )
             for layer in LAYERS:
                 floor += [{"step": step, "kind": kind, "layer": layer, "rank": r, "floor": 0.5 / r} for r in (1, 2, 4)]
     for kind in KINDS:
         for label in ("exact", *(v for v, _, _ in VARIANTS)):
-            spectra += [{"step": 10, "kind": kind, "layer": "1", "structure": label, "index": k,
-                         "eigenvalue": 10.0 ** (-k / 3) * (1 + 0.01 * len(label))} for k in range(12)]
+            spectra += [
+                {
+                    "step": 10,
+                    "kind": kind,
+                    "layer": "1",
+                    "structure": label,
+                    "index": k,
+                    "eigenvalue": 10.0 ** (-k / 3) * (1 + 0.01 * len(label)),
+                }
+                for k in range(12)
+            ]
     return {"metrics": metrics, "floor": floor, "spectra": spectra, "training": []}
 
 
@@ -102,18 +132,28 @@ STUDY_FIGURES = {
 @pytest.fixture(scope="module")
 def study_figures(study_tables, tmp_path_factory):
     out = tmp_path_factory.mktemp("study_figures")
-    return {name: (draw(study_tables, out / f"{name}.png"), out / f"{name}.png")
-            for name, draw in STUDY_FIGURES.items()}
+    return {
+        name: (draw(study_tables, out / f"{name}.png"), out / f"{name}.png") for name, draw in STUDY_FIGURES.items()
+    }
 
 
 def _unlearn_rows():
     rows = []
     for seed in range(2):
-        for j, method in enumerate(("original", "retrain", "first_order", "exact", "lissa", "kfac", "kfac+refine",
-                                    "kfac (cached)", "dense")):
+        for j, method in enumerate(
+            ("original", "retrain", "first_order", "exact", "lissa", "kfac", "kfac+refine", "kfac (cached)", "dense")
+        ):
             rel = {"original": 1.0, "retrain": 0.0}.get(method, 0.2 + 0.15 * j + 0.01 * seed)
-            rows.append({"scenario": "label_flip", "seed": seed, "method": method, "status": "ok",
-                         "time": 1e-3 * (1 + j) ** 2 * (1 + 0.1 * seed), "rel_dist": rel})
+            rows.append(
+                {
+                    "scenario": "label_flip",
+                    "seed": seed,
+                    "method": method,
+                    "status": "ok",
+                    "time": 1e-3 * (1 + j) ** 2 * (1 + 0.1 * seed),
+                    "rel_dist": rel,
+                }
+            )
     return rows
 
 
@@ -124,11 +164,16 @@ def unlearn_figure(tmp_path_factory):
     return unlearn_report.plot_fidelity_vs_time(entries, path, "label_flip"), path, entries
 
 
-FIDELITY_SUMMARY = [("exact", 650, 0.289, 0.048, 0.0), ("lissa", 300, 0.303, 0.05, math.nan),
-                    *[("kron_sum psd=none", r, m, sd, 0.5) for r, m, sd in ((1, 0.56, 0.03), (4, 1.43, 0.65),
-                                                                            (8, 1.06, 0.94), (16, 0.34, 0.04))],
-                    *[("kron_sum psd=shrink", r, m, 0.04, 0.3) for r, m in ((1, 0.56), (4, 0.45), (16, 0.35))],
-                    *[("kfac deflated", k, m, 0.04, 0.3) for k, m in ((0, 0.54), (40, 0.51), (320, 0.3))]]
+FIDELITY_SUMMARY = [
+    ("exact", 650, 0.289, 0.048, 0.0),
+    ("lissa", 300, 0.303, 0.05, math.nan),
+    *[
+        ("kron_sum psd=none", r, m, sd, 0.5)
+        for r, m, sd in ((1, 0.56, 0.03), (4, 1.43, 0.65), (8, 1.06, 0.94), (16, 0.34, 0.04))
+    ],
+    *[("kron_sum psd=shrink", r, m, 0.04, 0.3) for r, m in ((1, 0.56), (4, 0.45), (16, 0.35))],
+    *[("kfac deflated", k, m, 0.04, 0.3) for k, m in ((0, 0.54), (40, 0.51), (320, 0.3))],
+]
 
 
 @pytest.fixture(scope="module")
@@ -138,31 +183,53 @@ def structure_fidelity_figure(tmp_path_factory):
 
 
 def _evals(scale):
-    return [{"epoch": str(e), "wall_time": str(0.1 * e), "train_loss": str(scale / (1 + e)),
-             "test_loss": str(scale / (1 + e) + 1e-4)} for e in range(4)]
+    return [
+        {
+            "epoch": str(e),
+            "wall_time": str(0.1 * e),
+            "train_loss": str(scale / (1 + e)),
+            "test_loss": str(scale / (1 + e) + 1e-4),
+        }
+        for e in range(4)
+    ]
 
 
 @pytest.fixture(scope="module")
 def demo_figure(tmp_path_factory):
     path = tmp_path_factory.mktemp("demo") / "loss_curves.png"
-    curves = {(race, label): _evals(scale) for race, scale in (("classifier: tiny", 2.0), ("autoencoder: tiny", 0.3))
-              for label in ("NaturalGradient + K-FAC", "Adam")}
+    curves = {
+        (race, label): _evals(scale)
+        for race, scale in (("classifier: tiny", 2.0), ("autoencoder: tiny", 0.3))
+        for label in ("NaturalGradient + K-FAC", "Adam")
+    }
     return load_script("demo").loss_curves_figure(curves, path), path
 
 
 # ----------------------------------------------------------------------------- the style module
 def test_importing_the_plotting_module_does_not_import_matplotlib():
     code = "import sys, tensorcurv.plotting; print('matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+    )
     assert out.stdout.strip() == "False"
 
 
 def test_importing_the_report_modules_does_not_import_matplotlib():
-    code = ("import sys, tensorcurv.study.report, tensorcurv.study.figures, tensorcurv.unlearn.report; "
-            "print('matplotlib' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    code = (
+        "import sys, tensorcurv.study.report, tensorcurv.study.figures, tensorcurv.unlearn.report; "
+        "print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+    )
     assert out.stdout.strip() == "False"
 
 

@@ -1,4 +1,5 @@
 """Specifications of the study metrics and the exact block: implicit identities equal dense computations (float64)."""
+
 import math
 
 import pytest
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("float64_default")  # tensors default to fl
 
 def _tiny_stats(kind="ggn", seed=0):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 5), nn.Tanh(),
-                          nn.Linear(5, 3, bias=False)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 5), nn.Tanh(), nn.Linear(5, 3, bias=False)
+    ).double()
     X, y = torch.randn(7, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
     curv = Curvature(model, "diagonal", kind, mc_samples=2, seed=seed)
     return curv.capture(X, y, "cross_entropy").stats
@@ -117,8 +119,7 @@ def test_structure_closed_forms_equal_the_generic_paths_through_mv(name):
     st = STATS["3"]
     S = _fit(name, st)
     block = ExactBlock(st, chunk=2)
-    generic_inner = block.scale * sum(float((G * torch.stack([S.mv(g) for g in G])).sum())
-                                      for G in block.grad_chunks())
+    generic_inner = block.scale * sum(float((G * torch.stack([S.mv(g) for g in G])).sum()) for G in block.grad_chunks())
     assert inner_with_exact(S, block) == pytest.approx(generic_inner, rel=1e-12)
     assert frobenius_sq(S) == pytest.approx(generic.frobenius_sq(S, dense_max_dim=0), rel=1e-12)
 

@@ -1,4 +1,5 @@
 """Specifications of tensorcurv.study.pareto.pareto_front on hand-made points."""
+
 import math
 
 import pytest

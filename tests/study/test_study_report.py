@@ -1,4 +1,5 @@
 """A tiny study run end to end: run_study + write_report produce the report files with the expected columns."""
+
 import csv
 
 import pytest
@@ -8,12 +9,23 @@ from tensorcurv.study.report import write_report
 from tensorcurv.study.runner import checkpoint_steps, run_study
 from tensorcurv.study.variants import make_variants
 
-TINY = {"seed": 0, "dtype": "float64", "data": {"name": "digits", "limit": 200},
-        "model": {"name": "mlp", "hidden_sizes": [6]},
-        "train": {"steps": 4, "batch_size": 16, "lr": 1e-2},
-        "study": {"kinds": ["empirical", "ggn"], "batch_size": 12, "checkpoints": [0, 1.0],
-                  "structures": ["kfac", "diagonal", "dense"], "damping_rel": [1e-2, 1.0], "floor_ranks": [1, 2],
-                  "spectral_max_iter": 30, "spectrum_k": 10}}
+TINY = {
+    "seed": 0,
+    "dtype": "float64",
+    "data": {"name": "digits", "limit": 200},
+    "model": {"name": "mlp", "hidden_sizes": [6]},
+    "train": {"steps": 4, "batch_size": 16, "lr": 1e-2},
+    "study": {
+        "kinds": ["empirical", "ggn"],
+        "batch_size": 12,
+        "checkpoints": [0, 1.0],
+        "structures": ["kfac", "diagonal", "dense"],
+        "damping_rel": [1e-2, 1.0],
+        "floor_ranks": [1, 2],
+        "spectral_max_iter": 30,
+        "spectrum_k": 10,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +44,18 @@ def _read(path):
 
 def test_report_files_are_written(tiny_report):
     out, path, _ = tiny_report
-    for name in ("report.md", "metrics.csv", "floor.csv", "spectra.csv", "training.csv", "error_vs_rank.png",
-                 "error_vs_memory.png", "error_over_training.png", "spectrum.png", "inverse_vs_damping.png"):
+    for name in (
+        "report.md",
+        "metrics.csv",
+        "floor.csv",
+        "spectra.csv",
+        "training.csv",
+        "error_vs_rank.png",
+        "error_vs_memory.png",
+        "error_over_training.png",
+        "spectrum.png",
+        "inverse_vs_damping.png",
+    ):
         assert (out / name).stat().st_size > 0, name
 
 
@@ -48,8 +70,23 @@ def test_report_starts_with_the_command_and_embeds_every_figure(tiny_report):
 def test_metrics_csv_has_the_expected_columns_and_rows(tiny_report):
     out, _, _ = tiny_report
     rows = _read(out / "metrics.csv")
-    for col in ("step", "kind", "layer", "structure", "variant", "nbytes", "fit_time", "solve_time", "fro_rel",
-                "spec_rel", "cos@0.01", "relerr@0.01", "cos@1", "relerr@1", "fro_rel_full"):
+    for col in (
+        "step",
+        "kind",
+        "layer",
+        "structure",
+        "variant",
+        "nbytes",
+        "fit_time",
+        "solve_time",
+        "fro_rel",
+        "spec_rel",
+        "cos@0.01",
+        "relerr@0.01",
+        "cos@1",
+        "relerr@1",
+        "fro_rel_full",
+    ):
         assert col in rows[0], col
     # 2 checkpoints x 2 kinds x 3 structures x (2 layers + model row)
     assert len(rows) == 2 * 2 * 3 * 3

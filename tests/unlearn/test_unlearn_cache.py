@@ -1,4 +1,5 @@
 """Amortized unlearning: statistics captured once at θ*, updated per request, equal a fresh capture on D̃."""
+
 import functools
 
 import pytest
@@ -90,8 +91,9 @@ def test_cached_update_equals_non_cached_refined_update(kind, model_fn):
     model, X, y, cache = _cache(model_fn, refine=300, refine_tol=1e-11)
     aff = _requests(X, y)[kind]
     got = cache.update(aff)
-    ref = second_order_update(model, X, y, aff, StructureSolver("kfac", refine=300, refine_tol=1e-11), mu=MU,
-                              inplace=False)
+    ref = second_order_update(
+        model, X, y, aff, StructureSolver("kfac", refine=300, refine_tol=1e-11), mu=MU, inplace=False
+    )
     assert got.ok and ref.ok
     torch.testing.assert_close(got.theta, ref.theta, rtol=1e-9, atol=1e-10)
 
@@ -144,11 +146,14 @@ def test_cache_rejects_structures_that_couple_the_layers_and_bad_indices():
 
 def test_harness_separates_per_request_time_from_the_oneoff_capture():
     from tensorcurv.unlearn.evaluate import MethodSpec, evaluate_methods
+
     X, y = data()
     model = logreg()
     aff = _requests(X, y)["relabel"]
-    specs = [MethodSpec("c", solver="kfac", cached=True, solver_kwargs={"refine": 50}),
-             MethodSpec("f", solver="kfac", solver_kwargs={"refine": 50})]
+    specs = [
+        MethodSpec("c", solver="kfac", cached=True, solver_kwargs={"refine": 50}),
+        MethodSpec("f", solver="kfac", solver_kwargs={"refine": 50}),
+    ]
     rows, ref = evaluate_methods(model, X, y, aff, X[:10], y[:10], specs, mu=MU)
     by = {r["method"]: r for r in rows}
     assert by["c"]["time_oneoff"] > 0 and by["f"]["time_oneoff"] == 0.0

@@ -1,4 +1,5 @@
 """Evaluation metrics on a hand-made case, the harness rows, scenarios, and the report writer."""
+
 import math
 
 import pytest
@@ -20,8 +21,8 @@ def _hand_made():
     obj = Objective(model, "cross_entropy", mu=1.0)
     X_test = torch.tensor([[1.0], [-1.0], [2.0], [-2.0]], dtype=torch.float64)
     y_test = torch.tensor([0, 1, 0, 0])
-    t_star = torch.tensor([1.0, 0.0], dtype=torch.float64)    # class 0 iff x > 0
-    t_retr = torch.tensor([-1.0, 0.0], dtype=torch.float64)   # class 0 iff x < 0
+    t_star = torch.tensor([1.0, 0.0], dtype=torch.float64)  # class 0 iff x > 0
+    t_retr = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # class 0 iff x < 0
     ref = Reference(torch.zeros(2, dtype=torch.float64), t_star, t_retr, 1.0, 2.0, 0.0)
     return obj, X_test, y_test, ref
 
@@ -33,11 +34,11 @@ def test_metrics_on_hand_made_case():
     y_rem = torch.tensor([1])
     Z = (torch.tensor([[3.0], [-3.0]], dtype=torch.float64), torch.tensor([0, 0]))
     m = metrics(obj, theta, ref, X_rem=X_rem, y_rem=y_rem, X_test=X_test, y_test=y_test, Z_eval=Z)
-    assert m["rel_dist"] == pytest.approx(1.5 / 2.0)          # |0.5 − (−1)| / |1 − (−1)|
-    assert m["agreement"] == pytest.approx(0.0)                # opposite signs everywhere
-    assert m["test_acc"] == pytest.approx(3 / 4)               # predicts 0,1,0,1 vs labels 0,1,0,0
+    assert m["rel_dist"] == pytest.approx(1.5 / 2.0)  # |0.5 − (−1)| / |1 − (−1)|
+    assert m["agreement"] == pytest.approx(0.0)  # opposite signs everywhere
+    assert m["test_acc"] == pytest.approx(3 / 4)  # predicts 0,1,0,1 vs labels 0,1,0,0
     assert m["affected_acc"] == pytest.approx(1 / 2)
-    p0 = 1 / (1 + math.exp(-1.5))                               # softmax([±1.5, 0])[0]
+    p0 = 1 / (1 + math.exp(-1.5))  # softmax([±1.5, 0])[0]
     assert m["affected_loss"] == pytest.approx(-(math.log(p0) + math.log(1 - p0)) / 2)
     # ∇L(D̃; θ) for one point x=1, y=1, z = [θ_0 x, θ_1 x]: (p − e_1)·x + μθ with p_0 = σ(0.5)
     p0 = 1 / (1 + math.exp(-0.5))
@@ -96,9 +97,24 @@ def test_deletion_removes_the_affected_points():
 
 
 def test_report_writes_markdown_csv_and_plot(tmp_path):
-    rows = [{"scenario": "s", "seed": s, "method": m, "status": "ok", "rel_dist": d, "agreement": 1.0, "test_acc": 0.9,
-             "affected_acc": 1.0, "grad_residual": 0.1, "time": t, "speedup": 2.0, "time_vs_lissa": 1.0}
-            for s in (0, 1) for m, d, t in (("retrain", 0.0, 1.0), ("kfac", 0.4 + s * 0.2, 0.01))]
+    rows = [
+        {
+            "scenario": "s",
+            "seed": s,
+            "method": m,
+            "status": "ok",
+            "rel_dist": d,
+            "agreement": 1.0,
+            "test_acc": 0.9,
+            "affected_acc": 1.0,
+            "grad_residual": 0.1,
+            "time": t,
+            "speedup": 2.0,
+            "time_vs_lissa": 1.0,
+        }
+        for s in (0, 1)
+        for m, d, t in (("retrain", 0.0, 1.0), ("kfac", 0.4 + s * 0.2, 0.01))
+    ]
     path = write_report(rows, tmp_path, command="python x.py")
     text = path.read_text()
     assert "python x.py" in text and "| kfac | 0.500 ± 0.141" in text

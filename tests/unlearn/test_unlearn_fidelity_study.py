@@ -1,4 +1,5 @@
 """The structure-fidelity study: exact ends of both families, and the deflation formula."""
+
 import torch
 
 from tensorcurv.unlearn import AffectedSet, Objective, train_lbfgs
@@ -17,8 +18,9 @@ def _study(ranks, deflation):
     Xr, yr = aff.apply(X, y)
     theta_r = train_lbfgs(Objective(logreg(), "cross_entropy", MU), Xr, yr, obj.theta(), gtol=1e-11).theta
     cache = CurvatureCache(model, X, y, mu=MU, refine=0)
-    return {(r["family"], r["size"]): r for r in structure_fidelity(cache, aff, theta_r, ranks=ranks,
-                                                                      deflation=deflation)}
+    return {
+        (r["family"], r["size"]): r for r in structure_fidelity(cache, aff, theta_r, ranks=ranks, deflation=deflation)
+    }
 
 
 def test_full_rank_kron_sum_and_full_deflation_reproduce_the_exact_newton_step():
@@ -45,6 +47,7 @@ def test_study_rejects_a_rank_beyond_the_block_and_multi_layer_models():
     import pytest
 
     from unlearn_problems import mlp
+
     X, y = data()
     model = logreg()
     trained(model, X, y, MU)

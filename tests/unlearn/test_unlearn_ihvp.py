@@ -1,4 +1,5 @@
 """Inverse-HVP solvers agree with the dense reference to their tolerances."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Exact GGN from the captured statistics, closed-form gradients, and structure-preconditioned refinement."""
+
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
@@ -64,8 +65,9 @@ def test_closed_form_coefficients_give_the_summed_per_sample_gradients(loss):
     layout = ParamLayout(curv.named_params, curv.adapters)
     got = layout.to_flat(stats_gradient(res.stats, output_coefficients(spec, res.outputs, y)))
     params = {n: p.detach() for n, p in model.named_parameters()}
-    per = vmap(grad(lambda p, x, t: ell(functional_call(model, p, (x.unsqueeze(0),))[0], t)),
-               in_dims=(None, 0, 0))(params, X, y)
+    per = vmap(grad(lambda p, x, t: ell(functional_call(model, p, (x.unsqueeze(0),))[0], t)), in_dims=(None, 0, 0))(
+        params, X, y
+    )
     ref = torch.cat([per[n].sum(0).reshape(-1) for n in params])
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 

@@ -1,4 +1,5 @@
 """Unlearning updates: influence formula, first order, exactness on quadratics, failure safety, errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ def test_exact_removal_update_equals_influence_formula():
     i = 7
     keep = torch.arange(len(X)) != i
     H = hessian(lambda t: _logreg_loss(t, X[keep], y[keep], MU), theta_star)
-    g_i = torch.autograd.functional.jacobian(lambda t: _logreg_loss(t, X[i:i + 1], y[i:i + 1], 0.0), theta_star)
+    g_i = torch.autograd.functional.jacobian(lambda t: _logreg_loss(t, X[i : i + 1], y[i : i + 1], 0.0), theta_star)
     expected = theta_star + torch.linalg.solve(H, g_i)
     res = second_order_update(model, X, y, AffectedSet.removal([i]), ExactSolver("hessian"), mu=MU, inplace=False)
     assert res.ok

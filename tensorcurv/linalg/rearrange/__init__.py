@@ -7,6 +7,7 @@
 * ``power``, ``gram``: the two routes (block subspace iteration; block Krylov in sample space);
 * ``ritz``: the per-pair stopping rule and the checks the routes share.
 """
+
 from tensorcurv.linalg.rearrange.gram import gram_warm_side
 from tensorcurv.linalg.rearrange.operator import RearrangedOperator, dense_rearranged, rearrange
 from tensorcurv.linalg.rearrange.ritz import pair_change

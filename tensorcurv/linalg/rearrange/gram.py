@@ -1,4 +1,5 @@
 """``gram`` route of the Kronecker SVD (``T = 1``): block Krylov in sample space, with warm starts."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,7 @@ from tensorcurv.linalg.rearrange.sample_space import (
 )
 
 
-def gram_warm_side(N: int, K: int, n: int, m: int, rank: int, p: int, have_a: bool = True,
-                   have_g: bool = True) -> str:
+def gram_warm_side(N: int, K: int, n: int, m: int, rank: int, p: int, have_a: bool = True, have_g: bool = True) -> str:
     """How the Gram route (block width ``p``) maps the previous factors into a new batch's sample space:
     ``"a"``, ``"g"`` or ``"cold"``, by multiply-adds. ``R(C) = scale U Wᵀ`` (``U = [vec(a_s a_sᵀ)]``,
     ``W = [vec(Σ_k g_sk g_skᵀ)]``); a left sample coordinate ``x`` stands for ``U x``, a right one for ``W x``.
@@ -47,8 +47,9 @@ def gram_warm_side(N: int, K: int, n: int, m: int, rank: int, p: int, have_a: bo
     return side if costs[side] < p * (gu + gw) else "cold"
 
 
-def _warm_block(stats: LayerStats, side: str, F: Tensor, rand: Tensor,
-                Gw: Callable[[Tensor], Tensor]) -> tuple[Tensor, bool]:
+def _warm_block(
+    stats: LayerStats, side: str, F: Tensor, rand: Tensor, Gw: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, bool]:
     """Columns ``1..p-1`` of a warm first block (left sample coordinates, :func:`gram_warm_side`) from the
     previous factors ``F`` of one side and the random columns ``rand`` (``N x (p-1)``): side ``a``
     ``Gw [z_1..z_q, ρ…]``, side ``g`` ``[y_1..y_q, Gw ρ…]``; ``z``, ``y`` scaled to norm ``√N`` like ``ρ``,
@@ -73,7 +74,6 @@ def _unit(X: Tensor, N: int) -> Tensor:
     """Columns of ``X`` scaled to norm ``√N``; zero columns stay zero."""
     nrm = torch.linalg.vector_norm(X, dim=0)
     return X * torch.where(nrm > 0, math.sqrt(N) / nrm.clamp_min(torch.finfo(X.dtype).tiny), 0.0)
-
 
 
 def gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
@@ -104,7 +104,7 @@ def gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
         if theta_prev is not None:
             change = pair_change(theta, theta_prev, rank, tol, torch.finfo(dtype).eps)
         theta_prev = theta
-        energies.append(float(theta[:min(rank, theta.numel())].sum()))
+        energies.append(float(theta[: min(rank, theta.numel())].sum()))
         invariant = Y.shape[1] >= N
         if change <= tol or it >= max_iter or invariant:
             break
@@ -115,9 +115,18 @@ def gram_svd(stats, rank, p, tol, max_iter, generator, out, warm=None):
     certified = r == 1 and one_signed(ca.T) and one_signed(cg.T)  # A_1, G_1 ± nonnegative combinations
     # term k is exactly sigma_k (Σ_s ca[s,k] a_s a_sᵀ) ⊗ (Σ_{u,k'} cg[u,k] g_uk' g_uk'ᵀ) (before and after
     # the front's normalization): the sample coefficients behind the sample-space PSD certificate of kron_sum
-    out.update(iterations=it, products=2 * r, converged=change <= tol, energy_change=change,
-               gram_passes=2 * len(Ys) + stepped, warm_side=side, energies=energies,
-               psd_certificate=certified, sample_coefficients=(ca * sz[:r], cg), raw_coefficients=(ca, cg))
+    out.update(
+        iterations=it,
+        products=2 * r,
+        converged=change <= tol,
+        energy_change=change,
+        gram_passes=2 * len(Ys) + stepped,
+        warm_side=side,
+        energies=energies,
+        psd_certificate=certified,
+        sample_coefficients=(ca * sz[:r], cg),
+        raw_coefficients=(ca, cg),
+    )
     return pad_terms(sz[:r], A, G, rank)
 
 

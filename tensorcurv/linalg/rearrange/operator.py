@@ -17,6 +17,7 @@ T x m), the two products never form ``C`` or ``R(C)``:
 For ``T = 1`` this is the sample-space form ``R(C) vec(X) = Σ_s w_s vec(a_s a_sᵀ)`` with
 ``w_s = scale Σ_k g_skᵀ X g_sk``: one weighted covariance, i.e. the cost of one K-FAC factor.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,7 @@ def dense_rearranged(stats: LayerStats) -> Tensor:
     """``R(C)`` formed densely from per-sample gradients (small layers / tests only)."""
     G = stats.per_sample_grads()  # (q, m, n)
     R = torch.einsum("qij,qkl->jlik", G, G) * stats.scale
-    return R.reshape(stats.n ** 2, stats.m ** 2)
+    return R.reshape(stats.n**2, stats.m**2)
 
 
 class RearrangedOperator:
@@ -56,7 +57,7 @@ class RearrangedOperator:
     in chunks of samples so that intermediates stay below ``max_elems`` entries.
     """
 
-    def __init__(self, stats: LayerStats, max_elems: int = 2 ** 24) -> None:
+    def __init__(self, stats: LayerStats, max_elems: int = 2**24) -> None:
         self.stats = stats
         self.a, self.g, self.scale = stats.a, stats.g, stats.scale
         self.N, self.T, self.K, self.n, self.m = stats.N, stats.T, stats.K, stats.n, stats.m
@@ -158,7 +159,6 @@ class RearrangedOperator:
         """``‖C‖_F² = ‖R(C)‖_F²`` from the sample Gram (``T = 1``) or per-sample gradients."""
         if self.path == "samples":
             Gu, Gw = sample_grams(self.stats)
-            return float((Gu * Gw).sum()) * self.scale ** 2
+            return float((Gu * Gw).sum()) * self.scale**2
         G = self.stats.per_sample_grads().reshape(-1, self.m * self.n)
-        return float((G @ G.T).pow(2).sum()) * self.scale ** 2
-
+        return float((G @ G.T).pow(2).sum()) * self.scale**2

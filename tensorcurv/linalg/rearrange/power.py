@@ -1,4 +1,5 @@
 """``power`` route of the Kronecker SVD: block subspace iteration on the implicit ``R(C)`` (any ``T``, ``K``)."""
+
 from __future__ import annotations
 
 import math
@@ -16,12 +17,10 @@ def _sym_random(p: int, d: int, like: Tensor, generator: torch.Generator | None,
     return 0.5 * (X + X.transpose(-1, -2)) if symmetric else X
 
 
-
 def _orth(X: Tensor) -> Tensor:
     if X.shape[1] == 1:
         return X / torch.linalg.vector_norm(X).clamp_min(torch.finfo(X.dtype).tiny)
     return orthonormalize(X)
-
 
 
 def power_svd(stats, rank, p, tol, max_iter, init, generator, out):
@@ -60,8 +59,9 @@ def power_svd(stats, rank, p, tol, max_iter, init, generator, out):
             sz = evals.sqrt()
         theta2 = sz.pow(2)
         check_finite_ritz(theta2, stats)
-        change = pair_change(theta2, sy.pow(2) if theta2_prev is None else theta2_prev, rank, tol,
-                             torch.finfo(Z.dtype).eps)
+        change = pair_change(
+            theta2, sy.pow(2) if theta2_prev is None else theta2_prev, rank, tol, torch.finfo(Z.dtype).eps
+        )
         theta2_prev = theta2
         keep = sz > sz[0] * torch.finfo(Z.dtype).eps
         if V is None:
@@ -76,6 +76,7 @@ def power_svd(stats, rank, p, tol, max_iter, init, generator, out):
     # p = 1 (rank 1): A and G are (±) the last two products themselves; one-signed sample weights
     # prove both PSD (nonnegative combinations of a_s a_sᵀ and g_sk g_skᵀ) — no eigendecomposition.
     certified = p == 1 and r == 1 and op.one_signed["matvec"] and op.one_signed["rmatvec"]
-    out.update(iterations=it, products=op.products, converged=change <= tol, energy_change=change,
-               psd_certificate=certified)
+    out.update(
+        iterations=it, products=op.products, converged=change <= tol, energy_change=change, psd_certificate=certified
+    )
     return pad_terms(sz[:r], A, G, rank)

@@ -1,5 +1,6 @@
 """Ritz-step helpers shared by the Kronecker SVD drivers (``power``, ``gram``): the per-pair stopping rule,
 the overflow check, and zero padding of the returned terms."""
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,11 @@ def check_finite_ritz(values: Tensor, stats: LayerStats) -> None:
     """Overflowing products of finite statistics (e.g. ``g ~ 1e25`` in float32) give non-finite Ritz values:
     stop at once instead of iterating on NaN (which a normalization would turn into zero factors)."""
     if not bool(torch.isfinite(values).all()):
-        raise NonFiniteError(f"layer {stats.name!r}: the Kronecker-sum fit overflowed in {stats.a.dtype} "
-                             f"(max |a| = {float(stats.a.abs().max()):.3g}, "
-                             f"max |g| = {float(stats.g.abs().max()):.3g})")
+        raise NonFiniteError(
+            f"layer {stats.name!r}: the Kronecker-sum fit overflowed in {stats.a.dtype} "
+            f"(max |a| = {float(stats.a.abs().max()):.3g}, "
+            f"max |g| = {float(stats.g.abs().max()):.3g})"
+        )
 
 
 def pair_change(theta2: Tensor, prev: Tensor, rank: int, tol: float, eps: float) -> float:
@@ -40,5 +43,8 @@ def pad_terms(sigma, A, G, rank):
     if r == rank:
         return sigma, A, G
     z = rank - r
-    return (torch.cat([sigma, sigma.new_zeros(z)]),
-            torch.cat([A, A.new_zeros(z, *A.shape[1:])]), torch.cat([G, G.new_zeros(z, *G.shape[1:])]))
+    return (
+        torch.cat([sigma, sigma.new_zeros(z)]),
+        torch.cat([A, A.new_zeros(z, *A.shape[1:])]),
+        torch.cat([G, G.new_zeros(z, *G.shape[1:])]),
+    )

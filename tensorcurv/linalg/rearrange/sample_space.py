@@ -4,6 +4,7 @@ covariances and quadratic forms (``a_s``: rows of ``a`` (N x n); ``g_sk``: rows 
 ``R(C) = scale U Wᵀ`` with ``U = [vec(a_s a_sᵀ)]`` and ``W = [vec(Σ_k g_sk g_skᵀ)]``; these kernels apply
 ``UᵀU``, ``WᵀW`` and the weighted sums ``Σ_s w_s a_s a_sᵀ`` without forming ``U`` or ``W``.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ def sample_grams(stats: LayerStats) -> tuple[Tensor, Tensor]:
     return Gu, Gw
 
 
-def gram_operator(X: Tensor, max_elems: int = 2 ** 24) -> Callable[[Tensor], Tensor]:
+def gram_operator(X: Tensor, max_elems: int = 2**24) -> Callable[[Tensor], Tensor]:
     """``C ↦ M C`` for the sample Gram ``M[s,t] = Σ_{k,k'} (x_skᵀ x_tk')² = ⟨S_s, S_t⟩_F``,
     ``S_s = Σ_k x_sk x_skᵀ``, from ``X`` of shape ``(N, K, d)``.
 
@@ -62,8 +63,8 @@ def gram_operator(X: Tensor, max_elems: int = 2 ** 24) -> Callable[[Tensor], Ten
         flat, M = X.reshape(N * K, d), X.new_empty(N, N)
         step = max(1, max_elems // (K * K * N))
         for i in range(0, N, step):
-            blk = (X[i:i + step].reshape(-1, d) @ flat.T).square_()
-            M[i:i + step] = blk.reshape(-1, K, N, K).sum((1, 3))
+            blk = (X[i : i + step].reshape(-1, d) @ flat.T).square_()
+            M[i : i + step] = blk.reshape(-1, K, N, K).sum((1, 3))
     return lambda C: M @ C
 
 
@@ -85,4 +86,3 @@ def weighted_covariances(X: Tensor, W: Tensor | None) -> Tensor:
 def sym_quadratic_forms(X: Tensor, M: Tensor) -> Tensor:
     """``x_sᵀ M x_s`` for every row of ``X`` (``N x d``) and ``M`` (``d x d``): ``rowsum((X M) ∘ X)``."""
     return torch.linalg.vecdot(X @ M, X)
-

@@ -1,5 +1,6 @@
 """The Kronecker SVD of a layer block: the leading singular triplets of the implicit ``R(C)``,
 ``C ≈ Σ_k σ_k A_k ⊗ G_k`` (Eckart–Young; Van Loan & Pitsianis 1993), by the ``power`` or ``gram`` route."""
+
 from __future__ import annotations
 
 import math
@@ -123,8 +124,9 @@ def _check_arguments(stats: LayerStats, rank: int, method: str) -> None:
     """One-line errors for a rank outside ``[1, min(n², m²)]``, an unknown method, ``gram`` with ``T > 1``."""
     n, m = stats.n, stats.m
     if not (isinstance(rank, int) and 1 <= rank <= min(n * n, m * m)):
-        raise ValueError(f"rank must be an integer in [1, {min(n * n, m * m)}] for a block of shape {stats.shape}, "
-                         f"got {rank!r}")
+        raise ValueError(
+            f"rank must be an integer in [1, {min(n * n, m * m)}] for a block of shape {stats.shape}, got {rank!r}"
+        )
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
     if method == "gram" and stats.T != 1:
@@ -155,7 +157,7 @@ def _gram_route(stats, rank, oversample, tol, max_iter, generator, out, A_prev, 
     # exactly symmetric by construction (weighted_covariances)
     sigma, A, G, fa, fg = _normalize(sigma, A, G, scales=True)
     ca, cg = raw  # per-factor sample weights of the returned unit-norm factors (zero columns for padding)
-    ca, cg = ca * fa[:ca.shape[1]], cg * fg[:cg.shape[1]]
+    ca, cg = ca * fa[: ca.shape[1]], cg * fg[: cg.shape[1]]
     z = ca.new_zeros(ca.shape[0], rank - ca.shape[1])
     out["factor_coefficients"] = (torch.cat([ca, z], 1), torch.cat([cg, z], 1))
     return sigma, A, G

@@ -11,6 +11,7 @@
   :func:`make_psd` picks among them; docs/structures/kron_sum.md says when.
 * :func:`gen_eig`: the generalized symmetric eigenproblem behind rank-2 simultaneous diagonalization.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,6 +89,7 @@ def _hull_vertices(X: Tensor):
     if X.shape[1] == 1:
         return torch.stack([X[:, 0].argmin(), X[:, 0].argmax()])
     from scipy.spatial import ConvexHull, QhullError
+
     try:
         return torch.as_tensor(ConvexHull(X.cpu().numpy()).vertices, device=X.device)
     except (QhullError, ValueError):
@@ -127,22 +129,29 @@ def sample_psd_scale(ca: Tensor, cg: Tensor, chunk: int = 1024) -> float | None:
         ah, gh = ca[:, 1:] / a1[:, None], cg[:, 1:] / g1[:, None]
         worst = _min_pair_product_by_hulls(ah, gh)
         if worst is None:
-            worst = min(float((ah[i:i + chunk] @ gh.T).min()) for i in range(0, ca.shape[0], chunk))
+            worst = min(float((ah[i : i + chunk] @ gh.T).min()) for i in range(0, ca.shape[0], chunk))
         worst = -worst
         return 1.0 if worst <= 1.0 else 1.0 / worst
     t = 1.0
     for i in range(0, ca.shape[0], chunk):  # some P_1 entries are 0: those need Q ≥ 0 there
-        P1 = torch.outer(a1[i:i + chunk], g1).abs_()
-        Q = ca[i:i + chunk, 1:] @ cg[:, 1:].T
+        P1 = torch.outer(a1[i : i + chunk], g1).abs_()
+        Q = ca[i : i + chunk, 1:] @ cg[:, 1:].T
         neg = Q < 0
         if bool(neg.any()):
             t = min(t, float((P1[neg] / Q[neg].neg()).min()))
     return max(t, 0.0)
 
 
-def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[Tensor, Tensor] | None = None,
-             proof: str = "auto", inplace: bool = False, factor_coefficients: tuple[Tensor, Tensor] | None = None,
-             bounds: dict | None = None) -> tuple[Tensor, Tensor, float, str]:
+def make_psd(
+    A: Tensor,
+    G: Tensor,
+    certified: bool = False,
+    coefficients: tuple[Tensor, Tensor] | None = None,
+    proof: str = "auto",
+    inplace: bool = False,
+    factor_coefficients: tuple[Tensor, Tensor] | None = None,
+    bounds: dict | None = None,
+) -> tuple[Tensor, Tensor, float, str]:
     """Clip ``A_1, G_1`` to PSD (+ε regularization for r ≥ 2) and scale terms k ≥ 2 by the
     largest ``t`` that keeps ``Σ A_k ⊗ G_k`` PSD (exact for r = 2, sufficient for r ≥ 3).
 
@@ -172,8 +181,10 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
         if t_d is not None:
             return scale_tail(A, t_d, inplace), G, t_d, DENSE_PROOF
         if proof == "dense":
-            raise ValueError(f"psd_proof='dense' needs a block with n·m ≤ {DENSE_PROOF_EXPLICIT_MAX_DIM} whose "
-                             "leading factors are PSD and contain the other terms' ranges; use 'auto'")
+            raise ValueError(
+                f"psd_proof='dense' needs a block with n·m ≤ {DENSE_PROOF_EXPLICIT_MAX_DIM} whose "
+                "leading factors are PSD and contain the other terms' ranges; use 'auto'"
+            )
 
     def sample_route(t):
         if bounds is not None and factor_coefficients is not None:
@@ -203,6 +214,7 @@ def make_psd(A: Tensor, G: Tensor, certified: bool = False, coefficients: tuple[
         return A, G, 1.0, "eigh clip"
     fallback: Callable[[], Any] | None
     if proof != "spectral" and coefficients is not None and t_s is None:
+
         def fallback():  # the certified spectra failed: the sample-space proof before any eigh
             t = sample_psd_scale(*coefficients)
             return None if t is None else sample_route(t)
@@ -242,9 +254,13 @@ def dense_psd_scale(A: Tensor, G: Tensor, max_dim: int = DENSE_PROOF_MAX_DIM) ->
         return None
     (Wa, Pa), (Wg, Pg) = ba, bg
     lead = float(torch.linalg.matrix_norm(Ad[0]) * torch.linalg.matrix_norm(Gd[0]))
-    outside = sum(float(torch.linalg.matrix_norm(Pa @ Ak) * torch.linalg.matrix_norm(Gk)
-                        + torch.linalg.matrix_norm(Ak) * torch.linalg.matrix_norm(Pg @ Gk))
-                  for Ak, Gk in zip(Ad[1:], Gd[1:]))
+    outside = sum(
+        float(
+            torch.linalg.matrix_norm(Pa @ Ak) * torch.linalg.matrix_norm(Gk)
+            + torch.linalg.matrix_norm(Ak) * torch.linalg.matrix_norm(Pg @ Gk)
+        )
+        for Ak, Gk in zip(Ad[1:], Gd[1:])
+    )
     if outside > rel * lead:
         return None
     Q = cast(Tensor, sum(torch.kron(Wa.T @ Ak @ Wa, Wg.T @ Gk @ Wg) for Ak, Gk in zip(Ad[1:], Gd[1:])))
@@ -291,8 +307,10 @@ def spectral_psd(A: Tensor, G: Tensor, fallback=None, bounds: dict | None = None
     if t < 1.0:
         A[1:] = A[1:] * t
     if bounds is not None and not any(skew):
-        bounds.update(A=torch.stack([torch.stack([e.min(), e.max()]) for e in ea]).double() * t,
-                      G=torch.stack([torch.stack([e.min(), e.max()]) for e in eg]).double())
+        bounds.update(
+            A=torch.stack([torch.stack([e.min(), e.max()]) for e in ea]).double() * t,
+            G=torch.stack([torch.stack([e.min(), e.max()]) for e in eg]).double(),
+        )
     return A, G, t, how
 
 
@@ -330,6 +348,7 @@ def _pencil_interval(B: Tensor, L: Tensor, M: Tensor) -> tuple[float, float] | N
     """Certified ``[lo, hi] ⊇`` spectrum of ``L⁻¹ M L⁻ᵀ`` (``B = L Lᵀ``): Lanczos estimates, widened
     until ``hi B − M`` and ``M − lo B`` have Cholesky factors (a proof of the bounds), at most about
     1% wider than the true extremes; None if that fails (caller falls back to ``eigvalsh``)."""
+
     def apply(v):
         u = torch.linalg.solve_triangular(L.T, v, upper=True)
         return torch.linalg.solve_triangular(L, M @ u, upper=False)
@@ -394,16 +413,19 @@ def recompress(A: Tensor, G: Tensor, rank: int, info: dict | None = None) -> tup
     ca_all, cg_all = Ca @ P * S, Cg @ Qh.T
     ca, cg = ca_all[:, :r], cg_all[:, :r]
     if info is not None:
-        info["one_signed"] = rank == 1 and r == 1 and bool(((ca >= 0).all() | (ca <= 0).all())
-                                                          & ((cg >= 0).all() | (cg <= 0).all()))
+        info["one_signed"] = (
+            rank == 1 and r == 1 and bool(((ca >= 0).all() | (ca <= 0).all()) & ((cg >= 0).all() | (cg <= 0).all()))
+        )
     A_new = (ca.T @ Fa).reshape(r, *A.shape[1:])
     G_new = (cg.T @ Fg).reshape(r, *G.shape[1:])
     sign = torch.where(torch.diagonal(A_new, dim1=-2, dim2=-1).sum(-1) < 0, -1.0, 1.0).to(A.dtype)
     A_new, G_new = A_new.mul_(sign[:, None, None]), G_new.mul_(sign[:, None, None])
     if info is not None:
         z = ca.new_zeros(ca.shape[0], rank - r)
-        info["coefficients"] = (torch.cat([ca * sign, z, ca_all[:, r:]], 1),
-                                torch.cat([cg * sign, z, cg_all[:, r:]], 1))
+        info["coefficients"] = (
+            torch.cat([ca * sign, z, ca_all[:, r:]], 1),
+            torch.cat([cg * sign, z, cg_all[:, r:]], 1),
+        )
     if r < rank:
         A_new = torch.cat([A_new, A_new.new_zeros(rank - r, *A_new.shape[1:])])
         G_new = torch.cat([G_new, G_new.new_zeros(rank - r, *G_new.shape[1:])])

@@ -25,6 +25,7 @@ an iteration changes the fitted part ``‖C‖² − ‖C − Ĉ‖²`` by at mo
 (the fitted part minus that of rank ``k − 1``: the scale of the new term, not of ``‖C‖²``), or ``max_iter``
 iterations.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,9 @@ def _pinv_times(K: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, float]:
     return (V[:, keep] / evals[keep]) @ (V[:, keep].T @ Z), float(evals[-1])
 
 
-def _half_step(Kx: np.ndarray, Ky: np.ndarray, Z: np.ndarray, Zs: np.ndarray, x: np.ndarray, y: np.ndarray,
-               lam: float, steps: int) -> np.ndarray:
+def _half_step(
+    Kx: np.ndarray, Ky: np.ndarray, Z: np.ndarray, Zs: np.ndarray, x: np.ndarray, y: np.ndarray, lam: float, steps: int
+) -> np.ndarray:
     """``min_{x ≥ 0} tr(xᵀ Kx x Q) − 2 tr(xᵀ Z y)``, ``Q = yᵀ Ky y``: the clipped unconstrained minimizer
     ``Kx⁺ Z y Q⁺`` (``Zs = Kx⁺ Z``), then ``steps`` projected gradient steps with momentum; the best of
     that, the steps' end point and ``x``."""
@@ -70,6 +72,7 @@ def _half_step(Kx: np.ndarray, Ky: np.ndarray, Z: np.ndarray, Zs: np.ndarray, x:
 
     def value(v):
         return float(((v.T @ Kx @ v) * Q).sum() - 2 * (v * b).sum())
+
     candidates = sorted(((value(x), 0, x), (value(start), 1, start)), key=lambda c: (c[0], c[1]))
     z = u = candidates[0][2]  # projected gradient from the better of the two
     t = 1.0
@@ -95,9 +98,17 @@ def _balance(Ka: np.ndarray, Kg: np.ndarray, al: np.ndarray, ga: np.ndarray) -> 
     return al * f, ga / f
 
 
-def fit_atoms(Ka: Tensor, Kg: Tensor, Z: Tensor, rank: int, init: tuple[Tensor, Tensor], tol: float,
-              max_iter: int, generator: torch.Generator | None = None,
-              info: dict | None = None) -> tuple[Tensor, Tensor]:
+def fit_atoms(
+    Ka: Tensor,
+    Kg: Tensor,
+    Z: Tensor,
+    rank: int,
+    init: tuple[Tensor, Tensor],
+    tol: float,
+    max_iter: int,
+    generator: torch.Generator | None = None,
+    info: dict | None = None,
+) -> tuple[Tensor, Tensor]:
     """Nonnegative ``α, γ`` (``p x rank``, float64) for atom Grams ``Ka, Kg`` and cross matrix ``Z``
     (module doc). ``init`` (``p x k``, ``k ≤ rank``): the first ``k`` terms; the others are added one at a
     time, each stage warm-started from the previous one."""
@@ -158,8 +169,17 @@ def _atom_gram(X: Tensor, idx: Tensor, norm0: Tensor) -> Tensor:
     return torch.cat([top[None], torch.cat([X[0, idx][:, None], X[1:, idx]], 1)])
 
 
-def fit_samples(stats: LayerStats, A1: Tensor, G1: Tensor, rank: int, atoms: int, tol: float, max_iter: int,
-                generator: torch.Generator | None = None, info: dict | None = None) -> tuple[Tensor, Tensor]:
+def fit_samples(
+    stats: LayerStats,
+    A1: Tensor,
+    G1: Tensor,
+    rank: int,
+    atoms: int,
+    tol: float,
+    max_iter: int,
+    generator: torch.Generator | None = None,
+    info: dict | None = None,
+) -> tuple[Tensor, Tensor]:
     """PSD fit of a ``T = 1`` block from the rank-1 fit ``A1 ⊗ G1`` and ``atoms`` of its samples (module
     doc): ``(A (r,n,n), G (r,m,m))``."""
     if stats.T != 1:
@@ -192,8 +212,16 @@ def fit_samples(stats: LayerStats, A1: Tensor, G1: Tensor, rank: int, atoms: int
     return A, G
 
 
-def recompress_psd(A: Tensor, G: Tensor, w: Tensor, rank: int, init: tuple[Tensor, Tensor], tol: float,
-                   max_iter: int, info: dict | None = None) -> tuple[Tensor, Tensor]:
+def recompress_psd(
+    A: Tensor,
+    G: Tensor,
+    w: Tensor,
+    rank: int,
+    init: tuple[Tensor, Tensor],
+    tol: float,
+    max_iter: int,
+    info: dict | None = None,
+) -> tuple[Tensor, Tensor]:
     """Rank-``rank`` PSD fit of ``Σ_i w_i A_i ⊗ G_i`` (PSD ``A_i, G_i``, ``w ≥ 0``) on the atoms ``A_i, G_i``
     (``Z = Ka diag(w) Kg``), started from the coefficients ``init``."""
     Fa, Fg = A.flatten(1).double(), G.flatten(1).double()
@@ -221,8 +249,16 @@ def _others(F: Tensor, c: Tensor, j: int) -> Tensor:
     return torch.einsum("i,iab->ab", c, F)
 
 
-def fit_factors(stats: LayerStats, A1: Tensor, G1: Tensor, rank: int, tol: float, max_iter: int,
-                generator: torch.Generator | None = None, info: dict | None = None) -> tuple[Tensor, Tensor]:
+def fit_factors(
+    stats: LayerStats,
+    A1: Tensor,
+    G1: Tensor,
+    rank: int,
+    tol: float,
+    max_iter: int,
+    generator: torch.Generator | None = None,
+    info: dict | None = None,
+) -> tuple[Tensor, Tensor]:
     """PSD fit of any block by projected HALS on the implicit ``R(C)``, from the rank-1 fit ``A1 ⊗ G1``:
     ``(A (r,n,n), G (r,m,m))``."""
     op = RearrangedOperator(stats)

@@ -14,6 +14,7 @@ Rank r reaches the Eckart–Young optimum ``sqrt(Σ_{i>r} σ_i²)`` of the rearr
 
 The mathematics (fit routes, stopping rule, PSD certificates, interval proofs): docs/structures/kron_sum.md.
 """
+
 from __future__ import annotations
 
 import time
@@ -122,11 +123,21 @@ class KronSumHparams:
             raise ValueError(f"kron_sum.tol and kron_sum.pcg_tol must be > 0, got {self.tol}, {self.pcg_tol}")
         if self.max_iter < 1 or self.pcg_max_iter < 1 or (self.warm_max_iter is not None and self.warm_max_iter < 1):
             raise ValueError("kron_sum.max_iter, kron_sum.pcg_max_iter and kron_sum.warm_max_iter must be >= 1")
-        if self.psd_svd_max_iter is not None and not (isinstance(self.psd_svd_max_iter, int) and self.psd_svd_max_iter >= 1):
-            raise ValueError(f"kron_sum.psd_svd_max_iter must be None or an integer >= 1, got {self.psd_svd_max_iter!r}")
-        if not (isinstance(self.psd_atoms, int) and self.psd_atoms >= 1) or self.psd_max_iter < 1 or not self.psd_tol > 0:
-            raise ValueError("kron_sum.psd_atoms and kron_sum.psd_max_iter must be integers >= 1 and kron_sum.psd_tol > 0, "
-                             f"got {self.psd_atoms!r}, {self.psd_max_iter!r}, {self.psd_tol!r}")
+        if self.psd_svd_max_iter is not None and not (
+            isinstance(self.psd_svd_max_iter, int) and self.psd_svd_max_iter >= 1
+        ):
+            raise ValueError(
+                f"kron_sum.psd_svd_max_iter must be None or an integer >= 1, got {self.psd_svd_max_iter!r}"
+            )
+        if (
+            not (isinstance(self.psd_atoms, int) and self.psd_atoms >= 1)
+            or self.psd_max_iter < 1
+            or not self.psd_tol > 0
+        ):
+            raise ValueError(
+                "kron_sum.psd_atoms and kron_sum.psd_max_iter must be integers >= 1 and kron_sum.psd_tol > 0, "
+                f"got {self.psd_atoms!r}, {self.psd_max_iter!r}, {self.psd_tol!r}"
+            )
         if self.oversample is not None and self.oversample < 0:
             raise ValueError(f"kron_sum.oversample must be >= 0 or None, got {self.oversample}")
 
@@ -143,8 +154,9 @@ class KronSum(Structure):
         m, n = self.shape
         r = self.hparams.rank
         if r > min(n * n, m * m):
-            raise ValueError(f"kron_sum.rank={r} exceeds min(n², m²) = {min(n * n, m * m)} "
-                             f"for a block of weight shape {self.shape}")
+            raise ValueError(
+                f"kron_sum.rank={r} exceeds min(n², m²) = {min(n * n, m * m)} for a block of weight shape {self.shape}"
+            )
         self.exact_solve = r == 1 or (r == 2 and self.hparams.damping_kind == "pi")
         self.generator = torch.Generator().manual_seed(self.hparams.seed)
         self.last_fit: dict[str, Any] = {}
@@ -162,8 +174,17 @@ class KronSum(Structure):
         t0 = time.perf_counter()
         capped = capped and init is not None and hp.warm_max_iter is not None
         max_iter = min(hp.max_iter, hp.warm_max_iter) if capped else hp.max_iter
-        sigma, A, G = kronecker_svd(stats, hp.rank, method=hp.method, tol=hp.tol, max_iter=max_iter,
-                                    oversample=hp.oversample, init=init, generator=self.generator, info=info)
+        sigma, A, G = kronecker_svd(
+            stats,
+            hp.rank,
+            method=hp.method,
+            tol=hp.tol,
+            max_iter=max_iter,
+            oversample=hp.oversample,
+            init=init,
+            generator=self.generator,
+            info=info,
+        )
         info["svd_time"] = time.perf_counter() - t0
         info["warm_start"] = init is not None
         coefficients = info.pop("sample_coefficients", None)
@@ -178,8 +199,9 @@ class KronSum(Structure):
         hp, info = self.hparams, {}
         t0 = time.perf_counter()
         max_iter = hp.max_iter if hp.psd_svd_max_iter is None else min(hp.max_iter, hp.psd_svd_max_iter)
-        sigma, A1, G1 = kronecker_svd(stats, 1, method=hp.method, tol=hp.tol, max_iter=max_iter,
-                                      generator=self.generator, info=info)
+        sigma, A1, G1 = kronecker_svd(
+            stats, 1, method=hp.method, tol=hp.tol, max_iter=max_iter, generator=self.generator, info=info
+        )
         info["svd_time"] = time.perf_counter() - t0
         A1, G1 = A1[0] * sigma[0], G1[0]
         if hp.rank == 1:  # the leading pair is PSD (Perron–Frobenius); clip only if the fit could not certify it
@@ -198,8 +220,9 @@ class KronSum(Structure):
             self._store(*self._fit_psd_factors(stats), None)
             return self
         A, G, (coefficients, factors) = self._svd(stats, warm=True)
-        self._set(A, G, certified=bool(self.last_fit.get("psd_certificate")), coefficients=coefficients,
-                  factors=factors)
+        self._set(
+            A, G, certified=bool(self.last_fit.get("psd_certificate")), coefficients=coefficients, factors=factors
+        )
         return self
 
     def _interval_proof_applies(self) -> bool:
@@ -208,8 +231,11 @@ class KronSum(Structure):
         hp = self.hparams
         m, n = self.shape
         exact = hp.psd_proof == "dense" or (hp.psd_proof == "auto" and m * n <= DENSE_PROOF_MAX_DIM)
-        return hp.psd == "shrink" and not exact and ((hp.rank >= 3 and hp.psd_proof != "spectral")
-                                                     or (hp.rank == 2 and hp.psd_proof == "samples"))
+        return (
+            hp.psd == "shrink"
+            and not exact
+            and ((hp.rank >= 3 and hp.psd_proof != "spectral") or (hp.rank == 2 and hp.psd_proof == "samples"))
+        )
 
     def _update(self, stats, decay):
         self._check_stats(stats)
@@ -218,8 +244,15 @@ class KronSum(Structure):
             r = self.hparams.rank
             w = torch.tensor([decay] * r + [1 - decay] * r, dtype=torch.float64)
             eye = torch.cat([torch.eye(r, dtype=torch.float64), torch.zeros(r, r, dtype=torch.float64)])
-            A, G = recompress_psd(torch.cat([self.A, A_b]), torch.cat([self.G, G_b]), w, r,
-                                  (eye, decay * eye), self.hparams.psd_tol, self.hparams.psd_max_iter)
+            A, G = recompress_psd(
+                torch.cat([self.A, A_b]),
+                torch.cat([self.G, G_b]),
+                w,
+                r,
+                (eye, decay * eye),
+                self.hparams.psd_tol,
+                self.hparams.psd_max_iter,
+            )
             self._store(A, G, None)
             self.last_fit["recompressed"] = True
             return self
@@ -232,8 +265,9 @@ class KronSum(Structure):
                 A_b[1:] *= t_b
                 factors = (torch.cat([factors[0][:, :1], factors[0][:, 1:] * t_b], 1), factors[1])
         info: dict[str, Any] = {}
-        A, G = recompress(torch.cat([decay * self.A, (1 - decay) * A_b]), torch.cat([self.G, G_b]),
-                          self.hparams.rank, info)
+        A, G = recompress(
+            torch.cat([decay * self.A, (1 - decay) * A_b]), torch.cat([self.G, G_b]), self.hparams.rank, info
+        )
         self.last_fit["recompressed"] = True
         if t_b is not None:
             t0 = time.perf_counter()
@@ -241,7 +275,7 @@ class KronSum(Structure):
             t = None
             if new is not None:
                 r = self.hparams.rank
-                (ia, ig), (da, dg) = [x[:r - 1] for x in new], [x[r - 1:] for x in new]
+                (ia, ig), (da, dg) = [x[: r - 1] for x in new], [x[r - 1 :] for x in new]
                 t = max(interval_scale(ia, ig), 1.0 / (1.0 + negative_mass(da, dg)))
             self.last_fit["interval_scale"] = t
             if t is not None and t >= INTERVAL_ACCEPT * self._psd_scale:  # else too loose: spectral below
@@ -252,13 +286,16 @@ class KronSum(Structure):
                     if spec[2] > t and "A" in spec_bounds:
                         A, G, t, how = spec
                         self._store(A, G, (spec_bounds["A"], spec_bounds["G"]), t)
-                        self.last_fit.update(psd=self.hparams.psd, psd_scale=t, psd_method=how,
-                                             psd_time=time.perf_counter() - t0)
+                        self.last_fit.update(
+                            psd=self.hparams.psd, psd_scale=t, psd_method=how, psd_time=time.perf_counter() - t0
+                        )
                         return self
-                self._store(scale_tail(A, t, True), G,
-                            (relative_to_leading(ia) * min(t, 1.0), relative_to_leading(ig)), t)
-                self.last_fit.update(psd=self.hparams.psd, psd_scale=t, psd_method=how,
-                                     psd_time=time.perf_counter() - t0)
+                self._store(
+                    scale_tail(A, t, True), G, (relative_to_leading(ia) * min(t, 1.0), relative_to_leading(ig)), t
+                )
+                self.last_fit.update(
+                    psd=self.hparams.psd, psd_scale=t, psd_method=how, psd_time=time.perf_counter() - t0
+                )
                 return self
         # rank 1: old (PSD after _set) and certified batch terms mixed with one-signed coefficients stay PSD
         self._set(A, G, certified=batch_psd and info["one_signed"])
@@ -287,17 +324,25 @@ class KronSum(Structure):
         self.A, self.G, self._bounds, self._psd_scale = A, G, bounds, t
         self.fitted, self._cache = True, {}
         skew = bool(A.shape[0] > 1 and antisymmetric(A[1:2]).any())
-        self.exact_solve = self.hparams.rank == 1 or (self.hparams.rank == 2 and self.hparams.damping_kind == "pi"
-                                                       and not skew)
+        self.exact_solve = self.hparams.rank == 1 or (
+            self.hparams.rank == 2 and self.hparams.damping_kind == "pi" and not skew
+        )
 
     def _set(self, A: Tensor, G: Tensor, certified: bool = False, coefficients=None, factors=None) -> None:
         t0 = time.perf_counter()
         t = 1.0
         bounds: dict = {}
         if self.hparams.psd == "shrink":
-            A, G, t, how = make_psd(A, G, certified and self.hparams.psd_certificate, coefficients,
-                                    self.hparams.psd_proof, inplace=True, factor_coefficients=factors,
-                                    bounds=bounds)
+            A, G, t, how = make_psd(
+                A,
+                G,
+                certified and self.hparams.psd_certificate,
+                coefficients,
+                self.hparams.psd_proof,
+                inplace=True,
+                factor_coefficients=factors,
+                bounds=bounds,
+            )
             self.last_fit["psd_method"] = how
         self._store(A, G, (bounds["A"], bounds["G"]) if "A" in bounds else None, t)
         self.last_fit.update(psd=self.hparams.psd, psd_scale=t, psd_time=time.perf_counter() - t0)
@@ -314,8 +359,10 @@ class KronSum(Structure):
         if damping == 0:
             return regularize(A1), regularize(G1)
         shift_A, shift_G = factored_shifts(pi_ratio(float(torch.trace(A1)), float(torch.trace(G1)), (m, n)), damping)
-        return (A1 + shift_A * torch.eye(n, dtype=A1.dtype, device=A1.device),
-                G1 + shift_G * torch.eye(m, dtype=G1.dtype, device=G1.device))
+        return (
+            A1 + shift_A * torch.eye(n, dtype=A1.dtype, device=A1.device),
+            G1 + shift_G * torch.eye(m, dtype=G1.dtype, device=G1.device),
+        )
 
     def _rank1_solver(self, damping: float, kind: str):
         key = ("r1", damping, kind)
@@ -360,15 +407,20 @@ class KronSum(Structure):
             return self._rank1_solver(damping, kind)(V)
         if r == 2 and kind == "pi" and self.exact_solve:
             f, dmin = self._rank2_solver(damping)
-            self.last_solve = {"method": "simultaneous-diagonalization", "damping": kind, "exact": True,
-                               "min_eigen_denominator": dmin}
+            self.last_solve = {
+                "method": "simultaneous-diagonalization",
+                "damping": kind,
+                "exact": True,
+                "min_eigen_denominator": dmin,
+            }
             return f(V)
         if r == 2 and self.exact_solve is False and not antisymmetric(self.A[1:2]).any():
             precond, pname = self._rank2_solver(damping)[0], "rank-2 factored (simultaneous diagonalization)"
         else:
             precond, pname = self._rank1_solver(damping, "tikhonov"), "dominant term A_1⊗G_1 + λI"
-        X, info = pcg_or_fallback(self._damped_mv(damping, kind), V, precond, self.hparams.pcg_tol,
-                                  self.hparams.pcg_max_iter, damping)
+        X, info = pcg_or_fallback(
+            self._damped_mv(damping, kind), V, precond, self.hparams.pcg_tol, self.hparams.pcg_max_iter, damping
+        )
         self.last_solve = {"method": "pcg", "damping": kind, "exact": False, "preconditioner": pname, **info}
         return X
 
@@ -405,9 +457,12 @@ class KronSum(Structure):
     def state_dict(self) -> dict[str, Any]:
         """Factors ``A, G`` (the next fit's warm start) plus the start-column generator's state,
         so that a resumed run refits bitwise like the uninterrupted one."""
-        return {**super().state_dict(), "generator": self.generator.get_state(),
-                "psd_bounds": None if self._bounds is None else tuple(b.clone() for b in self._bounds),
-                "psd_scale": self._psd_scale}
+        return {
+            **super().state_dict(),
+            "generator": self.generator.get_state(),
+            "psd_bounds": None if self._bounds is None else tuple(b.clone() for b in self._bounds),
+            "psd_scale": self._psd_scale,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -421,10 +476,9 @@ class KronSum(Structure):
         self._cache = {}
         if self.fitted:
             skew = bool(self.A.shape[0] > 1 and antisymmetric(self.A[1:2]).any())
-            self.exact_solve = self.hparams.rank == 1 or (self.hparams.rank == 2
-                                                           and self.hparams.damping_kind == "pi" and not skew)
+            self.exact_solve = self.hparams.rank == 1 or (
+                self.hparams.rank == 2 and self.hparams.damping_kind == "pi" and not skew
+            )
 
 
 # ---------------------------------------------------------------------- interval certificates (running averages)
-
-

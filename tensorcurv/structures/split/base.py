@@ -10,6 +10,7 @@ traces (exact Tikhonov damping).
 
 The mathematics (fit, symmetry, PSD shift, running average): docs/structures/tucker.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,11 +62,13 @@ class SplitPsd(Option):
     SHIFT = "shift"
     NONE = "none"
 
+
 LANCZOS_STEPS = 60
 
 
-def lanczos_lower_bound(apply, shape: tuple[int, int], like: Tensor, generator: torch.Generator,
-                        steps: int = LANCZOS_STEPS) -> float:
+def lanczos_lower_bound(
+    apply, shape: tuple[int, int], like: Tensor, generator: torch.Generator, steps: int = LANCZOS_STEPS
+) -> float:
     """A lower estimate of ``λ_min`` of the symmetric operator ``apply`` on ``(m, n)`` matrices: Lanczos
     (:func:`tensorcurv.linalg.lanczos.lanczos`, ``min(steps, mn)`` steps, random start from ``generator``),
     the smallest Ritz value ``θ`` minus its residual norm ``β_k |s_k|`` (an eigenvalue lies within it of
@@ -112,8 +115,13 @@ class SplitHparams:
         dtf.check_method(name, self.method)
         if self.psd not in SplitPsd.values():
             raise ValueError(f"{name}.psd={self.psd!r} is not one of {SplitPsd.values()}")
-        if (self.num_factors < 1 or self.max_iter < 1 or self.pcg_max_iter < 1 or self.chunk < 1
-                or (self.warm_max_iter is not None and self.warm_max_iter < 1)):
+        if (
+            self.num_factors < 1
+            or self.max_iter < 1
+            or self.pcg_max_iter < 1
+            or self.chunk < 1
+            or (self.warm_max_iter is not None and self.warm_max_iter < 1)
+        ):
             raise ValueError(f"{name}: num_factors, max_iter, warm_max_iter, pcg_max_iter and chunk must be >= 1")
         if not (self.tol > 0 and self.pcg_tol > 0):
             raise ValueError(f"{name}: tol and pcg_tol must be > 0")
@@ -171,11 +179,11 @@ class SplitTensor:
         res = None
         for i in range(0, st.N, self.chunk):
             if st.T == 1:
-                a = st.a[i:i + self.chunk, 0].reshape(-1, *self.sin)
-                g = st.g[i:i + self.chunk, :, 0].reshape(a.shape[0], st.K, *self.sout)
+                a = st.a[i : i + self.chunk, 0].reshape(-1, *self.sin)
+                g = st.g[i : i + self.chunk, :, 0].reshape(a.shape[0], st.K, *self.sout)
                 data = [(a, s + "".join(ra)), (a, s + "".join(ca)), (g, s + k + "".join(rg)), (g, s + k + "".join(cg))]
             else:
-                sub = LayerStats(st.a[i:i + self.chunk], st.g[i:i + self.chunk], st.scale)
+                sub = LayerStats(st.a[i : i + self.chunk], st.g[i : i + self.chunk], st.scale)
                 G = sub.per_sample_grads()  # (q, m, n)
                 G = G.reshape(-1, *self.sout, *self.sin)
                 data = [(G, s + "".join(rg) + "".join(ra)), (G, s + "".join(cg) + "".join(ca))]
@@ -278,16 +286,28 @@ class SplitFormat(Structure):
         if self._pre is None:
             self._pre = mode_factors_precond(*self.partial_traces())
         evals, evecs = self._pre
-        return lambda R: from_tensor(kron_eig_solve(evals, evecs, as_tensor(R, self.sin, self.sout), damping),
-                                     *self.shape)
+        return lambda R: from_tensor(
+            kron_eig_solve(evals, evecs, as_tensor(R, self.sin, self.sout), damping), *self.shape
+        )
 
     def _pcg_solve(self, V, damping):
         """PCG on ``Ĉ + μI + λI`` preconditioned by :meth:`_precond` at damping ``λ + μ``."""
         lam = damping + self.shift
-        X, info = pcg_or_fallback(lambda Z: self._format_mv(Z) + lam * Z, V, self._precond(lam),
-                                  self.hparams.pcg_tol, self.hparams.pcg_max_iter, lam)
-        self.last_solve = {"method": "pcg", "damping": "tikhonov", "exact": False,
-                           "preconditioner": "Kronecker product of partial traces", **info}
+        X, info = pcg_or_fallback(
+            lambda Z: self._format_mv(Z) + lam * Z,
+            V,
+            self._precond(lam),
+            self.hparams.pcg_tol,
+            self.hparams.pcg_max_iter,
+            lam,
+        )
+        self.last_solve = {
+            "method": "pcg",
+            "damping": "tikhonov",
+            "exact": False,
+            "preconditioner": "Kronecker product of partial traces",
+            **info,
+        }
         return X
 
     def _load_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -303,4 +323,3 @@ class SplitFormat(Structure):
     def state_dict(self):
         """Format tensors plus the random-start generator's state (exact resume)."""
         return {**super().state_dict(), "generator": self.generator.get_state(), "psd_shift": self.shift}
-

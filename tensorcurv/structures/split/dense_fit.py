@@ -19,6 +19,7 @@ the block's dtype and device (no host round trip or float64 copy on a GPU), the 
 settings apply, and the backend switch is local to this thread and undone on exit — tensorly's
 process-wide ``set_backend`` is never called, so a user's own tensorly backend is untouched.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,9 @@ from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import summed_outer_products
 
-MAX_ENTRIES = 2 ** 23
+MAX_ENTRIES = 2**23
 """Largest formed ``𝒯`` (``(mn)²`` entries; 64 MiB in float64) that ``method="tensorly"`` accepts."""
-AUTO_ENTRIES = {"tucker": 2 ** 21, "tt": 2 ** 23}
+AUTO_ENTRIES = {"tucker": 2**21, "tt": 2**23}
 """``method="auto"`` forms ``𝒯`` up to this many entries per structure and fits implicitly above. Measured
 (2 shared CPU cores, N = 512, K = 10; ``scripts/bench_tensorly_fit.py --break-even``, README): TT-SVD on the formed
 tensor beats the implicit ALS up to ~8M entries (1.0-1.7x at 8.2M, 0.5x at 17M); tensorly's HOOI makes full passes
@@ -66,8 +67,9 @@ def check_formable(name: str, shape: tuple[int, int]) -> None:
     if e > MAX_ENTRIES:
         raise ValueError(
             f"{name}.method='tensorly' forms the split tensor of (mn)² = {e} entries "
-            f"({e * 8 / 2 ** 20:.0f} MiB in float64) for the block {shape}, more than MAX_ENTRIES={MAX_ENTRIES}; "
-            f"use method='implicit' (or 'auto') for this layer")
+            f"({e * 8 / 2**20:.0f} MiB in float64) for the block {shape}, more than MAX_ENTRIES={MAX_ENTRIES}; "
+            f"use method='implicit' (or 'auto') for this layer"
+        )
 
 
 def use_tensorly(name: str, method: str, shape: tuple[int, int]) -> bool:
@@ -92,19 +94,22 @@ def split_tensor(stats: LayerStats, sin: list[int], sout: list[int], chunk: int 
     out = torch.zeros(n * n, m * m, dtype=stats.a.dtype, device=stats.a.device)
     pin, pout = [0] + [1 + p for p in pair_permutation(d)], [0] + [1 + p for p in pair_permutation(e)]
     sym = [oe.get_symbol(i) for i in range(1 + 2 * (d + e))]
-    q, A, B, I, J = sym[0], sym[1:1 + d], sym[1 + d:1 + 2 * d], sym[1 + 2 * d:1 + 2 * d + e], sym[1 + 2 * d + e:]
-    expr = (f"{q}{''.join(I)}{''.join(A)},{q}{''.join(J)}{''.join(B)}->"
-            + "".join(a + b for a, b in zip(A, B)) + "".join(i + j for i, j in zip(I, J)))
+    q, A, B, I, J = sym[0], sym[1 : 1 + d], sym[1 + d : 1 + 2 * d], sym[1 + 2 * d : 1 + 2 * d + e], sym[1 + 2 * d + e :]
+    expr = (
+        f"{q}{''.join(I)}{''.join(A)},{q}{''.join(J)}{''.join(B)}->"
+        + "".join(a + b for a, b in zip(A, B))
+        + "".join(i + j for i, j in zip(I, J))
+    )
     for i in range(0, stats.N, chunk):
         if stats.T == 1:
-            a, g = stats.a[i:i + chunk, 0], stats.g[i:i + chunk, :, 0]  # (s, n), (s, K, m)
+            a, g = stats.a[i : i + chunk, 0], stats.g[i : i + chunk, :, 0]  # (s, n), (s, K, m)
             s = a.shape[0]
             X = (a[:, :, None] * a[:, None, :]).reshape(s, *sin, *sin).permute(pin).reshape(s, n * n)
             L = summed_outer_products(g)  # Λ_s
             Y = L.reshape(s, *sout, *sout).permute(pout).reshape(s, m * m)
             out += X.T @ Y
         else:
-            G = LayerStats(stats.a[i:i + chunk], stats.g[i:i + chunk], stats.scale).per_sample_grads()  # (q, m, n)
+            G = LayerStats(stats.a[i : i + chunk], stats.g[i : i + chunk], stats.scale).per_sample_grads()  # (q, m, n)
             G = G.reshape(-1, *sout, *sin)
             out += oe.contract(expr, G, G).reshape(n * n, m * m)
     return (out * stats.scale).reshape(sq)
@@ -129,18 +134,28 @@ def gram_svd(matrix: Tensor, n_eigenvecs: int | None = None, **_) -> tuple[Tenso
     return (matrix @ V) / S, S, V.T
 
 
-def tucker_hooi(T: Tensor, ranks: list[int], tol: float, max_iter: int,
-                init: tuple[Tensor, list[Tensor]] | None = None) -> tuple[list[Tensor], Tensor, dict]:
+def tucker_hooi(
+    T: Tensor, ranks: list[int], tol: float, max_iter: int, init: tuple[Tensor, list[Tensor]] | None = None
+) -> tuple[list[Tensor], Tensor, dict]:
     """HOOI of ``T`` by ``tensorly.decomposition.tucker`` (truncated-HOSVD start, or ``init = (core, factors)``).
     Returns the orthonormal factors ``U_l`` (``x_l² x p_l``), the core and fit information. Stops when the
     relative error changes by less than ``tol`` (tensorly's rule) or after ``max_iter`` sweeps."""
     with tl.backend_context("pytorch", local_threadsafe=True):
         start = "svd" if init is None else tl.tucker_tensor.TuckerTensor((init[0], list(init[1])))
-        (core, U), errors = tucker(T, rank=list(ranks), init=start, n_iter_max=max_iter, tol=tol,
-                                   svd=gram_svd, return_errors=True)
+        (core, U), errors = tucker(
+            T, rank=list(ranks), init=start, n_iter_max=max_iter, tol=tol, svd=gram_svd, return_errors=True
+        )
     change = abs(float(errors[-2]) - float(errors[-1])) if len(errors) > 1 else math.inf
-    return list(U), core, {"iterations": len(errors), "converged": change < tol, "error_change": change,
-                           "relative_error": float(errors[-1])}
+    return (
+        list(U),
+        core,
+        {
+            "iterations": len(errors),
+            "converged": change < tol,
+            "error_change": change,
+            "relative_error": float(errors[-1]),
+        },
+    )
 
 
 def tt_svd(T: Tensor, ranks: list[int], sizes: list[int]) -> list[Tensor]:

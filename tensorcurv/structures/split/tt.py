@@ -9,6 +9,7 @@ decompositions. Otherwise ``solve`` is PCG on the symmetric part plus ``(λ + μ
 
 The mathematics: docs/structures/tt.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,11 +57,12 @@ class TensorTrain(SplitFormat):
         hp = self.hparams
         sq = [x * x for x in self.sin + self.sout]
         D = len(sq)
-        caps = [min(math.prod(sq[:l + 1]), math.prod(sq[l + 1:])) for l in range(D - 1)]
+        caps = [min(math.prod(sq[: l + 1]), math.prod(sq[l + 1 :])) for l in range(D - 1)]
         if isinstance(hp.ranks, (list, tuple)):
             if len(hp.ranks) != D - 1:
-                raise ValueError(f"tt.ranks has {len(hp.ranks)} entries for {D - 1} bonds of modes "
-                                 f"{self.sin + self.sout}")
+                raise ValueError(
+                    f"tt.ranks has {len(hp.ranks)} entries for {D - 1} bonds of modes {self.sin + self.sout}"
+                )
             if any(r > c for r, c in zip(hp.ranks, caps)):
                 raise ValueError(f"tt.ranks {list(hp.ranks)} exceed the maximal TT-ranks {caps}")
             self.ranks = list(hp.ranks)
@@ -78,8 +80,10 @@ class TensorTrain(SplitFormat):
         sizes = self.sin + self.sout
         D, rho = len(sizes), self._bonds()
         if init is None:
-            cores = [torch.randn(rho[l], x, x, rho[l + 1], generator=self.generator, dtype=torch.float64)
-                     for l, x in enumerate(sizes)]
+            cores = [
+                torch.randn(rho[l], x, x, rho[l + 1], generator=self.generator, dtype=torch.float64)
+                for l, x in enumerate(sizes)
+            ]
             if self.exact_solve:  # ranks all 1: start from symmetric factors (kept by ALS, see module doc)
                 cores = [_sym(c) for c in cores]
         else:
@@ -121,8 +125,14 @@ class TensorTrain(SplitFormat):
                 return self
         target = _StatsTarget(SplitTensor(stats, self.sin, self.sout, self.hparams.chunk), stats.a)
         self.cores, info = self._als(target, self.cores if self.fitted else None)
-        self.last_fit = {"method": "implicit", **info, "splits_in": self.sin, "splits_out": self.sout,
-                         "ranks": self.ranks, **({"fallback": fallback} if fallback else {})}
+        self.last_fit = {
+            "method": "implicit",
+            **info,
+            "splits_in": self.sin,
+            "splits_out": self.sout,
+            "ranks": self.ranks,
+            **({"fallback": fallback} if fallback else {}),
+        }
         self.fitted, self._pre = True, None
         return self
 
@@ -142,8 +152,15 @@ class TensorTrain(SplitFormat):
                 return f"tt-svd Kronecker factors not symmetric ({asym:.1e})"
             cores = [_sym(c) for c in cores]
         self.cores = cores
-        self.last_fit = {"method": "tensorly", "iterations": 0, "converged": True, "splits_in": self.sin,
-                         "splits_out": self.sout, "ranks": self.ranks, "tt_ranks": [c.shape[-1] for c in cores[:-1]]}
+        self.last_fit = {
+            "method": "tensorly",
+            "iterations": 0,
+            "converged": True,
+            "splits_in": self.sin,
+            "splits_out": self.sout,
+            "ranks": self.ranks,
+            "tt_ranks": [c.shape[-1] for c in cores[:-1]],
+        }
         self.fitted, self._pre = True, None
         return None
 
@@ -278,8 +295,10 @@ class _StatsTarget:
         D = T.D
         b = [T.symbol() for _ in range(D + 1)]
         ops = [(c, b[k] + T.rows[k] + T.cols[k] + b[k + 1]) for k, c in enumerate(cores) if k != l]
-        ops += [(torch.ones(1, dtype=self.dtype, device=self.device), b[0]),
-                (torch.ones(1, dtype=self.dtype, device=self.device), b[D])]
+        ops += [
+            (torch.ones(1, dtype=self.dtype, device=self.device), b[0]),
+            (torch.ones(1, dtype=self.dtype, device=self.device), b[D]),
+        ]
         out = T.contract(ops, b[l] + T.rows[l] + T.cols[l] + b[l + 1])
         T.release(D + 1)
         return out

@@ -10,6 +10,7 @@ The operator is the symmetric part ``½(Ĉ + Ĉᵀ)``; ``psd="shift"`` (default)
 
 The mathematics (fit, symmetry, PSD shift, running average): docs/structures/tucker.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,12 @@ class Tucker(SplitFormat):
         D, sizes = T.D, T.sizes
         dt = stats.a.dtype
         if init is None:
-            U = [torch.linalg.qr(torch.randn(x * x, p, generator=self.generator, dtype=torch.float64).to(dt).to(stats.a.device))[0]
-                 for x, p in zip(sizes, self.ranks)]
+            U = [
+                torch.linalg.qr(
+                    torch.randn(x * x, p, generator=self.generator, dtype=torch.float64).to(dt).to(stats.a.device)
+                )[0]
+                for x, p in zip(sizes, self.ranks)
+            ]
         else:
             U = [u.clone() for u in init]
         ps = [T.symbol() for _ in range(D)]
@@ -81,13 +86,15 @@ class Tucker(SplitFormat):
             for l in range(D):
                 if self.ranks[l] == sizes[l] ** 2 and it > 1:
                     continue
-                ops = [(U[k].reshape(sizes[k], sizes[k], -1), T.rows[k] + T.cols[k] + ps[k]) for k in range(D) if k != l]
+                ops = [
+                    (U[k].reshape(sizes[k], sizes[k], -1), T.rows[k] + T.cols[k] + ps[k]) for k in range(D) if k != l
+                ]
                 Y = T.contract(ops, T.rows[l] + T.cols[l] + "".join(ps[k] for k in range(D) if k != l))
                 Y = Y.reshape(sizes[l] ** 2, -1)
                 if self.ranks[l] == sizes[l] ** 2:
                     U[l] = torch.eye(sizes[l] ** 2, dtype=dt, device=Y.device)
                 else:
-                    U[l] = torch.linalg.svd(Y, full_matrices=False)[0][:, :self.ranks[l]]
+                    U[l] = torch.linalg.svd(Y, full_matrices=False)[0][:, : self.ranks[l]]
             ops = [(U[k].reshape(sizes[k], sizes[k], -1), T.rows[k] + T.cols[k] + ps[k]) for k in range(D)]
             core = T.contract(ops, "".join(ps))
             energy = float(core.pow(2).sum())
@@ -96,8 +103,14 @@ class Tucker(SplitFormat):
             energy_prev = energy
             if change <= hp.tol or it >= sweep_budget(hp, init is not None):
                 break
-        self.last_fit = {"iterations": it, "converged": change <= hp.tol, "energy_change": change,
-                         "splits_in": self.sin, "splits_out": self.sout, "ranks": self.ranks}
+        self.last_fit = {
+            "iterations": it,
+            "converged": change <= hp.tol,
+            "energy_change": change,
+            "splits_in": self.sin,
+            "splits_out": self.sout,
+            "ranks": self.ranks,
+        }
         return U, core
 
     def fit(self, stats):
@@ -119,8 +132,13 @@ class Tucker(SplitFormat):
         T = dtf.split_tensor(stats, self.sin, self.sout, hp.chunk)
         init = previous if update else None
         U, core, info = dtf.tucker_hooi(T, self.ranks, hp.tol, sweep_budget(hp, init is not None), init)
-        self.last_fit = {"method": "tensorly", **info, "splits_in": self.sin, "splits_out": self.sout,
-                         "ranks": self.ranks}
+        self.last_fit = {
+            "method": "tensorly",
+            **info,
+            "splits_in": self.sin,
+            "splits_out": self.sout,
+            "ranks": self.ranks,
+        }
         return U, core
 
     def _update(self, stats, decay):
@@ -177,7 +195,11 @@ class Tucker(SplitFormat):
             w = self.core
             for k in reversed(range(D)):
                 if k != l:
-                    w = torch.tensordot(w, tr[k], dims=([k], [0])) if k > l else torch.tensordot(w, tr[k], dims=([k], [0]))
+                    w = (
+                        torch.tensordot(w, tr[k], dims=([k], [0]))
+                        if k > l
+                        else torch.tensordot(w, tr[k], dims=([k], [0]))
+                    )
             P.append(torch.tensordot(mats[l], w, dims=([2], [0])))
         total = torch.trace(P[0])
         return P, total

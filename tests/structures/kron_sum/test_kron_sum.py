@@ -1,4 +1,5 @@
 """Facts about ``kron_sum`` / ``kpsvd`` (float64, tiny layers, dense reference from the ``dense`` structure)."""
+
 import pytest
 import torch
 from torch import nn
@@ -193,8 +194,9 @@ def test_resume_from_state_dict_refits_bitwise_like_the_uninterrupted_run(method
     assert all(torch.equal(run.tensors()[k], resumed.tensors()[k]) for k in ("A", "G"))
 
 
-@pytest.mark.parametrize("model_name, how", [("linear", "certificate (one-signed sample weights)"),
-                                             ("conv", "cholesky certificate")])
+@pytest.mark.parametrize(
+    "model_name, how", [("linear", "certificate (one-signed sample weights)"), ("conv", "cholesky certificate")]
+)
 def test_rank_one_fit_is_positive_semidefinite_without_clipping(model_name, how):
     shrink = fit(model_name, "ggn", "kron_sum", rank=1).blocks["0"]
     raw = fit(model_name, "ggn", "kron_sum", rank=1, psd="none").blocks["0"]
@@ -237,6 +239,7 @@ def test_certified_rank_two_shrink_is_within_one_percent_of_the_largest_psd_scal
 def test_gram_fit_terms_are_sample_pair_combinations_of_rank_one_kronecker_products(kind):
     from structure_problems import curvature
     from tensorcurv.linalg.rearrange import kronecker_svd
+
     st = curvature("linear", kind)[1]["0"]
     info = {}
     sigma, A, G = kronecker_svd(st, 3, method="gram", tol=1e-12, info=info)
@@ -252,6 +255,7 @@ def test_gram_fit_terms_are_sample_pair_combinations_of_rank_one_kronecker_produ
 @pytest.mark.parametrize("rank", [3, 4])
 def test_sample_space_certificate_makes_rank_three_and_four_fits_positive_semidefinite(rank):
     from tensorcurv.structures.kron_sum.certificates import SAMPLE_PROOF
+
     raw = fit("linear", "empirical", "kron_sum", rank=rank, psd="none", method="gram").blocks["0"].to_dense()
     block = fit("linear", "empirical", "kron_sum", rank=rank, method="gram", psd_proof="samples").blocks["0"]
     assert block.last_fit["psd_method"] == SAMPLE_PROOF
@@ -261,6 +265,7 @@ def test_sample_space_certificate_makes_rank_three_and_four_fits_positive_semide
 
 def test_sample_space_scale_is_the_largest_that_keeps_every_sample_pair_weight_nonnegative():
     from tensorcurv.structures.kron_sum.certificates import sample_psd_scale
+
     g = torch.Generator().manual_seed(0)
     ca = torch.randn(30, 4, generator=g, dtype=torch.float64)
     cg = torch.randn(30, 4, generator=g, dtype=torch.float64)
@@ -284,8 +289,10 @@ def test_invalid_psd_proof_raises_a_clear_error():
 
 @pytest.mark.parametrize("kind", ["empirical", "ggn"])
 def test_auto_psd_proof_on_small_blocks_is_the_exact_scale_and_beats_the_sample_and_spectral_proofs(kind):
-    scales = {proof: fit("linear", kind, "kron_sum", rank=3, method="gram", psd_proof=proof).blocks["0"]
-              .last_fit["psd_scale"] for proof in ("samples", "spectral", "dense", "auto")}
+    scales = {
+        proof: fit("linear", kind, "kron_sum", rank=3, method="gram", psd_proof=proof).blocks["0"].last_fit["psd_scale"]
+        for proof in ("samples", "spectral", "dense", "auto")
+    }
     assert scales["auto"] == scales["dense"] >= max(scales["samples"], scales["spectral"])
 
 
@@ -308,6 +315,7 @@ def test_running_average_updates_at_rank_four_stay_positive_semidefinite(kind, p
 @pytest.mark.parametrize("n", [40, 80])  # ggn: one-signed leading sample weights (the batch certificate exists)
 def test_interval_certified_update_is_the_recompressed_mix_of_psd_fits_with_its_tail_scaled_and_is_psd(n, monkeypatch):
     from tensorcurv.structures.kron_sum import structure as ks
+
     monkeypatch.setattr(ks, "INTERVAL_ACCEPT", 0.0)  # take the interval certificate whatever its t
     sts = _stats_stream("ggn", n=n)
     block = structures.create("kron_sum", sts[0].shape, rank=3, method="gram", psd_proof="samples").fit(sts[0])
@@ -337,6 +345,7 @@ def _loewner_ok(M, tol=1e-10):
 
 def test_sample_intervals_bound_every_factor_between_multiples_of_the_leading_one():
     from tensorcurv.structures.kron_sum.certificates import sample_intervals
+
     g = torch.Generator().manual_seed(0)
     S = _psd_atoms(12, 5, g)
     c = torch.randn(12, 3, generator=g, dtype=torch.float64)
@@ -352,6 +361,7 @@ def test_sample_intervals_bound_every_factor_between_multiples_of_the_leading_on
 
 def test_mixed_intervals_bound_recompressed_factors_against_a_psd_reference_below_the_leading_one():
     from tensorcurv.structures.kron_sum.certificates import interval_part, mixed_intervals
+
     g = torch.Generator().manual_seed(1)
     iv = torch.tensor([[1.0, 1.0], [-0.4, 0.3], [-0.2, 0.5]], dtype=torch.float64)
     inputs, refs = [], []
@@ -368,7 +378,7 @@ def test_mixed_intervals_bound_recompressed_factors_against_a_psd_reference_belo
     c[:, 0] = torch.tensor([0.9, 0.05, -0.05, 0.1, 0.01, 0.02], dtype=torch.float64)
     Fn = torch.einsum("ik,inm->knm", c, torch.cat(inputs))
     out = mixed_intervals([interval_part(c[:3], iv), interval_part(c[3:], iv)])
-    L1 = [float(torch.minimum(c[o:o + 3, :1] * iv[:, :1], c[o:o + 3, :1] * iv[:, 1:]).sum()) for o in (0, 3)]
+    L1 = [float(torch.minimum(c[o : o + 3, :1] * iv[:, :1], c[o : o + 3, :1] * iv[:, 1:]).sum()) for o in (0, 3)]
     B = L1[0] * refs[0] + L1[1] * refs[1]
     assert min(L1) > 0 and _loewner_ok(Fn[0] - B)
     for k in (1, 2):
@@ -394,6 +404,7 @@ def test_resume_keeps_the_certified_intervals_of_the_running_average():
 
 def test_sample_part_bounds_a_recombined_group_exactly_by_its_combined_sample_weights():
     from tensorcurv.structures.kron_sum.certificates import sample_part
+
     g = torch.Generator().manual_seed(2)
     S = _psd_atoms(15, 5, g)
     w = torch.randn(15, 3, generator=g, dtype=torch.float64)
@@ -410,6 +421,7 @@ def test_sample_part_bounds_a_recombined_group_exactly_by_its_combined_sample_we
 @pytest.mark.parametrize("r", [2, 3, 4, 5, 6])
 def test_sample_space_scale_from_convex_hulls_equals_the_full_pair_product(r, monkeypatch):
     from tensorcurv.structures.kron_sum import certificates as K
+
     g = torch.Generator().manual_seed(r)
     ca = torch.randn(400, r, generator=g, dtype=torch.float64)
     cg = torch.randn(400, r, generator=g, dtype=torch.float64) * 0.3
@@ -422,6 +434,7 @@ def test_sample_space_scale_from_convex_hulls_equals_the_full_pair_product(r, mo
 
 def test_sample_space_scale_falls_back_to_the_full_product_on_flat_point_sets():
     from tensorcurv.structures.kron_sum.certificates import sample_psd_scale
+
     g = torch.Generator().manual_seed(0)
     ca = torch.randn(300, 4, generator=g, dtype=torch.float64)
     cg = torch.randn(300, 4, generator=g, dtype=torch.float64)
@@ -435,6 +448,7 @@ def test_sample_space_scale_falls_back_to_the_full_product_on_flat_point_sets():
 
 def test_antisymmetric_flags_the_factors_whose_skew_part_dominates():
     from tensorcurv.linalg.rearrange import antisymmetric
+
     g = torch.Generator().manual_seed(0)
     S = torch.randn(5, 6, 6, generator=g, dtype=torch.float64)
     sym, skew = S + S.mT, S - S.mT

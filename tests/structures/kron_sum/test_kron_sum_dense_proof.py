@@ -1,4 +1,5 @@
 """The exact PSD scale of small Kronecker sums: ``A_1⊗G_1 + tΣ_{k≥2}A_k⊗G_k ⪰ 0`` for the largest ``t ≤ 1``."""
+
 import pytest
 import torch
 
@@ -35,8 +36,11 @@ def test_dense_scale_handles_leading_factors_with_a_common_null_space():
     a[:, -1] = 0.0
     z = torch.randn(200, 4, generator=g, dtype=torch.float64)
     gs = z - z.mean(1, keepdim=True)  # ⊥ 1
-    w = [torch.ones(200, dtype=torch.float64), torch.randn(200, generator=g, dtype=torch.float64),
-         torch.randn(200, generator=g, dtype=torch.float64)]
+    w = [
+        torch.ones(200, dtype=torch.float64),
+        torch.randn(200, generator=g, dtype=torch.float64),
+        torch.randn(200, generator=g, dtype=torch.float64),
+    ]
     A = torch.stack([(a * wk[:, None]).T @ a for wk in w])
     G = torch.stack([(gs * wk.flip(0)[:, None]).T @ gs for wk in w])
     A[0] += 50 * torch.diag(torch.tensor([1.0, 1, 1, 1, 0], dtype=torch.float64))  # a dominant, PSD, singular lead
@@ -70,6 +74,7 @@ def test_kron_sum_with_auto_proof_uses_the_dense_scale_on_small_blocks_and_is_ps
 
 def test_dense_proof_on_a_block_too_large_is_a_clear_error():
     from tensorcurv.structures.kron_sum.certificates import make_psd
+
     A, G = _raw_factors("empirical", 2)
     with pytest.raises(ValueError, match="psd_proof='dense' needs a block with"):
         make_psd(A.repeat(1, 40, 40), G.repeat(1, 40, 40), proof="dense")  # n·m = 5·7·1600 > 4096
@@ -77,6 +82,7 @@ def test_dense_proof_on_a_block_too_large_is_a_clear_error():
 
 def test_running_average_updates_on_a_small_block_use_the_exact_scale_and_stay_psd():
     from test_kron_sum import _stats_stream
+
     sts = _stats_stream("ggn")
     block = structures.create("kron_sum", sts[0].shape, rank=4, method="gram").fit(sts[0])
     for st in sts[1:]:

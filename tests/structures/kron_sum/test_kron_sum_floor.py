@@ -6,6 +6,7 @@ Dense reference (float64, 256 samples): for ``T = 1`` ``R(C) = scale Uᵀ W`` wi
 the error from ``‖X Yᵀ‖² = tr(XᵀX YᵀY)``); ``T > 1``: ``dense_rearranged`` and ``svdvals``. The
 first test checks this reference against ``to_dense`` and ``dense_rearranged`` on a small layer.
 """
+
 from functools import cache
 
 import pytest
@@ -44,6 +45,7 @@ def layer(net, name, trained, kind):
 
         def error(block):
             return float((R - block.A.flatten(1).T @ block.G.flatten(1)).norm())
+
     return st, s, error
 
 
@@ -59,7 +61,7 @@ def test_reference_error_and_floor_equal_the_dense_ones():
     st, s, error = layer("mlp", "5", True, "ggn")
     C = st.scale * torch.einsum("qi,qj->ij", *(2 * [st.per_sample_grads().transpose(1, 2).flatten(1)]))
     block = structures.create("kron_sum", st.shape, rank=3, psd="none").fit(st)
-    torch.testing.assert_close(s, torch.linalg.svdvals(rearrange(C, st.shape))[:s.numel()], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(s, torch.linalg.svdvals(rearrange(C, st.shape))[: s.numel()], rtol=1e-10, atol=1e-14)
     assert error(block) == pytest.approx(float((block.to_dense() - C).norm()), rel=1e-9)
     assert torch.allclose(dense_rearranged(st), rearrange(C, st.shape), rtol=1e-12, atol=1e-15)
 

@@ -1,5 +1,6 @@
 """Facts about the warm start of the sample-space Gram route of ``kronecker_svd`` / ``kron_sum``
 (float64, tiny layers; dense reference: the rearranged block from per-sample gradients)."""
+
 import pytest
 import torch
 from torch import nn
@@ -39,8 +40,9 @@ def test_warm_started_gram_fit_from_the_previous_batch_reaches_the_eckart_young_
     _, A, G = kronecker_svd(linear_stats(1, kind=kind), rank, method="gram", generator=gen())  # previous step
     st = linear_stats(2, kind=kind)
     info = {}
-    sigma, A, G = kronecker_svd(st, rank, method="gram", tol=1e-12, init=RANK_ONLY_SIDE[side](A, G),
-                                generator=gen(), info=info)
+    sigma, A, G = kronecker_svd(
+        st, rank, method="gram", tol=1e-12, init=RANK_ONLY_SIDE[side](A, G), generator=gen(), info=info
+    )
     assert info["warm_side"] == side and info["converged"]
     R = dense_rearranged(st)
     err = float((R - torch.einsum("k,ki,kj->ij", sigma, A.flatten(1), G.flatten(1))).norm())
@@ -53,8 +55,15 @@ def test_warm_start_from_the_same_batch_exact_fit_stops_after_two_blocks_where_t
     sigma, A, G = kronecker_svd(st, 2, method="gram", tol=1e-14, max_iter=500, generator=gen())
     cold, warm = {}, {}
     kronecker_svd(st, 2, method="gram", tol=1e-10, generator=gen(), info=cold)
-    kronecker_svd(st, 2, method="gram", tol=1e-10, init=RANK_ONLY_SIDE[side](sigma[:, None, None] * A, G),
-                  generator=gen(), info=warm)
+    kronecker_svd(
+        st,
+        2,
+        method="gram",
+        tol=1e-10,
+        init=RANK_ONLY_SIDE[side](sigma[:, None, None] * A, G),
+        generator=gen(),
+        info=warm,
+    )
     assert warm["warm_side"] == side and cold["warm_side"] == "cold"
     assert warm["iterations"] == 2 < cold["iterations"]  # two blocks: the least the per-pair rule compares
 
@@ -86,4 +95,3 @@ def test_kron_sum_refit_maps_its_previous_factors_from_the_side_the_flop_rule_pi
     assert not block.last_fit["warm_start"] and block.last_fit["warm_side"] == "cold"
     block.fit(random_stats(40, n, m, seed=2))
     assert block.last_fit["warm_start"] and block.last_fit["warm_side"] == side  # "a" needs the previous A
-

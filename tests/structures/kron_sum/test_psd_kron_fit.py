@@ -1,5 +1,6 @@
 """Facts about the PSD-factor Kronecker-sum fit (:mod:`tensorcurv.structures.kron_sum.psd_factors`), float64, tiny
 layers, dense ground truth from the ``dense`` structure."""
+
 import pytest
 import torch
 from torch import nn
@@ -85,6 +86,7 @@ def test_kron_sum_psd_svd_max_iter_must_be_none_or_a_positive_integer(bad):
 def test_kron_sum_psd_factors_rank_one_with_unlimited_power_iterations_is_the_rank_one_optimum():
     C, st = block_and_stats("linear")
     A1, G1 = rank_one(st)
-    block = tensorcurv.structures.create("kron_sum", st.shape, rank=1, psd="factors", method="power",
-                                         psd_svd_max_iter=None, tol=1e-14, max_iter=2000).fit(st)
+    block = tensorcurv.structures.create(
+        "kron_sum", st.shape, rank=1, psd="factors", method="power", psd_svd_max_iter=None, tol=1e-14, max_iter=2000
+    ).fit(st)
     assert float((block.to_dense() - C).norm()) == pytest.approx(float((torch.kron(A1, G1) - C).norm()), rel=1e-9)

@@ -1,4 +1,5 @@
 """Facts about the split-index structures ``tucker`` and ``tt`` (float64, tiny layers, dense reference)."""
+
 import pytest
 import torch
 from torch import nn
@@ -79,7 +80,7 @@ def test_tt_ranks_all_one_solve_is_exact():
 
 def test_tt_with_full_ranks_reproduces_the_dense_block():
     C = fit("dense").to_dense()
-    block = fit("tt", ranks=10 ** 4, **SPLIT, max_iter=2)
+    block = fit("tt", ranks=10**4, **SPLIT, max_iter=2)
     assert block.ranks == [4, 16, 4]
     assert rel(block.to_dense(), C) < 1e-10
 
@@ -147,6 +148,7 @@ def test_indefinite_fit_solves_finitely_by_the_psd_preconditioner_and_reports_th
 
 def test_pcg_or_fallback_replaces_a_non_finite_answer_by_the_preconditioner_solve():
     from tensorcurv.linalg.krylov import pcg_or_fallback
+
     b = torch.ones(3, 2, dtype=torch.float64)
     X, info = pcg_or_fallback(lambda Z: Z * float("nan"), b, lambda R: R / 2.0, 1e-10, 50, 1.0)
     assert info["fallback"] == "non-finite" and torch.equal(X, b / 2.0)
@@ -159,8 +161,12 @@ def test_pcg_on_a_positive_definite_fit_uses_no_fallback():
 
 
 # ---------------------------------------------------------------------- symmetry of the represented operator
-SYM_CASES = [(s, kind, conv, r) for conv in (False, True) for kind in ("ggn", "empirical")
-             for s, r in (("tucker", 2), ("tucker", [2, 4, 2, 3]), ("tt", 1), ("tt", 2), ("tt", 4))]
+SYM_CASES = [
+    (s, kind, conv, r)
+    for conv in (False, True)
+    for kind in ("ggn", "empirical")
+    for s, r in (("tucker", 2), ("tucker", [2, 4, 2, 3]), ("tt", 1), ("tt", 2), ("tt", 4))
+]
 
 
 def split_for(conv):
@@ -203,8 +209,7 @@ def test_tt_rank_one_factors_are_symmetric_and_fit_no_worse_than_an_unsymmetric_
     g = torch.Generator().manual_seed(1)
     x = torch.randn((8, 1, 4, 4) if conv else (8, 5), generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (8,), generator=g)
-    curv = tensorcurv.Curvature(model(conv), "tt", kind, seed=0, ranks=1, **split_for(conv), **TIGHT,
-                                method="implicit")
+    curv = tensorcurv.Curvature(model(conv), "tt", kind, seed=0, ranks=1, **split_for(conv), **TIGHT, method="implicit")
     stats = curv.capture(x, y, nn.CrossEntropyLoss()).stats["0"]
     free = structures.create("tt", block.shape, ranks=1, **split_for(conv), **TIGHT, method="implicit")
     free.exact_solve = False

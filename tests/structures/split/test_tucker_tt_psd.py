@@ -2,6 +2,7 @@
 solve is a real damped inverse (no fallback), equal to the dense ``(Ĉ + λI)^{-1} v``; and the library
 leaves torch's thread count alone. Dense reference: ``to_dense`` and ``eigvalsh`` (float64, trained
 layers, GGN, 256 samples; blocks of 1168 and 1290 rows)."""
+
 from functools import cache
 
 import pytest

@@ -1,5 +1,6 @@
 """Facts about the ``method="tensorly"`` fits of ``tucker`` / ``tt``: the formed split tensor 𝒯 and tensorly's
 HOOI / TT-SVD on it (float64, tiny layers; references: the ``dense`` block and torch SVDs of 𝒯's unfoldings)."""
+
 import math
 
 import pytest
@@ -42,7 +43,7 @@ def fitted(structure, stats, **hp):
 
 def unfolding_svals(T, k):
     """Singular values of the unfolding of ``T`` with modes ``0..k`` as rows (torch, full SVD)."""
-    return torch.linalg.svdvals(T.reshape(math.prod(T.shape[:k + 1]), -1))
+    return torch.linalg.svdvals(T.reshape(math.prod(T.shape[: k + 1]), -1))
 
 
 def tail(s, r):
@@ -81,7 +82,7 @@ def test_formed_split_tensor_contracted_with_factors_equals_the_implicit_contrac
 # ---------------------------------------------------------------------- tt: TT-SVD
 def test_tt_tensorly_with_full_ranks_reproduces_the_dense_block():
     stats, C = stats_and_block()
-    block = fitted("tt", stats, ranks=10 ** 4, method="tensorly", **SPLIT)
+    block = fitted("tt", stats, ranks=10**4, method="tensorly", **SPLIT)
     assert block.last_fit["method"] == "tensorly"
     assert rel(block.to_dense(), C) < 1e-10
 
@@ -122,8 +123,9 @@ def test_tt_tensorly_rank_one_factors_are_symmetric_and_solve_exactly(conv):
 def test_tt_rank_one_falls_back_to_the_implicit_fit_when_tt_svd_factors_are_not_symmetric(monkeypatch):
     stats, _ = stats_and_block()
     svd = dtf.tt_svd
-    monkeypatch.setattr(dtf, "tt_svd", lambda *a: [c + torch.triu(torch.ones_like(c[0, :, :, 0]), 1)[None, :, :, None]
-                                                    for c in svd(*a)])
+    monkeypatch.setattr(
+        dtf, "tt_svd", lambda *a: [c + torch.triu(torch.ones_like(c[0, :, :, 0]), 1)[None, :, :, None] for c in svd(*a)]
+    )
     block = fitted("tt", stats, ranks=1, method="tensorly", **SPLIT)
     assert block.last_fit["method"] == "implicit" and "not symmetric" in block.last_fit["fallback"]
     assert all(torch.equal(F, F.T) for F in block.kron_factors())
@@ -139,8 +141,10 @@ def test_tucker_tensorly_with_full_ranks_reproduces_the_dense_block():
 
 def hosvd_error(T, ranks):
     """Truncated HOSVD (torch): leading left singular vectors of every unfolding, core = projection."""
-    U = [torch.linalg.svd(torch.movedim(T, l, 0).reshape(T.shape[l], -1), full_matrices=False)[0][:, :r]
-         for l, r in enumerate(ranks)]
+    U = [
+        torch.linalg.svd(torch.movedim(T, l, 0).reshape(T.shape[l], -1), full_matrices=False)[0][:, :r]
+        for l, r in enumerate(ranks)
+    ]
     core = torch.einsum("abcd,aP,bQ,cR,dS->PQRS", T, *U)
     return float((T - torch.einsum("PQRS,aP,bQ,cR,dS->abcd", core, *U)).norm())
 
@@ -183,8 +187,10 @@ def test_implicit_and_tensorly_fits_reach_the_same_error_within_two_percent(stru
     # both are local methods (HOOI / ALS vs TT-SVD) with different starts; measured gaps here: tucker 1e-14, tt ≤ 0.6%
     # (digits MLP blocks: ≤ 1%, see reports/bench_tensorly_fit.md), so 2% separates "same optimum" from a broken fit
     stats, C = stats_and_block(conv)
-    errs = {m: rel(fitted(structure, stats, ranks=ranks, method=m, **split_for(conv), **TIGHT).to_dense(), C)
-            for m in ("implicit", "tensorly")}
+    errs = {
+        m: rel(fitted(structure, stats, ranks=ranks, method=m, **split_for(conv), **TIGHT).to_dense(), C)
+        for m in ("implicit", "tensorly")
+    }
     assert abs(errs["implicit"] - errs["tensorly"]) <= 0.02 * errs["tensorly"], errs
 
 
