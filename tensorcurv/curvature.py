@@ -188,6 +188,7 @@ class Curvature:
             self.fit_capture(inputs, res, decay)
         except NonFiniteError:
             if gen_state is not None:
+                assert self.generator is not None  # gen_state was taken from it
                 self.generator.set_state(gen_state)
             raise
         return res.loss

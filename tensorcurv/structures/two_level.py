@@ -100,6 +100,7 @@ class TwoLevel(ModelStructure):
     """Block-diagonal base ``B`` plus coarse correction; one instance for the whole model."""
 
     Hparams = TwoLevelHparams
+    fitted: bool = False  # a plain attribute here (set by fit/load_state_dict), the base's property
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], hparams: TwoLevelHparams | None = None) -> None:
         super().__init__(shapes, hparams)
