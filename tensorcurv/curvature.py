@@ -160,6 +160,7 @@ class Curvature:
         )
         self._batch_scale = spec.batch_scale(inputs.shape[0])
         if accumulate_grad:
+            assert res.grads is not None  # capture was given grad_params
             for p, g in zip(self.params, res.grads):
                 p.grad = g if p.grad is None else p.grad + g
         self.last_capture_time = time.perf_counter() - t0
