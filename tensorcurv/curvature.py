@@ -160,6 +160,7 @@ class Curvature:
         )
         self._batch_scale = spec.batch_scale(inputs.shape[0])
         if accumulate_grad:
+            assert res.grads is not None  # capture was given grad_params
             for p, g in zip(self.params, res.grads):
                 p.grad = g if p.grad is None else p.grad + g
         self.last_capture_time = time.perf_counter() - t0
@@ -188,6 +189,7 @@ class Curvature:
             self.fit_capture(inputs, res, decay)
         except NonFiniteError:
             if gen_state is not None:
+                assert self.generator is not None  # gen_state was taken from it
                 self.generator.set_state(gen_state)
             raise
         return res.loss

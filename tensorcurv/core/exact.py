@@ -24,7 +24,7 @@ structure approximates).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -183,7 +183,7 @@ class ExactBlock:
         """``diag(C)`` as an ``(m, n)`` matrix: ``c Σ_j G_j²`` (elementwise)."""
         if self.stats.T == 1:
             return self.scale * (self.g[:, :, 0].pow(2).sum(1).T @ self.a[:, 0].pow(2))
-        return self.scale * sum(G.pow(2).sum(0) for G in self.grad_chunks())
+        return self.scale * cast(Tensor, sum(G.pow(2).sum(0) for G in self.grad_chunks()))
 
     def eigenvalues(self) -> Tensor:
         """Nonzero spectrum of ``C`` (descending) as the eigenvalues of ``c·Gram`` (``J x J``)."""
@@ -263,7 +263,7 @@ class ExactModel:
 
     def coefficients(self, V: Mapping[str, Tensor]) -> Tensor:
         """``w_j = Σ_l ⟨G_j^{(l)}, V_l⟩`` (``(N, K)``)."""
-        return sum(b.coefficients(V[k]) for k, b in self.blocks.items())
+        return cast(Tensor, sum(b.coefficients(V[k]) for k, b in self.blocks.items()))
 
     def combine(self, w: Tensor) -> dict[str, Tensor]:
         return {k: b.combine(w) for k, b in self.blocks.items()}
@@ -276,7 +276,7 @@ class ExactModel:
 
     def gram(self) -> Tensor:
         """``⟨u_j, u_j'⟩ = Σ_l ⟨G_j^{(l)}, G_j'^{(l)}⟩`` (``J x J``, full coupling)."""
-        return sum(b.gram() for b in self.blocks.values())
+        return cast(Tensor, sum(b.gram() for b in self.blocks.values()))
 
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
         if self._eigh is None:
@@ -346,7 +346,7 @@ class ParamLayout:
         for name, ad, idx in self.layers:
             for i, t in zip(idx, ad.from_matrix(mats[name])):
                 parts[i] = t.reshape(-1)
-        return torch.cat(parts)
+        return torch.cat(cast(list[Tensor], parts))  # __init__ checked that the layers cover every parameter
 
 
 def _woodbury(op: ExactBlock | ExactModel, V, damping: float) -> tuple[Any, dict[str, Any]]:

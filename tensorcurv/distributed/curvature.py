@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from tensorcurv.core.capture import CaptureResult
 from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.core.options import Option
+from tensorcurv.core.stats import LayerStats
 from tensorcurv.curvature import Curvature
 from tensorcurv.distributed import reduce as R
 from tensorcurv.distributed.assignment import assign
@@ -197,7 +198,8 @@ class DistributedCurvature(Curvature):
         state = None
         if comm.rank == 0:
             ms = self.model_structure
-            ms.fit(full) if decay is None else ms.update(full, decay)
+            gathered = cast(dict[str, LayerStats], full)  # rank 0 receives every layer's statistics
+            ms.fit(gathered) if decay is None else ms.update(gathered, decay)
             state = ms.state_dict()
         state = comm.broadcast_object(state, src=0)
         if comm.rank != 0:

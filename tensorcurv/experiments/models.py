@@ -40,7 +40,7 @@ parameters (``resnet`` with ``norm="group"``/``"batch"``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from torch import nn
@@ -270,7 +270,13 @@ class ResNet(nn.Module):
         return self.fc(self.pool(self.blocks(self.stem(x))))
 
 
-_BUILDERS = {"mlp": mlp, "autoencoder": autoencoder, "cnn": CNN, "conv_autoencoder": ConvAutoencoder, "resnet": ResNet}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "autoencoder": autoencoder,
+    "cnn": CNN,
+    "conv_autoencoder": ConvAutoencoder,
+    "resnet": ResNet,
+}
 #: models whose output reconstructs the input (trained with MSE against the input)
 AUTOENCODERS = ("autoencoder", "conv_autoencoder")
 

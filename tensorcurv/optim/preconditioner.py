@@ -39,7 +39,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -77,10 +77,10 @@ def first_nonfinite(named: Sequence[tuple[str, Tensor | None]]) -> list[str]:
     """Names whose tensor holds NaN/Inf. Fast path: one fused norm over all tensors, summed into one
     host number (norms are >= 0, so the sum is finite iff every tensor is, barring overflow, which
     only triggers the exact per-tensor check)."""
-    named = [(n, t) for n, t in named if t is not None]
-    if not named or math.isfinite(float(torch.stack(torch._foreach_norm([t for _, t in named])).sum())):
+    present = [(n, t) for n, t in named if t is not None]
+    if not present or math.isfinite(float(torch.stack(torch._foreach_norm([t for _, t in present])).sum())):
         return []
-    return [n for n, t in named if not bool(torch.isfinite(t).all())]
+    return [n for n, t in present if not bool(torch.isfinite(t).all())]
 
 
 class Preconditioner:
@@ -191,7 +191,7 @@ class Preconditioner:
             bad.append("statistics on another rank")
         if bad:
             if gen is not None:
-                gen.set_state(gen_state)
+                gen.set_state(cast(Tensor, gen_state))  # taken from gen above
             self._skip(f"non-finite values in {bad} (loss={float(loss):.4g})")
             return loss
         if res is not None:
@@ -200,7 +200,7 @@ class Preconditioner:
                 self.curvature.fit_capture(inputs, res, decay)
             except NonFiniteError as e:
                 if gen is not None:
-                    gen.set_state(gen_state)
+                    gen.set_state(cast(Tensor, gen_state))  # taken from gen above
                 self._skip(str(e))
                 return loss
         if res is not None and self.keep_stats:
@@ -231,12 +231,13 @@ class Preconditioner:
         lam = self.damping.value(self.steps)
         t0 = time.perf_counter()
         params = self._params
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
+        grads_or_none = [p.grad for p in params]
+        if any(g is None for g in grads_or_none):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params]
+            grads_or_none = [p.grad for p in params]
+        grads = cast(list[Tensor], grads_or_none)  # every .grad is set now
         gPg = None
         try:
             if self.kl_clip is None and refine is None:  # nothing else needs g: p.grad ← (Ĉ + λI)^{-1} p.grad
@@ -260,6 +261,7 @@ class Preconditioner:
                 return False
         nu = 1.0
         if gPg is not None:
+            assert self.kl_clip is not None  # gPg is only computed for the KL clip
             vg = lr * lr * gPg
             nu = min(1.0, math.sqrt(self.kl_clip / vg)) if 0 < vg < math.inf else 1.0
             if nu != 1.0:

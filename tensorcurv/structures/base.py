@@ -78,7 +78,7 @@ class Structure(ABC):
 
     name: ClassVar[str] = ""
     #: True when :meth:`solve` is an exact inverse of ``Ĉ + λI`` (closed form, no iteration).
-    exact_solve: ClassVar[bool] = True
+    exact_solve: bool = True  # a class default; some structures set it per instance
     Hparams: ClassVar[type] = NoHparams
 
     def __init__(self, shape: tuple[int, int], hparams: Any = None) -> None:
@@ -378,7 +378,7 @@ def register(name: str, *aliases: str):
     :class:`Structure`, or a model-level :class:`~tensorcurv.structures.model.ModelStructure`."""
 
     def deco(cls: type) -> type:
-        cls.name = name  # type: ignore[attr-defined]  (Structure and ModelStructure both declare it)
+        cls.name = name  # type: ignore[attr-defined]  # Structure and ModelStructure both declare it
         for key in (name, *aliases):
             if key in _REGISTRY and _REGISTRY[key] is not cls:
                 raise ValueError(f"structure name {key!r} is already registered")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -55,7 +57,7 @@ class Diagonal(Structure):
         if stats.T == 1:
             diag = scale * (stats.g[:, :, 0].pow(2).sum(1).T @ stats.a[:, 0].pow(2))
         else:
-            diag = scale * sum(G.pow(2).sum(0) for G in per_sample_grad_chunks(stats, chunk))
+            diag = scale * cast(Tensor, sum(G.pow(2).sum(0) for G in per_sample_grad_chunks(stats, chunk)))
         return float((diag * self.D).sum())
 
     def frobenius_sq(self, dense_max_dim: int = 0) -> float:

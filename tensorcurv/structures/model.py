@@ -52,7 +52,6 @@ class ModelStructure(ABC):
     #: independently, e.g. by different ranks of a data-parallel run)
     block_diagonal: ClassVar[bool] = False
     blocks: dict[str, Structure]
-    fitted: bool
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], hparams: Any = None) -> None:
         if not isinstance(shapes, Mapping):
@@ -64,6 +63,11 @@ class ModelStructure(ABC):
         self.hparams = hparams if hparams is not None else self.Hparams()
         self.last_solve: dict[str, Any] = {}
         self.fit_time = 0.0
+
+    @property
+    @abstractmethod
+    def fitted(self) -> bool:
+        """True once :meth:`fit` (or :meth:`load_state_dict`) has given every layer its state."""
 
     @property
     def exact_solve(self) -> bool:

@@ -100,6 +100,7 @@ class TwoLevel(ModelStructure):
     """Block-diagonal base ``B`` plus coarse correction; one instance for the whole model."""
 
     Hparams = TwoLevelHparams
+    fitted: bool = False  # a plain attribute here (set by fit/load_state_dict), the base's property
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], hparams: TwoLevelHparams | None = None) -> None:
         super().__init__(shapes, hparams)
@@ -252,6 +253,7 @@ class TwoLevel(ModelStructure):
     def _coarse_solve(self, b: Tensor, damping: float) -> Tensor:
         """``E^{-1} b`` with ``E = C0 + λI = R0 (C + λI) R0ᵀ`` (eigenvalues of ``C0`` clamped at 0)."""
         if self._eig is None:
+            assert self.C0 is not None  # set by fit/update/load_state_dict
             self._eig = sym_eig(self.C0)
         evals, Q = self._eig
         return Q @ ((Q.T @ b) / (evals + damping))
@@ -315,6 +317,7 @@ class TwoLevel(ModelStructure):
         """``R0`` as a dense ``(q, D)`` matrix (rows orthonormal)."""
         if not self.fitted:
             raise NotFittedError(f"two_level: {NOT_FITTED}")
+        assert self.C0 is not None  # set by fit/update/load_state_dict
         eye = self.C0.new_zeros(self.coarse_dim, self.coarse_dim).fill_diagonal_(1.0)
         return torch.stack([self._global(self._prolong(e)) for e in eye])
 
@@ -322,6 +325,7 @@ class TwoLevel(ModelStructure):
         """``C0 = R0 C R0ᵀ`` (``q x q``)."""
         if not self.fitted:
             raise NotFittedError(f"two_level: {NOT_FITTED}")
+        assert self.C0 is not None  # set by fit/update/load_state_dict
         return self.C0.clone()
 
     def to_dense(self) -> Tensor:
@@ -330,6 +334,7 @@ class TwoLevel(ModelStructure):
 
     def dense_preconditioner(self, damping: float) -> Tensor:
         """``P^{-1}`` as a dense ``D x D`` matrix: :meth:`solve` applied to every unit vector."""
+        assert self.C0 is not None, "two_level: dense_preconditioner needs a fitted structure"
         eye = torch.eye(self.dim, dtype=self.C0.dtype, device=self.C0.device)
         return torch.stack([self._global(self.solve(self._split(e), damping)) for e in eye], dim=1)
 
@@ -340,6 +345,7 @@ class TwoLevel(ModelStructure):
         out = {f"blocks.{nm}.{k}": v for nm, b in self.blocks.items() for k, v in b.tensors().items()}
         out.update({f"Z.{nm}": v for nm, v in self.Z.items()})
         out.update({f"U.{nm}": v for nm, v in self.U.items()})
+        assert self.C0 is not None  # set by fit/update/load_state_dict
         out["C0"] = self.C0
         return out
 

@@ -197,7 +197,7 @@ def evaluate(
         if spectrum
         else []
     )
-    layer_kw = {
+    layer_kw: dict[str, Any] = {
         "damping_rel": damping_rel,
         "spectral": spectral,
         "spectral_max_iter": spectral_max_iter,

@@ -18,7 +18,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,6 +26,10 @@ from torch import Tensor
 from tensorcurv.linalg.krylov import pcg, preconditioned_refinement
 from tensorcurv.structures.base import check_damping
 from tensorcurv.unlearn.objective import Objective, check_curvature
+
+if TYPE_CHECKING:
+    from tensorcurv.core.exact import ExactModel
+    from tensorcurv.curvature import Curvature
 
 
 @dataclass
@@ -158,6 +162,7 @@ class CGSolver(IHVPSolver):
             self.preconditioner.prepare(self.obj, self.theta, self.X, self.y)
 
     def _precond(self, r: Tensor) -> Tensor:
+        assert self.preconditioner is not None  # only passed to pcg with a preconditioner
         return self.preconditioner.solve(r).x
 
     def matvec(self, p: Tensor) -> Tensor:
@@ -366,7 +371,8 @@ class StructureSolver(IHVPSolver):
             raise ValueError(f"structure: fit_batch_size must be None or an integer >= 1, got {fit_batch_size!r}")
         self.structure, self.kind, self.fit_batch_size, self.seed = structure, kind, fit_batch_size, seed
         self.hparams = hparams
-        self.curv = None
+        self.curv: Curvature | None = None
+        self.op: ExactModel | None = None
 
     def _prepare(self) -> None:
         from tensorcurv.curvature import Curvature
@@ -401,16 +407,19 @@ class StructureSolver(IHVPSolver):
 
     def _precond(self, v: Tensor) -> Tensor:
         """``(N/B · Ĉ_B + δI)^{-1} v`` through the structure's own solve."""
+        assert self.curv is not None  # fitted by _prepare
         out = self.curv.solve(self.obj.as_list(v), damping=(self.obj.mu + self.damping) * self.ratio)
         return self.obj.flatten(out) * self.ratio
 
     def matvec(self, v: Tensor) -> Tensor:
         """``(N/B · C_B + δI) v`` with the exact ``C_B`` from the statistics (needs ``refine > 0``)."""
+        assert self.op is not None  # built by _prepare when refine > 0
         mats = self.op.mv(self.layout.to_mats(v))
         return self.layout.to_flat(mats) / self.ratio + (self.obj.mu + self.damping) * v
 
     def _solve(self, v: Tensor) -> IHVPResult:
         x = self._precond(v)
+        assert self.curv is not None  # fitted by _prepare
         blocks = {k: dict(b.last_solve) for k, b in self.curv.blocks.items()}
         failed = [k for k, b in blocks.items() if b.get("converged", True) is False]
         msg = f"iterative block solve did not converge in {failed}" if failed else ""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -196,7 +196,8 @@ class KronSum(Structure):
 
     def _fit_psd_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
         """``psd="factors"``: the rank-1 fit (PSD leading pair), then the PSD-factor fit of rank r."""
-        hp, info = self.hparams, {}
+        hp = self.hparams
+        info: dict[str, Any] = {}
         t0 = time.perf_counter()
         max_iter = hp.max_iter if hp.psd_svd_max_iter is None else min(hp.max_iter, hp.psd_svd_max_iter)
         sigma, A1, G1 = kronecker_svd(
@@ -425,7 +426,7 @@ class KronSum(Structure):
         return X
 
     def to_dense(self) -> Tensor:
-        return sum(torch.kron(a, g) for a, g in zip(self.A, self.G))
+        return cast(Tensor, sum(torch.kron(a, g) for a, g in zip(self.A, self.G)))
 
     def tensors(self):
         return {"A": self.A, "G": self.G} if self.fitted else {}

@@ -192,6 +192,7 @@ class SplitTensor:
             part = contract(expr, *[t for t, _ in ops])
             res = part if res is None else res + part
         self.release(2)
+        assert res is not None  # N >= 1 samples: the loop ran at least once
         return res * st.scale
 
 
