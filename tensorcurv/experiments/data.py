@@ -294,6 +294,46 @@ def _fraction(key: str, value: float) -> None:
         raise ValueError(f"{key}={value!r} must be in [0, 1)")
 
 
+_Parts = dict[str, tuple[np.ndarray, np.ndarray | None]]
+
+
+def _split(raw: _Raw, rng: np.random.Generator, val_fraction: float, test_fraction: float, limit: int | None) -> _Parts:
+    """Shuffled ``train`` / ``val`` / ``test`` arrays of ``raw`` (the official test set when there is one,
+    else ``test_fraction`` of the samples), each cut to ``limit`` samples."""
+    x, y = raw.x, raw.y
+    perm = rng.permutation(len(x))
+    x, y = x[perm], (y[perm] if y is not None else None)
+    if raw.x_test is None:
+        n_test = int(round(test_fraction * len(x)))
+        xt, yt = x[:n_test], (y[:n_test] if y is not None else None)
+        x, y = x[n_test:], (y[n_test:] if y is not None else None)
+    else:
+        tperm = rng.permutation(len(raw.x_test))
+        xt, yt = raw.x_test[tperm], (raw.y_test[tperm] if raw.y_test is not None else None)
+    n_val = int(round(val_fraction * len(x)))
+    parts = {
+        "train": (x[n_val:], None if y is None else y[n_val:]),
+        "val": (x[:n_val], None if y is None else y[:n_val]),
+        "test": (xt, yt),
+    }
+    if limit is not None:
+        parts = {k: (a[:limit], None if b is None else b[:limit]) for k, (a, b) in parts.items()}
+    return parts
+
+
+def _normalizer(xtr: np.ndarray, normalize: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The map of :class:`Normalization` ``normalize`` with the statistics of the training inputs ``xtr``."""
+    if normalize == "standard":
+        mu, sd = xtr.mean(0), xtr.std(0)
+        sd = np.where(sd > 1e-8, sd, np.inf)  # constant features map to 0
+        return lambda a: (a - mu) / sd
+    if normalize == "unit":
+        lo, hi = xtr.min(), xtr.max()
+        scale = (hi - lo) if hi > lo else 1.0
+        return lambda a: (a - lo) / scale
+    return lambda a: a
+
+
 def load(
     name: str = "digits",
     *,
@@ -315,40 +355,12 @@ def load(
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit!r} must be >= 1 (or None for all samples)")
     raw = _LOADERS[name](Path(data_dir), download)
-    rng = np.random.default_rng(seed)
-
-    x, y = raw.x, raw.y
-    perm = rng.permutation(len(x))
-    x, y = x[perm], (y[perm] if y is not None else None)
-    if raw.x_test is None:
-        n_test = int(round(test_fraction * len(x)))
-        xt, yt = x[:n_test], (y[:n_test] if y is not None else None)
-        x, y = x[n_test:], (y[n_test:] if y is not None else None)
-    else:
-        tperm = rng.permutation(len(raw.x_test))
-        xt, yt = raw.x_test[tperm], (raw.y_test[tperm] if raw.y_test is not None else None)
-    n_val = int(round(val_fraction * len(x)))
-    parts = {
-        "train": (x[n_val:], None if y is None else y[n_val:]),
-        "val": (x[:n_val], None if y is None else y[:n_val]),
-        "test": (xt, yt),
-    }
-    if limit is not None:
-        parts = {k: (a[:limit], None if b is None else b[:limit]) for k, (a, b) in parts.items()}
+    parts = _split(raw, np.random.default_rng(seed), val_fraction, test_fraction, limit)
 
     xtr = parts["train"][0].astype(np.float64)
     if len(xtr) == 0:
         raise ValueError(f"dataset {name!r}: the training split is empty (val_fraction={val_fraction})")
-    if normalize == "standard":
-        mu, sd = xtr.mean(0), xtr.std(0)
-        sd = np.where(sd > 1e-8, sd, np.inf)  # constant features map to 0
-        norm = lambda a: (a - mu) / sd  # noqa: E731
-    elif normalize == "unit":
-        lo, hi = xtr.min(), xtr.max()
-        scale = (hi - lo) if hi > lo else 1.0
-        norm = lambda a: (a - lo) / scale  # noqa: E731
-    else:
-        norm = lambda a: a  # noqa: E731
+    norm = _normalizer(xtr, normalize)
 
     out = {}
     for k, (a, b) in parts.items():
