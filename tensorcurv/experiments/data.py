@@ -53,24 +53,20 @@ targets (curves, faces, curves_synthetic) are normalized like the inputs.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import math
 import os
 import shutil
 import tarfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from tensorcurv.core.options import Option
+from tensorcurv.experiments.curves_synthetic import CURVES_SYNTHETIC_SEED, make_curves_synthetic
+from tensorcurv.experiments.dataset_files import MIRRORS, download, read_cifar_batch, read_idx
 
 
 class Normalization(Option):
@@ -107,99 +103,12 @@ class _Raw:
     num_classes: int | None
 
 
-# ---------------------------------------------------------------------- downloads
-#: Standard files, their MD5 and mirrors (tried in order). Tests point the mirrors at file:// URLs.
-MIRRORS: dict[str, list[str]] = {
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"],
-    "fashion_mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
-}
-MD5: dict[str, dict[str, str]] = {
-    "mnist": {
-        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-    },
-    "fashion_mnist": {
-        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-    },
-    "cifar10": {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"},
-}
-
-
-def md5sum(path: str | os.PathLike) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(dataset: str, filename: str, dest_dir: Path, timeout: float = 30.0) -> Path:
-    """Fetch ``filename`` of ``dataset`` from its mirrors into ``dest_dir`` and verify its MD5.
-
-    Raises ``ConnectionError`` when no mirror answers and ``ValueError`` on a checksum mismatch
-    (the bad file is removed).
-    """
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    target, expected = dest_dir / filename, MD5[dataset][filename]
-    errors = []
-    for base in MIRRORS[dataset]:
-        tmp = target.with_suffix(target.suffix + ".part")
-        try:
-            with urllib.request.urlopen(base + filename, timeout=timeout) as r, open(tmp, "wb") as f:
-                shutil.copyfileobj(r, f)
-        except (urllib.error.URLError, OSError) as e:
-            errors.append(f"{base}: {e}")
-            tmp.unlink(missing_ok=True)
-            continue
-        got = md5sum(tmp)
-        if got != expected:
-            tmp.unlink(missing_ok=True)
-            raise ValueError(f"checksum mismatch for {filename} from {base}: md5 {got}, expected {expected}")
-        tmp.replace(target)
-        return target
-    raise ConnectionError(f"could not download {filename}: " + "; ".join(errors))
-
-
 def _missing_error(name: str, folder: Path, files: list[str], why: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"dataset {name!r}: missing {', '.join(files)} in {folder.resolve()} ({why}). "
         f"Put the standard files there (e.g. from {MIRRORS.get(name, ['the dataset page'])[0]}), "
         f"or allow download=True with network access."
     )
-
-
-# ---------------------------------------------------------------------- file formats
-_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (``.gz`` or not): magic ``0 0 <dtype> <ndim>``, big-endian int32 dims, data."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4).astype(int)
-    data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {tuple(dims)}, file holds {data.size} values")
-    return data.reshape(tuple(dims))
-
-
-def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10 binary batch: records of ``<1 x label><3072 x pixel>`` -> ``(N, 3, 32, 32)``, ``(N,)``."""
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size % 3073:
-        raise ValueError(f"{path}: size {raw.size} is not a multiple of the 3073-byte CIFAR-10 record")
-    rec = raw.reshape(-1, 3073)
-    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
 
 
 # ---------------------------------------------------------------------- loaders
@@ -338,93 +247,8 @@ def _mnist_all(data_dir: Path, download_ok: bool) -> _Raw:
 # ---------------------------------------------------------------------- synthetic CURVES
 #: published sizes of CURVES (Hinton & Salakhutdinov 2006): 20,000 training and 10,000 test images
 CURVES_SYNTHETIC_SIZES = (20_000, 10_000)
-#: the generator seed of ``curves_synthetic`` (fixed: the dataset plays the role of a file; ``load``'s
-#: ``seed`` only shuffles and splits it)
-CURVES_SYNTHETIC_SEED = 0
 #: bumped whenever the construction changes, so that a stale cache is never read
 CURVES_SYNTHETIC_VERSION = 1
-
-
-def natural_spline_through_3_points(points: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """The parametric natural cubic spline through 3 points, evaluated at ``t`` ∈ [0, 1].
-
-    ``points`` (B, 3, 2); knots at cumulative chord length (normalized to [0, 1]); natural end
-    conditions ``x''(0) = x''(1) = 0`` leave one unknown second derivative ``M₁`` at the middle knot:
-    ``M₁ = 3 (Δ₁/h₁ − Δ₀/h₀)/(h₀ + h₁)``. Returns (B, len(t), 2).
-    """
-    p0, p1, p2 = points[:, 0], points[:, 1], points[:, 2]
-    h0 = np.linalg.norm(p1 - p0, axis=1, keepdims=True) + 1e-6
-    h1 = np.linalg.norm(p2 - p1, axis=1, keepdims=True) + 1e-6
-    m1 = 3.0 * ((p2 - p1) / h1 - (p1 - p0) / h0) / (h0 + h1)  # (B, 2)
-    s = t[None, :, None] * (h0 + h1)[:, None, :]  # arc parameter in [0, h0 + h1], (B, T, 1)
-    first = s <= h0[:, None, :]
-    # segment 0 on [0, h0] (M0 = 0), segment 1 on [h0, h0 + h1] (M2 = 0); standard cubic-spline form
-    u0 = s
-    seg0 = (
-        m1[:, None] * u0**3 / (6 * h0[:, None])
-        + (p0[:, None] / h0[:, None]) * (h0[:, None] - u0)
-        + (p1[:, None] / h0[:, None] - m1[:, None] * h0[:, None] / 6) * u0
-    )
-    u1 = s - h0[:, None]
-    seg1 = (
-        m1[:, None] * (h1[:, None] - u1) ** 3 / (6 * h1[:, None])
-        + (p1[:, None] / h1[:, None] - m1[:, None] * h1[:, None] / 6) * (h1[:, None] - u1)
-        + (p2[:, None] / h1[:, None]) * u1
-    )
-    return np.where(first, seg0, seg1)
-
-
-def draw_curves(
-    ctrl: np.ndarray, side: int = 28, line_width: float = 1.5, curve_samples: int = 320, chunk: int = 1024
-) -> np.ndarray:
-    """Images ``(B, side, side)`` (float32 in [0, 1]) of the splines through ``ctrl`` (B, 3, 2) ``(x, y)``.
-
-    A stroke of width ``w = line_width`` pixels, anti-aliased by its box-filter coverage
-    ``clip(w/2 + 1/2 − d, 0, 1)``, ``d`` the distance from the pixel centre (integer coordinates) to
-    the nearest of ``curve_samples`` points on :func:`natural_spline_through_3_points`, equally
-    spaced in the spline parameter. Over the 30,000 curves of ``curves_synthetic`` the spacing is at
-    most 0.29 pixel (measured), so ``d`` is overestimated by at most 0.15 pixel on the curve, where the
-    coverage is 1 anyway, and by at most ``0.011/d`` pixel at distance ``d``. Float32 arithmetic on
-    the CPU; chunking does not change the result.
-    """
-    t = np.linspace(0.0, 1.0, curve_samples)
-    reach = line_width / 2 + 0.5  # beyond this distance a pixel gets nothing
-    # pixels within ``reach`` of a point x lie between ceil(x − reach) and floor(x + reach), i.e. at
-    # offsets −floor(reach) … floor(reach) + 1 from floor(x)
-    offsets = torch.arange(-math.floor(reach), math.floor(reach) + 2, dtype=torch.float32)
-    oy, ox = torch.meshgrid(offsets, offsets, indexing="ij")
-    window = torch.stack([ox.reshape(-1), oy.reshape(-1)], dim=1)  # (K, 2) pixel offsets
-    n = len(ctrl)
-    out = torch.zeros(n, side * side, dtype=torch.float32)
-    for lo in range(0, n, chunk):
-        pts = torch.as_tensor(natural_spline_through_3_points(ctrl[lo : lo + chunk], t), dtype=torch.float32)
-        pix = torch.floor(pts)[:, :, None, :] + window  # (B, T, K, 2) candidate pixel centres
-        value = (reach - (pix - pts[:, :, None, :]).norm(dim=-1)).clamp(0.0, 1.0)
-        inside = ((pix >= 0) & (pix <= side - 1)).all(-1)
-        index = (pix[..., 1] * side + pix[..., 0]).clamp(0, side * side - 1).long()
-        value = torch.where(inside, value, torch.zeros(()))
-        out[lo : lo + chunk].scatter_reduce_(1, index.reshape(len(pts), -1), value.reshape(len(pts), -1), "amax")
-    return out.reshape(n, side, side).numpy()
-
-
-def make_curves_synthetic(
-    n: int,
-    seed: int = CURVES_SYNTHETIC_SEED,
-    side: int = 28,
-    line_width: float = 1.5,
-    margin: float = 2.0,
-    chunk: int = 1024,
-) -> np.ndarray:
-    """``n`` CURVES-like images ``(n, side, side)`` (float32 in [0, 1]), deterministic in ``seed``.
-
-    Three control points uniform in ``[margin, side − 1 − margin]²`` (NumPy's PCG64), so that each
-    image has exactly 6 degrees of freedom, the code size of the CURVES autoencoder, drawn by
-    :func:`draw_curves`. What follows the published construction and what is a guess:
-    ``docs/guide/data.md``.
-    """
-    rng = np.random.default_rng(seed)
-    ctrl = rng.uniform(margin, side - 1 - margin, size=(n, 3, 2))
-    return draw_curves(ctrl, side, line_width, chunk=chunk)
 
 
 def _curves_synthetic(data_dir: Path, download_ok: bool) -> _Raw:
@@ -470,6 +294,46 @@ def _fraction(key: str, value: float) -> None:
         raise ValueError(f"{key}={value!r} must be in [0, 1)")
 
 
+_Parts = dict[str, tuple[np.ndarray, np.ndarray | None]]
+
+
+def _split(raw: _Raw, rng: np.random.Generator, val_fraction: float, test_fraction: float, limit: int | None) -> _Parts:
+    """Shuffled ``train`` / ``val`` / ``test`` arrays of ``raw`` (the official test set when there is one,
+    else ``test_fraction`` of the samples), each cut to ``limit`` samples."""
+    x, y = raw.x, raw.y
+    perm = rng.permutation(len(x))
+    x, y = x[perm], (y[perm] if y is not None else None)
+    if raw.x_test is None:
+        n_test = int(round(test_fraction * len(x)))
+        xt, yt = x[:n_test], (y[:n_test] if y is not None else None)
+        x, y = x[n_test:], (y[n_test:] if y is not None else None)
+    else:
+        tperm = rng.permutation(len(raw.x_test))
+        xt, yt = raw.x_test[tperm], (raw.y_test[tperm] if raw.y_test is not None else None)
+    n_val = int(round(val_fraction * len(x)))
+    parts = {
+        "train": (x[n_val:], None if y is None else y[n_val:]),
+        "val": (x[:n_val], None if y is None else y[:n_val]),
+        "test": (xt, yt),
+    }
+    if limit is not None:
+        parts = {k: (a[:limit], None if b is None else b[:limit]) for k, (a, b) in parts.items()}
+    return parts
+
+
+def _normalizer(xtr: np.ndarray, normalize: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The map of :class:`Normalization` ``normalize`` with the statistics of the training inputs ``xtr``."""
+    if normalize == "standard":
+        mu, sd = xtr.mean(0), xtr.std(0)
+        sd = np.where(sd > 1e-8, sd, np.inf)  # constant features map to 0
+        return lambda a: (a - mu) / sd
+    if normalize == "unit":
+        lo, hi = xtr.min(), xtr.max()
+        scale = (hi - lo) if hi > lo else 1.0
+        return lambda a: (a - lo) / scale
+    return lambda a: a
+
+
 def load(
     name: str = "digits",
     *,
@@ -491,40 +355,12 @@ def load(
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit!r} must be >= 1 (or None for all samples)")
     raw = _LOADERS[name](Path(data_dir), download)
-    rng = np.random.default_rng(seed)
-
-    x, y = raw.x, raw.y
-    perm = rng.permutation(len(x))
-    x, y = x[perm], (y[perm] if y is not None else None)
-    if raw.x_test is None:
-        n_test = int(round(test_fraction * len(x)))
-        xt, yt = x[:n_test], (y[:n_test] if y is not None else None)
-        x, y = x[n_test:], (y[n_test:] if y is not None else None)
-    else:
-        tperm = rng.permutation(len(raw.x_test))
-        xt, yt = raw.x_test[tperm], (raw.y_test[tperm] if raw.y_test is not None else None)
-    n_val = int(round(val_fraction * len(x)))
-    parts = {
-        "train": (x[n_val:], None if y is None else y[n_val:]),
-        "val": (x[:n_val], None if y is None else y[:n_val]),
-        "test": (xt, yt),
-    }
-    if limit is not None:
-        parts = {k: (a[:limit], None if b is None else b[:limit]) for k, (a, b) in parts.items()}
+    parts = _split(raw, np.random.default_rng(seed), val_fraction, test_fraction, limit)
 
     xtr = parts["train"][0].astype(np.float64)
     if len(xtr) == 0:
         raise ValueError(f"dataset {name!r}: the training split is empty (val_fraction={val_fraction})")
-    if normalize == "standard":
-        mu, sd = xtr.mean(0), xtr.std(0)
-        sd = np.where(sd > 1e-8, sd, np.inf)  # constant features map to 0
-        norm = lambda a: (a - mu) / sd  # noqa: E731
-    elif normalize == "unit":
-        lo, hi = xtr.min(), xtr.max()
-        scale = (hi - lo) if hi > lo else 1.0
-        norm = lambda a: (a - lo) / scale  # noqa: E731
-    else:
-        norm = lambda a: a  # noqa: E731
+    norm = _normalizer(xtr, normalize)
 
     out = {}
     for k, (a, b) in parts.items():

@@ -22,6 +22,47 @@ import torch
 from torch import Tensor
 
 
+def _solved_info() -> dict[str, Any]:
+    """:func:`pcg`'s info before any step: that of ``b = 0``, solved exactly by ``x = 0``."""
+    return {
+        "iterations": 0,
+        "residual": 0.0,
+        "residuals": [0.0],
+        "converged": True,
+        "negative_curvature": False,
+        "non_finite": False,
+    }
+
+
+def _pcg_start(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    precond: Callable[[Tensor], Tensor] | None,
+    x0: Tensor | None,
+    precond_b: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first iterate ``x`` (``x0`` or 0), residual ``r = b − M x`` and preconditioned residual ``z = P⁻¹ r``."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    if precond is None:
+        z = r
+    elif x0 is None and precond_b is not None:
+        z = precond_b
+    else:
+        z = precond(r)
+    return x, r, z
+
+
+def _breakdown(pMp: float, rz: float) -> str | None:
+    """Why CG cannot take the step: ``non_finite`` (``pᵀ M p`` or ``rᵀ z``), ``negative_curvature``
+    (``pᵀ M p ≤ 0``), or None."""
+    if not (math.isfinite(pMp) and math.isfinite(rz)):
+        return "non_finite"
+    if pMp <= 0.0:
+        return "negative_curvature"
+    return None
+
+
 def pcg(
     matvec: Callable[[Tensor], Tensor],
     b: Tensor,
@@ -48,24 +89,10 @@ def pcg(
     """
     max_iter = 10 * b.numel() + 10 if max_iter is None else max_iter
     bnorm = float(torch.linalg.norm(b))
-    info: dict[str, Any] = {
-        "iterations": 0,
-        "residual": 0.0,
-        "residuals": [0.0],
-        "converged": True,
-        "negative_curvature": False,
-        "non_finite": False,
-    }
+    info = _solved_info()
     if bnorm == 0.0:
         return torch.zeros_like(b), info
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = b - matvec(x) if x0 is not None else b.clone()
-    if precond is None:
-        z = r
-    elif x0 is None and precond_b is not None:
-        z = precond_b
-    else:
-        z = precond(r)
+    x, r, z = _pcg_start(matvec, b, precond, x0, precond_b)
     p = z.clone()
     rz = float((r * z).sum())
     res = float(torch.linalg.norm(r)) / bnorm
@@ -74,11 +101,9 @@ def pcg(
     while res > tol and it < max_iter:
         Mp = matvec(p)
         pMp = float((p * Mp).sum())
-        if not (math.isfinite(pMp) and math.isfinite(rz)):
-            info["non_finite"] = True
-            break
-        if pMp <= 0.0:
-            info["negative_curvature"] = True
+        breakdown = _breakdown(pMp, rz)
+        if breakdown is not None:
+            info[breakdown] = True
             break
         alpha = rz / pMp
         x = x + alpha * p

@@ -3,7 +3,7 @@
 The package is optional: ``pip install 'tensorcurv[baselines]'`` (``make setup`` installs it). Its
 requirements are torch and numpy only, so installing it leaves the installed torch in place. Without it,
 building one of these optimizers raises a one-line ``ImportError`` that names the extra; nothing else in
-tensorcurv imports it. The recursions are in the configs' docstrings (``tensorcurv.optim.config``).
+tensorcurv imports it. The recursions are in the configs' docstrings (``tensorcurv.optim.config_first_order``).
 """
 
 from __future__ import annotations

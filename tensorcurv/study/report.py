@@ -146,47 +146,38 @@ def training_table(metrics, training, kind: str) -> str:
     return _table(["variant", *[f"step {s}" for s in steps]], out)
 
 
-def write_report(
-    result: Mapping[str, list[dict]],
-    out_dir: str | Path,
-    *,
-    command: str,
-    title: str = "Study",
-    description: str = "",
-    logger: Any = None,
-) -> Path:
-    """Write ``report.md``, ``metrics.csv``, ``floor.csv``, ``spectra.csv``, ``training.csv`` and the
-    PNG figures into ``out_dir``; log the same figures/tables to ``logger``
-    (``tensorcurv.experiments.tracking``) if given."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for table in ("metrics", "floor", "spectra", "training"):
-        write_csv(out / f"{table}.csv", result.get(table, []))
-    metrics, floor = result["metrics"], result.get("floor", [])
-    write_figures(result, out)
+#: the paragraph under the regeneration command: how every number of the report is computed
+METHOD_NOTE = (
+    "How the numbers are computed: Frobenius errors exactly (up to rounding) from Gram-matrix "
+    "identities over the per-sample factors (no `C` formed); spectral errors by Lanczos on implicit "
+    "products (stopped at a relative Ritz residual of `study.spectral_tol`); exact damped inverses `(C+λI)⁻¹g` "
+    "from the Woodbury identity on the per-sample Gram "
+    "matrix, floors from the truncated SVD of the rearranged block `R(C)`. Model-level Frobenius errors "
+    "are block-diagonal, `sqrt(Σ_l ‖C_ll−Ĉ_l‖² / Σ_l ‖C_ll‖²)`; `metrics.csv` also has `fro_rel_full` "
+    "against the curvature of all covered layers together (cross-layer blocks included, "
+    "`offdiag_share` = ‖off-diagonal part‖/‖C‖). Model-level inverse quality compares with the full "
+    "`(C+λI)⁻¹g`, cross-layer blocks included (where `two_level`'s coarse space can help). "
+    "λ is given relative to `tr(C)/dim`; g is the mini-batch gradient of the loss."
+)
 
-    ok = valid_rows(metrics)
-    step = final_step(ok)
+
+def _header(title: str, command: str, description: str) -> list[str]:
+    """Title, the command that regenerates the report, the description and :data:`METHOD_NOTE`."""
+    md = [f"# {title}", "", "Regenerate with:", "", "```bash", command, "```", ""]
+    if description:
+        md += [description, ""]
+    return md + [METHOD_NOTE, ""]
+
+
+def _sections(result: Mapping[str, list[dict]], ok: list[dict], step: int) -> list[str]:
+    """The tables and figures of the report: summaries per kind, figures, per-layer errors, floor,
+    errors over training, skipped variants and the list of files."""
+    metrics, floor = result["metrics"], result.get("floor", [])
     kinds = kinds_of(ok)
     damp = damping_columns([r for r in ok if r["layer"] == MODEL])
     mid = damp[len(damp) // 2][1] if damp else ""
     skipped = sorted({(r["variant"], r["skipped"]) for r in metrics if r.get("skipped")})
-    md = [f"# {title}", "", "Regenerate with:", "", "```bash", command, "```", ""]
-    if description:
-        md += [description, ""]
-    md += [
-        "How the numbers are computed: Frobenius errors exactly (up to rounding) from Gram-matrix "
-        "identities over the per-sample factors (no `C` formed); spectral errors by Lanczos on implicit "
-        "products (stopped at a relative Ritz residual of `study.spectral_tol`); exact damped inverses `(C+λI)⁻¹g` "
-        "from the Woodbury identity on the per-sample Gram "
-        "matrix, floors from the truncated SVD of the rearranged block `R(C)`. Model-level Frobenius errors "
-        "are block-diagonal, `sqrt(Σ_l ‖C_ll−Ĉ_l‖² / Σ_l ‖C_ll‖²)`; `metrics.csv` also has `fro_rel_full` "
-        "against the curvature of all covered layers together (cross-layer blocks included, "
-        "`offdiag_share` = ‖off-diagonal part‖/‖C‖). Model-level inverse quality compares with the full "
-        "`(C+λI)⁻¹g`, cross-layer blocks included (where `two_level`'s coarse space can help). "
-        "λ is given relative to `tr(C)/dim`; g is the mini-batch gradient of the loss.",
-        "",
-    ]
+    md: list[str] = []
     for kind in kinds:
         md += [f"## {kind}: summary at step {step}", "", summary_table(ok, kind, step, mid), ""]
     for name, caption in FIGURES.items():
@@ -208,26 +199,54 @@ def write_report(
         ]
     if skipped:
         md += ["## Skipped", "", *[f"- {v}: {why}" for v, why in skipped], ""]
-    md += [
+    return md + [
         "## Files",
         "",
         "`metrics.csv` (one row per step, kind, layer, variant; `cos@ρ`/`relerr@ρ` at "
         "λ = ρ·tr(C)/dim), `floor.csv`, `spectra.csv`, `training.csv`.",
         "",
     ]
+
+
+def _log(logger: Any, out: Path, result: Mapping[str, list[dict]], ok: list[dict], step: int) -> None:
+    """The report's figures, tables and final model-level Frobenius errors to a tracking ``logger``."""
+    metrics, floor = result["metrics"], result.get("floor", [])
+    for name in FIGURES:
+        logger.log_figure(name, str(out / f"{name}.png"))
+    logger.log_table("metrics", metrics)
+    if floor:
+        logger.log_table("floor", floor)
+    logger.summary(
+        {
+            f"fro_rel/{r['kind']}/{r['variant']}": as_float(r["fro_rel"])
+            for r in ok
+            if r["layer"] == MODEL and r["step"] == step
+        }
+    )
+
+
+def write_report(
+    result: Mapping[str, list[dict]],
+    out_dir: str | Path,
+    *,
+    command: str,
+    title: str = "Study",
+    description: str = "",
+    logger: Any = None,
+) -> Path:
+    """Write ``report.md``, ``metrics.csv``, ``floor.csv``, ``spectra.csv``, ``training.csv`` and the
+    PNG figures into ``out_dir``; log the same figures/tables to ``logger``
+    (``tensorcurv.experiments.tracking``) if given."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for table in ("metrics", "floor", "spectra", "training"):
+        write_csv(out / f"{table}.csv", result.get(table, []))
+    metrics = result["metrics"]
+    write_figures(result, out)
+    ok = valid_rows(metrics)
+    step = final_step(ok)
     path = out / "report.md"
-    path.write_text("\n".join(md))
+    path.write_text("\n".join(_header(title, command, description) + _sections(result, ok, step)))
     if logger is not None:
-        for name in FIGURES:
-            logger.log_figure(name, str(out / f"{name}.png"))
-        logger.log_table("metrics", metrics)
-        if floor:
-            logger.log_table("floor", floor)
-        logger.summary(
-            {
-                f"fro_rel/{r['kind']}/{r['variant']}": as_float(r["fro_rel"])
-                for r in ok
-                if r["layer"] == MODEL and r["step"] == step
-            }
-        )
+        _log(logger, out, result, ok, step)
     return path

@@ -225,6 +225,71 @@ def first_order_update(
     return _finish(obj, res, inplace, t0)
 
 
+def _check_second_order_arguments(affected: AffectedSet, steps: int, tau: float, hessian_on: str) -> None:
+    if hessian_on not in ("remaining", "original"):
+        raise ValueError(f"hessian_on must be 'remaining' or 'original', got {hessian_on!r}")
+    if not (isinstance(steps, int) and 1 <= steps <= len(affected)):
+        raise ValueError(f"steps must be an integer in [1, {len(affected)}] (number of affected points), got {steps!r}")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau)):
+        raise ValueError(f"tau must be a finite number, got {tau!r}")
+
+
+def _chunk_step(
+    obj: Objective,
+    theta: Tensor,
+    X: Tensor,
+    y: Tensor,
+    affected: AffectedSet,
+    chunks: tuple[Tensor, ...],
+    j: int,
+    solver: IHVPSolver,
+    hessian_on: str,
+    times: dict[str, float],
+) -> IHVPResult:
+    """Step ``j`` of the iterative update: ``(H + λI)^{-1} Δg_j`` for the ``j``-th chunk of ``Z``, with
+    ``Δg_j`` on the data corrected by chunks ``0 … j−1`` and ``H`` on ``hessian_on`` data; adds to ``times``."""
+    done = affected.subset(torch.cat(list(chunks[: j + 1])))
+    part = affected.subset(chunks[j])
+    before = affected.subset(torch.cat(list(chunks[:j]))) if j > 0 else None
+    # the data set as corrected before this step, and the chunk's Δg on it
+    Xc, yc = (X, y) if before is None else before.apply(X, y)
+    part_here = _reindex(part, before, X.shape[0])
+    ta = time.perf_counter()
+    dg = gradient_difference(obj, theta, Xc, yc, part_here)
+    times["grad_diff"] += time.perf_counter() - ta
+    Xh, yh = done.apply(X, y) if hessian_on == "remaining" else (Xc, yc)
+    solver.prepare(obj, theta, Xh, yh)
+    times["prepare"] += solver.prepare_time
+    r = solver.solve(dg)
+    times["solve"] += r.time
+    return r
+
+
+def _iterate(
+    obj: Objective,
+    theta: Tensor,
+    X: Tensor,
+    y: Tensor,
+    affected: AffectedSet,
+    steps: int,
+    tau: float,
+    solver: IHVPSolver,
+    hessian_on: str,
+    times: dict[str, float],
+) -> tuple[Tensor, list[IHVPResult]]:
+    """``θ ← θ − τ (H + λI)^{-1} Δg_j`` over the ``steps`` chunks of ``Z`` (index order); stops at the first
+    solve that did not converge (the last result, ``θ`` left before it)."""
+    results: list[IHVPResult] = []
+    chunks = torch.arange(len(affected)).tensor_split(steps)
+    for j in range(steps):
+        r = _chunk_step(obj, theta, X, y, affected, chunks, j, solver, hessian_on, times)
+        results.append(r)
+        if not r.converged:
+            break
+        theta = theta - tau * r.x
+    return theta, results
+
+
 def second_order_update(
     model: nn.Module,
     X: Tensor,
@@ -258,61 +323,27 @@ def second_order_update(
     Returns:
         The outcome; on any inverse-HVP failure the model is left unchanged and ``status`` says why.
     """
-    if hessian_on not in ("remaining", "original"):
-        raise ValueError(f"hessian_on must be 'remaining' or 'original', got {hessian_on!r}")
-    if not (isinstance(steps, int) and 1 <= steps <= len(affected)):
-        raise ValueError(f"steps must be an integer in [1, {len(affected)}] (number of affected points), got {steps!r}")
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau)):
-        raise ValueError(f"tau must be a finite number, got {tau!r}")
+    _check_second_order_arguments(affected, steps, tau, hessian_on)
     affected.check(X, y)
     t0 = time.perf_counter()
     obj = Objective(model, loss, mu)
     theta_star = obj.theta()
     theta = theta_star.clone()
     times = {"grad_diff": 0.0, "prepare": 0.0, "solve": 0.0}
-    results: list[IHVPResult] = []
-    chunks = torch.arange(len(affected)).tensor_split(steps)
-    for j in range(steps):
-        done = affected.subset(torch.cat(list(chunks[: j + 1])))
-        part = affected.subset(chunks[j])
-        before = affected.subset(torch.cat(list(chunks[:j]))) if j > 0 else None
-        # the data set as corrected before this step, and the chunk's Δg on it
-        Xc, yc = (X, y) if before is None else before.apply(X, y)
-        part_here = _reindex(part, before, X.shape[0])
-        ta = time.perf_counter()
-        dg = gradient_difference(obj, theta, Xc, yc, part_here)
-        times["grad_diff"] += time.perf_counter() - ta
-        Xh, yh = done.apply(X, y) if hessian_on == "remaining" else (Xc, yc)
-        solver.prepare(obj, theta, Xh, yh)
-        times["prepare"] += solver.prepare_time
-        r = solver.solve(dg)
-        times["solve"] += r.time
-        results.append(r)
-        if not r.converged:
-            res = UpdateResult(
-                f"second_order:{r.method}",
-                f"ihvp not converged: {r.message}",
-                theta,
-                theta_star,
-                steps=steps,
-                tau=tau,
-                times=times,
-                ihvp=results,
-            )
-            return _finish(obj, res, False, t0)
-        theta = theta - tau * r.x
+    theta, results = _iterate(obj, theta, X, y, affected, steps, tau, solver, hessian_on, times)
+    ok = results[-1].converged  # on failure: the failed solve's method and message, the model left unchanged
     res = UpdateResult(
-        f"second_order:{results[0].method}",
-        "ok",
+        f"second_order:{(results[0] if ok else results[-1]).method}",
+        "ok" if ok else f"ihvp not converged: {results[-1].message}",
         theta,
         theta_star,
         steps=steps,
         tau=tau,
         times=times,
         ihvp=results,
-        info={"solver": solver.describe()},
+        info={"solver": solver.describe()} if ok else {},
     )
-    return _finish(obj, res, inplace, t0)
+    return _finish(obj, res, inplace and ok, t0)
 
 
 def _reindex(part: AffectedSet, before: AffectedSet | None, N: int) -> AffectedSet:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tensorcurv.experiments import curves_synthetic, dataset_files
 from tensorcurv.experiments import data as data
 
 
@@ -118,8 +119,8 @@ def test_download_verifies_md5_from_a_mirror(tmp_path, monkeypatch):
     mirror = tmp_path / "mirror"
     make_idx_dataset(mirror, n_train=8, n_test=4)
     md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in mirror.iterdir()}
-    monkeypatch.setitem(data.MIRRORS, "mnist", [mirror.as_uri() + "/"])
-    monkeypatch.setitem(data.MD5, "mnist", md5)
+    monkeypatch.setitem(dataset_files.MIRRORS, "mnist", [mirror.as_uri() + "/"])
+    monkeypatch.setitem(dataset_files.MD5, "mnist", md5)
     s = data.load("mnist", data_dir=tmp_path / "d", val_fraction=0.25)
     assert s.sizes() == {"train": 6, "val": 2, "test": 4}
     assert (tmp_path / "d" / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()
@@ -128,15 +129,15 @@ def test_download_verifies_md5_from_a_mirror(tmp_path, monkeypatch):
 def test_download_with_wrong_checksum_fails_and_leaves_no_file(tmp_path, monkeypatch):
     mirror = tmp_path / "mirror"
     make_idx_dataset(mirror, n_train=8, n_test=4)
-    monkeypatch.setitem(data.MIRRORS, "mnist", [mirror.as_uri() + "/"])
-    monkeypatch.setitem(data.MD5, "mnist", {f.name: "0" * 32 for f in mirror.iterdir()})
+    monkeypatch.setitem(dataset_files.MIRRORS, "mnist", [mirror.as_uri() + "/"])
+    monkeypatch.setitem(dataset_files.MD5, "mnist", {f.name: "0" * 32 for f in mirror.iterdir()})
     with pytest.raises(ValueError, match="checksum mismatch"):
         data.load("mnist", data_dir=tmp_path / "d")
     assert not any((tmp_path / "d" / "mnist").iterdir())
 
 
 def test_unreachable_mirror_gives_the_missing_file_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(data.MIRRORS, "mnist", [(tmp_path / "nowhere").as_uri() + "/"])
+    monkeypatch.setitem(dataset_files.MIRRORS, "mnist", [(tmp_path / "nowhere").as_uri() + "/"])
     with pytest.raises(FileNotFoundError, match="no network"):
         data.load("mnist", data_dir=tmp_path)
 
@@ -164,7 +165,7 @@ def test_cifar10_binary_batches(tmp_path):
 def test_cifar_record_size_is_checked(tmp_path):
     (tmp_path / "bad.bin").write_bytes(b"\0" * 3000)
     with pytest.raises(ValueError, match="3073"):
-        data.read_cifar_batch(tmp_path / "bad.bin")
+        dataset_files.read_cifar_batch(tmp_path / "bad.bin")
 
 
 def test_curves_mat_file_gives_autoencoding_targets(tmp_path):
@@ -249,7 +250,7 @@ def test_missing_mat_file_names_expected_file_and_where_it_is_published(tmp_path
 
 # ---------------------------------------------------------------------- curves_synthetic
 def test_synthetic_curves_are_images_in_zero_one_with_antialiased_strokes():
-    x = data.make_curves_synthetic(50, seed=3)
+    x = curves_synthetic.make_curves_synthetic(50, seed=3)
     assert x.shape == (50, 28, 28) and x.dtype == np.float32
     assert x.min() == 0.0 and x.max() == 1.0
     assert (x.reshape(50, -1).max(1) == 1.0).all()  # every image has a stroke
@@ -258,15 +259,17 @@ def test_synthetic_curves_are_images_in_zero_one_with_antialiased_strokes():
 
 def test_synthetic_curves_are_deterministic_in_the_seed():
     a, b, c = (
-        data.make_curves_synthetic(20, seed=1),
-        data.make_curves_synthetic(20, seed=1),
-        data.make_curves_synthetic(20, seed=2),
+        curves_synthetic.make_curves_synthetic(20, seed=1),
+        curves_synthetic.make_curves_synthetic(20, seed=1),
+        curves_synthetic.make_curves_synthetic(20, seed=2),
     )
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_synthetic_curves_do_not_depend_on_the_chunk_size():
-    assert np.array_equal(data.make_curves_synthetic(30, seed=0, chunk=7), data.make_curves_synthetic(30, seed=0))
+    assert np.array_equal(
+        curves_synthetic.make_curves_synthetic(30, seed=0, chunk=7), curves_synthetic.make_curves_synthetic(30, seed=0)
+    )
 
 
 def test_the_spline_passes_through_its_three_points_at_their_chord_length_knots():
@@ -275,19 +278,21 @@ def test_the_spline_passes_through_its_three_points_at_their_chord_length_knots(
     h1 = np.linalg.norm(pts[:, 2] - pts[:, 1], axis=1)
     for b in range(2):
         t = np.array([0.0, h0[b] / (h0[b] + h1[b]), 1.0])
-        np.testing.assert_allclose(data.natural_spline_through_3_points(pts[b : b + 1], t)[0], pts[b], atol=1e-6)
+        np.testing.assert_allclose(
+            curves_synthetic.natural_spline_through_3_points(pts[b : b + 1], t)[0], pts[b], atol=1e-6
+        )
 
 
 def test_the_spline_is_straight_through_collinear_points():
     pts = np.array([[[2.0, 2.0], [10.0, 10.0], [20.0, 20.0]]])
-    c = data.natural_spline_through_3_points(pts, np.linspace(0, 1, 11))[0]
+    c = curves_synthetic.natural_spline_through_3_points(pts, np.linspace(0, 1, 11))[0]
     np.testing.assert_allclose(c[:, 0], c[:, 1], atol=1e-9)
 
 
 def test_a_horizontal_stroke_has_the_box_filter_profile():
     # control points on the row y = 10: a pixel at distance d from it gets clip(1.25 − d, 0, 1); the
     # curve samples are 16/319 px apart, so d is off by at most √(1 + 0.025²) − 1 < 4e-4 at d = 1
-    x = data.draw_curves(np.array([[[4.0, 10.0], [12.0, 10.0], [20.0, 10.0]]]), side=28, line_width=1.5)[0]
+    x = curves_synthetic.draw_curves(np.array([[[4.0, 10.0], [12.0, 10.0], [20.0, 10.0]]]), side=28, line_width=1.5)[0]
     np.testing.assert_allclose(x[7:14, 12], [0.0, 0.0, 0.25, 1.0, 0.25, 0.0, 0.0], atol=4e-4)
     assert float(x[10, 2]) == 0.0 and float(x[10, 3]) == pytest.approx(0.25, abs=4e-4)  # 1 px before the end
 
@@ -312,7 +317,7 @@ def test_curves_synthetic_cache_holds_the_generator_output(tmp_path, monkeypatch
     monkeypatch.setattr(data, "CURVES_SYNTHETIC_SIZES", (6, 4))
     data.load("curves_synthetic", data_dir=tmp_path, normalize="none")
     (cache,) = (tmp_path / "curves_synthetic").glob("*.npz")
-    expected = data.make_curves_synthetic(10, data.CURVES_SYNTHETIC_SEED)
+    expected = curves_synthetic.make_curves_synthetic(10, curves_synthetic.CURVES_SYNTHETIC_SEED)
     with np.load(cache) as f:
         assert np.array_equal(f["train"], expected[:6]) and np.array_equal(f["test"], expected[6:])
 

@@ -127,9 +127,9 @@ def test_natural_gradient_kfac_with_bce_lowers_the_loss_of_a_small_curves_autoen
     # 144-32-6 thesis-style autoencoder, 15 full-batch K-FAC steps on the MC Fisher, float64; seeded,
     # so deterministic: measured 0.699 -> 0.298, the bound 0.6 × the first loss leaves a wide margin
     from tensorcurv import optim
-    from tensorcurv.experiments import data
+    from tensorcurv.experiments import curves_synthetic
 
-    x = torch.as_tensor(data.make_curves_synthetic(64, seed=0, side=12, margin=1.0), dtype=torch.float64)
+    x = torch.as_tensor(curves_synthetic.make_curves_synthetic(64, seed=0, side=12, margin=1.0), dtype=torch.float64)
     x, y = x.unsqueeze(1), x.flatten(1)
     torch.manual_seed(0)
     m = models.build("autoencoder", (1, 12, 12), hidden_sizes=[32, 6], **THESIS).double()

@@ -167,7 +167,7 @@ def test_symmetric_eigh_retries_in_float64_when_float32_lapack_returns_nan(monke
 
 def test_kfac_on_a_nearly_singular_float32_image_factor_has_finite_eigenpairs():
     """The CURVES-like input factor (785 x 785 with the bias column) on which float32 eigh returned NaN."""
-    from tensorcurv.experiments.data import make_curves_synthetic
+    from tensorcurv.experiments.curves_synthetic import make_curves_synthetic
     from tensorcurv.linalg import symmetric_eigh
 
     out = make_curves_synthetic(64, seed=0)
