@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,7 +43,6 @@ from torch.func import functional_call, grad, vmap
 
 from tensorcurv import structures
 from tensorcurv.core.capture import CaptureResult, capture, check_kind
-from tensorcurv.core.layers import LayerAdapter
 from tensorcurv.core.losses import LossSpec, as_loss_spec
 from tensorcurv.core.options import Option
 from tensorcurv.core.parameters import (
@@ -53,6 +52,7 @@ from tensorcurv.core.parameters import (
     coverage_table,
     gradient_list,
 )
+from tensorcurv.core.routing import ParameterRouting
 from tensorcurv.core.stats import NonFiniteError
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, check_damping, check_decay, nonfinite
 from tensorcurv.structures.model import ModelStructure
@@ -111,6 +111,9 @@ class Curvature:
         #: that couples them (``two_level``)
         self.model_structure: ModelStructure = cls.for_model(shapes, hparams)
         self.blocks: dict[str, structures.Structure] = self.model_structure.blocks
+        #: how ``solve``/``mv`` reach every parameter: covered layers through the model structure, the rest
+        #: through the fallback
+        self.routing = ParameterRouting(self.named_params, self.adapters, self._uncovered, self.model_structure)
         self.fallback_diag: dict[str, Tensor] = {}
         self._batch_norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
         self.last_capture_time = 0.0
@@ -269,85 +272,6 @@ class Curvature:
     def _as_list(self, grads) -> list[Tensor]:
         return gradient_list(self.named_params, grads)
 
-    def _layout(self) -> tuple[list[tuple[str, LayerAdapter, list[int]]], list[tuple[str, int]]]:
-        """Index maps into ``self.params`` (built once): ``(layer, adapter, param indices)`` per
-        covered layer and ``(name, index)`` per uncovered parameter."""
-        if getattr(self, "_layout_cache", None) is None:
-            by_id = {id(p): i for i, p in enumerate(self.params)}
-            layers = [(name, ad, [by_id[id(p)] for _, p in ad.params()]) for name, ad in self.adapters.items()]
-            self._layout_cache = (layers, [(n, by_id[id(p)]) for n, p in self._uncovered])
-        return self._layout_cache
-
-    def _apply(self, grads, fallback_op, model_op, split_op=None, out=None):
-        """``op`` on every parameter. Covered layers go through ``[W, b] = adapter.to_matrix``, the
-        model-level ``model_op({layer: [W, b]})`` and ``from_matrix``; with ``split_op(block.solve_split,
-        W, b, out_W, out_b)`` the layers of :meth:`_split_plan` are done on views of the parameter
-        tensors instead (no concatenation or split copies). ``out``: tensors (aligned like ``grads``)
-        to write the result into."""
-        as_dict = isinstance(grads, Mapping)
-        vecs = self._as_list(grads)
-        outs = None
-        if out is not None:
-            outs = [out[n] for n, _ in self.named_params] if isinstance(out, Mapping) else list(out)
-        res: list[Tensor | None] = [None] * len(vecs)
-        layers, uncovered = self._layout()
-        if split_op is not None:
-            split, rest = self._split_plan()
-            for fn, iw, ib, shape in split:
-                W = vecs[iw]
-                oW = torch.empty_like(W, memory_format=torch.contiguous_format) if outs is None else outs[iw]
-                if shape is not None:  # conv: (C_out, C_in, kh, kw) ↔ (C_out, C_in kh kw) views
-                    if not (W.is_contiguous() and oW.is_contiguous()):
-                        rest = rest + [ly for ly in layers if ly[2][0] == iw]
-                        continue
-                    W, Wv = W.view(shape), oW.view(shape)
-                else:
-                    Wv = oW
-                res[iw] = oW
-                if ib is None:
-                    split_op(fn, W, None, Wv, None)
-                else:
-                    ob = torch.empty_like(vecs[ib]) if outs is None else outs[ib]
-                    split_op(fn, W, vecs[ib], Wv, ob)
-                    res[ib] = ob
-        else:
-            rest = layers
-        if rest:
-            mats = {name: ad.to_matrix([vecs[i] for i in idx]) for name, ad, idx in rest}
-            solved = model_op(mats)
-            for name, ad, idx in rest:
-                for i, t in zip(idx, ad.from_matrix(solved[name])):
-                    res[i] = t
-        for n, i in uncovered:
-            res[i] = fallback_op(n, vecs[i])
-        if outs is not None:
-            for i, (o, t) in enumerate(zip(outs, res)):
-                if o is not t:
-                    o.copy_(t)
-                    res[i] = o
-        if as_dict:
-            return {n: t for (n, _), t in zip(self.named_params, res)}
-        return res
-
-    def _split_plan(self) -> tuple[list[tuple[Callable[..., None], int, int | None, tuple[int, ...] | None]], list]:
-        """Built once: ``(block.solve_split, weight index, bias index or None, 2-D view shape or None)``
-        for every layer the model structure solves alone with a copy-free ``solve_split``
-        (``ModelStructure.split_solvers``) and whose adapter has a ``weight_matrix_shape``; the other
-        layers (``_layout`` rows) take the ``[W, b]`` path."""
-        if getattr(self, "_split_cache", None) is None:
-            split, rest = [], []
-            solvers = self.model_structure.split_solvers()
-            for name, ad, idx in self._layout()[0]:
-                fn = solvers.get(name)
-                shape = ad.weight_matrix_shape()
-                if fn is None or shape is None:
-                    rest.append((name, ad, idx))
-                    continue
-                view = None if tuple(self.params[idx[0]].shape) == tuple(shape) else tuple(shape)
-                split.append((fn, idx[0], idx[1] if len(idx) > 1 else None, view))
-            self._split_cache = (split, rest)
-        return self._split_cache
-
     #: blocks with ``has_split_solve`` (kfac) read ``W``/``b`` and write the result without the ``[W, b]``
     #: copies; False forces the concatenated path (same values up to rounding)
     split_solve = True
@@ -373,7 +297,7 @@ class Curvature:
 
         self.model_structure.refresh(damping)  # e.g. all stale decompositions at once (batched by factor size)
         split = (lambda fn, W, b, oW, ob: fn(W, b, damping, oW, ob, False)) if self.split_solve else None
-        res = self._apply(grads, fb, lambda mats: self.model_structure.solve(mats, damping), split, out)
+        res = self.routing.apply(grads, fb, lambda mats: self.model_structure.solve(mats, damping), split, out)
         vals = list(res.values()) if isinstance(res, Mapping) else res
         bad = nonfinite(enumerate(vals))
         if bad:
@@ -381,7 +305,7 @@ class Curvature:
         return res
 
     def _raise_nonfinite_solve(self, bad: list[int], grads, damping: float) -> None:
-        layers, uncovered = self._layout()
+        layers, uncovered = self.routing.layout()
         where = {i: name for name, _, idx in layers for i in idx} | {i: f"{n} (fallback)" for n, i in uncovered}
         names = list(dict.fromkeys(where[i] for i in bad))
         why = "non-finite gradients, or a block that is not positive definite at this damping"
@@ -401,7 +325,7 @@ class Curvature:
         def fb(n, v):
             return self.fallback_diag[n] * v if self.fallback == "diagonal" else v
 
-        return self._apply(vectors, fb, self.model_structure.mv)
+        return self.routing.apply(vectors, fb, self.model_structure.mv)
 
     def _check_fitted(self) -> None:
         if not self.fitted:

@@ -243,7 +243,7 @@ class DistributedCurvature(Curvature):
         def fb(n, v):
             return v / (self.fallback_diag[n] + damping) if self.fallback == "diagonal" else v
 
-        res = self._apply(grads, fb, owned)
+        res = self.routing.apply(grads, fb, owned)
         as_dict = isinstance(res, Mapping)
         vals = list(res.values()) if as_dict else list(res)
         covered = {id(p) for ad in self.adapters.values() for _, p in ad.params()}

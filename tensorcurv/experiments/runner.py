@@ -47,19 +47,9 @@ from torch import Tensor, nn
 
 from tensorcurv import optim
 from tensorcurv.distributed import launch
-from tensorcurv.experiments import data as data_mod
-from tensorcurv.experiments import models as models
 from tensorcurv.experiments import tracking as tracking
-from tensorcurv.experiments.config import (
-    SECOND_ORDER,
-    ConfigError,
-    Validated,
-    check_blocks,
-    resolve_device,
-    validate_train,
-)
+from tensorcurv.experiments.config import SECOND_ORDER, ConfigError, Validated, check_blocks, validate_train
 from tensorcurv.experiments.run_records import (
-    config_fingerprint,
     config_yaml,
     epoch_permutation,
     evaluate,
@@ -70,6 +60,14 @@ from tensorcurv.experiments.run_records import (
     set_rng_state,
     skip_reason,
 )
+from tensorcurv.experiments.run_setup import (
+    build_model,
+    hydra_run_dir,
+    load_splits,
+    resolve_task,
+    resume_state,
+    run_device,
+)
 from tensorcurv.experiments.schema import one_line
 
 
@@ -79,28 +77,6 @@ class RunFailed(RuntimeError):
 
 
 Callback = Callable[[int, dict[str, Any]], None]
-
-
-def _hydra_run_dir() -> str | None:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return HydraConfig.get().runtime.output_dir
-    except Exception:  # pragma: no cover - hydra missing or not running
-        pass
-    return None
-
-
-def resolve_task(v: Validated, num_classes: int | None) -> str:
-    task = v.train.task
-    if task == "auto":
-        task = "autoencode" if (v.model["name"] in models.AUTOENCODERS or num_classes is None) else "classify"
-    if task == "classify" and num_classes is None:
-        raise ConfigError(f"task=classify needs labels, but dataset {v.data.name!r} has none; use task=autoencode")
-    if task == "classify" and v.model["name"] in models.AUTOENCODERS:
-        raise ConfigError(f"model {v.model['name']!r} is an autoencoder; use task=autoencode")
-    return task
 
 
 def _restores_process_state(run: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,45 +129,20 @@ class _TrainingRun:
         """Device, distributed session, run directory, the checkpoint to resume (checked against the config
         before anything is written), threads and dtype."""
         v, t = self.v, self.t
-        device = resolve_device(t.device)
-        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device = device = run_device(t.device)
         # data parallel (torchrun): rank 0 logs and checkpoints
         self.session = launch.setup(v.raw.get("distributed"), device)
-        self.rdir = rdir = Path(run_dir or t.run_dir or _hydra_run_dir() or Path("outputs") / t.name)
-        self.ckpt = ckpt = rdir / "checkpoints" / "last.pt"
-        state = torch.load(ckpt, weights_only=False, map_location=device) if (t.resume and ckpt.exists()) else None
-        self.fingerprint = fingerprint = config_fingerprint(v.raw)
-        if state is not None and state.get("fingerprint", fingerprint) != fingerprint:  # before anything is written
-            raise ConfigError(
-                f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
-                f"or choose another run directory"
-            )
-        self.state = state
+        self.rdir = rdir = Path(run_dir or t.run_dir or hydra_run_dir() or Path("outputs") / t.name)
+        self.ckpt = rdir / "checkpoints" / "last.pt"
+        self.state, self.fingerprint = resume_state(self.ckpt, t.resume, device, v.raw)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[t.dtype]
 
     def _load_data(self) -> None:
         """The dataset's splits on the device, the task, and the targets (labels, or the flattened input)."""
-        d, t, device = self.v.data, self.t, self.device
-        try:
-            splits = data_mod.load(
-                d.name,
-                data_dir=d.data_dir,
-                val_fraction=d.val_fraction,
-                test_fraction=d.test_fraction,
-                normalize=d.normalize,
-                seed=t.seed,
-                dtype=self.dtype,
-                download=d.download,
-                limit=d.limit,
-            )
-        except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
-            raise ConfigError(f"data ({d.name}): {one_line(e)}") from None
+        device = self.device
+        splits = load_splits(self.v, self.dtype)
         task = resolve_task(self.v, splits.num_classes)
         self.splits, self.task = splits, task
 
@@ -208,14 +159,7 @@ class _TrainingRun:
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         random.seed(t.seed)
-        mkw = {k: val for k, val in v.model.items() if k != "name"}
-        try:  # the input shape is known only now (e.g. a cnn on non-image data)
-            classes = splits.num_classes if task == "classify" else None
-            model = models.build(v.model["name"], splits.input_shape, classes, **mkw).to(
-                device=self.device, dtype=self.dtype
-            )
-        except ValueError as e:
-            raise ConfigError(f"model ({v.model['name']}) on {v.data.name}: {one_line(e)}") from None
+        model = build_model(v, splits, task, self.device, self.dtype)
         if v.optim["name"] in SECOND_ORDER:
             check_blocks(model, v.curvature)
         loss_fn = nn.CrossEntropyLoss() if task == "classify" else nn.MSELoss()

@@ -44,6 +44,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from tensorcurv.core.capture import CaptureResult
 from tensorcurv.core.losses import as_loss_spec
 from tensorcurv.core.options import Option
 from tensorcurv.core.stats import NonFiniteError
@@ -166,29 +167,13 @@ class Preconditioner:
         gen = self.curvature.generator if stats_due else None  # only a capture draws MC samples
         gen_state = gen.get_state() if gen is not None else None
         t0 = time.perf_counter()
-        res = None
-        if stats_due:
-            res = self.curvature.capture(inputs, targets, self.loss, accumulate_grad=True)
-            loss = res.loss
-        else:
-            out = self.model(inputs)
-            value = self.loss(out.flatten(1) if out.dim() != 2 else out, targets)
-            value.backward()
-            loss = value.detach()
+        loss, res = self._loss_and_grads(inputs, targets, stats_due)
         any_rank_bad = False
         if self.comm is not None:
             loss, any_rank_bad = sync_step(
                 self.comm, self.named_params, loss, inputs.shape[0], self.loss.reduction, res
             )
-        bad = first_nonfinite([("loss", loss)] + [(n, p.grad) for n, p in self.named_params])  # one reduction
-        if res is not None and not bad:  # one fused reduction over every layer's a and g
-            layers = first_nonfinite([(name, t) for name, st in res.stats.items() for t in (st.a, st.g)])
-            bad += [f"statistics of layer {name!r}" for name in dict.fromkeys(layers)]
-            if not layers:  # the fused check passed: LayerStats.check_finite (in the fit) need not rescan
-                for st in res.stats.values():
-                    st.mark_finite()
-        if any_rank_bad and not bad:
-            bad.append("statistics on another rank")
+        bad = self._nonfinite_batch(loss, res, any_rank_bad)
         if bad:
             if gen is not None:
                 gen.set_state(cast(Tensor, gen_state))  # taken from gen above
@@ -216,6 +201,31 @@ class Preconditioner:
             "backward_time": time.perf_counter() - t0,
         }
         return loss
+
+    def _loss_and_grads(self, inputs: Tensor, targets: Tensor, capture: bool) -> tuple[Tensor, CaptureResult | None]:
+        """The detached loss with ``p.grad = ∇L``: from a statistics capture (``capture``; its result is
+        returned, not yet fitted) or from one plain forward + backward (no hooks; ``None``)."""
+        if capture:
+            res = self.curvature.capture(inputs, targets, self.loss, accumulate_grad=True)
+            return res.loss, res
+        out = self.model(inputs)
+        value = self.loss(out.flatten(1) if out.dim() != 2 else out, targets)
+        value.backward()
+        return value.detach(), None
+
+    def _nonfinite_batch(self, loss: Tensor, res: CaptureResult | None, any_rank_bad: bool) -> list[str]:
+        """What on this batch holds NaN/Inf: the loss, gradients (by parameter), statistics (by layer), or
+        those of another rank (``any_rank_bad``); empty if nothing, and then the statistics are marked finite."""
+        bad = first_nonfinite([("loss", loss)] + [(n, p.grad) for n, p in self.named_params])  # one reduction
+        if res is not None and not bad:  # one fused reduction over every layer's a and g
+            layers = first_nonfinite([(name, t) for name, st in res.stats.items() for t in (st.a, st.g)])
+            bad += [f"statistics of layer {name!r}" for name in dict.fromkeys(layers)]
+            if not layers:  # the fused check passed: LayerStats.check_finite (in the fit) need not rescan
+                for st in res.stats.values():
+                    st.mark_finite()
+        if any_rank_bad and not bad:
+            bad.append("statistics on another rank")
+        return bad
 
     # ------------------------------------------------------------------ solve
     def precondition(

@@ -1,12 +1,13 @@
-"""Curvature-block structures and their registry (see ``base.py`` for the layer interface and
-``model.py`` for the model-level one).
+"""Curvature-block structures and their registry (see ``base.py`` for the layer interface,
+``model.py`` for the model-level one and ``registry.py`` for the names).
 
 Importing this package registers every built-in structure.
 """
 
 from tensorcurv.structures import dense, diagonal, ekfac, kfac, kron_sum  # noqa: F401  (registration)
-from tensorcurv.structures.base import Structure, create, get, layer_names, make_hparams, names, register, unregister
+from tensorcurv.structures.base import Structure
 from tensorcurv.structures.model import BlockDiagonal, ModelStructure
+from tensorcurv.structures.registry import create, get, layer_names, make_hparams, names, register, unregister
 from tensorcurv.structures.split import tt, tucker  # noqa: F401  (registration)
 
 # isort: split

@@ -1,4 +1,4 @@
-"""The structure interface and its registry.
+"""The structure interface (its registry is ``registry.py``, re-exported here).
 
 A *structure* approximates one layer's curvature block ``C`` (``mn x mn``, column-major vec of
 the ``(m, n)`` weight matrix ``[W, b]``, see ``tensorcurv/core/stats.py``). Every structure offers
@@ -55,8 +55,15 @@ from tensorcurv.core.options import plain_options
 from tensorcurv.core.stats import LayerStats, NonFiniteError
 from tensorcurv.linalg import symmetric_eigh
 from tensorcurv.structures import generic
-
-_REGISTRY: dict[str, type] = {}  # layer structures and model-level ones (``two_level``)
+from tensorcurv.structures.registry import (  # noqa: F401  (re-exported: structures register from here)
+    create,
+    get,
+    layer_names,
+    make_hparams,
+    names,
+    register,
+    unregister,
+)
 
 NOT_FITTED = "no statistics yet: call update() first"
 
@@ -370,64 +377,6 @@ def check_state_finite(structures: dict[str, Structure]) -> None:
             f"{sorted({k for _, k in bad})}; e.g. an overflow of finite but huge inputs "
             "or gradients); the update was undone"
         )
-
-
-# ---------------------------------------------------------------------- registry
-def register(name: str, *aliases: str):
-    """Class decorator adding a structure to the registry under ``name`` (and ``aliases``): a layer
-    :class:`Structure`, or a model-level :class:`~tensorcurv.structures.model.ModelStructure`."""
-
-    def deco(cls: type) -> type:
-        cls.name = name  # type: ignore[attr-defined]  # Structure and ModelStructure both declare it
-        for key in (name, *aliases):
-            if key in _REGISTRY and _REGISTRY[key] is not cls:
-                raise ValueError(f"structure name {key!r} is already registered")
-            _REGISTRY[key] = cls
-        return cls
-
-    return deco
-
-
-def unregister(name: str) -> None:
-    """Remove ``name`` (one name or alias) from the registry, e.g. a structure defined by a test."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown structure {name!r}; valid structures: {', '.join(names())}")
-    del _REGISTRY[name]
-
-
-def names() -> list[str]:
-    """Registered structure names (aliases included), sorted."""
-    return sorted(_REGISTRY)
-
-
-def layer_names() -> list[str]:
-    """Registered names (aliases included) of layer structures, the blocks a model-level structure
-    such as ``two_level`` can be built on."""
-    return [n for n in names() if issubclass(_REGISTRY[n], Structure)]
-
-
-def get(name: str) -> type[Structure]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown structure {name!r}; valid structures: {', '.join(names())}") from None
-
-
-def make_hparams(name: str, **hparams: Any) -> Any:
-    """Build and validate ``get(name).Hparams`` from keyword arguments (clear errors on bad keys)."""
-    cls = get(name)
-    fields = {f.name for f in dataclasses.fields(cls.Hparams)}
-    unknown = sorted(set(hparams) - fields)
-    if unknown:
-        raise ValueError(
-            f"structure {name!r} does not take {unknown}; its hyper-parameters are {sorted(fields) or 'none'}"
-        )
-    return cls.Hparams(**hparams)
-
-
-def create(name: str, shape: tuple[int, int], **hparams: Any) -> Structure:
-    """Instantiate a registered structure for a block of weight shape ``(m, n)``."""
-    return get(name)(shape, make_hparams(name, **hparams))
 
 
 def sym_eig(M: Tensor, floor: float = 0.0) -> tuple[Tensor, Tensor]:

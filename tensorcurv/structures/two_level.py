@@ -29,7 +29,7 @@ from torch import Tensor
 from tensorcurv.core.options import Option
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import unvec, vec
-from tensorcurv.structures import base as _base
+from tensorcurv.structures import registry
 from tensorcurv.structures.base import (
     NOT_FITTED,
     NotFittedError,
@@ -71,12 +71,12 @@ class TwoLevelHparams:
     """``additive``: ``M^{-1} + Z E^{-1} Zᵀ``; ``balanced``: balancing Neumann–Neumann (deflated) form."""
 
     def __post_init__(self) -> None:
-        valid = _base.layer_names()
+        valid = registry.layer_names()
         if self.base not in valid:
             raise ValueError(f"two_level.base={self.base!r} is not a layer structure; valid: {valid}")
         self.base_hparams = dict(self.base_hparams or {})
         try:
-            _base.make_hparams(self.base, **self.base_hparams)
+            registry.make_hparams(self.base, **self.base_hparams)
         except (ValueError, TypeError) as e:
             raise ValueError(f"two_level.base_hparams: {e}") from None
         self.coarse_space = CoarseSpace.parse(self.coarse_space, "two_level.coarse_space")
@@ -91,7 +91,7 @@ class TwoLevelHparams:
             )
 
     def make_base_hparams(self) -> Any:
-        return _base.make_hparams(self.base, **self.base_hparams)
+        return registry.make_hparams(self.base, **self.base_hparams)
 
 
 # ---------------------------------------------------------------------- the structure
@@ -113,7 +113,7 @@ class TwoLevel(ModelStructure):
                     f"two_level.coarse_vectors_per_layer={hp.coarse_vectors_per_layer} exceeds the "
                     f"{m * n} parameters of layer {name!r}"
                 )
-        self.base = _base.get(hp.base).for_model(self.shapes, hp.make_base_hparams())  # B = diag(B_l)
+        self.base = registry.get(hp.base).for_model(self.shapes, hp.make_base_hparams())  # B = diag(B_l)
         self.blocks = self.base.blocks
         self.fitted = False
         self.fit_time = 0.0  # whole fit (base blocks + coarse level), seconds

@@ -189,14 +189,7 @@ def evaluate(
     ref = exact_reference(stats, grads, damping_rel, chunk)
     floor_rows = _floor_rows(ref, floor_ranks)
     spectrum_layer = spectrum_layer if spectrum_layer in ref.blocks else next(iter(ref.blocks))
-    spectra = (
-        [
-            {"layer": spectrum_layer, "structure": "exact", "index": i, "eigenvalue": float(v)}
-            for i, v in enumerate(ref.blocks[spectrum_layer].eigenvalues()[:spectrum_k])
-        ]
-        if spectrum
-        else []
-    )
+    spectra = _exact_spectrum(ref, spectrum_layer, spectrum_k) if spectrum else []
     layer_kw: dict[str, Any] = {
         "damping_rel": damping_rel,
         "spectral": spectral,
@@ -206,26 +199,58 @@ def evaluate(
     }
     rows = []
     for var in variants:
-        try:
-            fitted, model_solve, nbytes_total, fit_times, fit_total = _fit_variant(var, stats)
-        except (ValueError, RuntimeError, NotImplementedError) as err:
-            log(f"  {var.label}: skipped ({err})")
-            rows.append({"layer": "(model)", **_variant_columns(var), "skipped": str(err)})
-            continue
-        err_sq_total = ref.offdiag_sq
-        for k in ref.blocks:
-            row = _layer_row(var, k, fitted[k], ref, grads[k], fit_times[k], **layer_kw)
-            err_sq_total += row["fro_abs"] ** 2
-            rows.append(row)
-            if spectrum and k == spectrum_layer:
-                spectra += [
-                    {"layer": k, "structure": var.label, "index": i, "eigenvalue": float(v)}
-                    for i, v in enumerate(structure_spectrum(fitted[k], spectrum_k))
-                ]
-        mrow = _model_row(var, ref, err_sq_total, nbytes_total, fit_total, model_solve, grads, damping_rel)
-        rows.append(mrow)
-        log(f"  {var.label:<28s} model fro_rel={mrow['fro_rel']:.4f} nbytes={nbytes_total}")
+        var_rows, var_spectra = _variant_rows(
+            var, stats, grads, ref, layer_kw, damping_rel, spectrum, spectrum_layer, spectrum_k, log
+        )
+        rows += var_rows
+        spectra += var_spectra
     return {"metrics": rows, "floor": floor_rows, "spectra": spectra}
+
+
+def _exact_spectrum(ref: ExactReference, layer: str, k: int) -> list[dict[str, Any]]:
+    """The ``spectra`` rows of the exact block of ``layer``: its ``k`` largest eigenvalues."""
+    return [
+        {"layer": layer, "structure": "exact", "index": i, "eigenvalue": float(v)}
+        for i, v in enumerate(ref.blocks[layer].eigenvalues()[:k])
+    ]
+
+
+def _variant_rows(
+    var: Variant,
+    stats: Mapping[str, LayerStats],
+    grads: Mapping[str, Tensor],
+    ref: ExactReference,
+    layer_kw: dict[str, Any],
+    damping_rel: Sequence[float],
+    spectrum: bool,
+    spectrum_layer: str,
+    spectrum_k: int,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One variant's ``metrics`` rows (one per layer, then the model row; only a ``skipped`` model row if
+    it cannot be fitted) and its ``spectra`` rows of ``spectrum_layer`` (with ``spectrum``)."""
+    rows: list[dict[str, Any]] = []
+    spectra: list[dict[str, Any]] = []
+    try:
+        fitted, model_solve, nbytes_total, fit_times, fit_total = _fit_variant(var, stats)
+    except (ValueError, RuntimeError, NotImplementedError) as err:
+        log(f"  {var.label}: skipped ({err})")
+        rows.append({"layer": "(model)", **_variant_columns(var), "skipped": str(err)})
+        return rows, spectra
+    err_sq_total = ref.offdiag_sq
+    for k in ref.blocks:
+        row = _layer_row(var, k, fitted[k], ref, grads[k], fit_times[k], **layer_kw)
+        err_sq_total += row["fro_abs"] ** 2
+        rows.append(row)
+        if spectrum and k == spectrum_layer:
+            spectra += [
+                {"layer": k, "structure": var.label, "index": i, "eigenvalue": float(v)}
+                for i, v in enumerate(structure_spectrum(fitted[k], spectrum_k))
+            ]
+    mrow = _model_row(var, ref, err_sq_total, nbytes_total, fit_total, model_solve, grads, damping_rel)
+    rows.append(mrow)
+    log(f"  {var.label:<28s} model fro_rel={mrow['fro_rel']:.4f} nbytes={nbytes_total}")
+    return rows, spectra
 
 
 def _swept(var: Variant) -> dict[str, Any]:

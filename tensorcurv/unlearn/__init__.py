@@ -6,16 +6,10 @@ res = second_order_update(model, X, y, aff, build_solver("kfac"), mu=mu)
 res.status, res.theta, res.time                             # model updated only if res.ok
 """
 
-from tensorcurv.unlearn.ihvp import (
-    CGSolver,
-    ExactSolver,
-    IHVPResult,
-    IHVPSolver,
-    LiSSASolver,
-    StructureSolver,
-    build_solver,
-)
+from tensorcurv.unlearn.ihvp import CGSolver, ExactSolver, LiSSASolver, build_solver
+from tensorcurv.unlearn.ihvp_base import IHVPResult, IHVPSolver
 from tensorcurv.unlearn.objective import Objective
+from tensorcurv.unlearn.structure_solver import StructureSolver
 from tensorcurv.unlearn.training import TrainResult, train_lbfgs
 from tensorcurv.unlearn.updates import (
     AffectedSet,

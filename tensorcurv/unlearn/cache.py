@@ -35,9 +35,10 @@ from tensorcurv import structures
 from tensorcurv.core.capture import capture
 from tensorcurv.core.exact import ExactModel, ParamLayout, check_coupling
 from tensorcurv.core.stats import LayerStats
-from tensorcurv.unlearn.ihvp import IHVPResult, refine_solve
+from tensorcurv.unlearn.ihvp_base import IHVPResult
 from tensorcurv.unlearn.objective import Objective
 from tensorcurv.unlearn.stats_ggn import output_coefficients, stats_gradient
+from tensorcurv.unlearn.structure_solver import refine_solve
 from tensorcurv.unlearn.updates import AffectedSet, UpdateResult, _finish
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tensorcurv.unlearn.ihvp import IHVPResult, IHVPSolver
+from tensorcurv.unlearn.ihvp_base import IHVPResult, IHVPSolver
 from tensorcurv.unlearn.objective import Objective
 
 

@@ -161,7 +161,7 @@ def test_index_split_that_does_not_divide_the_layer_fails_before_training(monkey
     from dataclasses import dataclass
 
     from tensorcurv.experiments.runner import run_training
-    from tensorcurv.structures import base
+    from tensorcurv.structures import registry
     from tensorcurv.structures.diagonal import Diagonal
 
     @dataclass
@@ -178,7 +178,7 @@ def test_index_split_that_does_not_divide_the_layer_fails_before_training(monkey
             if a * b != shape[1]:
                 raise ValueError(f"in_split={list(self.hparams.in_split)} does not divide the layer's n={shape[1]}")
 
-    monkeypatch.setitem(base._REGISTRY, "split_probe", SplitProbe)
+    monkeypatch.setitem(registry._REGISTRY, "split_probe", SplitProbe)
     cfg = train_cfg(
         "curvature=diagonal",
         "curvature.name=split_probe",

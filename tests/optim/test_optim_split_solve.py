@@ -71,7 +71,7 @@ def test_copy_free_solve_equals_the_dense_kronecker_inverse_per_layer(kind, path
     curv = fitted(kind, PATHS[path])
     g = [torch.randn_like(p) for p in curv.params]
     out = curv.solve(g, LAM)
-    for name, ad, idx in curv._layout()[0]:
+    for name, ad, idx in curv.routing.layout()[0]:
         b = curv.blocks[name]
         V = ad.to_matrix([g[i] for i in idx])
         want = unvec(dense_inverse(b, PATHS[path]) @ vec(V), *b.shape)
@@ -82,7 +82,7 @@ def test_copy_free_solve_equals_the_dense_kronecker_inverse_per_layer(kind, path
 @pytest.mark.parametrize("path", PATHS)
 def test_copy_free_solve_equals_the_concatenated_path(kind, path):
     curv = fitted(kind, PATHS[path])
-    assert len(curv._split_plan()[0]) == 3  # every layer (bias and no bias) takes the copy-free path
+    assert len(curv.routing.split_plan()[0]) == 3  # every layer (bias and no bias) takes the copy-free path
     g = [torch.randn_like(p) for p in curv.params]
     fast = curv.solve(g, LAM)
     curv.split_solve = False

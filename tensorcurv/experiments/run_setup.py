@@ -1,0 +1,97 @@
+"""What a training run is built from: its device, run directory and checkpoint to resume, the data
+splits and task, and the model; each failure of a config value is one :class:`ConfigError` line,
+raised before training starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorcurv.experiments import data as data_mod
+from tensorcurv.experiments import models as models
+from tensorcurv.experiments.config import ConfigError, Validated, resolve_device
+from tensorcurv.experiments.run_records import config_fingerprint
+from tensorcurv.experiments.schema import one_line
+
+
+def hydra_run_dir() -> str | None:
+    """The output directory of the running Hydra job, or None outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return HydraConfig.get().runtime.output_dir
+    except Exception:  # pragma: no cover - hydra missing or not running
+        pass
+    return None
+
+
+def run_device(name: str) -> torch.device:
+    """The configured device; under torchrun a bare ``cuda`` is the rank's own GPU (``LOCAL_RANK``). A CUDA
+    device is made the current one."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def resume_state(ckpt: Path, resume: bool, device: torch.device, raw: dict[str, Any]) -> tuple[Any, str]:
+    """The checkpoint to continue (``None``: a fresh run) and the config's fingerprint; a checkpoint of
+    another config is refused (checked before the run writes anything)."""
+    state = torch.load(ckpt, weights_only=False, map_location=device) if (resume and ckpt.exists()) else None
+    fingerprint = config_fingerprint(raw)
+    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:  # before anything is written
+        raise ConfigError(
+            f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
+            f"or choose another run directory"
+        )
+    return state, fingerprint
+
+
+def load_splits(v: Validated, dtype: torch.dtype) -> data_mod.DataSplits:
+    """The configured dataset's seeded train / val / test splits (on the CPU)."""
+    d, t = v.data, v.train
+    try:
+        return data_mod.load(
+            d.name,
+            data_dir=d.data_dir,
+            val_fraction=d.val_fraction,
+            test_fraction=d.test_fraction,
+            normalize=d.normalize,
+            seed=t.seed,
+            dtype=dtype,
+            download=d.download,
+            limit=d.limit,
+        )
+    except (OSError, ValueError, ImportError) as e:  # missing files offline, a corrupt file, mnist1d not installed
+        raise ConfigError(f"data ({d.name}): {one_line(e)}") from None
+
+
+def resolve_task(v: Validated, num_classes: int | None) -> str:
+    """``classify`` or ``autoencode`` (``auto``: autoencode an autoencoder model or unlabelled data)."""
+    task = v.train.task
+    if task == "auto":
+        task = "autoencode" if (v.model["name"] in models.AUTOENCODERS or num_classes is None) else "classify"
+    if task == "classify" and num_classes is None:
+        raise ConfigError(f"task=classify needs labels, but dataset {v.data.name!r} has none; use task=autoencode")
+    if task == "classify" and v.model["name"] in models.AUTOENCODERS:
+        raise ConfigError(f"model {v.model['name']!r} is an autoencoder; use task=autoencode")
+    return task
+
+
+def build_model(
+    v: Validated, splits: data_mod.DataSplits, task: str, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """The configured model for the splits' input shape (and classes), on ``device`` in ``dtype``."""
+    mkw = {k: val for k, val in v.model.items() if k != "name"}
+    try:  # the input shape is known only now (e.g. a cnn on non-image data)
+        classes = splits.num_classes if task == "classify" else None
+        return models.build(v.model["name"], splits.input_shape, classes, **mkw).to(device=device, dtype=dtype)
+    except ValueError as e:
+        raise ConfigError(f"model ({v.model['name']}) on {v.data.name}: {one_line(e)}") from None
