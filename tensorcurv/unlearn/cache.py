@@ -39,7 +39,7 @@ from tensorcurv.unlearn.ihvp_base import IHVPResult
 from tensorcurv.unlearn.objective import Objective
 from tensorcurv.unlearn.stats_ggn import output_coefficients, stats_gradient
 from tensorcurv.unlearn.structure_solver import refine_solve
-from tensorcurv.unlearn.updates import AffectedSet, UpdateResult, _finish
+from tensorcurv.unlearn.updates import AffectedSet, UpdateResult, finish_update
 
 
 def _rows(st: LayerStats, idx: Tensor) -> LayerStats:
@@ -212,10 +212,10 @@ class CurvatureCache:
                 ihvp=[r],
                 info=info,
             )
-            return _finish(self.obj, res, False, t0)
+            return finish_update(self.obj, res, False, t0)
         if not (isinstance(tau, (int, float)) and math.isfinite(tau)):
             raise ValueError(f"tau must be a finite number, got {tau!r}")
         res = UpdateResult(
             r.method, "ok", self.theta_star - tau * r.x, self.theta_star, tau=tau, times=times, ihvp=[r], info=info
         )
-        return _finish(self.obj, res, inplace, t0)
+        return finish_update(self.obj, res, inplace, t0)

@@ -155,7 +155,9 @@ class UpdateResult:
         return self.status == "ok"
 
 
-def _finish(obj: Objective, res: UpdateResult, inplace: bool, t0: float) -> UpdateResult:
+def finish_update(obj: Objective, res: UpdateResult, inplace: bool, t0: float) -> UpdateResult:
+    """The common end of every update: a non-finite result fails, the model is written only when ``inplace`` and
+    the update succeeded, and the wall-clock since ``t0`` is recorded."""
     if res.ok and not bool(torch.isfinite(res.theta).all()):
         res.status = "non-finite update"
     if res.ok and inplace:
@@ -206,7 +208,7 @@ def first_order_update(
     else:
         raise ValueError(f"tau must be a number or 'cauchy', got {tau!r}")
     if not math.isfinite(tau_v):
-        return _finish(
+        return finish_update(
             obj,
             UpdateResult("first_order", "non-positive curvature along Δg", theta_star.clone(), theta_star, tau=tau_v),
             inplace,
@@ -222,7 +224,7 @@ def first_order_update(
         times={"grad_diff": t_grad},
         info={"grad_diff_norm": float(dg.norm())},
     )
-    return _finish(obj, res, inplace, t0)
+    return finish_update(obj, res, inplace, t0)
 
 
 def _check_second_order_arguments(affected: AffectedSet, steps: int, tau: float, hessian_on: str) -> None:
@@ -343,7 +345,7 @@ def second_order_update(
         ihvp=results,
         info={"solver": solver.describe()} if ok else {},
     )
-    return _finish(obj, res, inplace and ok, t0)
+    return finish_update(obj, res, inplace and ok, t0)
 
 
 def _reindex(part: AffectedSet, before: AffectedSet | None, N: int) -> AffectedSet:
