@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from tensorcurv.core.exact import ParamLayout, weighted_gradient_sum
-from tensorcurv.core.losses import CrossEntropy, LossSpec, MeanSquaredError
+from tensorcurv.core.losses import BinaryCrossEntropyWithLogits, CrossEntropy, LossSpec, MeanSquaredError
 from tensorcurv.core.stats import LayerStats
 
 
@@ -26,8 +26,11 @@ def output_coefficients(loss: LossSpec, outputs: Tensor, targets: Tensor) -> Ten
     """``c_s`` (N, K) with ``S_s c_s = ∇_z ℓ_s`` for the loss-Hessian factor ``S`` of ``losses.py``.
 
     Cross-entropy: ``S = (I − p1ᵀ) diag(√p)``, so ``c = √p − e_y/√p_y`` (``S c = p − e_y``).
-    MSE: ``S = √(2ρ) I``, so ``c = ∇_z ℓ / √(2ρ)``. ``ValueError`` where no closed form applies
-    (another loss, or ``p_y`` so small that ``1/√p_y`` overflows).
+    MSE: ``S = √(2ρ) I``, so ``c = ∇_z ℓ / √(2ρ)``.
+    BCE with logits: ``S = diag(√(ρ p(1−p)))`` with ``p = sigmoid(z)`` per flattened output, so
+    ``c = ∇_z ℓ / √(ρ p(1−p))`` elementwise (``∇_z ℓ = ρ (p − y)``).
+    ``ValueError`` where no closed form applies (another loss, ``p_y`` so small that ``1/√p_y`` overflows,
+    or ``p(1−p)`` underflowing to zero).
     """
     if isinstance(loss, CrossEntropy):
         p = outputs.softmax(-1)
@@ -39,6 +42,11 @@ def output_coefficients(loss: LossSpec, outputs: Tensor, targets: Tensor) -> Ten
         return c
     if isinstance(loss, MeanSquaredError):
         return loss.output_gradient(outputs, targets) / (2.0 * loss.rho(outputs)) ** 0.5
+    if isinstance(loss, BinaryCrossEntropyWithLogits):
+        v = loss.variance(outputs).flatten(1)
+        if bool((v < 1e-250).any()):
+            raise ValueError("a Bernoulli variance p(1 − p) underflows; no stable closed-form coefficient")
+        return loss.output_gradient(outputs, targets) / (loss.rho(outputs) * v).sqrt()
     raise ValueError(f"no closed-form per-sample gradient from GGN statistics for loss {type(loss).__name__}")
 
 

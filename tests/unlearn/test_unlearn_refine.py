@@ -6,7 +6,7 @@ from torch.func import functional_call, grad, vmap
 
 from reference import full_block, layer_block
 from tensorcurv.core.exact import ExactModel
-from tensorcurv.core.losses import CrossEntropy, MeanSquaredError
+from tensorcurv.core.losses import BinaryCrossEntropyWithLogits, CrossEntropy, MeanSquaredError
 from tensorcurv.curvature import Curvature
 from tensorcurv.linalg import unvec
 from tensorcurv.unlearn import ExactSolver, StructureSolver
@@ -51,11 +51,14 @@ def test_full_coupling_operator_equals_dense_ggn_of_all_parameters():
     torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
 def test_closed_form_coefficients_give_the_summed_per_sample_gradients(loss):
     X, y = data()
     model = mlp()
-    if loss == "mse":
+    if loss == "bce_with_logits":
+        spec, y = BinaryCrossEntropyWithLogits("sum"), torch.nn.functional.one_hot(y, 3).double()
+        ell = lambda z, t: torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="sum")
+    elif loss == "mse":
         spec, y = MeanSquaredError("sum"), torch.nn.functional.one_hot(y, 3).double()
         ell = lambda z, t: ((z - t) ** 2).sum()
     else:
@@ -76,6 +79,32 @@ def test_cross_entropy_coefficients_refuse_an_underflowing_true_class_probabilit
     out = torch.tensor([[0.0, 800.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match="underflows"):
         output_coefficients(CrossEntropy("sum"), out, torch.tensor([0]))
+
+
+def _bce_targets(kind, shape, gen):
+    u = torch.rand(shape, dtype=torch.float64, generator=gen)
+    return (u > 0.5).double() if kind == "binary" else u
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["binary", "soft"])
+def test_bce_coefficients_map_through_the_hessian_factor_to_the_per_sample_output_gradient(kind, reduction):
+    gen = torch.Generator().manual_seed(0)
+    z = 3.0 * torch.randn(5, 2, 3, dtype=torch.float64, generator=gen)  # 2-D outputs per sample: flattened to K = 6
+    y = _bce_targets(kind, z.shape, gen)
+    spec = BinaryCrossEntropyWithLogits(reduction)
+    c = output_coefficients(spec, z, y)
+    # ℓ_s: the per-sample part of nn.BCEWithLogitsLoss (mean over all N·K elements = (1/N) Σ_s mean over K)
+    ell = lambda zs, ts: torch.nn.functional.binary_cross_entropy_with_logits(zs, ts, reduction=reduction)
+    ref = vmap(grad(ell))(z, y).flatten(1)
+    got = torch.einsum("nck,nk->nc", spec.hessian_factor(z), c)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-15)
+
+
+def test_bce_coefficients_refuse_an_underflowing_bernoulli_variance():
+    out = torch.tensor([[0.0, 800.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="underflows"):
+        output_coefficients(BinaryCrossEntropyWithLogits("sum"), out, torch.tensor([[0.0, 1.0]], dtype=torch.float64))
 
 
 def _setup(model_fn):
