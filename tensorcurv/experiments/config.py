@@ -53,6 +53,7 @@ __all__ = [
 
 DTYPES = ("float32", "float64")
 TASKS = ("auto", "classify", "autoencode")
+AUTOENCODER_LOSSES = ("mse", "bce_with_logits")
 #: curvature-group keys that are not structure hyper-parameters
 CURVATURE_KEYS = ("name", "kind", "damping")
 SECOND_ORDER = ("natural_gradient", "gauss_newton")
@@ -247,6 +248,10 @@ class TrainConfig:
     task: str = spec("auto", choices=TASKS, what="a task")
     """``classify`` (cross-entropy), ``autoencode`` (MSE to the flattened input) or ``auto``
     (autoencode for autoencoder models and datasets without classes)."""
+    loss: str = spec("mse", choices=AUTOENCODER_LOSSES, what="an autoencoder loss")
+    """Reconstruction loss of ``autoencode`` against the flattened input: ``mse`` (``nn.MSELoss``) or
+    ``bce_with_logits`` (``nn.BCEWithLogitsLoss`` on the output logits; inputs must lie in [0, 1]).
+    Classification always trains with cross-entropy."""
     epochs: int = spec(5, ge=1)
     """Passes over the training set."""
     max_steps: int | None = spec(None, ge=1)

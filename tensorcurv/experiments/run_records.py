@@ -21,8 +21,9 @@ RESUME_FREE = ("resume", "progress", "logger", "threads", "run_dir")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, X: Tensor, Y: Tensor, task: str, chunk: int = 2048) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) of ``model`` on ``(X, Y)``."""
+def evaluate(model: nn.Module, X: Tensor, Y: Tensor, loss: str, chunk: int = 2048) -> dict[str, float]:
+    """Mean loss (and accuracy for ``cross_entropy``) of ``model`` on ``(X, Y)``, as the training loss
+    reduces it: ``cross_entropy`` per sample, ``mse`` / ``bce_with_logits`` per output element."""
     if len(X) == 0:
         return {}
     was_training = model.training
@@ -31,14 +32,16 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, task: str, chunk: int = 204
     for i in range(0, len(X), chunk):
         out = model(X[i : i + chunk])
         y = Y[i : i + chunk]
-        if task == "classify":
+        if loss == "cross_entropy":
             total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
+        elif loss == "bce_with_logits":
+            total += float(nn.functional.binary_cross_entropy_with_logits(out, y, reduction="sum")) / y[0].numel()
         else:
             total += float(nn.functional.mse_loss(out, y, reduction="sum")) / y[0].numel()
     model.train(was_training)
     res = {"loss": total / len(X)}
-    if task == "classify":
+    if loss == "cross_entropy":
         res["acc"] = correct / len(X)
     return res
 
@@ -106,6 +109,7 @@ def run_summary(
     *,
     device: torch.device,
     task: str,
+    loss: str,
     step: int,
     spe: int,
     bs: int,
@@ -126,6 +130,7 @@ def run_summary(
         "optimizer": v.optim["name"],
         "structure": v.curvature["name"] if v.optim["name"] in SECOND_ORDER else None,
         "task": task,
+        "loss_fn": loss,
         "seed": t.seed,
         "dtype": t.dtype,
         "device": str(device),

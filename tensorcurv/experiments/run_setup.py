@@ -5,11 +5,12 @@ raised before training starts."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tensorcurv.experiments import data as data_mod
 from tensorcurv.experiments import models as models
@@ -82,7 +83,25 @@ def resolve_task(v: Validated, num_classes: int | None) -> str:
         raise ConfigError(f"task=classify needs labels, but dataset {v.data.name!r} has none; use task=autoencode")
     if task == "classify" and v.model["name"] in models.AUTOENCODERS:
         raise ConfigError(f"model {v.model['name']!r} is an autoencoder; use task=autoencode")
+    if task == "classify" and v.train.loss != "mse":
+        raise ConfigError(
+            f"loss={v.train.loss} is an autoencoder loss; classification trains with cross-entropy "
+            "(leave loss=mse, or use task=autoencode)"
+        )
     return task
+
+
+def check_unit_targets(targets: Mapping[str, Tensor], loss: str) -> None:
+    """``bce_with_logits`` reconstructs Bernoulli means: every split's targets must lie in [0, 1]."""
+    if loss != "bce_with_logits":
+        return
+    for split, Y in targets.items():
+        if len(Y) and not bool(((Y >= 0) & (Y <= 1)).all()):
+            lo, hi = float(Y.min()), float(Y.max())
+            raise ConfigError(
+                f"loss=bce_with_logits needs inputs in [0, 1], but the {split} split spans [{lo:.4g}, {hi:.4g}]; "
+                "use data.normalize=unit"
+            )
 
 
 def build_model(

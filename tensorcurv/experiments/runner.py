@@ -4,8 +4,8 @@ One run = data (``tensorcurv.experiments.data.load``) + model (``tensorcurv.expe
 (``tensorcurv.optim.build``; second-order ones take the structure, kind, damping and structure
 hyper-parameters of the ``curvature`` group) + LR schedule, trained for ``epochs`` passes of
 mini-batches (seeded permutation per epoch, last incomplete batch dropped). Loss: cross-entropy
-for classification, ``nn.MSELoss`` (mean over all outputs) against the flattened input for
-autoencoding.
+for classification; for autoencoding, against the flattened input, ``nn.MSELoss`` or (``loss=bce_with_logits``,
+inputs in [0, 1]) ``nn.BCEWithLogitsLoss`` on the output logits, both the mean over all outputs.
 
 The run directory receives
 
@@ -62,6 +62,7 @@ from tensorcurv.experiments.run_records import (
 )
 from tensorcurv.experiments.run_setup import (
     build_model,
+    check_unit_targets,
     hydra_run_dir,
     load_splits,
     resolve_task,
@@ -145,6 +146,7 @@ class _TrainingRun:
         splits = load_splits(self.v, self.dtype)
         task = resolve_task(self.v, splits.num_classes)
         self.splits, self.task = splits, task
+        self.loss_name = "cross_entropy" if task == "classify" else self.t.loss
 
         def targets(split):
             X, y = split[0].to(device), split[1].to(device)
@@ -152,6 +154,7 @@ class _TrainingRun:
 
         self.Xtr, self.Ytr = targets(splits.train)
         self.evals = {k: targets(getattr(splits, k)) for k in ("train", "val", "test")}
+        check_unit_targets({k: Y for k, (_, Y) in self.evals.items()}, self.loss_name)
 
     def _build_model_and_optimizer(self) -> None:
         """Seeds, then the model, the loss, the optimizer and the LR schedule over ``total`` steps."""
@@ -162,7 +165,9 @@ class _TrainingRun:
         model = build_model(v, splits, task, self.device, self.dtype)
         if v.optim["name"] in SECOND_ORDER:
             check_blocks(model, v.curvature)
-        loss_fn = nn.CrossEntropyLoss() if task == "classify" else nn.MSELoss()
+        loss_fn = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce_with_logits": nn.BCEWithLogitsLoss}[
+            self.loss_name
+        ]()
         try:
             self.session.check_batch(min(t.batch_size, len(self.Xtr)))
         except ValueError as e:
@@ -215,7 +220,7 @@ class _TrainingRun:
         """Loss (and accuracy) on every split, logged at the current step; not counted as training time."""
         t0, m = time.perf_counter(), {}
         for k, (X, Y) in self.evals.items():
-            m.update({f"{k}_{key}": val for key, val in evaluate(self.model, X, Y, self.task).items()})
+            m.update({f"{k}_{key}": val for key, val in evaluate(self.model, X, Y, self.loss_name).items()})
         m["epoch"] = self.step / self.spe
         m["wall_time"] = self.elapsed + (t0 - self.t_start if self.t_start is not None else 0.0)
         self.logger.log(m, self.step)
@@ -372,6 +377,7 @@ class _TrainingRun:
             record.rows,
             device=self.device,
             task=self.task,
+            loss=self.loss_name,
             step=self.step,
             spe=self.spe,
             bs=self.bs,

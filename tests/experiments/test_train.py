@@ -57,7 +57,7 @@ def test_adam_run_logs_no_curvature_columns(tmp_path):
 
 def test_autoencoder_run_uses_mse_to_the_input(tmp_path):
     s = run_training(cfg_for("experiment=digits_autoencoder_kfac", *TINY), run_dir=tmp_path)
-    assert s["task"] == "autoencode" and "test_acc" not in s and s["test_loss"] < 1.0
+    assert s["task"] == "autoencode" and s["loss_fn"] == "mse" and "test_acc" not in s and s["test_loss"] < 1.0
 
 
 def test_interrupted_run_resumes_to_the_same_final_metrics(tmp_path):
@@ -244,3 +244,48 @@ def test_demo_prints_table_and_writes_png_and_markdown(tmp_path, capsys):
     assert (tmp_path / "report" / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "report" / "demo.md").read_text()
     assert md.count("| NaturalGradient + K-FAC |") == 2 and md.count("| Adam |") == 2
+
+
+BCE_AUTOENCODER = ["model=autoencoder", "task=autoencode", "loss=bce_with_logits", "data.normalize=unit"]
+
+
+def test_bce_autoencoder_run_with_natural_gradient_kfac_finishes_with_finite_loss(tmp_path):
+    over = [*BCE_AUTOENCODER, "optim=natural_gradient", "curvature=kfac", "max_steps=3"]
+    s = run_training(cfg_for(*over), run_dir=tmp_path)
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert s["loss_fn"] == "bce_with_logits" and s["steps"] == 3 and s["status"] == "ok"
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows if r.get("loss"))
+    assert torch.isfinite(torch.tensor(s["test_loss"]))
+
+
+def test_evaluation_reports_the_bce_with_logits_loss_of_the_training():
+    from tensorcurv.experiments.run_records import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 5).double()
+    X = torch.rand(7, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ref = float(torch.nn.BCEWithLogitsLoss()(model(X), X))
+    assert evaluate(model, X, X, "bce_with_logits", chunk=3)["loss"] == pytest.approx(ref, rel=1e-14)
+
+
+def test_unknown_autoencoder_loss_fails_with_one_line_naming_the_key():
+    from tensorcurv.experiments.config import ConfigError, validate_train
+
+    with pytest.raises(ConfigError) as e:
+        validate_train(cfg_for("loss=bce"))
+    assert str(e.value) == "loss='bce' is not an autoencoder loss; valid: mse, bce_with_logits"
+
+
+def test_bce_autoencoder_on_inputs_outside_unit_interval_fails_with_one_line(tmp_path):
+    from tensorcurv.experiments.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^loss=bce_with_logits needs inputs in \[0, 1\], but the train split"):
+        run_training(cfg_for(*BCE_AUTOENCODER, "data.normalize=standard"), run_dir=tmp_path)
+
+
+def test_bce_loss_with_classification_fails_with_one_line(tmp_path):
+    from tensorcurv.experiments.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^loss=bce_with_logits is an autoencoder loss"):
+        run_training(cfg_for("loss=bce_with_logits", "task=classify"), run_dir=tmp_path)
