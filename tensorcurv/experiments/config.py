@@ -357,6 +357,7 @@ def validate_train(cfg: Any) -> Validated:
     """Validate a composed ``conf/train.yaml`` (DictConfig or dict). Raises :class:`ConfigError`."""
     from tensorcurv import optim
     from tensorcurv.optim import config as optim_config
+    from tensorcurv.optim import packaged
 
     raw = plain_config(cfg)
     train = check("", TrainConfig, _groups(raw, TrainConfig, TRAIN_GROUPS))
@@ -367,6 +368,10 @@ def validate_train(cfg: Any) -> Validated:
     validate_structure(curvature)
     opt = dict(raw.get("optim") or {})
     check_value("optim.name", opt.get("name"), str, {"choices": optim.names(), "what": "an optimizer"})
+    try:
+        packaged.check_available(opt["name"])
+    except ImportError as e:
+        raise ConfigError(f"optim={opt['name']}: {one_line(e)}") from None
     logger = check("logger", LoggerConfig, dict(raw.get("logger") or {"kind": "csv"}))
     schedule = check("schedule", ScheduleConfig, dict(raw.get("schedule") or {}))
     validate_distributed(raw.get("distributed"))

@@ -9,6 +9,7 @@ tensorcurv imports it. The recursions are in the configs' docstrings (``tensorcu
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 import torch
@@ -18,13 +19,24 @@ EXTRA = "baselines"
 PACKAGED = ("soap", "shampoo", "psgd_kron")
 
 
+def _missing(name: str) -> ImportError:
+    return ImportError(
+        f"optimizer {name!r} needs the pytorch-optimizer package: pip install 'tensorcurv[{EXTRA}]' (or make setup)"
+    )
+
+
+def check_available(name: str) -> None:
+    """One-line ``ImportError`` naming the extra when ``name`` is packaged and the package is not installed
+    (looked up without importing it)."""
+    if name in PACKAGED and importlib.util.find_spec(PACKAGE) is None:
+        raise _missing(name)
+
+
 def _package(name: str) -> Any:
     try:
         return importlib.import_module(PACKAGE)
     except ImportError:
-        raise ImportError(
-            f"optimizer {name!r} needs the pytorch-optimizer package: pip install 'tensorcurv[{EXTRA}]' (or make setup)"
-        ) from None
+        raise _missing(name) from None
 
 
 def make_packaged_optimizer(name: str, params: list[torch.nn.Parameter], c: Any) -> torch.optim.Optimizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,17 @@ def test_auto_device_falls_back_to_cpu_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     validate_train(train_cfg("device=auto"))
+
+
+@pytest.mark.parametrize("name", ["soap", "shampoo", "psgd_kron"])
+def test_packaged_optimizer_without_pytorch_optimizer_fails_validation_naming_the_extra(name, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda m, *a: None if m == "pytorch_optimizer" else find_spec(m, *a)
+    )
+    with pytest.raises(ConfigError) as e:
+        validate_train(compose_cfg("train", [f"optim={name}"]))
+    assert str(e.value) == (
+        f"optim={name}: optimizer {name!r} needs the pytorch-optimizer package: "
+        "pip install 'tensorcurv[baselines]' (or make setup)"
+    )
