@@ -384,8 +384,9 @@ def validate_train(cfg: Any) -> Validated:
     kw = v.optimizer_kwargs()
     try:
         if opt["name"] in SECOND_ORDER:
-            fields_, _ = optim_config.split_structure_hparams(opt["name"], kw)
-            optim_config.make_config(opt["name"], **fields_)
+            fields_, struct_kw = optim_config.split_structure_hparams(opt["name"], kw)
+            struct_kw.pop("exclude", None)
+            optim_config.make_second_order_config(opt["name"], fields_, struct_kw)
         else:
             optim_config.make_config(opt["name"], **kw)
     except (ValueError, TypeError) as e:

@@ -213,7 +213,23 @@ def split_structure_hparams(name: str, kwargs: dict[str, Any]) -> tuple[dict[str
     return ({k: v for k, v in kwargs.items() if k in valid}, {k: v for k, v in kwargs.items() if k not in valid})
 
 
+def make_second_order_config(name: str, opt_kw: dict[str, Any], struct_kw: dict[str, Any]) -> Any:
+    """The config of second-order optimizer ``name`` from ``opt_kw``, with ``struct_kw`` checked as its
+    structure's hyper-parameters; a key neither takes raises a ``ValueError`` naming both key lists."""
+    from tensorcurv import structures
+
+    config = make_config(name, **opt_kw)
+    try:
+        structures.make_hparams(config.structure, **struct_kw)
+    except ValueError as e:
+        if "does not take" in str(e):
+            raise ValueError(f"{name}: {e}; optimizer keys: {field_names(name)}") from None
+        raise
+    return config
+
+
 __all__ = [n for n in dir() if n.endswith("Config")] + [
+    "make_second_order_config",
     "CONFIGS",
     "make_config",
     "config_class",

@@ -33,28 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tensorcurv import structures
 from tensorcurv.distributed.reduce import reduce_loss
 from tensorcurv.optim import config as cfgs
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt, reduction_ratio
 from tensorcurv.optim.damping import build as build_damping
 from tensorcurv.optim.preconditioner import Preconditioner
 from tensorcurv.optim.refine import Refinement
-
-
-def _validated_config(name: str, opt_kw: dict[str, Any], struct_kw: dict[str, Any]) -> Any:
-    """The config of optimizer ``name`` from ``opt_kw``, with ``struct_kw`` checked as its structure's
-    hyper-parameters; an unknown key raises a ``ValueError`` naming the optimizer's keys."""
-    try:
-        config = cfgs.make_config(name, **opt_kw)
-        structures.make_hparams(config.structure, **struct_kw)
-    except ValueError as e:
-        if struct_kw and "does not take" in str(e):
-            raise ValueError(
-                f"{name}: unknown key(s) {sorted(struct_kw)}; optimizer keys: {cfgs.field_names(name)}; {e}"
-            ) from None
-        raise
-    return config
 
 
 def _damping_of(c: cfgs.SecondOrderConfig) -> FixedDamping | LevenbergMarquardt:
@@ -85,7 +69,7 @@ class SecondOrderOptimizer:
         comm = kwargs.pop("comm", None)  # tensorcurv.distributed.Comm (or a DDP-wrapped model)
         opt_kw, struct_kw = cfgs.split_structure_hparams(self.name, kwargs)
         exclude = struct_kw.pop("exclude", ())
-        self.config = _validated_config(self.name, opt_kw, struct_kw)
+        self.config = cfgs.make_second_order_config(self.name, opt_kw, struct_kw)
         c = self.config
         damping = _damping_of(c)
         self.model = model

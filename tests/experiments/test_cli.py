@@ -53,6 +53,8 @@ BAD_INPUTS = [
     ("train", ["progress=1"], ["progress=1", "true or false"]),
     ("train", ["+foo=1"], ["unknown key 'foo'", "epochs"]),
     ("train", ["+max_skip_fractio=0.1"], ["did you mean 'max_skip_fraction'"]),
+    ("train", ["optim=natural_gradient", "+optim.refin=5"], ["does not take ['refin']", "refine", "optimizer keys"]),
+    ("train", ["optim=natural_gradient", "optim.refine=-2"], ["refine must be an integer >= 0"]),
     ("train", ["max_skip_fraction=1.5"], ["max_skip_fraction=1.5", "<= 1"]),
     ("train", ["curvature.kind=fisher"], ["curvature.kind='fisher'", "empirical", "ggn"]),
     ("train", ["curvature.name=kfca"], ["curvature.name='kfca'", "did you mean 'kfac'"]),
