@@ -24,6 +24,7 @@ callback, before Hydra creates the run directory.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Mapping
@@ -56,6 +57,8 @@ TASKS = ("auto", "classify", "autoencode")
 AUTOENCODER_LOSSES = ("mse", "bce_with_logits")
 #: curvature-group keys that are not structure hyper-parameters
 CURVATURE_KEYS = ("name", "kind", "damping")
+#: keys that may change between a run and its resumption
+RESUME_FREE = ("resume", "progress", "logger", "threads", "run_dir")
 SECOND_ORDER = ("natural_gradient", "gauss_newton")
 #: optim keys that conf/train.yaml links to the curvature group
 LINKED_KEYS = ("structure", "kind", "damping")
@@ -329,6 +332,38 @@ class Validated:
     logger: LoggerConfig
     schedule: ScheduleConfig
     raw: dict[str, Any]
+    structure_hparams: Any = None
+    """The curvature group's validated structure hyper-parameters (defaults filled in)."""
+    optimizer_config: Any = None
+    """The optimizer's validated config (defaults filled in)."""
+
+    def effective(self) -> dict[str, Any]:
+        """What the run does, with every default filled in: the validated train, data, model, curvature,
+        optimizer, schedule and distributed settings, without the keys a resumed run may change
+        (:data:`RESUME_FREE`). Two configs that differ only by keys spelled out at their defaults (for
+        example a key added to the schema after a checkpoint was written) have the same ``effective()``."""
+        from dataclasses import asdict, is_dataclass
+
+        from tensorcurv.experiments import models as models
+
+        def plain(x: Any) -> Any:
+            return asdict(x) if is_dataclass(x) and not isinstance(x, type) else x
+
+        train = {k: val for k, val in asdict(self.train).items() if k not in RESUME_FREE}
+        model = dict(self.model)
+        for name, par in inspect.signature(models.builder(model["name"])).parameters.items():
+            if par.default is not inspect.Parameter.empty and name not in ("input_shape", "num_outputs"):
+                model.setdefault(name, par.default)
+        curvature = {k: self.curvature.get(k) for k in CURVATURE_KEYS if k in self.curvature}
+        return {
+            "train": train,
+            "data": asdict(self.data),
+            "model": model,
+            "curvature": {**curvature, **(plain(self.structure_hparams) or {})},
+            "optim": {"name": self.optim["name"], **(plain(self.optimizer_config) or {})},
+            "schedule": asdict(self.schedule),
+            "distributed": self.raw.get("distributed"),
+        }
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``tensorcurv.optim.build(optim.name, ...)``.
@@ -365,7 +400,7 @@ def validate_train(cfg: Any) -> Validated:
     data = check("data", DataConfig, dict(raw.get("data") or {}))
     model = validate_model(dict(raw.get("model") or {}))
     curvature = dict(raw.get("curvature") or {})
-    validate_structure(curvature)
+    structure_hparams = validate_structure(curvature)
     opt = dict(raw.get("optim") or {})
     check_value("optim.name", opt.get("name"), str, {"choices": optim.names(), "what": "an optimizer"})
     try:
@@ -380,15 +415,15 @@ def validate_train(cfg: Any) -> Validated:
             f"optim.structure={opt['structure']!r} differs from curvature.name={curvature['name']!r}; "
             f"choose the structure with curvature=<name> (valid: {', '.join(_structure_names())})"
         )
-    v = Validated(train, data, model, curvature, opt, logger, schedule, raw)
+    v = Validated(train, data, model, curvature, opt, logger, schedule, raw, structure_hparams)
     kw = v.optimizer_kwargs()
     try:
         if opt["name"] in SECOND_ORDER:
             fields_, struct_kw = optim_config.split_structure_hparams(opt["name"], kw)
             struct_kw.pop("exclude", None)
-            optim_config.make_second_order_config(opt["name"], fields_, struct_kw)
+            v.optimizer_config = optim_config.make_second_order_config(opt["name"], fields_, struct_kw)
         else:
-            optim_config.make_config(opt["name"], **kw)
+            v.optimizer_config = optim_config.make_config(opt["name"], **kw)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"optim ({opt['name']}): {one_line(e)}") from None
     return v

@@ -16,9 +16,6 @@ from torch import Tensor, nn
 
 from tensorcurv.experiments.config import SECOND_ORDER, Validated
 
-#: keys that may change between a run and its resumption
-RESUME_FREE = ("resume", "progress", "logger", "threads", "run_dir")
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, X: Tensor, Y: Tensor, loss: str, chunk: int = 2048) -> dict[str, float]:
@@ -147,11 +144,23 @@ def run_summary(
     }
 
 
-def config_fingerprint(raw: dict[str, Any]) -> str:
+def config_fingerprint(effective: dict[str, Any]) -> str:
+    """SHA-256 of a run's :meth:`Validated.effective` settings (what the run does, defaults filled in)."""
     import hashlib
 
-    kept = {k: val for k, val in raw.items() if k not in RESUME_FREE}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(effective, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested settings dicts, as ``key (old → new)``."""
+    out: list[str] = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b, key = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, key + ".")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(f"{key} ({a!r} → {b!r})")
+    return out
 
 
 def config_yaml(raw: dict[str, Any]) -> str:

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from tensorcurv.experiments import data as data_mod
 from tensorcurv.experiments import models as models
-from tensorcurv.experiments.config import ConfigError, Validated, resolve_device
-from tensorcurv.experiments.run_records import config_fingerprint
+from tensorcurv.experiments.config import ConfigError, Validated, resolve_device, validate_train
+from tensorcurv.experiments.run_records import config_differences, config_fingerprint
 from tensorcurv.experiments.schema import one_line
 
 
@@ -42,17 +42,43 @@ def run_device(name: str) -> torch.device:
     return device
 
 
-def resume_state(ckpt: Path, resume: bool, device: torch.device, raw: dict[str, Any]) -> tuple[Any, str]:
-    """The checkpoint to continue (``None``: a fresh run) and the config's fingerprint; a checkpoint of
-    another config is refused (checked before the run writes anything)."""
+def resume_state(ckpt: Path, resume: bool, device: torch.device, v: Validated) -> tuple[Any, str]:
+    """The checkpoint to continue (``None``: a fresh run) and the config's fingerprint.
+
+    A checkpoint is continued when its run does the same thing: the same :meth:`Validated.effective`
+    settings (so a key added to the schema later, spelled out at its default, does not block the
+    resumption of an older run). Otherwise it is refused with the differing keys, before the run
+    writes anything."""
     state = torch.load(ckpt, weights_only=False, map_location=device) if (resume and ckpt.exists()) else None
-    fingerprint = config_fingerprint(raw)
-    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:  # before anything is written
+    effective = v.effective()
+    fingerprint = config_fingerprint(effective)
+    if state is None or state.get("fingerprint", fingerprint) == fingerprint:
+        return state, fingerprint
+    old = _checkpoint_settings(state, ckpt.parent.parent / "config.yaml")
+    differences = config_differences(old, effective) if old is not None else ["(the checkpoint's config is unknown)"]
+    if differences:
         raise ConfigError(
-            f"{ckpt} belongs to a run with a different config; pass resume=false to start afresh "
-            f"or choose another run directory"
+            f"{ckpt} belongs to a run with a different config: {'; '.join(differences[:4])}"
+            f"{' …' if len(differences) > 4 else ''}; pass resume=false to start afresh or choose another run directory"
         )
     return state, fingerprint
+
+
+def _checkpoint_settings(state: Mapping[str, Any], config_file: Path) -> dict[str, Any] | None:
+    """The effective settings of the run that wrote ``state``: from its saved config (the checkpoint's
+    ``config``, else the run directory's ``config.yaml``), validated by the current schema; None if that
+    config is missing or no longer valid."""
+    raw = state.get("config")
+    if raw is None and config_file.exists():
+        import yaml
+
+        raw = yaml.safe_load(config_file.read_text())
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return validate_train(raw).effective()
+    except ConfigError:
+        return None
 
 
 def load_splits(v: Validated, dtype: torch.dtype) -> data_mod.DataSplits:

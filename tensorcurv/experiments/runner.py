@@ -135,7 +135,7 @@ class _TrainingRun:
         self.session = launch.setup(v.raw.get("distributed"), device)
         self.rdir = rdir = Path(run_dir or t.run_dir or hydra_run_dir() or Path("outputs") / t.name)
         self.ckpt = rdir / "checkpoints" / "last.pt"
-        self.state, self.fingerprint = resume_state(self.ckpt, t.resume, device, v.raw)
+        self.state, self.fingerprint = resume_state(self.ckpt, t.resume, device, v)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[t.dtype]
@@ -240,6 +240,7 @@ class _TrainingRun:
                 "scheduler": self.sched.state_dict(),
                 "rng": rng_state(),
                 "fingerprint": self.fingerprint,
+                "config": self.v.raw,
                 "step": self.step,
                 "elapsed": self.elapsed,
                 "last_eval": self.last_eval,

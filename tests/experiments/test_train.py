@@ -209,6 +209,39 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
         run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
 
 
+def test_refused_resume_names_the_differing_key(tmp_path):
+    from tensorcurv.experiments.config import ConfigError
+
+    run_training(cfg_for("optim=adam"), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"optim\.lr \(0\.001 → 0\.5\)"):
+        run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
+
+
+def test_a_checkpoint_older_than_a_defaulted_key_resumes(tmp_path):
+    """A checkpoint written before ``loss`` existed (no key, another fingerprint) is the same run."""
+    over = ["optim=adam", "epochs=2", "checkpoint_every=1"]
+    run_training(cfg_for(*over), run_dir=tmp_path)
+    ckpt = tmp_path / "checkpoints/last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["config"].pop("loss")
+    state["fingerprint"] = "written-by-an-older-schema"
+    torch.save(state, ckpt)
+    assert run_training(cfg_for(*over), run_dir=tmp_path)["steps"] == 6
+
+
+def test_a_checkpoint_without_a_stored_config_is_checked_against_config_yaml(tmp_path):
+    from tensorcurv.experiments.config import ConfigError
+
+    run_training(cfg_for("optim=adam", "max_steps=2", "checkpoint_every=1"), run_dir=tmp_path)
+    ckpt = tmp_path / "checkpoints/last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]
+    state["fingerprint"] = "written-by-an-older-schema"
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        run_training(cfg_for("optim=adam", "optim.lr=0.5"), run_dir=tmp_path)
+
+
 def test_refused_resume_leaves_the_run_untouched(tmp_path):
     from tensorcurv.experiments.config import ConfigError
 
