@@ -37,7 +37,7 @@ basis as its ``_update`` does); ``gather`` calls the structure's own ``update``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -141,3 +141,14 @@ def reduce_loss(comm: Comm, value: float, n_local: int, reduction: str) -> float
     w = float(n_local) if reduction == "mean" else 1.0
     t = comm.all_reduce([torch.tensor([value * w, float(n_local)], dtype=torch.float64)])[0]
     return float(t[0] / t[1]) if reduction == "mean" else float(t[0])
+
+
+def global_product(
+    comm: Comm, product: Callable[[Tensor], Tensor], n_local: int, reduction: str
+) -> Callable[[Tensor], Tensor]:
+    """``v ↦ C v`` of the global batch from this rank's ``product`` (``C_r v`` of its ``N_r`` samples, loss
+    reduced by ``reduction``): ``Σ_r (N_r/N) C_r v`` for a mean, ``Σ_r C_r v`` for a sum; one all-reduce per
+    product, and the same result on every rank (collective: every rank calls it equally often)."""
+    n_global = sum(comm.all_gather_int(int(n_local)))
+    w = n_local / n_global if reduction == "mean" else 1.0
+    return lambda v: comm.all_reduce([w * product(v)])[0]

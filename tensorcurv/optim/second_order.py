@@ -17,6 +17,7 @@ Krylov refinement (``refine=k > 0``, :mod:`tensorcurv.optim.refine`): ``d`` is r
 ``(Ĉ + λI)^{-1}`` as preconditioner (Hessian-free with the structure as preconditioner; the
 products ``C v`` from the captured per-sample factors, or the GGN by torch.func). ``info`` reports
 ``refine_iterations``, ``refine_residual``, ``refine_cosine`` (to the unrefined ``d``) and ``refine_time``.
+Under data parallelism each product is all-reduced (the global batch's ``C``, the same iterates on every rank).
 
 Damping ↔ ridge (linear model, one output, ``nn.MSELoss()`` mean over ``N`` samples): the GGN
 is ``(2/N) X̃ᵀX̃`` (exact for a linear model), so one step with ``lr=1`` from ``θ = 0`` lands on
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tensorcurv.distributed.reduce import reduce_loss
+from tensorcurv.distributed.reduce import global_product, reduce_loss
 from tensorcurv.optim import config as cfgs
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt, reduction_ratio
 from tensorcurv.optim.damping import build as build_damping
@@ -100,8 +101,6 @@ class SecondOrderOptimizer:
         self.info: dict[str, Any] = {}
         self.refinement: Refinement | None = None
         if c.refine:
-            if self.preconditioner.comm is not None:
-                raise ValueError(f"{self.name}: refine is not supported with data parallelism (comm)")
             self.refinement = Refinement(
                 self.preconditioner.solver, c.refine, c.refine_tol, c.refine_coupling, c.refine_operator
             )
@@ -169,6 +168,8 @@ class SecondOrderOptimizer:
 
         def refine(grads, directions, damping):
             mv = refinement.operator_for(pre.last_stats, self.model, self.loss, inputs, targets)
+            if pre.comm is not None:  # data parallel: the global batch's C, identical on every rank
+                mv = global_product(pre.comm, mv, inputs.shape[0], self.loss.reduction)
             return refinement(grads, directions, damping, mv)
 
         return refine

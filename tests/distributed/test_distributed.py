@@ -131,6 +131,10 @@ def _fit_all(comm, kind="ggn"):
     return out
 
 
+#: Krylov refinement on the exact curvature: under data parallelism its products are all-reduced
+REFINED = dict(structure="kfac", damping=1e-2, decay=0.9, refine=3, refine_tol=1e-14)
+
+
 def _train(comm, name, steps=3, width=6, **kw):
     model = _model(width=width)
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -164,6 +168,8 @@ def _main(rank, port, out_dir):
         max_iter=10,
     )
     res["train_adam"] = _train(comm, "adam", lr=1e-2)
+    res["train_gn_kfac_refined"] = _train(comm, "gauss_newton", **REFINED)
+    res["train_gn_kfac_refined_func"] = _train(comm, "gauss_newton", **REFINED, refine_operator="func")
     res["train_all"] = _train_all(comm)
     comm32 = tdist.Comm(comm_dtype=torch.float32)
     curv = tdist.DistributedCurvature(_model(), "kron_sum", "ggn", comm=comm32, rank=2, tol=1e-12, max_iter=30)
@@ -340,6 +346,8 @@ def _single_train(name, steps=3, **kw):
             ),
         ),
         ("train_adam", "adam", dict(lr=1e-2)),
+        ("train_gn_kfac_refined", "gauss_newton", REFINED),
+        ("train_gn_kfac_refined_func", "gauss_newton", dict(REFINED, refine_operator="func")),
     ],
 )
 def test_ddp_training_steps_give_single_process_parameters(ranks, key, name, kw):
