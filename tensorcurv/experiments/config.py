@@ -24,7 +24,6 @@ callback, before Hydra creates the run directory.
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from collections.abc import Mapping
@@ -43,7 +42,6 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "Validated",
-    "check_blocks",
     "kind_names",
     "plain_config",
     "resolve_device",
@@ -337,34 +335,6 @@ class Validated:
     optimizer_config: Any = None
     """The optimizer's validated config (defaults filled in)."""
 
-    def effective(self) -> dict[str, Any]:
-        """What the run does, with every default filled in: the validated train, data, model, curvature,
-        optimizer, schedule and distributed settings, without the keys a resumed run may change
-        (:data:`RESUME_FREE`). Two configs that differ only by keys spelled out at their defaults (for
-        example a key added to the schema after a checkpoint was written) have the same ``effective()``."""
-        from dataclasses import asdict, is_dataclass
-
-        from tensorcurv.experiments import models as models
-
-        def plain(x: Any) -> Any:
-            return asdict(x) if is_dataclass(x) and not isinstance(x, type) else x
-
-        train = {k: val for k, val in asdict(self.train).items() if k not in RESUME_FREE}
-        model = dict(self.model)
-        for name, par in inspect.signature(models.builder(model["name"])).parameters.items():
-            if par.default is not inspect.Parameter.empty and name not in ("input_shape", "num_outputs"):
-                model.setdefault(name, par.default)
-        curvature = {k: self.curvature.get(k) for k in CURVATURE_KEYS if k in self.curvature}
-        return {
-            "train": train,
-            "data": asdict(self.data),
-            "model": model,
-            "curvature": {**curvature, **(plain(self.structure_hparams) or {})},
-            "optim": {"name": self.optim["name"], **(plain(self.optimizer_config) or {})},
-            "schedule": asdict(self.schedule),
-            "distributed": self.raw.get("distributed"),
-        }
-
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``tensorcurv.optim.build(optim.name, ...)``.
 
@@ -427,16 +397,3 @@ def validate_train(cfg: Any) -> Validated:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"optim ({opt['name']}): {one_line(e)}") from None
     return v
-
-
-def check_blocks(model: Any, curvature: Mapping[str, Any]) -> None:
-    """Construct the curvature of ``model`` once (no data): shape-dependent hyper-parameters
-    (index splits that must divide the layer size, ranks bounded by the block) fail here."""
-    from tensorcurv import Curvature
-
-    hp = {k: v for k, v in curvature.items() if k not in CURVATURE_KEYS}
-    kind = curvature.get("kind") or "ggn"
-    try:
-        Curvature(model, curvature["name"], kind, **hp)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"curvature ({curvature['name']}): {one_line(e)}") from None

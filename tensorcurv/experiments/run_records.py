@@ -3,10 +3,12 @@ checkpoint file with the random generators' states, the batch order, and the con
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
 from collections.abc import Sequence
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tensorcurv.experiments.config import SECOND_ORDER, Validated
+from tensorcurv.experiments import models as models
+from tensorcurv.experiments.config import CURVATURE_KEYS, RESUME_FREE, SECOND_ORDER, Validated
 
 
 @torch.no_grad()
@@ -144,8 +147,35 @@ def run_summary(
     }
 
 
+def effective_settings(v: Validated) -> dict[str, Any]:
+    """What the run does, with every default filled in: the validated train, data, model, curvature,
+    optimizer, schedule and distributed settings, without the keys a resumed run may change
+    (:data:`~tensorcurv.experiments.config.RESUME_FREE`). Two configs that differ only by keys spelled
+    out at their defaults (for example a key added to the schema after a checkpoint was written) have
+    the same settings."""
+
+    def plain(x: Any) -> Any:
+        return asdict(x) if is_dataclass(x) and not isinstance(x, type) else x
+
+    train = {k: val for k, val in asdict(v.train).items() if k not in RESUME_FREE}
+    model = dict(v.model)
+    for name, par in inspect.signature(models.builder(model["name"])).parameters.items():
+        if par.default is not inspect.Parameter.empty and name not in ("input_shape", "num_outputs"):
+            model.setdefault(name, par.default)
+    curvature = {k: v.curvature[k] for k in CURVATURE_KEYS if k in v.curvature}
+    return {
+        "train": train,
+        "data": asdict(v.data),
+        "model": model,
+        "curvature": {**curvature, **(plain(v.structure_hparams) or {})},
+        "optim": {"name": v.optim["name"], **(plain(v.optimizer_config) or {})},
+        "schedule": asdict(v.schedule),
+        "distributed": v.raw.get("distributed"),
+    }
+
+
 def config_fingerprint(effective: dict[str, Any]) -> str:
-    """SHA-256 of a run's :meth:`Validated.effective` settings (what the run does, defaults filled in)."""
+    """SHA-256 of a run's :func:`effective_settings` (what the run does, defaults filled in)."""
     import hashlib
 
     return hashlib.sha256(json.dumps(effective, sort_keys=True, default=str).encode()).hexdigest()

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from tensorcurv.experiments import data as data_mod
 from tensorcurv.experiments import models as models
-from tensorcurv.experiments.config import ConfigError, Validated, resolve_device, validate_train
-from tensorcurv.experiments.run_records import config_differences, config_fingerprint
+from tensorcurv.experiments.config import CURVATURE_KEYS, ConfigError, Validated, resolve_device, validate_train
+from tensorcurv.experiments.run_records import config_differences, config_fingerprint, effective_settings
 from tensorcurv.experiments.schema import one_line
 
 
@@ -45,12 +45,12 @@ def run_device(name: str) -> torch.device:
 def resume_state(ckpt: Path, resume: bool, device: torch.device, v: Validated) -> tuple[Any, str]:
     """The checkpoint to continue (``None``: a fresh run) and the config's fingerprint.
 
-    A checkpoint is continued when its run does the same thing: the same :meth:`Validated.effective`
-    settings (so a key added to the schema later, spelled out at its default, does not block the
-    resumption of an older run). Otherwise it is refused with the differing keys, before the run
-    writes anything."""
+    A checkpoint is continued when its run does the same thing, i.e. has the same
+    :func:`~tensorcurv.experiments.run_records.effective_settings` (so a key added to the schema later,
+    spelled out at its default, does not block the resumption of an older run). Otherwise it is refused
+    with the differing keys, before the run writes anything."""
     state = torch.load(ckpt, weights_only=False, map_location=device) if (resume and ckpt.exists()) else None
-    effective = v.effective()
+    effective = effective_settings(v)
     fingerprint = config_fingerprint(effective)
     if state is None or state.get("fingerprint", fingerprint) == fingerprint:
         return state, fingerprint
@@ -76,7 +76,7 @@ def _checkpoint_settings(state: Mapping[str, Any], config_file: Path) -> dict[st
     if not isinstance(raw, dict):
         return None
     try:
-        return validate_train(raw).effective()
+        return effective_settings(validate_train(raw))
     except ConfigError:
         return None
 
@@ -140,3 +140,16 @@ def build_model(
         return models.build(v.model["name"], splits.input_shape, classes, **mkw).to(device=device, dtype=dtype)
     except ValueError as e:
         raise ConfigError(f"model ({v.model['name']}) on {v.data.name}: {one_line(e)}") from None
+
+
+def check_blocks(model: Any, curvature: Mapping[str, Any]) -> None:
+    """Construct the curvature of ``model`` once (no data): shape-dependent hyper-parameters
+    (index splits that must divide the layer size, ranks bounded by the block) fail here."""
+    from tensorcurv import Curvature
+
+    hp = {k: v for k, v in curvature.items() if k not in CURVATURE_KEYS}
+    kind = curvature.get("kind") or "ggn"
+    try:
+        Curvature(model, curvature["name"], kind, **hp)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"curvature ({curvature['name']}): {one_line(e)}") from None

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from tensorcurv import optim
 from tensorcurv.distributed import launch
 from tensorcurv.experiments import tracking as tracking
-from tensorcurv.experiments.config import SECOND_ORDER, ConfigError, Validated, check_blocks, validate_train
+from tensorcurv.experiments.config import SECOND_ORDER, ConfigError, Validated, validate_train
 from tensorcurv.experiments.run_records import (
     config_yaml,
     epoch_permutation,
@@ -62,6 +62,7 @@ from tensorcurv.experiments.run_records import (
 )
 from tensorcurv.experiments.run_setup import (
     build_model,
+    check_blocks,
     check_unit_targets,
     hydra_run_dir,
     load_splits,
