@@ -4,7 +4,7 @@
 Importing this package registers every built-in structure.
 """
 
-from tensorcurv.structures import dense, diagonal, ekfac, kfac, kron_sum  # noqa: F401  (registration)
+from tensorcurv.structures import dense, diagonal, ekfac, kfac, kron_rank2, kron_sum  # noqa: F401  (registration)
 from tensorcurv.structures.base import Structure
 from tensorcurv.structures.model import BlockDiagonal, ModelStructure
 from tensorcurv.structures.registry import create, get, layer_names, make_hparams, names, register, unregister
