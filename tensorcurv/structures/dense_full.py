@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.core.stats import LayerStats
-from tensorcurv.linalg import unvec, vec
+from tensorcurv.linalg import vec
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, check_damping, check_decay, register, sym_eig
 from tensorcurv.structures.dense import Dense, DenseHparams
 from tensorcurv.structures.model import ModelStructure
@@ -113,18 +113,11 @@ class DenseFull(ModelStructure):
             if nm not in mats or tuple(mats[nm].shape) != shape:
                 got = None if nm not in mats else tuple(mats[nm].shape)
                 raise ValueError(f"dense_full: expected layer {nm!r} of shape {shape}, got {got}")
-        return torch.cat([vec(mats[nm]) for nm in self.shapes])
-
-    def _split(self, v: Tensor) -> dict[str, Tensor]:
-        out, i = {}, 0
-        for nm, (m, n) in self.shapes.items():
-            out[nm] = unvec(v[i : i + m * n], m, n)
-            i += m * n
-        return out
+        return self.to_vector(mats)
 
     def mv(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
         v = self._global(mats)
-        return self._split(self.C @ v)
+        return self.from_vector(self.C @ v)
 
     def solve(self, mats: Mapping[str, Tensor], damping: float) -> dict[str, Tensor]:
         """``(C + λI)^{-1} v`` (eigenvalues of ``C`` clamped at 0)."""
@@ -134,7 +127,7 @@ class DenseFull(ModelStructure):
             self._eig = sym_eig(self.C)
         evals, Q = self._eig
         self.last_solve = {"method": "eigh", "damping": "tikhonov", "coupling": "full"}
-        return self._split(Q @ ((Q.T @ v) / (evals + damping)))
+        return self.from_vector(Q @ ((Q.T @ v) / (evals + damping)))
 
     def to_dense(self) -> Tensor:
         if not self.fitted:

@@ -39,7 +39,7 @@ def test_full_dense_solve_is_the_damped_inverse():
     curv.fit_stats(curv.capture(x, y, nn.CrossEntropyLoss()).stats)
     ms = curv.model_structure
     v = torch.randn(ms.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x_ = torch.cat([vec(M) for M in ms.solve(ms._split(v), 1e-3).values()])
+    x_ = torch.cat([vec(M) for M in ms.solve(ms.from_vector(v), 1e-3).values()])
     assert rel((ms.to_dense() + 1e-3 * torch.eye(ms.dim, dtype=torch.float64)) @ x_, v) < 1e-10
 
 
