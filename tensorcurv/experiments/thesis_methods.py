@@ -67,15 +67,37 @@ _RANK2 = dict(tol=1e-6, max_iter=100, lanczos_steps=10, min_denominator=1e-3)
 
 #: name -> method (the name is also the study's method key)
 THESIS_METHODS: dict[str, ThesisMethod] = {
-    "kfac": ThesisMethod("K-FAC", "kfac", "kfac", {"damping_kind": "tikhonov", "weight_sharing": "expand"},
-                         reference="Martens & Grosse 2015"),
-    "kpsvd": ThesisMethod("KPSVD", "kpsvd", "kpsvd", {
-        "rank": 1, "psd": "shrink", "damping_kind": "tikhonov", "method": "auto", "tol": 1e-4, "max_iter": 50,
-        "oversample": None, "warm_start": True, "pcg_tol": 1e-8, "pcg_max_iter": 200, "seed": 0}),
-    "deflation": ThesisMethod("Deflation", "deflation", "kron_rank2",
-                              {"leading": "kpsvd", "fit": "deflation", **_RANK2}),
-    "kfac_corrected": ThesisMethod("K-FAC-corrected", "kfac_corrected", "kron_rank2",
-                                   {"leading": "kfac", "fit": "deflation", **_RANK2}),
+    "kfac": ThesisMethod(
+        "K-FAC",
+        "kfac",
+        "kfac",
+        {"damping_kind": "tikhonov", "weight_sharing": "expand"},
+        reference="Martens & Grosse 2015",
+    ),
+    "kpsvd": ThesisMethod(
+        "KPSVD",
+        "kpsvd",
+        "kpsvd",
+        {
+            "rank": 1,
+            "psd": "shrink",
+            "damping_kind": "tikhonov",
+            "method": "auto",
+            "tol": 1e-4,
+            "max_iter": 50,
+            "oversample": None,
+            "warm_start": True,
+            "pcg_tol": 1e-8,
+            "pcg_max_iter": 200,
+            "seed": 0,
+        },
+    ),
+    "deflation": ThesisMethod(
+        "Deflation", "deflation", "kron_rank2", {"leading": "kpsvd", "fit": "deflation", **_RANK2}
+    ),
+    "kfac_corrected": ThesisMethod(
+        "K-FAC-corrected", "kfac_corrected", "kron_rank2", {"leading": "kfac", "fit": "deflation", **_RANK2}
+    ),
     "lanczos": ThesisMethod("Lanczos", "lanczos", "kron_rank2", {"leading": "kpsvd", "fit": "lanczos", **_RANK2}),
     "two_level_nicolaides": _two_level("NICO", "two_level_nicolaides", "nicolaides"),
     "two_level_spectral": _two_level("SPECTRAL", "two_level_spectral", "spectral"),
@@ -83,10 +105,12 @@ THESIS_METHODS: dict[str, ThesisMethod] = {
     "two_level_tselepidis": _two_level("TPSELEPEDIS", "two_level_tselepidis", "nicolaides", "additive", "kronecker"),
     "two_level_krylov_nicolaides": _two_level("KRY-NICO", "two_level_krylov_nicolaides", "krylov_nicolaides"),
     "two_level_krylov_residual": _two_level("KRY-RESIDU", "two_level_krylov_residual", "krylov_residual"),
-    "exact_ng_block": ThesisMethod("Exact NG (block-diagonal)", "dense", "dense", {"max_dim": 8192},
-                                   optim={"kl_clip": None}),
-    "exact_ng_full": ThesisMethod("Exact NG (full)", "dense_full", "dense_full", {"max_dim": 4096},
-                                  optim={"kl_clip": None}),
+    "exact_ng_block": ThesisMethod(
+        "Exact NG (block-diagonal)", "dense", "dense", {"max_dim": 8192}, optim={"kl_clip": None}
+    ),
+    "exact_ng_full": ThesisMethod(
+        "Exact NG (full)", "dense_full", "dense_full", {"max_dim": 4096}, optim={"kl_clip": None}
+    ),
 }
 
 

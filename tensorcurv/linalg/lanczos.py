@@ -111,7 +111,10 @@ def golub_kahan(
     """
     p = start.numel()
     v = start.reshape(p) / start.norm()
-    Vs, Us, alphas, betas = [v], [], [], []
+    Vs: list[Tensor] = [v]  # the two orthonormal bases
+    Us: list[Tensor] = []
+    alphas: list[float] = []
+    betas: list[float] = []
     u = matvec(v)
     for k in range(min(steps, p)):
         for _ in range(2):

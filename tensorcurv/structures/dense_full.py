@@ -140,7 +140,11 @@ class DenseFull(ModelStructure):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         # "blocks": the layer names (Curvature checks them); their diagonal blocks are rebuilt from C on load
-        return {"C": None if not self.fitted else self.C.clone(), "fitted": self.fitted, "blocks": dict.fromkeys(self.shapes)}
+        return {
+            "C": None if not self.fitted else self.C.clone(),
+            "fitted": self.fitted,
+            "blocks": dict.fromkeys(self.shapes),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["C"] is None:

@@ -98,7 +98,9 @@ def nearest_kronecker_power(op: Operator, start: Tensor, tol: float, max_iter: i
     mv, rmv = op
     G = start / start.norm()
     A = mv(G)
-    for it in range(1, max_iter + 1):
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
         u = A / A.norm().clamp_min(1e-300)
         G_new = rmv(u)
         G_new = G_new / G_new.norm().clamp_min(1e-300)
@@ -108,7 +110,7 @@ def nearest_kronecker_power(op: Operator, start: Tensor, tol: float, max_iter: i
         if change <= tol:
             break
     sign = -1.0 if float(torch.trace(A)) < 0 else 1.0
-    return _sym(A) * sign, _sym(G) * sign, it
+    return _sym(A) * sign, _sym(G) * sign, iterations
 
 
 def kron_terms_lanczos(op: Operator, start: Tensor, rank: int, steps: int) -> tuple[Tensor, Tensor, int]:
@@ -140,6 +142,10 @@ class KronRank2(Structure):
 
     Hparams = KronRank2Hparams
     exact_solve = False
+    A: Tensor  # (2, n, n)
+    G: Tensor  # (2, m, m)
+    KA: Tensor  # leading="kfac": K-FAC's (averaged) factors
+    KG: Tensor
 
     def __init__(self, shape, hparams=None):
         super().__init__(shape, hparams)

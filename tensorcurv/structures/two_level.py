@@ -280,7 +280,7 @@ class TwoLevel(ModelStructure):
         self._check_mats(mats, damping)
         lam, variant = damping, self.hparams.variant
         rhs = {nm: mats[nm] for nm in self.shapes}
-        fine = self.base.solve(rhs, lam) if variant != "balanced" or self._at_solve else None
+        fine = self.base.solve(rhs, lam) if variant != "balanced" or self._at_solve else {}
         if self._at_solve:
             self._solve_time_level(rhs, fine, lam)
         y1 = self._coarse_solve(self._restrict(rhs), lam)  # E^{-1} Zᵀ r

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from structure_problems import rel, tiny_batch, tiny_model
 from tensorcurv import Curvature, structures
 from tensorcurv.linalg import vec
-from structure_problems import rel, tiny_batch, tiny_model
 
 
 def _per_sample_jacobian_fisher(model, x, y):
@@ -18,7 +18,11 @@ def _per_sample_jacobian_fisher(model, x, y):
     for s in range(x.shape[0]):
         model.zero_grad()
         nn.functional.cross_entropy(model(x[s : s + 1]), y[s : s + 1]).backward()
-        rows.append(torch.cat([vec(torch.cat([m.weight.grad, m.bias.grad[:, None]], 1)) for m in model if isinstance(m, nn.Linear)]))
+        rows.append(
+            torch.cat(
+                [vec(torch.cat([m.weight.grad, m.bias.grad[:, None]], 1)) for m in model if isinstance(m, nn.Linear)]
+            )
+        )
     J = torch.stack(rows)
     return J.T @ J / x.shape[0]
 
@@ -55,5 +59,7 @@ def test_its_blocks_are_the_layer_dense_blocks():
 
 
 def test_models_above_max_dim_are_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"^dense_full: the model has D = 55 covered parameters, above max_dim=50[^\n]*$"):
+    with pytest.raises(
+        ValueError, match=r"^dense_full: the model has D = 55 covered parameters, above max_dim=50[^\n]*$"
+    ):
         structures.get("dense_full")({"a": (5, 7), "b": (4, 5)}, structures.make_hparams("dense_full", max_dim=50))

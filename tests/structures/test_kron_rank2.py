@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from structure_problems import curvature, rel
 from tensorcurv import structures
 from tensorcurv.linalg.rearrange import rearrange
 from tensorcurv.structures.dense import Dense
-from structure_problems import curvature, rel
 
 TIGHT = dict(tol=1e-13, max_iter=20000, lanczos_steps=1000)
 

@@ -76,8 +76,14 @@ def test_multiplicative_coarse_correction_equals_the_dense_formula(space, kind):
 def test_solve_time_coarse_space_survives_a_state_dict_round_trip():
     x, y = data("cross_entropy")
     curv, C = fitted(net(), x, y, "cross_entropy", "ggn", coarse_space="residual", variant="multiplicative")
-    copy, _ = fitted(net(seed=3), *data("cross_entropy", seed=4), "cross_entropy", "ggn",
-                     coarse_space="residual", variant="multiplicative")
+    copy, _ = fitted(
+        net(seed=3),
+        *data("cross_entropy", seed=4),
+        "cross_entropy",
+        "ggn",
+        coarse_space="residual",
+        variant="multiplicative",
+    )
     copy.model_structure.load_state_dict(curv.model_structure.state_dict())
     g = torch.randn(C.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     lam = damping_for(C)
