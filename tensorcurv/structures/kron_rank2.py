@@ -11,8 +11,9 @@ Van Loan's rearrangement, ``R(A ⊗ G) = vec(A) vec(G)ᵀ`` (:mod:`tensorcurv.li
   :meth:`~tensorcurv.core.stats.LayerStats.kron_factors`), ``A_2 ⊗ G_2`` the best Kronecker product of the
   residual ``C − A_1 ⊗ G_1``: the thesis's **K-FAC-corrected**.
 
-Fits: ``deflation`` is the alternating power method on the (deflated) implicit operator, started from
-K-FAC's ``G`` (stop: change of the unit right vector ≤ ``tol``); ``lanczos`` runs ``lanczos_steps`` steps
+Fits: ``deflation`` is the alternating power method on the (deflated) implicit operator, term ``k`` started
+from the previous fit's ``G_k`` (warm start), else from K-FAC's ``G`` (stop: change of the unit right vector
+≤ ``tol``); ``lanczos`` runs ``lanczos_steps`` steps
 of :func:`tensorcurv.linalg.lanczos.golub_kahan`. ``R(C)`` is never formed (products from the per-sample
 factors, :class:`~tensorcurv.linalg.rearrange.RearrangedOperator`).
 
