@@ -80,3 +80,69 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
         off = torch.tensor(betas, dtype=torch.float64)
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
     return T
+
+
+@dataclass
+class BidiagonalResult:
+    """Leading ``rank`` singular triplets of an operator ``L`` from a Golub–Kahan bidiagonalization:
+    ``L ≈ Σ_k sigma_k u_k v_kᵀ`` (``u`` columns of ``U``, ``v`` of ``V``), after ``steps`` steps."""
+
+    sigma: Tensor
+    U: Tensor
+    V: Tensor
+    steps: int
+
+
+def golub_kahan(
+    matvec: Callable[[Tensor], Tensor],
+    rmatvec: Callable[[Tensor], Tensor],
+    start: Tensor,
+    rank: int,
+    steps: int,
+    breakdown_tol: float = 1e-14,
+) -> BidiagonalResult:
+    """Golub–Kahan (Lanczos) bidiagonalization of ``L`` with full re-orthogonalization.
+
+    ``matvec: R^p -> R^q`` applies ``L``, ``rmatvec`` applies ``Lᵀ``; ``start`` is a flat ``(p,)`` vector.
+    ``k`` steps build orthonormal ``V_k`` (``R^p``), ``U_k`` (``R^q``) and the upper-bidiagonal ``B_k``
+    (diagonal ``α``, super-diagonal ``β``) with ``L V_k = U_k B_k``; the SVD ``B_k = P Σ Qᵀ`` gives the
+    Ritz triplets ``(σ_i, U_k p_i, V_k q_i)``, exact once the Krylov space is invariant (``β_k``, ``α_k``
+    negligible, or ``k = min(p, q)``). Stops after ``steps`` steps or at such a breakdown.
+    """
+    p = start.numel()
+    v = start.reshape(p) / start.norm()
+    Vs: list[Tensor] = [v]  # the two orthonormal bases
+    Us: list[Tensor] = []
+    alphas: list[float] = []
+    betas: list[float] = []
+    u = matvec(v)
+    for k in range(min(steps, p)):
+        for _ in range(2):
+            for w in Us:
+                u = u - w * (w @ u)
+        alpha = float(u.norm())
+        if alpha <= breakdown_tol * max([1e-300] + alphas):
+            Vs.pop()
+            break
+        u = u / alpha
+        Us.append(u)
+        alphas.append(alpha)
+        w_v = rmatvec(u) - alpha * Vs[-1]
+        for _ in range(2):
+            for w in Vs:
+                w_v = w_v - w * (w @ w_v)
+        beta = float(w_v.norm())
+        if k == min(steps, p) - 1 or beta <= breakdown_tol * max(alphas):
+            break
+        betas.append(beta)
+        Vs.append(w_v / beta)
+        u = matvec(Vs[-1]) - beta * Us[-1]
+    k = len(alphas)
+    B = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        B = B + torch.diag(torch.tensor(betas[: k - 1], dtype=torch.float64), 1)
+    P, sigma, Qt = torch.linalg.svd(B)
+    r = min(rank, k)
+    U = torch.stack(Us, 1) @ P[:, :r].to(start.dtype)
+    V = torch.stack(Vs[:k], 1) @ Qt[:r].T.to(start.dtype)
+    return BidiagonalResult(sigma[:r].to(start.dtype), U, V, k)

@@ -58,6 +58,8 @@ class SecondOrderConfig:
     """Curvature kind: ggn (Gauss-Newton), mc or empirical (Fisher)."""
     mc_samples: int = 1
     """Label samples per input for ``kind=mc``."""
+    stats_fraction: float = 1.0
+    """Capture the curvature statistics on the first ``⌈f N⌉`` samples of the batch (the thesis: 0.25)."""
     decay: float | None = 0.95
     """Running-average decay of the curvature statistics (None: refit from each batch)."""
     decay_schedule: str = DecaySchedule.CONSTANT
@@ -112,6 +114,10 @@ class SecondOrderConfig:
             raise ValueError(f"structure={self.structure!r} is not one of {structures.names()}")
         self.kind = CurvatureKind.parse(self.kind, "kind")
         check_interval("mc_samples", self.mc_samples)
+        if not (isinstance(self.stats_fraction, (int, float)) and 0 < self.stats_fraction <= 1):
+            raise ValueError(f"stats_fraction must be in (0, 1], got {self.stats_fraction!r}")
+        if self.stats_fraction < 1 and self.refine and self.refine_operator == "stats":
+            raise ValueError("refine_operator='stats' needs the whole batch's statistics (stats_fraction=1)")
         if self.decay is not None:
             check_in_unit("decay", self.decay)
         self.decay_schedule = DecaySchedule.parse(self.decay_schedule, "decay_schedule")

@@ -17,6 +17,10 @@ documents otherwise). Schedule of the work:
   ``average`` uses ``min(1 − 1/k, decay)`` at the k-th update (k = 1, 2, ...; Martens & Grosse 2015
   §5), i.e. the plain mean of the first ``1/(1 − decay)`` batches, then the EMA, so the estimate is
   not dominated by the first batch.
+* ``stats_fraction = f``: the statistics come from the first ``⌈f N⌉`` samples of the batch (one extra
+  capture on them; the gradient is still the whole batch's, from a plain backward), e.g. the thesis's
+  MC Fisher on a quarter of the mini-batch (``f = 0.25``); ``1`` captures on the whole batch in the
+  same pass as the gradient.
 * ``inverse_interval = k_i``: the solves use a copy of the curvature refreshed on steps
   ``t ≡ 0 mod k_i``; cached decompositions (K-FAC eigenbases, ...) are recomputed lazily at the
   first solve after a refresh. With ``k_i = 1`` the live curvature is used directly (no copy).
@@ -100,6 +104,7 @@ class Preconditioner:
         stats_interval: int = 1,
         inverse_interval: int = 1,
         kl_clip: float | None = None,
+        stats_fraction: float = 1.0,
         mc_samples: int = 1,
         seed: int | None = None,
         fallback: str = "identity",
@@ -111,6 +116,9 @@ class Preconditioner:
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
         decay_schedule = DecaySchedule.parse(decay_schedule, "decay_schedule")
+        if not (isinstance(stats_fraction, (int, float)) and 0 < stats_fraction <= 1):
+            raise ValueError(f"stats_fraction must be in (0, 1], got {stats_fraction!r}")
+        self.stats_fraction = float(stats_fraction)
         # data parallel (tensorcurv.distributed): a DDP model is unwrapped; statistics, gradients and
         # loss are reduced across the process group so every rank takes the global-batch step
         model, self.comm = resolve_distributed(model, comm)
@@ -167,7 +175,7 @@ class Preconditioner:
         gen = self.curvature.generator if stats_due else None  # only a capture draws MC samples
         gen_state = gen.get_state() if gen is not None else None
         t0 = time.perf_counter()
-        loss, res = self._loss_and_grads(inputs, targets, stats_due)
+        loss, res, stats_inputs = self._loss_and_grads(inputs, targets, stats_due)
         any_rank_bad = False
         if self.comm is not None:
             loss, any_rank_bad = sync_step(
@@ -182,7 +190,7 @@ class Preconditioner:
         if res is not None:
             decay = scheduled_decay(self.decay, self.decay_schedule, self.curvature.num_updates + 1)
             try:  # e.g. finite statistics whose fitted factors overflow: every block is left unchanged
-                self.curvature.fit_capture(inputs, res, decay)
+                self.curvature.fit_capture(stats_inputs, res, decay)
             except NonFiniteError as e:
                 if gen is not None:
                     gen.set_state(cast(Tensor, gen_state))  # taken from gen above
@@ -202,16 +210,23 @@ class Preconditioner:
         }
         return loss
 
-    def _loss_and_grads(self, inputs: Tensor, targets: Tensor, capture: bool) -> tuple[Tensor, CaptureResult | None]:
-        """The detached loss with ``p.grad = ∇L``: from a statistics capture (``capture``; its result is
-        returned, not yet fitted) or from one plain forward + backward (no hooks; ``None``)."""
+    def _loss_and_grads(
+        self, inputs: Tensor, targets: Tensor, capture: bool
+    ) -> tuple[Tensor, CaptureResult | None, Tensor]:
+        """The detached loss with ``p.grad = ∇L``, a statistics capture when ``capture`` (not yet fitted; else
+        ``None``) and the inputs it was taken on: the gradient's own capture, or with ``stats_fraction < 1`` a
+        plain forward + backward for the gradient and a second capture on the batch's first rows."""
+        if capture and self.stats_fraction < 1.0:
+            k = max(1, math.ceil(self.stats_fraction * inputs.shape[0]))
+            loss, _, _ = self._loss_and_grads(inputs, targets, False)
+            return loss, self.curvature.capture(inputs[:k], targets[:k], self.loss), inputs[:k]
         if capture:
             res = self.curvature.capture(inputs, targets, self.loss, accumulate_grad=True)
-            return res.loss, res
+            return res.loss, res, inputs
         out = self.model(inputs)
         value = self.loss(out.flatten(1) if out.dim() != 2 else out, targets)
         value.backward()
-        return value.detach(), None
+        return value.detach(), None, inputs
 
     def _nonfinite_batch(self, loss: Tensor, res: CaptureResult | None, any_rank_bad: bool) -> list[str]:
         """What on this batch holds NaN/Inf: the loss, gradients (by parameter), statistics (by layer), or

@@ -85,6 +85,7 @@ class SecondOrderOptimizer:
             stats_interval=c.stats_interval,
             inverse_interval=c.inverse_interval,
             kl_clip=c.kl_clip,
+            stats_fraction=c.stats_fraction,
             mc_samples=c.mc_samples,
             seed=c.seed,
             fallback=c.fallback,

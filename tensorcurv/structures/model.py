@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from tensorcurv.core.stats import LayerStats, NonFiniteError
+from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures.base import (
     NoHparams,
     Structure,
@@ -108,6 +109,18 @@ class ModelStructure(ABC):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to_vector(self, mats: Mapping[str, Tensor]) -> Tensor:
+        """The global vector ``[vec(V_1); …; vec(V_L)]`` (length ``D``) of per-layer matrices."""
+        return torch.cat([vec(mats[name]) for name in self.shapes])
+
+    def from_vector(self, v: Tensor) -> dict[str, Tensor]:
+        """Per-layer ``(m, n)`` matrices of a global vector (inverse of :meth:`to_vector`)."""
+        out, i = {}, 0
+        for name, (m, n) in self.shapes.items():
+            out[name] = unvec(v[i : i + m * n], m, n)
+            i += m * n
+        return out
 
     def refresh(self, damping: float) -> None:
         """Bring every solve cache up to date for ``damping`` before a :meth:`solve` (default: nothing;

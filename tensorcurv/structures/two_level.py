@@ -3,13 +3,14 @@
 Two-level K-FAC (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023). With ``A = C + λI`` (``C`` the
 exact model curvature, cross-layer blocks included), ``M^{-1} = (B + λI)^{-1}`` the block-diagonal base
 (any layer structure, default ``kfac``), orthonormal coarse vectors ``Z = R0ᵀ`` (``D x q``, each on one
-layer: ``nicolaides`` or ``spectral``) and ``E = Zᵀ A Z = C0 + λI`` (``C0`` from per-sample projections,
-never from ``C``):
+layer; :mod:`tensorcurv.structures.coarse_space`) and ``E = Zᵀ A Z = C0 + λI`` (``C0`` from per-sample
+projections, never from ``C``), for a right-hand side ``g`` with fine solve ``x_f = M^{-1} g``:
 
-* ``additive``: ``P^{-1} = M^{-1} + Z E^{-1} Zᵀ``;
+* ``additive``: ``P^{-1} g = x_f + Z E^{-1} Zᵀ g``;
+* ``multiplicative`` (the thesis's two-level K-FAC): ``P^{-1} g = x_f + Z E^{-1} Zᵀ (g − A x_f)``;
 * ``balanced``: ``P^{-1} = (I − Z E^{-1} Zᵀ A) M^{-1} (I − A Z E^{-1} Zᵀ) + Z E^{-1} Zᵀ``.
 
-Both are SPD for ``λ > 0``; ``solve`` applies ``P^{-1}`` (a preconditioner: ``exact_solve = False``);
+Additive and balanced are SPD for ``λ > 0``; ``solve`` applies ``P^{-1}`` (``exact_solve = False``);
 ``mv``/``to_dense`` are those of ``B``, a :class:`~tensorcurv.structures.model.BlockDiagonal` of
 layer structures; spectral coarse vectors are each block's ``leading_eigenpairs``. The mathematics
 and the running average: docs/structures/two_level.md.
@@ -17,7 +18,7 @@ and the running average: docs/structures/two_level.md.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,9 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tensorcurv.core.options import Option
+from tensorcurv.core.options import Option, plain_options
 from tensorcurv.core.stats import LayerStats
-from tensorcurv.linalg import unvec, vec
 from tensorcurv.structures import registry
 from tensorcurv.structures.base import (
     NOT_FITTED,
@@ -40,21 +40,27 @@ from tensorcurv.structures.base import (
     snapshot_attributes,
     sym_eig,
 )
+from tensorcurv.structures.coarse_space import (
+    SOLVE_TIME_SPACES,
+    CoarseMatrix,
+    CoarseSpace,
+    carried,
+    check_coarse_options,
+    coarse_level,
+    kronecker_coarse_matrix,
+    nicolaides,
+    solve_time_vectors,
+    vectors_per_layer,
+)
 from tensorcurv.structures.model import ModelStructure
 
 
 class Variant(Option):
-    """How the coarse correction combines with the block solve: ``additive`` or ``balanced`` (deflated)."""
+    """How the coarse correction combines with the block solve: ``additive``, ``multiplicative`` or ``balanced``."""
 
     ADDITIVE = "additive"
+    MULTIPLICATIVE = "multiplicative"
     BALANCED = "balanced"
-
-
-class CoarseSpace(Option):
-    """The coarse vectors ``Z``: ``nicolaides`` (one indicator per layer) or ``spectral`` (leading eigenvectors)."""
-
-    NICOLAIDES = "nicolaides"
-    SPECTRAL = "spectral"
 
 
 @dataclass
@@ -64,11 +70,15 @@ class TwoLevelHparams:
     base_hparams: dict = field(default_factory=dict)
     """Hyper-parameters passed to every base block (validated by the base's own ``Hparams``)."""
     coarse_space: str = CoarseSpace.NICOLAIDES
-    """``nicolaides``: one normalized indicator per layer; ``spectral``: leading eigenvectors of ``B_l``."""
+    """``nicolaides``, ``spectral``, ``residual``, ``krylov_nicolaides`` or ``krylov_residual``
+    (:mod:`tensorcurv.structures.coarse_space`)."""
     coarse_vectors_per_layer: int = 1
-    """Coarse vectors per layer (``spectral``; ``nicolaides`` has exactly 1)."""
+    """Coarse vectors per layer (``spectral`` only; the Krylov spaces have 2, the others 1)."""
     variant: str = Variant.ADDITIVE
-    """``additive``: ``M^{-1} + Z E^{-1} Zᵀ``; ``balanced``: balancing Neumann–Neumann (deflated) form."""
+    """``additive``: ``M^{-1} + Z E^{-1} Zᵀ``; ``multiplicative``: ``x_f + Z E^{-1} Zᵀ(g − A x_f)``;
+    ``balanced``: balancing Neumann–Neumann (deflated) form."""
+    coarse_matrix: str = CoarseMatrix.EXACT
+    """``exact``: ``Zᵀ C Z``; ``kronecker``: cross-layer K-FAC blocks (Tselepidis et al.; nicolaides, additive)."""
 
     def __post_init__(self) -> None:
         valid = registry.layer_names()
@@ -79,16 +89,10 @@ class TwoLevelHparams:
             registry.make_hparams(self.base, **self.base_hparams)
         except (ValueError, TypeError) as e:
             raise ValueError(f"two_level.base_hparams: {e}") from None
-        self.coarse_space = CoarseSpace.parse(self.coarse_space, "two_level.coarse_space")
         self.variant = Variant.parse(self.variant, "two_level.variant")
-        k = self.coarse_vectors_per_layer
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"two_level.coarse_vectors_per_layer must be an integer >= 1, got {k!r}")
-        if self.coarse_space == "nicolaides" and k != 1:
-            raise ValueError(
-                f"two_level.coarse_vectors_per_layer={k} needs coarse_space='spectral'; "
-                "the nicolaides coarse space has exactly one vector per layer"
-            )
+        self.coarse_space, self.coarse_matrix = check_coarse_options(
+            self.coarse_space, self.coarse_vectors_per_layer, self.coarse_matrix, self.variant
+        )
 
     def make_base_hparams(self) -> Any:
         return registry.make_hparams(self.base, **self.base_hparams)
@@ -137,8 +141,14 @@ class TwoLevel(ModelStructure):
     @property
     def coarse_dim(self) -> int:
         """``q``: number of coarse vectors (rows of ``R0``)."""
-        k = 1 if self.hparams.coarse_space == "nicolaides" else self.hparams.coarse_vectors_per_layer
-        return k * len(self.shapes)
+        if self.Z:  # (a solve-time coarse space drops dependent vectors: count them)
+            return sum(V.shape[0] for V in self.Z.values())
+        return vectors_per_layer(self.hparams.coarse_space, self.hparams.coarse_vectors_per_layer) * len(self.shapes)
+
+    @property
+    def _at_solve(self) -> bool:
+        """True for the coarse spaces built at solve time (``residual``, ``krylov_*``)."""
+        return self.hparams.coarse_space in SOLVE_TIME_SPACES
 
     # ------------------------------------------------------------------ fitting
     def _check_stats_dict(self, stats: Mapping[str, LayerStats]) -> None:
@@ -159,38 +169,14 @@ class TwoLevel(ModelStructure):
 
     def _coarse_vectors(self, like: Tensor) -> dict[str, Tensor]:
         if self.hparams.coarse_space == "nicolaides":
-            return {name: like.new_full((1, m, n), 1.0 / math.sqrt(m * n)) for name, (m, n) in self.shapes.items()}
+            return nicolaides(self.shapes, like)
         k = self.hparams.coarse_vectors_per_layer
         return {name: self.blocks[name].leading_eigenpairs(k)[1].to(like) for name in self.shapes}
 
-    @staticmethod
-    def _projections(stats: Mapping[str, LayerStats], Z: Mapping[str, Tensor], chunk: int = 256) -> Tensor:
-        """``P`` of shape ``(N K, q)``: ``P[(s,k), j] = <V_j, G_sk> = Σ_t g_sktᵀ V_j a_st``."""
-        cols = []
-        for name, V in Z.items():
-            st = stats[name]
-            parts = []
-            for i in range(0, st.N, chunk):
-                Va = torch.einsum("jmn,stn->stjm", V, st.a[i : i + chunk])
-                parts.append(torch.einsum("sktm,stjm->skj", st.g[i : i + chunk], Va))
-            cols.append(torch.cat(parts).reshape(-1, V.shape[0]))
-        return torch.cat(cols, dim=1)
-
-    @staticmethod
-    def _times_samples(stats: LayerStats, P: Tensor, chunk: int = 256) -> Tensor:
-        """``scale Σ_{s,k} G_sk ⊗ P[(s,k)]`` as ``(q, m, n)``: one layer's rows of ``C Z``."""
-        W = P.reshape(stats.N, stats.K, -1)
-        out = P.new_zeros(P.shape[1], stats.m, stats.n)
-        for i in range(0, stats.N, chunk):
-            h = torch.einsum("skj,sktm->jstm", W[i : i + chunk], stats.g[i : i + chunk])
-            out += torch.einsum("jstm,stn->jmn", h, stats.a[i : i + chunk])
-        return out * stats.scale
-
     def _batch_coarse(self, stats, Z):
-        P = self._projections(stats, Z)
-        scale = stats[next(iter(self.shapes))].scale
-        C0 = (P.T @ P) * scale
-        U = {name: self._times_samples(stats[name], P) for name in self.shapes}
+        C0, U = coarse_level(stats, Z)
+        if self.hparams.coarse_matrix == "kronecker":
+            C0 = kronecker_coarse_matrix(stats, list(self.shapes))
         return C0, U
 
     def fit(self, stats: Mapping[str, LayerStats]) -> TwoLevel:
@@ -199,10 +185,12 @@ class TwoLevel(ModelStructure):
         t0 = time.perf_counter()
         self.base.fit(stats)
         tc = time.perf_counter()
-        like = stats[next(iter(self.shapes))].a
-        self.Z = self._coarse_vectors(like)
-        self.C0, self.U = self._batch_coarse(stats, self.Z)
         self._eig, self.fitted = None, True
+        if self._at_solve:  # built from the right-hand side of each solve, on this capture's samples
+            self.stats, self.Z, self.U, self.C0 = dict(stats), {}, {}, None
+        else:
+            self.Z = self._coarse_vectors(stats[next(iter(self.shapes))].a)
+            self.C0, self.U = self._batch_coarse(stats, self.Z)
         self.coarse_fit_time = time.perf_counter() - tc
         self.fit_time = time.perf_counter() - t0
         return self
@@ -216,15 +204,14 @@ class TwoLevel(ModelStructure):
         t0 = time.perf_counter()
         self.base.update(stats, decay)
         tc = time.perf_counter()
+        if self._at_solve:  # the coarse level of the next solves: on the latest capture
+            self.stats, self.Z, self.U, self.C0, self._eig = dict(stats), {}, {}, None, None
+            self.fit_time = time.perf_counter() - t0
+            return self
         like = stats[next(iter(self.shapes))].a
-        Z_old, U_old = self.Z, self.U
         Z = self._coarse_vectors(like)
         C0_b, U_b = self._batch_coarse(stats, Z)
-        # overlap of old and new coarse spaces: block-diagonal (both are layer-supported), (q, q)
-        Mo = torch.block_diag(*[torch.einsum("imn,jmn->ij", Z_old[nm], Z[nm]) for nm in self.shapes])
-        U_carry = {nm: torch.einsum("imn,ij->jmn", U_old[nm], Mo) for nm in self.shapes}
-        C0_carry = self._restrict(U_carry, Z)
-        C0_carry = 0.5 * (C0_carry + C0_carry.T)
+        U_carry, C0_carry = carried(self.Z, self.U, Z)
         self.Z = Z
         self.U = {nm: decay * U_carry[nm] + (1 - decay) * U_b[nm] for nm in self.shapes}
         self.C0 = decay * C0_carry + (1 - decay) * C0_b
@@ -275,26 +262,45 @@ class TwoLevel(ModelStructure):
         self._check_mats(mats)
         return self.base.mv({nm: mats[nm] for nm in self.shapes})
 
+    def _solve_time_level(self, mats: Mapping[str, Tensor], fine: dict[str, Tensor], lam: float) -> None:
+        """Coarse vectors of a solve-time space for the right-hand side ``mats`` (fine solve ``fine``), and
+        their ``C0``, ``U`` on the samples of the last capture (``self.stats``)."""
+        stats = getattr(self, "stats", None)
+        if stats is None:
+            raise NotFittedError(f"two_level: coarse_space={self.hparams.coarse_space!r} needs a fit or update first")
+        self.Z = solve_time_vectors(
+            self.hparams.coarse_space, stats, mats, fine, lambda r: self.base.solve(r, lam), lam
+        )
+        self.C0, self.U = coarse_level(stats, self.Z)
+        self._eig = None
+
     def solve(self, mats: Mapping[str, Tensor], damping: float) -> dict[str, Tensor]:
-        """``P^{-1} r`` of the chosen ``variant`` (see the module docstring), per layer ``(m, n)``."""
+        """``P^{-1} r`` of the chosen ``variant`` (see the module docstring), per layer ``(m, n)``. For the
+        solve-time coarse spaces ``Z`` depends on ``r`` (and on λ): the map is then not linear in ``r``."""
         self._check_mats(mats, damping)
-        lam = damping
-        y1 = self._coarse_solve(self._restrict(mats), lam)  # E^{-1} Zᵀ r
-        if self.hparams.variant == "additive":
-            fine = self.base.solve({nm: mats[nm] for nm in self.shapes}, lam)
+        lam, variant = damping, self.hparams.variant
+        rhs = {nm: mats[nm] for nm in self.shapes}
+        fine = self.base.solve(rhs, lam) if variant != "balanced" or self._at_solve else {}
+        if self._at_solve:
+            self._solve_time_level(rhs, fine, lam)
+        y1 = self._coarse_solve(self._restrict(rhs), lam)  # E^{-1} Zᵀ r
+        if variant == "additive":
             coarse = self._prolong(y1)
             out = {nm: fine[nm] + coarse[nm] for nm in self.shapes}
-        else:  # balanced: A Z y = U y + λ Z y and Zᵀ A x = Uᵀ x + λ Zᵀ x, never forming C
+        elif variant == "multiplicative":  # x_f + Z E^{-1} (Zᵀ r − Zᵀ A x_f), Zᵀ A x = Uᵀ x + λ Zᵀ x
+            zAx = self._restrict_A(fine, lam)
+            corr = self._prolong(y1 - self._coarse_solve(zAx, lam))
+            out = {nm: fine[nm] + corr[nm] for nm in self.shapes}
+        else:  # balanced: A Z y = U y + λ Z y, never forming C
             Zy1 = self._prolong(y1)
             w = {
                 nm: mats[nm] - torch.einsum("jmn,j->mn", self.U[nm], y1) - lam * Zy1[nm] for nm in self.shapes
             }  # (I − A Z E^{-1} Zᵀ) r
             x = self.base.solve(w, lam)  # M^{-1} w
-            zAx = sum(torch.einsum("jmn,mn->j", self.U[nm], x[nm]) for nm in self.shapes) + lam * self._restrict(x)
-            corr = self._prolong(y1 - self._coarse_solve(zAx, lam))
+            corr = self._prolong(y1 - self._coarse_solve(self._restrict_A(x, lam), lam))
             out = {nm: x[nm] + corr[nm] for nm in self.shapes}
         self.last_solve = {
-            "method": f"two-level-{self.hparams.variant}",
+            "method": f"two-level-{variant}",
             "coarse_space": self.hparams.coarse_space,
             "coarse_dim": self.coarse_dim,
             "damping": "tikhonov (coarse); base as its own",
@@ -302,24 +308,18 @@ class TwoLevel(ModelStructure):
         }
         return out
 
+    def _restrict_A(self, X: Mapping[str, Tensor], lam: float) -> Tensor:
+        """``Zᵀ A x = Uᵀ x + λ Zᵀ x`` (``U = C Z``)."""
+        return sum(torch.einsum("jmn,mn->j", self.U[nm], X[nm]) for nm in self.shapes) + lam * self._restrict(X)
+
     # ------------------------------------------------------------------ dense views (small models)
-    def _global(self, mats: Mapping[str, Tensor]) -> Tensor:
-        return torch.cat([vec(mats[nm]) for nm in self.shapes])
-
-    def _split(self, v: Tensor) -> dict[str, Tensor]:
-        out, i = {}, 0
-        for nm, (m, n) in self.shapes.items():
-            out[nm] = unvec(v[i : i + m * n], m, n)
-            i += m * n
-        return out
-
     def restriction(self) -> Tensor:
         """``R0`` as a dense ``(q, D)`` matrix (rows orthonormal)."""
         if not self.fitted:
             raise NotFittedError(f"two_level: {NOT_FITTED}")
         assert self.C0 is not None  # set by fit/update/load_state_dict
         eye = self.C0.new_zeros(self.coarse_dim, self.coarse_dim).fill_diagonal_(1.0)
-        return torch.stack([self._global(self._prolong(e)) for e in eye])
+        return torch.stack([self.to_vector(self._prolong(e)) for e in eye])
 
     def coarse_matrix(self) -> Tensor:
         """``C0 = R0 C R0ᵀ`` (``q x q``)."""
@@ -336,7 +336,7 @@ class TwoLevel(ModelStructure):
         """``P^{-1}`` as a dense ``D x D`` matrix: :meth:`solve` applied to every unit vector."""
         assert self.C0 is not None, "two_level: dense_preconditioner needs a fitted structure"
         eye = torch.eye(self.dim, dtype=self.C0.dtype, device=self.C0.device)
-        return torch.stack([self._global(self.solve(self._split(e), damping)) for e in eye], dim=1)
+        return torch.stack([self.to_vector(self.solve(self.from_vector(e), damping)) for e in eye], dim=1)
 
     # ------------------------------------------------------------------ cost & state
     def tensors(self) -> dict[str, Tensor]:
@@ -345,8 +345,8 @@ class TwoLevel(ModelStructure):
         out = {f"blocks.{nm}.{k}": v for nm, b in self.blocks.items() for k, v in b.tensors().items()}
         out.update({f"Z.{nm}": v for nm, v in self.Z.items()})
         out.update({f"U.{nm}": v for nm, v in self.U.items()})
-        assert self.C0 is not None  # set by fit/update/load_state_dict
-        out["C0"] = self.C0
+        if self.C0 is not None:  # (None between a fit and the first solve of a solve-time coarse space)
+            out["C0"] = self.C0
         return out
 
     def solve_flops(self) -> int:
@@ -367,13 +367,9 @@ class TwoLevel(ModelStructure):
             "U": {k: v.clone() for k, v in self.U.items()},
             "C0": None if self.C0 is None else self.C0.clone(),
             "fitted": self.fitted,
-            "hparams": {
-                "base": self.hparams.base,
-                "base_hparams": dict(self.hparams.base_hparams),
-                "coarse_space": self.hparams.coarse_space,
-                "coarse_vectors_per_layer": self.hparams.coarse_vectors_per_layer,
-                "variant": self.hparams.variant,
-            },
+            "hparams": plain_options(dataclasses.asdict(self.hparams)),
+            # solve-time coarse spaces: the capture their coarse level is built on
+            "stats": {nm: (st.a, st.g, st.scale) for nm, st in getattr(self, "stats", {}).items()},
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -393,6 +389,8 @@ class TwoLevel(ModelStructure):
         self.U = {k: v.clone() for k, v in state["U"].items()}
         self.C0 = None if state["C0"] is None else state["C0"].clone()
         self.fitted, self._eig = state["fitted"], None
+        if state.get("stats"):
+            self.stats = {nm: LayerStats(a=a, g=g, scale=c, name=nm) for nm, (a, g, c) in state["stats"].items()}
 
     def __repr__(self) -> str:
         return f"TwoLevel(layers={list(self.shapes)}, {self.hparams})"

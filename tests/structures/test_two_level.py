@@ -93,7 +93,7 @@ def flat_solve(curv, v: torch.Tensor, lam: float) -> torch.Tensor:
     ms = curv.model_structure
     grads = [None] * len(curv.params)
     by_id = {id(p): i for i, p in enumerate(curv.params)}
-    for nm, M in ms._split(v).items():
+    for nm, M in ms.from_vector(v).items():
         ad = curv.adapters[nm]
         for (_, p), t in zip(ad.params(), ad.from_matrix(M)):
             grads[by_id[id(p)]] = t
@@ -383,7 +383,7 @@ def test_mv_and_to_dense_are_the_block_diagonal_base():
     curv, C = fitted(model, x, y, "cross_entropy", "ggn")
     ms = curv.model_structure
     v = torch.randn(C.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    Bv = ms._global(ms.mv(ms._split(v)))
+    Bv = ms.to_vector(ms.mv(ms.from_vector(v)))
     assert rel(Bv, dense_B(curv) @ v) < 1e-13
     assert torch.equal(ms.to_dense(), dense_B(curv))
 
@@ -409,7 +409,9 @@ def test_nbytes_counts_base_blocks_and_coarse_level():
         ({"base": "two_level"}, "two_level.base"),
         ({"base_hparams": {"rank": 2}}, "two_level.base_hparams"),
         ({"coarse_space": "krylov"}, "two_level.coarse_space"),
-        ({"variant": "multiplicative"}, "two_level.variant"),
+        ({"variant": "hybrid"}, "two_level.variant"),
+        ({"coarse_matrix": "kronecker", "variant": "balanced"}, "two_level.coarse_matrix"),
+        ({"coarse_space": "residual", "coarse_vectors_per_layer": 2}, "two_level.coarse_vectors_per_layer"),
         ({"coarse_space": "spectral", "coarse_vectors_per_layer": 0}, "two_level.coarse_vectors_per_layer"),
         ({"coarse_vectors_per_layer": 2}, "two_level.coarse_vectors_per_layer"),
     ],
