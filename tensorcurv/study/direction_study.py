@@ -36,10 +36,13 @@ EXACT_FULL = "exact (full solve)"
 EXACT_BLOCK_DIAGONAL = "exact (block-diagonal solve)"
 
 
-def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[Any, float]:
-    """``fn()`` and the median of ``repeats`` wall-clock times in seconds (the last result is kept)."""
+def timed(fn: Callable[[], Any], repeats: int = 1, reset: Callable[[], Any] | None = None) -> tuple[Any, float]:
+    """``fn()`` and the median of ``repeats`` wall-clock times in seconds (the last result is kept);
+    ``reset()`` (untimed) before each call, e.g. to drop a structure's solve caches (a cold solve)."""
     times, out = [], None
     for _ in range(max(1, int(repeats))):
+        if reset is not None:
+            reset()
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
@@ -76,9 +79,11 @@ def _rows(
     damping: float,
     refine_steps: Sequence[int],
     repeats: int,
+    reset: Callable[[], Any] | None,
 ) -> list[dict[str, Any]]:
-    """One row per ``k``: cosine, relative error, solve and refinement seconds (see the module docstring)."""
-    d0, solve_time = timed(lambda: solve(g), repeats)
+    """One row per ``k``: cosine, relative error, solve and refinement seconds (see the module docstring).
+    The solve is timed cold (after ``reset()``): the solve of an optimizer step that has just fitted."""
+    d0, solve_time = timed(lambda: solve(g), repeats, reset)
     rows = []
     for k, (d, refine_time) in refined_directions(matvec, solve, g, d0, damping, refine_steps).items():
         rows.append(
@@ -94,9 +99,10 @@ def model_direction_rows(
     exact: Mapping[float, tuple[float, Mapping[str, Tensor], Any]],
     refine_steps: Sequence[int],
     repeats: int = 1,
+    reset: Callable[[], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """``scope="model"`` rows of one fitted model structure, for every ``ρ`` of ``exact``
-    (``{ρ: (λ, (C + λI)⁻¹g per layer, info)}``, the full solve)."""
+    (``{ρ: (λ, (C + λI)⁻¹g per layer, info)}``, the full solve); ``reset``: see :func:`timed`."""
     flat, unflat = exact_model.flatten, exact_model.unflatten
     g = flat(grads)
     rows = []
@@ -105,7 +111,8 @@ def model_direction_rows(
         def solve(v: Tensor, lam: float = lam) -> Tensor:
             return flat(model_solve(unflat(v), lam))
 
-        for r in _rows(flat(x), lambda v: flat(exact_model.mv(unflat(v))), solve, g, lam, refine_steps, repeats):
+        mv = lambda v: flat(exact_model.mv(unflat(v)))  # noqa: E731
+        for r in _rows(flat(x), mv, solve, g, lam, refine_steps, repeats, reset):
             rows.append({"scope": "model", "layer": "(model)", "damping_rel": float(rho), "damping": lam, **r})
     return rows
 
@@ -117,16 +124,18 @@ def layer_direction_rows(
     exact: Mapping[float, tuple[float, Tensor, Any]],
     refine_steps: Sequence[int],
     repeats: int = 1,
+    reset: Callable[[], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """``scope="layer"`` rows of one fitted layer block (``block_solve(V, λ)`` on ``(m, n)`` matrices)
-    against its exact block, for every ``ρ`` of ``exact`` (``{ρ: (λ_l, (C_ll + λ_l I)⁻¹g_l, info)}``)."""
+    against its exact block, for every ``ρ`` of ``exact`` (``{ρ: (λ_l, (C_ll + λ_l I)⁻¹g_l, info)}``);
+    ``reset``: see :func:`timed`."""
     rows = []
     for rho, (lam, x, _) in exact.items():
 
         def solve(v: Tensor, lam: float = lam) -> Tensor:
             return block_solve(v, lam)
 
-        for r in _rows(x, exact_block.mv, solve, grad, lam, refine_steps, repeats):
+        for r in _rows(x, exact_block.mv, solve, grad, lam, refine_steps, repeats, reset):
             rows.append({"scope": "layer", "damping_rel": float(rho), "damping": lam, **r})
     return rows
 
@@ -139,17 +148,18 @@ def reference_rows(
     repeats: int = 1,
 ) -> list[dict[str, Any]]:
     """``scope="model"`` reference rows for every ``ρ``: the exact full solve (cosine 1 by definition; its
-    cost is the Woodbury solve time) and the exact block-diagonal solve ``diag(C_ll + λI)⁻¹ g`` at the
+    cost is a cold Woodbury solve: Gram matrix, its factorization, the products) and the exact
+    block-diagonal solve ``diag(C_ll + λI)⁻¹ g`` at the
     model's ``λ`` against the full one (what any block-diagonal structure can reach at best)."""
     flat = exact_model.flatten
     rows = []
     for rho, (lam, x, _) in exact.items():
 
-        def full(lam: float = lam) -> Any:
-            return exact_model.solve(dict(grads), lam)
+        def full(lam: float = lam) -> Any:  # cold: a fresh operator forms and factors its Gram matrix
+            return ExactModel.from_stats(exact_model.stats).solve(dict(grads), lam)
 
         def block_diagonal(lam: float = lam) -> dict[str, Tensor]:
-            return {k: b.solve(grads[k], lam)[0] for k, b in blocks.items()}
+            return {k: ExactBlock(b.stats).solve(grads[k], lam)[0] for k, b in blocks.items()}
 
         _, t_full = timed(full, repeats)
         xb, t_block = timed(block_diagonal, repeats)

@@ -275,20 +275,24 @@ def _variant_rows(
 def _direction_rows(
     var: Variant, ms, fit_total: float, ref: ExactReference, grads: Mapping[str, Tensor], kw: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
-    """The direction-study rows of one fitted variant: whole model, then every layer of a block-diagonal
-    structure; ``step_time = fit_time + solve_time + refine_time``."""
+    """The direction-study rows of one fitted variant: whole model at every refinement step, then every
+    layer of a block-diagonal structure unrefined (the optimizers refine the whole model). Whole-model
+    solves are timed cold (the state right after the fit restored first, solve caches dropped), layer
+    solves warm; ``step_time = fit_time + solve_time + refine_time``."""
     rho, ks, reps = kw["direction_damping_rel"], kw["refine_steps"], kw["solve_repeats"]
     if not rho:
         return []
     cols = {**_variant_columns(var), "nbytes": ms.nbytes}
+    snap = ms.snapshot()
+    model_exact = _subset(ref.model_directions, rho)
     rows = [
         {**cols, **r, "fit_time": fit_total}
-        for r in model_direction_rows(ms.solve, ref.model, grads, _subset(ref.model_directions, rho), ks, reps)
+        for r in model_direction_rows(ms.solve, ref.model, grads, model_exact, ks, reps, lambda: ms.restore(snap))
     ]
     fit_times = ms.layer_fit_times()
     for k in ref.blocks if ms.block_diagonal else ():
         S, exact = ms.blocks[k], _subset(ref.directions[k], rho)
-        for r in layer_direction_rows(S.solve, ref.blocks[k], grads[k], exact, ks, reps):
+        for r in layer_direction_rows(S.solve, ref.blocks[k], grads[k], exact, [0], reps):
             rows.append({**cols, "nbytes": S.nbytes, **r, "layer": k, "fit_time": fit_times[k]})
     for r in rows:
         r["step_time"] = r["fit_time"] + r["solve_time"] + r["refine_time"]

@@ -11,7 +11,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tensorcurv import plotting
-from tensorcurv.study.front_figures import fig_cosine_vs_memory, fig_direction_pareto, fig_error_vs_memory
+from tensorcurv.study.front_figures import (
+    fig_cosine_vs_memory,
+    fig_direction_pareto,
+    fig_error_vs_memory,
+    variant_styles,
+)
 from tensorcurv.study.tables import (
     MODEL,
     as_float,
@@ -48,12 +53,6 @@ FIGURES = {
     "inverse_vs_damping": "Cosine between (Ĉ+λI)⁻¹g and (C+λI)⁻¹g vs damping λ/(tr C/dim): whole model (top), "
     "the spectrum layer (bottom)",
 }
-
-
-def _variant_styles(rows) -> dict[str, dict]:
-    """Colour per structure, marker and line style per variant of that structure."""
-    groups = {r["variant"]: r["structure"] for r in rows}
-    return plotting.series_styles(groups, groups)
 
 
 def fig_error_vs_rank(metrics, floor, path: Path):
@@ -116,7 +115,7 @@ def fig_error_over_training(metrics, path: Path):
     equal values of two variants stay visible; variants without a Frobenius error are left out)."""
     rows = [r for r in valid_rows(metrics) if r["layer"] == MODEL and math.isfinite(as_float(r["fro_rel"]))]
     kinds = kinds_of(rows)
-    styles = _variant_styles(rows)
+    styles = variant_styles(rows)
     with plotting.style():
         fig, axes = plotting.subplots(1, len(kinds), figsize=(4.2 * len(kinds) + 1.8, 3.8), sharey=True)
         for ax, kind in zip(axes[0], kinds):
@@ -182,9 +181,9 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
     layers = [lay for lay in dict.fromkeys(r["layer"] for r in ok) if lay != MODEL]
     layer = layer if layer in layers else (layers[0] if layers else None)
     kinds = kinds_of(ok)
-    styles = _variant_styles(ok)
+    styles = variant_styles(ok)
     damp = damping_columns(ok)
-    panels = [(MODEL, "whole model")] + ([(layer, f"layer {layer}")] if layer else [])
+    panels = [(MODEL, "whole model vs full C")] + ([(layer, f"layer {layer} vs its block")] if layer else [])
     with plotting.style():
         fig, axes = plotting.subplots(
             len(panels), len(kinds), sharey=True, sharex=True, figsize=(4.2 * len(kinds) + 1.8, 3.4 * len(panels))
@@ -203,11 +202,6 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
                     ax.set_xlabel("λ / (tr C / dim)")
             axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
         plotting.legend_outside(fig, axes)
-        fig.suptitle(
-            "top: whole model against the full (C+λI)⁻¹g, cross-layer blocks in C"
-            + (f"; bottom: layer {layer} against its exact block" if layer else ""),
-            fontsize=9.5,
-        )
         plotting.save(fig, path)
     return fig
 

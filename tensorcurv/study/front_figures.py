@@ -28,12 +28,22 @@ from tensorcurv.study.tables import (
 )
 
 #: how the exact reference rows are drawn (black, never part of a structure's colour cycle)
-REFERENCE_MARKERS = {EXACT_FULL: "*", EXACT_BLOCK_DIAGONAL: "X"}
+REFERENCE_MARKERS = {EXACT_FULL: "*", EXACT_BLOCK_DIAGONAL: "h"}
 
 
-def _styles(rows) -> dict[str, dict]:
+def variant_styles(rows) -> dict[str, dict]:
+    """Colour per structure, line style per variant of it (:func:`plotting.series_styles`), and a marker
+    that steps on with every variant, so that structures drawn on top of each other (``kfac`` under
+    ``two_level``, ``ekfac``) keep telling apart by shape."""
     groups = {r["variant"]: r["structure"] for r in rows if r["structure"] != "exact"}
-    return plotting.series_styles(groups, groups)
+    styles = plotting.series_styles(groups, groups)
+    order = list(dict.fromkeys(groups.values()))
+    seen: dict[str, int] = {}
+    for v, g in groups.items():  # marker (group index + member index): distinct for the first 7 structures
+        k = order.index(g) + seen.get(g, 0)
+        seen[g] = seen.get(g, 0) + 1
+        styles[v] = {**styles[v], "marker": plotting.MARKERS[k % len(plotting.MARKERS)]}
+    return styles
 
 
 def _draw_front(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
@@ -59,7 +69,7 @@ def _small_multiples(points: list[dict], path: Path, ylabel: str, lower_is_bette
     """Rows: kinds; columns: checkpoints; ``points`` = ``{kind, step, variant, structure, x, y}``."""
     points = [p for p in points if math.isfinite(p["x"]) and math.isfinite(p["y"])]
     kinds, steps = kinds_of(points), steps_of(points)
-    styles = _styles(points)
+    styles = variant_styles(points)
     with plotting.style():
         fig, axes = plotting.subplots(
             len(kinds), len(steps), sharey=True, figsize=(3.3 * len(steps) + 2.4, 2.9 * len(kinds) + 0.4)
@@ -143,7 +153,7 @@ def fig_direction_pareto(directions, path: Path):
     rows = [r for r in rows if r["step"] == max(steps_of(rows), default=0)]
     rows = [r for r in rows if math.isfinite(as_float(r["step_time"])) and as_float(r["step_time"]) > 0]
     kinds, damps = kinds_of(rows), sorted({float(r["damping_rel"]) for r in rows})
-    styles = _styles(rows)
+    styles = variant_styles(rows)
     with plotting.style():
         fig, axes = plotting.subplots(
             len(kinds), len(damps), sharey=True, figsize=(3.4 * len(damps) + 2.6, 3.0 * len(kinds) + 0.5)

@@ -68,10 +68,13 @@ def _evaluate_checkpoint(
     log,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every table of :func:`evaluate` at one checkpoint, for every kind; rows carry ``step`` and ``kind``.
-    The gradients compared are the empirical ones of the study batch."""
+    The gradients compared are the empirical ones of the study batch. Refinement steps ``k > 0`` and the
+    spectra are computed at the ``last`` checkpoint only."""
     grads_curv = Curvature(model, "diagonal", "empirical")
     grads = {k: ExactBlock(st).gradient_sum() for k, st in grads_curv.capture(Xs, ys, loss).stats.items()}
     ev_kw = {k: scfg[k] for k in EVALUATE_KEYS if k in scfg and scfg[k] is not None}
+    if not last:  # refinement (the direction-vs-time front) at the final checkpoint only: k = 0 before
+        ev_kw["refine_steps"] = [0]
     out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": [], "directions": []}
     for kd in kinds:
         log(f" kind {kd}")
