@@ -19,7 +19,7 @@ DIRECTION_NOTE = (
     "to all, left out; timings on a shared machine, single thread). Reference rows: the exact full solve "
     "and the exact block-diagonal solve `diag(C_ll+λI)⁻¹g` (the best any block-diagonal structure can do "
     "without refinement). `two_level` has no Frobenius error in this report: its `mv`/`to_dense` and "
-    "layer blocks are its base's (K-FAC), not the operator its solve applies, so it is left out of the "
+    "layer blocks are its base's (K-FAC by default), not the operator its solve applies, so it is left out of the "
     "Frobenius tables and figures and measured by its directions only."
 )
 
