@@ -15,6 +15,7 @@ anything is trained or written.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def main(cfg: DictConfig) -> None:
             check_study_data(plain)  # the dataset loads and has labels, the model fits it, spectrum_layer exists
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
-    t0 = time.perf_counter()
+    t0, load_before = time.perf_counter(), os.getloadavg()
     if cfg.render_only:  # re-draw figures and tables from the CSVs already in report_dir
         result = report.read_result(out)
     else:
@@ -76,7 +77,9 @@ def main(cfg: DictConfig) -> None:
         f"on `{cfg.data.name}`, trained with Adam (lr {cfg.train.lr}, batch {cfg.train.batch_size}) for "
         f"{cfg.train.steps} steps; metrics on a fixed batch of {cfg.study.batch_size} training samples at steps "
         f"{sorted({r['step'] for r in result['training']})}, {cfg.dtype}. Study time {elapsed:.0f} s "
-        f"({cfg.threads} thread(s))."
+        f"({cfg.threads} thread(s)); machine load (os.getloadavg, 1/5/15 min) "
+        f"{'/'.join(f'{x:.1f}' for x in load_before)} at the start, "
+        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end."
     )
     path = report.write_report(result, out, command=command_line(), title=title, description=desc, logger=logger)
     logger.finish()

@@ -43,7 +43,13 @@ class StudySettings:
     """``all`` or a list of structure names (checked in :func:`validate_study`)."""
     hparams: dict[str, Any] = spec({})
     sweeps: dict[str, Any] = spec({})
+    variants: list[Any] = spec([])
+    """Extra variants ``{structure, hparams, label}`` (e.g. another fit target of a structure)."""
     damping_rel: list[float] = spec([1e-4, 1e-3, 1e-2, 1e-1, 1.0], gt=0, nonempty=True)
+    direction_damping_rel: list[float] = spec([1e-4, 1e-3, 1e-2, 1e-1], gt=0)
+    """λ/(tr C/dim) of the direction study (empty: no direction study)."""
+    refine_steps: list[int] = spec([0, 5, 20], ge=0, nonempty=True)
+    """Krylov refinement steps k of the direction study (0: the structure's own damped solve)."""
     floor_ranks: list[int] = spec([1, 2, 3, 4, 6, 8], ge=1)
     spectral: bool = spec(True)
     spectral_max_iter: int = spec(80, ge=1)
@@ -101,9 +107,9 @@ def validate_study(cfg: Any) -> dict[str, Any]:
                 for k, values in grid.items():
                     check_value(f"study.sweeps.{name}.{k}", values, list, {"nonempty": True})
     try:
-        make_variants(picked, s.study.hparams, s.study.sweeps)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"study.hparams/sweeps: {one_line(e)}") from None
+        make_variants(picked, s.study.hparams, s.study.sweeps, s.study.variants)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"study.hparams/sweeps/variants: {one_line(e)}") from None
     if s.study.spectrum_layer is not None:  # layer names are module names ("1", "features.0"): keep them strings
         raw["study"]["spectrum_layer"] = str(s.study.spectrum_layer)
     return raw

@@ -11,21 +11,43 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tensorcurv import plotting
+from tensorcurv.study.front_figures import (
+    fig_cosine_vs_memory,
+    fig_direction_pareto,
+    fig_error_vs_memory,
+    variant_styles,
+)
 from tensorcurv.study.tables import (
     MODEL,
     as_float,
     damping_columns,
     final_step,
     kinds_of,
-    pareto_rows,
     rank_value,
     read_result,
     valid_rows,
 )
 
+__all__ = [
+    "FIGURES",
+    "fig_cosine_vs_memory",
+    "fig_direction_pareto",
+    "fig_error_over_training",
+    "fig_error_vs_memory",
+    "fig_error_vs_rank",
+    "fig_inverse_vs_damping",
+    "fig_spectrum",
+    "write_figures",
+]
+
 FIGURES = {
     "error_vs_rank": "Relative Frobenius error vs rank (final checkpoint), with the optimal rank-r Kronecker-sum floor",
-    "error_vs_memory": "Block-diagonal relative Frobenius error vs memory, Pareto front (final checkpoint)",
+    "error_vs_memory": "Block-diagonal relative Frobenius error vs memory at every checkpoint (rows: kinds), "
+    "Pareto front; two_level left out (its layer blocks are only its base)",
+    "cosine_vs_memory": "Whole-model direction cosine (unrefined, λ = 1e-3·tr(C)/D) vs memory at every checkpoint "
+    "(rows: kinds), Pareto front",
+    "direction_pareto": "Direction study: whole-model cosine to (C+λI)⁻¹g vs wall-clock per step (fit + solve + "
+    "refinement; each variant's line runs through its refinement steps k), Pareto front (final checkpoint)",
     "error_over_training": "Block-diagonal relative Frobenius error at the checkpoints of the run",
     "spectrum": "Eigenvalues of the exact block vs each structure (chosen layer, final checkpoint)",
     "inverse_vs_damping": "Cosine between (Ĉ+λI)⁻¹g and (C+λI)⁻¹g vs damping λ/(tr C/dim): whole model (top), "
@@ -33,16 +55,10 @@ FIGURES = {
 }
 
 
-def _variant_styles(rows) -> dict[str, dict]:
-    """Colour per structure, marker and line style per variant of that structure."""
-    groups = {r["variant"]: r["structure"] for r in rows}
-    return plotting.series_styles(groups, groups)
-
-
 def fig_error_vs_rank(metrics, floor, path: Path):
     """One panel per (kind, layer): relative Frobenius error vs rank for the ranked structures, the
     optimal rank-r floor (black dashes), and the structures without a rank (K-FAC, EK-FAC, ...) as dotted levels."""
-    rows = valid_rows(metrics)
+    rows = [r for r in valid_rows(metrics) if math.isfinite(as_float(r.get("fro_rel")))]
     step = final_step(rows)
     kinds = kinds_of(rows)
     layers = [lay for lay in dict.fromkeys(r["layer"] for r in rows) if lay != MODEL]
@@ -94,59 +110,12 @@ def fig_error_vs_rank(metrics, floor, path: Path):
     return fig
 
 
-def fig_error_vs_memory(metrics, path: Path):
-    """One panel per kind: model-level error vs memory, one marker per variant (legend), the Pareto front
-    as a black staircase with its points ringed."""
-    rows = valid_rows(metrics)
-    step = final_step(rows)
-    kinds = kinds_of(rows)
-    styles = _variant_styles([r for r in rows if r["layer"] == MODEL])
-    with plotting.style():
-        fig, axes = plotting.subplots(1, len(kinds), figsize=(4.4 * len(kinds) + 1.8, 3.9), sharey=True)
-        for ax, kind in zip(axes[0], kinds):
-            sel, front = pareto_rows(rows, kind, step)
-            if front:
-                fx = [as_float(sel[i]["nbytes"]) for i in front]
-                fy = [as_float(sel[i]["fro_rel"]) for i in front]
-                ax.step(fx, fy, where="post", color=plotting.REFERENCE, lw=1.1, zorder=2, label="Pareto front")
-                ax.plot(
-                    fx,
-                    fy,
-                    ls="none",
-                    marker="o",
-                    ms=11,
-                    mfc="none",
-                    mec=plotting.REFERENCE,
-                    mew=1.0,
-                    zorder=2,
-                    label="on the front",
-                )
-            for r in sel:
-                st = styles[r["variant"]]
-                ax.plot(
-                    as_float(r["nbytes"]),
-                    as_float(r["fro_rel"]),
-                    ls="none",
-                    marker=st["marker"],
-                    color=st["color"],
-                    ms=6,
-                    zorder=3,
-                    label=r["variant"],
-                )
-            plotting.log_limits(ax, [as_float(r["nbytes"]) for r in sel], axis="x")
-            ax.set_xlabel("memory of Ĉ (bytes, all layers)")
-            ax.set_title(f"{kind}, step {step}")
-        axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
-        plotting.legend_outside(fig, axes)
-        plotting.save(fig, path)
-    return fig
-
-
 def fig_error_over_training(metrics, path: Path):
-    """One panel per kind: model-level error of every variant at the checkpoints."""
-    rows = [r for r in valid_rows(metrics) if r["layer"] == MODEL]
+    """One panel per kind: model-level error of every variant at the checkpoints (hollow markers, so that
+    equal values of two variants stay visible; variants without a Frobenius error are left out)."""
+    rows = [r for r in valid_rows(metrics) if r["layer"] == MODEL and math.isfinite(as_float(r["fro_rel"]))]
     kinds = kinds_of(rows)
-    styles = _variant_styles(rows)
+    styles = variant_styles(rows)
     with plotting.style():
         fig, axes = plotting.subplots(1, len(kinds), figsize=(4.2 * len(kinds) + 1.8, 3.8), sharey=True)
         for ax, kind in zip(axes[0], kinds):
@@ -155,7 +124,7 @@ def fig_error_over_training(metrics, path: Path):
                     (r["step"], as_float(r["fro_rel"])) for r in rows if r["kind"] == kind and r["variant"] == v
                 )
                 if pts:
-                    ax.plot(*zip(*pts), ms=4, label=v, **st)
+                    ax.plot(*zip(*pts), ms=5, mfc="none", label=v, **st)
             ax.set_title(kind)
             ax.set_xlabel("training step")
         axes[0][0].set_ylabel("block-diag. ‖C−Ĉ‖_F / ‖C‖_F")
@@ -212,9 +181,9 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
     layers = [lay for lay in dict.fromkeys(r["layer"] for r in ok) if lay != MODEL]
     layer = layer if layer in layers else (layers[0] if layers else None)
     kinds = kinds_of(ok)
-    styles = _variant_styles(ok)
+    styles = variant_styles(ok)
     damp = damping_columns(ok)
-    panels = [(MODEL, "whole model")] + ([(layer, f"layer {layer}")] if layer else [])
+    panels = [(MODEL, "whole model vs full C")] + ([(layer, f"layer {layer} vs its block")] if layer else [])
     with plotting.style():
         fig, axes = plotting.subplots(
             len(panels), len(kinds), sharey=True, sharex=True, figsize=(4.2 * len(kinds) + 1.8, 3.4 * len(panels))
@@ -225,18 +194,14 @@ def fig_inverse_vs_damping(metrics, path: Path, layer: str | None = None):
                     r = next((r for r in ok if r["kind"] == kind and r["variant"] == v and r["layer"] == lay), None)
                     if r is None:
                         continue
-                    ax.plot([d for d, _ in damp], [as_float(r.get(f"cos@{t}")) for _, t in damp], ms=4, label=v, **st)
+                    ys = [as_float(r.get(f"cos@{t}")) for _, t in damp]
+                    ax.plot([d for d, _ in damp], ys, ms=5, mfc="none", label=v, **st)
                 ax.set_xscale("log")
                 ax.set_title(f"{kind} · {what} · step {step}", fontsize=9)
                 if i == len(panels) - 1:
                     ax.set_xlabel("λ / (tr C / dim)")
             axes[i][0].set_ylabel("cos((Ĉ+λI)⁻¹g, (C+λI)⁻¹g)")
         plotting.legend_outside(fig, axes)
-        fig.suptitle(
-            "top: whole model against the full (C+λI)⁻¹g, cross-layer blocks in C"
-            + (f"; bottom: layer {layer} against its exact block" if layer else ""),
-            fontsize=9.5,
-        )
         plotting.save(fig, path)
     return fig
 
@@ -246,13 +211,18 @@ def write_figures(result: Mapping[str, list[dict]], out_dir: str | Path) -> list
     :func:`tensorcurv.study.runner.run_study` or :func:`read_result`); returns their paths."""
     out = Path(out_dir)
     metrics, floor, spectra = result["metrics"], result.get("floor", []), result.get("spectra", [])
+    directions = result.get("directions", [])
     spectra_layers = [r["layer"] for r in spectra]
     fig_error_vs_rank(metrics, floor, out / "error_vs_rank.png")
     fig_error_vs_memory(metrics, out / "error_vs_memory.png")
+    names = [n for n in FIGURES if directions or n not in ("cosine_vs_memory", "direction_pareto")]
+    if directions:
+        fig_cosine_vs_memory(directions, out / "cosine_vs_memory.png")
+        fig_direction_pareto(directions, out / "direction_pareto.png")
     fig_error_over_training(metrics, out / "error_over_training.png")
     fig_spectrum(spectra, out / "spectrum.png")
     fig_inverse_vs_damping(metrics, out / "inverse_vs_damping.png", spectra_layers[0] if spectra_layers else None)
-    return [out / f"{name}.png" for name in FIGURES]
+    return [out / f"{name}.png" for name in names]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,9 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tensorcurv.study.direction_report import direction_sections
 from tensorcurv.study.figures import FIGURES, write_figures
 from tensorcurv.study.tables import (
     MODEL,
+    TABLES,
     as_float,
     damping_columns,
     final_step,
@@ -59,7 +61,7 @@ def summary_table(metrics, kind: str, step: int, damping: str) -> str:
     layer_rows = [r for r in valid_rows(metrics) if r["layer"] != MODEL and r["kind"] == kind and r["step"] == step]
     on_front = {rows[i]["variant"] for i in front}
     out = []
-    for r in sorted(rows, key=lambda r: as_float(r["fro_rel"])):
+    for r in sorted(rows, key=lambda r: (not math.isfinite(as_float(r["fro_rel"])), as_float(r["fro_rel"]))):
         lr = [x for x in layer_rows if x["variant"] == r["variant"]]
         spec = max((as_float(x.get("spec_rel")) for x in lr), default=math.nan)
         out.append(
@@ -181,7 +183,9 @@ def _sections(result: Mapping[str, list[dict]], ok: list[dict], step: int) -> li
     for kind in kinds:
         md += [f"## {kind}: summary at step {step}", "", summary_table(ok, kind, step, mid), ""]
     for name, caption in FIGURES.items():
-        md += [f"## {caption}", "", f"![{name}]({name}.png)", ""]
+        if result.get("directions") or name not in ("cosine_vs_memory", "direction_pareto"):
+            md += [f"## {caption}", "", f"![{name}]({name}.png)", ""]
+    md += direction_sections(result.get("directions", []), kinds, step)
     md += [f"## Per-layer relative Frobenius error at step {step}", "", layer_table(ok, floor, step), ""]
     if floor:
         md += [
@@ -203,7 +207,9 @@ def _sections(result: Mapping[str, list[dict]], ok: list[dict], step: int) -> li
         "## Files",
         "",
         "`metrics.csv` (one row per step, kind, layer, variant; `cos@ρ`/`relerr@ρ` at "
-        "λ = ρ·tr(C)/dim), `floor.csv`, `spectra.csv`, `training.csv`.",
+        "λ = ρ·tr(C)/dim), `directions.csv` (one row per step, kind, scope/layer, variant, ρ, refinement "
+        "steps k: `cos`, `rel_err`, `fit_time`, `solve_time`, `refine_time`, `step_time` in s), `floor.csv`, "
+        "`spectra.csv`, `training.csv`.",
         "",
     ]
 
@@ -234,12 +240,12 @@ def write_report(
     description: str = "",
     logger: Any = None,
 ) -> Path:
-    """Write ``report.md``, ``metrics.csv``, ``floor.csv``, ``spectra.csv``, ``training.csv`` and the
+    """Write ``report.md``, the CSV tables of :data:`~tensorcurv.study.tables.TABLES` and the
     PNG figures into ``out_dir``; log the same figures/tables to ``logger``
     (``tensorcurv.experiments.tracking``) if given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for table in ("metrics", "floor", "spectra", "training"):
+    for table in TABLES:
         write_csv(out / f"{table}.csv", result.get(table, []))
     metrics = result["metrics"]
     write_figures(result, out)

@@ -18,6 +18,8 @@ from tensorcurv.study.variants import make_variants
 #: The keys of the ``study`` config passed through to :func:`~tensorcurv.study.evaluate.evaluate`.
 EVALUATE_KEYS = (
     "damping_rel",
+    "direction_damping_rel",
+    "refine_steps",
     "floor_ranks",
     "spectral",
     "spectral_max_iter",
@@ -66,11 +68,14 @@ def _evaluate_checkpoint(
     log,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every table of :func:`evaluate` at one checkpoint, for every kind; rows carry ``step`` and ``kind``.
-    The gradients compared are the empirical ones of the study batch."""
+    The gradients compared are the empirical ones of the study batch. Refinement steps ``k > 0`` and the
+    spectra are computed at the ``last`` checkpoint only."""
     grads_curv = Curvature(model, "diagonal", "empirical")
     grads = {k: ExactBlock(st).gradient_sum() for k, st in grads_curv.capture(Xs, ys, loss).stats.items()}
     ev_kw = {k: scfg[k] for k in EVALUATE_KEYS if k in scfg and scfg[k] is not None}
-    out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": []}
+    if not last:  # refinement (the direction-vs-time front) at the final checkpoint only: k = 0 before
+        ev_kw["refine_steps"] = [0]
+    out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": [], "directions": []}
     for kd in kinds:
         log(f" kind {kd}")
         curv = Curvature(
@@ -87,14 +92,17 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
     """Train a model (Adam on the mean cross-entropy) and evaluate :func:`evaluate` at checkpoints,
     for every curvature kind. ``cfg``: ``seed, dtype, data{name,..}, model{name,..}, loss,
     train{steps, batch_size, lr}, study{kinds, mc_samples, batch_size, checkpoints, structures,
-    hparams, sweeps, damping_rel, floor_ranks, spectral, spectral_max_iter, spectral_tol,
-    spectrum_layer, spectrum_k, chunk, solve_repeats}``. Returns the raw tables (``metrics``, ``floor``,
-    ``spectra``, ``training``); every row carries ``step`` and ``kind``."""
+    hparams, sweeps, variants, damping_rel, direction_damping_rel, refine_steps, floor_ranks, spectral,
+    spectral_max_iter, spectral_tol, spectrum_layer, spectrum_k, chunk, solve_repeats}``. Returns the raw
+    tables (``metrics``, ``floor``, ``spectra``, ``directions``, ``training``); every row carries ``step``
+    and ``kind``."""
     dtype = getattr(torch, str(cfg.get("dtype", "float64")))
     scfg, tcfg = dict(cfg.get("study") or {}), dict(cfg.get("train") or {})
     splits, model = _build_model_and_data(cfg, dtype)
     loss = as_loss_spec(str(cfg.get("loss", "cross_entropy")))
-    variants = make_variants(scfg.get("structures", "all"), scfg.get("hparams"), scfg.get("sweeps"))
+    variants = make_variants(
+        scfg.get("structures", "all"), scfg.get("hparams"), scfg.get("sweeps"), scfg.get("variants")
+    )
     kinds = list(scfg.get("kinds", CurvatureKind.values()))
     for kd in kinds:
         check_kind(kd, int(scfg.get("mc_samples", 1)))
@@ -105,7 +113,13 @@ def run_study(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> dic
     opt = torch.optim.Adam(model.parameters(), lr=float(tcfg.get("lr", 1e-3)))
     gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     bs = int(tcfg.get("batch_size", 64))
-    out: dict[str, list[dict[str, Any]]] = {"metrics": [], "floor": [], "spectra": [], "training": []}
+    out: dict[str, list[dict[str, Any]]] = {
+        "metrics": [],
+        "floor": [],
+        "spectra": [],
+        "directions": [],
+        "training": [],
+    }
     log(
         f"study: {len(variants)} variants x {len(kinds)} kinds at steps {checkpoints}; "
         f"structures {sorted({v.structure for v in variants})}"

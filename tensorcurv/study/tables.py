@@ -37,15 +37,19 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-_TEXT = {"kind", "layer", "structure", "variant", "hparams", "rank", "swept", "skipped"}
-_INT = {"step", "m", "n", "T", "index", "nbytes"}
+_TEXT = {"kind", "layer", "structure", "variant", "hparams", "rank", "swept", "skipped", "scope"}
+_INT = {"step", "m", "n", "T", "index", "nbytes", "refine_steps"}
+#: the raw tables of a study, one CSV each
+TABLES = ("metrics", "floor", "spectra", "directions", "training")
+#: the damping of the issue's target, λ = 1e-3·tr(C)/dim: the cosine of the small multiples and Pareto tables
+FOCUS_DAMPING = 1e-3
 
 
 def read_result(out_dir: str | Path) -> dict[str, list[dict]]:
     """Read the raw CSVs of a report back into :func:`write_report`'s input (to re-render figures
     without recomputing). Text columns stay strings (layer names like ``"1"``), the rest are numbers."""
     out = {}
-    for table in ("metrics", "floor", "spectra", "training"):
+    for table in TABLES:
         path = Path(out_dir) / f"{table}.csv"
         rows = []
         if path.exists():
@@ -110,3 +114,34 @@ def damping_columns(rows) -> list[tuple[float, str]]:
     """``(ρ, "ρ")`` of every ``cos@ρ`` column by increasing ρ (the damping is λ = ρ·tr(C)/dim)."""
     cols = {k for r in rows for k in r if k.startswith("cos@")}
     return sorted((float(k[4:]), k[4:]) for k in cols)
+
+
+def steps_of(rows) -> list[int]:
+    """The checkpoints of ``rows``, increasing."""
+    return sorted({int(r["step"]) for r in rows})
+
+
+def focus_damping(rows) -> float:
+    """:data:`FOCUS_DAMPING` if ``rows`` (direction rows) have it, else their middle ``damping_rel``."""
+    grid = sorted({float(r["damping_rel"]) for r in rows})
+    if not grid:
+        return FOCUS_DAMPING
+    return min(grid, key=lambda d: abs(math.log(d / FOCUS_DAMPING)))
+
+
+def model_directions(directions, *, kind=None, step=None, damping_rel=None, refine_steps=None) -> list[dict]:
+    """The whole-model direction rows matching every given filter (``None``: any)."""
+    want = {"kind": kind, "step": step, "refine_steps": refine_steps}
+    out = []
+    for r in directions:
+        if r.get("scope") != "model" or any(v is not None and r.get(k) != v for k, v in want.items()):
+            continue
+        if damping_rel is not None and not math.isclose(float(r["damping_rel"]), damping_rel, rel_tol=1e-9):
+            continue
+        out.append(r)
+    return out
+
+
+def cosine_front(rows, cost_key: str) -> list[int]:
+    """Indices of the rows on the front of ``cost_key`` (minimized) against the cosine (maximized)."""
+    return pareto_front([as_float(r[cost_key]) for r in rows], [1.0 - as_float(r["cos"]) for r in rows])

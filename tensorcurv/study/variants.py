@@ -24,9 +24,12 @@ def make_variants(
     names: str | Sequence[str] = "all",
     hparams: Mapping[str, Mapping] | None = None,
     sweeps: Mapping[str, Mapping[str, Sequence]] | None = None,
+    extra: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[Variant]:
     """Variants for ``names`` (``"all"``: every registered structure once, aliases dropped), each with
-    fixed ``hparams[name]`` and the cartesian product of ``sweeps[name]`` (``{key: [values]}``).
+    fixed ``hparams[name]`` and the cartesian product of ``sweeps[name]`` (``{key: [values]}``), then the
+    ``extra`` variants, each ``{structure, hparams, label (optional)}`` (e.g. another fit target:
+    ``{structure: kfac, hparams: {fit_target: inverse}}``, labelled ``kfac(fit_target=inverse)``).
     Every combination is validated by the structure's ``Hparams`` (clear error on a bad key);
     sweeps of unregistered structures are ignored, so a config can name structures still to come."""
     hparams, sweeps = dict(hparams or {}), dict(sweeps or {})
@@ -49,7 +52,20 @@ def make_variants(
                 name if not swept else f"{name}(" + ",".join(f"{k}={format_value(v)}" for k, v in swept.items()) + ")"
             )
             out.append(Variant(name, hp, label, swept))
-    return out
+    return out + [extra_variant(e) for e in extra or ()]
+
+
+def extra_variant(entry: Mapping[str, Any]) -> Variant:
+    """One ``{structure, hparams, label}`` entry of ``study.variants`` as a :class:`Variant` (the hparams
+    count as swept: they are what tells it apart from the structure's default variant)."""
+    unknown = set(entry) - {"structure", "hparams", "label"}
+    if unknown or "structure" not in entry:
+        raise ValueError(f"a study variant is {{structure, hparams, label}}; got keys {sorted(entry)}")
+    name, hp = str(entry["structure"]), dict(entry.get("hparams") or {})
+    structures.get(name)
+    structures.make_hparams(name, **hp)
+    label = entry.get("label") or name + "(" + ",".join(f"{k}={format_value(v)}" for k, v in hp.items()) + ")"
+    return Variant(name, hp, str(label), dict(hp))
 
 
 def format_value(v: Any) -> str:

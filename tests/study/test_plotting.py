@@ -117,7 +117,50 @@ def study_tables():
                 }
                 for k in range(12)
             ]
-    return {"metrics": metrics, "floor": floor, "spectra": spectra, "training": []}
+    return {"metrics": metrics, "floor": floor, "spectra": spectra, "directions": _directions(), "training": []}
+
+
+def _directions():
+    """Whole-model direction rows: every variant at k = 0, 5, 20, two dampings, both steps, plus the
+    exact references."""
+    rows = []
+    for step in STEPS:
+        for kind in KINDS:
+            for rho in (1e-3, 1e-1):
+                for i, (variant, structure, _) in enumerate(VARIANTS):
+                    for k in (0, 5, 20):
+                        rows.append(
+                            {
+                                "step": step,
+                                "kind": kind,
+                                "scope": "model",
+                                "layer": MODEL,
+                                "structure": structure,
+                                "variant": variant,
+                                "damping_rel": rho,
+                                "refine_steps": k,
+                                "nbytes": 10.0 ** (2 + 0.3 * i),
+                                "cos": min(0.1 + 0.04 * i + 0.02 * k, 1.0),
+                                "step_time": 1e-4 * (1 + i) * (1 + k),
+                            }
+                        )
+                for variant, t in (("exact (full solve)", 2e-3), ("exact (block-diagonal solve)", 1e-3)):
+                    rows.append(
+                        {
+                            "step": step,
+                            "kind": kind,
+                            "scope": "model",
+                            "layer": MODEL,
+                            "structure": "exact",
+                            "variant": variant,
+                            "damping_rel": rho,
+                            "refine_steps": 0,
+                            "nbytes": None,
+                            "cos": 1.0 if "full" in variant else 0.5,
+                            "step_time": t,
+                        }
+                    )
+    return rows
 
 
 STUDY_FIGURES = {
@@ -126,6 +169,8 @@ STUDY_FIGURES = {
     "error_over_training": lambda t, p: study_fig.fig_error_over_training(t["metrics"], p),
     "spectrum": lambda t, p: study_fig.fig_spectrum(t["spectra"], p),
     "inverse_vs_damping": lambda t, p: study_fig.fig_inverse_vs_damping(t["metrics"], p, "1"),
+    "cosine_vs_memory": lambda t, p: study_fig.fig_cosine_vs_memory(t["directions"], p),
+    "direction_pareto": lambda t, p: study_fig.fig_direction_pareto(t["directions"], p),
 }
 
 
@@ -316,6 +361,12 @@ def test_error_over_training_tells_fourteen_variants_apart(study_figures):
     ax = study_figures["error_over_training"][0].axes[0]
     looks = {(line.get_color(), line.get_marker(), line.get_linestyle()) for line in ax.lines}
     assert len(ax.lines) == len(VARIANTS) == len(looks)
+
+
+@pytest.mark.parametrize("name", ["error_vs_memory", "cosine_vs_memory"])
+def test_small_multiples_have_one_panel_per_checkpoint_and_kind(study_figures, name):
+    titles = [ax.get_title() for ax in study_figures[name][0].axes]
+    assert titles == [f"{kind}, step {step}" for kind in KINDS for step in STEPS]
 
 
 def test_error_vs_memory_names_variants_in_the_legend_not_as_text_on_the_axes(study_figures):

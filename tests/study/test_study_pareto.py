@@ -1,10 +1,12 @@
 """Specifications of tensorcurv.study.pareto.pareto_front on hand-made points."""
 
 import math
+import random
 
 import pytest
 
 from tensorcurv.study.pareto import pareto_front
+from tensorcurv.study.tables import cosine_front
 
 
 def test_front_keeps_exactly_the_non_dominated_points_sorted_by_cost():
@@ -33,3 +35,17 @@ def test_single_point_is_its_own_front():
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError, match="differ in length"):
         pareto_front([1, 2], [0.1])
+
+
+def test_front_is_monotone_costs_increase_and_errors_strictly_decrease():
+    gen = random.Random(0)
+    costs, errors = [gen.random() for _ in range(200)], [gen.random() for _ in range(200)]
+    front = pareto_front(costs, errors)
+    assert all(costs[i] <= costs[j] and errors[i] > errors[j] for i, j in zip(front, front[1:]))
+
+
+def test_cosine_front_is_monotone_cosine_increases_with_cost():
+    gen = random.Random(1)
+    rows = [{"step_time": gen.random(), "cos": gen.uniform(-1, 1)} for _ in range(200)]
+    front = sorted(cosine_front(rows, "step_time"), key=lambda i: rows[i]["step_time"])
+    assert all(rows[i]["cos"] < rows[j]["cos"] for i, j in zip(front, front[1:]))
