@@ -37,9 +37,9 @@ def _protocol_lines(proto: ts.Protocol, datasets: Sequence[str], out: Path) -> l
     for inv in tr.read_csv(out / "invocations.csv"):
         d = {k: json.loads(v) if isinstance(v, str) else v for k, v in inv.items()}
         lines.append(
-            f"- Invocation `{d['command']}`: {d['runs']} runs in {d['seconds'] / 60:.1f} min; "
+            f"- Invocation `{d['command']}`: {int(d['runs'])} runs in {d['seconds'] / 60:.1f} min; "
             f"os.getloadavg() {_load(d['loadavg_start'])} at start, {_load(d['loadavg_end'])} at end, "
-            f"{d['cpus']} CPUs."
+            f"{int(d['cpus'])} CPUs."
         )
     return lines + [""]
 
