@@ -187,7 +187,7 @@ def figure_errors(errors, labels: Mapping[str, str], path: Path) -> Path | None:
     with plotting.style():
         fig, axes = plotting.subplots(len(datasets), 2, figsize=(10, 3.2 * len(datasets)))
         for row, ds in zip(axes, datasets):
-            for ax, key, name in zip(row, ("error1", "error2"), ("Error 1: ‖C−Ĉ‖_F/‖C‖_F", "Error 2: ‖C−Ĉ‖₂/‖C‖₂")):
+            for ax, key, name in zip(row, ("error1", "error2"), ("Error 1 (Frobenius)", "Error 2 (spectral)")):
                 vals = []
                 for m in methods:
                     pts = sorted((e["step"], e[key]) for e in errors if e["dataset"] == ds and e["method"] == m)
@@ -205,7 +205,8 @@ def figure_errors(errors, labels: Mapping[str, str], path: Path) -> Path | None:
                 if vals:
                     plotting.log_limits(ax, vals)
                 layer = next(e["layer"] for e in errors if e["dataset"] == ds)
-                ax.set_title(f"{ds}, layer {layer}: {name}")
+                ax.set_title(f"{ds}: {name}")
+                ax.set_ylabel(f"relative error, layer {layer}")
                 ax.set_xlabel("training step")
         plotting.legend_outside(fig, axes)
         return plotting.save(fig, path)
