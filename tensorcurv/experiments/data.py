@@ -53,6 +53,7 @@ targets (curves, faces, curves_synthetic) are normalized like the inputs.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tarfile
@@ -270,16 +271,32 @@ def _curves_synthetic(data_dir: Path, download_ok: bool) -> _Raw:
     return _Raw(x[:, None].astype(np.float64), None, xt[:, None].astype(np.float64), None, None)
 
 
+def _memoized(loader: Callable[[Path, bool], _Raw]) -> Callable[[Path, bool], _Raw]:
+    """A generated dataset is built (or read from its cache file) once per process: mnist1d's generator
+    takes seconds, and a study loads the same data for every run. The arrays are shared read-only;
+    every split is a copy."""
+
+    @functools.lru_cache(maxsize=2)
+    def cached(data_dir: Path, download: bool) -> _Raw:
+        raw = loader(data_dir, download)
+        for a in (raw.x, raw.y, raw.x_test, raw.y_test):
+            if a is not None:
+                a.flags.writeable = False
+        return raw
+
+    return cached
+
+
 _LOADERS: dict[str, Callable[[Path, bool], _Raw]] = {
     "digits": _digits,
-    "mnist1d": _mnist1d,
+    "mnist1d": _memoized(_mnist1d),
     "mnist": _idx_dataset("mnist"),
     "fashion_mnist": _idx_dataset("fashion_mnist"),
     "cifar10": _cifar10,
     "curves": _curves,
     "faces": _faces,
     "mnist_all": _mnist_all,
-    "curves_synthetic": _curves_synthetic,
+    "curves_synthetic": _memoized(_curves_synthetic),
 }
 
 
