@@ -58,6 +58,13 @@ METHODS: dict[str, Method] = {
     "two_level_spectral": Method(
         "natural_gradient", "two_level", ("curvature.coarse_space=spectral",), "two-level K-FAC, spectral"
     ),
+    "deflation": Method("natural_gradient", "deflation", label="Deflation (rank 2)"),
+    "lanczos": Method("natural_gradient", "lanczos", label="Lanczos (rank 2)"),
+    "kfac_corrected": Method("natural_gradient", "kfac_corrected", label="K-FAC-corrected"),
+    "two_level_residual": Method("natural_gradient", "two_level_residual", label="two-level K-FAC, residual"),
+    "two_level_krylov_residual": Method(
+        "natural_gradient", "two_level_krylov_residual", label="two-level K-FAC, KRY-RESIDU"
+    ),
     "kfac_refine10": Method(
         "natural_gradient",
         "kfac",
