@@ -113,8 +113,6 @@ def shifted_truncation(
     return with_shift(A, G, mu)
 
 
-
-
 def shifted_update(
     A: Tensor, G: Tensor, stats: LayerStats, decay: float, rank: int, fit_kw: dict[str, Any]
 ) -> tuple[Tensor, Tensor]:
@@ -127,5 +125,13 @@ def shifted_update(
     return with_shift(A_mix, G_mix, shift_for(A_mix, G_mix))
 
 
-__all__ = ["NEAR_PSD_MAX_DIM", "fitted_energy", "kron_sum_mv", "shift_for",
-    "shifted_error_sq", "shifted_truncation", "shifted_update", "with_shift"]
+__all__ = [
+    "NEAR_PSD_MAX_DIM",
+    "fitted_energy",
+    "kron_sum_mv",
+    "shift_for",
+    "shifted_error_sq",
+    "shifted_truncation",
+    "shifted_update",
+    "with_shift",
+]

@@ -197,7 +197,9 @@ class KronSum(Structure):
 
     def _fit_kw(self) -> dict[str, Any]:
         hp = self.hparams
-        return dict(method=hp.method, tol=hp.tol, max_iter=hp.max_iter, oversample=hp.oversample, generator=self.generator)
+        return dict(
+            method=hp.method, tol=hp.tol, max_iter=hp.max_iter, oversample=hp.oversample, generator=self.generator
+        )
 
     def _fit_psd_factors(self, stats: LayerStats, near_psd: bool = True) -> tuple[Tensor, Tensor]:
         """``psd="factors"``: the rank-1 fit (PSD leading pair), then the PSD-factor fit of rank r; with
