@@ -3,7 +3,8 @@
 torch's implementations (SGD, heavy-ball momentum, Nesterov, AdaGrad, RMSProp, Adam, AdamW),
 :class:`~tensorcurv.optim.lion.Lion`, Muon with AdamW (:mod:`tensorcurv.optim.muon`), and SOAP, Shampoo
 and PSGD-Kron from the optional ``pytorch-optimizer`` package (:mod:`tensorcurv.optim.packaged`).
-One step: forward, backward, optional clipping of the global gradient norm, ``optimizer.step()``.
+One step: forward, backward, optional clipping of the global gradient norm, ``optimizer.step()``,
+then (``l1 > 0``) the soft-thresholding step of :mod:`tensorcurv.optim.proximal` (ISTA, or FISTA).
 A non-finite loss or gradient skips the step (parameters, moments and counters untouched except
 ``skipped``) with a warning naming the parameter. Recursions (torch conventions; see ``config.py``
 for the mapping to the course's, and for the recursions of Muon, SOAP, Shampoo and PSGD-Kron):
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from tensorcurv.core.losses import as_loss_spec
 from tensorcurv.optim import config as cfgs
-from tensorcurv.optim import muon
+from tensorcurv.optim import muon, proximal
 from tensorcurv.optim.lion import Lion
 from tensorcurv.optim.packaged import PACKAGED, make_packaged_optimizer
 from tensorcurv.optim.preconditioner import NonFiniteStepWarning, first_nonfinite
@@ -72,6 +73,7 @@ class FirstOrder:
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         self.optimizer = make_torch_optimizer(name, self.params, self.config, model)
+        self.proximal = proximal.attach(self.optimizer, self.config)  # L1 (ISTA / FISTA); None when l1 = 0
         self.steps = 0
         self.skipped = 0
         self.info: dict[str, Any] = {}
@@ -105,6 +107,8 @@ class FirstOrder:
             info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip))
         self.optimizer.step()
         self.steps += 1
+        if self.proximal is not None:
+            info.update(self.proximal.info)
         self.info = info
         return loss
 
@@ -112,18 +116,23 @@ class FirstOrder:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "name": self.name,
             "optimizer": self.optimizer.state_dict(),
             "steps": self.steps,
             "skipped": self.skipped,
         }
+        if self.proximal is not None:
+            state["proximal"] = self.proximal.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"state is for optimizer {state.get('name')!r}, this is {self.name!r}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps, self.skipped = state["steps"], state["skipped"]
+        if self.proximal is not None and "proximal" in state:
+            self.proximal.load_state_dict(state["proximal"])
 
     def __repr__(self) -> str:
         return f"FirstOrder({self.config})"

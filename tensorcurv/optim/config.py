@@ -17,7 +17,13 @@ from typing import Any
 
 from tensorcurv.core.capture import CurvatureKind
 from tensorcurv.curvature import Fallback
-from tensorcurv.optim.config_checks import check_in_unit, check_interval, check_optional_positive, check_positive
+from tensorcurv.optim.config_checks import (
+    check_in_unit,
+    check_interval,
+    check_l1,
+    check_optional_positive,
+    check_positive,
+)
 from tensorcurv.optim.config_first_order import (
     AdaGradConfig,
     AdamConfig,
@@ -102,6 +108,12 @@ class SecondOrderConfig:
     """Under ``refine``: ``full`` (C with its cross-layer blocks) or ``block`` (its block diagonal)."""
     refine_operator: str = "stats"
     """Under ``refine``: ``C v`` from the captured per-sample factors (``stats``) or the GGN by torch.func."""
+    l1: float = 0.0
+    """L1 penalty α of ``α‖θ‖₁``: proximal Gauss-Newton, prox in the metric ``(Ĉ + λI)/η`` (0: off)."""
+    l1_fista: bool = False
+    """Under ``l1``: FISTA (Nesterov extrapolation of the proximal iterates)."""
+    l1_prox_steps: int = 10
+    """Under ``l1``: FISTA iterations computing the metric prox (an integer >= 1)."""
 
     def __post_init__(self) -> None:
         from tensorcurv import structures
@@ -149,6 +161,8 @@ class SecondOrderConfig:
         check_positive("refine_tol", self.refine_tol)
         self.refine_coupling = Coupling.parse(self.refine_coupling, "refine_coupling")
         self.refine_operator = RefineOperator.parse(self.refine_operator, "refine_operator")
+        check_l1(self.l1, self.l1_fista)
+        check_interval("l1_prox_steps", self.l1_prox_steps)
         if self.refine and self.refine_operator == "stats" and self.stats_interval != 1:
             raise ValueError(
                 f"refine_operator='stats' needs the statistics of every step (stats_interval=1, got "

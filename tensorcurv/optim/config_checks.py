@@ -33,3 +33,9 @@ def check_interval(name: str, value: Any) -> None:
 def check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_l1(l1: Any, fista: Any) -> None:
+    """The L1 option of every optimizer: ``l1`` (α >= 0) and ``l1_fista`` (a flag)."""
+    check_positive("l1", l1, allow_zero=True)
+    check_flag("l1_fista", fista)

@@ -14,6 +14,7 @@ from tensorcurv.optim.config_checks import (
     check_flag,
     check_in_unit,
     check_interval,
+    check_l1,
     check_optional_positive,
     check_positive,
 )
@@ -32,11 +33,16 @@ class SGDConfig:
     """L2 penalty added to the gradient (torch's coupled weight decay)."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value before the update (None: off)."""
+    l1: float = 0.0
+    """L1 penalty α of ``α‖θ‖₁``: a soft-thresholding step ``prox_{ηα}`` after each update (0: off)."""
+    l1_fista: bool = False
+    """Under ``l1``: FISTA (Nesterov extrapolation of the proximal iterates) instead of ISTA."""
 
     def __post_init__(self) -> None:
         check_positive("lr", self.lr, allow_callable=True)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_optional_positive("grad_clip", self.grad_clip)
+        check_l1(self.l1, self.l1_fista)
 
 
 @dataclass
@@ -172,6 +178,10 @@ class MuonConfig:
     """Give the last weight matrix (the output layer) to AdamW, as Jordan et al. recommend."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value before the update (None: off)."""
+    l1: float = 0.0
+    """L1 penalty α of ``α‖θ‖₁``: a soft-thresholding step ``prox_{ηα}`` after each update (0: off)."""
+    l1_fista: bool = False
+    """Under ``l1``: FISTA (Nesterov extrapolation of the proximal iterates) instead of ISTA."""
 
     def __post_init__(self) -> None:
         check_positive("lr", self.lr)
@@ -190,6 +200,7 @@ class MuonConfig:
         check_flag("adamw_first_layer", self.adamw_first_layer)
         check_flag("adamw_last_layer", self.adamw_last_layer)
         check_optional_positive("grad_clip", self.grad_clip)
+        check_l1(self.l1, self.l1_fista)
 
 
 @dataclass

@@ -19,6 +19,10 @@ products ``C v`` from the captured per-sample factors, or the GGN by torch.func)
 ``refine_iterations``, ``refine_residual``, ``refine_cosine`` (to the unrefined ``d``) and ``refine_time``.
 Under data parallelism each product is all-reduced (the global batch's ``C``, the same iterates on every rank).
 
+L1 (``l1 = α > 0``, :mod:`tensorcurv.optim.proximal`): proximal Gauss-Newton, after the step
+``θ ← argmin_u (1/2η)‖u − z‖²_{Ĉ+λI} + α‖u‖₁`` (``z`` the damped GN point); fixed points solve
+``0 ∈ ∇L + α∂‖θ‖₁``, the LASSO for a linear least-squares model.
+
 Damping ↔ ridge (linear model, one output, ``nn.MSELoss()`` mean over ``N`` samples): the GGN
 is ``(2/N) X̃ᵀX̃`` (exact for a linear model), so one step with ``lr=1`` from ``θ = 0`` lands on
 ``(X̃ᵀX̃ + μI)^{-1} X̃ᵀy`` with ``μ = Nλ/2`` (``X̃ = [X, 1]`` with the bias column).
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 
 from tensorcurv.distributed.reduce import global_product, reduce_loss
 from tensorcurv.optim import config as cfgs
+from tensorcurv.optim import proximal
 from tensorcurv.optim.damping import FixedDamping, LevenbergMarquardt, reduction_ratio
 from tensorcurv.optim.damping import build as build_damping
 from tensorcurv.optim.preconditioner import Preconditioner
@@ -99,6 +104,13 @@ class SecondOrderOptimizer:
         self.params = self.preconditioner.params
         lr0 = c.lr(0) if callable(c.lr) else c.lr
         self.optimizer = torch.optim.SGD(self.params, lr=lr0, momentum=c.momentum)
+        self.proximal = proximal.attach(  # proximal Gauss-Newton (L1); None when l1 = 0
+            self.optimizer,
+            c,
+            metric=lambda v: self.preconditioner.solver.mv(v),
+            damping=lambda: self.preconditioner.info["damping"],
+            prox_steps=c.l1_prox_steps,
+        )
         self.info: dict[str, Any] = {}
         self.refinement: Refinement | None = None
         if c.refine:
@@ -158,6 +170,8 @@ class SecondOrderOptimizer:
         info = dict(pre.info, step=t, lr=lr)  # pre.info["loss"] is already the host float (one sync per step)
         if grad_norm is not None:
             info["grad_norm"] = grad_norm
+        if self.proximal is not None:
+            info.update(self.proximal.info)
         if lm_due:
             info.update(self._levenberg_marquardt(inputs, targets, float(loss), g, theta))
         self.info = info
@@ -195,17 +209,22 @@ class SecondOrderOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """Curvature (statistics, factors, RNG of MC sampling), solver copy, damping, counters,
         and the inner torch optimizer (momentum buffers, lr)."""
-        return {
+        state = {
             "name": self.name,
             "preconditioner": self.preconditioner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
+        if self.proximal is not None:
+            state["proximal"] = self.proximal.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"state is for optimizer {state.get('name')!r}, this is {self.name!r}")
         self.preconditioner.load_state_dict(state["preconditioner"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.proximal is not None and "proximal" in state:
+            self.proximal.load_state_dict(state["proximal"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

@@ -51,8 +51,11 @@ def _lambda_max(K: np.ndarray) -> float:
 
 
 def _pinv_times(K: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, float]:
-    """``K⁺ Z`` for a symmetric PSD ``K`` (eigenvalues below ``1e-12 λ_max`` dropped), and ``λ_max(K)``."""
-    evals, V = np.linalg.eigh(K)
+    """``K⁺ Z`` for a symmetric PSD ``K`` (eigenvalues below ``1e-12 λ_max`` dropped), and ``λ_max(K)``.
+    The ``p x p`` eigendecomposition is torch's: NumPy's threaded LAPACK spends most of a 257 x 257 ``eigh``
+    synchronising its threads when the cores are shared (seconds instead of milliseconds)."""
+    evals_t, V_t = torch.linalg.eigh(torch.from_numpy(K))
+    evals, V = evals_t.numpy(), V_t.numpy()
     keep = evals > 1e-12 * max(evals[-1], 1e-300)
     return (V[:, keep] / evals[keep]) @ (V[:, keep].T @ Z), float(evals[-1])
 

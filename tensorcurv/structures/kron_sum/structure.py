@@ -48,6 +48,7 @@ from tensorcurv.structures.kron_sum.certificates import (
     scale_tail,
     spectral_psd,
 )
+from tensorcurv.structures.kron_sum.near_psd import shifted_truncation, shifted_update
 from tensorcurv.structures.kron_sum.psd_factors import fit_factors, fit_samples, psd_part, recompress_psd
 
 PSD_MODES = ("shrink", "factors", "none")
@@ -194,8 +195,15 @@ class KronSum(Structure):
         self.last_fit = info
         return A.mul_(sigma[:, None, None]), G, (coefficients, factors)  # A: a fresh tensor of kronecker_svd
 
-    def _fit_psd_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
-        """``psd="factors"``: the rank-1 fit (PSD leading pair), then the PSD-factor fit of rank r."""
+    def _fit_kw(self) -> dict[str, Any]:
+        hp = self.hparams
+        return dict(
+            method=hp.method, tol=hp.tol, max_iter=hp.max_iter, oversample=hp.oversample, generator=self.generator
+        )
+
+    def _fit_psd_factors(self, stats: LayerStats, near_psd: bool = True) -> tuple[Tensor, Tensor]:
+        """``psd="factors"``: the rank-1 fit (PSD leading pair), then the PSD-factor fit of rank r; with
+        ``near_psd``, the shifted unconstrained truncation instead where it is more accurate (:mod:`near_psd`)."""
         hp = self.hparams
         info: dict[str, Any] = {}
         t0 = time.perf_counter()
@@ -211,7 +219,10 @@ class KronSum(Structure):
             A, G = fit_samples(stats, A1, G1, hp.rank, hp.psd_atoms, hp.psd_tol, hp.psd_max_iter, self.generator, info)
         else:
             A, G = fit_factors(stats, A1, G1, hp.rank, hp.psd_tol, hp.psd_max_iter, self.generator, info)
-        info.update(psd=hp.psd, psd_time=time.perf_counter() - t0 - info["svd_time"])
+        shifted = shifted_truncation(stats, A, G, hp.rank, self._fit_kw(), info) if near_psd else None
+        if shifted is not None:
+            A, G = shifted
+        info.update(psd=hp.psd, psd_time=time.perf_counter() - t0 - info["svd_time"], near_psd=shifted is not None)
         self.last_fit = info
         return A, G
 
@@ -240,9 +251,13 @@ class KronSum(Structure):
 
     def _update(self, stats, decay):
         self._check_stats(stats)
+        r = self.hparams.rank
+        if self.hparams.psd == "factors" and self.A.shape[0] > r:  # a shifted truncation stays one
+            self._store(*shifted_update(self.A, self.G, stats, decay, r, self._fit_kw()), None)
+            self.last_fit = {"psd": "factors", "near_psd": True, "recompressed": True}
+            return self
         if self.hparams.psd == "factors":  # PSD batch fit, then the PSD refit of the mix on its 2r atoms
-            A_b, G_b = self._fit_psd_factors(stats)
-            r = self.hparams.rank
+            A_b, G_b = self._fit_psd_factors(stats, near_psd=False)
             w = torch.tensor([decay] * r + [1 - decay] * r, dtype=torch.float64)
             eye = torch.cat([torch.eye(r, dtype=torch.float64), torch.zeros(r, r, dtype=torch.float64)])
             A, G = recompress_psd(
@@ -325,9 +340,8 @@ class KronSum(Structure):
         self.A, self.G, self._bounds, self._psd_scale = A, G, bounds, t
         self.fitted, self._cache = True, {}
         skew = bool(A.shape[0] > 1 and antisymmetric(A[1:2]).any())
-        self.exact_solve = self.hparams.rank == 1 or (
-            self.hparams.rank == 2 and self.hparams.damping_kind == "pi" and not skew
-        )
+        terms = A.shape[0]  # rank, or rank + 1 with a near-PSD shift term
+        self.exact_solve = terms == 1 or (terms == 2 and self.hparams.damping_kind == "pi" and not skew)
 
     def _set(self, A: Tensor, G: Tensor, certified: bool = False, coefficients=None, factors=None) -> None:
         t0 = time.perf_counter()
@@ -477,9 +491,8 @@ class KronSum(Structure):
         self._cache = {}
         if self.fitted:
             skew = bool(self.A.shape[0] > 1 and antisymmetric(self.A[1:2]).any())
-            self.exact_solve = self.hparams.rank == 1 or (
-                self.hparams.rank == 2 and self.hparams.damping_kind == "pi" and not skew
-            )
+            terms = self.A.shape[0]
+            self.exact_solve = terms == 1 or (terms == 2 and self.hparams.damping_kind == "pi" and not skew)
 
 
 # ---------------------------------------------------------------------- interval certificates (running averages)
