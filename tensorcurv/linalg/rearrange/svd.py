@@ -107,6 +107,8 @@ def kronecker_svd(
     p = min(rank + (oversample if oversample is not None else (0 if rank == 1 else 2)), n * n, m * m)
     if method == "auto":
         method = _cheaper_method(stats, rank, p, G_prev is None)
+    if method == "gram" and not (bool(stats.a.any()) and bool(stats.g.any())):
+        method = "power"  # a zero block (dead units) has no sample-space pairs; the power route returns σ = 0
     out: dict[str, Any] = {"method": method}
     if method == "gram":
         sigma, A, G = _gram_route(stats, rank, oversample, tol, max_iter, generator, out, A_prev, G_prev)
