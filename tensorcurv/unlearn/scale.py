@@ -40,7 +40,7 @@ class Preset:
     flatten: bool  # rows as vectors (MLP)
     model: str  # tensorcurv.experiments.models name
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    mu: float = 5.0
+    mu: float = 50.0
     epochs: int = 30
     lbfgs_iter: int = 60
     batch_size: int = 64
@@ -49,9 +49,9 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "cnn": Preset("digits", 16, False, "cnn", {"channels": [16, 32], "hidden": 256}, epochs=10, lbfgs_iter=40),
+    "cnn": Preset("digits", 16, False, "cnn", {"channels": [16, 32], "hidden": 256}, epochs=10, lbfgs_iter=120),
     "mlp": Preset(
-        "digits", 16, True, "mlp", {"hidden_sizes": [512, 256, 128], "activation": "tanh"}, epochs=30, lbfgs_iter=100
+        "digits", 16, True, "mlp", {"hidden_sizes": [512, 256, 128], "activation": "tanh"}, epochs=40, lbfgs_iter=300
     ),
     "cifar10_cnn": Preset("cifar10", None, False, "cnn", {"channels": [64, 128], "hidden": 200}, epochs=20),
 }
