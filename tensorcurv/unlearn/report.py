@@ -154,7 +154,7 @@ def write_figures(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a ``results.csv`` back, numbers as floats (empty cells NaN), to re-draw the figures
     without rerunning the benchmark."""
-    text = {"scenario", "method", "status"}
+    text = {"scenario", "method", "status", "preset"}
     with open(path, newline="") as f:
         return [
             {k: v if k in text else (float(v) if v != "" else math.nan) for k, v in r.items()}

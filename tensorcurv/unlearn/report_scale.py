@@ -62,6 +62,9 @@ def plot_metric_vs_time(entries: list[dict[str, Any]], key: str, ylabel: str, pa
                 e["time"][0], e[key][0], xerr=e["time"][1] or None, yerr=e[key][1] or None, ls="none",
                 marker=st["marker"], color=st["color"], ms=7, elinewidth=0.9, label=e["method"],
             )  # fmt: skip
+        if key == "restored":
+            ax.axhline(1.0, color=plotting.REFERENCE, ls="-", lw=0.8, label="retrained accuracy (1)")
+            ax.axhline(0.0, color=plotting.REFERENCE, ls=":", lw=1.0, label="poisoned θ* (0)")
         times = [e["time"][0] for e in shown]
         if retrain is not None and math.isfinite(retrain["time"][0]):
             t = retrain["time"][0]
