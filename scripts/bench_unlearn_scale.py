@@ -30,7 +30,9 @@ DEFAULT_SCENARIOS = {
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=None, help=f"problems (default cnn mlp); valid: {sorted(scale.PRESETS)}")
+    p.add_argument(
+        "--presets", nargs="+", default=None, help=f"problems (default cnn mlp); valid: {sorted(scale.PRESETS)}"
+    )
     p.add_argument("--data", default=None, help="cifar10: the cifar10_cnn preset (shortcut for --presets cifar10_cnn)")
     p.add_argument("--scenarios", nargs="+", default=None, help="default: per preset (see above)")
     p.add_argument("--seeds", type=int, default=1)
@@ -38,7 +40,10 @@ def parse(argv):
     p.add_argument("--methods", nargs="+", default=None, help="keep only these method names (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1: fastest on the shared machine; 0: torch's default)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: fastest on the shared machine; 0: torch's default)",
     )
     p.add_argument("--quick", action="store_true", help="tiny images, 1 seed, a few training steps")
     p.add_argument("--out", default=None, help="write report.md, results.csv and figures here")
@@ -82,8 +87,9 @@ def main(argv=None) -> None:
                 report_scale.write_report(rows, a.out, command=command(argv), header=HEADER, descriptions=desc)
             for x in r:
                 print(
-                    f"  {x['method']:24s} {x['status'][:30]:30s} t={x['time']:.3g}s oneoff={x.get('time_oneoff', 0):.3g}s "
-                    f"dist={x['rel_dist']:.3f} restored={x['restored']:.3f} acc={x['test_acc']:.3f}",
+                    f"  {x['method']:24s} {x['status'][:30]:30s} t={x['time']:.3g}s "
+                    f"oneoff={x.get('time_oneoff', 0):.3g}s dist={x['rel_dist']:.3f} "
+                    f"restored={x['restored']:.3f} acc={x['test_acc']:.3f}",
                     flush=True,
                 )
     if a.out:

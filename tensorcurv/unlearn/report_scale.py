@@ -109,7 +109,9 @@ def write_report(
         if (out / f"restored_vs_time_{stem}.png").exists():
             lines.append(f"![restored vs time](restored_vs_time_{stem}.png)")
         lines.append("")
-        lines += [f"- `{e['method']}` failed in {e['failed']}/{e['n']} runs: {e['status']}" for e in entries if e["failed"]]
+        lines += [
+            f"- `{e['method']}` failed in {e['failed']}/{e['n']} runs: {e['status']}" for e in entries if e["failed"]
+        ]
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"

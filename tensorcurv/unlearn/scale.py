@@ -190,4 +190,3 @@ def run_scale(
         f"iterations (θ* {ref.train_time:.1f} s, retraining {ref.retrain_time:.1f} s for seed {seed})"
     )
     return rows, desc
-

@@ -40,7 +40,9 @@ def test_unknown_names_are_one_line_errors_before_any_work(argv, message, capsys
 @pytest.mark.slow
 def test_quick_run_writes_report_csv_and_figures(tmp_path):
     methods = ["first_order", "lissa", "kfac (cached)", "finetune 1 ep"]
-    _script().main(["--quick", "--presets", "cnn", "--scenarios", "label_flip", "--methods", *methods, "--out", str(tmp_path)])
+    _script().main(
+        ["--quick", "--presets", "cnn", "--scenarios", "label_flip", "--methods", *methods, "--out", str(tmp_path)]
+    )
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert {r["method"] for r in rows} == {"original", "retrain", *methods}
     assert all(r["mia_auc"] != "" for r in rows)
