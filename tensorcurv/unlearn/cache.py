@@ -17,7 +17,8 @@ are refit on the updated rows. For a relabel every structure —
 and the dense block's cached eigendecomposition — is reused as is. ``Δg`` comes from the
 same statistics in closed form (:func:`~tensorcurv.unlearn.stats_ggn.output_coefficients`), and the
 inverse-HVP is the structure-preconditioned refinement on the exact GGN of ``D̃`` (``refine`` PCG
-iterations on :class:`~tensorcurv.core.exact.ExactModel`; ``refine=0``: the structure alone).
+iterations on :class:`~tensorcurv.core.exact.ExactModel`; ``refine=0``: the structure alone;
+``refine_strict=False``: accept the ``refine``-step iterate without reaching ``refine_tol``).
 The result equals the non-cached ``second_order_update`` with ``StructureSolver(..., refine=...)``.
 A request is relative to ``(D, θ*)``; after applying one, build a new cache for the next.
 """
@@ -62,6 +63,7 @@ class CurvatureCache:
         refine: int = 50,
         refine_tol: float = 1e-3,
         coupling: str = "full",
+        refine_strict: bool = True,
         **hparams: Any,
     ) -> None:
         from tensorcurv.curvature import Curvature
@@ -78,7 +80,7 @@ class CurvatureCache:
             float(refine_tol),
             coupling,
         )
-        self.hparams = hparams
+        self.hparams, self.refine_strict = hparams, bool(refine_strict)
         self.X, self.y = X, y
         self.theta_star = self.obj.theta()
         self.spec = type(self.obj.loss)("sum")
@@ -193,7 +195,14 @@ class CurvatureCache:
                 return self.layout.to_flat(op.mv(self.layout.to_mats(v))) + delta * v
 
             r = refine_solve(
-                matvec, precond, dg, self.refine, self.refine_tol, f"{name}+refine", {"coupling": self.coupling}
+                matvec,
+                precond,
+                dg,
+                self.refine,
+                self.refine_tol,
+                f"{name}+refine",
+                {"coupling": self.coupling},
+                self.refine_strict,
             )
         else:
             r = IHVPResult(precond(dg), True, name)

@@ -12,6 +12,7 @@ Per method (one row each):
 * ``time``, ``speedup`` (retraining time / time), ``time_vs_lissa``, ``time_vs_cg`` (time / theirs);
   for a ``cached`` method ``time`` is the per-request cost and ``time_oneoff`` the one-off capture +
   fit at ``θ*`` on ``D`` (0 for the others), with ``speedup_incl_oneoff`` = retraining / (time + one-off)
+* whatever ``extra_metrics(θ)`` returns (e.g. the membership-inference AUC of :mod:`.privacy`)
 * ``<name>_acc`` for every extra evaluation set (e.g. ``backdoor_acc``: the backdoor success rate,
   triggered test images labelled with the target class).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,9 @@ from tensorcurv.unlearn.updates import AffectedSet, UpdateResult, first_order_up
 
 @dataclass
 class MethodSpec:
-    """One unlearning method: ``order`` 1 (first-order, ``tau``) or 2 (``solver`` + its kwargs).
+    """One unlearning method: ``order`` 1 (first-order, ``tau``), 2 (``solver`` + its kwargs) or 0
+    (fine-tuning on ``D̃``, :func:`~tensorcurv.unlearn.finetune.finetune_update` with ``solver_kwargs``
+    such as ``epochs``).
 
     ``cached=True``: a :class:`~tensorcurv.unlearn.cache.CurvatureCache` with structure ``solver`` is
     built at ``θ*`` on ``D`` (one-off, timed separately) and serves the request."""
@@ -48,12 +52,16 @@ class MethodSpec:
     cached: bool = False
 
     def __post_init__(self) -> None:
-        if self.order not in (1, 2):
-            raise ValueError(f"method {self.name!r}: order must be 1 or 2, got {self.order!r}")
+        if self.order not in (0, 1, 2):
+            raise ValueError(f"method {self.name!r}: order must be 0 (fine-tuning), 1 or 2, got {self.order!r}")
         if self.order == 2 and not self.solver:
             raise ValueError(f"method {self.name!r}: a second-order method needs a solver")
 
     def run(self, model: nn.Module, X: Tensor, y: Tensor, affected: AffectedSet, loss, mu: float) -> UpdateResult:
+        if self.order == 0:
+            from tensorcurv.unlearn.finetune import finetune_update
+
+            return finetune_update(model, X, y, affected, loss=loss, mu=mu, inplace=False, **self.solver_kwargs)
         if self.order == 1:
             return first_order_update(model, X, y, affected, loss=loss, mu=mu, tau=self.tau, inplace=False)
         assert self.solver is not None  # checked in __post_init__
@@ -99,6 +107,7 @@ def metrics(
     y_test: Tensor,
     Z_eval: tuple[Tensor, Tensor],
     extra: dict[str, tuple[Tensor, Tensor]] | None = None,
+    extra_metrics: Callable[[Tensor], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """The per-method fidelity and utility numbers of the module docstring (no timing)."""
     with torch.no_grad():
@@ -116,6 +125,8 @@ def metrics(
         for name, (Xe, ye) in (extra or {}).items():
             row[f"{name}_acc"] = accuracy(obj.outputs(theta, Xe), ye)
     row["grad_residual"] = float(obj.grad(theta, X_rem, y_rem).norm())
+    if extra_metrics is not None:
+        row.update(extra_metrics(theta))
     return row
 
 
@@ -149,11 +160,13 @@ def evaluate_methods(
     extra: dict[str, tuple[Tensor, Tensor]] | None = None,
     reference: Reference | None = None,
     gtol: float = 1e-9,
+    extra_metrics: Callable[[Tensor], dict[str, float]] | None = None,
 ) -> tuple[list[dict[str, Any]], Reference]:
     """Run every method from ``θ*`` and compare with retraining. The model ends holding ``θ*``.
 
     Rows: ``original`` (``θ*``), ``retrain`` (``θ_r``), then one per method (failed methods keep
-    their status and the metrics of ``θ*``). ``reference``: reuse an already trained pair.
+    their status and the metrics of ``θ*``). ``reference``: reuse an already trained pair;
+    ``extra_metrics``: more numbers of a flat ``θ`` for every row.
     """
     obj = Objective(model, loss, mu)
     affected.check(X, y)
@@ -162,6 +175,7 @@ def evaluate_methods(
     Zc = affected.corrected(X, y)
     Z_eval = Zc if len(Zc[0]) else affected.original(X, y)
     kw: dict[str, Any] = dict(X_rem=X_rem, y_rem=y_rem, X_test=X_test, y_test=y_test, Z_eval=Z_eval, extra=extra)
+    kw["extra_metrics"] = extra_metrics
     rows: list[dict[str, Any]] = [
         {"method": "original", "status": "ok", "time": 0.0, **metrics(obj, ref.theta_star, ref, **kw)},
         {"method": "retrain", "status": "ok", "time": ref.retrain_time, **metrics(obj, ref.theta_retrain, ref, **kw)},

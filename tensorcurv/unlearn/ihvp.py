@@ -207,7 +207,7 @@ class LiSSASolver(IHVPSolver):
         batches = 1 if (self.batch_size is None or self.batch_size >= self.X.shape[0]) else self.power_batches
         for _ in range(batches):
             Xb, yb, w = self._batch(self.gen)
-            u = torch.randn(self.theta.shape, generator=self.gen, dtype=self.theta.dtype)
+            u = torch.randn(self.theta.shape, generator=self.gen, dtype=self.theta.dtype).to(self.theta.device)
             u = u / u.norm()
             lam = 0.0
             for _ in range(self.power_iters):

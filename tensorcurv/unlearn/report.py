@@ -33,7 +33,8 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def _fmt(m: float, sd: float, digits: int) -> str:
+def format_mean_std(m: float, sd: float, digits: int) -> str:
+    """``mean ± std`` with ``digits`` decimals (scientific for very large or small values; "—" for NaN)."""
     if not math.isfinite(m):
         return "—"
     if abs(m) >= 1e4 or (0 < abs(m) < 10 ** (-digits)):
@@ -70,7 +71,7 @@ def markdown_table(entries: list[dict[str, Any]], extra_cols: list[str] | None =
     head = "| method | " + " | ".join(h for _, h, _ in cols) + " | ok |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for e in entries:
-        cells = [_fmt(e[k][0], e[k][1], d) for k, _, d in cols]  # e[k]: (mean, std)
+        cells = [format_mean_std(e[k][0], e[k][1], d) for k, _, d in cols]  # e[k]: (mean, std)
         ok = f"{e['n'] - e['failed']}/{e['n']}"
         lines.append(f"| {e['method']} | " + " | ".join(cells) + f" | {ok} |")
     return "\n".join(lines)
@@ -153,7 +154,7 @@ def write_figures(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a ``results.csv`` back, numbers as floats (empty cells NaN), to re-draw the figures
     without rerunning the benchmark."""
-    text = {"scenario", "method", "status"}
+    text = {"scenario", "method", "status", "preset"}
     with open(path, newline="") as f:
         return [
             {k: v if k in text else (float(v) if v != "" else math.nan) for k, v in r.items()}
