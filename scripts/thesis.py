@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         meta = {"command": command, "protocol": proto.name, "seconds": time.time() - s.t0, "runs": s.count}
         meta.update(loadavg_start=load0, loadavg_end=os.getloadavg(), cpus=os.cpu_count())
         report.append_csv(args.out / "invocations.csv", [{k: json.dumps(v) for k, v in meta.items()}])
-    path = render(args.out, proto, datasets)
+    path = render(args.out, proto)
     print(f"wrote {path}")
 
 
