@@ -23,7 +23,9 @@ structure overrides where its own factors do better:
   ``fit_flops()`` (which rank fits which layer);
 * ``downdate(full, removed, added, corrected)``: the block of a modified data set (unlearning);
 * ``refresh(blocks, λ)`` / ``has_split_solve`` + ``solve_split``: batched cache refresh and a
-  copy-free solve on ``W`` and ``b`` (``Curvature.solve``).
+  copy-free solve on ``W`` and ``b`` (``Curvature.solve``);
+* ``fit_inverse(stats, λ, ...)``: adapt the fitted ``Ĉ`` to the action of ``(C + λI)⁻¹`` (hyper-parameter
+  ``fit_target=inverse``; ``inverse_fit.py``); default: a one-line error naming the structures that have it.
 
 The model-level operator (all layers together, ``two_level`` included) is ``model.py``.
 
@@ -172,6 +174,12 @@ class Structure(ABC):
         m, n = self.shape
         rank = getattr(self.hparams, "rank", 1)
         return 9.0 * (n**3 + m**3) * max(1, int(rank) if isinstance(rank, int) else 1)
+
+    def fit_inverse(self, stats: LayerStats, damping: float, **options: Any) -> dict[str, Any]:
+        """Adapt the fitted ``Ĉ`` to ``(C + λI)⁻¹``: minimize ``Σ_j ‖(Ĉ + λI) y_j − z_j‖²`` over probes ``z_j``,
+        ``y_j = (C + λI)⁻¹ z_j`` (options and report: :func:`tensorcurv.structures.inverse_fit.fit_kronecker_inverse`);
+        ``Ĉ`` stays PSD. Default: ``NotImplementedError`` naming the structures that have it."""
+        return generic.fit_inverse(self)
 
     # data-parallel fits (tensorcurv.distributed): statistics that add up over the samples. A batch is
     # split in shards; every rank calls additive_statistics on its shard, the results are summed over

@@ -7,13 +7,15 @@ these are what every other structure (a new one included) gets:
   (``j = (s, k)``), batched ``mv`` over chunks of samples;
 * ``‖Ĉ‖_F²`` from ``to_dense()`` on small blocks, else ``Σ_i ‖Ĉ e_i‖²`` over the unit matrices;
 * the ``k`` leading eigenpairs from ``eigh(to_dense())`` up to ``mn = DENSE_EIGH_MAX``, else
-  subspace iteration (block power method + Rayleigh–Ritz) on ``mv``.
+  subspace iteration (block power method + Rayleigh–Ritz) on ``mv``;
+* ``fit_inverse``: none (a one-line error naming the structures that have one, see ``inverse_fit.py``).
 
 Vectors are ``(m, n)`` matrices (column-major ``vec``), as everywhere in ``structures``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +24,8 @@ from torch import Tensor
 
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import unvec, vec
+from tensorcurv.structures.registry import get as registry_get
+from tensorcurv.structures.registry import names as registry_names
 
 #: blocks with ``m n`` up to this size: ``‖Ĉ‖_F²`` from ``to_dense()``
 DENSE_MAX_DIM = 2048
@@ -107,3 +111,21 @@ def leading_eigenpairs(structure: Any, k: int) -> tuple[Tensor, Tensor]:
         return evals.flip(0)[:k], unvec(Q.flip(1)[:, :k].T, m, n)
     ref = next(iter(structure.tensors().values()))
     return subspace_iteration(structure, k, ref)
+
+
+def inverse_fit_structures() -> list[str]:
+    """Registered names whose ``Hparams`` take ``fit_target`` (the structures that implement ``fit_inverse``)."""
+    out = []
+    for name in registry_names():
+        hp = getattr(registry_get(name), "Hparams", None)
+        if dataclasses.is_dataclass(hp) and "fit_target" in {f.name for f in dataclasses.fields(hp)}:
+            out.append(name)
+    return out
+
+
+def fit_inverse(structure: Any) -> dict[str, Any]:
+    """The default of ``Structure.fit_inverse``: a one-line error naming the structures that have one."""
+    raise NotImplementedError(
+        f"{structure.name} has no inverse-targeted fit (fit_target='inverse'); structures with one: "
+        f"{', '.join(inverse_fit_structures())}"
+    )

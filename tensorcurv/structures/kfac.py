@@ -25,6 +25,7 @@ from tensorcurv.core.stats import LayerStats, WeightSharing
 from tensorcurv.structures.base import NOT_FITTED, NotFittedError, Structure, check_damping, register, sym_eig
 from tensorcurv.structures.damping import DampingKind, factored_shifts, pi_ratio
 from tensorcurv.structures.generic import per_sample_grad_chunks, top_entries
+from tensorcurv.structures.inverse_fit import InverseFitHparams, apply_fit_target, fit_kronecker_inverse
 
 
 class Inverse(Option):
@@ -63,7 +64,7 @@ class _InverseCache(NamedTuple):
 
 
 @dataclass
-class KFACHparams:
+class KFACHparams(InverseFitHparams):
     damping_kind: str = DampingKind.TIKHONOV
     """``tikhonov``: exact (A⊗G + λI)^{-1}; ``pi``: factored (A + π√λI)^{-1} ⊗ (G + √λ/π I)^{-1}."""
     weight_sharing: str = WeightSharing.EXPAND
@@ -80,6 +81,7 @@ class KFACHparams:
                 "2-factor inverse; use inverse='eigh')"
             )
         self.weight_sharing = WeightSharing.parse(self.weight_sharing, "weight_sharing")
+        self.check_inverse_fit("kfac", self.damping_kind)
 
 
 @register("kfac")
@@ -99,6 +101,7 @@ class KFAC(Structure):
         self._check_stats(stats)
         self.A, self.G = stats.kron_factors(self.hparams.weight_sharing)
         self.fitted, self._eigs, self._inv = True, None, None
+        apply_fit_target(self, stats)
         return self
 
     def _update(self, stats, decay):
@@ -108,7 +111,25 @@ class KFAC(Structure):
         self.A = torch.lerp(A, self.A, decay)
         self.G = torch.lerp(G, self.G, decay)
         self._eigs = self._inv = None
+        apply_fit_target(self, stats)  # fit_target=inverse: from the averaged factors, on this batch
         return self
+
+    def kronecker_terms(self) -> tuple[Tensor, Tensor]:
+        """``(A, G)`` as one-term stacks ``(1, n, n)``, ``(1, m, m)`` (the inverse fit's start)."""
+        return self.A[None], self.G[None]
+
+    def set_kronecker_terms(self, A: Tensor, G: Tensor) -> None:
+        """Set ``A ⊗ G`` from one-term stacks (PSD factors: the inverse fit clips them)."""
+        self.A, self.G = A[0], G[0]
+        self._eigs = self._inv = None
+
+    def fit_inverse(self, stats: LayerStats, damping: float, **options) -> dict:
+        """``A ⊗ G`` adapted to ``(C + λI)⁻¹`` by alternating least squares over PSD factors
+        (:func:`~tensorcurv.structures.inverse_fit.fit_kronecker_inverse`, ``project=True``)."""
+        self._check_stats(stats)
+        check_damping(damping)
+        self.last_inverse_fit = fit_kronecker_inverse(self, stats, damping, project=True, **options)
+        return self.last_inverse_fit
 
     def eigs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(λ_A, Q_A, λ_G, Q_G)``, cached until the factors change."""

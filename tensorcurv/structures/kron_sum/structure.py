@@ -30,6 +30,7 @@ from tensorcurv.linalg.rearrange import METHODS, antisymmetric, kronecker_svd
 from tensorcurv.structures.base import Structure, register
 from tensorcurv.structures.damping import DampingKind, factored_shifts, pi_ratio
 from tensorcurv.structures.generic import batched_mv, per_sample_grad_chunks
+from tensorcurv.structures.inverse_fit import InverseFitHparams, apply_fit_target, fit_kronecker_inverse
 from tensorcurv.structures.kron_sum.certificates import (
     DENSE_PROOF_MAX_DIM,
     SPECTRAL_MAX_DIM,
@@ -59,7 +60,7 @@ INTERVAL_ACCEPT = 0.5
 
 
 @dataclass
-class KronSumHparams:
+class KronSumHparams(InverseFitHparams):
     rank: int = 1
     """Number of Kronecker terms r (1 = KPSVD)."""
     psd: str = "shrink"
@@ -141,6 +142,7 @@ class KronSumHparams:
             )
         if self.oversample is not None and self.oversample < 0:
             raise ValueError(f"kron_sum.oversample must be >= 0 or None, got {self.oversample}")
+        self.check_inverse_fit("kron_sum", self.damping_kind)
 
 
 @register("kron_sum", "kpsvd")
@@ -227,15 +229,38 @@ class KronSum(Structure):
         return A, G
 
     def fit(self, stats: LayerStats) -> KronSum:
+        self._fit_frobenius(stats)
+        apply_fit_target(self, stats)
+        return self
+
+    def _fit_frobenius(self, stats: LayerStats) -> None:
         self._check_stats(stats)
         if self.hparams.psd == "factors":
             self._store(*self._fit_psd_factors(stats), None)
-            return self
+            return
         A, G, (coefficients, factors) = self._svd(stats, warm=True)
         self._set(
             A, G, certified=bool(self.last_fit.get("psd_certificate")), coefficients=coefficients, factors=factors
         )
-        return self
+
+    # ------------------------------------------------------------------ inverse-targeted fit
+    def kronecker_terms(self) -> tuple[Tensor, Tensor]:
+        return self.A, self.G
+
+    def set_kronecker_terms(self, A: Tensor, G: Tensor) -> None:
+        """Set ``Σ_k A_k ⊗ G_k`` with this structure's PSD repair (``factors``: already PSD factors)."""
+        if self.hparams.psd == "factors":
+            self._store(A, G, None)
+        else:
+            self._set(A, G)
+
+    def fit_inverse(self, stats: LayerStats, damping: float, **options) -> dict:
+        """The terms adapted to ``(C + λI)⁻¹`` (:func:`~tensorcurv.structures.inverse_fit.fit_kronecker_inverse`;
+        PSD factors after every step with ``psd="factors"``, else the ``psd`` repair once at the end)."""
+        self._check_stats(stats)
+        project = self.hparams.psd == "factors"
+        self.last_inverse_fit = fit_kronecker_inverse(self, stats, damping, project=project, **options)
+        return self.last_inverse_fit
 
     def _interval_proof_applies(self) -> bool:
         """Running averages try the free interval certificate (rank ≥ 3 samples/auto, rank 2 samples) —
@@ -250,6 +275,11 @@ class KronSum(Structure):
         )
 
     def _update(self, stats, decay):
+        self._update_frobenius(stats, decay)
+        apply_fit_target(self, stats)  # fit_target=inverse: from the averaged terms, on this batch
+        return self
+
+    def _update_frobenius(self, stats, decay):
         self._check_stats(stats)
         r = self.hparams.rank
         if self.hparams.psd == "factors" and self.A.shape[0] > r:  # a shifted truncation stays one
