@@ -31,8 +31,7 @@ def test_method_mirrors_its_curvature_preset(name):
     c = OmegaConf.to_container(OmegaConf.load(CONF / "curvature" / f"{m.config}.yaml"))
     assert c.pop("name") == m.structure
     c.pop("kind"), c.pop("damping")
-    assert c == m.hparams
-    structures.make_hparams(m.structure, **m.hparams)
+    assert structures.make_hparams(m.structure, **c) == structures.make_hparams(m.structure, **m.hparams)
 
 
 def test_protocol_mirrors_the_thesis_optim_preset():
