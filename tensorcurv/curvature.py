@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -227,7 +228,9 @@ class Curvature:
     def _all_or_nothing(self) -> Iterator[None]:
         """Run a fit of all blocks (and the diagonal fallback) as one transaction: if it raises, or
         leaves any block's state non-finite (:class:`NonFiniteError` naming the layer), every block
-        is restored to its state before, bit for bit (nested uses: the outermost one decides)."""
+        is restored to its state before, bit for bit (nested uses: the outermost one decides). A failed
+        decomposition (``LinAlgError``, e.g. an ``eigh`` that does not converge on overflowing statistics)
+        becomes a :class:`NonFiniteError`, which an optimizer answers by skipping the step."""
         if self._transaction_depth:
             yield
             return
@@ -240,6 +243,11 @@ class Curvature:
             bad = nonfinite(self.fallback_diag.items())
             if bad:
                 raise NonFiniteError(f"the fallback diagonal of {bad} is non-finite; the update was undone")
+        except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as e:  # e.g. eigh on overflowing statistics
+            self.model_structure.restore(snap)
+            self.fallback_diag = fallback_diag
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise NonFiniteError(f"a decomposition of the fit failed ({why}); no block was changed") from e
         except BaseException:
             self.model_structure.restore(snap)
             self.fallback_diag = fallback_diag

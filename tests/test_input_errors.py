@@ -505,3 +505,30 @@ def test_numpy_scalar_damping_is_accepted_and_equals_the_python_float():
     g = grads_like(curv)
     ref = curv.solve(g, damping=1e-3)
     assert all(torch.equal(a, b) for a, b in zip(curv.solve(g, damping=np.float64(1e-3)), ref))
+
+
+def _failing_fit(*args, **kwargs):
+    raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+
+def test_a_failed_decomposition_in_a_fit_is_a_non_finite_error_and_changes_no_block(monkeypatch):
+    curv = fitted("kfac")
+    before = flat_state(curv.state_dict())
+    monkeypatch.setattr(type(curv.model_structure), "update", _failing_fit)
+    x, y = data(seed=5)
+    with pytest.raises(NonFiniteError, match=r"^a decomposition of the fit failed \(linalg.eigh: The algorithm"):
+        curv.update(x, y, CE, decay=0.9)
+    assert curv.num_updates == 1
+    assert_same_state(flat_state(curv.state_dict()), before)
+
+
+def test_preconditioner_skips_a_step_whose_fit_fails_to_decompose(monkeypatch):
+    pre = Preconditioner(mlp(), CE, structure="kfac", damping=1e-3)
+    x, y = data()
+    pre.backward(x, y)
+    assert pre.precondition()
+    for method in ("fit", "update"):
+        monkeypatch.setattr(type(pre.curvature.model_structure), method, _failing_fit)
+    with pytest.warns(NonFiniteStepWarning, match="a decomposition of the fit failed"):
+        pre.backward(x, y)
+    assert pre.last_skipped and pre.skipped == 1
