@@ -239,12 +239,15 @@ def make_second_order_config(name: str, opt_kw: dict[str, Any], struct_kw: dict[
     from tensorcurv import structures
 
     config = make_config(name, **opt_kw)
-    try:
-        structures.make_hparams(config.structure, **struct_kw)
-    except ValueError as e:
-        if "does not take" in str(e):
-            raise ValueError(f"{name}: {e}; optimizer keys: {field_names(name)}") from None
-        raise
+    taken = {f.name for f in dataclasses.fields(structures.get(config.structure).Hparams)}
+    unknown = sorted(set(struct_kw) - taken)
+    if unknown:
+        raise ValueError(
+            f"{name} does not take {unknown}: not an optimizer key nor a hyper-parameter of structure "
+            f"{config.structure!r}; optimizer keys: {field_names(name)}; {config.structure} hyper-parameters: "
+            f"{sorted(taken) or 'none'}"
+        )
+    structures.make_hparams(config.structure, **struct_kw)
     return config
 
 
