@@ -42,7 +42,7 @@ docs: setup
 bench-setup: setup
 	$(VPY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'], sep='\n')" \
 		| $(VPY) -m pip install -q --no-deps -r /dev/stdin
-	$(VPY) -c "import torch, curvlinops, nngeometry, backpack; print('torch', torch.__version__)"
+	$(VPY) -c "import torch, curvlinops, nngeometry, backpack, kronfluence; print('torch', torch.__version__)"
 
 bench-capture: bench-setup
 	$(VPY) scripts/bench_capture.py --out reports/bench_capture.md

@@ -41,7 +41,11 @@ class MethodSpec:
     such as ``epochs``).
 
     ``cached=True``: a :class:`~tensorcurv.unlearn.cache.CurvatureCache` with structure ``solver`` is
-    built at ``θ*`` on ``D`` (one-off, timed separately) and serves the request."""
+    built at ``θ*`` on ``D`` (one-off, timed separately) and serves the request.
+
+    ``runner``: any other update, called as ``runner(model, X, y, affected, loss=, mu=, tau=, **solver_kwargs)``
+    and returning an :class:`~tensorcurv.unlearn.updates.UpdateResult` (its ``info["oneoff_time"]`` is the
+    one-off part of its time), e.g. :func:`~tensorcurv.unlearn.peers_kronfluence.kronfluence_update`."""
 
     name: str
     order: int = 2
@@ -50,14 +54,17 @@ class MethodSpec:
     tau: float | str = 1.0
     steps: int = 1
     cached: bool = False
+    runner: Callable[..., UpdateResult] | None = None
 
     def __post_init__(self) -> None:
         if self.order not in (0, 1, 2):
             raise ValueError(f"method {self.name!r}: order must be 0 (fine-tuning), 1 or 2, got {self.order!r}")
-        if self.order == 2 and not self.solver:
-            raise ValueError(f"method {self.name!r}: a second-order method needs a solver")
+        if self.order == 2 and not (self.solver or self.runner):
+            raise ValueError(f"method {self.name!r}: a second-order method needs a solver or a runner")
 
     def run(self, model: nn.Module, X: Tensor, y: Tensor, affected: AffectedSet, loss, mu: float) -> UpdateResult:
+        if self.runner is not None:
+            return self.runner(model, X, y, affected, loss=loss, mu=mu, tau=self.tau, **self.solver_kwargs)
         if self.order == 0:
             from tensorcurv.unlearn.finetune import finetune_update
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tensorcurv.unlearn import scenarios
 from tensorcurv.unlearn.evaluate import MethodSpec, Reference, evaluate_methods
 from tensorcurv.unlearn.objective import Objective
+from tensorcurv.unlearn.peers_kronfluence import kronfluence_update
 from tensorcurv.unlearn.privacy import membership_metrics, restored_share
 from tensorcurv.unlearn.training import train_adam_lbfgs
 from tensorcurv.unlearn.updates import AffectedSet
@@ -89,6 +90,7 @@ def scale_methods(quick: bool = False) -> list[MethodSpec]:
         MethodSpec("kfac x3", solver="kfac", steps=3),
         MethodSpec("finetune 1 ep", order=0, solver_kwargs={"epochs": 1}),
         MethodSpec("finetune 10 ep", order=0, solver_kwargs={"epochs": 2 if quick else 10}),
+        MethodSpec("kronfluence ekfac", runner=kronfluence_update, solver_kwargs={"damping": "heuristic"}),
     ]
     return ms
 
