@@ -17,7 +17,7 @@ and preconditions a gradient ``V`` (shape ``(out, in + 1)``, bias last column) b
 
 the second-order update of :mod:`.updates` with kronfluence's EK-FAC in place of ``H + μI``. ``d``:
 
-* ``"heuristic"`` (the benchmark's choice): kronfluence's ``damping_factor=None``, ``d = 0.1 · mean(Λ)``
+* ``"heuristic"`` (one of the benchmark's two entries): kronfluence's ``damping_factor=None``, ``d = 0.1 · mean(Λ)``
   per module; the objective's ``μ`` is then not used (kronfluence's own default is ``d = 1e-8``, which
   leaves ``F̂`` nearly singular in the directions the data do not reach);
 * ``"objective"``: ``d = μ / N``, i.e. exactly the objective's ``μI``: ``Δ = (F̂ + μI)^{-1} Δg``, the

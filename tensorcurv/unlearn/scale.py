@@ -90,7 +90,10 @@ def scale_methods(quick: bool = False) -> list[MethodSpec]:
         MethodSpec("kfac x3", solver="kfac", steps=3),
         MethodSpec("finetune 1 ep", order=0, solver_kwargs={"epochs": 1}),
         MethodSpec("finetune 10 ep", order=0, solver_kwargs={"epochs": 2 if quick else 10}),
+        # kronfluence's own damping heuristic (0.1·mean eigenvalue), and the objective's μ/N (the same
+        # damped matrix as tensorcurv's ekfac): the heuristic ignores μ, so both are shown
         MethodSpec("kronfluence ekfac", runner=kronfluence_update, solver_kwargs={"damping": "heuristic"}),
+        MethodSpec("kronfluence ekfac (μ/N)", runner=kronfluence_update, solver_kwargs={"damping": "objective"}),
     ]
     return ms
 
