@@ -53,10 +53,16 @@ class ExactBatchHparams:
     """Refuse more than ``max_terms`` per-sample gradient terms ``J = Σ_b N_b K`` (a ``J x J`` factorization)."""
     chunk: int = 256
     """Samples per chunk where the per-sample gradients of weight-sharing layers are formed (Gram rows)."""
+    solve_dtype: str = "float64"
+    """``float64``: the factors are cast once per fit and the Gram matrix, its factorization and the Woodbury
+    update run in float64 (the result is cast back); ``stats``: in the statistics' dtype (float32 loses the
+    direction where ``c‖Gram‖/λ`` nears ``1/ε``: the Woodbury update subtracts nearly equal vectors)."""
 
     def __post_init__(self) -> None:
         for name in ("window", "max_terms", "chunk"):
             _positive_int(name, getattr(self, name))
+        if self.solve_dtype not in ("float64", "stats"):
+            raise ValueError(f"exact_batch.solve_dtype must be 'float64' or 'stats', got {self.solve_dtype!r}")
 
 
 class ExactLayerView(Structure):
@@ -146,7 +152,8 @@ class ExactBatch(ModelStructure):
 
     def _set(self, captures: list[dict[str, LayerStats]], weights: list[float]) -> None:
         t0 = time.perf_counter()
-        self.op = _stacked_operator(captures, weights, list(self.shapes), self.hparams.chunk)
+        dtype = torch.float64 if self.hparams.solve_dtype == "float64" else None
+        self.op = _stacked_operator(captures, weights, list(self.shapes), self.hparams.chunk, dtype)
         self.captures, self.weights = captures, weights
         for nm, view in self.blocks.items():
             view.attach(self.op.blocks[nm])
@@ -178,22 +185,28 @@ class ExactBatch(ModelStructure):
                 raise ValueError(f"exact_batch: expected layer {nm!r} of shape {shape}, got {got}")
         return self.op
 
+    def _in(self, op: ExactModel, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        dtype = next(iter(op.blocks.values())).a.dtype
+        return {nm: mats[nm].to(dtype) for nm in self.shapes}
+
     def mv(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``C v = c Pᵀ (P v)`` (cross-layer blocks included)."""
-        return self._operator(mats).mv({nm: mats[nm] for nm in self.shapes})
+        """``C v = c Pᵀ (P v)`` (cross-layer blocks included), in the dtype of ``v``."""
+        op = self._operator(mats)
+        return {nm: x.to(mats[nm].dtype) for nm, x in op.mv(self._in(op, mats)).items()}
 
     def solve(self, mats: Mapping[str, Tensor], damping: float) -> dict[str, Tensor]:
-        """``(C + λI)⁻¹ v`` exactly (Woodbury, Cholesky of ``λ/c I + P Pᵀ`` cached for this damping)."""
+        """``(C + λI)⁻¹ v`` exactly (Woodbury, Cholesky of ``λ/c I + P Pᵀ`` cached for this damping), in the
+        dtype of ``v``."""
         op = self._operator(mats)
         check_damping(damping)
-        x, _ = op.solve({nm: mats[nm] for nm in self.shapes}, float(damping), method="cholesky")
+        x, _ = op.solve(self._in(op, mats), float(damping), method="cholesky")
         self.last_solve = {
             "method": "woodbury-cholesky",
             "damping": "tikhonov",
             "coupling": "full",
             "terms": self.terms,
         }
-        return x
+        return {nm: t.to(mats[nm].dtype) for nm, t in x.items()}
 
     def refresh(self, damping: float) -> None:
         """Factor ``λ/c I + P Pᵀ`` for ``damping`` now (the first solve would otherwise)."""
@@ -263,18 +276,30 @@ class ExactBatch(ModelStructure):
 
 
 def _stacked_operator(
-    captures: list[dict[str, LayerStats]], weights: list[float], layers: list[str], chunk: int
+    captures: list[dict[str, LayerStats]],
+    weights: list[float],
+    layers: list[str],
+    chunk: int,
+    dtype: torch.dtype | None,
 ) -> ExactModel:
-    """One :class:`ExactModel` of ``Σ_b w_b C_b``: a single capture as it is (scale ``c``); several stacked
-    along the samples with ``sqrt(w_b c_b)`` folded into ``g`` (scale 1)."""
-    if len(captures) == 1:
-        stats = {nm: captures[0][nm] for nm in layers}
-    else:
-        stats = {}
-        for nm in layers:
+    """One :class:`ExactModel` of ``Σ_b w_b C_b`` in ``dtype`` (``None``: the statistics'): a single capture as it
+    is (scale ``c``); several stacked along the samples with ``sqrt(w_b c_b)`` folded into ``g`` (scale 1)."""
+    stats = {}
+
+    def cast(t: Tensor) -> Tensor:
+        return t if dtype is None else t.to(dtype)
+
+    for nm in layers:
+        if len(captures) == 1:
+            st = captures[0][nm]
+            if dtype is None or st.a.dtype == dtype:
+                stats[nm] = st
+                continue
+            stats[nm] = LayerStats(cast(st.a), cast(st.g), st.scale, name=nm)
+        else:
             parts = [(c[nm], math.sqrt(w * c[nm].scale)) for c, w in zip(captures, weights)]
-            a = torch.cat([st.a for st, _ in parts])
-            g = torch.cat([st.g * f for st, f in parts])
+            a = torch.cat([cast(st.a) for st, _ in parts])
+            g = torch.cat([cast(st.g) * f for st, f in parts])
             stats[nm] = LayerStats(a, g, 1.0, name=nm)
-            stats[nm].mark_finite()  # every capture was checked when it joined the window
+        stats[nm].mark_finite()  # every capture was checked when it joined the window
     return ExactModel.from_stats(stats, "full", chunk, cache_layer_grams=False)
