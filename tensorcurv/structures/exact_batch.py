@@ -153,8 +153,9 @@ class ExactBatch(ModelStructure):
     def _set(self, captures: list[dict[str, LayerStats]], weights: list[float]) -> None:
         t0 = time.perf_counter()
         dtype = torch.float64 if self.hparams.solve_dtype == "float64" else None
-        self.op = _stacked_operator(captures, weights, list(self.shapes), self.hparams.chunk, dtype)
-        self.captures, self.weights = captures, weights
+        op = _stacked_operator(captures, weights, list(self.shapes), self.hparams.chunk, dtype)
+        op.gram()  # the damping-independent part of the solve's work belongs to the fit
+        self.op, self.captures, self.weights = op, captures, weights
         for nm, view in self.blocks.items():
             view.attach(self.op.blocks[nm])
         self.fit_time = time.perf_counter() - t0
