@@ -57,6 +57,24 @@ def weighted_gradient_sum(stats: LayerStats, w: Tensor) -> Tensor:
     return h.T @ stats.a.reshape(-1, stats.n)
 
 
+def damped_gram_cholesky(gram: Tensor, scale: float, damping: float) -> Tensor:
+    """Lower Cholesky factor ``L`` of ``λ/c I + Gram`` (``J x J``), the system matrix of :func:`woodbury_solve`.
+
+    One factorization (``J³/3`` flops) serves every solve at this damping; ``eigh`` (several times
+    slower) is only worth it for many dampings. Its smallest eigenvalue is ``λ/c > 0``; where rounding
+    breaks the factorization in float32 (``cond ≈ c‖Gram‖/λ`` near ``1/ε``) it is redone in float64."""
+    system = gram + (damping / scale) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    L, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0 and system.dtype != torch.float64:
+        L, info = torch.linalg.cholesky_ex(system.double())
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(
+            f"the damped Gram matrix (J = {gram.shape[0]}, λ/c = {damping / scale:.3g}) is not positive definite "
+            f"(leading minor {int(info)}): non-finite or overflowing per-sample gradients"
+        )
+    return L
+
+
 def woodbury_solve(
     gram: Tensor,
     scale: float,
@@ -65,15 +83,20 @@ def woodbury_solve(
     V,
     damping: float,
     eig=None,
+    chol: Tensor | None = None,
 ):
     """``(c PᵀP + λI)⁻¹ v = (v − Pᵀ (λ/c I + P Pᵀ)⁻¹ P v) / λ`` with ``P`` the stacked per-sample
     gradients (never formed): ``P Pᵀ`` is the ``(J, J)`` Gram matrix, ``P v`` = ``coefficients(V)``,
-    ``Pᵀ w`` = ``combine(w) / c``. ``V``: a matrix or a dict of layer matrices. ``eig``: a cached
-    ``eigh(gram)``."""
-    e, U = eig if eig is not None else torch.linalg.eigh(gram)
+    ``Pᵀ w`` = ``combine(w) / c``. ``V``: a matrix or a dict of layer matrices. The ``J x J`` system is
+    solved by ``chol`` (:func:`damped_gram_cholesky` at this ``damping``) when given, else by ``eig`` (a
+    cached ``eigh(gram)``, any damping) or a fresh ``eigh``."""
     w = coefficients(V)
     shape = w.shape
-    z = U @ ((U.T @ w.reshape(-1)) / (damping / scale + e.clamp_min(0)))
+    if chol is not None:
+        z = torch.cholesky_solve(w.reshape(-1, 1).to(chol.dtype), chol)[:, 0].to(w.dtype)
+    else:
+        e, U = eig if eig is not None else torch.linalg.eigh(gram)
+        z = U @ ((U.T @ w.reshape(-1)) / (damping / scale + e.clamp_min(0)))
     back = combine(z.reshape(shape))
     if isinstance(V, Mapping):
         return {k: (V[k] - back[k] / scale) / damping for k in V}
@@ -151,11 +174,19 @@ class ExactBlock:
     def gram(self) -> Tensor:
         """The full ``(J, J)`` Gram matrix (cached); ``C`` and ``c·Gram`` share their nonzero eigenvalues."""
         if self._gram is None:
-            N = self.stats.N
-            self._gram = torch.cat(
-                [self.gram_rows(s0, min(s0 + self.chunk, N)) for s0 in range(0, N, self.chunk)], dim=0
-            )
+            self._gram = self.compute_gram()
         return self._gram
+
+    def compute_gram(self) -> Tensor:
+        """The ``(J, J)`` Gram matrix, not cached (:meth:`gram` caches it). With weight sharing (``T > 1``) and
+        one chunk of samples the per-sample gradients are formed once, ``P Pᵀ`` with ``P = vec(G_j)`` rows."""
+        N = self.stats.N
+        if self._gram is not None:
+            return self._gram
+        if self.stats.T > 1 and N <= self.chunk:
+            P = vec(self.grads(0, N))
+            return P @ P.T
+        return torch.cat([self.gram_rows(s0, min(s0 + self.chunk, N)) for s0 in range(0, N, self.chunk)], dim=0)
 
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
         """Cached ``eigh`` of the Gram matrix (ascending)."""
@@ -232,7 +263,9 @@ class ExactModel:
     diagonal. Build it from statistics with :meth:`from_stats`.
     """
 
-    def __init__(self, blocks: Mapping[str, ExactBlock], coupling: str = "full") -> None:
+    def __init__(
+        self, blocks: Mapping[str, ExactBlock], coupling: str = "full", cache_layer_grams: bool = True
+    ) -> None:
         check_coupling(coupling)
         if not blocks:
             raise ValueError("no layer statistics")
@@ -248,14 +281,26 @@ class ExactModel:
         self.coupling = coupling
         self.scale = float(first.scale)
         self.dim = sum(b.dim for b in self.blocks.values())
+        self.cache_layer_grams = cache_layer_grams
+        self._gram: Tensor | None = None
         self._eigh: tuple[Tensor, Tensor] | None = None
+        self._cholesky: tuple[float, Tensor] | None = None
 
     @classmethod
-    def from_stats(cls, stats: Mapping[str, LayerStats], coupling: str = "full", chunk: int = 128) -> ExactModel:
+    def from_stats(
+        cls,
+        stats: Mapping[str, LayerStats],
+        coupling: str = "full",
+        chunk: int = 128,
+        cache_layer_grams: bool = True,
+    ) -> ExactModel:
         """The operator of ``stats``; where every product stays inside a layer (``block``, or one layer)
-        the layers cache their output GGNs (:class:`ExactBlock`'s ``cache_output_ggn``)."""
+        the layers cache their output GGNs (:class:`ExactBlock`'s ``cache_output_ggn``).
+        ``cache_layer_grams=False``: the layers' Gram matrices are summed into the model's as they are
+        formed, not kept (one ``J x J`` matrix in memory instead of one per layer)."""
         per_layer = coupling == "block" or len(stats) == 1
-        return cls({k: ExactBlock(st, chunk, cache_output_ggn=per_layer) for k, st in stats.items()}, coupling)
+        blocks = {k: ExactBlock(st, chunk, cache_output_ggn=per_layer) for k, st in stats.items()}
+        return cls(blocks, coupling, cache_layer_grams)
 
     @property
     def stats(self) -> dict[str, LayerStats]:
@@ -275,13 +320,25 @@ class ExactModel:
         return self.combine(self.coefficients(V))
 
     def gram(self) -> Tensor:
-        """``⟨u_j, u_j'⟩ = Σ_l ⟨G_j^{(l)}, G_j'^{(l)}⟩`` (``J x J``, full coupling)."""
-        return cast(Tensor, sum(b.gram() for b in self.blocks.values()))
+        """``⟨u_j, u_j'⟩ = Σ_l ⟨G_j^{(l)}, G_j'^{(l)}⟩`` (``J x J``, full coupling; cached)."""
+        if self._gram is None:
+            total: Tensor | None = None
+            for b in self.blocks.values():
+                G = b.gram() if self.cache_layer_grams else b.compute_gram()
+                total = G.clone() if total is None else total.add_(G)
+            self._gram = cast(Tensor, total)  # __init__ refuses an empty model
+        return self._gram
 
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
         if self._eigh is None:
             self._eigh = torch.linalg.eigh(self.gram())
         return self._eigh
+
+    def gram_cholesky(self, damping: float) -> Tensor:
+        """:func:`damped_gram_cholesky` of the model Gram matrix at ``damping`` (cached for the last damping)."""
+        if self._cholesky is None or self._cholesky[0] != damping:
+            self._cholesky = (damping, damped_gram_cholesky(self.gram(), self.scale, damping))
+        return self._cholesky[1]
 
     def frobenius_sq(self) -> float:
         """``c² ‖Σ_l Gram_l‖_F²`` (full coupling: the Gram matrices of the layers add up)."""
@@ -293,14 +350,20 @@ class ExactModel:
     def solve(
         self, V: Mapping[str, Tensor], damping: float, *, method: str = "woodbury", tol: float = 1e-10
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """``(C + λI)⁻¹ V`` (full coupling) over the dict of layer matrices: ``woodbury`` (exact,
-        ``J x J`` Gram system) or ``cg`` (conjugate gradients on implicit products, to ``tol``)."""
+        """``(C + λI)⁻¹ V`` (full coupling) over the dict of layer matrices: ``woodbury`` (exact, ``J x J``
+        Gram system by its cached ``eigh``: any number of dampings), ``cholesky`` (the same system by one
+        Cholesky factorization cached for this damping) or ``cg`` (conjugate gradients on implicit
+        products, to ``tol``)."""
         if self.coupling != "full":
             raise ValueError("ExactModel.solve needs coupling='full'")
         if method == "woodbury":
             return _woodbury(self, V, damping)
+        if method == "cholesky":
+            chol = self.gram_cholesky(damping)
+            x = woodbury_solve(self.gram(), self.scale, self.coefficients, self.combine, V, damping, chol=chol)
+            return x, {"method": "cholesky", "iterations": 0, "residual": 0.0}
         if method != "cg":
-            raise ValueError(f"unknown method {method!r}; valid: woodbury, cg")
+            raise ValueError(f"unknown method {method!r}; valid: woodbury, cholesky, cg")
         x, info = pcg(lambda p: self.flatten(self.mv(self.unflatten(p))) + damping * p, self.flatten(V), tol=tol)
         return self.unflatten(x), {"method": "cg", "iterations": info["iterations"], "residual": info["residual"]}
 

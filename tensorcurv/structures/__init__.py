@@ -11,7 +11,7 @@ from tensorcurv.structures.registry import create, get, layer_names, make_hparam
 from tensorcurv.structures.split import tt, tucker  # noqa: F401  (registration)
 
 # isort: split
-from tensorcurv.structures import dense_full, two_level  # noqa: F401  (model level: registered after the layer structures)
+from tensorcurv.structures import dense_full, exact_batch, two_level  # noqa: F401  (model level: registered after the layer structures)
 
 __all__ = [
     "BlockDiagonal",
