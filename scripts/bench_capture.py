@@ -19,7 +19,8 @@ Kinds: EF (empirical Fisher), MC (one sampled label per input), GGN (exact; for 
 Fisher: curvlinops ``type-2``, nngeometry closed-form ``FIM``, BackPACK ``KFLR``). BackPACK has no EF K-FAC.
 The physical floor comes from the same run: a plain forward+backward; forward+backward plus the two factor
 products ``aᵀa`` (bias column included) and ``gᵀg`` of every layer (the floor of EF and MC); and the GGN's:
-forward, the backward of the ``K = 10`` columns of the loss-Hessian factor as one batched input-gradient pass
+forward, the backward of the ``K = C − 1 = 9`` columns of a loss-Hessian factor (the rank of
+``diag(p) − ppᵀ``, the fewest columns any factor can have) as one batched input-gradient pass
 written with plain matmuls (``g ← (g Wₗ) ⊙ tanh'`` on the ``(K N, width)`` stack), and the products ``aᵀa``
 and ``gᵀg`` of every layer (``gᵀg`` over all ``K N`` rows). ``first / kind floor`` divides by the floor of
 the same kind.
@@ -182,9 +183,10 @@ def _call_floor(model, x, y, products: bool):
 
 def _call_ggn_floor(model, x, y):
     """The GGN's physical floor with plain torch on the ``Linear``/``Tanh`` stack: forward (keeping the layer
-    inputs and tanh outputs), the ``K = C`` columns ``S_s[:, k] = √p_k (e_k − p)`` of the cross-entropy Hessian
-    factor, their backward as one ``(K N, ·)`` stack (``g ← g W`` through a Linear, ``g ← g ⊙ (1 − h²)``
-    through a Tanh), and per Linear ``aᵀa`` (bias column included) and ``gᵀg`` over all ``K N`` rows."""
+    inputs and tanh outputs), the ``K = C − 1`` columns of a factor of the cross-entropy Hessian
+    ``diag(p) − ppᵀ`` (``diag(√p) − p√pᵀ`` reflected so that its dependent column vanishes), their backward as
+    one ``(K N, ·)`` stack (``g ← g W`` through a Linear, ``g ← g ⊙ (1 − h²)`` through a Tanh), and per Linear
+    ``aᵀa`` (bias column included) and ``gᵀg`` over all ``K N`` rows."""
     import torch
     from torch import nn
 
@@ -199,7 +201,10 @@ def _call_ggn_floor(model, x, y):
             h = m(h)
         p = h.softmax(-1)
         sqrt_p = p.sqrt()
-        S = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)  # (N, C, K), S Sᵀ = ∇²ℓ
+        S = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)  # (N, C, C), S Sᵀ = ∇²ℓ, rank C − 1
+        u = sqrt_p.clone()
+        u[:, -1] += 1  # Householder vector mapping √p (S √p = 0) to −e_C: S Q = [S', 0]
+        S = S[:, :, :-1] - S[:, :, -1:] * (2 * u[:, :-1] / (u * u).sum(-1, keepdim=True)).unsqueeze(1)
         g = S.permute(2, 0, 1).reshape(-1, p.shape[-1])  # (K N, C): the output gradients of the last Linear
         N = x.shape[0]
         for i in range(len(layers) - 1, -1, -1):
