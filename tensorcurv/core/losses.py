@@ -102,6 +102,16 @@ class CrossEntropy(LossSpec):
         coef = 2 * u[:, :-1] / (u * u).sum(-1, keepdim=True)  # (N, C − 1): 2 uₖ / ‖u‖²
         return S0[:, :, :-1] - S0[:, :, -1:] * coef.unsqueeze(1)
 
+    def factor_coordinates(self, outputs: Tensor, c0: Tensor) -> Tensor:
+        """``c`` (N, C − 1) with ``S c = S₀ c₀`` for the factor ``S`` of :meth:`hessian_factor` and coordinates
+        ``c₀`` (N, C) in the columns of ``S₀ = diag(√p) − p √pᵀ``: ``S₀ = [S, 0] Q`` (``Q`` the symmetric orthogonal
+        reflection), so ``c = (Q c₀)[:C − 1] = c₀[:C − 1] − (2 u / ‖u‖²)[:C − 1] uᵀc₀``."""
+        if c0.shape[-1] == 1:
+            return c0
+        u = outputs.detach().softmax(dim=-1).sqrt()
+        u[:, -1] += 1
+        return c0[:, :-1] - 2 * u[:, :-1] * ((u * c0).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True))
+
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
         # a row with NaN/Inf logits has no distribution (softmax is NaN): draw uniformly there instead
         # of failing in multinomial; its gradient p − onehot stays NaN, so the fit refuses the batch

@@ -4,6 +4,9 @@ The reference is the float64 autodiff Hessian of torch's own per-sample cross-en
 are float64 and differ by round-off of a few 1e-16 on entries of at most 1/4, so 1e-13 (relative, Frobenius)
 has several orders of margin; a dropped or unreflected column is off by O(1)."""
 
+import subprocess
+import sys
+
 import torch
 from torch.func import hessian
 
@@ -41,3 +44,17 @@ def test_hessian_factor_stays_finite_and_exact_for_saturated_logits():
 
 def test_hessian_factor_of_a_single_class_is_zero():
     assert CrossEntropy().hessian_factor(logits(c=1)).abs().max() == 0
+
+
+def test_the_first_ggn_update_of_a_process_does_not_import_sympy():
+    # a tensor grad_outputs makes autograd's Python shape check import sympy (0.4-1.3 s) on its first call
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "import tensorcurv\n"
+        "m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))\n"
+        "tensorcurv.Curvature(m, 'kfac', 'ggn').update(torch.randn(5, 4), torch.arange(5) % 3, nn.CrossEntropyLoss())\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
