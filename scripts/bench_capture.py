@@ -17,8 +17,13 @@ peers are a benchmark-only extra (``make bench-setup``). Each figure comes from 
 
 Kinds: EF (empirical Fisher), MC (one sampled label per input), GGN (exact; for cross-entropy equal to the
 Fisher: curvlinops ``type-2``, nngeometry closed-form ``FIM``, BackPACK ``KFLR``). BackPACK has no EF K-FAC.
-The physical floor comes from the same run: a plain forward+backward, and forward+backward plus the two
-factor products ``aᵀa`` (bias column included) and ``gᵀg`` of every layer.
+The physical floor comes from the same run: a plain forward+backward; forward+backward plus the two factor
+products ``aᵀa`` (bias column included) and ``gᵀg`` of every layer (the floor of EF and MC); and the GGN's:
+forward, the backward of the ``K = C − 1 = 9`` columns of a loss-Hessian factor (the rank of
+``diag(p) − ppᵀ``, the fewest columns any factor can have) as one batched input-gradient pass
+written with plain matmuls (``g ← (g Wₗ) ⊙ tanh'`` on the ``(K N, width)`` stack), and the products ``aᵀa``
+and ``gᵀg`` of every layer (``gᵀg`` over all ``K N`` rows). ``first / kind floor`` divides by the floor of
+the same kind.
 
 Every process list runs in both orders (tensorcurv first, then peers first); ``first`` is the mean of the two
 orders. Two conditions: ``quiet`` (whatever else the machine runs: see the load average) and ``contended``,
@@ -41,7 +46,8 @@ import time
 
 LIBRARIES = ("tensorcurv", "curvlinops", "nngeometry", "backpack")
 KINDS = ("empirical", "mc", "ggn")
-FLOORS = ("fwd+bwd", "fwd+bwd+aᵀa+gᵀg")
+FLOORS = ("fwd+bwd", "fwd+bwd+aᵀa+gᵀg", "fwd + K-column bwd + grams")
+KIND_FLOOR = {"empirical": FLOORS[1], "mc": FLOORS[1], "ggn": FLOORS[2]}
 UNSUPPORTED = {("backpack", "empirical")}  # BackPACK's K-FAC extensions are MC (KFAC) and exact GGN (KFLR) only
 
 
@@ -175,6 +181,48 @@ def _call_floor(model, x, y, products: bool):
     return fit
 
 
+def _call_ggn_floor(model, x, y):
+    """The GGN's physical floor with plain torch on the ``Linear``/``Tanh`` stack: forward (keeping the layer
+    inputs and tanh outputs), the ``K = C − 1`` columns of a factor of the cross-entropy Hessian
+    ``diag(p) − ppᵀ`` (``diag(√p) − p√pᵀ`` reflected so that its dependent column vanishes), their backward as
+    one ``(K N, ·)`` stack (``g ← g W`` through a Linear, ``g ← g ⊙ (1 − h²)`` through a Tanh), and per Linear
+    ``aᵀa`` (bias column included) and ``gᵀg`` over all ``K N`` rows."""
+    import torch
+    from torch import nn
+
+    layers = list(model)
+    assert all(isinstance(m, (nn.Linear, nn.Tanh)) for m in layers), "the GGN floor covers Linear/Tanh stacks"
+
+    @torch.no_grad()
+    def fit():
+        h, saved = x, []
+        for m in layers:
+            saved.append(h)
+            h = m(h)
+        p = h.softmax(-1)
+        sqrt_p = p.sqrt()
+        S = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)  # (N, C, C), S Sᵀ = ∇²ℓ, rank C − 1
+        u = sqrt_p.clone()
+        u[:, -1] += 1  # Householder vector mapping √p (S √p = 0) to −e_C: S Q = [S', 0]
+        S = S[:, :, :-1] - S[:, :, -1:] * (2 * u[:, :-1] / (u * u).sum(-1, keepdim=True)).unsqueeze(1)
+        g = S.permute(2, 0, 1).reshape(-1, p.shape[-1])  # (K N, C): the output gradients of the last Linear
+        N = x.shape[0]
+        for i in range(len(layers) - 1, -1, -1):
+            m = layers[i]
+            if isinstance(m, nn.Linear):
+                a = saved[i]
+                a = torch.cat([a, a.new_ones(N, 1)], 1)
+                a.T @ a, g.T @ g
+                if i > 0:
+                    g = g @ m.weight
+            else:  # Tanh: its output is the next layer's input
+                out = saved[i + 1]
+                g = (g.view(-1, N, g.shape[-1]) * (1 - out * out)).view(g.shape)
+
+    fit()
+    return fit
+
+
 IMPORTS = {
     "tensorcurv": ["tensorcurv"],
     "curvlinops": ["curvlinops"],
@@ -191,7 +239,9 @@ def worker(lib: str, kind: str, width: int, batch: int, threads: int, repeats: i
         importlib.import_module(module)
     imported = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if lib == "floor":
+    if lib == "floor" and kind == FLOORS[2]:
+        fn = _call_ggn_floor(model, x, y)
+    elif lib == "floor":
         fn = _call_floor(model, x, y, products=kind == FLOORS[1])
     else:
         fn = globals()[f"_call_{lib}"](model, x, y, kind)
@@ -321,13 +371,14 @@ def _fastest_peer(s: dict, kind: str, libraries, field: str) -> tuple[str, float
 def tables(conditions: dict, args) -> str:
     ms = lambda t: f"{1e3 * t:.0f}"  # noqa: E731
     head = [
-        "| condition (load before) | kind | tensorcurv first call / fastest peer | next calls / fastest peer |",
-        "|---|---|---|---|",
+        "| condition (load before) | kind | tensorcurv first call / fastest peer | next calls / fastest peer "
+        "| tensorcurv first / kind floor | fastest peer first / kind floor |",
+        "|---|---|---|---|---|---|",
     ]
     full = [
         "| condition (load before) | kind | library | first call [ms] (tc first / peers first) | next calls [ms] "
-        "| first / fastest peer | next / fastest peer | first / fwd+bwd | import [ms] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| first / fastest peer | next / fastest peer | first / fwd+bwd | first / kind floor | import [ms] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, cond in conditions.items():
         s = summarize(cond)
@@ -337,26 +388,27 @@ def tables(conditions: dict, args) -> str:
             v = s[("floor", floor)]
             full.append(
                 f"| {label} | floor | {floor} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
-                f"| {ms(v['next'])} | | | {v['first'] / fb:.2f} | |"
+                f"| {ms(v['next'])} | | | {v['first'] / fb:.2f} | | |"
             )
         for kind in args.kinds:
             pf, best_first = _fastest_peer(s, kind, args.libraries, "first")
             pn, best_next = _fastest_peer(s, kind, args.libraries, "next")
             tc = s[("tensorcurv", kind)]
+            kf = s[("floor", KIND_FLOOR[kind])]["first"]
             head.append(
                 f"| {label} | {kind} | **{tc['first'] / best_first:.2f}** ({ms(tc['first'])} vs {pf} "
                 f"{ms(best_first)} ms) | {tc['next'] / best_next:.2f} ({ms(tc['next'])} vs {pn} "
-                f"{ms(best_next)} ms) |"
+                f"{ms(best_next)} ms) | {tc['first'] / kf:.2f} ({ms(kf)} ms) | {best_first / kf:.2f} |"
             )
             for lib in args.libraries:
                 if (lib, kind) in UNSUPPORTED:
-                    full.append(f"| {label} | {kind} | {lib} | n/a | n/a | | | | |")
+                    full.append(f"| {label} | {kind} | {lib} | n/a | n/a | | | | | |")
                     continue
                 v = s[(lib, kind)]
                 full.append(
                     f"| {label} | {kind} | {lib} | {ms(v['first'])} ({' / '.join(map(ms, v['firsts']))}) "
                     f"| {ms(v['next'])} | {v['first'] / best_first:.2f} | {v['next'] / best_next:.2f} "
-                    f"| {v['first'] / fb:.2f} | {ms(v['import'])} |"
+                    f"| {v['first'] / fb:.2f} | {v['first'] / kf:.2f} | {ms(v['import'])} |"
                 )
     return "\n".join(head) + "\n\nAll figures:\n\n" + "\n".join(full)
 

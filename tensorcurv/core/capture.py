@@ -12,8 +12,8 @@ gradient of the loss):
 * ``ggn``: ``g_sc = J_sᵀ S_s[:, c]`` for every column ``c`` of the loss-Hessian factor ``S_s``.
 
 Every ``J_sᵀ v`` is one backward from the model outputs: for one column the plain backward of the scalar
-``Σ_s ⟨f_s, v_s⟩``; for several one backward batched over the columns (``is_grads_batched``, i.e. ``vmap``
-over the VJP).
+``Σ_s ⟨f_s, v_s⟩``; for several one backward batched over the columns (``vmap`` over the VJP, as
+``is_grads_batched`` does).
 
 Samples must not interact inside the model (e.g. no BatchNorm in training mode), otherwise
 ``∂L/∂z_s`` is not a per-sample quantity.
@@ -32,6 +32,12 @@ from tensorcurv.core.layers import LayerAdapter
 from tensorcurv.core.losses import LossSpec
 from tensorcurv.core.options import Option
 from tensorcurv.core.stats import SUPPORTED_DTYPES, LayerStats
+
+try:  # the batched backward behind torch.autograd.grad(..., is_grads_batched=True), see _batched_vjp
+    from torch._vmap_internals import _vmap as _legacy_vmap
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - other torch versions: the public call
+    _legacy_vmap = _engine_run_backward = None  # type: ignore[assignment]
 
 
 class CurvatureKind(Option):
@@ -109,6 +115,21 @@ class _Recorder:
         self._handles.clear()
 
 
+def _batched_vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> Sequence[Tensor | None]:
+    """One backward batched over the columns of ``cotangents`` (K, *outputs.shape): what
+    ``torch.autograd.grad(outputs, zs, cotangents, is_grads_batched=True)`` runs, without its Python check of the
+    ``grad_outputs`` shape (the caller builds them in that shape), whose first call in a process imports sympy
+    (0.4–1.3 s). Through the public call where torch lacks these internals."""
+    if _legacy_vmap is None or _engine_run_backward is None:
+        return torch.autograd.grad(outputs, zs, cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True)
+    inputs = tuple(zs)
+
+    def vjp(v: Tensor):
+        return _engine_run_backward((outputs,), (v,), True, False, inputs, True, accumulate_grad=False)
+
+    return _legacy_vmap(vjp, 0, 0, allow_none_pass_through=True)(cotangents)
+
+
 def _vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
     """``Jᵀ v`` of the recorded layer outputs ``zs`` for each cotangent ``v`` in ``cotangents``
     (K, *outputs.shape), as ``(K, *z.shape)`` per layer. One column: the backward of the scalar
@@ -121,11 +142,11 @@ def _vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
         res = [None if r is None else r.unsqueeze(0) for r in res]
     else:
         try:
-            res = torch.autograd.grad(
-                outputs, zs, cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True
-            )
+            res = _batched_vjp(outputs, zs, cotangents)
         except RuntimeError:  # an op without a batching rule: one backward per column
-            cols = [torch.autograd.grad(outputs, zs, v, retain_graph=True, allow_unused=True) for v in cotangents]
+            cols = [
+                torch.autograd.grad((outputs * v).sum(), zs, retain_graph=True, allow_unused=True) for v in cotangents
+            ]
             res = [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
     return [z.new_zeros((K,) + z.shape) if r is None else r for r, z in zip(res, zs)]
 

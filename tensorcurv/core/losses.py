@@ -86,9 +86,31 @@ class CrossEntropy(LossSpec):
         return F.cross_entropy(outputs, targets, reduction="none")
 
     def hessian_factor(self, outputs: Tensor) -> Tensor:
+        """``S`` of shape ``(N, C, C − 1)``, the rank of ``∇²_z ℓ = diag(p) − p pᵀ`` (its null vector is ``1``).
+
+        ``S₀ = diag(√p) − p √pᵀ`` squares to it but its ``C`` columns are dependent (``S₀ √p = 0``). With the
+        Householder reflection ``Q = I − 2 u uᵀ / ‖u‖²``, ``u = √p + e_C``, which maps ``√p`` to ``−e_C``,
+        ``S₀ Q = [S, 0]``: ``S[:, k] = S₀[:, k] − (2 uₖ / ‖u‖²) S₀ u`` for ``k < C``, ``S₀ u = S₀[:, C]``, and
+        ``S Sᵀ = S₀ Q Qᵀ S₀ᵀ = S₀ S₀ᵀ``. ``‖u‖² = 2 (1 + √p_C) ≥ 2``: no cancellation. ``C = 1``: ``S₀ = 0``."""
         p = outputs.detach().softmax(dim=-1)
         sqrt_p = p.sqrt()
-        return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+        S0 = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)  # (N, C, C)
+        if p.shape[-1] == 1:
+            return S0
+        u = sqrt_p.clone()
+        u[:, -1] += 1
+        coef = 2 * u[:, :-1] / (u * u).sum(-1, keepdim=True)  # (N, C − 1): 2 uₖ / ‖u‖²
+        return S0[:, :, :-1] - S0[:, :, -1:] * coef.unsqueeze(1)
+
+    def factor_coordinates(self, outputs: Tensor, c0: Tensor) -> Tensor:
+        """``c`` (N, C − 1) with ``S c = S₀ c₀`` for the factor ``S`` of :meth:`hessian_factor` and coordinates
+        ``c₀`` (N, C) in the columns of ``S₀ = diag(√p) − p √pᵀ``: ``S₀ = [S, 0] Q`` (``Q`` the symmetric orthogonal
+        reflection), so ``c = (Q c₀)[:C − 1] = c₀[:C − 1] − (2 u / ‖u‖²)[:C − 1] uᵀc₀``."""
+        if c0.shape[-1] == 1:
+            return c0
+        u = outputs.detach().softmax(dim=-1).sqrt()
+        u[:, -1] += 1
+        return c0[:, :-1] - 2 * u[:, :-1] * ((u * c0).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True))
 
     def sample_targets(self, outputs: Tensor, generator: torch.Generator | None) -> Tensor:
         # a row with NaN/Inf logits has no distribution (softmax is NaN): draw uniformly there instead

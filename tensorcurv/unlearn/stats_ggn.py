@@ -25,7 +25,9 @@ from tensorcurv.core.stats import LayerStats
 def output_coefficients(loss: LossSpec, outputs: Tensor, targets: Tensor) -> Tensor:
     """``c_s`` (N, K) with ``S_s c_s = ∇_z ℓ_s`` for the loss-Hessian factor ``S`` of ``losses.py``.
 
-    Cross-entropy: ``S = (I − p1ᵀ) diag(√p)``, so ``c = √p − e_y/√p_y`` (``S c = p − e_y``).
+    Cross-entropy: ``S₀ = (I − p1ᵀ) diag(√p)`` has ``S₀ c₀ = p − e_y`` for ``c₀ = √p − e_y/√p_y``; ``S`` is ``S₀``
+    reflected to its ``C − 1`` independent columns, ``c`` the reflected ``c₀``
+    (:meth:`~tensorcurv.core.losses.CrossEntropy.factor_coordinates`).
     MSE: ``S = √(2ρ) I``, so ``c = ∇_z ℓ / √(2ρ)``.
     BCE with logits: ``S = diag(√(ρ p(1−p)))`` with ``p = sigmoid(z)`` per flattened output, so
     ``c = ∇_z ℓ / √(ρ p(1−p))`` elementwise (``∇_z ℓ = ρ (p − y)``).
@@ -39,7 +41,7 @@ def output_coefficients(loss: LossSpec, outputs: Tensor, targets: Tensor) -> Ten
             raise ValueError("a probability of the true class underflows; no stable closed-form coefficient")
         c = p.sqrt()
         c.scatter_add_(1, targets.unsqueeze(1), -py.rsqrt())
-        return c
+        return loss.factor_coordinates(outputs, c)
     if isinstance(loss, MeanSquaredError):
         return loss.output_gradient(outputs, targets) / (2.0 * loss.rho(outputs)) ** 0.5
     if isinstance(loss, BinaryCrossEntropyWithLogits):
