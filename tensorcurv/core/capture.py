@@ -127,7 +127,10 @@ def _batched_vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> Seque
     def vjp(v: Tensor):
         return _engine_run_backward((outputs,), (v,), True, False, inputs, True, accumulate_grad=False)
 
-    return _legacy_vmap(vjp, 0, 0, allow_none_pass_through=True)(cotangents)
+    try:
+        return _legacy_vmap(vjp, 0, 0, allow_none_pass_through=True)(cotangents)
+    except TypeError:  # the internals' signatures changed in this torch: the public call
+        return torch.autograd.grad(outputs, zs, cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True)
 
 
 def _vjp(outputs: Tensor, zs: list[Tensor], cotangents: Tensor) -> list[Tensor]:
