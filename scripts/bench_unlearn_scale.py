@@ -46,6 +46,12 @@ def parse(argv):
         help="torch CPU threads (1: fastest on the shared machine; 0: torch's default)",
     )
     p.add_argument("--quick", action="store_true", help="tiny images, 1 seed, a few training steps")
+    p.add_argument(
+        "--model-cache",
+        default=None,
+        help="directory keeping trained models: a training identical in data, θ_0 and recipe runs once "
+        "(its measured wall and CPU times are reused)",
+    )
     p.add_argument("--out", default=None, help="write report.md, results.csv and figures here")
     return p, p.parse_args(argv)
 
@@ -80,7 +86,9 @@ def main(argv=None) -> None:
     for pr, scen in pairs:
         for seed in seeds:
             print(f"{pr}/{scen} seed {seed} (load {os.getloadavg()})", flush=True)
-            r, d = scale.run_scale(pr, scen, seed, methods, device=a.device, fraction=a.fraction, quick=a.quick)
+            r, d = scale.run_scale(
+                pr, scen, seed, methods, device=a.device, fraction=a.fraction, quick=a.quick, model_cache=a.model_cache
+            )
             rows += r
             desc[f"{pr}/{scen}"] = d
             if a.out:  # after every problem, so an interrupted run still leaves a report
