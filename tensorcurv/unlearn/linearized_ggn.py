@@ -5,14 +5,15 @@ For ``f(X; θ)`` with outputs ``z_i`` (``(N, C)``) and the loss-Hessian factor `
 
     G_w v = Σ_i w_i J_iᵀ S_i S_iᵀ J_i v,          J_i = ∂z_i/∂θ   (w_i = 1: the GGN of the sum loss).
 
-:class:`LinearizedGGN` pays once for ``torch.func.linearize`` (a traced JVP of ``θ ↦ f(X; θ)``) and
-``torch.func.vjp`` (the retained backward graph) at ``θ``; a product is then one JVP through the trace and one
-VJP, about a forward pass each, where :meth:`~tensorcurv.unlearn.objective.Objective.ggn_vp` re-runs the forward
-pass and differentiates twice. The same product as ``Objective.ggn_vp`` (without ``μ``), so the GGN of a
-corrected data set ``D̃`` at ``θ*`` is a re-weighting: ``w_i = 0`` on removed rows, and for rows whose features
-change the product on the new rows is added (``Objective.ggn_vp`` on ``Z̃``, ``|Z̃|`` rows). Labels do not enter
-``G`` (``S`` depends on the outputs only), so a relabel keeps ``w = 1``. Flat ``θ`` and ``v`` in the
-``Objective`` convention (``named_parameters`` order).
+:class:`LinearizedGGN` pays once for ``torch.func.linearize`` (a traced JVP of ``θ ↦ f(X; θ)``),
+``torch.func.vjp`` (the retained backward graph) at ``θ`` and one product (the trace's first call is slower); a
+product is then one JVP through the trace and one VJP, about a forward pass each, where
+:meth:`~tensorcurv.unlearn.objective.Objective.ggn_vp` re-runs the forward pass and differentiates twice. The
+same product as ``Objective.ggn_vp`` (without ``μ``), so the GGN of a corrected data set ``D̃`` at ``θ*`` is a
+re-weighting: ``w_i = 0`` on removed rows, and for rows whose features change the product on the new rows is
+added (``Objective.ggn_vp`` on ``Z̃``, ``|Z̃|`` rows). Labels do not enter ``G`` (``S`` depends on the outputs
+only), so a relabel keeps ``w = 1``. Flat ``θ`` and ``v`` in the ``Objective`` convention (``named_parameters``
+order).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class LinearizedGGN:
         _, self._vjp = vjp(outputs, theta)
         self.S = obj.loss.hessian_factor(z.detach()).to(z.dtype)  # (N, C, K)
         self.N = X.shape[0]
+        self.mv(torch.zeros_like(theta))  # the traced JVP's first call is ~3x slower: it belongs to the one-off
 
     def mv(self, v: Tensor, weights: Tensor | None = None) -> Tensor:
         """``G_w v``; ``weights``: ``(N,)`` per-row weights ``w_i`` (None: all 1)."""

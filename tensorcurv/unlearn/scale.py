@@ -102,7 +102,7 @@ def scale_methods(quick: bool = False) -> list[MethodSpec]:
         MethodSpec("kfac (cached)", solver="kfac", cached=True, solver_kwargs={"refine": 0}),
         *[
             MethodSpec(f"kfac+refine{k} (cached)", solver="kfac", cached=True, solver_kwargs={**refine_kw, "refine": k})
-            for k in sorted({1, 3, refine})
+            for k in sorted({1, 3, 5, refine})
         ],
         MethodSpec("ekfac (cached)", solver="ekfac", cached=True, solver_kwargs={"refine": 0}),
         MethodSpec(f"ekfac+refine{refine} (cached)", solver="ekfac", cached=True, solver_kwargs=refine_kw),
