@@ -38,10 +38,11 @@ class LinearizedGGN:
         def outputs(t: Tensor) -> Tensor:
             return obj.outputs(t, X)
 
-        with warnings.catch_warnings():  # linearize's tracer warns about constants it embeds; not actionable here
+        with warnings.catch_warnings():  # linearize's tracer warns (embedded constants, torch.jit); not actionable
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             z, self._jvp = linearize(outputs, theta)
-        _, self._vjp = vjp(outputs, theta)
+        self._vjp = vjp(outputs, theta)[1]
         self.S = obj.loss.hessian_factor(z.detach()).to(z.dtype)  # (N, C, K)
         self.N = X.shape[0]
         self.mv(torch.zeros_like(theta))  # the traced JVP's first call is ~3x slower: it belongs to the one-off
