@@ -19,6 +19,10 @@ same statistics in closed form (:func:`~tensorcurv.unlearn.stats_ggn.output_coef
 inverse-HVP is the structure-preconditioned refinement on the exact GGN of ``D̃`` (``refine`` PCG
 iterations on :class:`~tensorcurv.core.exact.ExactModel`; ``refine=0``: the structure alone;
 ``refine_strict=False``: accept the ``refine``-step iterate without reaching ``refine_tol``).
+``refine_operator="linearized"``: the same exact GGN of ``D̃`` from the network linearized at ``θ*`` on ``D``
+once (:class:`~tensorcurv.unlearn.linearized_ggn.LinearizedGGN`, one-off; removed rows weighted 0, rows with
+new features replaced by a product on ``Z̃``), a product then costing about two forward passes — cheaper than
+the per-sample statistics where layers see many positions (convolutions).
 The result equals the non-cached ``second_order_update`` with ``StructureSolver(..., refine=...)``.
 A request is relative to ``(D, θ*)``; after applying one, build a new cache for the next.
 """
@@ -37,10 +41,13 @@ from tensorcurv.core.capture import capture
 from tensorcurv.core.exact import ExactModel, ParamLayout, check_coupling
 from tensorcurv.core.stats import LayerStats
 from tensorcurv.unlearn.ihvp_base import IHVPResult
+from tensorcurv.unlearn.linearized_ggn import LinearizedGGN
 from tensorcurv.unlearn.objective import Objective
 from tensorcurv.unlearn.stats_ggn import output_coefficients, stats_gradient
 from tensorcurv.unlearn.structure_solver import refine_solve
 from tensorcurv.unlearn.updates import AffectedSet, UpdateResult, finish_update
+
+REFINE_OPERATORS = ("stats", "linearized")  # the exact GGN of the refinement: ExactModel or LinearizedGGN
 
 
 def _rows(st: LayerStats, idx: Tensor) -> LayerStats:
@@ -64,15 +71,19 @@ class CurvatureCache:
         refine_tol: float = 1e-3,
         coupling: str = "full",
         refine_strict: bool = True,
+        refine_operator: str = "stats",
         **hparams: Any,
     ) -> None:
         from tensorcurv.curvature import Curvature
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.obj = Objective(model, loss, mu)
         if not (isinstance(refine, int) and refine >= 0):
             raise ValueError(f"cache: refine must be an integer >= 0, got {refine!r}")
         check_coupling(coupling)
+        if refine_operator not in REFINE_OPERATORS:
+            raise ValueError(f"cache: unknown refine_operator {refine_operator!r}; valid: {list(REFINE_OPERATORS)}")
+        self.refine_operator = refine_operator
         self.structure, self.damping, self.refine, self.refine_tol, self.coupling = (
             structure,
             float(damping),
@@ -101,8 +112,12 @@ class CurvatureCache:
             block.solve(
                 torch.zeros(block.shape, dtype=self.stats[name].a.dtype, device=self.stats[name].a.device), delta
             )
+        self.linearized = (
+            LinearizedGGN(self.obj, self.theta_star, X) if refine and refine_operator == "linearized" else None
+        )
         self.fit_time = time.perf_counter() - t1
         self.oneoff_time = time.perf_counter() - t0
+        self.oneoff_cpu_time = time.process_time() - c0
 
     # ------------------------------------------------------------------ rows of D̃
     def _recapture(self, Xz: Tensor, yz: Tensor) -> tuple[dict[str, LayerStats], Tensor]:
@@ -170,6 +185,23 @@ class CurvatureCache:
             for k, block in self.curv.blocks.items()
         }
 
+    # ------------------------------------------------------------------ the exact GGN of D̃ (refinement)
+    def _ggn_of_corrected(self, affected: AffectedSet, stats: dict[str, LayerStats], delta: float):
+        """``v ↦ (G(D̃) + δI) v`` at ``θ*``: from the statistics of ``D̃`` (``ExactModel``), or from the
+        linearization of ``D`` (removed and re-featured rows weighted 0, plus ``G(Z̃)`` for new features)."""
+        if self.linearized is None:
+            op = ExactModel.from_stats(stats, self.coupling)
+            return lambda v: self.layout.to_flat(op.mv(self.layout.to_mats(v))) + delta * v
+        lin, weights = self.linearized, None
+        if affected.is_removal or affected.X_new is not None:
+            weights = torch.ones(self.X.shape[0], dtype=self.X.dtype, device=self.X.device)
+            weights[affected.indices.to(self.X.device)] = 0.0
+        if affected.X_new is None:
+            return lambda v: lin.mv(v, weights) + delta * v
+        Zx, Zy = affected.corrected(self.X, self.y)
+        mu, th = self.obj.mu, self.theta_star
+        return lambda v: lin.mv(v, weights) + (self.obj.ggn_vp(th, Zx, Zy, v) - mu * v) + delta * v
+
     # ------------------------------------------------------------------ the request
     def update(self, affected: AffectedSet, *, tau: float = 1.0, inplace: bool = False) -> UpdateResult:
         """``θ = θ* − τ (G(D̃) + (μ + λ)I)^{-1} Δg`` from the cache; the model is written only if
@@ -189,11 +221,7 @@ class CurvatureCache:
 
         name = f"cached:{self.structure}"
         if self.refine:
-            op = ExactModel.from_stats(stats, self.coupling)
-
-            def matvec(v: Tensor) -> Tensor:
-                return self.layout.to_flat(op.mv(self.layout.to_mats(v))) + delta * v
-
+            matvec = self._ggn_of_corrected(affected, stats, delta)
             r = refine_solve(
                 matvec,
                 precond,
@@ -209,7 +237,12 @@ class CurvatureCache:
         t3 = time.perf_counter()
         r.time = t3 - t2
         times = {"grad_diff": t1 - t0, "prepare": t2 - t1, "solve": t3 - t2}
-        info = {"oneoff_time": self.oneoff_time, "capture_time": self.capture_time, "fit_time": self.fit_time}
+        info = {
+            "oneoff_time": self.oneoff_time,
+            "oneoff_cpu_time": self.oneoff_cpu_time,
+            "capture_time": self.capture_time,
+            "fit_time": self.fit_time,
+        }
         if not r.converged:
             res = UpdateResult(
                 r.method,

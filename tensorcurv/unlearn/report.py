@@ -83,7 +83,9 @@ def method_family(name: str) -> str:
     return name.split(" (")[0].split("+")[0].split(" x")[0]
 
 
-def plot_fidelity_vs_time(entries: list[dict[str, Any]], path: Path, title: str):
+def plot_fidelity_vs_time(
+    entries: list[dict[str, Any]], path: Path, title: str, xlabel: str = "wall-clock time per request [s]"
+):
     """Fidelity ``rel_dist`` (log) against time per request (log), mean ± std over seeds, one marker per
     method (legend). Retraining (``rel_dist`` 0 by definition) is the vertical black line at its time, the
     original model (``rel_dist`` 1) the horizontal dotted line. Returns the saved figure."""
@@ -132,7 +134,7 @@ def plot_fidelity_vs_time(entries: list[dict[str, Any]], path: Path, title: str)
             + [e["rel_dist"][0] for e in shown],
         )
         plotting.log_limits(ax, times, axis="x")
-        ax.set_xlabel("wall-clock time per request [s]")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("‖θ − θ_r‖ / ‖θ* − θ_r‖  (lower is better)")
         ax.set_title(title)
         plotting.legend_outside(fig, [ax])

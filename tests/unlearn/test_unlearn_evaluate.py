@@ -120,3 +120,12 @@ def test_report_writes_markdown_csv_and_plot(tmp_path):
     assert "python x.py" in text and "| kfac | 0.500 ± 0.141" in text
     assert (tmp_path / "results.csv").exists() and (tmp_path / "fidelity_vs_time_s.png").exists()
     assert summarize(rows)["s"][1]["rel_dist"][0] == pytest.approx(0.5)
+
+
+def test_method_rows_carry_cpu_time_and_the_cpu_time_speedup_against_retraining():
+    X, y = data()
+    aff = AffectedSet.relabel([0, 1, 2], (y[:3] + 1) % 3)
+    rows, ref = evaluate_methods(logreg(), X, y, aff, X[:10], y[:10], [MethodSpec("fo", order=1, tau="cauchy")], mu=0.5)
+    fo = rows[-1]
+    assert fo["cpu_time"] > 0
+    assert fo["speedup_cpu"] == pytest.approx(ref.retrain_cpu_time / fo["cpu_time"])
