@@ -96,12 +96,13 @@ def test_state_round_trip_gives_the_same_solve_bit_for_bit():
 
 
 def test_more_terms_than_max_terms_are_refused_in_one_line_naming_the_hparam_and_nothing_changes():
-    curv, _, model, _, _ = _fitted("linear", "ggn", max_terms=60)  # J = 10 samples x 4 classes = 40
+    # the GGN of a 4-class cross-entropy has K = C - 1 = 3 columns per sample
+    curv, _, model, _, _ = _fitted("linear", "ggn", max_terms=40)  # J = 10 samples x 3 = 30
     before = curv.model_structure.to_dense()
-    x, y = tiny_batch("linear", 16, seed=3)  # J = 64
+    x, y = tiny_batch("linear", 16, seed=3)  # J = 48
     with pytest.raises(ValueError) as err:
         curv.update(x, y, nn.CrossEntropyLoss())
-    assert re.fullmatch(r"exact_batch\.max_terms=60 is below the J = 64 [^\n]*", str(err.value))
+    assert re.fullmatch(r"exact_batch\.max_terms=40 is below the J = 48 [^\n]*", str(err.value))
     assert torch.equal(curv.model_structure.to_dense(), before)
 
 
