@@ -131,14 +131,17 @@ class LayerStats:
         check_weight_sharing(weight_sharing)
         if weight_sharing == "expand" or self.T == 1:
             a = self.a.reshape(-1, self.n)
-            g = _rows(self.g)
             A = gram(a, 1.0 / a.shape[0])
         else:
-            a = self.a.mean(1)
-            g = self.g.sum(2).reshape(-1, self.m)
-            A = gram(a, 1.0 / self.N)
-        G = gram(g, self.scale)
-        return A, G
+            A = gram(self.a.mean(1), 1.0 / self.N)
+        return A, self.output_factor(weight_sharing)
+
+    def output_factor(self, weight_sharing: str = "expand") -> Tensor:
+        """K-FAC's output factor ``G (m, m)`` of :meth:`kron_factors` alone (one gemm fewer)."""
+        check_weight_sharing(weight_sharing)
+        if weight_sharing == "expand" or self.T == 1:
+            return gram(_rows(self.g), self.scale)
+        return gram(self.g.sum(2).reshape(-1, self.m), self.scale)
 
 
 def _rows(g: Tensor) -> Tensor:

@@ -52,3 +52,9 @@ def test_ggn_vectors_have_one_column_per_rank_of_the_output_hessian_and_reproduc
     H = torch.einsum("skm,skp->smp", st.g[:, :, 0], st.g[:, :, 0])
     assert st.K == 2
     assert torch.allclose(H, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_output_factor_is_the_g_of_kron_factors(weight_sharing):
+    for st in stats_of("sequence", "ggn").values():  # T > 1: the two weight-sharing modes differ
+        assert torch.equal(st.output_factor(weight_sharing), st.kron_factors(weight_sharing)[1])  # the same gemm

@@ -34,8 +34,7 @@ def power_svd(stats, rank, p, tol, max_iter, init, generator, out):
     if init is not None:
         cols.append(init.reshape(-1, m, m)[:p].to(stats.a.dtype))
     else:
-        _, G0 = stats.kron_factors("expand")
-        cols.append(G0.unsqueeze(0))
+        cols.append(stats.output_factor("expand").unsqueeze(0))
     have = sum(c.shape[0] for c in cols)
     if have < p:  # T > 1: antisymmetric singular vectors exist too, so start from general matrices
         cols.append(_sym_random(p - have, m, stats.a, generator, symmetric=stats.T == 1))

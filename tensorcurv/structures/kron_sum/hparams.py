@@ -54,7 +54,7 @@ class KronSumHparams(InverseFitHparams):
     psd_tol: float = 1e-3
     """``psd="factors"``: a stage stops when an iteration changes the fitted energy by at most ``psd_tol``
     times the stage's gain (the new term's energy)."""
-    psd_max_iter: int = 30
+    psd_max_iter: int = 8
     """``psd="factors"``: maximum alternating iterations per added term."""
     psd_svd_max_iter: int | None = 1
     """``psd="factors"``: power iterations of its rank-1 fit (started from K-FAC's ``G``; ``None``: ``max_iter``)."""

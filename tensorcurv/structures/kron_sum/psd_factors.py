@@ -38,7 +38,7 @@ from tensorcurv.core.stats import LayerStats
 from tensorcurv.linalg import summed_outer_products
 from tensorcurv.linalg.rearrange import RearrangedOperator, sym_quadratic_forms, weighted_covariances
 
-INNER_STEPS = 10  # projected gradient steps per half-step of the atom fit
+INNER_STEPS = 20  # projected gradient steps per half-step of the atom fit (more per half-step, fewer alternations)
 POWER_STEPS = 3  # projected power steps that start each new term
 
 
@@ -61,44 +61,63 @@ def _pinv_times(K: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _half_step(
-    Kx: np.ndarray, Ky: np.ndarray, Z: np.ndarray, Zs: np.ndarray, x: np.ndarray, y: np.ndarray, lam: float, steps: int
-) -> np.ndarray:
+    Kx: np.ndarray,
+    Z: np.ndarray,
+    Zs: np.ndarray,
+    x: np.ndarray,
+    Kx_x: np.ndarray,
+    y: np.ndarray,
+    Ky_y: np.ndarray,
+    lam: float,
+    steps: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """``min_{x ≥ 0} tr(xᵀ Kx x Q) − 2 tr(xᵀ Z y)``, ``Q = yᵀ Ky y``: the clipped unconstrained minimizer
     ``Kx⁺ Z y Q⁺`` (``Zs = Kx⁺ Z``), then ``steps`` projected gradient steps with momentum; the best of
-    that, the steps' end point and ``x``."""
-    Q = y.T @ Ky @ y
+    that, the steps' end point and ``x``, with its product ``Kx x`` (``Kx_x``, ``Ky_y``: the products of
+    the arguments). One product with ``Kx`` per step: the momentum point's product is the same linear
+    combination of the iterates' products."""
+    Q = y.T @ Ky_y
     L = lam * _lambda_max(Q)
     if not L > 0:
-        return x
+        return x, Kx_x
     b = Z @ y
     start = np.maximum(np.linalg.lstsq(Q, (Zs @ y).T, rcond=None)[0].T, 0)
+    Kx_start = Kx @ start
 
-    def value(v):
-        return float(((v.T @ Kx @ v) * Q).sum() - 2 * (v * b).sum())
+    def value(v, Kv):
+        return float(((v.T @ Kv) * Q).sum() - 2 * (v * b).sum())
 
-    candidates = sorted(((value(x), 0, x), (value(start), 1, start)), key=lambda c: (c[0], c[1]))
-    z = u = candidates[0][2]  # projected gradient from the better of the two
+    candidates = sorted(
+        ((value(x, Kx_x), 0, x, Kx_x), (value(start, Kx_start), 1, start, Kx_start)), key=lambda c: (c[0], c[1])
+    )
+    z, Kz = u, Ku = candidates[0][2:]  # projected gradient from the better of the two
     t = 1.0
     for _ in range(steps):
-        u_new = np.maximum(z - (Kx @ z @ Q - b) / L, 0)
+        u_new = np.maximum(z - (Kz @ Q - b) / L, 0)
+        Ku_new = Kx @ u_new
         t_new = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
-        z = u_new + ((t - 1) / t_new) * (u_new - u)
-        u, t = u_new, t_new
-    return min(candidates + [(value(u), 2, u)], key=lambda c: (c[0], c[1]))[2]
+        beta = (t - 1) / t_new
+        z, Kz = u_new + beta * (u_new - u), Ku_new + beta * (Ku_new - Ku)
+        u, Ku, t = u_new, Ku_new, t_new
+    best = min(candidates + [(value(u, Ku), 2, u, Ku)], key=lambda c: (c[0], c[1]))
+    return best[2], best[3]
 
 
-def _fitted(Ka: np.ndarray, Kg: np.ndarray, Z: np.ndarray, al: np.ndarray, ga: np.ndarray) -> float:
-    """``‖C‖² − ‖C − Ĉ‖² = 2 tr(αᵀ Z γ) − tr((αᵀ Ka α)(γᵀ Kg γ))``."""
-    return float(2 * (al * (Z @ ga)).sum() - ((al.T @ Ka @ al) * (ga.T @ Kg @ ga)).sum())
+def _fitted(Z: np.ndarray, al: np.ndarray, Ka_al: np.ndarray, ga: np.ndarray, Kg_ga: np.ndarray) -> float:
+    """``‖C‖² − ‖C − Ĉ‖² = 2 tr(αᵀ Z γ) − tr((αᵀ Ka α)(γᵀ Kg γ))`` from the products ``Ka α``, ``Kg γ``."""
+    return float(2 * (al * (Z @ ga)).sum() - ((al.T @ Ka_al) * (ga.T @ Kg_ga)).sum())
 
 
-def _balance(Ka: np.ndarray, Kg: np.ndarray, al: np.ndarray, ga: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rescale each pair ``(α_k, γ_k) → (f α_k, γ_k / f)`` to equal norms ``‖A_k‖ = ‖G_k‖``."""
-    na = np.sqrt(np.maximum((al * (Ka @ al)).sum(0), 0))
-    ng = np.sqrt(np.maximum((ga * (Kg @ ga)).sum(0), 0))
+def _balance(
+    al: np.ndarray, Ka_al: np.ndarray, ga: np.ndarray, Kg_ga: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rescale each pair ``(α_k, γ_k) → (f α_k, γ_k / f)`` to equal norms ``‖A_k‖ = ‖G_k‖`` (and the
+    products ``Ka α``, ``Kg γ`` with them)."""
+    na = np.sqrt(np.maximum((al * Ka_al).sum(0), 0))
+    ng = np.sqrt(np.maximum((ga * Kg_ga).sum(0), 0))
     ok = (na > 0) & (ng > 0)
     f = np.where(ok, np.sqrt(ng / np.maximum(na, np.finfo(na.dtype).tiny)), 1.0)
-    return al * f, ga / f
+    return al * f, Ka_al * f, ga / f, Kg_ga / f
 
 
 def fit_atoms(
@@ -125,7 +144,7 @@ def fit_atoms(
     p = Ka.shape[0]
     (Za, lam_a), (Zg, lam_g) = _pinv_times(Ka, Z), _pinv_times(Kg, Z.T)
     al, ga = np_(init[0]) / da[:, None], np_(init[1]) / dg[:, None]
-    iters, fitted, k0 = [], _fitted(Ka, Kg, Z, al, ga), al.shape[1]
+    iters, fitted, k0 = [], _fitted(Z, al, Ka @ al, ga, Kg @ ga), al.shape[1]
     for k in range(k0, rank + 1):
         if k > al.shape[1]:  # new term: projected power steps on the residual cross matrix Z − Ka α γᵀ Kg
             Rm = Z - Ka @ al @ (ga.T @ Kg)
@@ -139,14 +158,15 @@ def fit_atoms(
             c = num / den if num > 0 and den > 0 else 0.0
             al, ga = np.concatenate([al, u * c], 1), np.concatenate([ga, v], 1)
         base = fitted if k > k0 else 0.0  # the previous stage's fitted part: the stage's gain is measured from it
-        best = (_fitted(Ka, Kg, Z, al, ga), al, ga)
+        Ka_al, Kg_ga = Ka @ al, Kg @ ga
+        best = (_fitted(Z, al, Ka_al, ga, Kg_ga), al, ga)
         prev, it = best[0], 0
         while it < max_iter:
             it += 1
-            al = _half_step(Ka, Kg, Z, Za, al, ga, lam_a, INNER_STEPS)
-            ga = _half_step(Kg, Ka, Z.T, Zg, ga, al, lam_g, INNER_STEPS)
-            al, ga = _balance(Ka, Kg, al, ga)
-            fitted = _fitted(Ka, Kg, Z, al, ga)
+            al, Ka_al = _half_step(Ka, Z, Za, al, Ka_al, ga, Kg_ga, lam_a, INNER_STEPS)
+            ga, Kg_ga = _half_step(Kg, Z.T, Zg, ga, Kg_ga, al, Ka_al, lam_g, INNER_STEPS)
+            al, Ka_al, ga, Kg_ga = _balance(al, Ka_al, ga, Kg_ga)
+            fitted = _fitted(Z, al, Ka_al, ga, Kg_ga)
             if fitted > best[0]:
                 best = (fitted, al, ga)
             if abs(fitted - prev) <= tol * abs(fitted - base):
@@ -206,13 +226,22 @@ def fit_samples(
     e[0] = 1.0
     al, ga = fit_atoms(Ka, Kg, Z, rank, (e, e.clone()), tol, max_iter, generator, info)
     al, ga = al.to(a.dtype), ga.to(a.dtype)
-    sa, sg = (al[1:] > 0).any(1), (ga[1:] > 0).any(1)  # the atoms in use (nonnegative fits are sparse)
-    if info is not None:
-        info.update(psd_atoms_used=(int(sa.sum()), int(sg.sum())))
-    A = torch.einsum("k,ab->kab", al[0], A1) + weighted_covariances(a[idx[sa]], al[1:][sa])
-    gk = ga[1:][sg].repeat_interleave(K, dim=0) if K > 1 else ga[1:][sg]  # rows (s, k) of g
-    G = torch.einsum("k,ab->kab", ga[0], G1) + weighted_covariances(g[idx[sg]].reshape(-1, m), gk)
+    if info is not None:  # the atoms in use by any term (nonnegative fits are sparse)
+        info.update(psd_atoms_used=(int((al[1:] > 0).any(1).sum()), int((ga[1:] > 0).any(1).sum())))
+    A = torch.einsum("k,ab->kab", al[0], A1) + _atom_combinations(a[idx, None], al[1:])
+    G = torch.einsum("k,ab->kab", ga[0], G1) + _atom_combinations(g[idx], ga[1:])
     return A, G
+
+
+def _atom_combinations(X: Tensor, w: Tensor) -> Tensor:
+    """``Σ_j w[j,k] Σ_i x_ji x_jiᵀ`` for every column ``k`` of the nonnegative ``w`` (``p x r``), ``X`` of shape
+    ``(p, K, d)``: ``(r, d, d)``, each term from the atoms it uses only (its column of ``w`` is sparse)."""
+    K, d = X.shape[1:]
+    terms = []
+    for wk in w.mT:
+        used = wk > 0
+        terms.append(weighted_covariances(X[used].reshape(-1, d), wk[used].repeat_interleave(K)[:, None])[0])
+    return torch.stack(terms)
 
 
 def recompress_psd(
