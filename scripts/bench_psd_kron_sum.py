@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,18 +91,32 @@ def accuracy_table(ranks) -> list[str]:
     return rows
 
 
-def cost_table(repeats: int) -> list[str]:
-    times = {}
-    for _ in range(repeats):  # interleaved, each in a fresh process
-        for label, structure, hp in COSTS:
-            out = subprocess.run(
-                [sys.executable, "-c", COST_SNIPPET, structure, repr(hp)], capture_output=True, text=True, check=True
-            )
-            times.setdefault(label, []).append(float(out.stdout.strip().splitlines()[-1]))
+BUSY_LOOP = "while True: pass"
+
+
+def cost_table(repeats: int, busy: int = 0) -> list[str]:
+    """Each structure's update in a fresh process, repeats interleaved, the order reversed every other repeat;
+    ``busy`` busy-loop processes run meanwhile (reproducible contention), started and stopped here."""
+    times: dict[str, list[float]] = {}
+    load = os.getloadavg()[0]
+    loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
+    try:
+        for rep in range(repeats):
+            order = COSTS if rep % 2 == 0 else COSTS[::-1]
+            for label, structure, hp in order:
+                cmd = [sys.executable, "-c", COST_SNIPPET, structure, repr(hp)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                times.setdefault(label, []).append(float(out.stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in loops:
+            proc.kill()
+            proc.wait()
     base = sorted(times["kfac"])[len(times["kfac"]) // 2]
+    condition = f"{busy} busy-loop processes" if busy else "quiet"
     rows = [
         f"### Whole `Curvature.update` (capture + fit), MLP 64-1024-1024-10 tanh, batch 2048, float32, empirical "
-        f"Fisher, {torch.get_num_threads()} threads, fresh process each; median of {repeats}\n",
+        f"Fisher, {torch.get_num_threads()} threads, fresh process each, both orders; median of {repeats}; "
+        f"{condition} (1-min load {load:.2f} before)\n",
         "| structure | seconds (median, min-max) | / K-FAC update |",
         "|---|---|---|",
     ]
@@ -116,13 +131,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="*", default=list(range(1, 9)))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--busy", type=int, nargs="*", default=[0, 2], help="busy loops per cost condition (0: quiet)")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     lines = []
     if not args.skip_cost:
-        lines += cost_table(args.repeats) + [""]
+        for busy in args.busy:
+            lines += cost_table(args.repeats, busy) + [""]
         print("\n".join(lines), flush=True)
     if not args.skip_accuracy:
         lines += accuracy_table(args.ranks)

@@ -9,7 +9,7 @@ from tensorcurv.linalg.rearrange import METHODS
 from tensorcurv.structures.damping import DampingKind
 from tensorcurv.structures.inverse_fit import InverseFitHparams
 
-PSD_MODES = ("shrink", "factors", "none")
+PSD_MODES = ("auto", "shrink", "factors", "none")
 PSD_PROOFS = ("auto", "samples", "spectral", "dense")
 
 
@@ -17,10 +17,13 @@ PSD_PROOFS = ("auto", "samples", "spectral", "dense")
 class KronSumHparams(InverseFitHparams):
     rank: int = 1
     """Number of Kronecker terms r (1 = KPSVD)."""
-    psd: str = "shrink"
-    """``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (default); ``factors``: every A_k, G_k ⪰ 0
-    (:mod:`tensorcurv.structures.kron_sum.psd_factors`: T = 1 nonnegative combinations of
-    sample atoms, else projected HALS; from the rank-1 fit, monotone in r); ``none``: pure truncated SVD."""
+    psd: str = "auto"
+    """``auto`` (default): ``shrink`` at rank 1 (the exact KPSVD, whose factors are PSD, so nothing is scaled) and
+    ``factors`` at rank ≥ 2; ``factors``: every A_k, G_k ⪰ 0 (:mod:`tensorcurv.structures.kron_sum.psd_factors`:
+    T = 1 nonnegative combinations of sample atoms, else projected HALS; from the rank-1 fit, monotone in r; on
+    small blocks the shifted truncation when it is closer, :mod:`~tensorcurv.structures.kron_sum.near_psd`);
+    ``shrink``: scale terms k ≥ 2 so that Ĉ is provably PSD (cheap, but its error stays near rank 1's);
+    ``none``: pure truncated SVD (indefinite in general)."""
     damping_kind: str = DampingKind.TIKHONOV
     """``tikhonov``: (Ĉ + λI)^{-1}; ``pi``: π-damping on the dominant term (exact for r ≤ 2)."""
     method: str = "auto"
@@ -64,6 +67,12 @@ class KronSumHparams(InverseFitHparams):
     eigenvalue problem, blocks with n·m ≤ 4096) or ``auto`` (dense on such small blocks; else rank ≥ 3
     with sample coefficients: samples, plus spectral when both factors are ≤ 256 wide, the larger t
     wins; otherwise spectral; see the module docstring)."""
+
+    def resolved_psd(self) -> str:
+        """The PSD mode this rank uses (``auto`` resolved: ``shrink`` at rank 1, ``factors`` above)."""
+        if self.psd != "auto":
+            return self.psd
+        return "shrink" if self.rank == 1 else "factors"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rank, int) and self.rank >= 1):

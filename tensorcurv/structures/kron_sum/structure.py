@@ -147,7 +147,7 @@ class KronSum(Structure):
 
     def _fit_frobenius(self, stats: LayerStats) -> None:
         self._check_stats(stats)
-        if self.hparams.psd == "factors":
+        if self.hparams.resolved_psd() == "factors":
             self._store(*self._fit_psd_factors(stats), None)
             return
         A, G, (coefficients, factors) = self._svd(stats, warm=True)
@@ -161,7 +161,7 @@ class KronSum(Structure):
 
     def set_kronecker_terms(self, A: Tensor, G: Tensor) -> None:
         """Set ``Σ_k A_k ⊗ G_k`` with this structure's PSD repair (``factors``: already PSD factors)."""
-        if self.hparams.psd == "factors":
+        if self.hparams.resolved_psd() == "factors":
             self._store(A, G, None)
         else:
             self._set(A, G)
@@ -170,7 +170,7 @@ class KronSum(Structure):
         """The terms adapted to ``(C + λI)⁻¹`` (:func:`~tensorcurv.structures.inverse_fit.fit_kronecker_inverse`;
         PSD factors after every step with ``psd="factors"``, else the ``psd`` repair once at the end)."""
         self._check_stats(stats)
-        project = self.hparams.psd == "factors"
+        project = self.hparams.resolved_psd() == "factors"
         self.last_inverse_fit = fit_kronecker_inverse(self, stats, damping, project=project, **options)
         return self.last_inverse_fit
 
@@ -181,7 +181,7 @@ class KronSum(Structure):
         m, n = self.shape
         exact = hp.psd_proof == "dense" or (hp.psd_proof == "auto" and m * n <= DENSE_PROOF_MAX_DIM)
         return (
-            hp.psd == "shrink"
+            hp.resolved_psd() == "shrink"
             and not exact
             and ((hp.rank >= 3 and hp.psd_proof != "spectral") or (hp.rank == 2 and hp.psd_proof == "samples"))
         )
@@ -194,11 +194,11 @@ class KronSum(Structure):
     def _update_frobenius(self, stats, decay):
         self._check_stats(stats)
         r = self.hparams.rank
-        if self.hparams.psd == "factors" and self.A.shape[0] > r:  # a shifted truncation stays one
+        if self.hparams.resolved_psd() == "factors" and self.A.shape[0] > r:  # a shifted truncation stays one
             self._store(*shifted_update(self.A, self.G, stats, decay, r, self._fit_kw()), None)
             self.last_fit = {"psd": "factors", "near_psd": True, "recompressed": True}
             return self
-        if self.hparams.psd == "factors":  # PSD batch fit, then the PSD refit of the mix on its 2r atoms
+        if self.hparams.resolved_psd() == "factors":  # PSD batch fit, then the PSD refit of the mix on its 2r atoms
             A_b, G_b = self._fit_psd_factors(stats, near_psd=False)
             w = torch.tensor([decay] * r + [1 - decay] * r, dtype=torch.float64)
             eye = torch.cat([torch.eye(r, dtype=torch.float64), torch.zeros(r, r, dtype=torch.float64)])
@@ -289,7 +289,7 @@ class KronSum(Structure):
         t0 = time.perf_counter()
         t = 1.0
         bounds: dict = {}
-        if self.hparams.psd == "shrink":
+        if self.hparams.resolved_psd() == "shrink":
             A, G, t, how = make_psd(
                 A,
                 G,
@@ -332,7 +332,7 @@ class KronSum(Structure):
             else:
                 la, Qa = torch.linalg.eigh(self.A[0])
                 lg, Qg = torch.linalg.eigh(self.G[0])
-                if self.hparams.psd != "none":
+                if self.hparams.resolved_psd() != "none":
                     la, lg = la.clamp_min(0), lg.clamp_min(0)
                 shift = damping
             den = lg[:, None] * la[None, :] + shift

@@ -84,7 +84,7 @@ def test_running_average_updates_on_a_small_block_use_the_exact_scale_and_stay_p
     from test_kron_sum import _stats_stream
 
     sts = _stats_stream("ggn")
-    block = structures.create("kron_sum", sts[0].shape, rank=4, method="gram").fit(sts[0])
+    block = structures.create("kron_sum", sts[0].shape, psd="shrink", rank=4, method="gram").fit(sts[0])
     for st in sts[1:]:
         block.update(st, 0.9)
         assert block.last_fit["psd_method"] == DENSE_PROOF

@@ -91,7 +91,9 @@ def test_the_benchmark_layers_warm_start_from_the_narrow_side_and_stay_cold_when
 def test_kron_sum_refit_maps_its_previous_factors_from_the_side_the_flop_rule_picks(n, m, side):
     # N = 40, r = 2, width 16; one block 16 N (min(N, n(n+1)) + min(N, m(m+1))): (3, 12): a 24360 < g 26560 < 33280;
     # (12, 3): g 6600 < a 12960 < 33280; (30, 30): a 60000, g 56800 > 51200 -> cold
-    block = structures.create("kron_sum", (m, n), rank=2, method="gram").fit(random_stats(40, n, m, seed=1))
+    block = structures.create("kron_sum", (m, n), psd="shrink", rank=2, method="gram").fit(
+        random_stats(40, n, m, seed=1)
+    )
     assert not block.last_fit["warm_start"] and block.last_fit["warm_side"] == "cold"
     block.fit(random_stats(40, n, m, seed=2))
     assert block.last_fit["warm_start"] and block.last_fit["warm_side"] == side  # "a" needs the previous A
