@@ -61,7 +61,7 @@ VARIANTS = {
     # rank 3 with the sample certificate: update() uses the PSD intervals the owner's previous fit stored
     "kron_sum rank 3 interval certificate": (
         "kron_sum",
-        {"rank": 3, "psd_proof": "samples", "tol": 1e-12, "max_iter": 30},
+        {"rank": 3, "psd": "shrink", "psd_proof": "samples", "tol": 1e-12, "max_iter": 30},
     ),
     "tt": ("tt", {"ranks": 1}),
     "tucker": ("tucker", {}),
@@ -75,7 +75,12 @@ TRAIN_VARIANTS = {
     label: (6, name, hp, ILL_CONDITIONED_REL if name == "tucker" else TRAIN_REL)
     for label, (name, hp) in VARIANTS.items()
 }
-TRAIN_VARIANTS["kron_sum spectral PSD certificate"] = (33, "kron_sum", {"rank": 2}, ILL_CONDITIONED_REL)
+TRAIN_VARIANTS["kron_sum spectral PSD certificate"] = (
+    33,
+    "kron_sum",
+    {"rank": 2, "psd": "shrink"},
+    ILL_CONDITIONED_REL,
+)
 TRAIN_VARIANTS["kron_sum spectral width, psd=none"] = (33, "kron_sum", {"rank": 2, "psd": "none"}, TRAIN_REL)
 TRAIN_KW = dict(damping=1e-2, decay=0.9, kl_clip=1e-3)  # the training default kl_clip: a stable regime
 
@@ -161,6 +166,7 @@ def _main(rank, port, out_dir):
         "gauss_newton",
         structure="kron_sum",
         rank=2,
+        psd="shrink",
         damping=1e-2,
         decay=0.9,
         inverse_interval=2,
@@ -338,6 +344,7 @@ def _single_train(name, steps=3, **kw):
             dict(
                 structure="kron_sum",
                 rank=2,
+                psd="shrink",
                 damping=1e-2,
                 decay=0.9,
                 inverse_interval=2,
