@@ -25,7 +25,8 @@ lint: setup
 	$(VPY) -m ruff format --check .
 	$(VPY) -m mypy tensorcurv
 
-test: lint
+# The peers come first (bench-setup, --no-deps): the kronfluence agreement tests then run instead of skipping.
+test: lint bench-setup
 	$(VPY) -m pytest -q -m "not slow"
 	$(MAKE) --no-print-directory docs
 
@@ -38,7 +39,7 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict
 
 # The peer libraries of bench_capture (pyproject's `bench` extra) without their dependencies, so torch stays
-# the CPU build installed above; `make test` does not need them.
+# the CPU build installed above; `make test` installs them too, for the peer agreement tests.
 bench-setup: setup
 	$(VPY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'], sep='\n')" \
 		| $(VPY) -m pip install -q --no-deps -r /dev/stdin
