@@ -65,18 +65,10 @@ class DenseFull(ModelStructure):
 
     # ------------------------------------------------------------------ fitting
     def _batch(self, stats: Mapping[str, LayerStats]) -> Tensor:
-        missing = [nm for nm in self.shapes if nm not in stats]
-        if missing:
-            raise ValueError(f"dense_full: no statistics for layers {missing}")
-        ref = stats[next(iter(self.shapes))]
+        ref = self.check_one_capture(stats)
         rows = []
-        for nm, shape in self.shapes.items():
+        for nm in self.shapes:
             st = stats[nm]
-            if st.shape != shape or (st.N, st.K, st.scale) != (ref.N, ref.K, ref.scale):
-                raise ValueError(
-                    f"dense_full: statistics of layer {nm!r} do not match (shape {st.shape} vs {shape}, or another "
-                    "capture's samples N, columns K or scale); the cross-layer blocks need one capture"
-                )
             st.check_finite()
             rows.append(vec(st.per_sample_grads()))  # (N K, m n)
         J = torch.cat(rows, dim=1)
@@ -109,10 +101,7 @@ class DenseFull(ModelStructure):
     def _global(self, mats: Mapping[str, Tensor]) -> Tensor:
         if not self.fitted:
             raise NotFittedError(f"dense_full: {NOT_FITTED}")
-        for nm, shape in self.shapes.items():
-            if nm not in mats or tuple(mats[nm].shape) != shape:
-                got = None if nm not in mats else tuple(mats[nm].shape)
-                raise ValueError(f"dense_full: expected layer {nm!r} of shape {shape}, got {got}")
+        self.check_layer_mats(mats)
         return self.to_vector(mats)
 
     def mv(self, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:

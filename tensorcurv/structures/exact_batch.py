@@ -125,17 +125,7 @@ class ExactBatch(ModelStructure):
     # ------------------------------------------------------------------ fitting
     def _check_stats(self, stats: Mapping[str, LayerStats], kept: list[dict[str, LayerStats]]) -> None:
         """Shapes, the term budget (before any work) and finiteness of a new capture."""
-        missing = [nm for nm in self.shapes if nm not in stats]
-        if missing:
-            raise ValueError(f"exact_batch: no statistics for layers {missing}")
-        ref = stats[next(iter(self.shapes))]
-        for nm, shape in self.shapes.items():
-            st = stats[nm]
-            if st.shape != shape or (st.N, st.K, st.scale) != (ref.N, ref.K, ref.scale):
-                raise ValueError(
-                    f"exact_batch: statistics of layer {nm!r} do not match (shape {st.shape} vs {shape}, or another "
-                    "capture's samples N, columns K or scale); the cross-layer blocks need one capture"
-                )
+        ref = self.check_one_capture(stats)
         first = next(iter(self.shapes))
         J = ref.N * ref.K + sum(c[first].N * c[first].K for c in kept)
         if J > self.hparams.max_terms:
@@ -180,10 +170,7 @@ class ExactBatch(ModelStructure):
     def _operator(self, mats: Mapping[str, Tensor]) -> ExactModel:
         if self.op is None:
             raise NotFittedError(f"exact_batch: {NOT_FITTED}")
-        for nm, shape in self.shapes.items():
-            if nm not in mats or tuple(mats[nm].shape) != shape:
-                got = None if nm not in mats else tuple(mats[nm].shape)
-                raise ValueError(f"exact_batch: expected layer {nm!r} of shape {shape}, got {got}")
+        self.check_layer_mats(mats)
         return self.op
 
     def _in(self, op: ExactModel, mats: Mapping[str, Tensor]) -> dict[str, Tensor]:

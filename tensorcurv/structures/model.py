@@ -110,6 +110,29 @@ class ModelStructure(ABC):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def check_one_capture(self, stats: Mapping[str, LayerStats]) -> LayerStats:
+        """Statistics for every covered layer, of their shapes and from one capture (same ``N``, ``K`` and
+        scale: the cross-layer blocks pair sample ``j`` of every layer); returns the first layer's."""
+        missing = [nm for nm in self.shapes if nm not in stats]
+        if missing:
+            raise ValueError(f"{self.name}: no statistics for layers {missing}")
+        ref = stats[next(iter(self.shapes))]
+        for nm, shape in self.shapes.items():
+            st = stats[nm]
+            if st.shape != shape or (st.N, st.K, st.scale) != (ref.N, ref.K, ref.scale):
+                raise ValueError(
+                    f"{self.name}: statistics of layer {nm!r} do not match (shape {st.shape} vs {shape}, or another "
+                    "capture's samples N, columns K or scale); the cross-layer blocks need one capture"
+                )
+        return ref
+
+    def check_layer_mats(self, mats: Mapping[str, Tensor]) -> None:
+        """One ``(m_l, n_l)`` matrix per covered layer."""
+        for nm, shape in self.shapes.items():
+            if nm not in mats or tuple(mats[nm].shape) != shape:
+                got = None if nm not in mats else tuple(mats[nm].shape)
+                raise ValueError(f"{self.name}: expected layer {nm!r} of shape {shape}, got {got}")
+
     def to_vector(self, mats: Mapping[str, Tensor]) -> Tensor:
         """The global vector ``[vec(V_1); …; vec(V_L)]`` (length ``D``) of per-layer matrices."""
         return torch.cat([vec(mats[name]) for name in self.shapes])
